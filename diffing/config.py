@@ -1,0 +1,205 @@
+"""Typed, frozen configs for the crosscoder and its training.
+
+Every field carries one help string; every cross-field rule is checked in one place
+(the model validators below), so a bad config fails before any work with the field's name
+and the fix. Configs are saved next to every artifact they produce.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Frozen(BaseModel):
+    """Base for all configs: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class CrosscoderConfig(Frozen):
+    kind: Literal["batchtopk", "l1"] = Field(
+        "batchtopk", description="Sparsity mechanism: BatchTopK (default) or an L1 penalty weighted by decoder norms."
+    )
+    n_models: int | None = Field(
+        None, ge=2, description="Number of models sharing the dictionary (2 for a pair). Default: from the store."
+    )
+    d_model: int | None = Field(None, ge=1, description="Activation width. Default: from the store.")
+    model_names: tuple[str, ...] | None = Field(
+        None, description="One name per model, in store order. Default: from the store."
+    )
+    n_latents: int | None = Field(
+        None, ge=1, description="Dictionary size. Default: expansion_factor * d_model."
+    )
+    expansion_factor: int = Field(8, ge=1, description="n_latents = expansion_factor * d_model when n_latents is unset.")
+    k: int = Field(32, ge=1, description="BatchTopK: mean active latents per token (k * batch entries kept per batch).")
+    k_anneal_start: int | None = Field(
+        None, ge=1, description="BatchTopK: start k here and anneal linearly to k over k_anneal_frac of training."
+    )
+    k_anneal_frac: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of training over which k is annealed.")
+    auxk_alpha: float = Field(1 / 32, ge=0.0, description="Weight of the AuxK loss on dead latents (0 disables).")
+    aux_k: int | None = Field(
+        None, ge=1, description="AuxK: dead latents used per token. Default: n_models * d_model // 2."
+    )
+    dead_after_tokens: int = Field(
+        1_000_000, ge=1, description="A latent that has not fired for this many tokens counts as dead."
+    )
+    threshold_momentum: float = Field(
+        0.99, ge=0.0, lt=1.0, description="EMA momentum of the BatchTopK inference threshold."
+    )
+    l1_coeff: float = Field(2.0, ge=0.0, description="L1: weight of sum_l f_l * sum_m ||d_m,l||.")
+    l1_warmup_frac: float = Field(0.05, ge=0.0, le=1.0, description="L1: fraction of training to ramp l1_coeff up from 0.")
+    dec_init_norm: float = Field(
+        0.1, gt=0.0, description="Initial norm of each per-model decoder row (the encoder starts as its transpose)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CrosscoderConfig:
+        if self.model_names is not None:
+            if len(set(self.model_names)) != len(self.model_names):
+                raise ValueError(f"crosscoder.model_names must be unique, got {list(self.model_names)}")
+            if self.n_models is not None and len(self.model_names) != self.n_models:
+                raise ValueError(
+                    f"crosscoder.model_names has {len(self.model_names)} names but crosscoder.n_models="
+                    f"{self.n_models}; give one name per model"
+                )
+        if self.k_anneal_start is not None and self.k_anneal_start < self.k:
+            raise ValueError("crosscoder.k_anneal_start must be >= crosscoder.k (k is annealed downwards)")
+        if self.n_latents is not None and self.kind == "batchtopk" and self.k > self.n_latents:
+            raise ValueError(f"crosscoder.k={self.k} exceeds crosscoder.n_latents={self.n_latents}; lower k")
+        return self
+
+    def resolve(self, *, n_models: int, d_model: int, model_names: tuple[str, ...]) -> CrosscoderConfig:
+        """Fill the data-dependent fields from a store; fails if explicit values disagree with it."""
+        for name, have, want in (("n_models", self.n_models, n_models), ("d_model", self.d_model, d_model)):
+            if have is not None and have != want:
+                raise ValueError(f"crosscoder.{name}={have} but the store has {name}={want}; drop the override")
+        if self.model_names is not None and tuple(self.model_names) != tuple(model_names):
+            raise ValueError(
+                f"crosscoder.model_names={list(self.model_names)} but the store holds {list(model_names)}"
+            )
+        n_latents = self.n_latents or self.expansion_factor * d_model
+        return self.model_copy(
+            update=dict(
+                n_models=n_models,
+                d_model=d_model,
+                model_names=tuple(model_names),
+                n_latents=n_latents,
+                aux_k=self.aux_k or max(1, min(n_latents // 2, n_models * d_model // 2)),
+            )
+        ).validated()
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.n_models, self.d_model, self.model_names, self.n_latents, self.aux_k)
+
+    def validated(self) -> CrosscoderConfig:
+        return type(self).model_validate(self.model_dump())
+
+
+class TrainConfig(Frozen):
+    batch_size: int = Field(1024, ge=1, description="Tokens per optimizer step (global, across all workers).")
+    lr: float = Field(5e-4, gt=0.0, description="Peak Adam learning rate.")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps. Default: epochs passes over the store.")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the store when steps is unset.")
+    warmup_frac: float = Field(0.05, ge=0.0, le=1.0, description="Linear LR warm-up, as a fraction of steps.")
+    decay_frac: float = Field(0.2, ge=0.0, le=1.0, description="Linear LR decay to 0 over this final fraction.")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Global grad-norm clip (None disables).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam (beta1, beta2).")
+    seed: int = Field(0, description="Seed for initialisation, data order and AuxK tie-breaks.")
+    shuffle_buffer_rows: int = Field(
+        262_144, ge=1, description="Rows held in the streaming shuffle buffer (memory = rows * n_models * d_model * 2 B)."
+    )
+    log_every: int = Field(50, ge=1, description="Steps between metric log lines.")
+    checkpoint_every: int = Field(1000, ge=1, description="Steps between resumable checkpoints.")
+    eval_tokens: int = Field(65_536, ge=0, description="Tokens used for the final FVE / L0 / dead evaluation.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto picks cuda if present.")
+    bf16_autocast: bool = Field(True, description="Use bf16 autocast on GPU (master weights stay fp32).")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.warmup_frac + self.decay_frac > 1.0:
+            raise ValueError("train.warmup_frac + train.decay_frac must be <= 1")
+        return self
+
+
+class AnalysisConfig(Frozen):
+    only_low: float = Field(0.1, ge=0.0, le=0.5, description="Δnorm below this: specific to the second model.")
+    only_high: float = Field(0.9, ge=0.5, le=1.0, description="Δnorm above this: specific to the first model.")
+    shared_low: float = Field(0.4, ge=0.0, le=0.5, description="Δnorm in [shared_low, 1 - shared_low]: shared.")
+    nu_eps_max: float = Field(0.2, ge=0.0, description="Latent Scaling: robust model-only needs ν^ε below this.")
+    nu_r_max: float = Field(0.5, ge=0.0, description="Latent Scaling: robust model-only needs ν^r below this.")
+    max_tokens: int = Field(262_144, ge=1, description="Tokens of the store read for frequencies and Latent Scaling.")
+    tail_frac: float = Field(
+        0.02, ge=0.0, le=0.5, description="Also score the lowest/highest tail_frac of live latents by Δnorm."
+    )
+    batch_size: int = Field(4096, ge=1, description="Tokens per encoding batch.")
+
+
+class FitConfig(Frozen):
+    crosscoder: CrosscoderConfig = Field(default_factory=CrosscoderConfig, description="Crosscoder architecture.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and overrides, shared by every entrypoint.
+
+
+def _coerce(value: str) -> Any:
+    """`--set key=value` values: YAML scalars (ints, floats, bools, null, lists)."""
+    return yaml.safe_load(value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to a nested dict (returns a new dict)."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r} (e.g. --set train.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {p!r} is not a section")
+        node[parts[-1]] = _coerce(raw)
+    return out
+
+
+def load_config(cls: type[Frozen], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """Read a YAML/JSON config file (optional), apply overrides, validate. Errors name the field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at top level")
+    try:
+        data = apply_overrides(data, overrides)
+        return cls.model_validate(data)
+    except (ValidationError, ValueError) as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+class ConfigError(ValueError):
+    """A config problem with a message meant for the user (field name and fix)."""
+
+
+def format_validation_error(e: Exception) -> str:
+    if not isinstance(e, ValidationError):
+        return str(e)
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(config)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling (see docs/configuration.md)"
+        lines.append(f"{loc}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)

@@ -1,0 +1,207 @@
+"""In-process crosscoder fitting over an activation store (the Ray Train path reuses these pieces).
+
+    RUN/crosscoder/{model.safetensors,cfg.json}   the fitted crosscoder
+    RUN/run_config.json                           resolved FitConfig + store provenance
+    RUN/metrics.jsonl                             one line per logged step
+    RUN/metrics.json                              final evaluation (written last: marks the run done)
+    RUN/checkpoints/step_*.pt                     resumable TrainerState (rerun the same command)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffing.config import CrosscoderConfig, FitConfig, TrainConfig
+from diffing.crosscoder import Crosscoder, norm_scale_from_mean_norms
+from diffing.logs import get_logger
+from diffing.store import ActivationStore, StoreError
+from diffing.train import TrainerState, evaluate, train_step
+
+
+def resolve_config(cfg: FitConfig, store: ActivationStore) -> FitConfig:
+    """Fill data-dependent fields from the store; clear errors when they disagree."""
+    m = store.manifest
+    cc = cfg.crosscoder.resolve(n_models=m.n_models, d_model=m.d_model, model_names=tuple(m.model_names))
+    if cfg.train.batch_size > m.n_rows:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} exceeds the store's {m.n_rows} rows; lower train.batch_size"
+        )
+    return cfg.model_copy(update={"crosscoder": cc})
+
+
+def total_steps(tcfg: TrainConfig, n_rows: int) -> int:
+    return tcfg.steps or max(1, int(math.floor(tcfg.epochs * (n_rows // tcfg.batch_size))))
+
+
+def config_hash(cfg: FitConfig) -> str:
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+
+
+def init_model(cc: CrosscoderConfig, store: ActivationStore, seed: int, device: torch.device) -> Crosscoder:
+    """Seeded init, normalisation scales from the manifest, b_dec at the geometric median of a sample."""
+    model = Crosscoder(cc, seed=seed)
+    model.norm_scale.copy_(norm_scale_from_mean_norms(store.manifest.mean_norms, cc.d_model))
+    sample, _ = store.load(max_rows=8192)
+    model.init_b_dec(model.normalise(sample))
+    return model.to(device)
+
+
+def pick_device(tcfg: TrainConfig) -> torch.device:
+    if tcfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if tcfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no GPU is visible; use train.device=auto or cpu")
+    return torch.device(tcfg.device)
+
+
+class RunDir:
+    """Paths and atomic writes of a fit run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, rel: str) -> Path:
+        return self.path / rel
+
+    @property
+    def done(self) -> bool:
+        return (self.path / "metrics.json").exists() and (self.path / "crosscoder" / "cfg.json").exists()
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        p = self.path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        tmp.replace(p)
+
+    def checkpoints(self) -> list[Path]:
+        return sorted((self.path / "checkpoints").glob("step_*.pt"))
+
+    def save_checkpoint(self, state: TrainerState, cfg_hash: str, keep: int = 2) -> None:
+        d = self.path / "checkpoints"
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"step_{state.step:09d}.pt"
+        tmp = p.with_suffix(".tmp")
+        torch.save({"state": state.state_dict(), "config_hash": cfg_hash}, tmp)
+        tmp.replace(p)
+        for old in self.checkpoints()[:-keep]:
+            old.unlink(missing_ok=True)
+
+
+def fit(store: ActivationStore, cfg: FitConfig, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Train a crosscoder on `store` and write the run to `out`. Idempotent: a finished run is
+    returned as is (pass overwrite=True to redo); an interrupted one resumes from its checkpoint."""
+    run = RunDir(out)
+    log = get_logger("fit", run=str(run.path))
+    if run.done and not overwrite:
+        log.info("fit.skip", reason="run already finished; pass --overwrite to redo")
+        return json.loads((run / "metrics.json").read_text())
+    if overwrite:
+        for p in [*run.checkpoints(), run / "metrics.json", run / "metrics.jsonl"]:
+            p.unlink(missing_ok=True)
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise StoreError(f"cannot write to run directory {run.path}: {e}") from None
+
+    cfg = resolve_config(cfg, store)
+    tcfg = cfg.train
+    torch.manual_seed(tcfg.seed)
+    np.random.seed(tcfg.seed)
+    device = pick_device(tcfg)
+    model = init_model(cfg.crosscoder, store, tcfg.seed, device)
+    steps = total_steps(tcfg, store.n_rows)
+    state = TrainerState(model, tcfg, steps)
+    h = config_hash(cfg)
+    ckpts = run.checkpoints()
+    if ckpts:
+        blob = torch.load(ckpts[-1], weights_only=False)
+        if blob["config_hash"] != h:
+            raise ValueError(
+                f"{run.path} holds checkpoints of a different config; use a new --out or pass --overwrite"
+            )
+        state.load_state_dict(blob["state"])
+        log.info("fit.resume", step=state.step, of=steps)
+    run.write_json(
+        "run_config.json",
+        {"fit": cfg.model_dump(mode="json"), "store": store.uri, "store_rows": store.n_rows, "total_steps": steps},
+    )
+    log.info(
+        "fit.start",
+        n_latents=cfg.crosscoder.n_latents,
+        kind=cfg.crosscoder.kind,
+        k=cfg.crosscoder.k,
+        steps=steps,
+        batch_size=tcfg.batch_size,
+        device=str(device),
+    )
+
+    per_epoch = store.batches_per_epoch(tcfg.batch_size)
+    t0 = time.perf_counter()
+    start_step = state.step
+    metrics: dict[str, Any] = {}
+    with open(run / "metrics.jsonl", "a") as mlog:
+        while state.step < steps:
+            epoch, skip = divmod(state.step, per_epoch)
+            for xb in store.iter_batches(
+                tcfg.batch_size, seed=tcfg.seed, epoch=epoch, buffer_rows=tcfg.shuffle_buffer_rows, skip_batches=skip
+            ):
+                metrics = train_step(state, xb)
+                state.data_position = {"epoch": epoch, "batch": state.step - epoch * per_epoch}
+                if state.step % tcfg.log_every == 0 or state.step == steps:
+                    elapsed = time.perf_counter() - t0
+                    tps = (state.step - start_step) * tcfg.batch_size / max(elapsed, 1e-9)
+                    eta = (steps - state.step) * tcfg.batch_size / max(tps, 1e-9)
+                    mlog.write(json.dumps(metrics) + "\n")
+                    mlog.flush()
+                    log.info(
+                        "fit.progress",
+                        step=f"{state.step}/{steps}",
+                        loss=round(metrics["loss"], 4),
+                        fve={k[4:]: round(v, 3) for k, v in metrics.items() if k.startswith("fve/")},
+                        l0=round(metrics["l0"], 1),
+                        dead=round(metrics["dead_fraction"], 3),
+                        tokens_per_s=round(tps),
+                        eta_s=round(eta),
+                    )
+                if state.step % tcfg.checkpoint_every == 0 and state.step < steps:
+                    run.save_checkpoint(state, h)
+                if state.step >= steps:
+                    break
+    train_s = time.perf_counter() - t0
+    trained_tokens = (state.step - start_step) * tcfg.batch_size
+
+    model.eval()
+    ev = evaluate(
+        model,
+        store.iter_batches(min(4096, tcfg.batch_size * 4), shuffle=False, drop_last=False),
+        max_tokens=tcfg.eval_tokens or None,
+    )
+    model.save(run / "crosscoder")
+    final = {
+        "fve": ev["fve"],
+        "l0": ev["l0"],
+        "dead_fraction": ev["dead_fraction"],
+        "eval_tokens": ev["eval_tokens"],
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_s": trained_tokens / max(train_s, 1e-9),
+        "steps": state.step,
+        "threshold": float(model.threshold),
+        "final_train_loss": metrics.get("loss"),
+    }
+    run.write_json("metrics.json", final)
+    for p in run.checkpoints():  # the finished run is its own checkpoint now
+        p.unlink(missing_ok=True)
+    log.info("fit.done", **{k: v for k, v in final.items() if k != "fve"}, fve=ev["fve"])
+    return final

@@ -1,0 +1,130 @@
+"""The `crossdiff` command line. Each command parses a config and calls one library function.
+
+Expected problems (bad config, missing store, wrong shapes) print one clear message and exit 2;
+tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="crossdiff: what did fine-tuning change inside this model?")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: --set train.lr=1e-3 (repeatable).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Redo the stage even if its output is complete.")]
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _user_errors():
+    from diffing.config import ConfigError
+    from diffing.store import StoreError
+
+    return (ConfigError, StoreError, ValueError, FileNotFoundError, PermissionError)
+
+
+def _run(fn):
+    try:
+        return fn()
+    except _user_errors() as e:  # noqa: B030 - tuple built at call time
+        _fail(str(e))
+
+
+@app.command()
+def fit(
+    store: Annotated[str, typer.Option("--store", help="Activation store URI (local path or s3://...).")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Fit a crosscoder on an activation store (in-process)."""
+    from diffing.config import FitConfig, load_config
+    from diffing.fit import fit as fit_fn
+    from diffing.store import open_store
+
+    def go():
+        cfg = load_config(FitConfig, config, set_ or [])
+        st = open_store(store)
+        metrics = fit_fn(st, cfg, out, overwrite=overwrite)
+        typer.echo(json.dumps(metrics, indent=2))
+
+    _run(go)
+
+
+@app.command()
+def analyze(
+    run: Annotated[Path, typer.Option("--run", help="A finished fit run directory.")],
+    store: Annotated[str, typer.Option("--store", help="Activation store URI to analyse over.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    pair: Annotated[str | None, typer.Option("--pair", help="Models compared by Δnorm, as 'A,B' (default: first two).")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Per-latent Δnorm, cosine, frequency, Latent Scaling and classes -> RUN/latents.parquet."""
+    from diffing.analysis import analyze_run
+    from diffing.config import AnalysisConfig, load_config
+    from diffing.store import open_store
+
+    def go():
+        cfg = load_config(AnalysisConfig, config, set_ or [])
+        names = tuple(pair.split(",")) if pair else None
+        if names is not None and len(names) != 2:
+            raise ValueError(f"--pair expects two model names separated by a comma, got {pair!r}")
+        table = analyze_run(run, open_store(store), cfg, pair=names, overwrite=overwrite)
+        classes = table.column("class").to_pylist()
+        summary = {c: classes.count(c) for c in sorted(set(classes))}
+        typer.echo(json.dumps({"latents": table.num_rows, "classes": summary, "out": str(run / "latents.parquet")}, indent=2))
+
+    _run(go)
+
+
+@app.command("planted-store")
+def planted_store(
+    out: Annotated[str, typer.Option("--out", help="Store URI to write.")],
+    tokens: Annotated[int, typer.Option(help="Tokens to sample.")] = 200_000,
+    d_model: Annotated[int, typer.Option(help="Activation width.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write a synthetic store with a planted dictionary (shared, A-only and B-only features)."""
+    from diffing.store import write_arrays
+    from diffing.synthetic import make_planted
+
+    def go():
+        planted = make_planted(d_model, seed=seed)
+        st = write_arrays(out, planted.sample(tokens, seed=seed + 1), model_names=list(planted.model_names), overwrite=overwrite)
+        typer.echo(json.dumps({"store": out, "rows": st.n_rows, "features": planted.n_features}))
+
+    _run(go)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the demo run goes.")] = Path("runs/demo-planted"),
+) -> None:
+    """The end-to-end demo. Until the pipeline lands: planted store -> fit -> analyze, with a truth check."""
+    from jobs.demo import run_planted_demo
+
+    _run(lambda: run_planted_demo(out))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.secho("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The activation store contract: plain-pyarrow readable, atomic, verified, deterministic."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from diffing.store import StoreError, StoreWriter, open_store, write_arrays
+
+
+def _acts(n=1000, m=2, d=8, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, m, d)).astype(np.float32)
+
+
+def test_roundtrip_and_plain_pyarrow(tmp_path):
+    acts = _acts()
+    doc = np.repeat(np.arange(10), 100)
+    pos = np.tile(np.arange(100), 10)
+    tok = np.arange(1000) % 97
+    st = write_arrays(str(tmp_path / "s"), acts, model_names=["base", "ft"], doc_ids=doc, positions=pos, token_ids=tok, shard_rows=300)
+    assert st.n_rows == 1000 and len(st.manifest.shards) == 4
+    got, meta = st.load()
+    assert got.dtype == torch.float16 and got.shape == (1000, 2, 8)
+    np.testing.assert_allclose(got.float().numpy(), acts, atol=2e-3, rtol=1e-3)
+    assert (meta["doc_id"] == doc).all() and (meta["pos"] == pos).all() and (meta["token_id"] == tok).all()
+    # plain pyarrow, no crossdiff and no Ray: fixed-size lists of d_model halves
+    t = pq.read_table(tmp_path / "s" / "shards" / "00000.parquet")
+    col = t.column("act_1").combine_chunks()
+    assert col.type.list_size == 8
+    np.testing.assert_allclose(col.flatten().to_numpy().reshape(-1, 8), acts[:300, 1], atol=2e-3, rtol=1e-3)
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["model_names"] == ["base", "ft"] and m["d_model"] == 8
+    want = np.linalg.norm(acts.astype(np.float16).astype(np.float32), axis=-1).mean(0)
+    np.testing.assert_allclose(m["mean_norms"], want, rtol=1e-4)
+
+
+def test_bytes_per_token_pair(tmp_path):
+    d = 256
+    st = write_arrays(str(tmp_path / "s"), _acts(4096, 2, d), model_names=["a", "b"])
+    size = sum((tmp_path / "s" / s.path).stat().st_size for s in st.manifest.shards)
+    assert size / st.n_rows <= 2 * d * 2 + 16  # fp16 pair + doc_id/pos/token_id
+
+
+def test_corrupt_and_missing_shards_fail_clearly(tmp_path):
+    st = write_arrays(str(tmp_path / "s"), _acts(), model_names=["a", "b"], shard_rows=500)
+    p = tmp_path / "s" / st.manifest.shards[1].path
+    data = bytearray(p.read_bytes())
+    data[100] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="corrupt"):
+        open_store(str(tmp_path / "s")).load()
+    p.unlink()
+    with pytest.raises(StoreError, match="missing"):
+        open_store(str(tmp_path / "s")).load()
+
+
+def test_no_manifest_no_store(tmp_path):
+    with pytest.raises(StoreError, match="no manifest.json"):
+        open_store(str(tmp_path / "nothing"))
+
+
+def test_failed_write_leaves_nothing_visible(tmp_path, monkeypatch):
+    w = StoreWriter(str(tmp_path / "s"), model_names=["a", "b"], d_model=8)
+    w.write_shard("00000", _acts(10))
+    import diffing.store as store_mod
+
+    real = store_mod.pq.write_table
+
+    def boom(table, buf, **kw):
+        real(table, buf, **kw)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_mod.pq, "write_table", boom)
+    with pytest.raises(OSError):
+        w.write_shard("00001", _acts(10))
+    monkeypatch.undo()
+    assert w.done_shard("00001") is None
+    assert sorted(p.name for p in (tmp_path / "s" / "shards").iterdir()) == ["00000.json", "00000.parquet"]
+    w.finalize()
+    assert open_store(str(tmp_path / "s")).n_rows == 10
+
+
+def test_refuses_to_overwrite_without_flag(tmp_path):
+    write_arrays(str(tmp_path / "s"), _acts(), model_names=["a", "b"])
+    with pytest.raises(StoreError, match="overwrite"):
+        write_arrays(str(tmp_path / "s"), _acts(), model_names=["a", "b"])
+    st = write_arrays(str(tmp_path / "s"), _acts(50), model_names=["a", "b"], overwrite=True)
+    assert st.n_rows == 50
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(acts=np.zeros((10, 2, 8)), model_names=["a"]), "2 models"),
+        (dict(acts=np.zeros((0, 2, 8)), model_names=["a", "b"]), "empty"),
+        (dict(acts=np.zeros((10, 8)), model_names=["a", "b"]), "n_tokens, n_models, d_model"),
+        (dict(acts=np.full((10, 2, 8), np.nan), model_names=["a", "b"]), "NaN"),
+    ],
+)
+def test_bad_input(tmp_path, kwargs, match):
+    acts = kwargs.pop("acts")
+    with pytest.raises(StoreError, match=match):
+        write_arrays(str(tmp_path / "s"), acts, **kwargs)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_iter_batches_covers_each_row_once_and_is_deterministic(tmp_path):
+    n = 1000
+    acts = np.zeros((n, 2, 4), np.float32)
+    acts[:, 0, 0] = np.arange(n)  # row id survives fp16 up to 2048
+    st = write_arrays(str(tmp_path / "s"), acts, model_names=["a", "b"], shard_rows=128)
+    ids = lambda it: np.concatenate([b[:, 0, 0].float().numpy() for b in it])  # noqa: E731
+    a = ids(st.iter_batches(64, seed=1, epoch=0, buffer_rows=300, drop_last=False))
+    assert sorted(a.astype(int).tolist()) == list(range(n))
+    assert (a != np.arange(n)).any()  # shuffled
+    np.testing.assert_array_equal(a, ids(st.iter_batches(64, seed=1, epoch=0, buffer_rows=300, drop_last=False)))
+    assert (a != ids(st.iter_batches(64, seed=1, epoch=1, buffer_rows=300, drop_last=False))).any()
+    skipped = ids(st.iter_batches(64, seed=1, epoch=0, buffer_rows=300, drop_last=False, skip_batches=5))
+    np.testing.assert_array_equal(skipped, a[5 * 64 :])
+
+
+@pytest.mark.timeout(120)
+def test_s3_store_roundtrip(s3_endpoint):
+    acts = _acts(600)
+    uri = "s3://crossdiff-test/stores/one"
+    st = write_arrays(uri, acts, model_names=["a", "b"], shard_rows=250)
+    back = open_store(uri)
+    assert back.n_rows == 600 and len(back.manifest.shards) == 3
+    got, _ = back.load()
+    np.testing.assert_allclose(got.float().numpy(), acts, atol=2e-3, rtol=1e-3)
+    assert st.manifest == back.manifest
+    # plain pyarrow over S3 (endpoint from AWS_ENDPOINT_URL)
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, access_key="testing", secret_key="testing", region="us-east-1")
+    t = pq.read_table("crossdiff-test/stores/one/shards/00000.parquet", filesystem=fs)
+    assert t.num_rows == 250
