@@ -69,7 +69,9 @@ def main() -> None:
     x_all = x_all * scale[None, :, None]
     train_x, eval_x = x_all[: B * args.steps], x_all[B * args.steps :]
 
-    cfg = CrosscoderConfig(n_models=2, d_model=D, n_latents=L, k=k, model_names=("A", "B"), dead_after_tokens=50_000)
+    cfg = CrosscoderConfig(
+        n_models=2, d_model=D, n_latents=L, k=k, model_names=("A", "B"), dead_after_tokens=50_000
+    )
     cfg = cfg.resolve(n_models=2, d_model=D, model_names=("A", "B"))
     tcfg = TrainConfig(batch_size=B, lr=args.lr)
     ours = Crosscoder(cfg, seed=0)
@@ -93,7 +95,9 @@ def main() -> None:
 
     with torch.no_grad():
         # both at their training-time encoding (batch top-k over the eval batch)
-        x_hat_ours = ours.decode_sparse(ours.batch_topk(ours.encode_pre(eval_x), k, ours.decoder_norms().sum(0))[0])
+        x_hat_ours = ours.decode_sparse(
+            ours.batch_topk(ours.encode_pre(eval_x), k, ours.decoder_norms().sum(0))[0]
+        )
         _, x_hat_ref, _ = ref(eval_x)
         x_hat_thr = ours.reconstruct(eval_x)
     res = {

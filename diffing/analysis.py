@@ -83,13 +83,17 @@ class LatentStats:
     freq: np.ndarray  # [L] fraction of tokens where the latent fires
     mean_act: np.ndarray  # [L] mean activation when firing
     max_act: np.ndarray  # [L]
-    beta_eps: np.ndarray  # [M, L] β of each model on the error target, direction of the latent's strongest model
+    beta_eps: (
+        np.ndarray
+    )  # [M, L] β of each model on the error target, direction of the latent's strongest model
     beta_r: np.ndarray  # [M, L] same, reconstruction target
     n_tokens: int
 
 
 @torch.no_grad()
-def latent_stats(model: Crosscoder, batches: Iterable[Tensor], *, max_tokens: int | None = None) -> LatentStats:
+def latent_stats(
+    model: Crosscoder, batches: Iterable[Tensor], *, max_tokens: int | None = None
+) -> LatentStats:
     """One pass over raw batches [B, M, D]: firing statistics and Latent Scaling β for every latent."""
     device = model.W_dec.device
     W = model.W_dec.float()  # [M, L, D]
@@ -136,7 +140,9 @@ def latent_stats(model: Crosscoder, batches: Iterable[Tensor], *, max_tokens: in
     )
 
 
-def latent_table(model: Crosscoder, stats: LatentStats, cfg: AnalysisConfig, pair: tuple[str, str] | None = None) -> pa.Table:
+def latent_table(
+    model: Crosscoder, stats: LatentStats, cfg: AnalysisConfig, pair: tuple[str, str] | None = None
+) -> pa.Table:
     """All per-latent numbers as an Arrow table (one row per latent)."""
     names = list(model.cfg.model_names)
     a_name, b_name = pair or (names[0], names[1])
@@ -194,7 +200,9 @@ def latent_table(model: Crosscoder, stats: LatentStats, cfg: AnalysisConfig, pai
     return pa.table(cols).replace_schema_metadata(meta)
 
 
-def analyze_run(run_dir, store, cfg: AnalysisConfig, *, pair: tuple[str, str] | None = None, overwrite: bool = False):
+def analyze_run(
+    run_dir, store, cfg: AnalysisConfig, *, pair: tuple[str, str] | None = None, overwrite: bool = False
+):
     """Analyse a finished fit run over `store`; writes RUN/latents.parquet (skipped when present)."""
     import json
     from pathlib import Path
@@ -226,7 +234,19 @@ def analyze_run(run_dir, store, cfg: AnalysisConfig, *, pair: tuple[str, str] | 
     tmp = out.with_suffix(".tmp")
     pq.write_table(table, tmp)
     tmp.replace(out)
-    (run / "analysis_config.json").write_text(json.dumps({"analysis": cfg.model_dump(mode="json"), "store": store.uri}))
-    counts = {str(k): int(v) for k, v in zip(*np.unique(table.column("class").to_numpy(zero_copy_only=False), return_counts=True), strict=True)}
-    log.info("analyze.done", tokens=stats.n_tokens, classes=counts, robust=int(np.sum(table.column("robust").to_numpy(zero_copy_only=False))))
+    (run / "analysis_config.json").write_text(
+        json.dumps({"analysis": cfg.model_dump(mode="json"), "store": store.uri})
+    )
+    counts = {
+        str(k): int(v)
+        for k, v in zip(
+            *np.unique(table.column("class").to_numpy(zero_copy_only=False), return_counts=True), strict=True
+        )
+    }
+    log.info(
+        "analyze.done",
+        tokens=stats.n_tokens,
+        classes=counts,
+        robust=int(np.sum(table.column("robust").to_numpy(zero_copy_only=False))),
+    )
     return table

@@ -23,10 +23,13 @@ class Frozen(BaseModel):
 
 class CrosscoderConfig(Frozen):
     kind: Literal["batchtopk", "l1"] = Field(
-        "batchtopk", description="Sparsity mechanism: BatchTopK (default) or an L1 penalty weighted by decoder norms."
+        "batchtopk",
+        description="Sparsity mechanism: BatchTopK (default) or an L1 penalty weighted by decoder norms.",
     )
     n_models: int | None = Field(
-        None, ge=2, description="Number of models sharing the dictionary (2 for a pair). Default: from the store."
+        None,
+        ge=2,
+        description="Number of models sharing the dictionary (2 for a pair). Default: from the store.",
     )
     d_model: int | None = Field(None, ge=1, description="Activation width. Default: from the store.")
     model_names: tuple[str, ...] | None = Field(
@@ -35,13 +38,23 @@ class CrosscoderConfig(Frozen):
     n_latents: int | None = Field(
         None, ge=1, description="Dictionary size. Default: expansion_factor * d_model."
     )
-    expansion_factor: int = Field(8, ge=1, description="n_latents = expansion_factor * d_model when n_latents is unset.")
-    k: int = Field(32, ge=1, description="BatchTopK: mean active latents per token (k * batch entries kept per batch).")
-    k_anneal_start: int | None = Field(
-        None, ge=1, description="BatchTopK: start k here and anneal linearly to k over k_anneal_frac of training."
+    expansion_factor: int = Field(
+        8, ge=1, description="n_latents = expansion_factor * d_model when n_latents is unset."
     )
-    k_anneal_frac: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of training over which k is annealed.")
-    auxk_alpha: float = Field(1 / 32, ge=0.0, description="Weight of the AuxK loss on dead latents (0 disables).")
+    k: int = Field(
+        32, ge=1, description="BatchTopK: mean active latents per token (k * batch entries kept per batch)."
+    )
+    k_anneal_start: int | None = Field(
+        None,
+        ge=1,
+        description="BatchTopK: start k here and anneal linearly to k over k_anneal_frac of training.",
+    )
+    k_anneal_frac: float = Field(
+        0.1, ge=0.0, le=1.0, description="Fraction of training over which k is annealed."
+    )
+    auxk_alpha: float = Field(
+        1 / 32, ge=0.0, description="Weight of the AuxK loss on dead latents (0 disables)."
+    )
     aux_k: int | None = Field(
         None, ge=1, description="AuxK: dead latents used per token. Default: n_models * d_model // 2."
     )
@@ -52,9 +65,13 @@ class CrosscoderConfig(Frozen):
         0.99, ge=0.0, lt=1.0, description="EMA momentum of the BatchTopK inference threshold."
     )
     l1_coeff: float = Field(2.0, ge=0.0, description="L1: weight of sum_l f_l * sum_m ||d_m,l||.")
-    l1_warmup_frac: float = Field(0.05, ge=0.0, le=1.0, description="L1: fraction of training to ramp l1_coeff up from 0.")
+    l1_warmup_frac: float = Field(
+        0.05, ge=0.0, le=1.0, description="L1: fraction of training to ramp l1_coeff up from 0."
+    )
     dec_init_norm: float = Field(
-        0.1, gt=0.0, description="Initial norm of each per-model decoder row (the encoder starts as its transpose)."
+        0.1,
+        gt=0.0,
+        description="Initial norm of each per-model decoder row (the encoder starts as its transpose).",
     )
 
     @model_validator(mode="after")
@@ -77,7 +94,9 @@ class CrosscoderConfig(Frozen):
         """Fill the data-dependent fields from a store; fails if explicit values disagree with it."""
         for name, have, want in (("n_models", self.n_models, n_models), ("d_model", self.d_model, d_model)):
             if have is not None and have != want:
-                raise ValueError(f"crosscoder.{name}={have} but the store has {name}={want}; drop the override")
+                raise ValueError(
+                    f"crosscoder.{name}={have} but the store has {name}={want}; drop the override"
+                )
         if self.model_names is not None and tuple(self.model_names) != tuple(model_names):
             raise ValueError(
                 f"crosscoder.model_names={list(self.model_names)} but the store holds {list(model_names)}"
@@ -104,20 +123,30 @@ class CrosscoderConfig(Frozen):
 class TrainConfig(Frozen):
     batch_size: int = Field(1024, ge=1, description="Tokens per optimizer step (global, across all workers).")
     lr: float = Field(5e-4, gt=0.0, description="Peak Adam learning rate.")
-    steps: int | None = Field(None, ge=1, description="Optimizer steps. Default: epochs passes over the store.")
+    steps: int | None = Field(
+        None, ge=1, description="Optimizer steps. Default: epochs passes over the store."
+    )
     epochs: float = Field(1.0, gt=0.0, description="Passes over the store when steps is unset.")
     warmup_frac: float = Field(0.05, ge=0.0, le=1.0, description="Linear LR warm-up, as a fraction of steps.")
-    decay_frac: float = Field(0.2, ge=0.0, le=1.0, description="Linear LR decay to 0 over this final fraction.")
+    decay_frac: float = Field(
+        0.2, ge=0.0, le=1.0, description="Linear LR decay to 0 over this final fraction."
+    )
     grad_clip: float | None = Field(1.0, gt=0.0, description="Global grad-norm clip (None disables).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam (beta1, beta2).")
     seed: int = Field(0, description="Seed for initialisation, data order and AuxK tie-breaks.")
     shuffle_buffer_rows: int = Field(
-        262_144, ge=1, description="Rows held in the streaming shuffle buffer (memory = rows * n_models * d_model * 2 B)."
+        262_144,
+        ge=1,
+        description="Rows held in the streaming shuffle buffer (memory = rows * n_models * d_model * 2 B).",
     )
     log_every: int = Field(50, ge=1, description="Steps between metric log lines.")
     checkpoint_every: int = Field(1000, ge=1, description="Steps between resumable checkpoints.")
-    eval_tokens: int = Field(65_536, ge=0, description="Tokens used for the final FVE / L0 / dead evaluation.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto picks cuda if present.")
+    eval_tokens: int = Field(
+        65_536, ge=0, description="Tokens used for the final FVE / L0 / dead evaluation."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train; auto picks cuda if present."
+    )
     bf16_autocast: bool = Field(True, description="Use bf16 autocast on GPU (master weights stay fp32).")
 
     @model_validator(mode="after")
@@ -128,12 +157,24 @@ class TrainConfig(Frozen):
 
 
 class AnalysisConfig(Frozen):
-    only_low: float = Field(0.1, ge=0.0, le=0.5, description="Δnorm below this: specific to the second model.")
-    only_high: float = Field(0.9, ge=0.5, le=1.0, description="Δnorm above this: specific to the first model.")
-    shared_low: float = Field(0.4, ge=0.0, le=0.5, description="Δnorm in [shared_low, 1 - shared_low]: shared.")
-    nu_eps_max: float = Field(0.2, ge=0.0, description="Latent Scaling: robust model-only needs ν^ε below this.")
-    nu_r_max: float = Field(0.5, ge=0.0, description="Latent Scaling: robust model-only needs ν^r below this.")
-    max_tokens: int = Field(262_144, ge=1, description="Tokens of the store read for frequencies and Latent Scaling.")
+    only_low: float = Field(
+        0.1, ge=0.0, le=0.5, description="Δnorm below this: specific to the second model."
+    )
+    only_high: float = Field(
+        0.9, ge=0.5, le=1.0, description="Δnorm above this: specific to the first model."
+    )
+    shared_low: float = Field(
+        0.4, ge=0.0, le=0.5, description="Δnorm in [shared_low, 1 - shared_low]: shared."
+    )
+    nu_eps_max: float = Field(
+        0.2, ge=0.0, description="Latent Scaling: robust model-only needs ν^ε below this."
+    )
+    nu_r_max: float = Field(
+        0.5, ge=0.0, description="Latent Scaling: robust model-only needs ν^r below this."
+    )
+    max_tokens: int = Field(
+        262_144, ge=1, description="Tokens of the store read for frequencies and Latent Scaling."
+    )
     tail_frac: float = Field(
         0.02, ge=0.0, le=0.5, description="Also score the lowest/highest tail_frac of live latents by Δnorm."
     )
@@ -141,7 +182,9 @@ class AnalysisConfig(Frozen):
 
 
 class FitConfig(Frozen):
-    crosscoder: CrosscoderConfig = Field(default_factory=CrosscoderConfig, description="Crosscoder architecture.")
+    crosscoder: CrosscoderConfig = Field(
+        default_factory=CrosscoderConfig, description="Crosscoder architecture."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
 
 
@@ -171,7 +214,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return out
 
 
-def load_config(cls: type[Frozen], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
+def load_config(
+    cls: type[Frozen], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+):
     """Read a YAML/JSON config file (optional), apply overrides, validate. Errors name the field."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -203,3 +248,37 @@ def format_validation_error(e: Exception) -> str:
             msg = "unknown field; check the spelling (see docs/configuration.md)"
         lines.append(f"{loc}: {msg}")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def config_reference(models: dict[str, type[BaseModel]] | None = None) -> str:
+    """Markdown reference of every config field (docs/configuration.md is generated from this)."""
+    models = models or {"fit": FitConfig, "analyze": AnalysisConfig}
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from the pydantic configs (`crossdiff config-docs`); do not edit by hand.",
+        "Set fields in a YAML file (`--config FILE`) or one by one (`--set section.field=value`).",
+        "",
+    ]
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        rows, subs = [], []
+        for name, field in cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                subs.append((ann, f"{prefix}{name}."))
+                continue
+            default = field.get_default(call_default_factory=True)
+            typ = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+            cells = [f"`{prefix}{name}`", f"`{typ}`", f"`{default!r}`", field.description or ""]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        if rows:
+            out.extend(["| field | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for sub, p in subs:
+            out.extend([f"### `{p[:-1]}`", ""])
+            walk(sub, p)
+
+    for title, cls in models.items():
+        out.extend([f"## `{title}` ({cls.__name__})", ""])
+        walk(cls, "")
+    return "\n".join(out)

@@ -67,7 +67,9 @@ class Crosscoder(nn.Module):
     def __init__(self, cfg: CrosscoderConfig, *, seed: int | None = 0):
         super().__init__()
         if not cfg.is_resolved:
-            raise ValueError("Crosscoder needs a resolved config: call cfg.resolve(...) with the store's shape")
+            raise ValueError(
+                "Crosscoder needs a resolved config: call cfg.resolve(...) with the store's shape"
+            )
         self.cfg = cfg
         M, D, L = cfg.n_models, cfg.d_model, cfg.n_latents
         self.W_enc = nn.Parameter(torch.empty(M, D, L))
@@ -153,7 +155,7 @@ class Crosscoder(nn.Module):
     ) -> Output:
         """Training forward on normalised x [B, M, D] (DDP-safe: everything goes through here)."""
         cfg = self.cfg
-        B = x.shape[0]
+        x.shape[0]
         pre = self.encode_pre(x)
         norm_sum = self.decoder_norms().sum(0)  # [L]
         zero = pre.new_zeros(())

@@ -1,10 +1,10 @@
 """In-process crosscoder fitting over an activation store (the Ray Train path reuses these pieces).
 
-    RUN/crosscoder/{model.safetensors,cfg.json}   the fitted crosscoder
-    RUN/run_config.json                           resolved FitConfig + store provenance
-    RUN/metrics.jsonl                             one line per logged step
-    RUN/metrics.json                              final evaluation (written last: marks the run done)
-    RUN/checkpoints/step_*.pt                     resumable TrainerState (rerun the same command)
+RUN/crosscoder/{model.safetensors,cfg.json}   the fitted crosscoder
+RUN/run_config.json                           resolved FitConfig + store provenance
+RUN/metrics.jsonl                             one line per logged step
+RUN/metrics.json                              final evaluation (written last: marks the run done)
+RUN/checkpoints/step_*.pt                     resumable TrainerState (rerun the same command)
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ class RunDir:
             old.unlink(missing_ok=True)
 
 
-def fit(store: ActivationStore, cfg: FitConfig, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+def fit(
+    store: ActivationStore, cfg: FitConfig, out: str | Path, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Train a crosscoder on `store` and write the run to `out`. Idempotent: a finished run is
     returned as is (pass overwrite=True to redo); an interrupted one resumes from its checkpoint."""
     run = RunDir(out)
@@ -135,7 +137,12 @@ def fit(store: ActivationStore, cfg: FitConfig, out: str | Path, *, overwrite: b
         log.info("fit.resume", step=state.step, of=steps)
     run.write_json(
         "run_config.json",
-        {"fit": cfg.model_dump(mode="json"), "store": store.uri, "store_rows": store.n_rows, "total_steps": steps},
+        {
+            "fit": cfg.model_dump(mode="json"),
+            "store": store.uri,
+            "store_rows": store.n_rows,
+            "total_steps": steps,
+        },
     )
     log.info(
         "fit.start",
@@ -155,7 +162,11 @@ def fit(store: ActivationStore, cfg: FitConfig, out: str | Path, *, overwrite: b
         while state.step < steps:
             epoch, skip = divmod(state.step, per_epoch)
             for xb in store.iter_batches(
-                tcfg.batch_size, seed=tcfg.seed, epoch=epoch, buffer_rows=tcfg.shuffle_buffer_rows, skip_batches=skip
+                tcfg.batch_size,
+                seed=tcfg.seed,
+                epoch=epoch,
+                buffer_rows=tcfg.shuffle_buffer_rows,
+                skip_batches=skip,
             ):
                 metrics = train_step(state, xb)
                 state.data_position = {"epoch": epoch, "batch": state.step - epoch * per_epoch}

@@ -23,7 +23,7 @@ def configure(json: bool | None = None, level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: structlog.PrintLogger(file=sys.stderr),  # resolved per logger
         cache_logger_on_first_use=False,
     )
     _configured = True

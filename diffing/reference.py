@@ -21,7 +21,9 @@ def dense_batch_topk(pre: Tensor, norm_sum: Tensor, k: int) -> Tensor:
 
 
 class DenseCrosscoder(nn.Module):
-    def __init__(self, n_models: int, d_model: int, n_latents: int, k: int, auxk_alpha: float = 1 / 32, aux_k: int = 64):
+    def __init__(
+        self, n_models: int, d_model: int, n_latents: int, k: int, auxk_alpha: float = 1 / 32, aux_k: int = 64
+    ):
         super().__init__()
         self.k, self.auxk_alpha, self.aux_k = k, auxk_alpha, aux_k
         self.W_enc = nn.Parameter(torch.empty(n_models, d_model, n_latents))

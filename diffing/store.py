@@ -175,8 +175,12 @@ class StoreWriter:
         stored = acts.astype(_NP_DTYPES[h.dtype])
         cols: dict[str, pa.Array] = {
             "doc_id": pa.array(np.zeros(n, np.int64) if doc_ids is None else np.asarray(doc_ids, np.int64)),
-            "pos": pa.array(np.arange(n, dtype=np.int32) if positions is None else np.asarray(positions, np.int32)),
-            "token_id": pa.array(np.full(n, -1, np.int32) if token_ids is None else np.asarray(token_ids, np.int32)),
+            "pos": pa.array(
+                np.arange(n, dtype=np.int32) if positions is None else np.asarray(positions, np.int32)
+            ),
+            "token_id": pa.array(
+                np.full(n, -1, np.int32) if token_ids is None else np.asarray(token_ids, np.int32)
+            ),
         }
         for name, arr in cols.items():
             if len(arr) != n:
@@ -253,7 +257,9 @@ class ActivationStore:
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
-            raise StoreError(f"shard {info.shard_id} is missing at {self.uri}/{info.path}; rerun the harvest") from None
+            raise StoreError(
+                f"shard {info.shard_id} is missing at {self.uri}/{info.path}; rerun the harvest"
+            ) from None
         if verify and hashlib.sha256(data).hexdigest() != info.sha256:
             raise StoreError(
                 f"shard {info.shard_id} at {self.uri}/{info.path} is corrupt (sha256 mismatch); "
@@ -271,7 +277,10 @@ class ActivationStore:
 
     def read_shard(self, i: int, *, verify: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         table = self.read_table(i, verify=verify)
-        meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in (*META_COLUMNS, *self.manifest.extra_columns)}
+        meta = {
+            c: table.column(c).to_numpy(zero_copy_only=False)
+            for c in (*META_COLUMNS, *self.manifest.extra_columns)
+        }
         return self.acts_of(table), meta
 
     def load(self, max_rows: int | None = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
@@ -356,7 +365,9 @@ def open_store(uri: str) -> ActivationStore:
         ) from None
     manifest = Manifest.model_validate_json(raw)
     if manifest.format_version != FORMAT_VERSION:
-        raise StoreError(f"store {uri} has format_version {manifest.format_version}; this crossdiff reads {FORMAT_VERSION}")
+        raise StoreError(
+            f"store {uri} has format_version {manifest.format_version}; this crossdiff reads {FORMAT_VERSION}"
+        )
     if manifest.n_rows == 0 or not manifest.shards:
         raise StoreError(f"store {uri} is empty (0 rows)")
     return ActivationStore(uri, manifest)
@@ -406,20 +417,19 @@ def write_arrays(
     n_shards = math.ceil(n / shard_rows)
     width = max(5, len(str(n_shards)))
     infos = []
+    def cut(a, sl: slice):
+        return None if a is None else np.asarray(a)[sl]
+
     for s in range(n_shards):
-        lo, hi = s * shard_rows, min(n, (s + 1) * shard_rows)
-
-        def cut(a):
-            return None if a is None else np.asarray(a)[lo:hi]
-
+        sl = slice(s * shard_rows, min(n, (s + 1) * shard_rows))
         infos.append(
             writer.write_shard(
                 f"{s:0{width}d}",
-                acts[lo:hi],
-                doc_ids=cut(doc_ids),
-                positions=cut(positions),
-                token_ids=cut(token_ids),
-                extra={k: list(v)[lo:hi] for k, v in (extra or {}).items()},
+                acts[sl],
+                doc_ids=cut(doc_ids, sl),
+                positions=cut(positions, sl),
+                token_ids=cut(token_ids, sl),
+                extra={k: list(v)[sl] for k, v in (extra or {}).items()},
             )
         )
     writer.finalize(infos)

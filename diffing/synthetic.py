@@ -90,7 +90,9 @@ def match_features(planted: PlantedDictionary, W_dec: np.ndarray) -> tuple[np.nd
     return best, cos
 
 
-def recovery_report(planted: PlantedDictionary, W_dec: np.ndarray, classes: np.ndarray, *, cos_min: float = 0.9) -> dict:
+def recovery_report(
+    planted: PlantedDictionary, W_dec: np.ndarray, classes: np.ndarray, *, cos_min: float = 0.9
+) -> dict:
     """How well a crosscoder recovered a planted dictionary.
 
     recovered: share of planted features whose best latent has cosine >= cos_min;

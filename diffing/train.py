@@ -55,7 +55,9 @@ class TrainerState:
     """Everything needed to continue training exactly: weights, optimiser, schedule, step,
     inference threshold, dead-latent counters, RNG and the caller's data position."""
 
-    def __init__(self, model: Crosscoder, train_cfg: TrainConfig, total_steps: int, *, module: nn.Module | None = None):
+    def __init__(
+        self, model: Crosscoder, train_cfg: TrainConfig, total_steps: int, *, module: nn.Module | None = None
+    ):
         self.model = model
         self.module = module or model  # possibly DDP-wrapped; forward goes through this
         self.cfg = train_cfg
@@ -77,23 +79,25 @@ class TrainerState:
 
     def state_dict(self) -> dict[str, Any]:
         """A snapshot (deep copy): later steps do not change it."""
-        return copy.deepcopy({
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "total_steps": self.total_steps,
-            "since_fired": self.since_fired.cpu(),
-            "threshold_n": self._threshold_n,
-            "threshold_ema": self._threshold_ema,
-            "data_position": dict(self.data_position),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
-        })
+        return copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "total_steps": self.total_steps,
+                "since_fired": self.since_fired.cpu(),
+                "threshold_n": self._threshold_n,
+                "threshold_ema": self._threshold_ema,
+                "data_position": dict(self.data_position),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                },
+            }
+        )
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd["total_steps"] != self.total_steps:

@@ -13,11 +13,19 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="crossdiff: what did fine-tuning change inside this model?")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="crossdiff: what did fine-tuning change inside this model?",
+)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: --set train.lr=1e-3 (repeatable).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Redo the stage even if its output is complete.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config field: --set train.lr=1e-3 (repeatable).")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Redo the stage even if its output is complete.")
+]
 
 
 def _fail(msg: str) -> None:
@@ -33,10 +41,14 @@ def _user_errors():
 
 
 def _run(fn):
+    import os
+
     try:
         return fn()
     except _user_errors() as e:  # noqa: B030 - tuple built at call time
-        _fail(str(e))
+        if os.environ.get("CROSSDIFF_DEBUG"):
+            raise
+        _fail(f"{e}\n(set CROSSDIFF_DEBUG=1 for a traceback)")
 
 
 @app.command()
@@ -67,7 +79,9 @@ def analyze(
     store: Annotated[str, typer.Option("--store", help="Activation store URI to analyse over.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    pair: Annotated[str | None, typer.Option("--pair", help="Models compared by Δnorm, as 'A,B' (default: first two).")] = None,
+    pair: Annotated[
+        str | None, typer.Option("--pair", help="Models compared by Δnorm, as 'A,B' (default: first two).")
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Per-latent Δnorm, cosine, frequency, Latent Scaling and classes -> RUN/latents.parquet."""
@@ -83,7 +97,11 @@ def analyze(
         table = analyze_run(run, open_store(store), cfg, pair=names, overwrite=overwrite)
         classes = table.column("class").to_pylist()
         summary = {c: classes.count(c) for c in sorted(set(classes))}
-        typer.echo(json.dumps({"latents": table.num_rows, "classes": summary, "out": str(run / "latents.parquet")}, indent=2))
+        typer.echo(
+            json.dumps(
+                {"latents": table.num_rows, "classes": summary, "out": str(run / "latents.parquet")}, indent=2
+            )
+        )
 
     _run(go)
 
@@ -102,7 +120,12 @@ def planted_store(
 
     def go():
         planted = make_planted(d_model, seed=seed)
-        st = write_arrays(out, planted.sample(tokens, seed=seed + 1), model_names=list(planted.model_names), overwrite=overwrite)
+        st = write_arrays(
+            out,
+            planted.sample(tokens, seed=seed + 1),
+            model_names=list(planted.model_names),
+            overwrite=overwrite,
+        )
         typer.echo(json.dumps({"store": out, "rows": st.n_rows, "features": planted.n_features}))
 
     _run(go)
@@ -116,6 +139,14 @@ def demo(
     from jobs.demo import run_planted_demo
 
     _run(lambda: run_planted_demo(out))
+
+
+@app.command("config-docs")
+def config_docs() -> None:
+    """Print the configuration reference (Markdown) generated from the typed configs."""
+    from diffing.config import config_reference
+
+    typer.echo(config_reference())
 
 
 def main() -> None:

@@ -36,15 +36,29 @@ def run_planted_demo(out: Path, *, tokens: int = 300_000, seed: int = 0) -> dict
         store = open_store(store_uri)
     except StoreError:
         log.info("demo.store", tokens=tokens, features=planted.n_features)
-        store = write_arrays(store_uri, planted.sample(tokens, seed=seed + 1), model_names=list(planted.model_names), overwrite=True)
+        store = write_arrays(
+            store_uri,
+            planted.sample(tokens, seed=seed + 1),
+            model_names=list(planted.model_names),
+            overwrite=True,
+        )
     cfg = FitConfig.model_validate(
-        {"crosscoder": {"n_latents": 256, "k": 4, "dead_after_tokens": 20_000}, "train": {"lr": 1e-2, "epochs": 4, "seed": seed}}
+        {
+            "crosscoder": {"n_latents": 256, "k": 4, "dead_after_tokens": 20_000},
+            "train": {"lr": 1e-2, "epochs": 4, "seed": seed},
+        }
     )
     metrics = fit(store, cfg, out / "run")
     table = analyze_run(out / "run", store, AnalysisConfig())
     model = Crosscoder.load(out / "run" / "crosscoder")
-    report = recovery_report(planted, model.W_dec.detach().numpy(), np.asarray(table.column("class").to_pylist(), dtype=object))
-    summary = {"fit": {"fve": metrics["fve"], "l0": metrics["l0"]}, "planted_truth": report, "run": str(out / "run")}
+    report = recovery_report(
+        planted, model.W_dec.detach().numpy(), np.asarray(table.column("class").to_pylist(), dtype=object)
+    )
+    summary = {
+        "fit": {"fve": metrics["fve"], "l0": metrics["l0"]},
+        "planted_truth": report,
+        "run": str(out / "run"),
+    }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     print(f"\nlatents: {out / 'run' / 'latents.parquet'}\nsummary: {out / 'demo_summary.json'}")

@@ -25,7 +25,12 @@ def test_classify_pair_and_three_models():
     pair = np.array([[1.0, 0.05, 1.0, 1.0], [0.02, 1.0, 0.95, 0.5]])
     assert classify(pair, ["A", "B"], cfg).tolist() == ["A-only", "B-only", "shared", "other"]
     three = np.array([[1.0, 0.1, 1.0, 1.0], [0.1, 0.1, 0.9, 1.0], [0.0, 1.0, 0.85, 0.1]])
-    assert classify(three, ["pt", "it", "simpo"], cfg).tolist() == ["pt-only", "simpo-only", "shared", "other"]
+    assert classify(three, ["pt", "it", "simpo"], cfg).tolist() == [
+        "pt-only",
+        "simpo-only",
+        "shared",
+        "other",
+    ]
 
 
 def _constructed(beta_true: float, decoupled: bool, n=20_000, seed=0):

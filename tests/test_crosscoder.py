@@ -3,10 +3,10 @@
 import torch
 from conftest import make_cfg
 
+from diffing.config import TrainConfig
 from diffing.crosscoder import Crosscoder, geometric_median
 from diffing.reference import DenseCrosscoder
 from diffing.train import TrainerState, train_step
-from diffing.config import TrainConfig
 
 
 def _pair(seed=0, **kw):
@@ -54,15 +54,17 @@ def test_l1_forward_matches_formula():
 
 
 def test_threshold_encoding_matches_batch_topk_on_training_like_data():
-    from diffing.synthetic import make_planted
     from diffing.config import CrosscoderConfig
+    from diffing.synthetic import make_planted
 
     planted = make_planted(16, n_shared=24, n_only=(8, 8), mean_active=3, seed=3)
     x = torch.from_numpy(planted.sample(40_000, seed=4))
-    cfg = CrosscoderConfig(n_models=2, d_model=16, n_latents=64, k=3, model_names=("A", "B"), aux_k=8, dead_after_tokens=5000)
+    cfg = CrosscoderConfig(
+        n_models=2, d_model=16, n_latents=64, k=3, model_names=("A", "B"), aux_k=8, dead_after_tokens=5000
+    )
     cc = Crosscoder(cfg, seed=0)
     state = TrainerState(cc, TrainConfig(batch_size=512, lr=1e-2), total_steps=300)
-    for step in range(300):
+    for _step in range(300):
         idx = torch.randint(0, 40_000, (512,))
         train_step(state, x[idx])
     test = x[:4096]

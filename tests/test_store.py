@@ -19,7 +19,15 @@ def test_roundtrip_and_plain_pyarrow(tmp_path):
     doc = np.repeat(np.arange(10), 100)
     pos = np.tile(np.arange(100), 10)
     tok = np.arange(1000) % 97
-    st = write_arrays(str(tmp_path / "s"), acts, model_names=["base", "ft"], doc_ids=doc, positions=pos, token_ids=tok, shard_rows=300)
+    st = write_arrays(
+        str(tmp_path / "s"),
+        acts,
+        model_names=["base", "ft"],
+        doc_ids=doc,
+        positions=pos,
+        token_ids=tok,
+        shard_rows=300,
+    )
     assert st.n_rows == 1000 and len(st.manifest.shards) == 4
     got, meta = st.load()
     assert got.dtype == torch.float16 and got.shape == (1000, 2, 8)
@@ -115,7 +123,9 @@ def test_iter_batches_covers_each_row_once_and_is_deterministic(tmp_path):
     a = ids(st.iter_batches(64, seed=1, epoch=0, buffer_rows=300, drop_last=False))
     assert sorted(a.astype(int).tolist()) == list(range(n))
     assert (a != np.arange(n)).any()  # shuffled
-    np.testing.assert_array_equal(a, ids(st.iter_batches(64, seed=1, epoch=0, buffer_rows=300, drop_last=False)))
+    np.testing.assert_array_equal(
+        a, ids(st.iter_batches(64, seed=1, epoch=0, buffer_rows=300, drop_last=False))
+    )
     assert (a != ids(st.iter_batches(64, seed=1, epoch=1, buffer_rows=300, drop_last=False))).any()
     skipped = ids(st.iter_batches(64, seed=1, epoch=0, buffer_rows=300, drop_last=False, skip_batches=5))
     np.testing.assert_array_equal(skipped, a[5 * 64 :])
@@ -134,6 +144,8 @@ def test_s3_store_roundtrip(s3_endpoint):
     # plain pyarrow over S3 (endpoint from AWS_ENDPOINT_URL)
     import pyarrow.fs as pafs
 
-    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, access_key="testing", secret_key="testing", region="us-east-1")
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3_endpoint, access_key="testing", secret_key="testing", region="us-east-1"
+    )
     t = pq.read_table("crossdiff-test/stores/one/shards/00000.parquet", filesystem=fs)
     assert t.num_rows == 250

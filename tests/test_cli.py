@@ -1,0 +1,174 @@
+"""The command line: fit and analyze end to end, and clear errors before any work."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from diffing.store import write_arrays
+from diffing.synthetic import make_planted
+from jobs.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli") / "store"
+    planted = make_planted(16, n_shared=16, n_only=(4, 4), mean_active=2, seed=0)
+    write_arrays(str(p), planted.sample(8192, seed=1), model_names=["base", "ft"])
+    return str(p)
+
+
+def test_fit_then_analyze(tmp_path, store):
+    run = tmp_path / "run"
+    r = runner.invoke(
+        app,
+        [
+            "fit",
+            "--store",
+            store,
+            "--out",
+            str(run),
+            "--set",
+            "crosscoder.n_latents=64",
+            "--set",
+            "crosscoder.k=2",
+            "--set",
+            "train.batch_size=256",
+            "--set",
+            "train.seed=3",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m) >= {"fve", "l0", "dead_fraction", "tokens_seen", "tokens_per_s"}
+    assert set(m["fve"]) == {"base", "ft"}
+    assert m["tokens_seen"] == 8192 // 256 * 256  # default: one pass over the store
+    rc = json.loads((run / "run_config.json").read_text())
+    assert rc["fit"]["crosscoder"]["n_latents"] == 64 and rc["fit"]["train"]["seed"] == 3
+    assert (run / "crosscoder" / "model.safetensors").exists() and (run / "metrics.jsonl").exists()
+
+    # rerun is a no-op (idempotent); --overwrite redoes it
+    before = (run / "metrics.json").stat().st_mtime_ns
+    assert runner.invoke(app, ["fit", "--store", store, "--out", str(run)]).exit_code == 0
+    assert (run / "metrics.json").stat().st_mtime_ns == before
+
+    r = runner.invoke(app, ["analyze", "--run", str(run), "--store", store])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["latents"] == 64
+
+
+def test_l1_kind_via_set(tmp_path, store):
+    r = runner.invoke(
+        app,
+        [
+            "fit",
+            "--store",
+            store,
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            "crosscoder.kind=l1",
+            "--set",
+            "crosscoder.n_latents=32",
+            "--set",
+            "train.steps=5",
+            "--set",
+            "train.batch_size=128",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 5
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "crosscoder.kind=topk"], "crosscoder.kind"),
+        (["--set", "train.lrr=1"], "train.lrr: unknown field"),
+        (["--set", "crosscoder.k=100", "--set", "crosscoder.n_latents=32"], "exceeds crosscoder.n_latents"),
+        (["--set", "crosscoder.d_model=99"], "crosscoder.d_model=99 but the store has d_model=16"),
+        (["--set", "train.batch_size=100000"], "train.batch_size"),
+        (["--set", "trainlr"], "key=value"),
+    ],
+)
+def test_bad_config_fails_before_work(tmp_path, store, args, needle):
+    r = runner.invoke(app, ["fit", "--store", store, "--out", str(tmp_path / "r"), *args])
+    assert r.exit_code == 2
+    assert needle in r.output, r.output
+    assert not (tmp_path / "r" / "crosscoder").exists()
+
+
+def test_missing_store_and_config_file(tmp_path):
+    r = runner.invoke(app, ["fit", "--store", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "no manifest.json" in r.output
+    r = runner.invoke(app, ["fit", "--store", "x", "--out", "y", "--config", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_config_file_and_override_precedence(tmp_path, store):
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text("crosscoder:\n  n_latents: 48\n  k: 3\ntrain:\n  steps: 4\n  batch_size: 128\n")
+    run = tmp_path / "r"
+    r = runner.invoke(
+        app, ["fit", "--store", store, "--out", str(run), "--config", str(cfg), "--set", "crosscoder.k=2"]
+    )
+    assert r.exit_code == 0, r.output
+    rc = json.loads((run / "run_config.json").read_text())["fit"]
+    assert rc["crosscoder"]["n_latents"] == 48 and rc["crosscoder"]["k"] == 2 and rc["train"]["steps"] == 4
+
+
+def test_interrupted_fit_resumes_from_checkpoint(tmp_path, store):
+    """A fit killed after a checkpoint resumes there and ends exactly like an uninterrupted run."""
+    import torch
+
+    from diffing.config import FitConfig
+    from diffing.fit import fit
+    from diffing.store import open_store
+
+    st = open_store(store)
+    cfg = FitConfig.model_validate(
+        {
+            "crosscoder": {"n_latents": 32, "k": 2},
+            "train": {"steps": 20, "batch_size": 256, "checkpoint_every": 8},
+        }
+    )
+    fit(st, cfg, tmp_path / "full")
+
+    import diffing.fit as fit_mod
+
+    real = fit_mod.train_step
+    calls = {"n": 0}
+
+    def dying(state, xb, **kw):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real(state, xb, **kw)
+
+    fit_mod.train_step = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(st, cfg, tmp_path / "cut")
+    finally:
+        fit_mod.train_step = real
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_000000008.pt"]
+    fit(st, cfg, tmp_path / "cut")
+    from diffing.crosscoder import Crosscoder
+
+    a, b = Crosscoder.load(tmp_path / "full" / "crosscoder"), Crosscoder.load(tmp_path / "cut" / "crosscoder")
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, b.state_dict()[k], atol=1e-6), k
+
+
+def test_configuration_reference_is_current():
+    from pathlib import Path
+
+    from diffing.config import config_reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text().strip() == config_reference().strip(), (
+        "regenerate: crossdiff config-docs > docs/configuration.md"
+    )
