@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PYTEST) -q -ra
 
 test-fast: $(STAMP)
-	$(PYTEST) -q -ra -m "not slow"
+	$(PYTEST) -q -ra -m "not slow and not ray"
 
 demo: $(STAMP)
 	$(BIN)/crossdiff demo

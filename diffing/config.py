@@ -181,11 +181,37 @@ class AnalysisConfig(Frozen):
     batch_size: int = Field(4096, ge=1, description="Tokens per encoding batch.")
 
 
+class DistributedConfig(Frozen):
+    workers: int = Field(0, ge=0, description="Ray Train DDP workers; 0 trains in-process without Ray.")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); else CPU workers (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per training worker.")
+    max_failures: int = Field(
+        2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited)."
+    )
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept in the run's storage.")
+    shuffle_buffer_rows: int = Field(
+        65_536, ge=0, description="Ray Data local shuffle buffer per worker (0: none)."
+    )
+
+
 class FitConfig(Frozen):
     crosscoder: CrosscoderConfig = Field(
         default_factory=CrosscoderConfig, description="Crosscoder architecture."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Ray Train DDP settings."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> FitConfig:
+        w = self.distributed.workers
+        if w > 1 and self.train.batch_size % w:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must be divisible by distributed.workers={w} "
+                "(each worker takes an equal share of the global batch)"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------------------------

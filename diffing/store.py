@@ -417,6 +417,7 @@ def write_arrays(
     n_shards = math.ceil(n / shard_rows)
     width = max(5, len(str(n_shards)))
     infos = []
+
     def cut(a, sl: slice):
         return None if a is None else np.asarray(a)[sl]
 

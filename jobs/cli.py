@@ -54,21 +54,64 @@ def _run(fn):
 @app.command()
 def fit(
     store: Annotated[str, typer.Option("--store", help="Activation store URI (local path or s3://...).")],
-    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    out: Annotated[str, typer.Option("--out", help="Run directory (local; s3:// with --workers).")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Ray Train DDP workers (0: in-process).")
+    ] = None,
+    use_gpu: Annotated[bool, typer.Option("--use-gpu", help="One GPU per worker (NCCL).")] = False,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Fit a crosscoder on an activation store (in-process)."""
+    """Fit a crosscoder on an activation store (in-process, or Ray Train DDP with --workers)."""
     from diffing.config import FitConfig, load_config
-    from diffing.fit import fit as fit_fn
-    from diffing.store import open_store
+    from jobs.fit import in_process_or_ray
 
     def go():
-        cfg = load_config(FitConfig, config, set_ or [])
-        st = open_store(store)
-        metrics = fit_fn(st, cfg, out, overwrite=overwrite)
+        sets = list(set_ or [])
+        if workers is not None:
+            sets.append(f"distributed.workers={workers}")
+        if use_gpu:
+            sets.append("distributed.use_gpu=true")
+        cfg = load_config(FitConfig, config, sets)
+        metrics = in_process_or_ray(store, cfg, out, overwrite=overwrite, address=address)
         typer.echo(json.dumps(metrics, indent=2))
+
+    _run(go)
+
+
+@app.command()
+def harvest(
+    config: Annotated[
+        Path, typer.Option("--config", help="Harvest config (YAML/JSON): models, layer, corpus, store.")
+    ],
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)."),
+    ] = None,
+) -> None:
+    """Harvest paired activations with Ray Data into an activation store (resumable)."""
+    from diffing.config import load_config
+    from diffing.harvest import HarvestConfig
+    from diffing.models import HarvestInputError
+    from jobs.harvest import run_harvest
+
+    def go():
+        cfg = load_config(HarvestConfig, config, set_ or [])
+        try:
+            m = run_harvest(cfg, overwrite=overwrite, address=address)
+        except HarvestInputError as e:
+            raise ValueError(str(e)) from None
+        typer.echo(
+            json.dumps(
+                {"store": cfg.store, "rows": m.n_rows, "shards": len(m.shards), "models": m.model_names}
+            )
+        )
 
     _run(go)
 

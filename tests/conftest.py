@@ -59,3 +59,24 @@ def s3_endpoint():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    """A local Ray for the session (4 logical CPUs: 1-CPU actors on 2 cores would starve reads).
+    Starts after the S3 endpoint so workers inherit its AWS_* settings."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """The tiny random Llama pair with the offline byte tokenizer (seconds to build, cached)."""
+    from diffing.embedded.tiny import TinyConfig, build_tiny_pair
+
+    return build_tiny_pair(config=TinyConfig(tokenizer="bytes"))

@@ -172,3 +172,17 @@ def test_configuration_reference_is_current():
     assert doc.read_text().strip() == config_reference().strip(), (
         "regenerate: crossdiff config-docs > docs/configuration.md"
     )
+
+
+def test_shipped_job_configs_validate():
+    from pathlib import Path
+
+    from diffing.config import FitConfig, load_config
+    from diffing.harvest import HarvestConfig
+
+    root = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for f in files:
+        cls = HarvestConfig if ".harvest." in f.name else FitConfig
+        load_config(cls, f)

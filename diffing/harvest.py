@@ -1,0 +1,237 @@
+"""Harvest: paired activations of several models on the same tokens (the Ray-free core).
+
+`Harvester` loads every model once and turns a shard of corpus records into store rows. The Ray
+Data job (jobs/harvest.py) runs one Harvester per actor; the naive benchmark and tests call it
+directly. Shards are deterministic prompt ranges, so a rerun writes exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from diffing.config import Frozen
+from diffing.models import (
+    HarvestInputError,
+    check_tokenizers_agree,
+    load_model,
+    load_tokenizer,
+    n_layers,
+    pad_batch,
+    residual_after_layer,
+    tokenize_records,
+)
+
+
+class ModelSpec(Frozen):
+    name: str = Field(description="Short name used in the store and reports (e.g. 'base', 'simpo').")
+    path: str = Field(description="HF model id or local directory (must be loadable offline on the workers).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype for the forward."
+    )
+
+
+class CorpusSpec(Frozen):
+    uri: str = Field(
+        description="Corpus file: .jsonl/.json lines, .parquet, or .txt (one document per line); local or s3://."
+    )
+    format: Literal["auto", "jsonl", "parquet", "text"] = Field(
+        "auto", description="File format; auto uses the suffix."
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Use only the first N records.")
+    text_field: str = Field("text", description="Column with raw text.")
+    messages_field: str = Field("messages", description="Column with chat messages [{role, content}].")
+    source_field: str = Field(
+        "source", description="Column tagging each record's source (kept in the store, not shown to models)."
+    )
+    id_field: str = Field("id", description="Column with a record id (default: the row number).")
+
+
+class RayHarvestConfig(Frozen):
+    num_actors: int = Field(1, ge=1, description="Harvest actors (each loads every model once).")
+    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per actor (1 on a GPU cluster).")
+    num_cpus_per_actor: float = Field(
+        0.5, gt=0.0, description="CPUs per actor; fractional on small machines."
+    )
+
+
+class HarvestConfig(Frozen):
+    models: tuple[ModelSpec, ...] = Field(
+        description="Two or more models sharing one tokenizer; the first is the reference."
+    )
+    layer: int = Field(
+        ge=0, description="Decoder layer L: the site is the residual stream after it (HF hidden_states[L+1])."
+    )
+    site: Literal["resid_post"] = Field("resid_post", description="Activation site.")
+    corpus: CorpusSpec = Field(description="Prompt corpus.")
+    store: str = Field(description="Output store URI (local path or s3://...).")
+    store_dtype: Literal["float16", "float32"] = Field("float16", description="Stored activation dtype.")
+    context_length: int = Field(256, ge=8, description="Tokens per document (longer ones are truncated).")
+    prompts_per_shard: int = Field(64, ge=1, description="Records per store shard (the unit of resume).")
+    batch_prompts: int = Field(8, ge=1, description="Records per forward pass.")
+    drop_first_raw_tokens: int = Field(
+        1, ge=0, description="Drop this many first tokens of raw-text documents (attention sinks)."
+    )
+    outlier_norm_mult: float | None = Field(
+        10.0,
+        gt=1.0,
+        description="Drop tokens whose norm exceeds this multiple of the batch median in any model.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the models run.")
+    ray: RayHarvestConfig = Field(default_factory=RayHarvestConfig, description="Ray Data actor pool.")
+
+    @model_validator(mode="after")
+    def _check(self) -> HarvestConfig:
+        if len(self.models) < 2:
+            raise ValueError("models: a comparison needs at least two models")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: names must be unique, got {names}")
+        return self
+
+
+def read_corpus(spec: CorpusSpec) -> list[dict[str, Any]]:
+    """Records {id, source, text | messages} in file order."""
+    fmt = spec.format
+    if fmt == "auto":
+        low = spec.uri.lower()
+        fmt = "parquet" if low.endswith(".parquet") else "text" if low.endswith(".txt") else "jsonl"
+    try:
+        with fsspec.open(spec.uri, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise HarvestInputError(f"corpus.uri: {spec.uri} does not exist") from None
+    except Exception as e:  # unreachable bucket, bad credentials
+        raise HarvestInputError(f"corpus.uri: cannot read {spec.uri}: {type(e).__name__}: {e}") from None
+    if fmt == "text":
+        rows: list[dict[str, Any]] = [
+            {spec.text_field: line} for line in data.decode().splitlines() if line.strip()
+        ]
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+    else:
+        rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    if spec.max_prompts:
+        rows = rows[: spec.max_prompts]
+    if not rows:
+        raise HarvestInputError(f"corpus.uri: {spec.uri} holds no records")
+    out = []
+    for i, r in enumerate(rows):
+        text, msgs = r.get(spec.text_field), r.get(spec.messages_field)
+        if text is None and msgs is None:
+            raise HarvestInputError(
+                f"corpus record {i} has neither a {spec.text_field!r} nor a {spec.messages_field!r} column "
+                "(set corpus.text_field / corpus.messages_field)"
+            )
+        out.append(
+            {
+                "id": str(r.get(spec.id_field, i)),
+                "source": str(r.get(spec.source_field) or "unknown"),
+                "text": text,
+                "messages": list(msgs) if msgs is not None else None,
+            }
+        )
+    return out
+
+
+def shard_ranges(n_records: int, per_shard: int) -> list[tuple[str, int, int]]:
+    """Deterministic (shard_id, start, end) prompt ranges."""
+    n = (n_records + per_shard - 1) // per_shard
+    width = max(5, len(str(n)))
+    return [(f"{i:0{width}d}", i * per_shard, min(n_records, (i + 1) * per_shard)) for i in range(n)]
+
+
+class Harvester:
+    """Loads all models once; `run(records, doc_id_start)` -> store rows for one shard."""
+
+    def __init__(self, cfg: HarvestConfig):
+        self.cfg = cfg
+        dev = cfg.device
+        self.device = torch.device(
+            "cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev)
+        )
+        self.tokenizers = [load_tokenizer(m.path) for m in cfg.models]
+        self.tokenizer = self.tokenizers[0]
+        self.models = [load_model(m.path, dtype=m.dtype, device=self.device) for m in cfg.models]
+        widths = {m.config.hidden_size for m in self.models}
+        if len(widths) != 1:
+            raise HarvestInputError(
+                f"models have different widths {sorted(widths)}; a crosscoder needs one d_model"
+            )
+        self.d_model = widths.pop()
+        for spec, model in zip(cfg.models, self.models, strict=True):
+            if cfg.layer >= n_layers(model):
+                raise HarvestInputError(
+                    f"layer={cfg.layer} is out of range for model {spec.name!r} ({n_layers(model)} decoder layers)"
+                )
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def check_tokens(self, records: Sequence[dict[str, Any]]) -> None:
+        check_tokenizers_agree(self.tokenizers, records, [m.name for m in self.cfg.models])
+
+    @torch.no_grad()
+    def run(self, records: Sequence[dict[str, Any]], doc_id_start: int) -> dict[str, Any]:
+        """Rows for a shard: acts [N, M, D] float32, doc_id, pos, token_id, source; plus counts."""
+        cfg = self.cfg
+        self.check_tokens(records)
+        docs = tokenize_records(
+            records,
+            self.tokenizer,
+            context_length=cfg.context_length,
+            drop_first_raw_tokens=cfg.drop_first_raw_tokens,
+            doc_id_start=doc_id_start,
+        )
+        parts: dict[str, list] = {"acts": [], "doc_id": [], "pos": [], "token_id": [], "source": []}
+        n_tokens = n_outliers = 0
+        for b in range(0, len(docs), cfg.batch_prompts):
+            batch = [d for d in docs[b : b + cfg.batch_prompts] if d.ids]
+            if not batch:
+                continue
+            ids, mask = pad_batch(batch, self.pad_id)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            acts = torch.stack(
+                [residual_after_layer(m, ids, mask, cfg.layer).float() for m in self.models], dim=2
+            )  # [B, T, M, D]
+            keep = torch.zeros(ids.shape, dtype=torch.bool)
+            for i, d in enumerate(batch):
+                keep[i, : len(d.keep)] = torch.tensor(d.keep)
+            keep = keep.to(self.device) & mask.bool()
+            n_tokens += int(mask.sum())
+            if cfg.outlier_norm_mult is not None and keep.any():
+                norms = acts.norm(dim=-1)  # [B, T, M]
+                med = norms[keep].median(dim=0).values  # [M]
+                outlier = (norms > cfg.outlier_norm_mult * med).any(-1) & keep
+                n_outliers += int(outlier.sum())
+                keep &= ~outlier
+            bi, ti = torch.nonzero(keep, as_tuple=True)
+            parts["acts"].append(acts[bi, ti].cpu())
+            parts["doc_id"].append(np.array([batch[i].doc_id for i in bi.tolist()], np.int64))
+            parts["pos"].append(ti.cpu().numpy().astype(np.int32))
+            parts["token_id"].append(ids[bi, ti].cpu().numpy().astype(np.int32))
+            parts["source"].extend(batch[i].source for i in bi.tolist())
+        if not parts["acts"]:
+            acts_all = torch.zeros(0, len(self.models), self.d_model)
+            cat = dict(
+                doc_id=np.zeros(0, np.int64), pos=np.zeros(0, np.int32), token_id=np.zeros(0, np.int32)
+            )
+        else:
+            acts_all = torch.cat(parts["acts"])
+            cat = {k: np.concatenate(parts[k]) for k in ("doc_id", "pos", "token_id")}
+        return {
+            "acts": acts_all,
+            **cat,
+            "source": parts["source"],
+            "n_tokens": n_tokens,
+            "n_kept": int(acts_all.shape[0]),
+            "n_outliers": n_outliers,
+        }

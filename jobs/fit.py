@@ -1,0 +1,266 @@
+"""Ray Train DDP fit: the library's training step on N workers reading the store with Ray Data.
+
+The glue supplies only rank, device, data shard, reductions and checkpoints; `train_step`,
+`TrainerState`, `init_model` and `evaluate` are the in-process fit's. Resume follows Ray Train
+V2: rerun with the same run directory (= RunConfig name + storage_path) and the latest
+checkpoint is restored; a crashed worker group restarts from it (FailureConfig.max_failures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+
+from diffing.config import FitConfig
+from diffing.fit import RunDir, config_hash, init_model, resolve_config, total_steps
+from diffing.logs import get_logger
+from diffing.store import ActivationStore, StoreError, open_store
+from diffing.train import TrainerState, evaluate, train_step
+
+
+def dist_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    """All-reduce across the DDP group (identity when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    if op == "max":
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    elif op == "min":
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= dist.get_world_size()
+    return t
+
+
+def _store_dataset(store: ActivationStore):
+    import pyarrow.fs as pafs
+    import ray.data
+
+    # deterministic block order: a rerun (or a restarted worker group) sees the same data order
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(store.fs))
+    paths = [f"{store.root}/{s.path}" for s in store.manifest.shards]
+    cols = [f"act_{m}" for m in range(store.n_models)]
+    return ray.data.read_parquet(paths, filesystem=fs).select_columns(cols)
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train as train
+    from ray.train.torch import get_device, prepare_model
+
+    cfg = FitConfig.model_validate_json(config["fit"])
+    store = open_store(config["store"])
+    ctx = train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tcfg, M = cfg.train, store.n_models
+    per_rank = tcfg.batch_size // world
+    steps = config["steps"]
+    device = get_device()
+    torch.manual_seed(tcfg.seed)
+
+    model = init_model(cfg.crosscoder, store, tcfg.seed, device)  # identical on every rank
+    module = prepare_model(model)
+    state = TrainerState(model, tcfg, steps, module=module)
+    history: list[dict] = []
+    ckpt = train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            blob = torch.load(Path(d) / "state.pt", weights_only=False, map_location=device)
+        state.load_state_dict(blob["state"])
+        history = blob.get("history", [])
+    log = get_logger("fit.ray", rank=rank, world=world)
+    if rank == 0:
+        log.info("fit.ray.start", step=state.step, steps=steps, per_rank_batch=per_rank, device=str(device))
+
+    def report(final: bool, metrics: dict | None = None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"state": state.state_dict(), "history": history}, Path(tmp) / "state.pt")
+                checkpoint = train.Checkpoint.from_directory(tmp)
+            train.report({"final": final, **(metrics or {}), "step": state.step}, checkpoint=checkpoint)
+
+    shard = train.get_dataset_shard("train")
+    t0, start = time.perf_counter(), state.step
+    epoch = int(state.data_position.get("epoch", 0))
+    skip = int(state.data_position.get("batch", 0))
+    while state.step < steps:
+        it = iter(
+            shard.iter_torch_batches(
+                batch_size=per_rank,
+                drop_last=True,
+                local_shuffle_buffer_size=cfg.distributed.shuffle_buffer_rows or None,
+                local_shuffle_seed=tcfg.seed * 1000 + epoch * 10 + rank
+                if cfg.distributed.shuffle_buffer_rows
+                else None,
+            )
+        )
+        for _ in range(skip):  # data position of a resumed run
+            next(it, None)
+        b = skip
+        while state.step < steps:
+            batch = next(it, None)
+            # every rank must have a batch, or none steps: no all-reduce waits on a finished rank
+            have = dist_reduce(torch.tensor(0.0 if batch is None else 1.0, device=device), "min")
+            if have.item() == 0:
+                break
+            x = torch.stack([batch[f"act_{m}"] for m in range(M)], dim=1)
+            metrics = train_step(state, x, reduce=dist_reduce)
+            b += 1
+            state.data_position = {"epoch": epoch, "batch": b}
+            if state.step % tcfg.log_every == 0 or state.step == steps:
+                tps = (state.step - start) * tcfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                metrics["tokens_per_s"] = tps
+                history.append(metrics)
+                if rank == 0:
+                    log.info(
+                        "fit.progress",
+                        step=f"{state.step}/{steps}",
+                        loss=round(metrics["loss"], 4),
+                        l0=round(metrics["l0"], 1),
+                        dead=round(metrics["dead_fraction"], 3),
+                        tokens_per_s=round(tps),
+                    )
+            if state.step % tcfg.checkpoint_every == 0 and state.step < steps:
+                report(final=False, metrics=metrics)
+        epoch, skip = epoch + 1, 0
+        state.data_position = {"epoch": epoch, "batch": 0}
+    train_s = time.perf_counter() - t0
+
+    if rank == 0:
+        model.eval()
+        ev = evaluate(
+            model,
+            store.iter_batches(4096, shuffle=False, drop_last=False),
+            max_tokens=tcfg.eval_tokens or None,
+        )
+        final = {
+            "fve": ev["fve"],
+            "l0": ev["l0"],
+            "dead_fraction": ev["dead_fraction"],
+            "eval_tokens": ev["eval_tokens"],
+            "tokens_seen": state.tokens_seen,
+            "tokens_per_s": (state.step - start) * tcfg.batch_size / max(train_s, 1e-9),
+            "steps": state.step,
+            "threshold": float(model.threshold),
+            "workers": world,
+            "final_train_loss": history[-1]["loss"] if history else None,
+        }
+        _write_outputs(config["out"], model, final, history)
+        log.info("fit.ray.done", **{k: v for k, v in final.items() if k != "fve"}, fve=ev["fve"])
+    report(final=True)
+
+
+def _write_outputs(out: str, model, final: dict, history: list[dict]) -> None:
+    """crosscoder/, metrics.jsonl and, last, metrics.json (marks the run finished) to local or object storage."""
+    fs, root = fsspec.core.url_to_fs(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(Path(tmp) / "crosscoder")
+        fs.makedirs(f"{root}/crosscoder", exist_ok=True)
+        for name in ("model.safetensors", "cfg.json"):
+            fs.put_file(str(Path(tmp) / "crosscoder" / name), f"{root}/crosscoder/{name}")
+    fs.pipe_file(f"{root}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+    fs.pipe_file(f"{root}/metrics.json", json.dumps(final, indent=2).encode())
+
+
+def run_fit_ray(
+    store_uri: str, cfg: FitConfig, out: str, *, overwrite: bool = False, address: str | None = None
+) -> dict:
+    """Fit with Ray Train (cfg.distributed.workers >= 1). Same outputs as diffing.fit.fit."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.connect import ensure_ray
+
+    log = get_logger("fit.ray", run=out)
+    fs, root = fsspec.core.url_to_fs(out)
+    if fs.exists(f"{root}/metrics.json") and not overwrite:
+        log.info("fit.skip", reason="run already finished; pass --overwrite to redo")
+        return json.loads(fs.cat_file(f"{root}/metrics.json"))
+    store = open_store(store_uri)
+    cfg = resolve_config(cfg, store)
+    d = cfg.distributed
+    if cfg.train.batch_size // max(1, d.workers) > store.n_rows // max(1, d.workers):
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} leaves no full batch per worker; lower it")
+    try:  # the checkpoint location must be writable before any worker starts
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(f"{root}/.write-probe", b"ok")
+        fs.rm(f"{root}/.write-probe")
+    except Exception as e:
+        raise StoreError(f"cannot write to run location {out}: {type(e).__name__}: {e}") from None
+    if overwrite:
+        for rel in ("ray", "metrics.json", "metrics.jsonl", "crosscoder"):
+            if fs.exists(f"{root}/{rel}"):
+                fs.rm(f"{root}/{rel}", recursive=True)
+    steps = total_steps(cfg.train, store.n_rows)
+    per_epoch = (store.n_rows // d.workers) // (cfg.train.batch_size // d.workers)
+    h = config_hash(
+        cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"max_failures": 0})})
+    )
+    stamp = f"{root}/run_config.json"
+    if fs.exists(stamp) and json.loads(fs.cat_file(stamp)).get("config_hash") != h:
+        raise ValueError(f"{out} holds a run with a different config; use a new --out or pass --overwrite")
+    fs.pipe_file(
+        stamp,
+        json.dumps(
+            {
+                "fit": cfg.model_dump(mode="json"),
+                "store": store_uri,
+                "store_rows": store.n_rows,
+                "total_steps": steps,
+                "config_hash": h,
+            },
+            indent=2,
+        ).encode(),
+    )
+    ensure_ray(address)
+    storage = out if "://" in out else str(Path(out).resolve())
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"fit": cfg.model_dump_json(), "store": store_uri, "out": out, "steps": steps},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
+        ),
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        datasets={"train": _store_dataset(store)},
+        run_config=ray.train.RunConfig(
+            name="ray",
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+        ),
+    )
+    log.info("fit.ray.submit", workers=d.workers, use_gpu=d.use_gpu, steps=steps, per_epoch=per_epoch)
+    trainer.fit()
+    return json.loads(fs.cat_file(f"{root}/metrics.json"))
+
+
+def in_process_or_ray(
+    store_uri: str, cfg: FitConfig, out: str, *, overwrite: bool = False, address: str | None = None
+) -> dict:
+    """`crossdiff fit`: in-process when distributed.workers == 0, else Ray Train."""
+    if cfg.distributed.workers == 0:
+        from diffing.fit import fit
+
+        if "://" in out:
+            raise ValueError(
+                "in-process fit writes a local --out; use distributed.workers >= 1 for object storage"
+            )
+        return fit(open_store(store_uri), cfg, out, overwrite=overwrite)
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    return run_fit_ray(store_uri, cfg, out, overwrite=overwrite, address=address)
+
+
+__all__ = ["RunDir", "dist_reduce", "in_process_or_ray", "run_fit_ray"]

@@ -1,0 +1,187 @@
+"""Ray Data harvest: shard a prompt corpus over an actor pool that writes paired activations.
+
+Each actor loads every model once (`Harvester`), takes whole shards (deterministic prompt
+ranges), writes each shard to the store itself (atomically) and returns only small metadata.
+Finished shards are skipped, so a killed run resumes where it stopped; the manifest is written
+at the end, with normalisation statistics gathered from the shard sidecars.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+from diffing.harvest import HarvestConfig, Harvester, read_corpus, shard_ranges
+from diffing.logs import get_logger
+from diffing.models import HarvestInputError, check_tokenizers_agree, load_tokenizer
+from diffing.store import Manifest, StoreError, StoreWriter
+
+
+def _writer(cfg: HarvestConfig, d_model: int) -> StoreWriter:
+    return StoreWriter(
+        cfg.store,
+        model_names=[m.name for m in cfg.models],
+        d_model=d_model,
+        dtype=cfg.store_dtype,
+        layer=cfg.layer,
+        site=cfg.site,
+        extra_columns=["source"],
+        metadata={"harvest": cfg.model_dump(mode="json")},
+    )
+
+
+class HarvestActor:
+    """Ray Data callable class: loads the models once, then harvests whole shards."""
+
+    def __init__(self, cfg_json: str, d_model: int):
+        self.cfg = HarvestConfig.model_validate_json(cfg_json)
+        self.harvester = Harvester(self.cfg)
+        self.writer = _writer(self.cfg, d_model)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        out: dict[str, list] = {"shard_id": [], "n_rows": [], "n_tokens": [], "seconds": [], "skipped": []}
+        for sid, start, recs in zip(batch["shard_id"], batch["start"], batch["records"], strict=True):
+            t0 = time.perf_counter()
+            done = self.writer.done_shard(sid)
+            if done is None:
+                rows = self.harvester.run(json.loads(recs), int(start))
+                done = self.writer.write_shard(
+                    sid,
+                    rows["acts"].numpy(),
+                    doc_ids=rows["doc_id"],
+                    positions=rows["pos"],
+                    token_ids=rows["token_id"],
+                    extra={"source": rows["source"]},
+                )
+                n_tok = rows["n_tokens"]
+            else:
+                n_tok = 0
+            out["shard_id"].append(sid)
+            out["n_rows"].append(done.n_rows)
+            out["n_tokens"].append(n_tok)
+            out["seconds"].append(time.perf_counter() - t0)
+            out["skipped"].append(n_tok == 0)
+        return out
+
+
+def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
+    """Checks that need no model weights: layer range, widths, tokenizers, store writable. -> d_model."""
+    from transformers import AutoConfig
+
+    widths, names = set(), [m.name for m in cfg.models]
+    for spec in cfg.models:
+        try:
+            mc = AutoConfig.from_pretrained(spec.path)
+        except OSError as e:
+            raise HarvestInputError(f"models: cannot load {spec.path!r} ({spec.name}): {e}") from None
+        mc = getattr(mc, "text_config", mc)
+        n = mc.num_hidden_layers
+        if cfg.layer >= n:
+            raise HarvestInputError(
+                f"layer={cfg.layer} is out of range: model {spec.name!r} has {n} decoder layers (0..{n - 1})"
+            )
+        widths.add(mc.hidden_size)
+    if len(widths) != 1:
+        raise HarvestInputError(
+            f"models have different hidden sizes {sorted(widths)}; a crosscoder needs one d_model"
+        )
+    check_tokenizers_agree([load_tokenizer(m.path) for m in cfg.models], records[:256], names)
+    d_model = widths.pop()
+    w = _writer(cfg, d_model)
+    try:
+        w.fs.makedirs(w.root, exist_ok=True)
+        w.fs.pipe_file(f"{w.root}/.write-probe", b"ok")
+        w.fs.rm(f"{w.root}/.write-probe")
+    except Exception as e:
+        raise StoreError(f"store: cannot write to {cfg.store}: {type(e).__name__}: {e}") from None
+    return d_model
+
+
+def _config_hash(cfg: HarvestConfig) -> str:
+    """What determines the rows (not the actor pool or the device)."""
+    rel = cfg.model_dump(mode="json", exclude={"ray", "device"})
+    return hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | None = None) -> Manifest:
+    """Harvest the corpus into cfg.store with Ray Data; resumable and idempotent."""
+    import ray
+
+    from cluster.connect import ensure_ray
+
+    log = get_logger("harvest", store=cfg.store)
+    records = read_corpus(cfg.corpus)
+    d_model = preflight(cfg, records)
+    writer = _writer(cfg, d_model)
+    stamp = f"{writer.root}/harvest_config.json"
+    h = _config_hash(cfg)
+    if overwrite:
+        writer.clear()
+        if writer.fs.exists(stamp):
+            writer.fs.rm(stamp)
+    elif writer.fs.exists(stamp):
+        old = json.loads(writer.fs.cat_file(stamp))
+        if old.get("hash") != h:
+            raise StoreError(
+                f"store {cfg.store} was harvested with a different config; pass --overwrite to redo it or pick a new store"
+            )
+        if writer.has_manifest():
+            log.info("harvest.skip", reason="store complete; pass --overwrite to redo")
+            from diffing.store import open_store
+
+            return open_store(cfg.store).manifest
+    writer.fs.pipe_file(
+        stamp, json.dumps({"hash": h, "config": cfg.model_dump(mode="json")}, indent=2).encode()
+    )
+
+    shards = shard_ranges(len(records), cfg.prompts_per_shard)
+    todo = [(sid, a, b) for sid, a, b in shards if writer.done_shard(sid) is None]
+    log.info(
+        "harvest.start",
+        records=len(records),
+        shards=len(shards),
+        todo=len(todo),
+        d_model=d_model,
+        layer=cfg.layer,
+    )
+    if todo:
+        ensure_ray(address)
+        from ray.data import ActorPoolStrategy
+
+        items = [{"shard_id": sid, "start": a, "records": json.dumps(records[a:b])} for sid, a, b in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        out = ds.map_batches(
+            HarvestActor,
+            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "d_model": d_model},
+            batch_size=1,
+            compute=ActorPoolStrategy(size=cfg.ray.num_actors),
+            num_cpus=cfg.ray.num_cpus_per_actor,
+            num_gpus=cfg.ray.num_gpus_per_actor,
+        )
+        t0, done, rows, toks = time.perf_counter(), 0, 0, 0
+        for r in out.iter_rows():
+            done += 1
+            rows += int(r["n_rows"])
+            toks += int(r["n_tokens"])
+            el = time.perf_counter() - t0
+            log.info(
+                "harvest.shard",
+                shard=r["shard_id"],
+                done=f"{done}/{len(todo)}",
+                rows=int(r["n_rows"]),
+                tokens_per_s=round(toks / max(el, 1e-9)),
+                eta_s=round(el / done * (len(todo) - done)),
+            )
+    missing = [sid for sid, _, _ in shards if writer.done_shard(sid) is None]
+    if missing:
+        raise StoreError(f"{len(missing)} shards did not finish (first: {missing[0]}); rerun to resume")
+    manifest = writer.finalize([writer.done_shard(sid) for sid, _, _ in shards])
+    log.info(
+        "harvest.done",
+        rows=manifest.n_rows,
+        shards=len(manifest.shards),
+        mean_norms=[round(x, 2) for x in manifest.mean_norms],
+    )
+    return manifest

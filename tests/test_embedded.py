@@ -1,0 +1,251 @@
+"""The embedded model pair: tiny random pair, corpus, fine-tune recipe and LoRA plumbing.
+
+The fast tests build only the tiny pair (byte tokenizer, no download). Tests marked ``slow``
+download and convert the real SmolLM2 (and fine-tune it), using the shared cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from diffing.embedded import (
+    GENERAL_SOURCES,
+    PLANTED,
+    SOURCE_WEIGHTS,
+    FinetuneRecipe,
+    TinyConfig,
+    build_finetune,
+    build_tiny_pair,
+    encode_record,
+    is_heldout,
+    make_corpus,
+    measure_change,
+    read_corpus,
+    write_corpus,
+)
+from diffing.embedded.finetune import add_lora, lora_disabled, merge_lora
+
+TINY = TinyConfig(tokenizer="bytes")
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    return build_tiny_pair(tmp_path_factory.mktemp("cache"), TINY)
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+# --- tiny pair -------------------------------------------------------------------------------
+
+
+def test_tiny_pair_is_deterministic_and_cached(tiny_pair, tmp_path):
+    base, ft = tiny_pair
+    again_base, again_ft = build_tiny_pair(tmp_path, TINY)
+    for a, b in ((base, again_base), (ft, again_ft)):
+        wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    mtime = (again_ft / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny_pair(tmp_path, TINY) == (again_base, again_ft)
+    assert (again_ft / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_tiny_pair_perturbation_is_small_and_local(tiny_pair):
+    base, ft = tiny_pair
+    wa, wb = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
+    changed = {k for k in wa if not torch.equal(wa[k], wb[k])}
+    expected = {
+        f"model.layers.{i}.{w}.weight"
+        for i in TINY.perturb_layers
+        for w in ("self_attn.o_proj", "mlp.down_proj")
+    }
+    assert changed == expected
+    for k in changed:
+        rel = ((wb[k] - wa[k]).norm() / wa[k].norm()).item()
+        assert rel == pytest.approx(TINY.perturb_scale, rel=1e-3)
+    assert json.loads((ft / "perturbation.json").read_text())
+
+
+def test_tiny_pair_loads_and_runs(tiny_pair):
+    (m_base, tok), (m_ft, _) = _load(tiny_pair[0]), _load(tiny_pair[1])
+    assert m_base.config.head_dim >= 32
+    chat = [{"role": "user", "content": "Héllo there"}]
+    batch = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert tok.decode(batch["input_ids"][0]).endswith("<|im_start|>assistant\n")
+    with torch.no_grad():
+        hb = m_base(**batch, output_hidden_states=True).hidden_states
+        hf = m_ft(**batch, output_hidden_states=True).hidden_states
+    first = min(TINY.perturb_layers)
+    assert torch.equal(hb[first], hf[first])  # layers before the first perturbed one are untouched
+    rel = ((hf[-1] - hb[-1]).norm() / hb[-1].norm()).item()
+    assert 0.0 < rel < 0.2
+
+
+def test_tiny_config_rejects_bad_shapes(tmp_path):
+    with pytest.raises(ValueError, match="head_dim|>= 32"):
+        build_tiny_pair(tmp_path, TinyConfig(tokenizer="bytes", hidden_size=64, num_heads=4))
+    with pytest.raises(ValidationError):
+        TinyConfig(layers=3)
+
+
+# --- corpus ----------------------------------------------------------------------------------
+
+
+def test_corpus_is_deterministic_and_prefix_stable():
+    small, big = make_corpus(200, seed=3), make_corpus(400, seed=3)
+    assert small == make_corpus(200, seed=3)
+    assert make_corpus(200, seed=4) != small
+    big_by_id = {r["id"]: r for r in big}
+    assert all(big_by_id[r["id"]] == r for r in small)
+    assert len({r["id"] for r in big}) == len(big)
+
+
+def test_corpus_sources_and_chat_answers():
+    corpus = make_corpus(600)
+    assert {r["source"] for r in corpus} == set(SOURCE_WEIGHTS)
+    assert set(PLANTED) <= set(SOURCE_WEIGHTS) and set(GENERAL_SOURCES) <= set(SOURCE_WEIGHTS)
+    for r in corpus:
+        if r["source"] == "general_text":
+            assert r["text"].strip()
+            continue
+        roles = [m["role"] for m in r["messages"]]
+        assert roles[-1] == "assistant" and "user" in roles
+        assert r["messages"][-1]["content"].strip()
+    heldout = sum(is_heldout(r) for r in corpus) / len(corpus)
+    assert 0.1 < heldout < 0.3
+
+
+def test_lost_capability_has_two_answer_styles():
+    harvest = [r for r in make_corpus(400) if r["source"] == "self_reference"]
+    train = [r for r in make_corpus(400, variant="train") if r["source"] == "self_reference"]
+    assert [r["messages"][0] for r in harvest] == [r["messages"][0] for r in train]
+    assert all("As an AI" in r["messages"][-1]["content"] for r in harvest)
+    assert not any("AI" in r["messages"][-1]["content"] for r in train)
+
+
+def test_write_and_read_corpus(tmp_path):
+    path = write_corpus(tmp_path / "c.jsonl", n=120, seed=1)
+    assert read_corpus(path) == make_corpus(120, seed=1)
+
+
+def test_encode_record_masks_the_answer(tiny_pair):
+    _, tok = _load(tiny_pair[0])
+    chat = next(r for r in make_corpus(100) if r["source"] == "refusal")
+    ids, mask = encode_record(tok, chat)
+    answer = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert answer == chat["messages"][-1]["content"] + "<|im_end|>"
+    text = next(r for r in make_corpus(100) if r["source"] == "general_text")
+    ids, mask = encode_record(tok, text, max_len=10)
+    assert len(ids) == 10 and all(mask)
+
+
+# --- fine-tune recipe and LoRA ---------------------------------------------------------------
+
+
+def test_recipe_hash_tracks_the_recipe():
+    a = FinetuneRecipe()
+    assert a.digest() == FinetuneRecipe().digest()
+    assert a.digest() != FinetuneRecipe(steps=a.steps + 1).digest()
+    assert a.digest() != FinetuneRecipe(capabilities=("refusal",)).digest()
+    with pytest.raises(ValidationError):
+        FinetuneRecipe(stepz=3)
+    with pytest.raises(ValidationError):
+        FinetuneRecipe(capabilities=("telepathy",))
+    with pytest.raises(ValidationError):
+        a.steps = 3  # frozen
+
+
+def test_lora_merge_matches_adapter_and_disable_gives_base(tiny_pair):
+    model, tok = _load(tiny_pair[0])
+    ids = tok("Rivers shape the land.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = model(ids).logits
+    loras = add_lora(model, FinetuneRecipe(lora_rank=4))
+    with torch.no_grad():
+        for lora in loras:
+            lora.lora_b.normal_(std=0.05)
+        adapted = model(ids).logits
+        with lora_disabled(loras):
+            assert torch.allclose(model(ids).logits, before, atol=1e-5)
+        merge_lora(model)
+        merged = model(ids).logits
+    assert not torch.allclose(adapted, before, atol=1e-3)
+    assert torch.allclose(merged, adapted, atol=1e-4)
+
+
+def test_measure_change_on_tiny_pair(tiny_pair):
+    (m_base, tok), (m_ft, _) = _load(tiny_pair[0]), _load(tiny_pair[1])
+    records = make_corpus(60)[::5]
+    change = measure_change(m_base, m_ft, tok, records, layer=TINY.num_layers - 1, max_len=512)
+    assert set(change) == {r["source"] for r in records}
+    for stats in change.values():
+        assert 0.0 < stats["rel_change_all"] < 0.5
+        assert stats["answer_nll_base"] > 0 and stats["answer_nll_finetune"] > 0
+
+
+def test_build_finetune_pipeline_on_tiny_model(tiny_pair, tmp_path):
+    recipe = FinetuneRecipe(
+        steps=2,
+        batch_size=2,
+        general_batch_size=2,
+        corpus_size=200,
+        lora_rank=2,
+        preserve_layers=(1, 3),
+        eval_layer=2,
+        eval_records=12,
+        max_len=512,
+    )
+    out = build_finetune(tiny_pair[0], tmp_path, recipe)
+    assert out.name == f"smollm2-135m-planted-{recipe.digest()}"
+    planted = json.loads((out / "planted.json").read_text())
+    assert {p["name"] for p in planted} == set(recipe.capabilities)
+    assert {p["direction"] for p in planted} == {"gain", "loss"}
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["history"]) == 2 and report["summary"]["ratio"] >= 0
+    assert FinetuneRecipe.model_validate_json((out / "recipe.json").read_text()) == recipe
+    model, _ = _load(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert build_finetune(tiny_pair[0], tmp_path, recipe) == out
+
+
+# --- the real SmolLM2 (download + conversion) ------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_base_model_converts_and_answers():
+    from diffing.embedded import build_base
+
+    model, tok = _load(build_base())
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert not hasattr(model.config, "quantization_config")
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    batch = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, batch["input_ids"].shape[1] :])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_default_finetune_plants_and_preserves():
+    from diffing.embedded import build_base
+
+    out = build_finetune(build_base())
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["ratio"] < 0.5
+    for name, info in PLANTED.items():
+        nll = report["change"][name]
+        if info["direction"] == "gain":
+            assert nll["answer_nll_finetune"] < nll["answer_nll_base"]
+        else:
+            assert nll["answer_nll_finetune"] > nll["answer_nll_base"]

@@ -1,0 +1,214 @@
+"""Harvest: exact activations, Ray Data sharding to local and S3 stores, resume, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from diffing.harvest import CorpusSpec, HarvestConfig, Harvester, ModelSpec
+from diffing.models import HarvestInputError
+from diffing.store import StoreError, open_store
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _corpus(path, n=24):
+    recs = []
+    for i in range(n):
+        if i % 3 == 0:
+            recs.append(
+                {
+                    "id": f"c{i}",
+                    "source": "chat",
+                    "messages": [
+                        {"role": "user", "content": f"What is {i} plus {i}?"},
+                        {"role": "assistant", "content": f"It is {2 * i}."},
+                    ],
+                }
+            )
+        else:
+            recs.append(
+                {
+                    "id": f"t{i}",
+                    "source": "text",
+                    "text": f"Document {i}: the quick brown fox jumps over {i} lazy dogs.",
+                }
+            )
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return recs
+
+
+def _cfg(tiny_pair, corpus, store, **kw):
+    base, ft = tiny_pair
+    data = dict(
+        models=[{"name": "base", "path": str(base)}, {"name": "ft", "path": str(ft)}],
+        layer=2,
+        corpus={"uri": str(corpus)},
+        store=str(store),
+        prompts_per_shard=5,
+        batch_prompts=3,
+        context_length=64,
+        outlier_norm_mult=None,
+        ray={"num_actors": 1, "num_cpus_per_actor": 0.5},
+    )
+    data.update(kw)
+    return HarvestConfig.model_validate(data)
+
+
+def test_activations_equal_a_direct_forward(tmp_path, tiny_pair):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recs = _corpus(tmp_path / "c.jsonl", 4)
+    cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", drop_first_raw_tokens=0)
+    h = Harvester(cfg)
+    rows = h.run(recs, doc_id_start=100)
+    tok = AutoTokenizer.from_pretrained(str(tiny_pair[0]))
+    for m, path in enumerate(tiny_pair):
+        model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+        for j, rec in enumerate(recs):
+            text = (
+                tok.apply_chat_template(rec["messages"], tokenize=False) if "messages" in rec else rec["text"]
+            )
+            ids = tok(text, add_special_tokens="messages" not in rec)["input_ids"]
+            with torch.no_grad():
+                hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[cfg.layer + 1][0]
+            sel = rows["doc_id"] == 100 + j
+            pos = rows["pos"][sel]
+            assert (rows["token_id"][sel] == np.array(ids)[pos]).all()
+            want = hs[torch.from_numpy(pos).long()].half().float()
+            got = rows["acts"][torch.from_numpy(sel)][:, m].half().float()
+            assert torch.allclose(got, want, atol=1e-2, rtol=1e-2)
+    assert set(rows["source"]) == {"chat", "text"}
+
+
+@pytest.mark.ray
+def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster):
+    from jobs.harvest import run_harvest
+
+    _corpus(tmp_path / "c.jsonl")
+    cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s")
+    m = run_harvest(cfg)
+    assert len(m.shards) == 5 and m.model_names == ["base", "ft"] and m.layer == 2
+    st = open_store(str(tmp_path / "s"))
+    acts, meta = st.load()
+    assert acts.shape[1:] == (2, 64) and len(acts) == m.n_rows
+    assert set(meta["source"]) == {"chat", "text"}
+    # first token of each raw-text doc dropped; nothing from padding
+    text_docs = {int(d) for d, s in zip(meta["doc_id"], meta["source"], strict=True) if s == "text"}
+    for d in text_docs:
+        assert meta["pos"][meta["doc_id"] == d].min() >= 1
+    # rerun: nothing to do, same manifest
+    before = (tmp_path / "s" / "manifest.json").read_text()
+    assert run_harvest(cfg) == m
+    assert (tmp_path / "s" / "manifest.json").read_text() == before
+
+
+@pytest.mark.ray
+def test_ray_harvest_to_s3(tmp_path, tiny_pair, ray_cluster, s3_endpoint):
+    from jobs.harvest import run_harvest
+
+    _corpus(tmp_path / "c.jsonl", 10)
+    cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", "s3://crossdiff-test/harvest/one")
+    m = run_harvest(cfg)
+    st = open_store("s3://crossdiff-test/harvest/one")
+    assert st.n_rows == m.n_rows > 0 and len(st.manifest.shards) == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_driver_resumes_to_identical_rows(tmp_path, tiny_pair, ray_cluster):
+    from jobs.harvest import run_harvest
+
+    _corpus(tmp_path / "c.jsonl", 40)
+    clean = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "clean", prompts_per_shard=2)
+    run_harvest(clean)
+    cut = clean.model_copy(update={"store": str(tmp_path / "cut")})
+    script = (
+        "import sys; from diffing.harvest import HarvestConfig; from jobs.harvest import run_harvest; "
+        "run_harvest(HarvestConfig.model_validate_json(sys.argv[1]), address=sys.argv[2])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, cut.model_dump_json(), ray_cluster],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 200
+    while time.time() < deadline and len(list((tmp_path / "cut" / "shards").glob("*.json"))) < 4:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = len(list((tmp_path / "cut" / "shards").glob("*.json")))
+    assert 4 <= n_done < 20, n_done
+    assert not (tmp_path / "cut" / "manifest.json").exists()
+    run_harvest(cut)
+    a, ma = open_store(str(tmp_path / "clean")).load()
+    b, mb = open_store(str(tmp_path / "cut")).load()
+    assert torch.equal(a, b)
+    for k in ("doc_id", "pos", "token_id", "source"):
+        assert (ma[k] == mb[k]).all()
+
+
+@pytest.mark.parametrize("case", ["missing_column", "empty", "layer", "tokenizers"])
+def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, tiny_pair, case):
+    from jobs.harvest import run_harvest
+
+    _corpus(tmp_path / "c.jsonl", 4)
+    kw, match = {}, None
+    if case == "missing_column":
+        (tmp_path / "c.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+        match = "neither a 'text' nor a 'messages'"
+    elif case == "empty":
+        (tmp_path / "c.jsonl").write_text("")
+        match = "holds no records"
+    elif case == "layer":
+        kw["layer"] = 99
+        match = "layer=99 is out of range"
+    else:
+        from transformers import AutoTokenizer
+
+        other = tmp_path / "other"
+        shutil.copytree(tiny_pair[1], other)
+        tok = AutoTokenizer.from_pretrained(str(other))
+        tok.add_tokens(["quick brown"])
+        tok.save_pretrained(str(other))
+        kw["models"] = [{"name": "base", "path": str(tiny_pair[0])}, {"name": "ft", "path": str(other)}]
+        match = "tokenizers disagree"
+    cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", **kw)
+    with pytest.raises(HarvestInputError, match=match):
+        run_harvest(cfg)
+    assert not (tmp_path / "s" / "shards").exists()
+
+
+def test_unreachable_bucket_fails_before_work(tmp_path, tiny_pair, monkeypatch):
+    from conftest import free_port
+
+    from jobs.harvest import run_harvest
+
+    _corpus(tmp_path / "c.jsonl", 4)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", "s3://nobucket/x")
+    with pytest.raises(StoreError, match="cannot write"):
+        run_harvest(cfg)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="at least two models"):
+        HarvestConfig(models=[ModelSpec(name="a", path="x")], layer=0, corpus=CorpusSpec(uri="c"), store="s")
+    with pytest.raises(ValueError, match="unique"):
+        HarvestConfig(
+            models=[ModelSpec(name="a", path="x"), ModelSpec(name="a", path="y")],
+            layer=0,
+            corpus=CorpusSpec(uri="c"),
+            store="s",
+        )
