@@ -31,6 +31,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/fit_throughput.py
+	$(BIN)/python bench/fit_ray_throughput.py
+	$(BIN)/python bench/harvest_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

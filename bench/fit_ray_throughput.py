@@ -1,0 +1,95 @@
+"""What the Ray glue costs: training tokens/s of the Ray Train path (1 and 2 workers) against the
+in-process fit on the same store, same config, same machine, same run. Start-up (Ray, worker
+group, dataset planning) is reported separately from the steady-state training rate.
+
+    python bench/fit_ray_throughput.py [--d-model 256 --n-latents 2048 --k 16 --tokens 262144]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--n-latents", type=int, default=2048)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=262_144)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    torch.set_num_threads(2)
+
+    from cluster.connect import ensure_ray
+    from diffing.config import FitConfig
+    from diffing.fit import fit
+    from diffing.store import write_arrays
+    from diffing.synthetic import make_planted
+    from jobs.fit import run_fit_ray
+
+    tmp = Path(tempfile.mkdtemp())
+    D, L = args.d_model, args.n_latents
+    planted = make_planted(D, n_shared=L // 4, n_only=(L // 16, L // 16), mean_active=args.k, seed=0)
+    store = write_arrays(
+        str(tmp / "store"), planted.sample(args.tokens, seed=1), model_names=["A", "B"], shard_rows=32_768
+    )
+
+    def cfg(workers: int) -> FitConfig:
+        return FitConfig.model_validate(
+            {
+                "crosscoder": {"n_latents": L, "k": args.k},
+                "train": {
+                    "batch_size": args.batch,
+                    "lr": 2e-3,
+                    "log_every": 20,
+                    "checkpoint_every": 10**9,
+                    "eval_tokens": 8192,
+                },
+                "distributed": {
+                    "workers": workers,
+                    "cpus_per_worker": 1.0 / max(1, workers),
+                    "shuffle_buffer_rows": 0,
+                },
+            }
+        )
+
+    res = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "tokens": args.tokens,
+        "shape": {"d_model": D, "n_latents": L, "k": args.k, "batch": args.batch},
+        "tokens_per_s": {},
+        "wall_s": {},
+    }
+    t0 = time.perf_counter()
+    m = fit(store, cfg(0), tmp / "inproc")
+    res["wall_s"]["in_process"] = time.perf_counter() - t0
+    res["tokens_per_s"]["in_process"] = m["tokens_per_s"]
+    ensure_ray(num_cpus=4)
+    for w in args.workers:
+        t0 = time.perf_counter()
+        m = run_fit_ray(str(tmp / "store"), cfg(w), str(tmp / f"ray{w}"))
+        res["wall_s"][f"ray_{w}_workers"] = time.perf_counter() - t0
+        res["tokens_per_s"][f"ray_{w}_workers"] = m["tokens_per_s"]
+    base = res["tokens_per_s"]["in_process"]
+    res["overhead_vs_in_process"] = {
+        k: 1 - v / base for k, v in res["tokens_per_s"].items() if k != "in_process"
+    }
+    print(json.dumps(res, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The category-shift statistic against the paper's reported numbers and a naive simulation."""
+
+import math
+
+import numpy as np
+import pytest
+
+from diffing.stats import category_shift
+
+# "Beyond the Leaderboard": SimPO-specific (N=89) vs it-specific (N=112) latents per category,
+# the count pairs that fit the paper's reported percentages.
+PAPER = {
+    "safety": (19, 18, 32.8),
+    "multilingual": (8, 7, 43.8),
+    "instruction following": (2, 1, 151.7),
+    "factual verification": (3, 2, 88.8),
+    "hallucination": (1, 4, -68.5),
+    "self-reference": (4, 9, -44.1),
+    "query classification": (1, 2, -37.1),
+    "structured output": (1, 2, -37.1),
+    "code generation": (4, 7, -28.1),
+    "technical": (21, 32, -17.4),
+}
+
+
+def test_reproduces_the_papers_ten_percentages():
+    rows = category_shift(
+        {c: v[0] for c, v in PAPER.items()}, {c: v[1] for c, v in PAPER.items()}, N_s=89, N_i=112
+    )
+    got = {r.category: r for r in rows}
+    for c, (n_s, n_i, pct) in PAPER.items():
+        assert round(100 * got[c].delta, 1) == pct, c
+        assert got[c].n_s == n_s and got[c].n_i == n_i and got[c].N_s == 89 and got[c].N_i == 112
+        assert got[c].ci_low < got[c].delta < got[c].ci_high
+    # tiny categories are flagged, not hidden
+    assert got["instruction following"].small_count and not got["technical"].small_count
+    assert [r.category for r in rows][0] == "instruction following"  # sorted by Δ
+
+
+def test_katz_interval_covers_at_nominal_rate():
+    """Coverage of the 95% interval on simulated draws with a known ratio (naive reference)."""
+    rng = np.random.default_rng(0)
+    p_s, p_i, N_s, N_i = 0.3, 0.2, 200, 250
+    true = p_s / p_i - 1
+    hits = 0
+    for _ in range(2000):
+        n_s, n_i = rng.binomial(N_s, p_s), rng.binomial(N_i, p_i)
+        r = category_shift({"c": n_s}, {"c": n_i}, N_s=N_s, N_i=N_i)[0]
+        hits += r.ci_low <= true <= r.ci_high
+    assert 0.93 <= hits / 2000 <= 0.97
+
+
+def test_bootstrap_agrees_with_katz_on_large_counts():
+    k = category_shift({"c": 120}, {"c": 80}, N_s=400, N_i=400)[0]
+    b = category_shift({"c": 120}, {"c": 80}, N_s=400, N_i=400, method="bootstrap")[0]
+    assert abs(k.ci_low - b.ci_low) < 0.06 and abs(k.ci_high - b.ci_high) < 0.08
+
+
+def test_absent_categories_and_errors():
+    rows = {r.category: r for r in category_shift({"a": 3, "b": 2}, {"a": 5}, N_s=10, N_i=10)}
+    assert math.isnan(rows["b"].delta) and rows["b"].small_count and math.isfinite(rows["b"].ci_high)
+    with pytest.raises(ValueError, match="at least one latent"):
+        category_shift({}, {"a": 1})
+    with pytest.raises(ValueError, match="exceeds"):
+        category_shift({"a": 5}, {"a": 1}, N_s=3, N_i=3)
