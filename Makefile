@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-done
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup test test-all test-fast demo bench lint clean
 
 # Build .venv from nothing. torch is pinned to the CPU wheel that lies on disk here; on a GPU
 # cluster the container image installs the `gpu` extra instead (see cluster/images/).
@@ -20,11 +20,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The real embedded-model builds (minutes on 2 cores) run in test-all and in `make demo`.
 test: $(STAMP)
+	$(PYTEST) -q -ra -m "not build"
+
+test-all: $(STAMP)
 	$(PYTEST) -q -ra
 
 test-fast: $(STAMP)
-	$(PYTEST) -q -ra -m "not slow and not ray"
+	$(PYTEST) -q -ra -m "not slow and not ray and not build"
 
 demo: $(STAMP)
 	$(BIN)/crossdiff demo

@@ -197,9 +197,15 @@ def test_unreachable_bucket_fails_before_work(tmp_path, tiny_pair, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches clients; the endpoint comes from the env
     cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", "s3://nobucket/x")
-    with pytest.raises(StoreError, match="cannot write"):
-        run_harvest(cfg)
+    try:
+        with pytest.raises(StoreError, match="cannot write"):
+            run_harvest(cfg)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # don't leave a client for the dead endpoint behind
 
 
 def test_config_validation():
