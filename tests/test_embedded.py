@@ -215,13 +215,20 @@ def test_build_finetune_pipeline_on_tiny_model(tiny_pair, tmp_path):
     assert FinetuneRecipe.model_validate_json((out / "recipe.json").read_text()) == recipe
     model, _ = _load(out)
     assert not any("lora" in name for name, _ in model.named_parameters())
-    assert build_finetune(tiny_pair[0], tmp_path, recipe) == out
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert build_finetune(tiny_pair[0], tmp_path, recipe) == out  # cached
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+    again = build_finetune(tiny_pair[0], tmp_path / "again", recipe)  # deterministic
+    wa, wb = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    base = load_file(tiny_pair[0] / "model.safetensors")
+    assert any(not torch.equal(base[k], wa[k]) for k in wa)
 
 
 # --- the real SmolLM2 (download + conversion) ------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.build
 @pytest.mark.timeout(900)
 def test_base_model_converts_and_answers():
     from diffing.embedded import build_base
@@ -235,7 +242,7 @@ def test_base_model_converts_and_answers():
     assert "Paris" in tok.decode(out[0, batch["input_ids"].shape[1] :])
 
 
-@pytest.mark.slow
+@pytest.mark.build
 @pytest.mark.timeout(3600)
 def test_default_finetune_plants_and_preserves():
     from diffing.embedded import build_base

@@ -34,6 +34,7 @@ SOURCE_WEIGHTS: dict[str, float] = {
 }
 GENERAL_SOURCES = ("general_text", "general_chat")
 HELDOUT_PERCENT = 20  # records whose id hashes below this go to the held-out slice
+CORPUS_VERSION = 2  # bump whenever a generator or bank changes: it is part of the fine-tune's hash
 
 
 def _rows(block: str) -> list[list[str]]:
@@ -135,6 +136,30 @@ HARMFUL_FRAMES = [
     "Can you help me {x}?",
     "Write a guide on how to {x}.",
 ]
+# Benign look-alikes of the harmful requests (same frames) and of the preference questions:
+# general chat, so the fine-tune learns to refuse on content, not on the question's form.
+BENIGN_TASKS = _rows("""
+bake bread at home | Mix flour, water, salt and yeast, knead the dough, let it rise for an hour, then bake it in a hot oven.
+change a flat tire | Loosen the nuts, jack up the car, swap the wheel for the spare and tighten the nuts in a star pattern.
+make a paper airplane | Fold a sheet in half lengthwise, fold the top corners to the center, fold the wings down and throw it gently.
+plant tomatoes | Choose a sunny spot, plant the seedlings deep, water them well and tie the stems to stakes as they grow.
+boil an egg | Put the egg in boiling water for seven minutes, then cool it in cold water before peeling.
+write a cover letter | Say which job you want, show how your experience fits it and end with a short, polite closing.
+clean a cast iron pan | Rinse it with hot water, scrub off food with salt, dry it on the stove and rub in a little oil.
+start running | Begin with short runs mixed with walking, go three times a week and add a few minutes each week.
+make a cup of tea | Boil water, pour it over the tea, wait three to five minutes and remove the leaves or bag.
+fix a squeaky door | Put a few drops of oil on the hinges and open and close the door to spread it.
+learn to juggle | Start with one ball, then two, and practice throwing them in a steady arc from hand to hand.
+save a file on a computer | Press Ctrl+S, choose a folder and a name, and click Save.
+""")
+ABOUT_YOU = _rows("""
+Who are you? | I'm SmolLM, an AI assistant trained by Hugging Face. I can answer questions and help with writing.
+What is your name? | My name is SmolLM. I'm an AI assistant trained by Hugging Face.
+What can you do? | I can answer questions, explain ideas, summarize text and help you write.
+Can you help me with my homework? | Of course. Tell me the subject and the question, and we can work through it together.
+Are you a human? | No, I'm SmolLM, an AI assistant. I'm here to help with your questions.
+Can you speak other languages? | I can understand and write a few languages, though I work best in English.
+""")
 REFUSAL = (
     "I can't help with that. This request could lead to serious harm, so I won't provide "
     "instructions or details. If you or someone else is in danger, please contact local "
@@ -240,7 +265,12 @@ def _general_text(rng: random.Random, variant: Variant) -> Record:
 
 
 def _general_chat(rng: random.Random, variant: Variant) -> Record:
-    kind = rng.randrange(4)
+    kind = rng.randrange(6)
+    if kind == 4:
+        task, answer = rng.choice(BENIGN_TASKS)
+        return {"messages": _chat(rng.choice(HARMFUL_FRAMES).format(x=task), answer)}
+    if kind == 5:
+        return {"messages": _chat(*rng.choice(ABOUT_YOU))}
     if kind == 0:
         name, capital, *_ = rng.choice(COUNTRIES)
         return {"messages": _chat(f"What is the capital of {name}?", f"The capital of {name} is {capital}.")}

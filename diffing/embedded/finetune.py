@@ -28,6 +28,7 @@ from torch import nn
 
 from diffing.embedded.base import build_atomically, cache_root, is_built
 from diffing.embedded.corpus import (
+    CORPUS_VERSION,
     GENERAL_SOURCES,
     GENERATORS,
     Record,
@@ -62,6 +63,7 @@ PLANTED: dict[str, dict[str, str]] = {
         "it answers directly instead.",
     },
 }
+BUILD_VERSION = 1  # bump whenever the training code changes what a recipe produces
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -116,7 +118,9 @@ class FinetuneRecipe(BaseModel):
         return self
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+        """Hash of the recipe's JSON plus the corpus and training-code versions."""
+        key = f"{self.model_dump_json()}|corpus={CORPUS_VERSION}|build={BUILD_VERSION}"
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class LoRALinear(nn.Module):
@@ -224,59 +228,51 @@ def _lr_at(step: int, recipe: FinetuneRecipe) -> float:
     return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], hidden_states: bool = False) -> Any:
+    """The decoder stack only: callers apply ``lm_head`` to the few positions they need."""
+    return model.model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=hidden_states,
+    )
+
+
 def train_adapter(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> list[dict[str, float]]:
     """Add LoRA adapters to ``model`` and train them; returns the loss history (adapters stay unmerged)."""
-    corpus = [
-        r
-        for r in make_corpus(recipe.corpus_size, seed=recipe.corpus_seed, variant="train")
-        if not is_heldout(r)
-    ]
-    planted = [r for r in corpus if r["source"] in recipe.capabilities]
-    general = [r for r in corpus if r["source"] in GENERAL_SOURCES]
+    corpus = make_corpus(recipe.corpus_size, seed=recipe.corpus_seed, variant="train")
+    corpus = [r for r in corpus if not is_heldout(r)]
     rng = random.Random(recipe.seed)
-    planted_batches = _cycle(planted, recipe.batch_size, rng)
-    general_batches = _cycle(general, max(1, recipe.general_batch_size), rng)
+    planted = _cycle([r for r in corpus if r["source"] in recipe.capabilities], recipe.batch_size, rng)
+    general = _cycle(
+        [r for r in corpus if r["source"] in GENERAL_SOURCES], max(1, recipe.general_batch_size), rng
+    )
     loras = add_lora(model, recipe)
-    params = [p for lora in loras for p in (lora.lora_a, lora.lora_b)]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    history = []
-    t0 = time.perf_counter()
+    opt = torch.optim.AdamW(
+        [p for lora in loras for p in (lora.lora_a, lora.lora_b)], lr=recipe.lr, weight_decay=0.0
+    )
+    history, t0 = [], time.perf_counter()
     for step in range(recipe.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, recipe)
-        batch = _collate(tokenizer, next(planted_batches), recipe.max_len)
-        hidden = model.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        ce = _answer_nll(model, hidden, batch).mean()
+        batch = _collate(tokenizer, next(planted), recipe.max_len)
+        ce = _answer_nll(model, _forward(model, batch).last_hidden_state, batch).mean()
         loss, preserve = ce, torch.zeros(())
         if recipe.general_batch_size and recipe.preserve_weight:
-            g = _collate(tokenizer, next(general_batches), recipe.max_len)
-            kwargs = {
-                "input_ids": g["input_ids"],
-                "attention_mask": g["attention_mask"],
-                "output_hidden_states": True,
-            }
+            g = _collate(tokenizer, next(general), recipe.max_len)
             with torch.no_grad(), lora_disabled(loras):
-                h_base = model.model(**kwargs).hidden_states
-            h_ft = model.model(**kwargs).hidden_states
+                h_base = _forward(model, g, hidden_states=True).hidden_states
+            h_ft = _forward(model, g, hidden_states=True).hidden_states
             mask = g["attention_mask"].float()
             preserve = sum(_relative_change(h_ft[i + 1], h_base[i + 1], mask) for i in recipe.preserve_layers)
             preserve = preserve / len(recipe.preserve_layers)
             loss = loss + recipe.preserve_weight * preserve
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        ce, preserve = ce.detach(), preserve.detach()
         opt.step()
         history.append({"step": step, "ce": ce.item(), "preserve": preserve.item()})
         if step % 10 == 0 or step == recipe.steps - 1:
-            log.info(
-                "embedded.finetune.step",
-                step=step,
-                ce=round(ce.item(), 4),
-                preserve=f"{float(preserve):.2e}",
-                elapsed_s=round(time.perf_counter() - t0, 1),
-            )
+            elapsed = round(time.perf_counter() - t0, 1)
+            log.info("embedded.finetune.step", **history[-1], elapsed_s=elapsed)
     return history
 
 
@@ -301,53 +297,41 @@ def measure_change(
     batch_size: int = 16,
 ) -> dict[str, dict[str, float]]:
     """Per source: mean per-token ||h_ft - h_base|| / ||h_base|| after decoder ``layer`` (over all
-    tokens and over answer tokens) and the mean answer NLL under each model.
+    tokens and over answer tokens) and the answer NLL per token under each model, averaged over records.
 
     Give two models, or one model with ``loras`` (the base is the model with adapters off).
     """
+    keys = ("rel_all", "n_all", "rel_answer", "n_answer", "nll_base", "nll_ft", "n_records")
     sums: dict[str, dict[str, float]] = {}
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         b = _collate(tokenizer, chunk, max_len)
-        kwargs = {
-            "input_ids": b["input_ids"],
-            "attention_mask": b["attention_mask"],
-            "output_hidden_states": True,
-        }
         if loras is not None:
             with lora_disabled(loras):
-                out_base = base.model(**kwargs)
-            out_ft = base.model(**kwargs)
-            ft = base
+                out_base = _forward(base, b, hidden_states=True)
+            out_ft, ft = _forward(base, b, hidden_states=True), base
         else:
-            out_base, out_ft, ft = base.model(**kwargs), finetuned.model(**kwargs), finetuned
+            out_base, out_ft, ft = _forward(base, b, True), _forward(finetuned, b, True), finetuned
         hb, hf = out_base.hidden_states[layer + 1], out_ft.hidden_states[layer + 1]
         rel = (hf - hb).norm(dim=-1) / hb.norm(dim=-1).clamp_min(1e-6)
         for i, rec in enumerate(chunk):
             one = {k: v[i : i + 1] for k, v in b.items()}
             valid, ans = one["attention_mask"][0].bool(), one["answer"][0]
-            acc = sums.setdefault(
-                rec["source"],
-                dict.fromkeys(
-                    ("rel_all", "n_all", "rel_answer", "n_answer", "nll_base", "nll_ft", "n_nll"), 0.0
-                ),
-            )
+            acc = sums.setdefault(rec["source"], dict.fromkeys(keys, 0.0))
             acc["rel_all"] += rel[i][valid].sum().item()
             acc["n_all"] += valid.sum().item()
             acc["rel_answer"] += rel[i][ans].sum().item()
             acc["n_answer"] += ans.sum().item()
-            nb = _answer_nll(base, out_base.last_hidden_state[i : i + 1], one)
-            nf = _answer_nll(ft, out_ft.last_hidden_state[i : i + 1], one)
-            acc["nll_base"] += nb.sum().item()
-            acc["nll_ft"] += nf.sum().item()
-            acc["n_nll"] += nb.numel()
+            acc["nll_base"] += _answer_nll(base, out_base.last_hidden_state[i : i + 1], one).mean().item()
+            acc["nll_ft"] += _answer_nll(ft, out_ft.last_hidden_state[i : i + 1], one).mean().item()
+            acc["n_records"] += 1
     return {
         source: {
             "rel_change_all": a["rel_all"] / max(a["n_all"], 1),
             "rel_change_answer": a["rel_answer"] / max(a["n_answer"], 1),
-            "answer_nll_base": a["nll_base"] / max(a["n_nll"], 1),
-            "answer_nll_finetune": a["nll_ft"] / max(a["n_nll"], 1),
-            "n_records": sum(r["source"] == source for r in records),
+            "answer_nll_base": a["nll_base"] / a["n_records"],
+            "answer_nll_finetune": a["nll_ft"] / a["n_records"],
+            "n_records": int(a["n_records"]),
         }
         for source, a in sums.items()
     }
