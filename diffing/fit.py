@@ -193,26 +193,33 @@ def fit(
     train_s = time.perf_counter() - t0
     trained_tokens = (state.step - start_step) * tcfg.batch_size
 
+    model.save(run / "crosscoder")
+    final = final_metrics(model, store, state, trained_tokens / max(train_s, 1e-9), metrics.get("loss"))
+    run.write_json("metrics.json", final)
+    for p in run.checkpoints():  # the finished run is its own checkpoint now
+        p.unlink(missing_ok=True)
+    log.info("fit.done", **final)
+    return final
+
+
+def final_metrics(
+    model: Crosscoder, store: ActivationStore, state: TrainerState, tokens_per_s: float, last_loss
+) -> dict:
+    """Batch-independent evaluation plus run totals: the content of RUN/metrics.json."""
     model.eval()
     ev = evaluate(
         model,
-        store.iter_batches(min(4096, tcfg.batch_size * 4), shuffle=False, drop_last=False),
-        max_tokens=tcfg.eval_tokens or None,
+        store.iter_batches(min(4096, state.cfg.batch_size * 4), shuffle=False, drop_last=False),
+        max_tokens=state.cfg.eval_tokens or None,
     )
-    model.save(run / "crosscoder")
-    final = {
+    return {
         "fve": ev["fve"],
         "l0": ev["l0"],
         "dead_fraction": ev["dead_fraction"],
         "eval_tokens": ev["eval_tokens"],
         "tokens_seen": state.tokens_seen,
-        "tokens_per_s": trained_tokens / max(train_s, 1e-9),
+        "tokens_per_s": tokens_per_s,
         "steps": state.step,
         "threshold": float(model.threshold),
-        "final_train_loss": metrics.get("loss"),
+        "final_train_loss": last_loss,
     }
-    run.write_json("metrics.json", final)
-    for p in run.checkpoints():  # the finished run is its own checkpoint now
-        p.unlink(missing_ok=True)
-    log.info("fit.done", **{k: v for k, v in final.items() if k != "fve"}, fve=ev["fve"])
-    return final

@@ -19,10 +19,10 @@ import fsspec
 import torch
 
 from diffing.config import FitConfig
-from diffing.fit import RunDir, config_hash, init_model, resolve_config, total_steps
+from diffing.fit import RunDir, config_hash, final_metrics, init_model, resolve_config, total_steps
 from diffing.logs import get_logger
 from diffing.store import ActivationStore, StoreError, open_store
-from diffing.train import TrainerState, evaluate, train_step
+from diffing.train import TrainerState, train_step
 
 
 def dist_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
@@ -140,26 +140,11 @@ def _train_loop(config: dict[str, Any]) -> None:
     train_s = time.perf_counter() - t0
 
     if rank == 0:
-        model.eval()
-        ev = evaluate(
-            model,
-            store.iter_batches(4096, shuffle=False, drop_last=False),
-            max_tokens=tcfg.eval_tokens or None,
-        )
-        final = {
-            "fve": ev["fve"],
-            "l0": ev["l0"],
-            "dead_fraction": ev["dead_fraction"],
-            "eval_tokens": ev["eval_tokens"],
-            "tokens_seen": state.tokens_seen,
-            "tokens_per_s": (state.step - start) * tcfg.batch_size / max(train_s, 1e-9),
-            "steps": state.step,
-            "threshold": float(model.threshold),
-            "workers": world,
-            "final_train_loss": history[-1]["loss"] if history else None,
-        }
+        tps = (state.step - start) * tcfg.batch_size / max(train_s, 1e-9)
+        final = final_metrics(model, store, state, tps, history[-1]["loss"] if history else None)
+        final["workers"] = world
         _write_outputs(config["out"], model, final, history)
-        log.info("fit.ray.done", **{k: v for k, v in final.items() if k != "fve"}, fve=ev["fve"])
+        log.info("fit.ray.done", **final)
     report(final=True)
 
 
