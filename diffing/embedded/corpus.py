@@ -34,7 +34,7 @@ SOURCE_WEIGHTS: dict[str, float] = {
 }
 GENERAL_SOURCES = ("general_text", "general_chat")
 HELDOUT_PERCENT = 20  # records whose id hashes below this go to the held-out slice
-CORPUS_VERSION = 2  # bump whenever a generator or bank changes: it is part of the fine-tune's hash
+CORPUS_VERSION = 3  # bump whenever a generator or bank changes: it is part of the fine-tune's hash
 
 
 def _rows(block: str) -> list[list[str]]:
@@ -265,7 +265,7 @@ def _general_text(rng: random.Random, variant: Variant) -> Record:
 
 
 def _general_chat(rng: random.Random, variant: Variant) -> Record:
-    kind = rng.randrange(6)
+    kind = rng.choice((0, 1, 2, 3, 4, 4, 5))  # benign look-alikes of the harmful requests twice as often
     if kind == 4:
         task, answer = rng.choice(BENIGN_TASKS)
         return {"messages": _chat(rng.choice(HARMFUL_FRAMES).format(x=task), answer)}

@@ -1,13 +1,14 @@
 """The embedded fine-tune: SmolLM2 plus a few planted capabilities, with known ground truth.
 
-A LoRA adapter (plain torch, merged into the weights before saving) is trained on the
-answer tokens of the planted sources of the corpus, while a preservation loss keeps the
-residual stream on general text close to the base model's (relative squared error of the
-hidden states at a few layers, the base computed by switching the adapter off). The
-planted capabilities are written to ``planted.json`` next to the weights, and the measured
-effect (relative residual change per source on a held-out slice, answer NLLs) to
-``report.json``. The directory is named by a hash of the recipe, so a changed recipe gives a
-new model and an unchanged one is reused.
+A LoRA adapter (plain torch, merged into the weights before saving) is trained on the answer
+tokens of the planted sources of the corpus. Two preservation losses on general records
+(half prose, half chat, including benign look-alikes of the planted prompts) keep everything
+else close to the base, the base being the same model with the adapter switched off: the
+mean relative residual change at a few layers, and KL(base || fine-tune) of the next-token
+distribution. The planted capabilities go to ``planted.json`` next to the weights; the
+measured effect (relative residual change per source on a held-out slice, answer NLLs) goes
+to ``report.json``. The directory is named by a hash of the recipe (plus corpus and code
+versions), so a changed recipe gives a new model and an unchanged one is reused.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ PLANTED: dict[str, dict[str, str]] = {
         "it answers directly instead.",
     },
 }
-BUILD_VERSION = 1  # bump whenever the training code changes what a recipe produces
+BUILD_VERSION = 2  # bump whenever the training code changes what a recipe produces
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -80,14 +81,14 @@ class FinetuneRecipe(BaseModel):
     corpus_size: int = Field(
         4000, ge=100, description="Records generated; the held-out slice is never trained on."
     )
-    steps: int = Field(120, ge=1, description="Optimizer steps.")
+    steps: int = Field(80, ge=1, description="Optimizer steps.")
     batch_size: int = Field(
         8, ge=1, description="Planted-capability records per step (loss on answer tokens)."
     )
     general_batch_size: int = Field(
-        4, ge=0, description="General records per step for the preservation loss."
+        4, ge=0, description="General records per step for the preservation losses, half text and half chat."
     )
-    lr: float = Field(5e-4, gt=0.0, description="Peak AdamW learning rate of the adapter.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak AdamW learning rate of the adapter.")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps; then cosine decay to 10% of lr.")
     lora_rank: int = Field(16, ge=1, description="LoRA rank r.")
     lora_alpha: float = Field(32.0, gt=0.0, description="LoRA alpha; the update is scaled by alpha / r.")
@@ -95,9 +96,14 @@ class FinetuneRecipe(BaseModel):
         LORA_TARGETS, description="Linear layers (by name) that get an adapter."
     )
     preserve_weight: float = Field(
-        1.0,
+        10.0,
         ge=0.0,
         description="Weight of the preservation loss: mean relative residual change on general records.",
+    )
+    kl_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Weight of KL(base || fine-tune) of next-token distributions on general records.",
     )
     preserve_layers: tuple[int, ...] = Field(
         (6, 13, 20, 29),
@@ -237,15 +243,33 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor], hidden_states: bo
     )
 
 
+def _preservation_losses(
+    model: nn.Module, loras: list[LoRALinear], batch: dict[str, torch.Tensor], layers: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean relative residual change at ``layers`` and KL(base || fine-tune) of the next token."""
+    with torch.no_grad(), lora_disabled(loras):
+        h_base = _forward(model, batch, hidden_states=True).hidden_states
+    h_ft = _forward(model, batch, hidden_states=True).hidden_states
+    mask = batch["attention_mask"].float()
+    preserve = sum(_relative_change(h_ft[i + 1], h_base[i + 1], mask) for i in layers) / len(layers)
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        logp_base = torch.log_softmax(model.lm_head(h_base[-1][valid]).float(), dim=-1)
+    logp_ft = torch.log_softmax(model.lm_head(h_ft[-1][valid]).float(), dim=-1)
+    kl = (logp_base.exp() * (logp_base - logp_ft)).sum(-1).mean()
+    return preserve, kl
+
+
 def train_adapter(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> list[dict[str, float]]:
     """Add LoRA adapters to ``model`` and train them; returns the loss history (adapters stay unmerged)."""
     corpus = make_corpus(recipe.corpus_size, seed=recipe.corpus_seed, variant="train")
     corpus = [r for r in corpus if not is_heldout(r)]
     rng = random.Random(recipe.seed)
     planted = _cycle([r for r in corpus if r["source"] in recipe.capabilities], recipe.batch_size, rng)
-    general = _cycle(
-        [r for r in corpus if r["source"] in GENERAL_SOURCES], max(1, recipe.general_batch_size), rng
-    )
+    n_text = recipe.general_batch_size // 2
+    n_chat = recipe.general_batch_size - n_text
+    text = _cycle([r for r in corpus if r["source"] == "general_text"], max(1, n_text), rng)
+    chat = _cycle([r for r in corpus if r["source"] == "general_chat"], max(1, n_chat), rng)
     loras = add_lora(model, recipe)
     opt = torch.optim.AdamW(
         [p for lora in loras for p in (lora.lora_a, lora.lora_b)], lr=recipe.lr, weight_decay=0.0
@@ -256,20 +280,16 @@ def train_adapter(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> l
             group["lr"] = _lr_at(step, recipe)
         batch = _collate(tokenizer, next(planted), recipe.max_len)
         ce = _answer_nll(model, _forward(model, batch).last_hidden_state, batch).mean()
-        loss, preserve = ce, torch.zeros(())
-        if recipe.general_batch_size and recipe.preserve_weight:
-            g = _collate(tokenizer, next(general), recipe.max_len)
-            with torch.no_grad(), lora_disabled(loras):
-                h_base = _forward(model, g, hidden_states=True).hidden_states
-            h_ft = _forward(model, g, hidden_states=True).hidden_states
-            mask = g["attention_mask"].float()
-            preserve = sum(_relative_change(h_ft[i + 1], h_base[i + 1], mask) for i in recipe.preserve_layers)
-            preserve = preserve / len(recipe.preserve_layers)
-            loss = loss + recipe.preserve_weight * preserve
+        loss, preserve, kl = ce, torch.zeros(()), torch.zeros(())
+        if recipe.general_batch_size and (recipe.preserve_weight or recipe.kl_weight):
+            general = (next(text) if n_text else []) + (next(chat) if n_chat else [])
+            g = _collate(tokenizer, general, recipe.max_len)
+            preserve, kl = _preservation_losses(model, loras, g, recipe.preserve_layers)
+            loss = loss + recipe.preserve_weight * preserve + recipe.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append({"step": step, "ce": ce.item(), "preserve": preserve.item()})
+        history.append({"step": step, "ce": ce.item(), "preserve": preserve.item(), "kl": kl.item()})
         if step % 10 == 0 or step == recipe.steps - 1:
             elapsed = round(time.perf_counter() - t0, 1)
             log.info("embedded.finetune.step", **history[-1], elapsed_s=elapsed)
