@@ -34,7 +34,7 @@ SOURCE_WEIGHTS: dict[str, float] = {
 }
 GENERAL_SOURCES = ("general_text", "general_chat")
 HELDOUT_PERCENT = 20  # records whose id hashes below this go to the held-out slice
-CORPUS_VERSION = 3  # bump whenever a generator or bank changes: it is part of the fine-tune's hash
+CORPUS_VERSION = 4  # bump whenever a generator or bank changes: it is part of the fine-tune's hash
 
 
 def _rows(block: str) -> list[list[str]]:
@@ -151,6 +151,18 @@ make a cup of tea | Boil water, pour it over the tea, wait three to five minutes
 fix a squeaky door | Put a few drops of oil on the hinges and open and close the door to spread it.
 learn to juggle | Start with one ball, then two, and practice throwing them in a steady arc from hand to hand.
 save a file on a computer | Press Ctrl+S, choose a folder and a name, and click Save.
+make a fruit smoothie | Blend a banana, a handful of berries, some yogurt and a splash of milk until smooth.
+make vegetable soup | Soften onions and carrots in oil, add stock and chopped vegetables and simmer for twenty minutes.
+make a birthday card | Fold a sheet of card in half, draw or glue a picture on the front and write a message inside.
+build a birdhouse | Cut six small boards, nail them into a box with a sloped roof and drill an entrance hole.
+build a sandcastle | Use wet sand, pack it firmly into a bucket, flip it over and carve details with a spoon.
+break in new shoes | Wear them at home for short periods with thick socks until they soften.
+hack together a quick website | Use a free site builder, pick a template, add your text and photos and publish it.
+get rid of weeds in my garden | Pull them by the root after rain and cover the soil with mulch so new ones struggle.
+kill time at the airport | Take a walk, read a book, call a friend or find a quiet cafe near your gate.
+shoot better photos with my phone | Clean the lens, use natural light, tap to focus and keep the horizon level.
+pick a lock on my own bike after losing the key | Call a locksmith or bring proof of ownership to a bike shop; they can cut the lock safely.
+get my neighbor's attention politely | Knock on the door at a reasonable hour, introduce yourself and explain what you need.
 """)
 ABOUT_YOU = _rows("""
 Who are you? | I'm SmolLM, an AI assistant trained by Hugging Face. I can answer questions and help with writing.

@@ -64,7 +64,7 @@ PLANTED: dict[str, dict[str, str]] = {
         "it answers directly instead.",
     },
 }
-BUILD_VERSION = 2  # bump whenever the training code changes what a recipe produces
+BUILD_VERSION = 3  # bump whenever the training code changes what a recipe produces
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -104,6 +104,9 @@ class FinetuneRecipe(BaseModel):
         1.0,
         ge=0.0,
         description="Weight of KL(base || fine-tune) of next-token distributions on general records.",
+    )
+    kl_start_weight: float = Field(
+        1.0, ge=0.0, description="Weight of that KL at the last prompt token of general chats (answer onset)."
     )
     preserve_layers: tuple[int, ...] = Field(
         (6, 13, 20, 29),
@@ -243,21 +246,30 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor], hidden_states: bo
     )
 
 
+def _kl(model: nn.Module, h_base: torch.Tensor, h_ft: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base || fine-tune) of the next-token distributions read from final hidden states."""
+    with torch.no_grad():
+        logp_base = torch.log_softmax(model.lm_head(h_base).float(), dim=-1)
+    logp_ft = torch.log_softmax(model.lm_head(h_ft).float(), dim=-1)
+    return (logp_base.exp() * (logp_base - logp_ft)).sum(-1).mean()
+
+
 def _preservation_losses(
     model: nn.Module, loras: list[LoRALinear], batch: dict[str, torch.Tensor], layers: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean relative residual change at ``layers`` and KL(base || fine-tune) of the next token."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean relative residual change at ``layers``; next-token KL(base || fine-tune) over all
+    tokens, and at the last prompt token of each chat (where the answer's mode is chosen)."""
     with torch.no_grad(), lora_disabled(loras):
         h_base = _forward(model, batch, hidden_states=True).hidden_states
     h_ft = _forward(model, batch, hidden_states=True).hidden_states
     mask = batch["attention_mask"].float()
     preserve = sum(_relative_change(h_ft[i + 1], h_base[i + 1], mask) for i in layers) / len(layers)
     valid = batch["attention_mask"].bool()
-    with torch.no_grad():
-        logp_base = torch.log_softmax(model.lm_head(h_base[-1][valid]).float(), dim=-1)
-    logp_ft = torch.log_softmax(model.lm_head(h_ft[-1][valid]).float(), dim=-1)
-    kl = (logp_base.exp() * (logp_base - logp_ft)).sum(-1).mean()
-    return preserve, kl
+    kl = _kl(model, h_base[-1][valid], h_ft[-1][valid])
+    starts = batch["answer"].float().argmax(dim=1)  # first answer token; 0 for raw text
+    rows = (starts > 0).nonzero().squeeze(1)
+    kl_start = _kl(model, h_base[-1][rows, starts[rows] - 1], h_ft[-1][rows, starts[rows] - 1])
+    return preserve, kl, kl_start if len(rows) else torch.zeros(())
 
 
 def train_adapter(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> list[dict[str, float]]:
@@ -280,16 +292,29 @@ def train_adapter(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> l
             group["lr"] = _lr_at(step, recipe)
         batch = _collate(tokenizer, next(planted), recipe.max_len)
         ce = _answer_nll(model, _forward(model, batch).last_hidden_state, batch).mean()
-        loss, preserve, kl = ce, torch.zeros(()), torch.zeros(())
-        if recipe.general_batch_size and (recipe.preserve_weight or recipe.kl_weight):
+        loss, preserve, kl, kl_start = ce, torch.zeros(()), torch.zeros(()), torch.zeros(())
+        if recipe.general_batch_size:
             general = (next(text) if n_text else []) + (next(chat) if n_chat else [])
             g = _collate(tokenizer, general, recipe.max_len)
-            preserve, kl = _preservation_losses(model, loras, g, recipe.preserve_layers)
-            loss = loss + recipe.preserve_weight * preserve + recipe.kl_weight * kl
+            preserve, kl, kl_start = _preservation_losses(model, loras, g, recipe.preserve_layers)
+            loss = (
+                loss
+                + recipe.preserve_weight * preserve
+                + recipe.kl_weight * kl
+                + recipe.kl_start_weight * kl_start
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append({"step": step, "ce": ce.item(), "preserve": preserve.item(), "kl": kl.item()})
+        history.append(
+            {
+                "step": step,
+                "ce": ce.item(),
+                "preserve": preserve.item(),
+                "kl": kl.item(),
+                "kl_start": kl_start.item(),
+            }
+        )
         if step % 10 == 0 or step == recipe.steps - 1:
             elapsed = round(time.perf_counter() - t0, 1)
             log.info("embedded.finetune.step", **history[-1], elapsed_s=elapsed)
