@@ -206,7 +206,7 @@ def test_build_finetune_pipeline_on_tiny_model(tiny_pair, tmp_path):
         max_len=512,
     )
     out = build_finetune(tiny_pair[0], tmp_path, recipe)
-    assert out.name == f"smollm2-135m-planted-{recipe.digest()}"
+    assert out.name.startswith(f"smollm2-135m-planted-{recipe.digest()}-base")  # not the real SmolLM2
     planted = json.loads((out / "planted.json").read_text())
     assert {p["name"] for p in planted} == set(recipe.capabilities)
     assert {p["direction"] for p in planted} == {"gain", "loss"}
@@ -247,7 +247,9 @@ def test_base_model_converts_and_answers():
 def test_default_finetune_plants_and_preserves():
     from diffing.embedded import build_base
 
-    out = build_finetune(build_base())
+    base = build_base()
+    out = build_finetune(base)
+    assert out.name == f"smollm2-135m-planted-{FinetuneRecipe().digest()}"
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["ratio"] < 0.5
     for name, info in PLANTED.items():

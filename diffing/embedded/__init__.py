@@ -18,7 +18,7 @@ from diffing.embedded.corpus import (
     read_corpus,
     write_corpus,
 )
-from diffing.embedded.finetune import PLANTED, FinetuneRecipe, build_finetune, measure_change
+from diffing.embedded.finetune import PLANTED, FinetuneRecipe, build_finetune, finetune_dir, measure_change
 from diffing.embedded.tiny import TinyConfig, build_tiny_pair
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "build_tiny_pair",
     "cache_root",
     "encode_record",
+    "finetune_dir",
     "is_heldout",
     "make_corpus",
     "measure_change",

@@ -64,6 +64,7 @@ PLANTED: dict[str, dict[str, str]] = {
         "it answers directly instead.",
     },
 }
+SMOLLM2_FINGERPRINT = "02abf71a461e"  # base_fingerprint(build_base()) with transformers 5.19
 BUILD_VERSION = 3  # bump whenever the training code changes what a recipe produces
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -394,6 +395,27 @@ def planted_ground_truth(recipe: FinetuneRecipe) -> list[dict[str, str]]:
     return [{"name": c, "source": c, **PLANTED[c]} for c in recipe.capabilities]
 
 
+def base_fingerprint(base_dir: Path) -> str:
+    """A cheap identity of a model directory: its config and the size, head and tail of its weights."""
+    digest = hashlib.sha256((base_dir / "config.json").read_bytes())
+    for path in sorted(base_dir.glob("*.safetensors")):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            digest.update(f"{path.name}:{size}".encode() + f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+def finetune_dir(base_dir: Path, cache_dir: Path | None = None, recipe: FinetuneRecipe | None = None) -> Path:
+    """Where ``build_finetune`` puts (or finds) the model: named by the recipe hash, plus the base
+    model's fingerprint when the base is not the embedded SmolLM2 (a tiny test model, say)."""
+    recipe = recipe or FinetuneRecipe()
+    fingerprint = base_fingerprint(Path(base_dir))
+    suffix = "" if fingerprint == SMOLLM2_FINGERPRINT else f"-base{fingerprint}"
+    return cache_root(cache_dir) / "models" / f"smollm2-135m-planted-{recipe.digest()}{suffix}"
+
+
 def _build(tmp: Path, base_dir: Path, recipe: FinetuneRecipe) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -401,12 +423,13 @@ def _build(tmp: Path, base_dir: Path, recipe: FinetuneRecipe) -> None:
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    t_train = time.perf_counter()
     history = train_adapter(model, tokenizer, recipe)
-    train_s = time.perf_counter() - t0
     loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
     report: dict[str, Any] = {
         "recipe_hash": recipe.digest(),
-        "train_s": train_s,
+        "base_fingerprint": base_fingerprint(base_dir),
+        "train_s": time.perf_counter() - t_train,
         "history": history,
         "threads": torch.get_num_threads(),
     }
@@ -436,7 +459,7 @@ def build_finetune(
     missing = [c for c in recipe.capabilities if c not in GENERATORS]
     if missing:
         raise ValueError(f"the corpus has no source for {missing}")
-    target = cache_root(cache_dir) / "models" / f"smollm2-135m-planted-{recipe.digest()}"
+    target = finetune_dir(base_dir, cache_dir, recipe)
     if is_built(target) and (target / "planted.json").is_file():
         return target
     log.info("embedded.finetune.build", recipe_hash=recipe.digest(), out=str(target))
