@@ -1,0 +1,119 @@
+"""Data contracts between the analysis, labelling and report stages.
+
+    RUN/latents.parquet            one row per latent (diffing.analysis), incl. a `group` column:
+                                   "<model>-specific" for the selected model-specific latents,
+                                   "baseline" for the random shared baseline, "" otherwise
+    RUN/examples/<a>-<b>.jsonl     one LatentEvidence per line for latents [a, b) that have a group
+    RUN/labels.jsonl               one LatentLabel per line, written by the label stage
+
+Analyze writes evidence; the judge (serve/) reads the token strings and activations but never
+the `source` tags (those are corpus metadata kept for evaluation against planted truth); the
+report reads all three.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EXAMPLES_DIR = "examples"
+LABELS_FILE = "labels.jsonl"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Example(_Model):
+    """A token window around one activation of a latent."""
+
+    tokens: list[str] = Field(description="Token strings of the window, in order (decoded one by one).")
+    acts: list[float] = Field(description="The latent's activation at each token (0 where it does not fire).")
+    peak: int = Field(ge=0, description="Index in `tokens` of the token the window is centred on.")
+    doc_id: int | None = Field(None, description="Store doc_id of the document.")
+    pos: int | None = Field(None, description="Position of the peak token in its document.")
+    source: str | None = Field(None, description="Corpus source tag (evaluation only; never shown to a judge).")
+    quantile: int | None = Field(None, ge=0, description="Activation-quantile bin, for quantile samples.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Example:
+        if len(self.tokens) != len(self.acts):
+            raise ValueError(f"tokens ({len(self.tokens)}) and acts ({len(self.acts)}) must have one entry each")
+        if self.tokens and self.peak >= len(self.tokens):
+            raise ValueError(f"peak={self.peak} is outside the window of {len(self.tokens)} tokens")
+        return self
+
+    @property
+    def max_act(self) -> float:
+        return max(self.acts, default=0.0)
+
+
+class LatentEvidence(_Model):
+    """Everything a judge (or a person) needs to explain one latent."""
+
+    latent: int = Field(ge=0, description="Latent index in the crosscoder.")
+    group: str = Field(description="Selection group: '<model>-specific' or 'baseline'.")
+    stats: dict[str, float | None] = Field(
+        default_factory=dict, description="Per-latent numbers: freq, mean_act, max_act, delta_norm, nu_eps, nu_r."
+    )
+    top: list[Example] = Field(default_factory=list, description="Max-activating contexts, strongest first.")
+    quantiles: list[Example] = Field(
+        default_factory=list, description="Samples from activation quantiles (delphi style), `quantile` set."
+    )
+    negatives: list[Example] = Field(
+        default_factory=list, description="Random contexts where the latent does not fire (for detection scoring)."
+    )
+    source_mass: dict[str, float] = Field(
+        default_factory=dict, description="Share of the latent's activation mass per corpus source."
+    )
+
+
+class LatentLabel(_Model):
+    """A judge's verdict on one latent."""
+
+    latent: int = Field(ge=0)
+    explanation: str = Field(description="One or two sentences: what the latent responds to.")
+    category: str = Field(description="Primary category (a taxonomy member).")
+    secondary: str | None = Field(None, description="Optional second category.")
+    confidence: float = Field(ge=0.0, le=1.0, description="Judge's confidence in the primary category.")
+    detection_score: float | None = Field(
+        None, ge=0.0, le=1.0, description="Balanced accuracy of detection scoring, when asked."
+    )
+    judge_model: str = Field("", description="Model that produced the label.")
+    prompt_version: str = Field("", description="Version of the labelling prompts.")
+    cache_key: str = Field("", description="Hash of (evidence, prompt version, judge model, taxonomy).")
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL helpers (local paths; atomic: temp file + rename)
+
+
+def write_jsonl(path: str | Path, items: Iterable[BaseModel]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        for it in items:
+            f.write(it.model_dump_json() + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: str | Path, cls: type[BaseModel]) -> list:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [cls.model_validate(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def iter_evidence(run_dir: str | Path) -> Iterator[LatentEvidence]:
+    """All evidence of a run, in latent order."""
+    d = Path(run_dir) / EXAMPLES_DIR
+    for p in sorted(d.glob("*.jsonl")):
+        yield from read_jsonl(p, LatentEvidence)
+
+
+def read_labels(run_dir: str | Path) -> dict[int, LatentLabel]:
+    return {lab.latent: lab for lab in read_jsonl(Path(run_dir) / LABELS_FILE, LatentLabel)}
