@@ -1,0 +1,135 @@
+"""Runtime environments for jobs submitted to a Ray cluster.
+
+`working_dir` is the project (so a job runs the submitter's code), minus what never belongs in an
+upload: virtualenvs, run outputs, git history, caches, model weights. Environment variables that
+configure where data lives (S3 endpoint, region, offline flags, crossdiff settings) are passed
+through; credentials never are: they would be stored in the job's metadata on the cluster, visible to
+anyone who can list jobs. The cluster gets credentials from its own environment (Kubernetes Secrets,
+instance roles, or the shell that started `crossdiff cluster up`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Ray also honours the project's .gitignore and a .rayignore; these are excluded on top of them.
+WORKING_DIR_EXCLUDES: tuple[str, ...] = (
+    ".venv",
+    "venv",
+    ".git",
+    "runs",
+    "**/__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".cache",
+    "*.egg-info",
+    "build",
+    "dist",
+    "node_modules",
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.parquet",
+    "*.gguf",
+)
+
+# Exact names passed through when set in the submitter's environment.
+PASSTHROUGH_ENV: tuple[str, ...] = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_S3_ADDRESSING_STYLE",
+    "FSSPEC_S3_ENDPOINT_URL",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "RAY_AUTH_MODE",
+)
+# Prefixes passed through (minus anything that looks like a secret).
+PASSTHROUGH_PREFIXES: tuple[str, ...] = ("CROSSDIFF_",)
+
+_SECRET = re.compile(
+    r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|SESSION|API_?KEY|ACCESS_KEY|_KEY$|_KEY_ID$|AUTH)",
+    re.IGNORECASE,
+)
+
+
+class SecretInRuntimeEnvError(ValueError):
+    """Someone asked to ship a credential in a job's runtime_env."""
+
+
+def is_secret_name(name: str) -> bool:
+    """True for environment variable names that hold credentials (never shipped with a job)."""
+    return bool(_SECRET.search(name)) and name != "RAY_AUTH_MODE"
+
+
+def passthrough_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The submitter's non-secret settings that a job needs to find its data (S3 endpoint, region...)."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for name, value in environ.items():
+        if name in PASSTHROUGH_ENV or name.startswith(PASSTHROUGH_PREFIXES):
+            if not is_secret_name(name):
+                out[name] = value
+    return dict(sorted(out.items()))
+
+
+def build_runtime_env(
+    *,
+    working_dir: str | Path | None = PROJECT_ROOT,
+    env_vars: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    extra_excludes: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """A runtime_env for `JobSubmissionClient.submit_job`.
+
+    `env_vars` are explicit additions (e.g. `--env KEY=VALUE`); a secret-looking name there is refused
+    with an error that says where credentials belong instead.
+    """
+    env = passthrough_env(environ)
+    for name, value in (env_vars or {}).items():
+        if is_secret_name(name):
+            raise SecretInRuntimeEnvError(
+                f"refusing to put {name} in the job's runtime_env: it would be stored in the job's "
+                "metadata on the cluster. Give the cluster its credentials instead (a Kubernetes Secret, "
+                "an instance role, or the environment of the shell that runs `crossdiff cluster up`)."
+            )
+        env[name] = value
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    if working_dir is not None:
+        runtime_env["working_dir"] = str(working_dir)
+        runtime_env["excludes"] = [*WORKING_DIR_EXCLUDES, *extra_excludes]
+    return runtime_env
+
+
+def find_secrets(obj: Any, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Paths inside `obj` (nested dicts/lists/strings) that hold a secret: a secret-named env var key,
+    or the value of any secret-named variable of `environ` (default: os.environ). Used by tests and as a
+    last check before submitting."""
+    environ = os.environ if environ is None else environ
+    values = {v for k, v in environ.items() if is_secret_name(k) and len(v) >= 6}
+    hits: list[str] = []
+
+    def walk(x: Any, path: str) -> None:
+        if isinstance(x, Mapping):
+            for k, v in x.items():
+                if path.endswith("env_vars") and is_secret_name(str(k)):
+                    hits.append(f"{path}.{k}")
+                walk(v, f"{path}.{k}")
+        elif isinstance(x, list | tuple):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(x, str) and any(s in x for s in values):
+            hits.append(path)
+
+    walk(obj, "")
+    return hits

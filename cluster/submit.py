@@ -1,0 +1,337 @@
+"""Submitting crossdiff stages to a Ray cluster through the job API (`JobSubmissionClient`).
+
+Every submission has a deterministic id, `crossdiff-<stage>-<name>-<hash>`, from the stage and the
+run it writes (its `--out`/`--run`/`--store`, or the config's `out`/`store`, or `--name`). So:
+
+* resubmitting while that job is PENDING/RUNNING is refused (two jobs would write one run);
+* resubmitting after it FAILED or was STOPPED replaces the old record and the stage resumes
+  (stages skip finished work); after SUCCEEDED it is refused unless `replace=True`.
+
+The stage's config file is read on the submitting machine, validated there when its config class is
+known, and travels in the runtime_env (`CROSSDIFF_JOB_CONFIG`); the entrypoint writes it to a temp
+file on the cluster and runs the ordinary `crossdiff <stage> --config FILE ...` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.runtime_env import PROJECT_ROOT, SecretInRuntimeEnvError, build_runtime_env, find_secrets
+
+STAGES = ("harvest", "fit", "analyze", "label", "report", "pipeline")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+ACTIVE = ("PENDING", "RUNNING")
+CONFIG_ENV = "CROSSDIFF_JOB_CONFIG"
+# Config classes validated before submitting ("module:attr"); a stage missing here is checked on the cluster.
+CONFIG_CLASSES = {
+    "harvest": "diffing.harvest:HarvestConfig",
+    "fit": "diffing.config:FitConfig",
+    "analyze": "diffing.config:AnalysisConfig",
+}
+# Where a stage's run lives, in order of preference: CLI options, then config fields.
+_RUN_OPTIONS = ("--out", "--run", "--store")
+_RUN_FIELDS = ("out", "run", "run_dir", "store")
+
+
+class SubmitError(RuntimeError):
+    """A submission problem with a message meant for the user."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `submit` sends: kept as data so tests can inspect it without a cluster."""
+
+    submission_id: str
+    stage: str
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    metadata: dict[str, str]
+    entrypoint_num_cpus: float | None = None
+    entrypoint_num_gpus: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _slug(text: str, n: int = 24) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[-n:].strip("-") or "run"
+
+
+def run_key(stage: str, config: Mapping[str, Any] | None, args: Sequence[str], name: str | None) -> str:
+    """The run a stage writes: `--name`, else its output option, else the config's output field."""
+    if name:
+        return name
+    args = list(args)
+    for opt in _RUN_OPTIONS:
+        for i, a in enumerate(args):
+            if a == opt and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(opt + "="):
+                return a.split("=", 1)[1]
+    for f in _RUN_FIELDS:
+        if config and isinstance(config.get(f), str):
+            return config[f]
+    raise SubmitError(
+        f"cannot tell which run this {stage} job writes: pass --name NAME (or an --out/--run/--store "
+        "option, or a config with an `out`/`store` field) so the submission id is stable"
+    )
+
+
+def submission_id(stage: str, key: str) -> str:
+    """Deterministic id per run and stage: resubmitting the same run gives the same id."""
+    digest = hashlib.sha1(f"{stage}\0{key}".encode()).hexdigest()[:8]
+    return f"crossdiff-{stage}-{_slug(Path(key.rstrip('/')).name or key)}-{digest}"
+
+
+def _validate_config(stage: str, data: dict[str, Any], sets: Sequence[str]) -> None:
+    spec = CONFIG_CLASSES.get(stage)
+    if spec is None:
+        return
+    import importlib
+
+    from diffing.config import ConfigError, apply_overrides, format_validation_error
+
+    mod, attr = spec.split(":")
+    cls = getattr(importlib.import_module(mod), attr)
+    try:
+        cls.model_validate(apply_overrides(dict(data), list(sets)))
+    except Exception as e:  # pydantic ValidationError or ValueError from overrides
+        raise ConfigError(f"{stage} config: {format_validation_error(e)}") from None
+
+
+def _sets(args: Sequence[str]) -> list[str]:
+    out, args = [], list(args)
+    for i, a in enumerate(args):
+        if a == "--set" and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif a.startswith("--set="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
+def build_submission(
+    stage: str,
+    config: str | Path | None = None,
+    args: Sequence[str] = (),
+    *,
+    name: str | None = None,
+    env: Mapping[str, str] | None = None,
+    working_dir: str | Path | None = PROJECT_ROOT,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Submission:
+    """Everything a submission sends, built and checked locally (no cluster needed)."""
+    if stage not in STAGES:
+        raise SubmitError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    data: dict[str, Any] | None = None
+    env_vars = dict(env or {})
+    cmd = ["crossdiff", stage]
+    if config is not None:
+        p = Path(config)
+        if not p.exists():
+            raise SubmitError(f"config file {p} does not exist")
+        text = p.read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise SubmitError(f"config file {p} must hold a mapping at top level")
+        _validate_config(stage, data, _sets(args))
+        env_vars[CONFIG_ENV] = text
+        cmd += ["--config", '"$cfg"']
+    key = run_key(stage, data, args, name)
+    sid = submission_id(stage, key)
+    cmd += [shlex.quote(a) for a in args]
+    entry = " ".join(cmd)
+    if config is not None:
+        suffix = Path(config).suffix or ".yaml"
+        entry = f'cfg="$(mktemp -d)/{stage}{suffix}" && printf "%s" "${CONFIG_ENV}" > "$cfg" && exec {entry}'
+    try:
+        runtime_env = build_runtime_env(working_dir=working_dir, env_vars=env_vars, environ=environ)
+    except SecretInRuntimeEnvError as e:
+        raise SubmitError(str(e)) from None
+    metadata = {
+        "crossdiff_stage": stage,
+        "crossdiff_run": key,
+        "crossdiff_config": Path(config).name if config else "",
+        "crossdiff_config_sha256": hashlib.sha256(env_vars.get(CONFIG_ENV, "").encode()).hexdigest()[:16],
+    }
+    sub = Submission(sid, stage, entry, runtime_env, metadata, num_cpus, num_gpus)
+    leaked = find_secrets(
+        {"entrypoint": sub.entrypoint, "runtime_env": sub.runtime_env, "metadata": sub.metadata}, environ
+    )
+    if leaked:
+        raise SubmitError(f"refusing to submit: a credential would be stored with the job at {leaked}")
+    return sub
+
+
+def client(address: str | None = None):
+    """A JobSubmissionClient for `address` (http://HOST:8265), RAY_API_SERVER_ADDRESS / RAY_ADDRESS, or
+    the local cluster that `crossdiff cluster up` started."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from ray.job_submission import JobSubmissionClient
+
+    address = resolve_address(address)
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError) as e:
+        raise SubmitError(f"cannot reach the Ray job API at {address}: {e}") from None
+
+
+def resolve_address(address: str | None) -> str:
+    if address:
+        return address
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        if os.environ.get(var, "").startswith("http"):
+            return os.environ[var]
+    from cluster.local import load_state
+
+    state = load_state()
+    if state is not None:
+        return state["dashboard"]
+    raise SubmitError(
+        "no cluster address: pass --address http://HOST:8265, set RAY_ADDRESS, or start a local "
+        "cluster with `crossdiff cluster up`"
+    )
+
+
+def submit(sub: Submission, address: str | None = None, *, replace: bool = False, jc=None) -> str:
+    """Submit; refuse a duplicate of a running job. Returns the submission id."""
+    jc = jc or client(address)
+    try:
+        info = jc.get_job_info(sub.submission_id)
+    except RuntimeError:
+        info = None  # no such job
+    if info is not None:
+        status = str(getattr(info.status, "value", info.status))
+        if status in ACTIVE:
+            raise SubmitError(
+                f"job {sub.submission_id} ({sub.stage} of {sub.metadata['crossdiff_run']}) is already "
+                f"{status}; follow it with `crossdiff jobs logs {sub.submission_id} --follow` or stop "
+                f"it with `crossdiff jobs stop {sub.submission_id}` before resubmitting"
+            )
+        if status == "SUCCEEDED" and not replace:
+            raise SubmitError(
+                f"job {sub.submission_id} already SUCCEEDED; pass --replace to run it again "
+                "(add --overwrite to the stage's arguments to redo finished work)"
+            )
+        jc.delete_job(sub.submission_id)  # FAILED / STOPPED (or --replace): resubmit, the stage resumes
+    return jc.submit_job(
+        entrypoint=sub.entrypoint,
+        submission_id=sub.submission_id,
+        runtime_env=sub.runtime_env,
+        metadata=sub.metadata,
+        entrypoint_num_cpus=sub.entrypoint_num_cpus,
+        entrypoint_num_gpus=sub.entrypoint_num_gpus,
+    )
+
+
+def status(job_id: str, address: str | None = None, jc=None) -> dict[str, Any]:
+    jc = jc or client(address)
+    try:
+        info = jc.get_job_info(job_id)
+    except RuntimeError as e:
+        raise SubmitError(f"no job {job_id!r} on this cluster ({e})") from None
+    return {
+        "submission_id": info.submission_id,
+        "status": str(getattr(info.status, "value", info.status)),
+        "message": info.message,
+        "error_type": info.error_type,
+        "entrypoint": info.entrypoint,
+        "metadata": info.metadata,
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+    }
+
+
+def wait(
+    job_id: str,
+    address: str | None = None,
+    *,
+    timeout_s: float = 3600,
+    follow: Callable[[str], None] | None = None,
+    jc=None,
+) -> dict[str, Any]:
+    """Wait for a terminal status, streaming logs to `follow` when given. Returns `status(...)`."""
+    jc = jc or client(address)
+    deadline = time.monotonic() + timeout_s
+    if follow is not None:
+
+        async def tail():
+            async for chunk in jc.tail_job_logs(job_id):
+                follow(chunk)
+
+        try:
+            asyncio.run(asyncio.wait_for(tail(), timeout=timeout_s))
+        except Exception:  # a timeout or a dropped stream: the status poll below decides
+            pass
+    while True:
+        st = status(job_id, jc=jc)
+        if st["status"] in TERMINAL:
+            return st
+        if time.monotonic() > deadline:
+            raise SubmitError(f"job {job_id} still {st['status']} after {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
+def failure_report(job_id: str, address: str | None = None, *, tail_lines: int = 30, jc=None) -> str:
+    """The job's status message plus the last log lines (where the stage's `error: ...` lands)."""
+    jc = jc or client(address)
+    st = status(job_id, jc=jc)
+    lines = jc.get_job_logs(job_id).rstrip().splitlines()[-tail_lines:]
+    return f"job {job_id} {st['status']}: {st['message']}\n--- last log lines ---\n" + "\n".join(lines)
+
+
+def list_jobs(address: str | None = None, *, all_jobs: bool = False, jc=None) -> list[dict[str, Any]]:
+    jc = jc or client(address)
+    rows = []
+    for j in jc.list_jobs():
+        meta = j.metadata or {}
+        if not all_jobs and "crossdiff_stage" not in meta:
+            continue
+        rows.append(
+            {
+                "submission_id": j.submission_id,
+                "status": str(getattr(j.status, "value", j.status)),
+                "stage": meta.get("crossdiff_stage", ""),
+                "run": meta.get("crossdiff_run", ""),
+                "start_time": j.start_time,
+            }
+        )
+    return sorted(rows, key=lambda r: r["start_time"] or 0)
+
+
+def stop(job_id: str, address: str | None = None, jc=None) -> bool:
+    jc = jc or client(address)
+    try:
+        return jc.stop_job(job_id)
+    except RuntimeError as e:
+        raise SubmitError(f"cannot stop {job_id!r}: {e}") from None
+
+
+def logs(job_id: str, address: str | None = None, jc=None) -> str:
+    jc = jc or client(address)
+    try:
+        return jc.get_job_logs(job_id)
+    except RuntimeError as e:
+        raise SubmitError(f"no logs for {job_id!r}: {e}") from None
+
+
+def print_chunk(chunk: str) -> None:
+    sys.stdout.write(chunk)
+    sys.stdout.flush()
+
+
+def as_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)
