@@ -1,0 +1,111 @@
+"""Planted-truth validation: does the pipeline find what the embedded fine-tune planted?
+
+Given the planted capabilities (corpus source, capability category, gain or loss), a run's
+selected latents (`group` in latents.parquet), their evidence (`source_mass`: share of each
+latent's activation mass per corpus source) and, when labelled, the judge's categories:
+
+- **mass rate**: share of the fine-tune-specific latents that carry most (> `majority`) of their
+  activation mass on prompts of planted sources; the same rate for the random shared baseline;
+  and their ratio (the enrichment).
+- **judge agreement**: of the model-specific latents whose dominant source is a planted one, the
+  share whose primary category is that capability's category.
+- **direction**: the category-shift statistic between the fine-tune's and the base's specific
+  latents must be positive for planted gains and negative for planted losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffing.evidence import iter_evidence, read_labels
+from diffing.stats import category_shift
+
+
+def _rate(masses: Sequence[Mapping[str, float]], planted: set[str], majority: float) -> float:
+    if not masses:
+        return math.nan
+    return float(np.mean([sum(v for k, v in m.items() if k in planted) > majority for m in masses]))
+
+
+def planted_truth(
+    run_dir: str | Path,
+    planted: Sequence[Mapping[str, str]],
+    pair: tuple[str, str],
+    *,
+    majority: float = 0.5,
+) -> dict[str, Any]:
+    """Validation numbers for a run whose B model (pair[1]) is the fine-tune of A (pair[0])."""
+    a, b = pair
+    sources = {p["source"]: p for p in planted}
+    evidence = {e.latent: e for e in iter_evidence(run_dir)}
+    labels = read_labels(run_dir)
+    by_group: dict[str, list] = {}
+    for e in evidence.values():
+        by_group.setdefault(e.group, []).append(e)
+    ft = by_group.get(f"{b}-specific", [])
+    base = by_group.get(f"{a}-specific", [])
+    baseline = by_group.get("baseline", [])
+    planted_set = set(sources)
+    rate_ft = _rate([e.source_mass for e in ft], planted_set, majority)
+    rate_base = _rate([e.source_mass for e in base], planted_set, majority)
+    rate_baseline = _rate([e.source_mass for e in baseline], planted_set, majority)
+    enrichment = rate_ft / rate_baseline if rate_baseline and rate_baseline > 0 else math.inf
+
+    # judge agreement on latents whose dominant source is planted
+    matched = judged = 0
+    per_latent = []
+    for e in ft + base:
+        if not e.source_mass:
+            continue
+        dom = max(e.source_mass, key=e.source_mass.get)
+        row = {"latent": e.latent, "group": e.group, "dominant_source": dom, "mass": e.source_mass[dom]}
+        if dom in sources and e.latent in labels:
+            judged += 1
+            row["category"] = labels[e.latent].category
+            row["expected"] = sources[dom]["category"]
+            row["match"] = labels[e.latent].category == sources[dom]["category"]
+            matched += int(row["match"])
+        per_latent.append(row)
+
+    direction: dict[str, Any] = {}
+    lab_ft = [labels[e.latent].category for e in ft if e.latent in labels]
+    lab_base = [labels[e.latent].category for e in base if e.latent in labels]
+    if lab_ft and lab_base:
+        shifts = {s.category: s for s in category_shift(_counts(lab_ft), _counts(lab_base))}
+        for p in planted:
+            s = shifts.get(p["category"])
+            want = 1 if p["direction"] == "gain" else -1
+            got = None if s is None or math.isnan(s.delta) else s.delta
+            if s is not None and s.n_i == 0 and s.n_s > 0:
+                got = math.inf  # present only in the fine-tune's latents
+            direction[p["name"]] = {
+                "category": p["category"],
+                "expected": p["direction"],
+                "delta": got,
+                "ok": got is not None and got * want > 0,
+            }
+    return {
+        "n_ft_specific": len(ft),
+        "n_base_specific": len(base),
+        "n_baseline": len(baseline),
+        "mass_rate_ft_specific": rate_ft,
+        "mass_rate_base_specific": rate_base,
+        "mass_rate_baseline": rate_baseline,
+        "enrichment": enrichment,
+        "judge_agreement": matched / judged if judged else math.nan,
+        "judged": judged,
+        "direction": direction,
+        "latents": per_latent,
+    }
+
+
+def _counts(cats: Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in cats:
+        out[c] = out.get(c, 0) + 1
+    return out

@@ -1,0 +1,67 @@
+"""Planted-truth validation numbers against hand-counted ground truth."""
+
+import math
+
+from diffing.evidence import LABELS_FILE, LatentEvidence, LatentLabel, write_jsonl
+from diffing.validation import planted_truth
+
+PLANTED = [
+    {"name": "refusal", "source": "refusal", "category": "safety", "direction": "gain"},
+    {"name": "french", "source": "french", "category": "multilingual", "direction": "gain"},
+    {"name": "selfref", "source": "self_reference", "category": "self-reference", "direction": "loss"},
+]
+
+
+def _ev(latent, group, mass):
+    return LatentEvidence(latent=latent, group=group, source_mass=mass)
+
+
+def _lab(latent, cat):
+    return LatentLabel(latent=latent, explanation="x", category=cat, confidence=0.9)
+
+
+def test_planted_truth_counts(tmp_path):
+    ev = [
+        # ft-specific: 3 of 4 mostly planted
+        _ev(0, "ft-specific", {"refusal": 0.9, "general_text": 0.1}),
+        _ev(1, "ft-specific", {"french": 0.6, "general_chat": 0.4}),
+        _ev(2, "ft-specific", {"refusal": 0.3, "french": 0.3, "general_text": 0.4}),  # 0.6 planted
+        _ev(3, "ft-specific", {"general_text": 1.0}),
+        # base-specific: self-reference
+        _ev(4, "base-specific", {"self_reference": 0.8, "general_chat": 0.2}),
+        _ev(5, "base-specific", {"self_reference": 0.7, "general_chat": 0.3}),
+        # baseline: 1 of 4 mostly planted
+        _ev(6, "baseline", {"general_text": 0.9, "refusal": 0.1}),
+        _ev(7, "baseline", {"general_chat": 1.0}),
+        _ev(8, "baseline", {"french": 0.7, "general_chat": 0.3}),
+        _ev(9, "baseline", {"general_text": 1.0}),
+    ]
+    write_jsonl(tmp_path / "examples" / "0-10.jsonl", ev)
+    labels = [
+        _lab(0, "safety"),
+        _lab(1, "multilingual"),
+        _lab(2, "other"),
+        _lab(3, "other"),
+        _lab(4, "self-reference"),
+        _lab(5, "other"),
+    ]
+    write_jsonl(tmp_path / LABELS_FILE, labels)
+    r = planted_truth(tmp_path, PLANTED, ("base", "ft"))
+    assert (r["n_ft_specific"], r["n_base_specific"], r["n_baseline"]) == (4, 2, 4)
+    assert r["mass_rate_ft_specific"] == 0.75
+    assert r["mass_rate_baseline"] == 0.25
+    assert math.isclose(r["enrichment"], 3.0)
+    # dominant planted source: latents 0 (refusal), 1 (french), 4, 5 (self_reference); latent 2's
+    # dominant source is general_text. Matches: 0, 1, 4 -> 3/4
+    assert r["judged"] == 4 and r["judge_agreement"] == 0.75
+    # ft: safety 1/4, multilingual 1/4, other 2/4; base: self-reference 1/2, other 1/2
+    assert r["direction"]["refusal"]["ok"] and r["direction"]["refusal"]["delta"] == math.inf
+    assert r["direction"]["french"]["ok"]
+    assert r["direction"]["selfref"]["ok"] and r["direction"]["selfref"]["delta"] < 0
+
+
+def test_planted_truth_without_labels(tmp_path):
+    write_jsonl(tmp_path / "examples" / "0-1.jsonl", [_ev(0, "ft-specific", {"refusal": 1.0})])
+    r = planted_truth(tmp_path, PLANTED, ("base", "ft"))
+    assert r["mass_rate_ft_specific"] == 1.0 and math.isnan(r["mass_rate_baseline"])
+    assert r["judged"] == 0 and math.isnan(r["judge_agreement"]) and r["direction"] == {}
