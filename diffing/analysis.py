@@ -178,6 +178,7 @@ def latent_table(
         tail[order[:n_tail]] = "low"
         tail[order[-n_tail:]] = "high"
 
+    group = select_latents(dn, cls, robust, tail, nu_eps, nu_r, live, cfg, (a_name, b_name))
     cols = {
         "latent": pa.array(idx.astype(np.int64)),
         "delta_norm": pa.array(dn),
@@ -191,6 +192,7 @@ def latent_table(
         "robust": pa.array(robust),
         "tail": pa.array(tail.astype(str)),
         "scaling_target": pa.array([names[t] for t in target]),
+        "group": pa.array(group.astype(str)),
     }
     for m, nm in enumerate(names):
         cols[f"norm/{nm}"] = pa.array(norms[m].astype(np.float64))
@@ -198,6 +200,61 @@ def latent_table(
         cols[f"beta_r/{nm}"] = pa.array(stats.beta_r[m])
     meta = {"pair": f"{a_name},{b_name}", "n_tokens": str(stats.n_tokens), "config": cfg.model_dump_json()}
     return pa.table(cols).replace_schema_metadata(meta)
+
+
+def robustness(nu_eps: np.ndarray, nu_r: np.ndarray) -> np.ndarray:
+    """Ranking score for model-specific candidates: max(ν^ε, ν^r), smaller = more specific; NaN -> inf."""
+    with np.errstate(invalid="ignore"):
+        score = np.fmax(np.asarray(nu_eps, np.float64), np.asarray(nu_r, np.float64))
+    return np.where(np.isnan(score), np.inf, score)
+
+
+def select_latents(
+    delta_norm: np.ndarray,
+    classes: np.ndarray,
+    robust: np.ndarray,
+    tail: np.ndarray,
+    nu_eps: np.ndarray,
+    nu_r: np.ndarray,
+    live: np.ndarray,
+    cfg: AnalysisConfig,
+    pair: tuple[str, str],
+) -> np.ndarray:
+    """The `group` of every latent: "<A>-specific", "<B>-specific", "baseline" or "".
+
+    Candidates for A (the pair's first model) are the robust "A-only" latents (selection "class"),
+    the high Δnorm tail (selection "tail"), or both; B likewise with "B-only" and the low tail.
+    Candidates are re-ranked by Latent Scaling (smallest max(ν^ε, ν^r) first) and cut to
+    `max_per_group`. The baseline is a seeded random sample of live latents with mid Δnorm
+    (in [shared_low, 1 - shared_low]) outside both groups, as large as the larger group.
+    """
+    a, b = pair
+    L = len(delta_norm)
+    classes = np.asarray(classes, dtype=object)
+    tail = np.asarray(tail, dtype=object)
+    live = np.asarray(live, bool)
+    score = robustness(nu_eps, nu_r)
+    group = np.full(L, "", dtype=object)
+    sizes = []
+    for name, side in ((a, "high"), (b, "low")):
+        by_class = live & np.asarray(robust, bool) & (classes == f"{name}-only")
+        by_tail = live & (tail == side)
+        cand = {"class": by_class, "tail": by_tail, "both": by_class | by_tail}[cfg.selection]
+        cand = cand & (group == "")
+        idx = np.flatnonzero(cand)
+        idx = idx[np.lexsort((idx, score[idx]))]  # most robust first, ties by index
+        if cfg.max_per_group is not None:
+            idx = idx[: cfg.max_per_group]
+        group[idx] = f"{name}-specific"
+        sizes.append(len(idx))
+    lo = cfg.shared_low
+    dn = np.asarray(delta_norm, np.float64)
+    pool = np.flatnonzero(live & (group == "") & (dn >= lo) & (dn <= 1 - lo))
+    n_base = min(max(sizes, default=0), len(pool))
+    if n_base:
+        rng = np.random.default_rng(cfg.baseline_seed)
+        group[np.sort(rng.choice(pool, size=n_base, replace=False))] = "baseline"
+    return group
 
 
 def analyze_run(

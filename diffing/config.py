@@ -179,6 +179,69 @@ class AnalysisConfig(Frozen):
         0.02, ge=0.0, le=0.5, description="Also score the lowest/highest tail_frac of live latents by Δnorm."
     )
     batch_size: int = Field(4096, ge=1, description="Tokens per encoding batch.")
+    # -- selection of model-specific latents (the `group` column) ---------------------------
+    selection: Literal["class", "tail", "both"] = Field(
+        "both",
+        description="Model-specific latents: 'class' = robust <model>-only by absolute Δnorm, 'tail' = "
+        "rank-based Δnorm tails (tail_frac), 'both' = their union (never empty on small fine-tunes).",
+    )
+    max_per_group: int | None = Field(
+        None,
+        ge=1,
+        description="Keep at most this many latents per model-specific group, most robust "
+        "(smallest max(ν^ε, ν^r)) first. None keeps all.",
+    )
+    baseline_seed: int = Field(
+        0, description="Seed of the random shared baseline (same size as the largest group)."
+    )
+    # -- latent evidence (RUN/examples/) ----------------------------------------------------
+    evidence: bool = Field(
+        True, description="Collect max-activating / quantile / negative contexts per selected latent."
+    )
+    heldout: Literal["hash", "last_shards", "all"] = Field(
+        "hash",
+        description="Rows used for evidence: 'hash' = docs whose doc_id hashes below heldout_frac, "
+        "'last_shards' = the last heldout_frac of shards, 'all' = the whole store.",
+    )
+    heldout_frac: float = Field(
+        0.2, gt=0.0, le=1.0, description="Share of docs / shards held out for evidence."
+    )
+    evidence_max_tokens: int = Field(
+        1_000_000,
+        ge=1,
+        description="Stop adding held-out shards once about this many held-out rows are covered.",
+    )
+    n_top: int = Field(20, ge=1, description="Max-activating contexts per latent (one per document).")
+    window: int = Field(16, ge=0, description="Tokens kept either side of the peak in every context.")
+    n_quantiles: int = Field(
+        5, ge=1, description="Activation-quantile bins for quantile samples (delphi style)."
+    )
+    per_quantile: int = Field(4, ge=0, description="Contexts sampled from every quantile bin.")
+    reservoir: int = Field(
+        512,
+        ge=1,
+        description="Activating documents kept per latent (uniform sample) to estimate quantile bins.",
+    )
+    n_negatives: int = Field(10, ge=0, description="Random contexts where the latent does not fire.")
+    evidence_seed: int = Field(0, description="Seed of the held-out hash and all evidence sampling.")
+    latents_per_file: int = Field(
+        1024, ge=1, description="Latent-index range per RUN/examples/<a>-<b>.jsonl file (the unit of resume)."
+    )
+    latents_per_pass: int = Field(
+        512, ge=1, description="Selected latents encoded per pass over the held-out store (bounds memory)."
+    )
+    evidence_workers: int = Field(
+        0,
+        ge=0,
+        description="Ray Data tasks' concurrency for the evidence pass; 0 runs in-process without Ray.",
+    )
+    # -- splice evaluation (RUN/splice.json) ------------------------------------------------
+    splice: bool = Field(False, description="Also run the splice evaluation (needs the harvest models).")
+    splice_prompts: int = Field(32, ge=1, description="Held-out documents used as splice prompts.")
+    splice_max_len: int = Field(256, ge=2, description="Tokens per splice prompt (longer ones are cut).")
+    splice_skip_first: int = Field(
+        1, ge=0, description="Leave the first tokens of each prompt unspliced (BOS / attention sinks)."
+    )
 
 
 class DistributedConfig(Frozen):

@@ -1,0 +1,218 @@
+"""Collect latent evidence for a run: RUN/examples/<a>-<b>.jsonl, resumable per latent range.
+
+`collect_evidence` reads the `group` column of RUN/latents.parquet, splits the selected latents
+into latent-index ranges of `latents_per_file` (one JSONL file each, zero-padded names so the
+files sort in latent order), skips ranges whose file exists, and runs the two passes of
+`diffing.examples` over the held-out shards for up to `latents_per_pass` latents at a time.
+The per-shard work goes through `map_fn(fn, items) -> list` (in-process `map` by default; the Ray
+Data job in jobs/analyze.py passes a distributed one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import reduce
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from diffing.config import AnalysisConfig
+from diffing.crosscoder import Crosscoder
+from diffing.evidence import EXAMPLES_DIR, Example, LatentEvidence, write_jsonl
+from diffing.examples import (
+    Accumulator,
+    Request,
+    SubsetEncoder,
+    heldout_shards,
+    merge_windows,
+    plan_requests,
+    route,
+    scan_shard,
+    token_decoder,
+    window_shard,
+)
+from diffing.logs import get_logger
+
+MapFn = Callable[[Callable, Sequence], list]
+_STATS_FROM_TABLE = ("delta_norm", "cosine", "nu_eps", "nu_r")
+
+
+def range_file(a: int, b: int) -> str:
+    return f"{a:07d}-{b:07d}.jsonl"
+
+
+class ScanTask:
+    """Picklable per-shard pass-1 task (loads the crosscoder once per process)."""
+
+    def __init__(self, store_uri: str, model_dir: str, latents: np.ndarray, cfg: AnalysisConfig):
+        self.store_uri, self.model_dir, self.latents, self.cfg = store_uri, model_dir, latents, cfg
+        self._enc = self._store = None
+
+    def _setup(self):
+        if self._enc is None:
+            from diffing.store import open_store
+
+            self._store = open_store(self.store_uri)
+            self._enc = SubsetEncoder(Crosscoder.load(self.model_dir), self.latents)
+        return self._store, self._enc
+
+    def __getstate__(self):
+        return {**self.__dict__, "_enc": None, "_store": None}
+
+    def __call__(self, shard: int) -> Accumulator:
+        store, enc = self._setup()
+        return scan_shard(store, int(shard), enc, self.cfg)
+
+
+class WindowTask(ScanTask):
+    """Picklable per-shard pass-2 task: item = (shard, [(request id, Request), ...])."""
+
+    def __call__(self, item) -> dict[int, dict]:
+        store, enc = self._setup()
+        shard, reqs = item
+        return window_shard(store, int(shard), enc, reqs, self.cfg)
+
+
+def _example(frag: dict, r: Request, decode, quantile: int | None = None) -> Example | None:
+    pos = frag["pos"]
+    hit = np.flatnonzero(pos == r.pos)
+    if not len(hit):
+        return None
+    return Example(
+        tokens=decode(frag["token_id"].tolist()),
+        acts=[round(float(a), 6) for a in frag["act"]],
+        peak=int(hit[0]),
+        doc_id=r.doc,
+        pos=r.pos,
+        source=frag.get("source"),
+        quantile=quantile,
+    )
+
+
+def build_evidence(
+    acc: Accumulator,
+    requests: Sequence[Request],
+    windows: dict[int, dict],
+    table_rows: dict[int, dict],
+    decode: Callable[[Sequence[int]], list[str]],
+) -> list[LatentEvidence]:
+    """LatentEvidence per latent of the pass (latent order)."""
+    cfg = acc.cfg
+    per: dict[int, dict[str, list]] = {
+        k: {"top": [], "quantile": [], "neg": []} for k in range(len(acc.latents))
+    }
+    for rid, r in enumerate(requests):
+        frag = windows.get(rid)
+        if frag is None:
+            continue
+        if r.kind == "neg" and np.any(frag["act"] > 0):  # doc continued (and fired) in another shard
+            continue
+        ex = _example(frag, r, decode, r.quantile)
+        if ex is not None:
+            per[r.k][r.kind].append(ex)
+    total_mass = sum(acc.mass.values()) if acc.mass else None
+    out = []
+    for k, lat in enumerate(acc.latents.tolist()):
+        row = table_rows[lat]
+        nf = int(acc.n_fire[k])
+        stats = {
+            "freq": nf / max(acc.n_rows, 1),
+            "mean_act": float(acc.s_act[k] / nf) if nf else 0.0,
+            "max_act": float(acc.max_act[k]),
+            "heldout_tokens": float(acc.n_rows),
+        }
+        for name in _STATS_FROM_TABLE:
+            v = row.get(name)
+            stats[name] = None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+        mass = {}
+        if total_mass is not None and total_mass[k] > 0:
+            mass = {s: float(m[k] / total_mass[k]) for s, m in sorted(acc.mass.items()) if m[k] > 0}
+        out.append(
+            LatentEvidence(
+                latent=lat,
+                group=row["group"],
+                stats=stats,
+                top=sorted(per[k]["top"], key=lambda e: -e.max_act)[: cfg.n_top],
+                quantiles=sorted(per[k]["quantile"], key=lambda e: e.quantile)[
+                    : cfg.n_quantiles * cfg.per_quantile
+                ],
+                negatives=per[k]["neg"][: cfg.n_negatives],
+                source_mass=mass,
+            )
+        )
+    return out
+
+
+def evidence_for_latents(
+    store,
+    model_dir: str | Path,
+    latents: Sequence[int],
+    cfg: AnalysisConfig,
+    table_rows: dict[int, dict],
+    *,
+    map_fn: MapFn | None = None,
+    decode: Callable | None = None,
+) -> list[LatentEvidence]:
+    """Both passes for one set of latents; returns their evidence in latent order."""
+    map_fn = map_fn or (lambda fn, items: [fn(i) for i in items])
+    lat = np.asarray(sorted(latents), np.int64)
+    shards = heldout_shards(store, cfg)
+    scan = ScanTask(store.uri, str(model_dir), lat, cfg)
+    acc = reduce(lambda a, b: a.merge(b), map_fn(scan, shards))
+    requests = plan_requests(acc)
+    routes = route(requests, len(store.manifest.shards))
+    items = [(s, [(i, requests[i]) for i in ids]) for s, ids in sorted(routes.items())]
+    windows = merge_windows(map_fn(WindowTask(store.uri, str(model_dir), lat, cfg), items))
+    return build_evidence(acc, requests, windows, table_rows, decode or token_decoder(store))
+
+
+def collect_evidence(
+    run_dir: str | Path,
+    store,
+    cfg: AnalysisConfig,
+    *,
+    map_fn: MapFn | None = None,
+    overwrite: bool = False,
+    decode: Callable | None = None,
+) -> list[Path]:
+    """Write RUN/examples/<a>-<b>.jsonl for every latent range holding selected latents.
+
+    Ranges whose file exists are skipped (resume); `overwrite` redoes them all. Returns the files.
+    """
+    run = Path(run_dir)
+    log = get_logger("evidence", run=str(run))
+    path = run / "latents.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; run `crossdiff analyze --run {run}` first")
+    table = pq.read_table(path)
+    if "group" not in table.column_names:
+        raise ValueError(
+            f"{path} has no `group` column (written by an older crossdiff); rerun with --overwrite"
+        )
+    rows = {int(r["latent"]): r for r in table.to_pylist() if r["group"]}
+    out_dir = run / EXAMPLES_DIR
+    if overwrite and out_dir.exists():
+        for p in out_dir.glob("*.jsonl"):
+            p.unlink()
+    F = cfg.latents_per_file
+    ranges: dict[tuple[int, int], list[int]] = {}
+    for lat in sorted(rows):
+        a = lat // F * F
+        ranges.setdefault((a, a + F), []).append(lat)
+    files = [out_dir / range_file(a, b) for a, b in ranges]
+    todo = [(ab, lats) for ab, lats in ranges.items() if not (out_dir / range_file(*ab)).exists()]
+    log.info("evidence.plan", selected=len(rows), ranges=len(ranges), todo=len(todo))
+    decode = decode or token_decoder(store)
+    while todo:
+        batch, n = [], 0
+        while todo and (not batch or n + len(todo[0][1]) <= cfg.latents_per_pass):
+            batch.append(todo.pop(0))
+            n += len(batch[-1][1])
+        lats = [x for _, ls in batch for x in ls]
+        ev = evidence_for_latents(store, run / "crosscoder", lats, cfg, rows, map_fn=map_fn, decode=decode)
+        by_lat = {e.latent: e for e in ev}
+        for (a, b), ls in batch:
+            write_jsonl(out_dir / range_file(a, b), [by_lat[x] for x in ls])
+            log.info("evidence.range", range=f"{a}-{b}", latents=len(ls))
+    return files

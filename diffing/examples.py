@@ -1,0 +1,418 @@
+"""Latent evidence (delphi style): contexts per selected latent, from a held-out part of the store.
+
+Two streaming passes over held-out shards, both per shard (so a Ray Data job can map them):
+
+1. `scan_shard` encodes the rows with the crosscoder's inference threshold (batch-independent)
+   for the selected latents only, and keeps, per latent: firing count, activation sum and max,
+   activation mass per corpus `source`, and three bounded candidate lists of documents:
+   the strongest (one entry per document: its peak token), a uniform random sample of activating
+   documents (bottom-k of a seeded hash, so the sample does not depend on shard order or
+   on how shards are split over workers), and a uniform sample of documents where it never fires.
+   Partial results merge associatively (`Accumulator.merge`).
+2. `window_shard` re-reads only the shards holding a chosen document and rebuilds each context
+   (±`window` tokens around the peak, by doc_id/pos) with the latent's activation per token.
+
+Quantile samples: the random sample of activating documents is cut into `n_quantiles` equal-count
+bins of their peak activation (bin 0 = weakest); `per_quantile` random documents come from each.
+With a reservoir at least as large as the number of activating documents the bins are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from diffing.config import AnalysisConfig
+from diffing.crosscoder import Crosscoder
+
+_M1, _M2, _G = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (vectorised, wrapping uint64 arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + _G
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def uniform_hash(*parts: int | np.ndarray) -> np.ndarray:
+    """Deterministic uniform numbers in [0, 1) from integer parts (broadcast)."""
+    h = np.uint64(0)
+    for p in parts:
+        h = _mix(np.asarray(h, np.uint64) ^ np.asarray(p).astype(np.int64).astype(np.uint64))
+    return (np.asarray(h, np.uint64) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def heldout_mask(doc_ids: np.ndarray, cfg: AnalysisConfig) -> np.ndarray:
+    """Rows of held-out documents ('hash' mode); every row otherwise (shards are chosen instead)."""
+    if cfg.heldout != "hash":
+        return np.ones(len(doc_ids), bool)
+    return uniform_hash(cfg.evidence_seed, 7, np.asarray(doc_ids, np.int64)) < cfg.heldout_frac
+
+
+def heldout_shards(store, cfg: AnalysisConfig) -> list[int]:
+    """Shard indices read for evidence, in order, until about `evidence_max_tokens` held-out rows."""
+    shards = store.manifest.shards
+    n = len(shards)
+    start = n - max(1, math.ceil(cfg.heldout_frac * n)) if cfg.heldout == "last_shards" else 0
+    frac = cfg.heldout_frac if cfg.heldout == "hash" else 1.0
+    out, rows = [], 0.0
+    for i in range(start, n):
+        out.append(i)
+        rows += shards[i].n_rows * frac
+        if rows >= cfg.evidence_max_tokens:
+            break
+    return out
+
+
+class SubsetEncoder:
+    """Threshold encoding of a subset of latents: f[:, latents] without computing the others.
+
+    Matches `Crosscoder.encode(x)[:, latents]` whenever that is batch-independent (L1, or BatchTopK
+    with its inference threshold set); an untrained threshold falls back to the full batch encode.
+    """
+
+    def __init__(self, model: Crosscoder, latents: Sequence[int]):
+        self.model = model
+        self.latents = torch.as_tensor(np.asarray(latents, np.int64))
+        M, D, L = model.W_enc.shape
+        with torch.no_grad():
+            self.W = model.W_enc.detach().reshape(M * D, L)[:, self.latents].float().contiguous()
+            self.b = model.b_enc.detach()[self.latents].float()
+            self.norm_sum = model.decoder_norms().detach().sum(0)[self.latents].float()
+        self.threshold = float(model.threshold)
+        self.kind = model.cfg.kind
+
+    @torch.no_grad()
+    def __call__(self, x_raw: torch.Tensor | np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(x_raw)) if isinstance(x_raw, np.ndarray) else x_raw
+        x = self.model.normalise(x)
+        if self.kind == "batchtopk" and self.threshold < 0:
+            return self.model.encode(x)[:, self.latents].numpy()
+        act = torch.relu(x.reshape(x.shape[0], -1) @ self.W + self.b)
+        if self.kind == "batchtopk":
+            act = act * (act * self.norm_sum > self.threshold)
+        return act.numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 1: per-shard accumulation
+
+_FIELDS = {
+    "top": ("val", "doc", "pos", "shard", "edge"),
+    "res": ("key", "val", "doc", "pos", "shard", "edge"),
+}
+_FIELDS["neg"] = _FIELDS["res"]
+
+
+def _empty(K: int, cap: int, fields: Sequence[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for f in fields:
+        if f == "val":
+            out[f] = np.full((K, cap), -np.inf if "key" not in fields else 0.0)
+        elif f == "key":
+            out[f] = np.full((K, cap), np.inf)
+        else:
+            out[f] = np.full((K, cap), -1, np.int64)
+    return out
+
+
+def _keep(a: dict[str, np.ndarray], b: dict[str, np.ndarray], by: str, cap: int, largest: bool) -> dict:
+    """Concatenate two candidate lists [K, *] and keep the `cap` best per latent by field `by`."""
+    cat = {f: np.concatenate([a[f], b[f]], axis=1) for f in a}
+    score = cat[by] if largest else -cat[by]
+    idx = np.argsort(-score, axis=1, kind="stable")[:, :cap]
+    return {f: np.take_along_axis(v, idx, axis=1) for f, v in cat.items()}
+
+
+@dataclass
+class Accumulator:
+    """Per-latent statistics and candidate documents for K selected latents (mergeable)."""
+
+    latents: np.ndarray
+    cfg: AnalysisConfig
+    n_rows: int = 0
+    n_fire: np.ndarray = None  # type: ignore[assignment]
+    s_act: np.ndarray = None  # type: ignore[assignment]
+    max_act: np.ndarray = None  # type: ignore[assignment]
+    mass: dict[str, np.ndarray] = field(default_factory=dict)
+    top: dict[str, np.ndarray] = None  # type: ignore[assignment]
+    res: dict[str, np.ndarray] = None  # type: ignore[assignment]
+    neg: dict[str, np.ndarray] = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        K = len(self.latents)
+        self.n_fire = np.zeros(K, np.int64) if self.n_fire is None else self.n_fire
+        self.s_act = np.zeros(K) if self.s_act is None else self.s_act
+        self.max_act = np.zeros(K) if self.max_act is None else self.max_act
+        c = self.cfg
+        self.top = self.top or _empty(K, 2 * c.n_top, _FIELDS["top"])
+        self.res = self.res or _empty(K, c.reservoir, _FIELDS["res"])
+        self.neg = self.neg or _empty(K, 2 * c.n_negatives + 2, _FIELDS["neg"])
+
+    def update(
+        self,
+        f: np.ndarray,
+        doc: np.ndarray,
+        pos: np.ndarray,
+        src: np.ndarray | None,
+        *,
+        shard: int,
+        edge: np.ndarray,
+    ) -> None:
+        """Add rows sorted by (doc, pos): f [n, K] activations of the selected latents."""
+        n, K = f.shape
+        if n == 0:
+            return
+        self.n_rows += n
+        fired = f > 0
+        self.n_fire += fired.sum(0)
+        self.s_act += f.sum(0, dtype=np.float64)
+        self.max_act = np.maximum(self.max_act, f.max(0))
+        if src is not None:
+            for s in np.unique(src):
+                m = self.mass.setdefault(str(s), np.zeros(K))
+                m += f[src == s].sum(0, dtype=np.float64)
+        starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+        lengths = np.diff(np.r_[starts, n])
+        seg_max = np.maximum.reduceat(f, starts, axis=0)  # [nd, K]
+        seg = np.repeat(np.arange(len(starts)), lengths)
+        ridx = np.where(fired & (f == seg_max[seg]), np.arange(n)[:, None], n)
+        peak = np.minimum.reduceat(ridx, starts, axis=0)  # first peak row per (doc, latent)
+        d = doc[starts]
+        lat = self.latents[:, None]
+        vals = seg_max.T.astype(np.float64)  # [K, nd]
+        base = {
+            "doc": np.broadcast_to(d, vals.shape),
+            "shard": np.full(vals.shape, shard, np.int64),
+            "edge": np.broadcast_to(edge[starts], vals.shape).astype(np.int64),
+        }
+        peak_pos = pos[np.minimum(peak, n - 1)].T.astype(np.int64)
+        on = vals > 0
+        cand = {**base, "val": np.where(on, vals, -np.inf), "pos": peak_pos}
+        self.top = _keep(self.top, cand, "val", self.top["val"].shape[1], largest=True)
+        seed = self.cfg.evidence_seed
+        key = np.where(on, uniform_hash(seed, 1, lat, d[None]), np.inf)
+        self.res = _keep(self.res, {**cand, "key": key, "val": vals}, "key", self.res["key"].shape[1], False)
+        pick = starts + np.floor(uniform_hash(seed, 3, d) * lengths).astype(np.int64)  # a random row per doc
+        nkey = np.where(~on, uniform_hash(seed, 2, lat, d[None]), np.inf)
+        ncand = {
+            **base,
+            "key": nkey,
+            "val": np.zeros_like(vals),
+            "pos": np.broadcast_to(pos[pick], vals.shape),
+        }
+        self.neg = _keep(self.neg, ncand, "key", self.neg["key"].shape[1], largest=False)
+
+    def merge(self, other: Accumulator) -> Accumulator:
+        if not np.array_equal(self.latents, other.latents):
+            raise ValueError("cannot merge evidence accumulators of different latent sets")
+        self.n_rows += other.n_rows
+        self.n_fire = self.n_fire + other.n_fire
+        self.s_act = self.s_act + other.s_act
+        self.max_act = np.maximum(self.max_act, other.max_act)
+        for s, m in other.mass.items():
+            self.mass[s] = self.mass.get(s, 0.0) + m
+        self.top = _keep(self.top, other.top, "val", self.top["val"].shape[1], largest=True)
+        self.res = _keep(self.res, other.res, "key", self.res["key"].shape[1], largest=False)
+        self.neg = _keep(self.neg, other.neg, "key", self.neg["key"].shape[1], largest=False)
+        return self
+
+
+def _doc_sorted(table, cfg: AnalysisConfig, store) -> dict[str, np.ndarray]:
+    """Held-out rows of a shard table sorted by (doc, pos), with `edge` flags: 1 = the doc holds the
+    shard's first row, 2 = its last row (docs that may continue in the neighbouring shard)."""
+    doc = table.column("doc_id").to_numpy()
+    pos = table.column("pos").to_numpy()
+    edge = (doc == doc[0]).astype(np.int64) | 2 * (doc == doc[-1]).astype(np.int64)
+    keep = heldout_mask(doc, cfg)
+    order = np.flatnonzero(keep)
+    order = order[np.lexsort((pos[order], doc[order]))]
+    out = {"doc": doc[order], "pos": pos[order], "edge": edge[order], "rows": order}
+    out["token_id"] = table.column("token_id").to_numpy()[order]
+    if "source" in table.column_names:
+        out["source"] = np.asarray(table.column("source").to_pylist(), dtype=object)[order]
+    return out
+
+
+def _chunks(doc: np.ndarray, size: int):
+    """Row ranges of at most `size` rows that never split a document (a longer doc is one chunk)."""
+    n = len(doc)
+    starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]]).tolist() + [n]
+    lo = 0
+    for i in range(1, len(starts)):
+        if starts[i] - lo > size and starts[i - 1] > lo:
+            yield lo, starts[i - 1]
+            lo = starts[i - 1]
+    if n > lo:
+        yield lo, n
+
+
+def scan_shard(store, shard: int, encoder: SubsetEncoder, cfg: AnalysisConfig) -> Accumulator:
+    """Pass 1 over one shard: statistics and candidate documents of the encoder's latents."""
+    table = store.read_table(shard)
+    acc = Accumulator(np.asarray(encoder.latents), cfg)
+    rows = _doc_sorted(table, cfg, store)
+    if len(rows["doc"]) == 0:
+        return acc
+    acts = store.acts_of(table)
+    for lo, hi in _chunks(rows["doc"], cfg.batch_size):
+        f = encoder(acts[rows["rows"][lo:hi]].astype(np.float32))
+        src = rows["source"][lo:hi] if "source" in rows else None
+        acc.update(f, rows["doc"][lo:hi], rows["pos"][lo:hi], src, shard=shard, edge=rows["edge"][lo:hi])
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the contexts, then pass 2: windows
+
+
+@dataclass(frozen=True)
+class Request:
+    k: int  # index into the pass's latent list
+    kind: str  # "top" | "quantile" | "neg"
+    doc: int
+    pos: int
+    shard: int
+    edge: int
+    quantile: int | None = None
+
+
+def _unique_docs(lst: dict[str, np.ndarray], k: int, valid: np.ndarray) -> np.ndarray:
+    """Column indices of latent k's list, in list order, one per doc (the first, i.e. best)."""
+    idx = np.flatnonzero(valid[k])
+    _, first = np.unique(lst["doc"][k, idx], return_index=True)
+    return idx[np.sort(first)]
+
+
+def plan_requests(acc: Accumulator) -> list[Request]:
+    """Top documents, quantile samples and negatives per latent, from the pass-1 lists."""
+    cfg = acc.cfg
+    out: list[Request] = []
+
+    def req(lst, k, j, kind, q=None):
+        return Request(
+            k,
+            kind,
+            int(lst["doc"][k, j]),
+            int(lst["pos"][k, j]),
+            int(lst["shard"][k, j]),
+            int(lst["edge"][k, j]),
+            q,
+        )
+
+    # duplicates of a doc (split over shards) keep the strongest entry in the reservoir
+    for k in range(len(acc.latents)):
+        for j in _unique_docs(acc.top, k, np.isfinite(acc.top["val"]))[: cfg.n_top]:
+            out.append(req(acc.top, k, j, "top"))
+        res = acc.res
+        valid = np.isfinite(res["key"][k])
+        idx = np.flatnonzero(valid)
+        idx = idx[np.lexsort((-res["val"][k, idx], res["doc"][k, idx]))]  # per doc strongest first
+        _, first = np.unique(res["doc"][k, idx], return_index=True)
+        idx = np.sort(idx[first])  # back to key order (random)
+        if len(idx) and cfg.per_quantile:
+            v = res["val"][k, idx]
+            edges = np.quantile(v, np.linspace(0, 1, cfg.n_quantiles + 1))
+            bins = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, cfg.n_quantiles - 1)
+            for q in range(cfg.n_quantiles):
+                for j in idx[bins == q][: cfg.per_quantile]:
+                    out.append(req(res, k, j, "quantile", q))
+        for j in _unique_docs(acc.neg, k, np.isfinite(acc.neg["key"]))[: 2 * cfg.n_negatives + 2]:
+            out.append(req(acc.neg, k, j, "neg"))
+    return out
+
+
+def route(requests: Sequence[Request], n_shards: int) -> dict[int, list[int]]:
+    """Shard -> indices of requests whose window may lie there (edge docs also ask the neighbour)."""
+    by: dict[int, list[int]] = {}
+    for i, r in enumerate(requests):
+        shards = {r.shard}
+        if r.edge & 1 and r.shard > 0:
+            shards.add(r.shard - 1)
+        if r.edge & 2 and r.shard + 1 < n_shards:
+            shards.add(r.shard + 1)
+        for s in shards:
+            by.setdefault(s, []).append(i)
+    return by
+
+
+def window_shard(
+    store, shard: int, encoder: SubsetEncoder, requests: Sequence[tuple[int, Request]], cfg: AnalysisConfig
+) -> dict[int, dict]:
+    """Pass 2 over one shard: for each (request id, request) the rows of its window found here:
+    {"pos", "token_id", "act"} arrays and the doc's source."""
+    table = store.read_table(shard)
+    rows = _doc_sorted(table, cfg, store)
+    doc, pos = rows["doc"], rows["pos"]
+    spans = []
+    for rid, r in requests:
+        lo, hi = np.searchsorted(doc, r.doc, "left"), np.searchsorted(doc, r.doc, "right")
+        a = lo + np.searchsorted(pos[lo:hi], r.pos - cfg.window, "left")
+        b = lo + np.searchsorted(pos[lo:hi], r.pos + cfg.window, "right")
+        if b > a:
+            spans.append((rid, r, a, b))
+    if not spans:
+        return {}
+    need = np.unique(np.concatenate([np.arange(a, b) for _, _, a, b in spans]))
+    f = encoder(store.acts_of(table)[rows["rows"][need]].astype(np.float32))  # [len(need), K]
+    where = np.full(len(doc), -1)
+    where[need] = np.arange(len(need))
+    out = {}
+    for rid, r, a, b in spans:
+        sl = where[a:b]
+        out[rid] = {
+            "pos": pos[a:b].astype(np.int64),
+            "token_id": rows["token_id"][a:b].astype(np.int64),
+            "act": f[sl, r.k].astype(np.float64),
+            "source": str(rows["source"][a]) if "source" in rows else None,
+        }
+    return out
+
+
+def merge_windows(parts: Sequence[dict[int, dict]]) -> dict[int, dict]:
+    """Join the per-shard fragments of every window (sorted by position, no duplicates)."""
+    out: dict[int, dict] = {}
+    for part in parts:
+        for rid, frag in part.items():
+            if rid not in out:
+                out[rid] = dict(frag)
+                continue
+            cur = out[rid]
+            for key in ("pos", "token_id", "act"):
+                cur[key] = np.concatenate([cur[key], frag[key]])
+    for frag in out.values():
+        _, idx = np.unique(frag["pos"], return_index=True)
+        for key in ("pos", "token_id", "act"):
+            frag[key] = frag[key][idx]
+    return out
+
+
+def token_decoder(store) -> Callable[[Sequence[int]], list[str]]:
+    """Token id -> string through the first harvested model's tokenizer; "<id>" when there is none."""
+    cache: dict[int, str] = {}
+    tok = None
+    try:
+        path = store.manifest.metadata["harvest"]["models"][0]["path"]
+        from diffing.models import load_tokenizer
+
+        tok = load_tokenizer(path)
+    except Exception:  # no harvest metadata / tokenizer not reachable: ids only
+        tok = None
+
+    def decode(ids: Sequence[int]) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i not in cache:
+                cache[i] = tok.decode([i]) if (tok is not None and i >= 0) else f"<{i}>"
+            out.append(cache[i])
+        return out
+
+    return decode

@@ -1,0 +1,228 @@
+"""Latent evidence against naive references on a constructed store where latents fire on known docs."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from diffing.collect import collect_evidence, evidence_for_latents, range_file
+from diffing.config import AnalysisConfig, CrosscoderConfig
+from diffing.crosscoder import Crosscoder
+from diffing.evidence import LatentEvidence, iter_evidence, read_jsonl
+from diffing.examples import SubsetEncoder, heldout_mask, uniform_hash
+from diffing.store import write_arrays
+
+D, L, N_DOCS, DOC_LEN = 8, 6, 150, 20
+SOURCES = ["alpha", "beta", "gamma"]
+
+
+def _crosscoder() -> Crosscoder:
+    """L1 crosscoder: latent l reads coordinate l of model B (l < D-2) with weight 1, so f_l = relu(x_B[l])."""
+    cfg = CrosscoderConfig(kind="l1", n_models=2, d_model=D, n_latents=L, model_names=("A", "B"), aux_k=1)
+    cc = Crosscoder(cfg, seed=None)
+    with torch.no_grad():
+        for p in cc.parameters():
+            p.zero_()
+        for lat in range(L):
+            cc.W_enc[1, lat, lat] = 1.0
+            cc.W_dec[1, lat, lat] = 1.0
+            cc.W_dec[0, lat, lat] = 0.5
+    return cc
+
+
+def _data(seed=0):
+    """Docs of DOC_LEN tokens; latent l fires (exponential value) on a few tokens of docs of its sources."""
+    rng = np.random.default_rng(seed)
+    n = N_DOCS * DOC_LEN
+    doc = np.repeat(np.arange(N_DOCS) * 7 + 3, DOC_LEN)  # non-contiguous doc ids
+    pos = np.tile(np.arange(DOC_LEN) + 1, N_DOCS)  # as if BOS were dropped
+    src_doc = rng.integers(0, 3, N_DOCS)
+    x = np.zeros((n, 2, D), np.float32)
+    for lat in range(L):
+        doc_on = rng.random(N_DOCS) < 0.4 + 0.1 * (src_doc == lat % 3)
+        tok_on = rng.random(n) < 0.15
+        val = rng.exponential(1.0, n) + 0.05
+        on = np.repeat(doc_on, DOC_LEN) & tok_on
+        x[:, 1, lat] = np.where(on, val, -rng.random(n))  # negatives elsewhere: relu gives 0
+    x = x.round(3)
+    token_id = rng.integers(0, 50, n)
+    return x, doc, pos, token_id, np.asarray(SOURCES, dtype=object)[np.repeat(src_doc, DOC_LEN)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ev")
+    x, doc, pos, tok, src = _data()
+    # 333-row shards cut documents in two: windows and per-doc maxima must join across shards
+    store = write_arrays(
+        str(tmp / "store"),
+        x,
+        model_names=["A", "B"],
+        doc_ids=doc,
+        positions=pos,
+        token_ids=tok,
+        extra={"source": list(src)},
+        shard_rows=333,
+        dtype="float32",
+    )
+    run = tmp / "run"
+    cc = _crosscoder()
+    cc.save(run / "crosscoder")
+    groups = ["B-specific", "B-specific", "A-specific", "baseline", "", "baseline"]
+    pq.write_table(
+        pa.table(
+            {
+                "latent": np.arange(L),
+                "group": groups,
+                "delta_norm": np.linspace(0, 1, L),
+                "cosine": np.zeros(L),
+                "nu_eps": np.full(L, 0.1),
+                "nu_r": np.full(L, np.nan),
+            }
+        ),
+        run / "latents.parquet",
+    )
+    f = np.maximum(x[:, 1, :L], 0)  # naive reference activations [n, L]
+    return {
+        "store": store,
+        "run": run,
+        "f": f,
+        "doc": doc,
+        "pos": pos,
+        "tok": tok,
+        "src": src,
+        "groups": groups,
+    }
+
+
+CFG = AnalysisConfig(
+    heldout="all",
+    n_top=7,
+    window=3,
+    n_quantiles=4,
+    per_quantile=3,
+    reservoir=4096,
+    n_negatives=5,
+    batch_size=64,
+    latents_per_file=2,
+    latents_per_pass=3,
+)
+
+
+def _reference_doc_max(w, lat):
+    out = {}
+    for d in np.unique(w["doc"]):
+        m = w["doc"] == d
+        v = w["f"][m, lat]
+        out[int(d)] = (float(v.max()), int(w["pos"][m][np.argmax(v)]))
+    return out
+
+
+def test_subset_encoder_matches_full_encode_with_threshold():
+    cfg = CrosscoderConfig(n_models=2, d_model=16, n_latents=64, k=4, model_names=("A", "B"), aux_k=8)
+    cc = Crosscoder(cfg, seed=1)
+    with torch.no_grad():
+        cc.threshold.fill_(0.05)
+        cc.norm_scale.copy_(torch.tensor([0.7, 1.3]))
+    x = torch.randn(300, 2, 16)
+    sel = [3, 17, 40, 63]
+    np.testing.assert_allclose(
+        SubsetEncoder(cc, sel)(x), cc.encode(x, normalised=False)[:, sel].numpy(), atol=1e-5
+    )
+
+
+def test_evidence_matches_naive_reference(world):
+    collect_evidence(world["run"], world["store"], CFG)
+    ev = {e.latent: e for e in iter_evidence(world["run"])}
+    assert sorted(ev) == [0, 1, 2, 3, 5]  # every latent with a group, none other
+    assert [e.latent for e in iter_evidence(world["run"])] == sorted(ev)  # files sort in latent order
+    f, doc, pos, tok = world["f"], world["doc"], world["pos"], world["tok"]
+    for lat, e in ev.items():
+        assert e.group == world["groups"][lat]
+        # stats
+        assert e.stats["freq"] == pytest.approx((f[:, lat] > 0).mean())
+        assert e.stats["mean_act"] == pytest.approx(f[f[:, lat] > 0, lat].mean(), rel=1e-5)
+        assert e.stats["max_act"] == pytest.approx(f[:, lat].max(), rel=1e-6)
+        assert e.stats["nu_eps"] == pytest.approx(0.1) and e.stats["nu_r"] is None
+        # top contexts = the documents with the largest peaks, strongest first (naive full sort)
+        ref = sorted(
+            ((v, d, p) for d, (v, p) in _reference_doc_max(world, lat).items() if v > 0), reverse=True
+        )
+        assert len(e.top) == CFG.n_top
+        assert [(x.doc_id, x.pos) for x in e.top] == [(d, p) for _, d, p in ref[: CFG.n_top]]
+        for x in e.top + e.quantiles + e.negatives:
+            m = (doc == x.doc_id) & (np.abs(pos - x.pos) <= CFG.window)
+            assert x.acts == pytest.approx(f[m, lat].tolist(), abs=1e-5)  # per-token activations
+            assert x.tokens == [f"<{t}>" for t in tok[m]]  # no tokenizer: "<id>" strings
+            assert x.tokens[x.peak] == f"<{tok[m][pos[m] == x.pos][0]}>"
+            assert x.source == world["src"][m][0]
+        for x in e.top:
+            assert x.acts[x.peak] == pytest.approx(max(x.acts))
+        # quantile samples lie in their equal-count bins of the per-doc peaks (reservoir holds them all)
+        peaks = np.array([v for v, _, _ in ref])
+        edges = np.quantile(peaks, np.linspace(0, 1, CFG.n_quantiles + 1))
+        assert len(e.quantiles) == CFG.n_quantiles * CFG.per_quantile
+        for x in e.quantiles:
+            assert edges[x.quantile] - 1e-6 <= x.acts[x.peak] <= edges[x.quantile + 1] + 1e-6
+        assert len({x.doc_id for x in e.quantiles}) == len(e.quantiles)
+        # negatives: no activation anywhere in the window
+        assert len(e.negatives) == CFG.n_negatives
+        assert all(max(x.acts) == 0 for x in e.negatives)
+        # source mass: share of activation mass per source
+        total = f[:, lat].sum()
+        want = {s: f[world["src"] == s, lat].sum() / total for s in SOURCES}
+        assert e.source_mass == pytest.approx({s: v for s, v in want.items() if v > 0}, rel=1e-5)
+
+
+def test_resume_skips_written_ranges(world, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run, ignore=shutil.ignore_patterns("examples"))
+    files = collect_evidence(run, world["store"], CFG)
+    assert [p.name for p in files] == [range_file(0, 2), range_file(2, 4), range_file(4, 6)]
+    files[1].unlink()  # as if killed before this range was written
+    mtime0 = files[0].stat().st_mtime_ns
+    calls = []
+
+    def counting_map(fn, items):
+        calls.append(len(items))
+        return [fn(i) for i in items]
+
+    collect_evidence(run, world["store"], CFG, map_fn=counting_map)
+    assert files[0].stat().st_mtime_ns == mtime0  # untouched
+    assert files[1].exists() and [e.latent for e in read_jsonl(files[1], LatentEvidence)] == [2, 3]
+    assert len(calls) == 2  # one pass (two map calls: scan, windows) for the one missing range
+    collect_evidence(run, world["store"], CFG, map_fn=counting_map)
+    assert len(calls) == 2  # nothing left to do
+
+
+def test_heldout_hash_uses_only_heldout_docs(world):
+    cfg = CFG.model_copy(update={"heldout": "hash", "heldout_frac": 0.3})
+    rows = {lat: {"latent": lat, "group": "x", "delta_norm": 0.5} for lat in range(L)}
+    ev = evidence_for_latents(world["store"], world["run"] / "crosscoder", [0, 4], cfg, rows)
+    keep = heldout_mask(world["doc"], cfg)
+    assert 0.15 < keep.mean() < 0.45
+    for e in ev:
+        docs = {x.doc_id for x in e.top + e.quantiles + e.negatives}
+        assert docs <= set(world["doc"][keep].tolist())
+        assert e.stats["heldout_tokens"] == keep.sum()
+        assert e.stats["freq"] == pytest.approx((world["f"][keep, e.latent] > 0).mean())
+
+
+def test_uniform_hash_is_uniform_and_deterministic():
+    u = uniform_hash(0, 1, np.arange(100_000))
+    assert np.array_equal(u, uniform_hash(0, 1, np.arange(100_000)))
+    assert abs(u.mean() - 0.5) < 0.01 and u.min() >= 0 and u.max() < 1
+    assert not np.array_equal(u, uniform_hash(1, 1, np.arange(100_000)))
+
+
+def test_evidence_json_roundtrip(world):
+    p = next((world["run"] / "examples").glob("*.jsonl"), None)
+    if p is None:
+        pytest.skip("evidence not written yet")
+    for line in p.read_text().splitlines():
+        LatentEvidence.model_validate(json.loads(line))
