@@ -118,3 +118,64 @@ def test_analyze_run_writes_parquet_and_checks_store(tmp_path):
     other = write_arrays(str(tmp_path / "s2"), x, model_names=["A", "C"])
     with pytest.raises(ValueError, match="matching --store"):
         analyze_run(tmp_path / "run", other, AnalysisConfig(), overwrite=True)
+
+
+def _selection_inputs():
+    """12 latents: 0 robust A-only, 1 non-robust A-only, 2 robust B-only, 3..10 shared, 11 dead."""
+    from diffing.analysis import select_latents  # noqa: F401
+
+    dn = np.array([0.95, 0.97, 0.05, 0.5, 0.45, 0.55, 0.6, 0.42, 0.58, 0.5, 0.8, 0.99])
+    cls = np.array(["A-only", "A-only", "B-only"] + ["shared"] * 5 + ["other"] + ["shared", "other", "dead"])
+    robust = np.array([True, False, True] + [False] * 9)
+    live = np.array([True] * 11 + [False])
+    tail = np.array(["", "high", "low", "", "", "", "", "", "", "", "high", ""])
+    nu_eps = np.array([0.05, 0.6, 0.1, 1, 1, 1, 1, 1, 1, 1, 0.3, 0])
+    nu_r = np.array([0.1, 0.1, np.nan, 1, 1, 1, 1, 1, 1, 1, 0.2, 0])
+    return dn, cls, robust, tail, nu_eps, nu_r, live
+
+
+@pytest.mark.parametrize(
+    "selection,a_want,b_want", [("class", {0}, {2}), ("tail", {1, 10}, {2}), ("both", {0, 1, 10}, {2})]
+)
+def test_select_latents_groups(selection, a_want, b_want):
+    from diffing.analysis import select_latents
+
+    dn, cls, robust, tail, nu_eps, nu_r, live = _selection_inputs()
+    cfg = AnalysisConfig(selection=selection)
+    g = select_latents(dn, cls, robust, tail, nu_eps, nu_r, live, cfg, ("A", "B"))
+    assert set(np.flatnonzero(g == "A-specific")) == a_want
+    assert set(np.flatnonzero(g == "B-specific")) == b_want
+    base = np.flatnonzero(g == "baseline")
+    assert len(base) == max(len(a_want), len(b_want))  # as large as the larger group
+    assert all(live[base]) and all((dn[base] >= 0.4) & (dn[base] <= 0.6))  # shared / mid-Δnorm, live
+    g2 = select_latents(dn, cls, robust, tail, nu_eps, nu_r, live, cfg, ("A", "B"))
+    assert g2.tolist() == g.tolist()  # seeded
+    g3 = select_latents(
+        dn, cls, robust, tail, nu_eps, nu_r, live, cfg.model_copy(update={"baseline_seed": 5}), ("A", "B")
+    )
+    assert set(np.flatnonzero(g3 == "A-specific")) == a_want
+
+
+def test_select_latents_reranks_by_latent_scaling():
+    from diffing.analysis import robustness, select_latents
+
+    dn, cls, robust, tail, nu_eps, nu_r, live = _selection_inputs()
+    np.testing.assert_allclose(robustness(nu_eps, nu_r)[[0, 1, 2, 10]], [0.1, 0.6, 0.1, 0.3])
+    cfg = AnalysisConfig(selection="both", max_per_group=2)
+    g = select_latents(dn, cls, robust, tail, nu_eps, nu_r, live, cfg, ("A", "B"))
+    assert set(np.flatnonzero(g == "A-specific")) == {0, 10}  # latent 1 (ν^ε = 0.6) is cut
+    # pair order decides which tail is whose: (B, A) makes the high tail B's
+    g = select_latents(
+        dn, cls, robust, tail, nu_eps, nu_r, live, AnalysisConfig(selection="tail"), ("B", "A")
+    )
+    assert set(np.flatnonzero(g == "B-specific")) == {1, 10} and set(np.flatnonzero(g == "A-specific")) == {2}
+
+
+def test_latents_parquet_has_groups(tmp_path):
+    from diffing.store import write_arrays
+
+    cc, x = _constructed(0.0, False, n=3000)
+    cc.save(tmp_path / "run" / "crosscoder")
+    st = write_arrays(str(tmp_path / "s"), x, model_names=["A", "B"])
+    t = analyze_run(tmp_path / "run", st, AnalysisConfig(selection="class")).to_pydict()
+    assert t["group"] == ["B-specific", "baseline", ""]  # robust B-only latent; shared latent 1 as baseline
