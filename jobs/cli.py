@@ -192,6 +192,41 @@ def config_docs() -> None:
     typer.echo(config_reference())
 
 
+@app.command()
+def pipeline(
+    config: ConfigOpt = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="A built-in config: 'tiny' (tests) or 'embedded' (the demo).")
+    ] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Run directory (overrides the config's `out`).")] = None,
+    set_: SetOpt = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="Labelling endpoint URL (default: start a local one).")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """harvest -> fit -> analyze -> label -> report in one run directory; finished stages are skipped."""
+    from jobs.pipeline import run_pipeline
+
+    def go():
+        res = run_pipeline(
+            config=config, preset=preset, out=out, overrides=set_ or [], address=address, endpoint=endpoint,
+            overwrite=overwrite,
+        )
+        typer.echo(json.dumps(res, indent=2, default=str))
+
+    _run(go)
+
+
+# Ray jobs on a cluster: `crossdiff submit`, `crossdiff jobs`, `crossdiff cluster` (jobs/submit.py).
+from jobs.submit import register as _register_cluster_commands  # noqa: E402
+
+_register_cluster_commands(app)
+
+
 def main() -> None:
     try:
         app()

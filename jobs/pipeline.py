@@ -1,0 +1,251 @@
+"""`crossdiff pipeline`: harvest -> fit -> analyze -> label -> report as one run.
+
+One run directory holds everything:
+
+    RUN/pipeline.json          the resolved pipeline config (saved before any work)
+    RUN/store/                 the activation store (unless harvest.store points elsewhere)
+    RUN/crosscoder/, metrics.json, latents.parquet, examples/, labels.jsonl, report.html, ...
+    RUN/stages/<stage>.json    written when a stage finishes: its config hash and summary
+
+A stage whose marker matches its config is skipped, so rerunning a finished pipeline does
+nothing; a killed one resumes at the stage it reached (and, inside it, at the shard / step /
+latent range it reached, since every stage is resumable on its own). Changing a stage's config
+invalidates that stage and every later one: rerun with --overwrite (or a new --out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from diffing.config import AnalysisConfig, FitConfig, Frozen
+from diffing.harvest import HarvestConfig
+from diffing.logs import get_logger
+
+STAGES = ("harvest", "fit", "analyze", "label", "report")
+
+
+class PipelineConfig(Frozen):
+    out: str = Field(description="Run directory (local path). Every stage writes under it.")
+    harvest: HarvestConfig = Field(description="Harvest stage; `store` defaults to OUT/store.")
+    fit: FitConfig = Field(default_factory=FitConfig, description="Crosscoder fit stage.")
+    analyze: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Analysis stage.")
+    label: dict[str, Any] = Field(
+        default_factory=dict, description="Label stage (LabelConfig fields; see docs/labelling.md)."
+    )
+    pair: tuple[str, str] | None = Field(
+        None, description="Models compared by Δnorm as (A, B); default the first two harvested models."
+    )
+    stages: tuple[str, ...] = Field(STAGES, description="Stages to run, in pipeline order.")
+    planted: list[dict[str, str]] | None = Field(
+        None,
+        description="Ground truth of planted capabilities (name, source, category, direction) for the "
+        "planted-truth section of the report; set by the embedded presets.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"stages: unknown {bad}; choose from {list(STAGES)}")
+        names = [m.name for m in self.harvest.models]
+        if self.pair is not None and any(p not in names for p in self.pair):
+            raise ValueError(f"pair={list(self.pair)} must name harvested models {names}")
+        if self.out.startswith(("s3://", "gs://")):
+            raise ValueError("out: the pipeline run directory must be local (stores may be s3://)")
+        return self
+
+    @property
+    def run(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def pair_names(self) -> tuple[str, str]:
+        return self.pair or (self.harvest.models[0].name, self.harvest.models[1].name)
+
+
+def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill derived defaults in a raw config dict before validation (harvest.store = OUT/store)."""
+    data = json.loads(json.dumps(data))
+    out = data.get("out")
+    h = data.get("harvest")
+    if out and isinstance(h, dict) and not h.get("store"):
+        h["store"] = str(Path(out) / "store")
+    return data
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Pipeline:
+    """Runs the stages of one run directory, skipping those whose marker matches."""
+
+    def __init__(self, cfg: PipelineConfig, *, address: str | None = None, endpoint: str | None = None):
+        self.cfg = cfg
+        self.run = cfg.run
+        self.address = address
+        self.endpoint = endpoint
+        self.log = get_logger("pipeline", run=str(self.run))
+        self.stage_fns: dict[str, Callable[..., dict]] = {
+            "harvest": self._harvest,
+            "fit": self._fit,
+            "analyze": self._analyze,
+            "label": self._label,
+            "report": self._report,
+        }
+
+    # -- stage configs and markers -------------------------------------------------------
+    def stage_config(self, stage: str) -> Any:
+        c = self.cfg
+        own = {
+            "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
+            "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
+            "analyze": {"analyze": c.analyze.model_dump(mode="json"), "pair": c.pair_names},
+            "label": c.label,
+            "report": {"planted": c.planted},
+        }[stage]
+        i = STAGES.index(stage)
+        upstream = self.stage_config(STAGES[i - 1])["hash"] if i else ""
+        return {"own": own, "hash": _hash([own, upstream])}
+
+    def marker(self, stage: str) -> Path:
+        return self.run / "stages" / f"{stage}.json"
+
+    def is_done(self, stage: str) -> bool:
+        m = self.marker(stage)
+        if not m.exists():
+            return False
+        saved = json.loads(m.read_text())
+        if saved.get("hash") != self.stage_config(stage)["hash"]:
+            raise ValueError(
+                f"{self.run} finished stage {stage!r} with a different config; rerun with --overwrite "
+                "to redo it (and the stages after it) or choose a new --out"
+            )
+        return True
+
+    def _mark(self, stage: str, summary: dict, seconds: float) -> None:
+        m = self.marker(stage)
+        m.parent.mkdir(parents=True, exist_ok=True)
+        tmp = m.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {"hash": self.stage_config(stage)["hash"], "seconds": seconds, "summary": summary}, indent=2
+            )
+        )
+        tmp.replace(m)
+
+    # -- driver ----------------------------------------------------------------------------
+    def __call__(self, *, overwrite: bool = False) -> dict[str, Any]:
+        self.run.mkdir(parents=True, exist_ok=True)
+        (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))
+        if overwrite:
+            for s in STAGES:
+                self.marker(s).unlink(missing_ok=True)
+        results: dict[str, Any] = {}
+        for i, stage in enumerate(s for s in STAGES if s in self.cfg.stages):
+            if self.is_done(stage):
+                self.log.info("pipeline.skip", stage=stage, reason="finished with this config")
+                results[stage] = json.loads(self.marker(stage).read_text())["summary"]
+                continue
+            # a stage that reruns invalidates everything after it
+            for later in STAGES[STAGES.index(stage) + 1 :]:
+                self.marker(later).unlink(missing_ok=True)
+            self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}")
+            t0 = time.perf_counter()
+            summary = self.stage_fns[stage](overwrite=overwrite)
+            self._mark(stage, summary, round(time.perf_counter() - t0, 1))
+            results[stage] = summary
+        self.log.info("pipeline.done", run=str(self.run))
+        return results
+
+    # -- stages ----------------------------------------------------------------------------
+    def _harvest(self, overwrite: bool) -> dict:
+        from jobs.harvest import run_harvest
+
+        m = run_harvest(self.cfg.harvest, overwrite=overwrite, address=self.address)
+        return {"store": self.cfg.harvest.store, "rows": m.n_rows, "shards": len(m.shards)}
+
+    def _fit(self, overwrite: bool) -> dict:
+        from jobs.fit import in_process_or_ray
+
+        return in_process_or_ray(
+            self.cfg.harvest.store, self.cfg.fit, str(self.run), overwrite=overwrite, address=self.address
+        )
+
+    def _analyze(self, overwrite: bool) -> dict:
+        from jobs.analyze import run_analyze
+
+        return run_analyze(
+            self.run, self.cfg.harvest.store, self.cfg.analyze, pair=self.cfg.pair_names, overwrite=overwrite
+        )
+
+    def _label(self, overwrite: bool) -> dict:
+        from jobs.label import label_run
+
+        return label_run(self.run, self.cfg.label, endpoint=self.endpoint, overwrite=overwrite)
+
+    def _report(self, overwrite: bool) -> dict:
+        from jobs.report import write_report
+
+        sections = []
+        if self.cfg.planted:
+            from jobs.validation import planted_section
+
+            sections.append(planted_section(self.run, self.cfg.planted, self.cfg.pair_names))
+        return write_report(self.run, extra_sections=sections)
+
+
+def load_pipeline_config(
+    config: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    out: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> PipelineConfig:
+    """A preset or a YAML/JSON file, then `--out` and `--set` overrides, then validation."""
+    import yaml
+
+    from diffing.config import ConfigError, apply_overrides, format_validation_error
+
+    if (config is None) == (preset is None):
+        raise ConfigError("give exactly one of --config FILE or --preset NAME")
+    if preset is not None:
+        if out is None:
+            raise ConfigError(f"--preset {preset} needs --out RUN (where the run goes)")
+        from jobs.presets import preset as make_preset
+
+        data = make_preset(preset, Path(out))
+    else:
+        p = Path(config)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at top level")
+    if out is not None:
+        data["out"] = str(out)
+    try:
+        return PipelineConfig.model_validate(with_defaults(apply_overrides(data, list(overrides))))
+    except ValueError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def run_pipeline(
+    *,
+    config: str | Path | None = None,
+    preset: str | None = None,
+    out: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    address: str | None = None,
+    endpoint: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    cfg = load_pipeline_config(config, preset=preset, out=out, overrides=overrides)
+    return Pipeline(cfg, address=address, endpoint=endpoint)(overwrite=overwrite)
