@@ -123,8 +123,8 @@ def find_secrets(obj: Any, environ: Mapping[str, str] | None = None) -> list[str
         if isinstance(x, Mapping):
             for k, v in x.items():
                 if path.endswith("env_vars") and is_secret_name(str(k)):
-                    hits.append(f"{path}.{k}")
-                walk(v, f"{path}.{k}")
+                    hits.append(f"{path}.{k}" if path else str(k))
+                walk(v, f"{path}.{k}" if path else str(k))
         elif isinstance(x, list | tuple):
             for i, v in enumerate(x):
                 walk(v, f"{path}[{i}]")

@@ -111,6 +111,49 @@ def _validate_config(stage: str, data: dict[str, Any], sets: Sequence[str]) -> N
         raise ConfigError(f"{stage} config: {format_validation_error(e)}") from None
 
 
+def parse_cli(argv: Sequence[str]) -> str:
+    """Parse `crossdiff ARGV...` with the real CLI without running anything. Returns the command
+    name; raises SubmitError with the CLI's own message (unknown command or option, missing value)."""
+    import typer
+
+    from jobs.cli import app
+
+    cmd = typer.main.get_command(app)
+    ctx = cmd.context_class(cmd, info_name="crossdiff")
+    args = list(argv)
+    try:
+        while hasattr(cmd, "list_commands"):  # a group: descend
+            if not args:
+                raise SubmitError("missing command")
+            name, args = args[0], args[1:]
+            sub = cmd.get_command(ctx, name)
+            if sub is None:
+                raise SubmitError(f"no such command {name!r}")
+            if hasattr(sub, "list_commands"):
+                ctx, cmd = sub.context_class(sub, info_name=name, parent=ctx), sub
+                continue
+            with sub.make_context(name, args, parent=ctx):
+                return name
+    except SubmitError:
+        raise
+    except Exception as e:  # typer's click UsageError / BadParameter
+        if hasattr(e, "format_message"):
+            raise SubmitError(e.format_message()) from None
+        raise
+    raise SubmitError("not a command")
+
+
+def entrypoint_argv(entrypoint: str, config_path: str = "config.yaml") -> list[str]:
+    """The `crossdiff ...` argv inside an entrypoint (after `exec`, with the config temp file named)."""
+    import shlex
+
+    cmd = entrypoint.split("&& exec ")[-1].replace('"$cfg"', shlex.quote(config_path))
+    argv = shlex.split(cmd)
+    if not argv or argv[0] != "crossdiff":
+        raise SubmitError(f"entrypoint does not run crossdiff: {entrypoint!r}")
+    return argv[1:]
+
+
 def _sets(args: Sequence[str]) -> list[str]:
     out, args = [], list(args)
     for i, a in enumerate(args):
@@ -150,6 +193,10 @@ def build_submission(
         _validate_config(stage, data, _sets(args))
         env_vars[CONFIG_ENV] = text
         cmd += ["--config", '"$cfg"']
+    try:
+        parse_cli([stage, *(["--config", str(config)] if config is not None else []), *args])
+    except SubmitError as e:
+        raise SubmitError(f"`crossdiff {stage}` would not accept these arguments: {e}") from None
     key = run_key(stage, data, args, name)
     sid = submission_id(stage, key)
     cmd += [shlex.quote(a) for a in args]

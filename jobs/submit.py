@@ -39,6 +39,8 @@ def _guard(fn):
 
     try:
         return fn()
+    except typer.Exit:
+        raise
     except (SubmitError, ConfigError, RuntimeError) as e:
         _fail(str(e))
 

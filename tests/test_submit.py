@@ -1,0 +1,236 @@
+"""Ray job submission: deterministic ids, runtime_env without secrets, a real `ray start --head`
+cluster running stages through the job API (success with outputs, refusal of duplicates, failures
+that surface their error)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import submit as sm
+from cluster.runtime_env import PROJECT_ROOT, build_runtime_env, find_secrets, passthrough_env
+
+SECRET = "sEcReT-" + uuid.uuid4().hex  # a credential value that must never reach the cluster's job table
+ENV = {
+    "AWS_ENDPOINT_URL": "http://minio.local:9000",
+    "AWS_DEFAULT_REGION": "eu-west-3",
+    "AWS_ACCESS_KEY_ID": "AKIA" + SECRET,
+    "AWS_SECRET_ACCESS_KEY": SECRET,
+    "AWS_SESSION_TOKEN": SECRET + "-session",
+    "HF_TOKEN": SECRET + "-hf",
+    "CROSSDIFF_ENDPOINT_TOKEN": SECRET + "-endpoint",
+    "CROSSDIFF_LOG_JSON": "1",
+    "HOME": "/root",
+}
+
+
+def _harvest_cfg(path: Path, tiny_pair, corpus: Path, store: Path) -> Path:
+    base, ft = tiny_pair
+    data = {
+        "models": [{"name": "base", "path": str(base)}, {"name": "ft", "path": str(ft)}],
+        "layer": 2,
+        "corpus": {"uri": str(corpus)},
+        "store": str(store),
+        "prompts_per_shard": 4,
+        "batch_prompts": 4,
+        "context_length": 64,
+        "outlier_norm_mult": None,
+        "ray": {"num_actors": 1, "num_cpus_per_actor": 0.5},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _corpus(path: Path, n: int = 8) -> Path:
+    path.write_text(
+        "\n".join(
+            json.dumps({"id": f"t{i}", "text": f"Document {i}: a fox jumps over {i} dogs."}) for i in range(n)
+        )
+    )
+    return path
+
+
+# ---------------------------------------------------------------- offline: what a submission sends
+
+
+def test_submission_id_is_deterministic_per_run_and_stage():
+    a = sm.build_submission("fit", None, ["--store", "s3://b/acts", "--out", "s3://b/runs/r1"], environ={})
+    b = sm.build_submission("fit", None, ["--out", "s3://b/runs/r1", "--store", "s3://b/acts"], environ={})
+    c = sm.build_submission("fit", None, ["--store", "s3://b/acts", "--out", "s3://b/runs/r2"], environ={})
+    d = sm.build_submission("analyze", None, ["--run", "s3://b/runs/r1", "--store", "x"], environ={})
+    assert a.submission_id == b.submission_id
+    assert a.submission_id.startswith("crossdiff-fit-r1-")
+    assert len({a.submission_id, c.submission_id, d.submission_id}) == 3
+    assert sm.submission_id("pipeline", "runs/x") == sm.submission_id("pipeline", "runs/x")
+    with pytest.raises(sm.SubmitError, match="--name"):
+        sm.run_key("report", None, ["--overwrite"], None)
+    assert sm.run_key("report", {"out": "runs/a"}, [], None) == "runs/a"
+    assert sm.run_key("report", {"out": "runs/a"}, ["--out=runs/b"], None) == "runs/b"
+    assert sm.run_key("report", {"out": "runs/a"}, [], "mine") == "mine"
+
+
+def test_runtime_env_passes_settings_and_never_secrets(tmp_path, tiny_pair):
+    cfg = _harvest_cfg(tmp_path / "h.yaml", tiny_pair, tmp_path / "c.jsonl", tmp_path / "store")
+    sub = sm.build_submission("harvest", cfg, ["--set", "layer=1"], environ=ENV)
+    env = sub.runtime_env["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.local:9000"
+    assert env["AWS_DEFAULT_REGION"] == "eu-west-3"
+    assert env["CROSSDIFF_LOG_JSON"] == "1"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"):
+        assert name not in env
+    assert "CROSSDIFF_ENDPOINT_TOKEN" not in env and "HOME" not in env
+    blob = json.dumps([sub.entrypoint, sub.runtime_env, sub.metadata])
+    assert SECRET not in blob
+    assert find_secrets({"runtime_env": {"env_vars": {"X_TOKEN": "a"}}}, ENV) == [
+        "runtime_env.env_vars.X_TOKEN"
+    ]
+    # the config itself travels (validated here), the run is the store
+    assert yaml.safe_load(env[sm.CONFIG_ENV])["store"] == str(tmp_path / "store")
+    assert sub.metadata["crossdiff_run"] == str(tmp_path / "store")
+    assert sub.runtime_env["working_dir"] == str(PROJECT_ROOT)
+    assert {".venv", ".git", "runs"} <= set(sub.runtime_env["excludes"])
+    with pytest.raises(sm.SubmitError, match="AWS_SECRET_ACCESS_KEY.*Secret"):
+        sm.build_submission("harvest", cfg, [], env={"AWS_SECRET_ACCESS_KEY": "x"}, environ={})
+    assert passthrough_env({"CROSSDIFF_API_KEY": "k", "CROSSDIFF_X": "1"}) == {"CROSSDIFF_X": "1"}
+
+
+def test_bad_config_is_refused_before_submitting(tmp_path, tiny_pair):
+    cfg = _harvest_cfg(tmp_path / "h.yaml", tiny_pair, tmp_path / "c.jsonl", tmp_path / "store")
+    data = yaml.safe_load(cfg.read_text())
+    data["layr"] = 2
+    cfg.write_text(yaml.safe_dump(data))
+    from diffing.config import ConfigError
+
+    with pytest.raises(ConfigError, match="layr"):
+        sm.build_submission("harvest", cfg, [], environ={})
+    with pytest.raises(sm.SubmitError, match="does not exist"):
+        sm.build_submission("harvest", tmp_path / "missing.yaml", [], environ={})
+
+
+def test_entrypoints_parse_with_the_cli(tmp_path, tiny_pair):
+    cfg = _harvest_cfg(tmp_path / "h.yaml", tiny_pair, tmp_path / "c.jsonl", tmp_path / "store")
+    subs = [
+        sm.build_submission("harvest", cfg, ["--overwrite"], environ={}),
+        sm.build_submission(
+            "fit", None, ["--store", "s", "--out", "r", "--set", "train.lr=1e-3"], environ={}
+        ),
+        sm.build_submission("analyze", None, ["--run", "r", "--store", "s"], environ={}),
+    ]
+    for sub in subs:
+        argv = sm.entrypoint_argv(sub.entrypoint, str(cfg))
+        assert sm.parse_cli(argv) == sub.stage
+    assert subs[0].entrypoint.endswith('crossdiff harvest --config "$cfg" --overwrite')
+    with pytest.raises(sm.SubmitError):
+        sm.parse_cli(["analyze", "--run", "r", "--stoer", "s"])
+    with pytest.raises(sm.SubmitError):
+        sm.parse_cli(["jobs", "frobnicate"])
+    assert sm.parse_cli(["jobs", "logs", "some-id", "--follow"]) == "logs"
+    # a typo in a pass-through option is caught before anything is sent
+    with pytest.raises(sm.SubmitError, match="stoer"):
+        sm.build_submission("analyze", None, ["--run", "r", "--stoer", "s"], environ={})
+
+
+def test_working_dir_upload_stays_small(tmp_path):
+    """What Ray would upload for working_dir (its own packager, our excludes, .gitignore)."""
+    from ray._private.runtime_env.packaging import create_package
+
+    env = build_runtime_env(environ={})
+    target = tmp_path / "pkg.zip"
+    create_package(env["working_dir"], target, include_gitignore=True, excludes=env["excludes"])
+    names = zipfile.ZipFile(target).namelist()
+    assert "jobs/cli.py" in names and "diffing/store.py" in names and "cluster/submit.py" in names
+    assert not any(n.startswith((".venv/", ".git/", "runs/")) or "__pycache__" in n for n in names)
+    assert target.stat().st_size < 5 * 2**20, target.stat().st_size
+
+
+# ---------------------------------------------------------------- a real `ray start --head` cluster
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A local head started like `crossdiff cluster up` (own ports, temp dir, state file); the
+    finalizer stops only its processes. It holds a credential in its environment (as a real cluster
+    would, from a Secret) so the tests can check the credential never lands in the job table."""
+    from cluster.local import down, up
+
+    state_dir = tmp_path_factory.mktemp("cluster-state")
+    name = "t" + uuid.uuid4().hex[:8]
+    st = up(name, num_cpus=4, state_dir=state_dir, env={"AWS_SECRET_ACCESS_KEY": SECRET})
+    try:
+        yield st
+    finally:
+        down(name, state_dir=state_dir)
+
+
+def _cli(*args, env=None, timeout=900):
+    e = dict(os.environ)
+    e.update(env or {})
+    e.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        cwd=PROJECT_ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_harvest_job_runs_on_a_real_cluster(head, tmp_path, tiny_pair):
+    addr = head["dashboard"]
+    corpus = _corpus(tmp_path / "c.jsonl", 8)
+    store = tmp_path / "store"
+    cfg = _harvest_cfg(tmp_path / "h.yaml", tiny_pair, corpus, store)
+    env = {"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    r = _cli("submit", "harvest", "--address", addr, "--config", str(cfg), env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    sid = json.loads(r.stdout.strip().splitlines()[-1])["submission_id"]
+    # a second submission of the same run while the first is pending/running is refused
+    again = _cli("submit", "harvest", "--address", addr, "--config", str(cfg), env=env, timeout=300)
+    jc = sm.client(addr)
+    if sm.status(sid, jc=jc)["status"] in sm.ACTIVE or again.returncode != 0:
+        assert again.returncode == 2, again.stdout
+        assert "already" in again.stderr and sid in again.stderr and "jobs stop" in again.stderr
+    st = sm.wait(sid, timeout_s=1200, jc=jc)
+    assert st["status"] == "SUCCEEDED", sm.failure_report(sid, jc=jc)
+    # outputs: a complete store with every document's tokens, from both models
+    from diffing.store import open_store
+
+    s = open_store(str(store))
+    assert s.model_names == ["base", "ft"] and s.n_rows > 8
+    # the job record holds no credential, the S3 settings travelled
+    info = jc.get_job_info(sid)
+    record = json.dumps([info.entrypoint, info.runtime_env, info.metadata], default=str)
+    assert SECRET not in record
+    assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    assert info.metadata["crossdiff_stage"] == "harvest"
+    # listed; a resubmission of a finished run is refused unless --replace
+    r = _cli("jobs", "list", "--address", addr, timeout=120)
+    assert sid in [j["submission_id"] for j in json.loads(r.stdout)]
+    again = _cli("submit", "harvest", "--address", addr, "--config", str(cfg), timeout=120)
+    assert again.returncode == 2 and "already SUCCEEDED" in again.stderr and "--replace" in again.stderr
+    r = _cli("jobs", "status", sid, "--address", addr, timeout=120)
+    assert json.loads(r.stdout)["status"] == "SUCCEEDED"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_failing_job_surfaces_its_error(head, tmp_path, tiny_pair):
+    cfg = _harvest_cfg(tmp_path / "h.yaml", tiny_pair, tmp_path / "no-such-corpus.jsonl", tmp_path / "s")
+    t0 = time.monotonic()
+    r = _cli("submit", "harvest", "--address", head["dashboard"], "--config", str(cfg), "--wait")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "FAILED" in r.stderr
+    assert "no-such-corpus.jsonl" in r.stderr  # the stage's own error message, from the job's logs
+    assert time.monotonic() - t0 < 900
