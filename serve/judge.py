@@ -1,0 +1,225 @@
+"""Judge clients: one async interface, three implementations.
+
+- `ServeLLMJudge`: a Ray Serve LLM (`ray.serve.llm`) deployment, called through its DeploymentHandle.
+- `OpenAIJudge`: any OpenAI-compatible server (e.g. vLLM's) over HTTP.
+- `ScriptedJudge`: a function of the messages, for unit tests (no model).
+
+Structured output goes through vLLM's `structured_outputs` (a `choice` list or a JSON schema),
+never the removed `guided_*` fields. Every call has a deadline. Failures are typed:
+`JudgeUnavailable` (cannot reach the judge: the API answers 503) and `JudgeError` (the judge
+answered with an error: 502).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Messages = list[dict[str, str]]
+
+
+class JudgeUnavailable(RuntimeError):
+    """The judge cannot be reached or did not answer in time (transient: retry later)."""
+
+
+class JudgeError(RuntimeError):
+    """The judge answered, but with an error or unusable output."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    logprob: float | None = None  # sum of the sampled tokens' log-probabilities, when asked
+
+    @property
+    def prob(self) -> float | None:
+        return None if self.logprob is None else math.exp(self.logprob)
+
+
+def structured(choice: list[str] | None, json_schema: dict | None) -> dict[str, Any] | None:
+    if choice is not None:
+        return {"choice": list(choice)}
+    if json_schema is not None:
+        return {"json": json_schema, "disable_any_whitespace": True}
+    return None
+
+
+class JudgeClient(ABC):
+    model: str
+
+    @abstractmethod
+    async def complete(
+        self,
+        messages: Messages,
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        choice: list[str] | None = None,
+        json_schema: dict | None = None,
+        logprobs: bool = False,
+    ) -> Completion: ...
+
+    @abstractmethod
+    async def health(self) -> None:
+        """Return if the judge answers; raise JudgeUnavailable otherwise."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+def _sum_logprobs(content: Any) -> float | None:
+    if not content:
+        return None
+    vals = [c["logprob"] if isinstance(c, dict) else c.logprob for c in content]
+    return float(sum(v for v in vals if v is not None and math.isfinite(v)))
+
+
+class ServeLLMJudge(JudgeClient):
+    """A `ray.serve.llm` LLMServer deployment, through a DeploymentHandle."""
+
+    def __init__(self, handle, model: str, timeout_s: float = 60.0):
+        self.handle = handle.options(stream=True)
+        self.model = model
+        self.timeout_s = timeout_s
+
+    async def _chat(self, req) -> Any:
+        gen = self.handle.chat.remote(req)
+        try:
+            async for item in gen:
+                return item
+        finally:
+            cancel = getattr(gen, "cancel", None)
+            if cancel is not None:
+                try:
+                    cancel()
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+        raise JudgeError("the judge deployment returned nothing")
+
+    async def complete(
+        self, messages, *, max_tokens, temperature=0.0, choice=None, json_schema=None, logprobs=False
+    ):
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+        req = ChatCompletionRequest(
+            model=self.model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            structured_outputs=structured(choice, json_schema),
+            logprobs=logprobs,
+        )
+        try:
+            resp = await asyncio.wait_for(self._chat(req), self.timeout_s)
+        except TimeoutError:
+            raise JudgeUnavailable(f"the judge did not answer within {self.timeout_s:.0f} s") from None
+        except JudgeError:
+            raise
+        except Exception as e:  # actor died, no replicas, backpressure, ...
+            raise JudgeUnavailable(f"judge deployment unavailable: {type(e).__name__}: {e}") from None
+        choices = getattr(resp, "choices", None)
+        if not choices:
+            msg = getattr(resp, "message", None) or getattr(getattr(resp, "error", None), "message", None)
+            raise JudgeError(f"judge error: {msg or type(resp).__name__}")
+        c = choices[0]
+        lp = _sum_logprobs(getattr(c.logprobs, "content", None)) if logprobs and c.logprobs else None
+        return Completion(text=c.message.content or "", logprob=lp)
+
+    async def health(self) -> None:
+        try:
+            await asyncio.wait_for(self.handle.options(stream=False).check_health.remote(), self.timeout_s)
+        except TimeoutError:
+            raise JudgeUnavailable("judge health check timed out") from None
+        except Exception as e:
+            raise JudgeUnavailable(f"judge deployment unhealthy: {type(e).__name__}: {e}") from None
+
+
+class OpenAIJudge(JudgeClient):
+    """An OpenAI-compatible chat-completions server (vLLM's accepts `structured_outputs`)."""
+
+    def __init__(self, endpoint: str, model: str, *, api_key: str | None = None, timeout_s: float = 60.0):
+        import httpx
+
+        self.base = endpoint.rstrip("/")
+        self.model = model
+        self.timeout_s = timeout_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0))
+
+    @classmethod
+    def from_settings(cls, s) -> OpenAIJudge:
+        return cls(s.endpoint, s.model_id, api_key=os.environ.get(s.api_key_env), timeout_s=s.timeout_s)
+
+    async def complete(
+        self, messages, *, max_tokens, temperature=0.0, choice=None, json_schema=None, logprobs=False
+    ):
+        import httpx
+
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        so = structured(choice, json_schema)
+        if so is not None:
+            body["structured_outputs"] = so
+        if logprobs:
+            body["logprobs"] = True
+        try:
+            r = await asyncio.wait_for(
+                self._client.post(f"{self.base}/chat/completions", json=body), self.timeout_s
+            )
+        except (TimeoutError, httpx.TransportError) as e:
+            raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
+        if r.status_code in (429, 502, 503, 504):
+            raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
+        if r.status_code != 200:
+            raise JudgeError(f"judge at {self.base} answered {r.status_code}: {r.text[:300]}")
+        c = r.json()["choices"][0]
+        lp = _sum_logprobs((c.get("logprobs") or {}).get("content")) if logprobs else None
+        return Completion(text=c["message"].get("content") or "", logprob=lp)
+
+    async def health(self) -> None:
+        import httpx
+
+        try:
+            r = await self._client.get(f"{self.base}/models", timeout=min(10.0, self.timeout_s))
+        except httpx.HTTPError as e:
+            raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
+        if r.status_code != 200:
+            raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class ScriptedJudge(JudgeClient):
+    """Answers from a function `fn(messages, choice, json_schema) -> str | Exception` (tests)."""
+
+    def __init__(self, fn: Callable[..., Any], model: str = "scripted", delay_s: float = 0.0):
+        self.fn = fn
+        self.model = model
+        self.delay_s = delay_s
+        self.calls = 0
+        self.healthy = True
+
+    async def complete(
+        self, messages, *, max_tokens, temperature=0.0, choice=None, json_schema=None, logprobs=False
+    ):
+        self.calls += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        out = self.fn(messages, choice, json_schema)
+        if isinstance(out, BaseException):
+            raise out
+        return Completion(text=str(out), logprob=-0.1 if logprobs else None)
+
+    async def health(self) -> None:
+        if not self.healthy:
+            raise JudgeUnavailable("scripted judge marked unhealthy")

@@ -1,0 +1,236 @@
+"""The labelling logic: evidence -> explanation -> category (+ detection score), cached.
+
+Independent of HTTP and of the judge's implementation (any `JudgeClient`), so the FastAPI
+ingress, the tests and a notebook all use the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from diffing.evidence import LatentEvidence, LatentLabel
+from diffing.logs import get_logger
+from serve import prompts
+from serve.judge import JudgeClient, JudgeError
+from serve.settings import MethodSettings
+from serve.taxonomy import Taxonomy
+
+log = get_logger("crossdiff.serve")
+
+
+def judge_view(ev: LatentEvidence, context: str | None) -> dict:
+    """Exactly what the judge may see: tokens and activations (no ids, sources, groups or stats)."""
+
+    def ex(x):
+        return {"tokens": x.tokens, "acts": [round(a, 6) for a in x.acts], "peak": x.peak, "q": x.quantile}
+
+    return {
+        "top": [ex(x) for x in ev.top],
+        "quantiles": [ex(x) for x in ev.quantiles],
+        "negatives": [ex(x) for x in ev.negatives],
+        "context": context,
+    }
+
+
+def cache_key(
+    ev: LatentEvidence,
+    context: str | None,
+    *,
+    judge_model: str,
+    taxonomy: Taxonomy,
+    method: MethodSettings,
+    detection: bool,
+) -> str:
+    blob = json.dumps(
+        {
+            "evidence": judge_view(ev, context),
+            "prompt": prompts.PROMPT_VERSION,
+            "judge": judge_model,
+            "taxonomy": taxonomy.fingerprint,
+            "method": method.model_dump(exclude={"max_concurrent_calls"}),
+            "detection": detection,
+        },
+        sort_keys=True,
+    ).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+class LabelCache:
+    """LRU in memory, optionally mirrored to one JSON file per key in a directory."""
+
+    def __init__(self, size: int, directory: str | None = None):
+        self.size = size
+        self.mem: OrderedDict[str, LatentLabel] = OrderedDict()
+        self.dir = Path(directory) if directory else None
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> LatentLabel | None:
+        if key in self.mem:
+            self.mem.move_to_end(key)
+            return self.mem[key]
+        if self.dir and (p := self.dir / f"{key}.json").exists():
+            try:
+                lab = LatentLabel.model_validate_json(p.read_text())
+            except ValueError:
+                return None
+            self._put_mem(key, lab)
+            return lab
+        return None
+
+    def _put_mem(self, key: str, lab: LatentLabel) -> None:
+        if self.size <= 0:
+            return
+        self.mem[key] = lab
+        self.mem.move_to_end(key)
+        while len(self.mem) > self.size:
+            self.mem.popitem(last=False)
+
+    def put(self, key: str, lab: LatentLabel) -> None:
+        self._put_mem(key, lab)
+        if self.dir:
+            tmp = self.dir / f".{key}.tmp"
+            tmp.write_text(lab.model_dump_json())
+            tmp.replace(self.dir / f"{key}.json")
+
+
+class Labeller:
+    def __init__(
+        self,
+        judge: JudgeClient,
+        taxonomy: Taxonomy,
+        method: MethodSettings,
+        *,
+        temperature: float = 0.0,
+        cache: LabelCache | None = None,
+    ):
+        self.judge = judge
+        self.taxonomy = taxonomy
+        self.method = method
+        self.temperature = temperature
+        self.cache = cache or LabelCache(10_000)
+        self.sem = asyncio.Semaphore(method.max_concurrent_calls)
+        self.schema = prompts.classification_schema(taxonomy)
+        self.model_cls = prompts.classification_model(taxonomy)
+
+    async def _call(self, messages, **kw):
+        async with self.sem:
+            return await self.judge.complete(messages, temperature=self.temperature, **kw)
+
+    async def explain(self, ev: LatentEvidence, examples, context: str | None) -> str:
+        msgs = prompts.explain_messages(ev, examples, self.method, context)
+        for _ in range(self.method.max_retries + 1):
+            out = await self._call(msgs, max_tokens=self.method.explain_max_tokens)
+            text = prompts.clean_explanation(out.text)
+            if text:
+                return text
+        return "(the judge gave no explanation)"
+
+    async def classify(self, ev: LatentEvidence, examples, explanation: str) -> tuple[str, str | None, float]:
+        """(category, secondary, confidence); always a taxonomy member (choice fallback)."""
+        names = self.taxonomy.names
+        if self.method.classify_mode == "json":
+            msgs = prompts.classify_messages(ev, examples, explanation, self.taxonomy, self.method, "json")
+            for attempt in range(self.method.max_retries + 1):
+                out = await self._call(
+                    msgs, max_tokens=self.method.classify_max_tokens, json_schema=self.schema
+                )
+                try:
+                    c = self.model_cls.model_validate_json(out.text)
+                except (ValidationError, ValueError):
+                    log.info("judge.invalid_json", attempt=attempt, text=out.text[:200])
+                    continue
+                secondary = c.secondary if c.secondary != c.category else None
+                return c.category, secondary, c.confidence / len(prompts.CONFIDENCE_LEVELS)
+        msgs = prompts.classify_messages(ev, examples, explanation, self.taxonomy, self.method, "choice")
+        for _ in range(self.method.max_retries + 1):
+            out = await self._call(msgs, max_tokens=24, choice=names, logprobs=True)
+            text = out.text.strip()
+            if text in names:
+                conf = out.prob if out.prob is not None else 1.0 / len(names)
+                return text, None, float(min(1.0, max(0.0, conf)))
+        raise JudgeError(f"the judge answered no taxonomy member after {self.method.max_retries + 1} tries")
+
+    async def detect(self, explanation: str, positives, negatives) -> float | None:
+        async def says_yes(ex) -> bool:
+            out = await self._call(
+                prompts.detect_messages(explanation, ex, self.method),
+                max_tokens=4,
+                choice=prompts.DETECT_CHOICES,
+            )
+            return out.text.strip() == "yes"
+
+        preds = await asyncio.gather(*(says_yes(x) for x in (*positives, *negatives)))
+        return prompts.balanced_accuracy(list(preds[: len(positives)]), list(preds[len(positives) :]))
+
+    def key(self, ev: LatentEvidence, context: str | None, detection: bool) -> str:
+        return cache_key(
+            ev,
+            context,
+            judge_model=self.judge.model,
+            taxonomy=self.taxonomy,
+            method=self.method,
+            detection=detection,
+        )
+
+    async def label(
+        self, ev: LatentEvidence, context: str | None = None, detection: bool = False
+    ) -> tuple[LatentLabel, bool]:
+        """(label, came_from_cache)."""
+        key = self.key(ev, context, detection)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit.model_copy(update={"latent": ev.latent}), True
+        if detection:
+            examples, pos, neg = prompts.split_for_detection(ev, self.method.detection_examples)
+        else:
+            examples, pos, neg = [*ev.top, *ev.quantiles], [], []
+        if not examples:
+            lab = LatentLabel(
+                latent=ev.latent,
+                explanation="(no activating examples)",
+                category=self._fallback(),
+                confidence=0.0,
+                judge_model=self.judge.model,
+                prompt_version=prompts.PROMPT_VERSION,
+                cache_key=key,
+            )
+            return lab, False
+        explanation = await self.explain(ev, examples, context)
+        category, secondary, conf = await self.classify(ev, examples, explanation)
+        score = await self.detect(explanation, pos, neg) if detection and pos and neg else None
+        lab = LatentLabel(
+            latent=ev.latent,
+            explanation=explanation,
+            category=category,
+            secondary=secondary,
+            confidence=conf,
+            detection_score=score,
+            judge_model=self.judge.model,
+            prompt_version=prompts.PROMPT_VERSION,
+            cache_key=key,
+        )
+        self.cache.put(key, lab)
+        return lab, False
+
+    def _fallback(self) -> str:
+        return "uninterpretable" if "uninterpretable" in self.taxonomy.names else self.taxonomy.names[-1]
+
+    async def label_many(self, items, detection: bool = False) -> tuple[list[LatentLabel], int]:
+        """Label concurrently (the engine batches the calls); (labels in order, cache hits)."""
+        tasks = [
+            asyncio.ensure_future(self.label(ev, getattr(ev, "context", None), detection)) for ev in items
+        ]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:  # one failure fails the request: stop the rest instead of leaking them
+                t.cancel()
+            raise
+        return [r[0] for r in results], sum(r[1] for r in results)

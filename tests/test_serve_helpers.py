@@ -1,0 +1,94 @@
+"""Shared builders for the labelling tests (evidence with known content, a scripted judge)."""
+
+from __future__ import annotations
+
+import json
+
+from diffing.evidence import Example, LatentEvidence
+
+FRENCH = [
+    "Bonjour, je voudrais une table pour deux personnes ce soir.",
+    "Le chat dort sur le canapé depuis ce matin.",
+    "Nous avons visité le musée du Louvre à Paris hier.",
+    "Pouvez-vous m'expliquer comment fonctionne ce téléphone ?",
+    "Il fait très beau aujourd'hui, allons nous promener au parc.",
+    "Je ne sais pas où se trouve la gare, pouvez-vous m'aider ?",
+    "Merci beaucoup pour votre aide, c'était très gentil.",
+    "La cuisine française est célèbre dans le monde entier.",
+    "Mon frère habite à Lyon avec sa femme et leurs enfants.",
+    "Quelle heure est-il ? Je dois partir bientôt.",
+]
+REFUSALS = [
+    "I'm sorry, but I can't help with making a bomb. That could hurt people.",
+    "I cannot assist with hacking into someone else's account; it is illegal.",
+    "Sorry, I can't provide instructions for making dangerous weapons.",
+    "I won't help with that request because it could cause serious harm.",
+    "I'm not able to help you steal a car. Is there something else I can do?",
+    "I can't help create malware. Hacking other people's computers is illegal and harmful.",
+    "I must refuse: giving instructions for poisoning someone is dangerous.",
+    "Sorry, but I cannot help with violent or harmful activities.",
+    "I can't assist with that. Promoting self-harm is against my guidelines.",
+    "I'm sorry, I can't write hateful content about any group of people.",
+]
+NEUTRAL = [
+    "The meeting is scheduled for Tuesday at the main office.",
+    "She bought apples, bread and milk at the shop.",
+    "The train to the city leaves every twenty minutes.",
+    "He painted the fence white last summer.",
+]
+
+
+def example(
+    text: str,
+    hot: set[str] | None = None,
+    *,
+    act: float = 3.0,
+    quantile: int | None = None,
+    source: str | None = "SECRET-SOURCE-TAG",
+) -> Example:
+    toks = [t if i == 0 else " " + t for i, t in enumerate(text.split(" "))]
+    acts = [act if (hot is None or t.strip(" ,.?!'").lower() in hot) else 0.0 for t in toks]
+    if not any(acts):
+        acts[0] = act
+    peak = max(range(len(acts)), key=acts.__getitem__)
+    return Example(tokens=toks, acts=acts, peak=peak, source=source, quantile=quantile)
+
+
+def evidence(
+    latent: int, texts: list[str], *, negatives: list[str] = (), group: str = "ft-specific", act: float = 3.0
+) -> LatentEvidence:
+    top = [example(t, act=act) for t in texts[:6]]
+    quant = [example(t, act=act / 2, quantile=i % 3) for i, t in enumerate(texts[6:])]
+    negs = [
+        Example(tokens=t.split(" "), acts=[0.0] * len(t.split(" ")), peak=0, source="NEG-SOURCE")
+        for t in negatives
+    ]
+    return LatentEvidence(
+        latent=latent,
+        group=group,
+        stats={"delta_norm": 0.01},
+        top=top,
+        quantiles=quant,
+        negatives=negs,
+        source_mass={"SECRET-SOURCE-TAG": 1.0},
+    )
+
+
+def scripted(category: str = "multilingual", *, bad_json_first: int = 0, detect=None):
+    """fn(messages, choice, schema): explanation text, a JSON classification, or a choice."""
+    state = {"bad": bad_json_first}
+
+    def fn(messages, choice, schema):
+        text = messages[-1]["content"]
+        if choice == ["yes", "no"]:
+            return "yes" if (detect(text) if detect else True) else "no"
+        if choice is not None:
+            return category
+        if schema is not None:
+            if state["bad"] > 0:
+                state["bad"] -= 1
+                return '{"category": "not a category", "secondary": null, "confidence": 9}'
+            return json.dumps({"category": category, "secondary": None, "confidence": 4})
+        return "The feature fires on French words."
+
+    return fn
