@@ -1,0 +1,346 @@
+"""`crossdiff report --run RUN`: one self-contained HTML page, report.json and a Markdown summary.
+
+Reads what the earlier stages left in RUN (all optional except latents.parquet): metrics.json
+(fit), latents.parquet (analyze), examples/*.jsonl (evidence), labels.jsonl (label), splice.json.
+Before labelling the cards carry no labels and there is no category shift; after labelling the
+shift Δ_c of S = "<B>-specific" against I = "<A>-specific" comes with counts and 95% CIs
+(diffing.stats.category_shift), beside the category counts of the random shared baseline.
+
+Other stages add sections through `write_report(run, extra_sections=[...])`: each item is a
+`ReportSection`, a dict with the same keys, or a callable taking the run directory and
+returning one of those (e.g. the planted-truth validation of the demo).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.report import plots, render
+
+REPORT_HTML, REPORT_JSON, REPORT_MD = "report.html", "report.json", "report.md"
+
+
+@dataclass
+class ReportSection:
+    """An extra report section: HTML body (self-contained), Markdown body, JSON-able data."""
+
+    title: str
+    html: str = ""
+    markdown: str = ""
+    data: Any = None
+    key: str = ""
+
+
+SectionLike = ReportSection | dict | Callable[[Path], "ReportSection | dict"]
+
+
+@dataclass
+class ReportOptions:
+    max_cards: int = 40  # per model-specific group, most robust first
+    baseline_cards: int = 12
+    contexts_per_card: int = 5
+    min_count: int = 5  # categories with fewer latents on either side are flagged
+    extra: dict = field(default_factory=dict)
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _section(s: SectionLike, run: Path) -> ReportSection:
+    if callable(s) and not isinstance(s, ReportSection | dict):
+        s = s(run)
+    if isinstance(s, dict):
+        s = ReportSection(**s)
+    if not isinstance(s, ReportSection):
+        raise TypeError(
+            f"extra section must be a ReportSection, a dict or a callable, got {type(s).__name__}"
+        )
+    return s
+
+
+def gather(run_dir: str | Path, opts: ReportOptions | None = None) -> dict:
+    """Everything the report shows, as JSON-able data."""
+    import pyarrow.parquet as pq
+
+    from diffing.analysis import robustness
+    from diffing.evidence import iter_evidence, read_labels
+    from diffing.stats import category_shift
+
+    opts = opts or ReportOptions()
+    run = Path(run_dir)
+    lp = run / "latents.parquet"
+    if not lp.exists():
+        raise FileNotFoundError(f"{lp} is missing; run `crossdiff analyze --run {run} --store STORE` first")
+    t = pq.read_table(lp)
+    meta = {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items()}
+    cols = t.to_pydict()
+    pair = tuple(meta.get("pair", "A,B").split(","))
+    acfg = json.loads(meta.get("config", "{}"))
+    L = t.num_rows
+    groups = np.asarray(cols.get("group", [""] * L), dtype=object)
+    evidence = {e.latent: e.model_dump() for e in iter_evidence(run)}
+    labels = {k: v.model_dump() for k, v in read_labels(run).items()}
+    a, b = pair
+    s_name, i_name = f"{b}-specific", f"{a}-specific"
+    out: dict[str, Any] = {
+        "run": str(run),
+        "pair": list(pair),
+        "n_latents": L,
+        "analysis_config": acfg,
+        "metrics": json.loads((run / "metrics.json").read_text())
+        if (run / "metrics.json").exists()
+        else None,
+        "splice": json.loads((run / "splice.json").read_text()) if (run / "splice.json").exists() else None,
+        "classes": dict(Counter(cols["class"])),
+        "robust": int(np.sum(cols["robust"])),
+        "groups": {g: int(n) for g, n in Counter(groups.tolist()).items() if g},
+        "n_evidence": len(evidence),
+        "n_labels": len(labels),
+    }
+    nu_eps, nu_r = np.asarray(cols["nu_eps"], float), np.asarray(cols["nu_r"], float)
+    score = robustness(nu_eps, nu_r)
+    cards = {}
+    for g, cap in ((i_name, opts.max_cards), (s_name, opts.max_cards), ("baseline", opts.baseline_cards)):
+        idx = np.flatnonzero(groups == g)
+        idx = idx[np.lexsort((idx, score[idx]))][:cap] if g != "baseline" else idx[:cap]
+        lst = []
+        for i in idx.tolist():
+            ev = evidence.get(i, {})
+            stats = dict(ev.get("stats") or {})
+            for k in ("delta_norm", "nu_eps", "nu_r", "freq", "mean_act", "max_act"):
+                stats.setdefault(k, cols[k][i])
+            lst.append(
+                {
+                    "latent": i,
+                    "group": g,
+                    "stats": stats,
+                    "label": labels.get(i),
+                    "source_mass": ev.get("source_mass", {}),
+                    "top": ev.get("top", []),
+                }
+            )
+        cards[g] = lst
+    out["cards"] = cards
+    # category counts per group and the shift S vs I
+    cats: dict[str, Counter] = {}
+    for g in (s_name, i_name, "baseline"):
+        members = np.flatnonzero(groups == g).tolist()
+        cats[g] = Counter(labels[i]["category"] for i in members if i in labels)
+    out["category_counts"] = {g: dict(c) for g, c in cats.items()}
+    out["shift"] = None
+    out["shift_note"] = "no labels yet: run `crossdiff label`" if not labels else ""
+    if labels:
+        N_s, N_i = sum(cats[s_name].values()), sum(cats[i_name].values())
+        if N_s and N_i:
+            rows = category_shift(cats[s_name], cats[i_name], min_count=opts.min_count)
+            out["shift"] = [r.as_dict() for r in rows]
+            out["shift_note"] = f"S = {s_name} ({N_s} labelled), I = {i_name} ({N_i} labelled)"
+        else:
+            out["shift_note"] = f"a group has no labelled latents ({s_name}: {N_s}, {i_name}: {N_i})"
+    out["_arrays"] = {
+        "delta_norm": cols["delta_norm"],
+        "freq": cols["freq"],
+        "nu_eps": nu_eps,
+        "nu_r": nu_r,
+        "groups": groups,
+    }
+    return out
+
+
+def _metrics_rows(m: dict | None) -> list[list[Any]]:
+    rows = []
+    for k, v in (m or {}).items():
+        if isinstance(v, dict):
+            rows += [[f"{k}/{kk}", vv] for kk, vv in v.items()]
+        else:
+            rows.append([k, v])
+    return rows
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    extra_sections: Sequence[SectionLike] = (),
+    opts: ReportOptions | None = None,
+    title: str | None = None,
+) -> dict:
+    """Write RUN/report.html, RUN/report.json, RUN/report.md; returns their paths and a summary."""
+    from diffing.logs import get_logger
+
+    run = Path(run_dir)
+    opts = opts or ReportOptions()
+    d = gather(run, opts)
+    arr = d.pop("_arrays")
+    extras = [_section(s, run) for s in extra_sections]
+    pair = tuple(d["pair"])
+    a, b = pair
+    s_name, i_name = f"{b}-specific", f"{a}-specific"
+    dn, freq = np.asarray(arr["delta_norm"], float), np.asarray(arr["freq"], float)
+    live = freq > 0
+    H, R = render, render.esc
+    sec: list[tuple[str, str]] = []
+    kp = [("latents", d["n_latents"]), ("live", int(live.sum())), ("robust model-only", d["robust"])]
+    kp += [(g, n) for g, n in sorted(d["groups"].items())]
+    kp += [("with evidence", d["n_evidence"]), ("labelled", d["n_labels"])]
+    kpis = "".join(
+        f'<div class="kpi"><b>{R(H.fmt(v))}</b><span class="muted">{R(k)}</span></div>' for k, v in kp
+    )
+    sec.append(
+        (
+            "Overview",
+            f'<p class="muted">run {R(d["run"])} · pair {R(a)} vs {R(b)}</p><div class="kpis">{kpis}</div>',
+        )
+    )
+    mrows = _metrics_rows(d["metrics"])
+    sec.append(
+        (
+            "Training",
+            H.table_html(mrows, ["metric", "value"]) if mrows else '<p class="muted">no metrics.json</p>',
+        )
+    )
+    if d["splice"]:
+        rows = []
+        for name, r in d["splice"]["models"].items():
+            for v in ("full", "shared_only"):
+                if v in r:
+                    rows.append(
+                        [
+                            f"{name} ({v})",
+                            r["ce_clean"],
+                            r[v]["ce"],
+                            r[v]["delta_ce"],
+                            r[v]["kl"],
+                            r[v]["ce_recovered"],
+                        ]
+                    )
+        sec.append(
+            (
+                "Splice evaluation",
+                H.table_html(rows, ["model", "CE clean", "CE spliced", "ΔCE", "KL", "CE recovered"])
+                + f'<p class="muted">{d["splice"]["n_tokens"]} tokens, layer {d["splice"]["layer"]}; '
+                "shared_only zeroes the model-specific latents</p>",
+            )
+        )
+    imgs = [
+        plots.delta_norm_hist(dn, live, arr["groups"], d["analysis_config"], pair),
+        plots.nu_scatter(arr["nu_eps"], arr["nu_r"], arr["groups"], d["analysis_config"], pair),
+        plots.count_bars(d["classes"], "classes (absolute Δnorm thresholds)"),
+    ]
+    sec.append(
+        ("Latents", '<div class="grid">' + "".join(f'<img alt="figure" src="{u}">' for u in imgs) + "</div>")
+    )
+    cc = d["category_counts"]
+    shift_html = f'<p class="muted">{R(d["shift_note"])}</p>'
+    if d["shift"]:
+        shift_html += f'<img alt="category shift" src="{plots.shift_bars(d["shift"], s_name, i_name)}">'
+        shift_html += H.shift_table(d["shift"])
+    if any(cc.values()):
+        allc = sorted(set().union(*[set(c) for c in cc.values()]))
+        shift_html += "<h3>Category counts per group</h3>" + H.table_html(
+            [[c, *(cc[g].get(c, 0) for g in (s_name, i_name, "baseline"))] for c in allc],
+            ["category", s_name, i_name, "baseline"],
+        )
+    sec.append(("Category shift", shift_html))
+    for g in (i_name, s_name):
+        cards = d["cards"].get(g, [])
+        body = (
+            "".join(H.card_html(c, pair, opts.contexts_per_card) for c in cards)
+            or '<p class="muted">none selected</p>'
+        )
+        sec.append((f"{g} latents ({d['groups'].get(g, 0)}, most robust first)", body))
+    base = "".join(H.card_html(c, pair, opts.contexts_per_card) for c in d["cards"].get("baseline", []))
+    sec.append(
+        (
+            "Random shared baseline",
+            f"<details><summary>{len(d['cards'].get('baseline', []))} cards</summary>{base}</details>",
+        )
+    )
+    for e in extras:
+        sec.append((e.title, e.html))
+    page = H.page(title or f"crossdiff report: {a} vs {b}", sec)
+    d["sections"] = [{"title": e.title, "key": e.key, "data": e.data} for e in extras]
+    paths = {"html": run / REPORT_HTML, "json": run / REPORT_JSON, "markdown": run / REPORT_MD}
+    _atomic(paths["html"], page)
+    _atomic(paths["json"], json.dumps(_clean(d), indent=1))
+    _atomic(paths["markdown"], markdown(d, extras))
+    get_logger("report", run=str(run)).info("report.done", html=str(paths["html"]))
+    return {
+        "html": str(paths["html"]),
+        "json": str(paths["json"]),
+        "markdown": str(paths["markdown"]),
+        "groups": d["groups"],
+        "labelled": d["n_labels"],
+        "shift": d["shift"] is not None,
+    }
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _pct(x) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x * 100:+.1f}%"
+
+
+def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:
+    a, b = d["pair"]
+    fmt = render.fmt
+    out = [
+        f"# crossdiff report: {a} vs {b}",
+        "",
+        f"Run `{d['run']}`: {d['n_latents']} latents, "
+        f"{d['robust']} robust model-only; groups "
+        + ", ".join(f"{g} {n}" for g, n in sorted(d["groups"].items()))
+        + f"; {d['n_evidence']} with evidence, {d['n_labels']} labelled.",
+        "",
+    ]
+    if d["metrics"]:
+        out += ["## Training", ""] + [f"- {k}: {fmt(v)}" for k, v in _metrics_rows(d["metrics"])] + [""]
+    if d["splice"]:
+        out += ["## Splice", ""]
+        for name, r in d["splice"]["models"].items():
+            out.append(
+                f"- {name}: ΔCE {fmt(r['full']['delta_ce'])}, KL {fmt(r['full']['kl'])}, "
+                f"CE recovered {fmt(r['full']['ce_recovered'])}"
+            )
+        out.append("")
+    out += ["## Classes", ""] + [f"- {k}: {v}" for k, v in sorted(d["classes"].items())] + [""]
+    out += ["## Category shift", "", d["shift_note"], ""]
+    if d["shift"]:
+        out += ["| category | n_S/N_S | n_I/N_I | Δ_c | 95% CI | |", "|---|---|---|---|---|---|"]
+        for r in d["shift"]:
+            out.append(
+                f"| {r['category']} | {r['n_s']}/{r['N_s']} | {r['n_i']}/{r['N_i']} | {_pct(r['delta'])} | "
+                f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] | {'small count' if r['small_count'] else ''} |"
+            )
+        out.append("")
+    for g in (f"{a}-specific", f"{b}-specific"):
+        out += [f"## {g} (top {min(10, len(d['cards'].get(g, [])))})", ""]
+        for c in d["cards"].get(g, [])[:10]:
+            lab = c["label"]
+            desc = f"{lab['category']}: {lab['explanation']}" if lab else "(not labelled)"
+            out.append(f"- latent {c['latent']} (Δnorm {fmt(c['stats'].get('delta_norm'))}): {desc}")
+        out.append("")
+    for e in extras:
+        out += [f"## {e.title}", "", e.markdown, ""]
+    return "\n".join(out)

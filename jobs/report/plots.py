@@ -1,0 +1,143 @@
+"""Report figures: matplotlib (Agg) rendered to PNG data URIs, so the page needs no other file."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import numpy as np
+
+COLORS = {"A": "#d9480f", "B": "#1971c2", "baseline": "#868e96", "": "#ced4da"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def to_data_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    _plt().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _group_names(pair: tuple[str, str]) -> tuple[str, str, str]:
+    return (f"{pair[0]}-specific", f"{pair[1]}-specific", "baseline")
+
+
+def group_colors(groups: np.ndarray, pair: tuple[str, str]) -> list[str]:
+    a, b = pair
+    m = {f"{a}-specific": COLORS["A"], f"{b}-specific": COLORS["B"], "baseline": COLORS["baseline"]}
+    return [m.get(g, COLORS[""]) for g in groups]
+
+
+def delta_norm_hist(
+    dn: np.ndarray, live: np.ndarray, groups: np.ndarray, cfg: dict, pair: tuple[str, str]
+) -> str:
+    """Histogram of Δnorm over live latents with the class thresholds and the selected groups."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    bins = np.linspace(0, 1, 51)
+    ax.hist(dn[live], bins=bins, color="#adb5bd", label="live latents")
+    a, b = pair
+    for g, c in (
+        (f"{a}-specific", COLORS["A"]),
+        (f"{b}-specific", COLORS["B"]),
+        ("baseline", COLORS["baseline"]),
+    ):
+        sel = live & (groups == g)
+        if sel.any():
+            ax.hist(dn[sel], bins=bins, color=c, alpha=0.85, label=f"{g} ({int(sel.sum())})")
+    for x, lab in (
+        (cfg.get("only_low"), f"{b}-only <"),
+        (cfg.get("shared_low"), "shared"),
+        (1 - cfg["shared_low"] if "shared_low" in cfg else None, None),
+        (cfg.get("only_high"), f"> {a}-only"),
+    ):
+        if x is not None:
+            ax.axvline(x, color="#212529", ls="--", lw=0.8)
+            if lab:
+                ax.text(x, ax.get_ylim()[1] * 0.95, f" {lab}", fontsize=7, va="top")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"Δnorm  (0 = {b}-only, 1 = {a}-only)")
+    ax.set_ylabel("latents")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return to_data_uri(fig)
+
+
+def nu_scatter(
+    nu_eps: np.ndarray, nu_r: np.ndarray, groups: np.ndarray, cfg: dict, pair: tuple[str, str]
+) -> str:
+    """ν^ε vs ν^r of the selected latents and the baseline (robust: lower-left box)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    a, b = pair
+    shown = 0
+    for g, c in (
+        (f"{a}-specific", COLORS["A"]),
+        (f"{b}-specific", COLORS["B"]),
+        ("baseline", COLORS["baseline"]),
+    ):
+        sel = (groups == g) & np.isfinite(nu_eps) & np.isfinite(nu_r)
+        if sel.any():
+            ax.scatter(nu_eps[sel], nu_r[sel], s=14, color=c, alpha=0.8, label=g, edgecolors="none")
+            shown += int(sel.sum())
+    ex, rx = cfg.get("nu_eps_max", 0.2), cfg.get("nu_r_max", 0.5)
+    ax.add_patch(_plt().Rectangle((-10, -10), ex + 10, rx + 10, fill=False, ls="--", lw=0.8, color="#212529"))
+    fin = [v[np.isin(groups, list(_group_names(pair))) & np.isfinite(v)] for v in (nu_eps, nu_r)]
+    lo = [max(-1.0, min(-0.1, float(f.min()) - 0.05)) if len(f) else -0.1 for f in fin]
+    ax.set_xlim(lo[0], 1.5)
+    ax.set_ylim(lo[1], 1.5)
+    ax.set_xlabel("ν^ε (error target)")
+    ax.set_ylabel("ν^r (reconstruction target)")
+    ax.set_title("Latent Scaling: small ν = specific", fontsize=9)
+    if shown:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.6, 0.6, "no latents with finite ν", ha="center")
+    return to_data_uri(fig)
+
+
+def count_bars(counts: dict[str, int], title: str) -> str:
+    plt = _plt()
+    items = sorted(counts.items(), key=lambda kv: -kv[1])
+    fig, ax = plt.subplots(figsize=(5.0, 0.35 * max(len(items), 2) + 0.8))
+    ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="#495057")
+    for i, (_, v) in enumerate(items[::-1]):
+        ax.text(v, i, f" {v}", va="center", fontsize=8)
+    ax.set_xlim(0, max((v for _, v in items), default=1) * 1.15)
+    ax.set_title(title, fontsize=9)
+    return to_data_uri(fig)
+
+
+def shift_bars(rows: list[dict], s_name: str, i_name: str) -> str:
+    """Δ_c per category with its 95% CI (percent); small-count categories hatched."""
+    plt = _plt()
+    rows = [r for r in rows if r["delta"] is not None and math.isfinite(r["delta"])]
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * max(len(rows), 2) + 1.0))
+    if not rows:
+        ax.text(0.5, 0.5, "no category present in both sets", ha="center")
+        ax.axis("off")
+        return to_data_uri(fig)
+    rows = rows[::-1]
+    y = np.arange(len(rows))
+    d = np.array([r["delta"] for r in rows]) * 100
+    lo = np.array([r["ci_low"] if r["ci_low"] is not None else r["delta"] for r in rows]) * 100
+    hi = np.array([r["ci_high"] if r["ci_high"] is not None else r["delta"] for r in rows]) * 100
+    colors = [COLORS["B"] if v > 0 else COLORS["A"] for v in d]
+    bars = ax.barh(y, d, color=colors, alpha=0.85)
+    for bar, r in zip(bars, rows, strict=True):
+        if r.get("small_count"):
+            bar.set_hatch("//")
+    ax.errorbar(d, y, xerr=[d - lo, hi - d], fmt="none", ecolor="#212529", capsize=3, lw=1)
+    ax.set_yticks(y, [f"{r['category']}  ({r['n_s']}:{r['n_i']})" for r in rows], fontsize=8)
+    ax.axvline(0, color="#212529", lw=0.8)
+    ax.set_xlim(-105, min(max(float(np.max(hi)), float(np.max(d))), 400) + 15)  # CIs past 400% are cut
+    ax.set_xlabel(f"Δ_c (%) of {s_name} vs {i_name} latents, 95% CI; labels: category (n_S:n_I)")
+    return to_data_uri(fig)

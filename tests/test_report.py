@@ -1,0 +1,189 @@
+"""The report: self-contained HTML (no network assets), before and after labelling, extra sections."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from diffing.analysis import analyze_run
+from diffing.collect import collect_evidence
+from diffing.config import AnalysisConfig, CrosscoderConfig
+from diffing.crosscoder import Crosscoder
+from diffing.evidence import LABELS_FILE, LatentLabel, write_jsonl
+from diffing.stats import category_shift
+from diffing.store import write_arrays
+from jobs.report import ReportOptions, ReportSection, write_report
+
+CATS = ["safety", "code generation", "multilingual"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A small run: random crosscoder with a threshold, a store with docs/tokens/sources, analysis
+    with tail selection, and evidence."""
+    tmp = tmp_path_factory.mktemp("report")
+    cfg = CrosscoderConfig(n_models=2, d_model=16, n_latents=96, k=4, model_names=("base", "chat"), aux_k=8)
+    cc = Crosscoder(cfg, seed=3)
+    with torch.no_grad():
+        cc.W_dec[0, :20] *= 0.1  # chat-leaning latents
+        cc.W_dec[1, 20:40] *= 0.1  # base-leaning latents
+        cc.threshold.fill_(0.02)
+    run = tmp / "run"
+    cc.save(run / "crosscoder")
+    (run / "metrics.json").write_text(
+        json.dumps({"fve": {"base": 0.81, "chat": 0.79}, "l0": 4.1, "steps": 100})
+    )
+    rng = np.random.default_rng(0)
+    n = 4000
+    x = rng.standard_normal((n, 2, 16)).astype(np.float32)
+    texts = list("the quick brown fox jumps over the lazy dog\n") * 200
+    tok = np.array([ord(c) for c in texts[:n]])
+    store = write_arrays(
+        str(tmp / "store"),
+        x,
+        model_names=["base", "chat"],
+        doc_ids=np.arange(n) // 40,
+        positions=np.arange(n) % 40,
+        token_ids=tok,
+        extra={"source": [["chat", "web"][i // 40 % 2] for i in range(n)]},
+    )
+    acfg = AnalysisConfig(tail_frac=0.06, heldout="all", n_top=6, window=6, reservoir=64)
+    analyze_run(run, store, acfg)
+    collect_evidence(run, store, acfg)
+    return run
+
+
+def _groups(run):
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(run / "latents.parquet").to_pydict()
+    return {
+        g: [lat for lat, gg in zip(t["latent"], t["group"], strict=True) if gg == g] for g in set(t["group"])
+    }
+
+
+def _check_offline(html: str):
+    assert not re.search(r"(?:src|href)\s*=\s*[\"']?(?:https?:)?//", html, re.I)
+    assert "http://" not in html and "https://" not in html and "@import" not in html
+    imgs = re.findall(r"<img[^>]*\bsrc=\"([^\"]*)\"", html)
+    assert imgs and all(s.startswith("data:image/png;base64,") for s in imgs)
+    assert "<script" not in html and "<link" not in html
+
+
+def test_report_before_labelling(run):
+    out = write_report(run)
+    html = (run / "report.html").read_text()
+    _check_offline(html)
+    g = _groups(run)
+    assert len(g["base-specific"]) > 0 and len(g["chat-specific"]) > 0
+    n_cards = (
+        len(g["base-specific"])
+        + len(g["chat-specific"])
+        + min(len(g["baseline"]), ReportOptions().baseline_cards)
+    )
+    assert html.count('class="card"') == n_cards
+    assert "not labelled yet" in html and "no labels yet" in html
+    assert "activation mass by source" in html and 'class="pk"' in html  # highlighted contexts
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["shift"] is None and rep["groups"]["base-specific"] == len(g["base-specific"])
+    assert rep["metrics"]["fve"]["base"] == 0.81
+    assert out["labelled"] == 0 and (run / "report.md").read_text().startswith("# crossdiff report")
+
+
+def test_report_after_labelling_shows_shift_and_labels(run, tmp_path):
+    lab_run = tmp_path / "run"
+    shutil.copytree(run, lab_run)
+    g = _groups(lab_run)
+    labels, counts = [], {"chat-specific": {}, "base-specific": {}}
+    for grp in ("chat-specific", "base-specific", "baseline"):
+        for j, lat in enumerate(g[grp]):
+            cat = CATS[(j + (grp == "base-specific")) % len(CATS)]
+            counts.setdefault(grp, {})[cat] = counts.get(grp, {}).get(cat, 0) + 1
+            labels.append(
+                LatentLabel(
+                    latent=lat,
+                    explanation=f"explains latent {lat}",
+                    category=cat,
+                    confidence=0.7,
+                    detection_score=0.8,
+                )
+            )
+    write_jsonl(lab_run / LABELS_FILE, labels)
+    write_report(lab_run)
+    rep = json.loads((lab_run / "report.json").read_text())
+    want = category_shift(counts["chat-specific"], counts["base-specific"], min_count=5)  # S = B-specific
+    assert [(r["category"], r["n_s"], r["n_i"]) for r in rep["shift"]] == [
+        (w.category, w.n_s, w.n_i) for w in want
+    ]
+    for r, w in zip(rep["shift"], want, strict=True):
+        assert r["delta"] == pytest.approx(w.delta) and r["ci_low"] == pytest.approx(w.ci_low)
+    html = (lab_run / "report.html").read_text()
+    _check_offline(html)
+    assert f"explains latent {g['chat-specific'][0]}" in html and "detection score 0.8" in html
+    assert "not labelled yet" not in html
+    assert rep["category_counts"]["baseline"] and "Δ_c" in (lab_run / "report.md").read_text()
+
+
+def test_extra_sections_hook(run, tmp_path):
+    r2 = tmp_path / "run"
+    shutil.copytree(run, r2)
+    sec = ReportSection(
+        title="Planted truth",
+        html="<p>recovered 97%</p>",
+        markdown="recovered 97%",
+        data={"recovered": 0.97},
+        key="planted",
+    )
+    write_report(
+        r2,
+        extra_sections=[sec, lambda run_dir: {"title": "From a callable", "html": f"<p>{run_dir.name}</p>"}],
+    )
+    html = (r2 / "report.html").read_text()
+    assert "Planted truth" in html and "recovered 97%" in html and "From a callable" in html
+    rep = json.loads((r2 / "report.json").read_text())
+    assert rep["sections"][0] == {"title": "Planted truth", "key": "planted", "data": {"recovered": 0.97}}
+    assert "recovered 97%" in (r2 / "report.md").read_text()
+    with pytest.raises(TypeError):
+        write_report(r2, extra_sections=[42])
+
+
+def test_report_needs_latents(tmp_path):
+    with pytest.raises(FileNotFoundError, match="crossdiff analyze"):
+        write_report(tmp_path)
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+@pytest.mark.timeout(120)
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    from PIL import Image
+
+    write_report(run)
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            "--window-size=1200,2400",
+            "--user-data-dir=" + str(tmp_path / "profile"),
+            (run / "report.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=100,
+    )
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[0] >= 2000 and img.shape[1] >= 1100
+    colours = len(np.unique(img.reshape(-1, 3)[::7], axis=0))
+    assert colours > 200  # text, plots and highlights, not a blank or broken page
