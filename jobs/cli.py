@@ -125,26 +125,41 @@ def analyze(
     pair: Annotated[
         str | None, typer.Option("--pair", help="Models compared by Δnorm, as 'A,B' (default: first two).")
     ] = None,
+    evidence: Annotated[
+        bool | None, typer.Option("--evidence/--no-evidence", help="Collect contexts per selected latent.")
+    ] = None,
+    splice: Annotated[
+        bool, typer.Option("--splice", help="Also run the splice evaluation (needs the harvest models).")
+    ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Ray Data concurrency for the evidence pass (0: in-process)."),
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Per-latent Δnorm, cosine, frequency, Latent Scaling and classes -> RUN/latents.parquet."""
-    from diffing.analysis import analyze_run
+    """Δnorm, Latent Scaling, classes, model-specific groups -> RUN/latents.parquet; contexts per
+    selected latent -> RUN/examples/; optional splice evaluation -> RUN/splice.json."""
     from diffing.config import AnalysisConfig, load_config
-    from diffing.store import open_store
+    from jobs.analyze import run_analyze
 
     def go():
-        cfg = load_config(AnalysisConfig, config, set_ or [])
+        sets = list(set_ or [])
+        if evidence is not None:
+            sets.append(f"evidence={str(evidence).lower()}")
+        if splice:
+            sets.append("splice=true")
+        if workers is not None:
+            sets.append(f"evidence_workers={workers}")
+        cfg = load_config(AnalysisConfig, config, sets)
         names = tuple(pair.split(",")) if pair else None
         if names is not None and len(names) != 2:
             raise ValueError(f"--pair expects two model names separated by a comma, got {pair!r}")
-        table = analyze_run(run, open_store(store), cfg, pair=names, overwrite=overwrite)
-        classes = table.column("class").to_pylist()
-        summary = {c: classes.count(c) for c in sorted(set(classes))}
-        typer.echo(
-            json.dumps(
-                {"latents": table.num_rows, "classes": summary, "out": str(run / "latents.parquet")}, indent=2
-            )
-        )
+        summary = run_analyze(run, store, cfg, pair=names, overwrite=overwrite, address=address)
+        summary["examples"] = len(summary.get("examples", []))
+        typer.echo(json.dumps(summary, indent=2))
 
     _run(go)
 
@@ -225,6 +240,16 @@ def pipeline(
 from jobs.submit import register as _register_cluster_commands  # noqa: E402
 
 _register_cluster_commands(app)
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Option("--run", help="Run directory (after analyze; labels optional).")],
+) -> None:
+    """Write RUN/report.html (self-contained), RUN/report.json and RUN/report.md."""
+    from jobs.report import write_report
+
+    _run(lambda: typer.echo(json.dumps(write_report(run), indent=2)))
 
 
 def main() -> None:

@@ -226,3 +226,17 @@ def test_evidence_json_roundtrip(world):
         pytest.skip("evidence not written yet")
     for line in p.read_text().splitlines():
         LatentEvidence.model_validate(json.loads(line))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_data_pass_equals_in_process(world, ray_cluster):
+    from jobs.analyze import ray_data_map
+
+    rows = {lat: {"latent": lat, "group": "x", "delta_norm": 0.5} for lat in range(L)}
+    local = evidence_for_latents(world["store"], world["run"] / "crosscoder", [0, 2, 5], CFG, rows)
+    dist = evidence_for_latents(
+        world["store"], world["run"] / "crosscoder", [0, 2, 5], CFG, rows, map_fn=ray_data_map(2)
+    )
+    assert [e.model_dump() for e in dist] == [e.model_dump() for e in local]

@@ -187,3 +187,28 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert img.shape[0] >= 2000 and img.shape[1] >= 1100
     colours = len(np.unique(img.reshape(-1, 3)[::7], axis=0))
     assert colours > 200  # text, plots and highlights, not a blank or broken page
+
+
+def test_cli_analyze_then_report(tmp_path, run):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    r2 = tmp_path / "run"
+    shutil.copytree(run / "crosscoder", r2 / "crosscoder")
+    store = str(run.parent / "store")
+    res = CliRunner().invoke(
+        app,
+        ["analyze", "--run", str(r2), "--store", store, "--set", "tail_frac=0.05", "--set", "heldout=all"],
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["examples"] == 1 and out["groups"]["chat-specific"] > 0
+    assert (r2 / "examples" / "0000000-0001024.jsonl").exists()
+    res = CliRunner().invoke(app, ["report", "--run", str(r2)])
+    assert res.exit_code == 0, res.output
+    _check_offline((r2 / "report.html").read_text())
+    res = CliRunner().invoke(
+        app, ["analyze", "--run", str(r2), "--store", store, "--no-evidence", "--set", "x=1"]
+    )
+    assert res.exit_code == 2 and "x" in res.output

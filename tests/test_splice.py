@@ -84,3 +84,70 @@ def test_splice_rejects_wrong_model_count(pair):
     models, prompts, pad = pair
     with pytest.raises(ValueError, match="2 models|1 models"):
         splice_eval(models[:1], _identity_crosscoder(models[0].config.hidden_size), LAYER, prompts)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_analyze_on_a_harvested_store_gives_text_contexts_and_splice(tmp_path, tiny_pair):
+    """Harvest the tiny pair in-process, fit nothing (exact crosscoder), then `run_analyze` with
+    evidence and splice: contexts decode to corpus text; the exact crosscoder recovers all CE."""
+    import json
+
+    from diffing.config import AnalysisConfig
+    from diffing.evidence import iter_evidence
+    from diffing.harvest import HarvestConfig, Harvester
+    from diffing.store import StoreWriter
+    from jobs.analyze import run_analyze
+
+    base, ft = tiny_pair
+    texts = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(12)]
+    cfg = HarvestConfig.model_validate(
+        dict(
+            models=[{"name": "base", "path": str(base)}, {"name": "ft", "path": str(ft)}],
+            layer=LAYER,
+            corpus={"uri": "unused.jsonl"},
+            store=str(tmp_path / "store"),
+            context_length=64,
+            outlier_norm_mult=None,
+        )
+    )
+    h = Harvester(cfg)
+    writer = StoreWriter(
+        cfg.store,
+        model_names=["base", "ft"],
+        d_model=h.d_model,
+        layer=LAYER,
+        extra_columns=["source"],
+        metadata={"harvest": cfg.model_dump(mode="json")},
+        dtype="float32",
+    )
+    for s in range(2):
+        recs = [{"id": str(i), "source": f"src{i % 2}", "text": texts[i]} for i in range(6 * s, 6 * s + 6)]
+        rows = h.run(recs, 6 * s)
+        writer.write_shard(
+            f"{s:05d}",
+            rows["acts"].numpy(),
+            doc_ids=rows["doc_id"],
+            positions=rows["pos"],
+            token_ids=rows["token_id"],
+            extra={"source": rows["source"]},
+        )
+    writer.finalize()
+    run = tmp_path / "run"
+    _identity_crosscoder(h.d_model).save(run / "crosscoder")
+    acfg = AnalysisConfig(heldout="all", splice=True, splice_prompts=6, tail_frac=0.05, n_top=3, window=5)
+    summary = run_analyze(run, cfg.store, acfg)
+    assert summary["groups"]["base-specific"] > 0 and summary["examples"]
+    for name in ("base", "ft"):
+        assert summary["splice"][name]["ce_recovered"] == pytest.approx(1.0, abs=0.02)
+    res = json.loads((run / "splice.json").read_text())
+    assert res["n_prompts"] == 6 and res["dropped_latents"] > 0
+    ev = list(iter_evidence(run))
+    n_checked = 0
+    for e in ev:
+        for x in e.top:
+            window = "".join(x.tokens)
+            assert window in texts[x.doc_id]  # byte tokens decode back to the corpus text
+            assert x.source == f"src{x.doc_id % 2}"
+            n_checked += 1
+    assert n_checked > 0

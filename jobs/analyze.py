@@ -1,0 +1,93 @@
+"""`crossdiff analyze`: latents.parquet (Δnorm, Latent Scaling, classes, groups), then the latent
+evidence (RUN/examples/, a Ray Data pass over the held-out shards when analysis.evidence_workers
+> 0, in-process otherwise), then optionally the splice evaluation (RUN/splice.json).
+
+Every step skips finished work: latents.parquet when present, evidence per latent range,
+splice.json when present; `overwrite` redoes all three.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from diffing.config import AnalysisConfig
+from diffing.logs import get_logger
+
+
+def ray_data_map(concurrency: int, *, num_cpus: float = 0.5, address: str | None = None) -> Callable:
+    """A `map_fn(fn, items) -> list` running fn over items as Ray Data tasks (order kept).
+
+    fn and items travel pickled (the per-shard tasks of diffing.collect are small and picklable);
+    results come back pickled too, so any Python object works.
+    """
+
+    def map_fn(fn: Callable, items: Sequence) -> list:
+        if not items:
+            return []
+        import ray
+
+        from cluster.connect import ensure_ray
+
+        ensure_ray(address)
+        blob = pickle.dumps(fn)
+
+        def task(row: dict) -> dict:
+            f = pickle.loads(row["fn"])
+            return {"i": row["i"], "out": pickle.dumps(f(pickle.loads(row["item"])))}
+
+        rows = [{"i": i, "item": pickle.dumps(it), "fn": blob} for i, it in enumerate(items)]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        out = ds.map(task, concurrency=concurrency, num_cpus=num_cpus).take_all()
+        return [pickle.loads(r["out"]) for r in sorted(out, key=lambda r: r["i"])]
+
+    return map_fn
+
+
+def run_analyze(
+    run: str | Path,
+    store: str,
+    cfg: AnalysisConfig,
+    *,
+    pair: tuple[str, str] | None = None,
+    overwrite: bool = False,
+    address: str | None = None,
+) -> dict:
+    """latents.parquet + evidence (+ splice when cfg.splice); returns a JSON-able summary."""
+    import numpy as np
+
+    from diffing.analysis import analyze_run
+    from diffing.collect import collect_evidence
+    from diffing.store import open_store
+
+    run = Path(run)
+    st = open_store(store) if isinstance(store, str) else store
+    log = get_logger("analyze", run=str(run))
+    table = analyze_run(run, st, cfg, pair=pair, overwrite=overwrite)
+    classes = table.column("class").to_pylist()
+    groups = table.column("group").to_pylist() if "group" in table.column_names else []
+    summary: dict = {
+        "latents": table.num_rows,
+        "classes": {c: classes.count(c) for c in sorted(set(classes))},
+        "groups": {g: groups.count(g) for g in sorted(set(groups)) if g},
+        "robust": int(np.sum(table.column("robust").to_numpy(zero_copy_only=False))),
+        "out": str(run / "latents.parquet"),
+    }
+    if "group" not in table.column_names:
+        raise ValueError(
+            f"{run}/latents.parquet predates latent selection (no `group` column); pass --overwrite"
+        )
+    if cfg.evidence:
+        map_fn = ray_data_map(cfg.evidence_workers, address=address) if cfg.evidence_workers > 0 else None
+        files = collect_evidence(run, st, cfg, map_fn=map_fn, overwrite=overwrite)
+        summary["examples"] = [str(p) for p in files]
+    if cfg.splice:
+        from diffing.splice import splice_run
+
+        res = splice_run(run, st, cfg, overwrite=overwrite)
+        summary["splice"] = {
+            n: {k: r["full"][k] for k in ("delta_ce", "kl", "ce_recovered")} for n, r in res["models"].items()
+        }
+    log.info("analyze.summary", **{k: v for k, v in summary.items() if k != "examples"})
+    return summary
