@@ -10,6 +10,7 @@ Data job in jobs/analyze.py passes a distributed one).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from functools import reduce
 from pathlib import Path
@@ -29,13 +30,36 @@ from diffing.examples import (
     plan_requests,
     route,
     scan_shard,
-    token_decoder,
     window_shard,
 )
 from diffing.logs import get_logger
 
 MapFn = Callable[[Callable, Sequence], list]
 _STATS_FROM_TABLE = ("delta_norm", "cosine", "nu_eps", "nu_r")
+
+
+def token_decoder(store) -> Callable[[Sequence[int]], list[str]]:
+    """Token id -> string through the first harvested model's tokenizer; "<id>" when there is none."""
+    cache: dict[int, str] = {}
+    tok = None
+    try:
+        path = store.manifest.metadata["harvest"]["models"][0]["path"]
+        from diffing.models import load_tokenizer
+
+        tok = load_tokenizer(path)
+    except Exception:  # no harvest metadata / tokenizer not reachable: ids only
+        tok = None
+
+    def decode(ids: Sequence[int]) -> list[str]:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i not in cache:
+                cache[i] = tok.decode([i]) if (tok is not None and i >= 0) else f"<{i}>"
+            out.append(cache[i])
+        return out
+
+    return decode
 
 
 def range_file(a: int, b: int) -> str:
@@ -167,6 +191,17 @@ def evidence_for_latents(
     return build_evidence(acc, requests, windows, table_rows, decode or token_decoder(store))
 
 
+def _range_done(path: Path, latents: list[int], log) -> bool:
+    """A range file counts as done when it holds exactly the range's selected latents."""
+    if not path.exists():
+        return False
+    have = [json.loads(line)["latent"] for line in path.read_text().splitlines() if line.strip()]
+    if have != latents:
+        log.warning("evidence.stale", file=path.name, reason="selection changed; redoing this range")
+        return False
+    return True
+
+
 def collect_evidence(
     run_dir: str | Path,
     store,
@@ -201,7 +236,9 @@ def collect_evidence(
         a = lat // F * F
         ranges.setdefault((a, a + F), []).append(lat)
     files = [out_dir / range_file(a, b) for a, b in ranges]
-    todo = [(ab, lats) for ab, lats in ranges.items() if not (out_dir / range_file(*ab)).exists()]
+    todo = [
+        (ab, lats) for ab, lats in ranges.items() if not _range_done(out_dir / range_file(*ab), lats, log)
+    ]
     log.info("evidence.plan", selected=len(rows), ranges=len(ranges), todo=len(todo))
     decode = decode or token_decoder(store)
     while todo:

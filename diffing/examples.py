@@ -20,7 +20,7 @@ With a reservoir at least as large as the number of activating documents the bin
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -392,27 +392,3 @@ def merge_windows(parts: Sequence[dict[int, dict]]) -> dict[int, dict]:
         for key in ("pos", "token_id", "act"):
             frag[key] = frag[key][idx]
     return out
-
-
-def token_decoder(store) -> Callable[[Sequence[int]], list[str]]:
-    """Token id -> string through the first harvested model's tokenizer; "<id>" when there is none."""
-    cache: dict[int, str] = {}
-    tok = None
-    try:
-        path = store.manifest.metadata["harvest"]["models"][0]["path"]
-        from diffing.models import load_tokenizer
-
-        tok = load_tokenizer(path)
-    except Exception:  # no harvest metadata / tokenizer not reachable: ids only
-        tok = None
-
-    def decode(ids: Sequence[int]) -> list[str]:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i not in cache:
-                cache[i] = tok.decode([i]) if (tok is not None and i >= 0) else f"<{i}>"
-            out.append(cache[i])
-        return out
-
-    return decode

@@ -240,3 +240,16 @@ def test_ray_data_pass_equals_in_process(world, ray_cluster):
         world["store"], world["run"] / "crosscoder", [0, 2, 5], CFG, rows, map_fn=ray_data_map(2)
     )
     assert [e.model_dump() for e in dist] == [e.model_dump() for e in local]
+
+
+def test_stale_range_is_redone(world, tmp_path):
+    """A range file from an older selection (other latents) is rewritten, not trusted."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run, ignore=shutil.ignore_patterns("examples"))
+    files = collect_evidence(run, world["store"], CFG)
+    lines = files[0].read_text().splitlines()
+    files[0].write_text(lines[0] + "\n")  # range 0-2 should hold latents 0 and 1
+    collect_evidence(run, world["store"], CFG)
+    assert [e.latent for e in read_jsonl(files[0], LatentEvidence)] == [0, 1]
