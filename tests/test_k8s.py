@@ -1,0 +1,386 @@
+"""KubeRay manifests, validated offline: rendered overlays against the KubeRay v1.7.0 CRD schemas,
+serveConfigV2 with Ray's ServeDeploySchema, worker groups through Ray's KubeRay autoscaler config
+derivation, pod templates as Kubernetes PodTemplateSpecs, entrypoints with the crossdiff CLI."""
+
+import json
+import shlex
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import kube
+from cluster import submit as sm
+from cluster.runtime_env import PROJECT_ROOT, is_secret_name
+
+CRD_DIR = PROJECT_ROOT.parent / "shared" / "kuberay-crds" / "v1.7.0"
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
+OVERLAYS = kube.OVERLAYS
+
+
+@cache
+def rendered(overlay: str) -> tuple:
+    return tuple(kube.render(overlay))
+
+
+def one(overlay: str, kind: str, name: str) -> dict:
+    hits = [o for o in rendered(overlay) if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(hits) == 1, (kind, name, [(o["kind"], o["metadata"]["name"]) for o in rendered(overlay)])
+    return hits[0]
+
+
+def cluster_specs(overlay: str):
+    """(label, RayCluster-shaped spec) for every cluster the overlay defines."""
+    for o in rendered(overlay):
+        if o["kind"] == "RayCluster":
+            yield f"RayCluster/{o['metadata']['name']}", o["spec"]
+        elif o["kind"] == "RayJob" and "rayClusterSpec" in o["spec"]:
+            yield f"RayJob/{o['metadata']['name']}", o["spec"]["rayClusterSpec"]
+        elif o["kind"] == "RayService":
+            yield f"RayService/{o['metadata']['name']}", o["spec"]["rayClusterConfig"]
+
+
+def pod_templates(overlay: str):
+    for label, spec in cluster_specs(overlay):
+        yield f"{label}/head", spec["headGroupSpec"]["template"]
+        for g in spec.get("workerGroupSpecs", []):
+            yield f"{label}/{g['groupName']}", g["template"]
+
+
+# ---------------------------------------------------------------- the renderer itself
+
+
+def test_json_patch_semantics():
+    doc = {"a": {"b": [1, 2, 3]}, "c": 1}
+    out = kube.json_patch(
+        doc,
+        [
+            {"op": "add", "path": "/a/b/-", "value": 4},
+            {"op": "replace", "path": "/a/b/0", "value": 9},
+            {"op": "remove", "path": "/c"},
+            {"op": "add", "path": "/d~1e", "value": {"x": 1}},
+        ],
+    )
+    assert out == {"a": {"b": [9, 2, 3, 4]}, "d/e": {"x": 1}}
+    assert doc == {"a": {"b": [1, 2, 3]}, "c": 1}  # input untouched
+    with pytest.raises(kube.RenderError):
+        kube.json_patch(doc, [{"op": "replace", "path": "/nope", "value": 1}])
+
+
+def test_unsupported_kustomize_fields_are_refused(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nconfigMapGenerator: []\n")
+    with pytest.raises(kube.RenderError, match="configMapGenerator"):
+        kube.render(tmp_path)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_the_expected_objects(overlay):
+    objs = rendered(overlay)
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objs)
+    assert kinds == [
+        ("ConfigMap", "crossdiff-env"),
+        ("ConfigMap", "crossdiff-pipeline"),
+        ("PersistentVolumeClaim", "crossdiff-runs"),
+        ("RayCluster", "crossdiff"),
+        ("RayJob", "crossdiff-pipeline"),
+        ("RayJob", "crossdiff-pipeline-on-cluster"),
+        ("RayService", "crossdiff-labeller"),
+    ]
+    ns = {"gpu": "crossdiff", "cpu-dev": "crossdiff-dev"}[overlay]
+    assert {o["metadata"]["namespace"] for o in objs} == {ns}
+    assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "crossdiff" for o in objs)
+    images = {c["image"] for _, t in pod_templates(overlay) for c in t["spec"]["containers"]}
+    assert (
+        images
+        == {"gpu": {"ghcr.io/your-org/crossdiff:0.1.0-gpu"}, "cpu-dev": {"crossdiff:0.1.0-cpu"}}[overlay]
+    )
+
+
+# ---------------------------------------------------------------- KubeRay CRD schemas
+
+
+def _strict(schema):
+    """The CRD schema with unknown fields rejected (the API server would silently prune them)."""
+    if isinstance(schema, dict):
+        s = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+            s.setdefault("additionalProperties", False)
+        return s
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@cache
+def crd_validator(kind: str):
+    import jsonschema
+
+    path = CRD_DIR / CRD_FILES[kind]
+    crd = yaml.safe_load(path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema)
+
+
+needs_crds = pytest.mark.skipif(
+    not CRD_DIR.exists(), reason=f"KubeRay v1.7.0 CRDs not found at {CRD_DIR} (../shared/kuberay-crds/v1.7.0)"
+)
+
+
+@needs_crds
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_custom_resources_validate_against_kuberay_v1_7_crds(overlay):
+    n = 0
+    for o in rendered(overlay):
+        if o["kind"] in CRD_FILES:
+            assert o["apiVersion"] == "ray.io/v1"
+            errors = [
+                f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in crd_validator(o["kind"]).iter_errors(o)
+            ]
+            assert not errors, (o["kind"], o["metadata"]["name"], errors[:5])
+            n += 1
+    assert n == 4
+
+
+@needs_crds
+def test_crd_validation_catches_typos_and_wrong_types():
+    rc = json.loads(json.dumps(one("gpu", "RayCluster", "crossdiff")))
+    rc["spec"]["workerGroupSpecs"][0]["minReplica"] = 0
+    assert not crd_validator("RayCluster").is_valid(rc)
+    rc = json.loads(json.dumps(one("gpu", "RayCluster", "crossdiff")))
+    rc["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
+    assert not crd_validator("RayCluster").is_valid(rc)
+    job = json.loads(json.dumps(one("gpu", "RayJob", "crossdiff-pipeline")))
+    job["spec"]["shutdownAfterJobFinishes"] = "yes"
+    assert not crd_validator("RayJob").is_valid(job)
+
+
+# ---------------------------------------------------------------- what the manifests promise
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cluster_shapes(overlay):
+    rc = one(overlay, "RayCluster", "crossdiff")["spec"]
+    for label, spec in cluster_specs(overlay):
+        assert spec["enableInTreeAutoscaling"] is True, label
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", label
+        assert spec["rayVersion"].startswith("2.60"), label
+    groups = {g["groupName"]: g for g in rc["workerGroupSpecs"]}
+    if overlay == "gpu":
+        g = groups["gpu"]
+        assert (g["minReplicas"], g["maxReplicas"]) == (0, 8)
+        c = g["template"]["spec"]["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        tol = g["template"]["spec"]["tolerations"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tol
+    else:
+        for _, t in pod_templates(overlay):
+            for c in t["spec"]["containers"]:
+                assert "nvidia.com/gpu" not in json.dumps(c.get("resources", {})), "cpu-dev asks for a GPU"
+    job = one(overlay, "RayJob", "crossdiff-pipeline")["spec"]
+    assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
+    existing = one(overlay, "RayJob", "crossdiff-pipeline-on-cluster")["spec"]
+    assert existing["clusterSelector"] == {"ray.io/cluster": "crossdiff"} and "rayClusterSpec" not in existing
+
+
+EXPECTED_NODE_TYPES = {
+    # (overlay, cluster) -> {node type: (GPU, min, max)}
+    ("gpu", "RayCluster/crossdiff"): {"headgroup": (0, 0, 0), "gpu": (1, 0, 8), "cpu": (0, 0, 4)},
+    ("gpu", "RayJob/crossdiff-pipeline"): {"headgroup": (0, 0, 0), "gpu": (1, 0, 8), "cpu": (0, 0, 4)},
+    ("gpu", "RayService/crossdiff-labeller"): {
+        "headgroup": (0, 0, 0),
+        "judge-gpu": (1, 1, 4),
+        "cpu": (0, 0, 2),
+    },
+    ("cpu-dev", "RayCluster/crossdiff"): {"headgroup": (0, 0, 0), "cpu": (0, 0, 2)},
+    ("cpu-dev", "RayJob/crossdiff-pipeline"): {"headgroup": (0, 0, 0), "cpu": (0, 1, 2)},
+    ("cpu-dev", "RayService/crossdiff-labeller"): {"headgroup": (0, 0, 0), "judge-cpu": (0, 1, 1)},
+}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_groups_pass_ray_kuberay_autoscaler_derivation(overlay):
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    seen = set()
+    for label, spec in cluster_specs(overlay):
+        cr = {"metadata": {"name": label.split("/")[1], "namespace": "ns"}, "spec": spec}
+        cfg = _derive_autoscaling_config_from_ray_cr(cr)  # also runs Ray's validate_config
+        types = cfg["available_node_types"]
+        got = {
+            name: (int(t["resources"].get("GPU", 0)), t["min_workers"], t["max_workers"])
+            for name, t in types.items()
+        }
+        assert got == EXPECTED_NODE_TYPES[(overlay, label)], label
+        assert types["headgroup"]["resources"].get("CPU", 0) == 0, "the head must take no work"
+        for name, t in types.items():
+            if name != "headgroup":
+                assert t["resources"]["CPU"] > 0 and t["resources"]["memory"] > 0, (label, name)
+        seen.add(label)
+    assert len(seen) == 3
+
+
+# ---------------------------------------------------------------- pod templates as Kubernetes objects
+
+
+def _lost_keys(orig, back, path=""):
+    """Keys of `orig` that the Kubernetes model dropped (unknown fields, misspellings)."""
+    lost = []
+    if isinstance(orig, dict):
+        for k, v in orig.items():
+            if not isinstance(back, dict) or k not in back:
+                lost.append(f"{path}/{k}")
+            else:
+                lost += _lost_keys(v, back[k], f"{path}/{k}")
+    elif isinstance(orig, list):
+        for i, v in enumerate(orig):
+            lost += _lost_keys(
+                v, back[i] if isinstance(back, list) and i < len(back) else None, f"{path}/{i}"
+            )
+    return lost
+
+
+def k8s_roundtrip(obj: dict, model: str) -> list[str]:
+    kubernetes = pytest.importorskip(
+        "kubernetes", reason="the `kubernetes` client (dev extra) validates pods"
+    )
+
+    api = kubernetes.client.ApiClient()
+    back = api.sanitize_for_serialization(
+        api.deserialize(json.dumps(obj), model, "application/json")
+    )  # raises on missing required fields
+    return _lost_keys(obj, back)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_templates_are_valid_pod_template_specs(overlay):
+    n = 0
+    for label, t in pod_templates(overlay):
+        assert k8s_roundtrip(t, "V1PodTemplateSpec") == [], label
+        names = {v["name"] for v in t["spec"].get("volumes", [])}
+        for c in t["spec"]["containers"]:
+            assert {m["name"] for m in c.get("volumeMounts", [])} <= names, label
+        n += 1
+    assert n == {"gpu": 9, "cpu-dev": 6}[overlay]
+    for o in rendered(overlay):
+        if o["kind"] in ("ConfigMap", "PersistentVolumeClaim"):
+            assert k8s_roundtrip(o, f"V1{o['kind']}") == [], o["metadata"]["name"]
+
+
+def test_pod_template_check_catches_a_misspelled_field():
+    t = json.loads(json.dumps(one("gpu", "RayCluster", "crossdiff")["spec"]["headGroupSpec"]["template"]))
+    t["spec"]["containers"][0]["volumeMount"] = []
+    assert k8s_roundtrip(t, "V1PodTemplateSpec") == ["/spec/containers/0/volumeMount"]
+    del t["spec"]["containers"][0]["name"]
+    with pytest.raises(ValueError, match="name"):
+        k8s_roundtrip(t, "V1PodTemplateSpec")
+
+
+# ---------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_credentials_come_from_secrets_only(overlay):
+    for label, t in pod_templates(overlay):
+        for c in t["spec"]["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "CROSSDIFF_API_TOKEN"):
+                assert "secretKeyRef" in env[name]["valueFrom"], (label, name)
+            for name, e in env.items():
+                if is_secret_name(name):
+                    assert "value" not in e, (label, name)
+    for o in rendered(overlay):
+        if o["kind"] == "ConfigMap":
+            assert not any(is_secret_name(k) for k in o["data"]), o["metadata"]["name"]
+        if o["kind"] == "RayJob":
+            assert not any(is_secret_name(k) for k in yaml.safe_load(o["spec"]["runtimeEnvYAML"])["env_vars"])
+
+
+# ---------------------------------------------------------------- the labelling endpoint
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayservice_serves_the_projects_serve_config(overlay):
+    from ray.serve.schema import ServeDeploySchema
+
+    svc = one(overlay, "RayService", "crossdiff-labeller")
+    text = svc["spec"]["serveConfigV2"]
+    cfg = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    source = kube.serve_config_source(overlay)
+    if source is None:
+        pytest.skip("serve/config/ ships no Serve config yet (the manifest holds the placeholder)")
+    assert text == source.read_text(), "stale: run `python -m cluster.kube sync`"
+    assert svc["metadata"]["annotations"][kube.SERVE_SOURCE_ANNOTATION] == str(
+        source.relative_to(PROJECT_ROOT)
+    )
+    import importlib
+
+    for app in cfg.applications:
+        mod, attr = app.import_path.split(":")
+        assert callable(getattr(importlib.import_module(mod), attr)), app.import_path
+        auth = (app.args or {}).get("auth", {})
+        # the bearer token reaches every pod of the service from the crossdiff-api-token Secret
+        for label, t in pod_templates(overlay):
+            if not label.startswith("RayService"):
+                continue
+            if auth.get("token_file"):
+                tf = Path(auth["token_file"])
+                vols = {v["name"]: v for v in t["spec"]["volumes"]}
+                mounts = [
+                    m for m in t["spec"]["containers"][0]["volumeMounts"] if m["mountPath"] == str(tf.parent)
+                ]
+                assert mounts and vols[mounts[0]["name"]]["secret"]["secretName"] == "crossdiff-api-token"
+                assert tf.name == "api-token"
+            token_env = auth.get("token_env", "CROSSDIFF_API_TOKEN")
+            env = {e["name"]: e for e in t["spec"]["containers"][0]["env"]}
+            assert env[token_env]["valueFrom"]["secretKeyRef"]["name"] == "crossdiff-api-token", label
+
+
+# ---------------------------------------------------------------- entrypoints and the pipeline config
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_entrypoint_parses_with_the_crossdiff_cli(overlay):
+    jobs = [o for o in rendered(overlay) if o["kind"] == "RayJob"]
+    assert len(jobs) == 2
+    for job in jobs:
+        argv = shlex.split(job["spec"]["entrypoint"])
+        assert argv[0] == "crossdiff"
+        assert sm.parse_cli(argv[1:]) == "pipeline"
+    with pytest.raises(sm.SubmitError):
+        sm.parse_cli(["pipeline", "--confg", "x.yaml"])
+
+
+def test_pipeline_config_map_validates():
+    pipeline = pytest.importorskip("jobs.pipeline")
+    for overlay in OVERLAYS:
+        cm = one(overlay, "ConfigMap", "crossdiff-pipeline")
+        data = yaml.safe_load(cm["data"]["pipeline.yaml"])
+        cfg = pipeline.PipelineConfig.model_validate(pipeline.with_defaults(data))
+        assert cfg.harvest.device == "cuda" and cfg.fit.distributed.use_gpu
+        # the RayJob head mounts it where the entrypoint reads it
+        job = one(overlay, "RayJob", "crossdiff-pipeline")
+        if "--config" in job["spec"]["entrypoint"]:
+            head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+            mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+            vols = {v["name"]: v for v in head["volumes"]}
+            assert vols[mounts["/etc/crossdiff"]]["configMap"]["name"] == "crossdiff-pipeline"
+            assert cfg.out.startswith("/data/") and "/data" in mounts
+
+
+def test_generated_serve_patches_are_up_to_date(tmp_path, monkeypatch):
+    before = {o: (kube.K8S_DIR / "overlays" / o / "serve-config.patch.yaml").read_text() for o in OVERLAYS}
+    monkeypatch.setattr(kube, "K8S_DIR", tmp_path)
+    for o in OVERLAYS:
+        (tmp_path / "overlays" / o).mkdir(parents=True)
+    kube.sync_serve_config()
+    for o in OVERLAYS:
+        assert (tmp_path / "overlays" / o / "serve-config.patch.yaml").read_text() == before[o], (
+            f"k8s/overlays/{o}/serve-config.patch.yaml is stale: run `python -m cluster.kube sync`"
+        )
