@@ -1,0 +1,234 @@
+"""Bulk labelling: every evidence item of a run -> the labelling endpoint -> RUN/labels.jsonl.
+
+    label_run(run_dir, LabelConfig(), endpoint=None)   # None: start a local service, stop it after
+
+Bounded concurrency (`concurrency` requests of `batch_size` latents in flight), retries with
+exponential backoff (honouring Retry-After) on 5xx/timeouts, a 413 splits the batch, resume
+(latents already in labels.jsonl are skipped; a torn last line from a killed run is dropped), and
+every finished batch is appended to labels.jsonl in one write + fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from pydantic import Field, model_validator
+
+from diffing.config import Frozen
+from diffing.evidence import LABELS_FILE, LatentEvidence, LatentLabel, iter_evidence
+from diffing.logs import get_logger
+from serve.settings import ServiceSettings
+
+log = get_logger("crossdiff.label")
+CONFIG_FILE = "label_config.json"
+
+
+class LabelConfig(Frozen):
+    groups: tuple[str, ...] | None = Field(
+        None, description="Evidence groups to label (e.g. 'ft-specific', 'baseline'). Default: every group."
+    )
+    batch_size: int = Field(8, ge=1, description="Latents per request.")
+    concurrency: int = Field(4, ge=1, description="Requests in flight.")
+    detection: bool = Field(False, description="Ask for detection scores (more judge calls per latent).")
+    max_attempts: int = Field(6, ge=1, description="Tries per batch before the run fails (rerun resumes).")
+    backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt (with jitter).")
+    max_backoff_s: float = Field(60.0, gt=0, description="Longest retry delay.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Client deadline per request.")
+    token_env: str = Field(
+        "CROSSDIFF_API_TOKEN", description="Environment variable with the endpoint's bearer token."
+    )
+    start_timeout_s: float = Field(
+        900.0, gt=0, description="How long a local service may take to come up (vLLM start-up on CPU)."
+    )
+    service: ServiceSettings = Field(
+        default_factory=ServiceSettings,
+        description="Settings of the local service started without --endpoint.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelConfig:
+        if self.max_backoff_s < self.backoff_s:
+            raise ValueError("max_backoff_s must be >= backoff_s")
+        if self.batch_size > self.service.limits.max_batch:
+            raise ValueError(
+                f"batch_size={self.batch_size} exceeds service.limits.max_batch={self.service.limits.max_batch}"
+            )
+        return self
+
+
+class LabelJobError(RuntimeError):
+    """The endpoint kept failing; labels written so far are kept, rerun to resume."""
+
+
+def read_labels_tolerant(path: Path) -> dict[int, LatentLabel]:
+    """Labels already written; a torn last line (killed mid-append) is dropped from the file."""
+    if not path.exists():
+        return {}
+    good, out, torn = [], {}, False
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            lab = LatentLabel.model_validate_json(line)
+        except ValueError:
+            torn = True
+            continue
+        good.append(line)
+        out[lab.latent] = lab
+    if torn:
+        log.warning("label.torn_line_dropped", path=str(path))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(x + "\n" for x in good))
+        tmp.replace(path)
+    return out
+
+
+def _append(path: Path, labels: list[LatentLabel]) -> None:
+    data = "".join(lab.model_dump_json() + "\n" for lab in labels).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _retry_delay(cfg: LabelConfig, attempt: int, resp: httpx.Response | None) -> float:
+    if resp is not None and resp.headers.get("retry-after", "").isdigit():
+        return min(cfg.max_backoff_s, float(resp.headers["retry-after"]))
+    return min(cfg.max_backoff_s, cfg.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
+
+
+async def _post_batch(
+    client: httpx.AsyncClient, batch: list[LatentEvidence], cfg: LabelConfig
+) -> list[LatentLabel]:
+    body = {"latents": [json.loads(e.model_dump_json()) for e in batch], "detection": cfg.detection}
+    last = "no attempt"
+    for attempt in range(cfg.max_attempts):
+        resp = None
+        try:
+            resp = await client.post("/v1/labels", json=body)
+        except httpx.HTTPError as e:
+            last = f"{type(e).__name__}: {e}"
+        else:
+            if resp.status_code == 200:
+                return [LatentLabel.model_validate(x) for x in resp.json()["labels"]]
+            if resp.status_code == 413 and len(batch) > 1:  # too big: split
+                half = len(batch) // 2
+                return [
+                    *await _post_batch(client, batch[:half], cfg),
+                    *await _post_batch(client, batch[half:], cfg),
+                ]
+            last = f"{resp.status_code}: {resp.text[:300]}"
+            if resp.status_code < 500 and resp.status_code != 429:
+                raise LabelJobError(f"the endpoint rejected latents {[e.latent for e in batch]}: {last}")
+        delay = _retry_delay(cfg, attempt, resp)
+        log.warning("label.retry", attempt=attempt + 1, delay_s=round(delay, 1), error=last[:200])
+        await asyncio.sleep(delay)
+    raise LabelJobError(
+        f"latents {[e.latent for e in batch]} failed {cfg.max_attempts} times (last: {last}); rerun to resume"
+    )
+
+
+async def _label_all(
+    url: str, token: str | None, todo: list[LatentEvidence], cfg: LabelConfig, out: Path
+) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    sem = asyncio.Semaphore(cfg.concurrency)
+    done = 0
+    t0 = time.monotonic()
+    timeout = httpx.Timeout(cfg.request_timeout_s, connect=10.0)
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout) as client:
+
+        async def run(batch):
+            nonlocal done
+            async with sem:
+                labels = await _post_batch(client, batch, cfg)
+            _append(out, labels)  # single-threaded event loop: appends never interleave
+            done += len(labels)
+            log.info(
+                "label.progress", done=done, todo=len(todo), per_s=round(done / (time.monotonic() - t0), 2)
+            )
+
+        tasks = [asyncio.ensure_future(run(b)) for b in batches]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+    return done
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def label_run(
+    run_dir: str | Path,
+    cfg: LabelConfig | dict | None = None,
+    endpoint: str | None = None,
+    *,
+    overwrite: bool = False,
+) -> dict:
+    """Label every evidence item of RUN (RUN/examples/*.jsonl) into RUN/labels.jsonl; returns a summary.
+
+    `cfg`: a LabelConfig or a dict of its fields. `endpoint`: None starts (and stops) a local
+    service; else the URL of a running one (bearer token from $CROSSDIFF_API_TOKEN / cfg.token_env).
+    """
+    if not isinstance(cfg, LabelConfig):
+        from diffing.config import ConfigError, format_validation_error
+
+        try:
+            cfg = LabelConfig.model_validate(cfg or {})
+        except ValueError as e:
+            raise ConfigError(format_validation_error(e)) from None
+    run_dir = Path(run_dir)
+    if not (run_dir / "examples").is_dir():
+        raise FileNotFoundError(
+            f"{run_dir}/examples does not exist: run `crossdiff analyze` with examples first"
+        )
+    out = run_dir / LABELS_FILE
+    if overwrite and out.exists():
+        out.unlink()
+    evidence = [e for e in iter_evidence(run_dir) if cfg.groups is None or e.group in cfg.groups]
+    have = read_labels_tolerant(out)
+    todo = [e for e in evidence if e.latent not in have]
+    (run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
+    log.info("label.start", run=str(run_dir), total=len(evidence), done=len(have), todo=len(todo))
+    new = 0
+    if todo:
+        if endpoint:
+            new = asyncio.run(_label_all(endpoint, os.environ.get(cfg.token_env), todo, cfg, out))
+        else:
+            from serve.local import LocalService
+
+            with LocalService(cfg.service, start_timeout_s=cfg.start_timeout_s) as svc:
+                new = asyncio.run(_label_all(svc.url, svc.token, todo, cfg, out))
+    labels = read_labels_tolerant(out)
+    wanted = {e.latent for e in evidence}
+    cats = Counter(lab.category for k, lab in labels.items() if k in wanted)
+    return {
+        "run": str(run_dir),
+        "labels": str(out),
+        "total": len(evidence),
+        "labelled_now": new,
+        "skipped": len(evidence) - len(todo),
+        "missing": len(wanted - set(labels)),
+        "categories": dict(sorted(cats.items())),
+    }

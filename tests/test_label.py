@@ -1,0 +1,141 @@
+"""Bulk labelling job against a real HTTP server (uvicorn on loopback, scripted judge): all
+evidence labelled once, resume, torn lines, retries on 503, 413 splitting, auth, groups."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from test_serve_helpers import FRENCH, NEUTRAL, REFUSALS, evidence, scripted
+
+from diffing.evidence import LABELS_FILE, read_labels, write_jsonl
+from jobs.label import LabelConfig, LabelJobError, label_run
+from serve.app import Service, create_app
+from serve.judge import JudgeUnavailable, ScriptedJudge
+from serve.settings import LimitSettings, ServiceSettings
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, judge, token="tok", **limits):
+        settings = ServiceSettings(limits=LimitSettings(retry_after_s=1, **limits))
+        self.app = create_app(Service(settings, judge, token))
+        self.port = _port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *a):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    def texts(base, i):  # distinct per latent, so the service's cache does not answer for the judge
+        return [f"{t} n{i}" for t in base]
+
+    evs = [evidence(i, texts(FRENCH if i % 2 else REFUSALS, i), negatives=NEUTRAL) for i in range(20)]
+    evs += [evidence(i, texts(NEUTRAL, i), group="baseline") for i in range(100, 106)]
+    write_jsonl(tmp_path / "examples" / "0-20.jsonl", evs[:20])
+    write_jsonl(tmp_path / "examples" / "100-106.jsonl", evs[20:])
+    return tmp_path
+
+
+def by_text(messages, choice, schema):
+    """multilingual for French examples, safety for the rest."""
+    cat = "multilingual" if "Bonjour" in messages[-1]["content"] else "safety & content moderation"
+    return scripted(cat)(messages, choice, schema)
+
+
+def test_labels_every_latent_once_then_resumes(run_dir, monkeypatch):
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+    judge = ScriptedJudge(by_text)
+    cfg = LabelConfig(batch_size=3, concurrency=4)
+    with Server(judge) as srv:
+        res = label_run(run_dir, cfg, endpoint=srv.url)
+        assert (res["total"], res["labelled_now"], res["skipped"], res["missing"]) == (26, 26, 0, 0)
+        labels = read_labels(run_dir)
+        assert sorted(labels) == [*range(20), *range(100, 106)]
+        assert all(
+            labels[i].category == ("multilingual" if i % 2 else "safety & content moderation")
+            for i in range(20)
+        )
+        assert (run_dir / LABELS_FILE).read_text().count("\n") == 26  # each latent exactly once
+        calls = judge.calls
+        res = label_run(run_dir, cfg, endpoint=srv.url)  # resume: nothing left
+        assert (res["labelled_now"], res["skipped"], judge.calls) == (0, 26, calls)
+        # a killed run leaves a torn last line: it is dropped and that latent relabelled
+        p = run_dir / LABELS_FILE
+        lines = p.read_text().splitlines()
+        p.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:30])
+        res = label_run(run_dir, cfg, endpoint=srv.url)
+        assert (res["labelled_now"], res["missing"]) == (1, 0)
+        assert len(p.read_text().splitlines()) == 26
+        res = label_run(run_dir, {"groups": ["baseline"]}, endpoint=srv.url, overwrite=True)
+        assert (res["total"], res["labelled_now"]) == (6, 6) and sorted(read_labels(run_dir)) == list(
+            range(100, 106)
+        )
+
+
+def test_retries_503_with_backoff_and_splits_413(run_dir, monkeypatch):
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+    state = {"fail": 5}
+
+    def flaky(messages, choice, schema):
+        if state["fail"] > 0:
+            state["fail"] -= 1
+            return JudgeUnavailable("replica restarting")
+        return by_text(messages, choice, schema)
+
+    cfg = LabelConfig(batch_size=8, concurrency=2, backoff_s=0.05, max_backoff_s=0.2)
+    with Server(ScriptedJudge(flaky), max_body_bytes=12_000) as srv:  # ~4 latents per body fit
+        res = label_run(run_dir, cfg, endpoint=srv.url)
+    assert res["missing"] == 0 and state["fail"] == 0
+
+
+def test_wrong_token_fails_clearly_and_persistent_outage_keeps_progress(run_dir, monkeypatch):
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "wrong")
+    with Server(ScriptedJudge(by_text)) as srv:
+        with pytest.raises(LabelJobError, match="401"):
+            label_run(run_dir, LabelConfig(), endpoint=srv.url)
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+    n = {"ok": 0}
+
+    def dies(messages, choice, schema):
+        n["ok"] += 1
+        return by_text(messages, choice, schema) if n["ok"] <= 12 else JudgeUnavailable("gone")
+
+    cfg = LabelConfig(batch_size=2, concurrency=1, max_attempts=2, backoff_s=0.01, max_backoff_s=0.02)
+    with Server(ScriptedJudge(dies)) as srv:
+        with pytest.raises(LabelJobError, match="rerun to resume"):
+            label_run(run_dir, cfg, endpoint=srv.url)
+    kept = read_labels(run_dir)
+    assert 0 < len(kept) < 26  # finished batches were kept
+    with Server(ScriptedJudge(by_text)) as srv:
+        res = label_run(run_dir, cfg, endpoint=srv.url)
+    assert res["skipped"] == len(kept) and res["missing"] == 0
+
+
+def test_config_errors_name_the_field(tmp_path):
+    from diffing.config import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size"):
+        label_run(tmp_path, {"batch_size": 0})
+    with pytest.raises(FileNotFoundError, match="examples"):
+        label_run(tmp_path, LabelConfig(), endpoint="http://127.0.0.1:9")
