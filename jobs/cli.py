@@ -252,6 +252,66 @@ def report(
     _run(lambda: typer.echo(json.dumps(write_report(run), indent=2)))
 
 
+@app.command("serve")
+def serve_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Bind address (non-loopback needs a token).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="HTTP port.")] = 8000,
+    judge_model: Annotated[
+        str | None,
+        typer.Option(
+            "--judge-model", help="Judge model dir or id (default: $CROSSDIFF_JUDGE_MODEL or SmolLM2)."
+        ),
+    ] = None,
+) -> None:
+    """Start the labelling service (Ray Serve + vLLM judge) locally; Ctrl-C stops it."""
+    import time
+
+    from diffing.config import load_config
+    from serve.local import LocalService
+    from serve.settings import ServiceSettings
+
+    def go():
+        sets = list(set_ or [])
+        if judge_model:
+            sets.append(f"judge.model_source={judge_model}")
+        settings = load_config(ServiceSettings, config, sets)
+        svc = LocalService(settings, host=host, port=port, generate_token=False).start()
+        typer.echo(json.dumps({"url": svc.url, "docs": f"{svc.url}/docs", "auth": bool(svc.token)}))
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            svc.stop()
+
+    _run(go)
+
+
+@app.command()
+def label(
+    run: Annotated[Path, typer.Option("--run", help="Run directory with examples/ (after analyze).")],
+    endpoint: Annotated[
+        str | None,
+        typer.Option("--endpoint", help="Labelling service URL (default: start a local one for this run)."),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Label every latent with evidence in RUN through the judge -> RUN/labels.jsonl (resumable)."""
+    from diffing.config import load_config
+    from jobs.label import LabelConfig, label_run
+
+    def go():
+        cfg = load_config(LabelConfig, config, set_ or [])
+        typer.echo(json.dumps(label_run(run, cfg, endpoint=endpoint, overwrite=overwrite), indent=2))
+
+    _run(go)
+
+
 def main() -> None:
     try:
         app()
