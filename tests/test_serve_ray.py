@@ -160,15 +160,14 @@ def test_loopback_load_with_malformed_requests_has_no_5xx(service):
 
 def test_killing_the_judge_replica_mid_load_recovers_without_a_hang(service):
     import ray
-    from ray.util.state import list_actors
 
     from serve.local import APP_NAME
 
-    def judge_replicas():
+    def judge_replicas():  # Serve names replica actors SERVE_REPLICA::<app>#<deployment>#<id>
         return [
             a
-            for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name == f"ServeReplica:{APP_NAME}:JudgeLLM"
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#JudgeLLM#")
         ]
 
     (victim,) = judge_replicas()
@@ -178,7 +177,7 @@ def test_killing_the_judge_replica_mid_load_recovers_without_a_hang(service):
             _load(service.url, service.token, n=64, conc=8, malformed_every=0, deadline_s=150)
         )
         await asyncio.sleep(3)
-        ray.kill(ray.get_actor(victim.name, namespace=victim.ray_namespace), no_restart=True)
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
         return await load
 
     res = asyncio.run(go())
@@ -201,4 +200,4 @@ def test_killing_the_judge_replica_mid_load_recovers_without_a_hang(service):
         assert time.monotonic() < deadline, "judge replica never came back"
         time.sleep(5)
     assert r.json()["labels"][0]["category"] in NAMES
-    assert [a.name for a in judge_replicas()] != [victim.name]
+    assert victim["name"] not in [a["name"] for a in judge_replicas()]
