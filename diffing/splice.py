@@ -62,11 +62,12 @@ def _logits(model: nn.Module, ids: Tensor, mask: Tensor, layer: int, replace: Te
 @torch.no_grad()
 def reconstruct(crosscoder: Crosscoder, x: Tensor, drop: Tensor | None = None) -> Tensor:
     """Raw-space reconstruction [N, M, D] of raw x [N, M, D]; latents in `drop` are zeroed first."""
-    xn = crosscoder.normalise(x)
+    dev = crosscoder.W_dec.device
+    xn = crosscoder.normalise(x.to(dev))
     f = crosscoder.encode(xn)
     if drop is not None and len(drop):
-        f[:, drop] = 0
-    return crosscoder.decode(f) / crosscoder.norm_scale[None, :, None]
+        f[:, drop.to(dev)] = 0
+    return (crosscoder.decode(f) / crosscoder.norm_scale[None, :, None]).to(x.device)
 
 
 @torch.no_grad()
@@ -97,6 +98,8 @@ def splice_eval(
     n_tok = 0
     for s in range(0, len(prompts), batch_size):
         ids, mask = _pad(prompts[s : s + batch_size], pad_id)
+        device = next(models[0].parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         where = mask.bool().clone()
         where[:, :skip_first] = False
         score = where[:, :-1] & mask[:, 1:].bool()  # predictions made at spliced positions
