@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/fit_throughput.py
 	$(BIN)/python bench/fit_ray_throughput.py
 	$(BIN)/python bench/harvest_throughput.py
+	$(BIN)/python bench/judge_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
