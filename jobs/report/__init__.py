@@ -134,7 +134,7 @@ def gather(run_dir: str | Path, opts: ReportOptions | None = None) -> dict:
                     "stats": stats,
                     "label": labels.get(i),
                     "source_mass": ev.get("source_mass", {}),
-                    "top": ev.get("top", []),
+                    "top": ev.get("top", [])[: opts.contexts_per_card],
                 }
             )
         cards[g] = lst
