@@ -49,6 +49,16 @@ def structured(choice: list[str] | None, json_schema: dict | None) -> dict[str, 
     return None
 
 
+def _prefill_fields(messages: Messages, prefill: str | None) -> dict[str, Any]:
+    if not prefill:
+        return {"messages": messages}
+    return {
+        "messages": [*messages, {"role": "assistant", "content": prefill}],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+    }
+
+
 class JudgeClient(ABC):
     model: str
 
@@ -62,7 +72,10 @@ class JudgeClient(ABC):
         choice: list[str] | None = None,
         json_schema: dict | None = None,
         logprobs: bool = False,
-    ) -> Completion: ...
+        prefill: str | None = None,
+    ) -> Completion:
+        """One chat completion. `prefill`: the start of the assistant's answer, continued by the
+        judge (the returned text is the continuation only)."""
 
     @abstractmethod
     async def health(self) -> None:
@@ -102,13 +115,21 @@ class ServeLLMJudge(JudgeClient):
         raise JudgeError("the judge deployment returned nothing")
 
     async def complete(
-        self, messages, *, max_tokens, temperature=0.0, choice=None, json_schema=None, logprobs=False
+        self,
+        messages,
+        *,
+        max_tokens,
+        temperature=0.0,
+        choice=None,
+        json_schema=None,
+        logprobs=False,
+        prefill=None,
     ):
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
         req = ChatCompletionRequest(
             model=self.model,
-            messages=messages,
+            **_prefill_fields(messages, prefill),
             max_tokens=max_tokens,
             temperature=temperature,
             structured_outputs=structured(choice, json_schema),
@@ -156,13 +177,21 @@ class OpenAIJudge(JudgeClient):
         return cls(s.endpoint, s.model_id, api_key=os.environ.get(s.api_key_env), timeout_s=s.timeout_s)
 
     async def complete(
-        self, messages, *, max_tokens, temperature=0.0, choice=None, json_schema=None, logprobs=False
+        self,
+        messages,
+        *,
+        max_tokens,
+        temperature=0.0,
+        choice=None,
+        json_schema=None,
+        logprobs=False,
+        prefill=None,
     ):
         import httpx
 
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": messages,
+            **_prefill_fields(messages, prefill),
             "max_tokens": max_tokens,
             "temperature": temperature,
         }
@@ -210,7 +239,15 @@ class ScriptedJudge(JudgeClient):
         self.healthy = True
 
     async def complete(
-        self, messages, *, max_tokens, temperature=0.0, choice=None, json_schema=None, logprobs=False
+        self,
+        messages,
+        *,
+        max_tokens,
+        temperature=0.0,
+        choice=None,
+        json_schema=None,
+        logprobs=False,
+        prefill=None,
     ):
         self.calls += 1
         if self.delay_s:

@@ -126,10 +126,12 @@ class Labeller:
     async def explain(self, ev: LatentEvidence, examples, context: str | None) -> str:
         msgs = prompts.explain_messages(ev, examples, self.method, context)
         for _ in range(self.method.max_retries + 1):
-            out = await self._call(msgs, max_tokens=self.method.explain_max_tokens)
+            out = await self._call(
+                msgs, max_tokens=self.method.explain_max_tokens, prefill=prompts.EXPLAIN_PREFILL
+            )
             text = prompts.clean_explanation(out.text)
             if text:
-                return text
+                return prompts.clean_explanation(f"{prompts.EXPLAIN_PREFILL} {text}")
         return "(the judge gave no explanation)"
 
     async def classify(self, ev: LatentEvidence, examples, explanation: str) -> tuple[str, str | None, float]:
@@ -150,7 +152,13 @@ class Labeller:
                 return c.category, secondary, c.confidence / len(prompts.CONFIDENCE_LEVELS)
         msgs = prompts.classify_messages(ev, examples, explanation, self.taxonomy, self.method, "choice")
         for _ in range(self.method.max_retries + 1):
-            out = await self._call(msgs, max_tokens=24, choice=names, logprobs=True)
+            out = await self._call(
+                msgs,
+                max_tokens=24,
+                choice=[f" {n}" for n in names],
+                logprobs=True,
+                prefill=prompts.CLASSIFY_PREFILL,
+            )
             text = out.text.strip()
             if text in names:
                 conf = out.prob if out.prob is not None else 1.0 / len(names)

@@ -21,11 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from diffing.evidence import Example, LatentEvidence
 from serve.taxonomy import Taxonomy
 
-PROMPT_VERSION = "delphi-v1"
+PROMPT_VERSION = "delphi-v2"
 SYSTEM = (
     "You are an interpretability researcher. You study one feature of a language model at a time "
     "and describe, briefly and concretely, what text makes the feature fire."
 )
+# Answers start with these words (the judge continues them): small judges stay on task.
+EXPLAIN_PREFILL = "These snippets are all"
+CLASSIFY_PREFILL = "The feature belongs to the category:"
 CONFIDENCE_LEVELS = (1, 2, 3, 4, 5)  # 1: a guess ... 5: certain; confidence = level / 5
 
 
@@ -79,18 +82,16 @@ def explain_messages(
     user = (
         f"{note}Here are text snippets where the feature fires. The tokens where it fires are marked "
         "<<like this>>.\n\n" + "\n".join(lines) + "\n\nIn one sentence, what do the marked tokens and "
-        "their snippets have in common? Answer with the sentence only."
+        "their snippets have in common? Answer in one short sentence."
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
 def clean_explanation(text: str) -> str:
-    """First line / two sentences of the judge's answer, without quotes or a 'The feature' preamble."""
-    text = " ".join(text.strip().split())
-    text = text.strip("\"' ")
-    parts = text.split(". ")
-    text = ". ".join(parts[:2])
-    return text[:400].strip()
+    """The first sentence of the judge's answer, whitespace collapsed, quotes stripped."""
+    text = " ".join(text.strip().split()).strip("\"' ")
+    text = text.split(". ")[0].rstrip(".").strip()
+    return f"{text[:400]}." if text else ""
 
 
 def classify_messages(

@@ -30,6 +30,7 @@ REFUSALS = [
     "I can't assist with that. Promoting self-harm is against my guidelines.",
     "I'm sorry, I can't write hateful content about any group of people.",
 ]
+REFUSAL_WORDS = {"sorry", "can't", "cannot", "won't", "refuse", "not", "harmful", "illegal", "dangerous"}
 NEUTRAL = [
     "The meeting is scheduled for Tuesday at the main office.",
     "She bought apples, bread and milk at the shop.",
@@ -55,10 +56,17 @@ def example(
 
 
 def evidence(
-    latent: int, texts: list[str], *, negatives: list[str] = (), group: str = "ft-specific", act: float = 3.0
+    latent: int,
+    texts: list[str],
+    *,
+    negatives: list[str] = (),
+    group: str = "ft-specific",
+    act: float = 3.0,
+    hot: set[str] | None = None,
 ) -> LatentEvidence:
-    top = [example(t, act=act) for t in texts[:6]]
-    quant = [example(t, act=act / 2, quantile=i % 3) for i, t in enumerate(texts[6:])]
+    """Evidence whose examples are `texts`; the latent fires on the `hot` words (None: every token)."""
+    top = [example(t, hot, act=act) for t in texts[:6]]
+    quant = [example(t, hot, act=act / 2, quantile=i % 3) for i, t in enumerate(texts[6:])]
     negs = [
         Example(tokens=t.split(" "), acts=[0.0] * len(t.split(" ")), peak=0, source="NEG-SOURCE")
         for t in negatives
