@@ -139,3 +139,21 @@ def test_config_errors_name_the_field(tmp_path):
         label_run(tmp_path, {"batch_size": 0})
     with pytest.raises(FileNotFoundError, match="examples"):
         label_run(tmp_path, LabelConfig(), endpoint="http://127.0.0.1:9")
+
+
+def test_cli_label_against_an_endpoint(run_dir, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+    with Server(ScriptedJudge(by_text)) as srv:
+        args = ["label", "--run", str(run_dir), "--endpoint", srv.url, "--set", "batch_size=5"]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout[r.stdout.index("{") :])
+        assert out["labelled_now"] == 26 and out["categories"]["multilingual"] == 10
+        r = CliRunner().invoke(app, ["label", "--run", str(run_dir), "--set", "batch_size=0"])
+        assert r.exit_code == 2 and "batch_size" in r.output
