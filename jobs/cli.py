@@ -36,8 +36,9 @@ def _fail(msg: str) -> None:
 def _user_errors():
     from diffing.config import ConfigError
     from diffing.store import StoreError
+    from jobs.label import LabelJobError
 
-    return (ConfigError, StoreError, ValueError, FileNotFoundError, PermissionError)
+    return (ConfigError, StoreError, LabelJobError, ValueError, FileNotFoundError, PermissionError)
 
 
 def _run(fn):
@@ -211,9 +212,12 @@ def config_docs() -> None:
 def pipeline(
     config: ConfigOpt = None,
     preset: Annotated[
-        str | None, typer.Option("--preset", help="A built-in config: 'tiny' (tests) or 'embedded' (the demo).")
+        str | None,
+        typer.Option("--preset", help="A built-in config: 'tiny' (tests) or 'embedded' (the demo)."),
     ] = None,
-    out: Annotated[str | None, typer.Option("--out", help="Run directory (overrides the config's `out`).")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", help="Run directory (overrides the config's `out`).")
+    ] = None,
     set_: SetOpt = None,
     address: Annotated[
         str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")
@@ -228,7 +232,12 @@ def pipeline(
 
     def go():
         res = run_pipeline(
-            config=config, preset=preset, out=out, overrides=set_ or [], address=address, endpoint=endpoint,
+            config=config,
+            preset=preset,
+            out=out,
+            overrides=set_ or [],
+            address=address,
+            endpoint=endpoint,
             overwrite=overwrite,
         )
         typer.echo(json.dumps(res, indent=2, default=str))

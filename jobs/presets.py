@@ -32,6 +32,8 @@ def tiny(out: Path) -> dict[str, Any]:
     from diffing.embedded import TinyConfig, build_tiny_pair
 
     base, ft = build_tiny_pair(config=TinyConfig(tokenizer="bytes"))
+    # the judge: a tiny random model with a long context (byte tokens make labelling prompts long)
+    judge, _ = build_tiny_pair(config=TinyConfig(tokenizer="bytes", max_position_embeddings=8192))
     return {
         "out": str(out),
         "harvest": {
@@ -49,7 +51,16 @@ def tiny(out: Path) -> dict[str, Any]:
             "train": {"batch_size": 256, "lr": 2e-3, "epochs": 2, "log_every": 20, "eval_tokens": 4096},
         },
         "analyze": {"max_tokens": 16_384},
-        "label": {"judge": "fake"},
+        # the tiny random model as the judge: the real vLLM path, nonsense labels (plumbing only)
+        "label": {
+            "service": {
+                "judge": {
+                    "model_source": str(judge),
+                    "model_id": "tiny-judge",
+                    "engine_kwargs": {"max_model_len": 8192},
+                }
+            }
+        },
     }
 
 
@@ -78,8 +89,8 @@ def embedded(out: Path) -> dict[str, Any]:
             "ray": {"num_actors": 1, "num_cpus_per_actor": 1.0},
         },
         "fit": {
-            "crosscoder": {"expansion_factor": 8, "k": 32},
-            "train": {"batch_size": 1024, "lr": 1e-3, "epochs": 8, "log_every": 25},
+            "crosscoder": {"expansion_factor": 4, "k": 32},
+            "train": {"batch_size": 1024, "lr": 1e-3, "epochs": 5, "log_every": 25},
         },
         "analyze": {},
         "label": {},

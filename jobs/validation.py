@@ -1,0 +1,79 @@
+"""The planted-truth section of the demo report (numbers from diffing.validation)."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from diffing.validation import planted_truth
+
+# Targets of the embedded demo (issue "The main job"); docs/validation.md reports the measured values.
+TARGETS = {"mass_rate_ft_specific": 0.80, "enrichment": 3.0, "judge_agreement": 0.70}
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "n/a"
+        if math.isinf(x):
+            return "∞"
+        return f"{x:.2f}"
+    return str(x)
+
+
+def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair: tuple[str, str]) -> dict:
+    """A report section (title, html, markdown, data) checking the run against planted truth."""
+    r = planted_truth(run, planted, pair)
+    a, b = pair
+    rows = [
+        (
+            f"{b}-specific latents with most activation mass on planted prompts",
+            r["mass_rate_ft_specific"],
+            f"≥ {TARGETS['mass_rate_ft_specific']:.2f}",
+        ),
+        ("same, random shared baseline", r["mass_rate_baseline"], ""),
+        ("enrichment over the baseline", r["enrichment"], f"≥ {TARGETS['enrichment']:.1f}×"),
+        (f"{a}-specific latents with most mass on planted prompts", r["mass_rate_base_specific"], ""),
+        (
+            f"judge category = planted category ({r['judged']} latents with a planted dominant source)",
+            r["judge_agreement"],
+            f"≥ {TARGETS['judge_agreement']:.2f}",
+        ),
+    ]
+    checks = {k: (not math.isnan(r[k])) and r[k] >= t for k, t in TARGETS.items() if isinstance(r[k], float)}
+    direction = r["direction"]
+    trs = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{_fmt(v)}</td><td>{html.escape(t)}</td></tr>" for n, v, t in rows
+    )
+    drows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(d['category'])}</td><td>{d['expected']}</td>"
+        f"<td>{_fmt(d['delta'])}</td><td>{'✓' if d['ok'] else '✗'}</td></tr>"
+        for name, d in direction.items()
+    )
+    body = (
+        "<p>The embedded fine-tune planted these capabilities; this section checks that the latents "
+        f"the pipeline selects as {html.escape(b)}-specific fire on the planted prompts (corpus source "
+        "tags, never shown to the judge) and that the judge names them.</p>"
+        f"<table><tr><th>measure</th><th>value</th><th>target</th></tr>{trs}</table>"
+    )
+    if drows:
+        body += (
+            "<h3>Direction of the category shift</h3><table><tr><th>capability</th><th>category</th>"
+            f"<th>planted as</th><th>Δ_c</th><th>ok</th></tr>{drows}</table>"
+        )
+    else:
+        body += '<p class="muted">No labels yet: the shift direction is checked after labelling.</p>'
+    md = "\n".join(
+        ["| measure | value | target |", "|---|---|---|"] + [f"| {n} | {_fmt(v)} | {t} |" for n, v, t in rows]
+    )
+    if direction:
+        md += "\n\n| capability | category | planted as | Δ_c | ok |\n|---|---|---|---|---|\n" + "\n".join(
+            f"| {n} | {d['category']} | {d['expected']} | {_fmt(d['delta'])} | {'yes' if d['ok'] else 'no'} |"
+            for n, d in direction.items()
+        )
+    data = {k: v for k, v in r.items() if k != "latents"} | {"checks": checks, "targets": TARGETS}
+    return {"title": "Planted-truth validation", "html": body, "markdown": md, "data": data, "key": "planted"}
