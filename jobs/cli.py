@@ -192,12 +192,26 @@ def planted_store(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Where the demo run goes.")] = Path("runs/demo-planted"),
+    out: Annotated[Path, typer.Option("--out", help="Where the demo run goes.")] = Path("runs/demo"),
+    planted_dictionary: Annotated[
+        bool,
+        typer.Option(
+            "--planted-dictionary",
+            help="Instead: the seconds-long synthetic check (planted dictionary -> fit -> analyze).",
+        ),
+    ] = False,
+    set_: SetOpt = None,
 ) -> None:
-    """The end-to-end demo. Until the pipeline lands: planted store -> fit -> analyze, with a truth check."""
-    from jobs.demo import run_planted_demo
+    """The mission end to end: SmolLM2-135M-Instruct vs its planted fine-tune (builds cached models,
+    harvest, fit, analyze, label with the vLLM judge on Ray Serve, report with planted-truth checks)."""
+    if planted_dictionary:
+        from jobs.demo import run_planted_demo
 
-    _run(lambda: run_planted_demo(out))
+        _run(lambda: run_planted_demo(out))
+        return
+    from jobs.demo import run_demo
+
+    _run(lambda: run_demo(out, overrides=set_ or []))
 
 
 @app.command("config-docs")

@@ -63,3 +63,27 @@ def run_planted_demo(out: Path, *, tokens: int = 300_000, seed: int = 0) -> dict
     print(json.dumps(summary, indent=2))
     print(f"\nlatents: {out / 'run' / 'latents.parquet'}\nsummary: {out / 'demo_summary.json'}")
     return summary
+
+
+def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """`make demo`: the embedded preset through the whole pipeline; prints where the report is."""
+    import time
+
+    from jobs.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    res = run_pipeline(preset="embedded", out=str(out), overrides=overrides)
+    out = Path(out)
+    rep = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    planted = next((s.get("data") for s in rep.get("sections", []) if s.get("key") == "planted"), None)
+    summary = {
+        "run": str(out),
+        "minutes": round((time.perf_counter() - t0) / 60, 1),
+        "fit": {k: res.get("fit", {}).get(k) for k in ("fve", "l0", "dead_fraction")},
+        "groups": res.get("analyze", {}).get("groups"),
+        "labels": res.get("label", {}).get("categories"),
+        "planted_truth": planted and {k: v for k, v in planted.items() if k not in ("targets",)},
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"\nreport: {(out / 'report.html').resolve()}")
+    return summary

@@ -43,6 +43,16 @@ class PipelineConfig(Frozen):
     pair: tuple[str, str] | None = Field(
         None, description="Models compared by Δnorm as (A, B); default the first two harvested models."
     )
+    comparisons: tuple[tuple[str, str], ...] | None = Field(
+        None,
+        description="Several (A, B) pairs analysed over one N-model crosscoder, each in "
+        "OUT/compare/<A>-vs-<B>/ (e.g. [[pt, it], [pt, simpo]]). Default: just `pair`.",
+    )
+    anchored: tuple[str, str] | None = Field(
+        None,
+        description="(S, I): category shift of S-specific latents (from the comparison whose B is S) "
+        "against I-specific ones (from the comparison whose B is I), as the paper's SimPO vs it.",
+    )
     stages: tuple[str, ...] = Field(STAGES, description="Stages to run, in pipeline order.")
     planted: list[dict[str, str]] | None = Field(
         None,
@@ -58,6 +68,16 @@ class PipelineConfig(Frozen):
         names = [m.name for m in self.harvest.models]
         if self.pair is not None and any(p not in names for p in self.pair):
             raise ValueError(f"pair={list(self.pair)} must name harvested models {names}")
+        for p in self.comparisons or ():
+            if any(m not in names for m in p) or p[0] == p[1]:
+                raise ValueError(f"comparisons: {list(p)} must be two different harvested models {names}")
+        if self.anchored is not None:
+            bs = [p[1] for p in self.comparisons or ()]
+            if any(m not in bs for m in self.anchored):
+                raise ValueError(
+                    f"anchored={list(self.anchored)}: each model must be the B of one of the comparisons "
+                    f"{[list(p) for p in self.comparisons or ()]}"
+                )
         if self.out.startswith(("s3://", "gs://")):
             raise ValueError("out: the pipeline run directory must be local (stores may be s3://)")
         return self
@@ -69,6 +89,10 @@ class PipelineConfig(Frozen):
     @property
     def pair_names(self) -> tuple[str, str]:
         return self.pair or (self.harvest.models[0].name, self.harvest.models[1].name)
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple(self.comparisons or (self.pair_names,))
 
 
 def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
@@ -108,9 +132,9 @@ class Pipeline:
         own = {
             "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
             "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
-            "analyze": {"analyze": c.analyze.model_dump(mode="json"), "pair": c.pair_names},
+            "analyze": {"analyze": c.analyze.model_dump(mode="json"), "pairs": c.pairs},
             "label": c.label.model_dump(mode="json", exclude={"concurrency", "start_timeout_s"}),
-            "report": {"planted": c.planted},
+            "report": {"planted": c.planted, "anchored": c.anchored},
         }[stage]
         i = STAGES.index(stage)
         upstream = self.stage_config(STAGES[i - 1])["hash"] if i else ""
@@ -184,27 +208,69 @@ class Pipeline:
             self.cfg.harvest.store, self.cfg.fit, str(self.run), overwrite=overwrite, address=self.address
         )
 
+    def dirs(self) -> dict[tuple[str, str], Path]:
+        from jobs.compare import pair_dir
+
+        return {p: pair_dir(self.run, p, len(self.cfg.pairs)) for p in self.cfg.pairs}
+
     def _analyze(self, overwrite: bool) -> dict:
         from jobs.analyze import run_analyze
 
-        return run_analyze(
-            self.run, self.cfg.harvest.store, self.cfg.analyze, pair=self.cfg.pair_names, overwrite=overwrite
-        )
+        out = {}
+        for pair, d in self.dirs().items():
+            store = self.cfg.harvest.store
+            out["-vs-".join(pair)] = run_analyze(
+                d, store, self.cfg.analyze, pair=pair, overwrite=overwrite, address=self.address
+            )
+        return out if len(out) > 1 else next(iter(out.values()))
 
     def _label(self, overwrite: bool) -> dict:
+        import os
+        from contextlib import nullcontext
+
         from jobs.label import label_run
 
-        return label_run(self.run, self.cfg.label, endpoint=self.endpoint, overwrite=overwrite)
+        dirs = self.dirs()
+        endpoint, cfg = self.endpoint, self.cfg.label
+        svc_ctx = nullcontext()
+        if endpoint is None and len(dirs) > 1:  # one local service for every comparison
+            from serve.local import LocalService
+
+            svc_ctx = LocalService(cfg.service, start_timeout_s=cfg.start_timeout_s)
+        with svc_ctx as svc:
+            if svc is not None:
+                endpoint = svc.url
+                os.environ[cfg.token_env] = svc.token or ""
+            out = {
+                "-vs-".join(p): label_run(d, cfg, endpoint=endpoint, overwrite=overwrite)
+                for p, d in dirs.items()
+            }
+        return out if len(out) > 1 else next(iter(out.values()))
 
     def _report(self, overwrite: bool) -> dict:
-        from jobs.report import write_report
+        import shutil
 
-        sections = []
-        if self.cfg.planted:
-            from jobs.validation import planted_section
+        from jobs.report import REPORT_HTML, REPORT_JSON, REPORT_MD, write_report
 
-            sections.append(planted_section(self.run, self.cfg.planted, self.cfg.pair_names))
-        return write_report(self.run, extra_sections=sections)
+        dirs = self.dirs()
+        by_b = {p[1]: d for p, d in dirs.items()}
+        out = {}
+        for pair, d in dirs.items():
+            sections = []
+            if self.cfg.planted:
+                from jobs.validation import planted_section
+
+                sections.append(planted_section(d, self.cfg.planted, pair))
+            if self.cfg.anchored:
+                from jobs.compare import anchored_section
+
+                sections.append(anchored_section(by_b, *self.cfg.anchored))
+            out["-vs-".join(pair)] = write_report(d, extra_sections=sections)
+        if len(dirs) > 1:  # RUN/report.* = the report of the anchored S comparison (or the first)
+            main = by_b[self.cfg.anchored[0]] if self.cfg.anchored else next(iter(dirs.values()))
+            for name in (REPORT_HTML, REPORT_JSON, REPORT_MD):
+                shutil.copyfile(main / name, self.run / name)
+        return out if len(out) > 1 else next(iter(out.values()))
 
 
 def load_pipeline_config(

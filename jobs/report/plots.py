@@ -135,7 +135,16 @@ def shift_bars(rows: list[dict], s_name: str, i_name: str) -> str:
     for bar, r in zip(bars, rows, strict=True):
         if r.get("small_count"):
             bar.set_hatch("//")
-    ax.errorbar(d, y, xerr=[d - lo, hi - d], fmt="none", ecolor="#212529", capsize=3, lw=1)
+    # a count of 0 gets a continuity-corrected CI that need not contain the raw estimate: clip
+    ax.errorbar(
+        d,
+        y,
+        xerr=[np.clip(d - lo, 0, None), np.clip(hi - d, 0, None)],
+        fmt="none",
+        ecolor="#212529",
+        capsize=3,
+        lw=1,
+    )
     ax.set_yticks(y, [f"{r['category']}  ({r['n_s']}:{r['n_i']})" for r in rows], fontsize=8)
     ax.axvline(0, color="#212529", lw=0.8)
     ax.set_xlim(-105, min(max(float(np.max(hi)), float(np.max(d))), 400) + 15)  # CIs past 400% are cut

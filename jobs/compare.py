@@ -1,0 +1,70 @@
+"""Several comparisons over one crosscoder, and the anchored category shift between them.
+
+The paper compares two fine-tunes of one base through their own specific latents: SimPO-only
+latents of the pt–SimPO crosscoder against it-only latents of the pt–it crosscoder. With one
+N-model crosscoder over (pt, it, SimPO), crossdiff analyses each pair (pt, it) and (pt, SimPO)
+in its own directory, RUN/compare/<A>-vs-<B>/ (which links the shared crosscoder and metrics),
+and reports
+
+    Δ_c = (n_c^S / N^S) / (n_c^I / N^I) − 1,   S = <S>-specific of (A, S),  I = <I>-specific of (A, I)
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from diffing.evidence import iter_evidence, read_labels
+from diffing.stats import category_shift
+
+SHARED = ("crosscoder", "metrics.json", "run_config.json")
+
+
+def pair_dir(run: Path, pair: tuple[str, str], n_pairs: int) -> Path:
+    """Where a comparison's analysis lives: RUN itself for one pair, else RUN/compare/<A>-vs-<B>/."""
+    if n_pairs == 1:
+        return run
+    d = run / "compare" / f"{pair[0]}-vs-{pair[1]}"
+    d.mkdir(parents=True, exist_ok=True)
+    for name in SHARED:  # the fitted crosscoder is shared by every comparison
+        link, target = d / name, run / name
+        if target.exists() and not link.exists():
+            os.symlink(os.path.relpath(target, d), link)
+    return d
+
+
+def specific_counts(d: Path, model: str) -> Counter:
+    """Judge categories of the latents selected as <model>-specific in one comparison directory."""
+    ids = {e.latent for e in iter_evidence(d) if e.group == f"{model}-specific"}
+    labels = read_labels(d)
+    return Counter(labels[i].category for i in ids if i in labels)
+
+
+def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str) -> dict:
+    """Report section: category shift of S's specific latents (its comparison) vs I's (its own)."""
+    from jobs.report import plots, render
+
+    cs, ci = specific_counts(dirs[s_model], s_model), specific_counts(dirs[i_model], i_model)
+    title = f"Anchored category shift: {s_model}-specific vs {i_model}-specific"
+    if not cs or not ci:
+        msg = f"not enough labels yet ({s_model}: {sum(cs.values())}, {i_model}: {sum(ci.values())})"
+        return {"title": title, "html": f'<p class="muted">{msg}</p>', "markdown": msg, "key": "anchored"}
+    rows = [r.as_dict() for r in category_shift(cs, ci)]
+    s_name, i_name = (
+        f"{s_model}-specific ({dirs[s_model].name})",
+        f"{i_model}-specific ({dirs[i_model].name})",
+    )
+    html = (
+        f'<p class="muted">S = {render.esc(s_name)} (N={sum(cs.values())}), '
+        f"I = {render.esc(i_name)} (N={sum(ci.values())})</p>"
+        f'<img alt="anchored category shift" src="{plots.shift_bars(rows, s_name, i_name)}">'
+        + render.shift_table(rows)
+    )
+    md = "| category | n_S | n_I | Δ_c | 95% CI | small |\n|---|---|---|---|---|---|\n" + "\n".join(
+        f"| {r['category']} | {r['n_s']} | {r['n_i']} | {r['delta']:+.3f} | "
+        f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {'yes' if r['small_count'] else ''} |"
+        for r in rows
+    )
+    data = {"S": s_name, "I": i_name, "shift": rows}
+    return {"title": title, "html": html, "markdown": md, "data": data, "key": "anchored"}

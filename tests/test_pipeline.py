@@ -1,0 +1,190 @@
+"""`crossdiff pipeline`: the tiny preset end to end (real Ray, real vLLM-CPU judge), stage skipping,
+config-change detection, and config errors."""
+
+import json
+import os
+
+import pytest
+
+from diffing.config import ConfigError
+from jobs.pipeline import STAGES, Pipeline, load_pipeline_config
+
+
+def _cfg_dict(tmp_path, **kw):
+    d = {
+        "out": str(tmp_path / "run"),
+        "harvest": {
+            "models": [{"name": "a", "path": "/m/a"}, {"name": "b", "path": "/m/b"}],
+            "layer": 1,
+            "corpus": {"uri": "/c.jsonl"},
+        },
+    }
+    d.update(kw)
+    return d
+
+
+def test_config_defaults_and_errors(tmp_path):
+    import yaml
+
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(_cfg_dict(tmp_path)))
+    cfg = load_pipeline_config(p)
+    assert cfg.harvest.store == str(tmp_path / "run" / "store")  # default store inside the run
+    assert cfg.pair_names == ("a", "b") and cfg.stages == STAGES
+    assert load_pipeline_config(p, out=str(tmp_path / "other")).harvest.store == str(
+        tmp_path / "other" / "store"
+    )
+    for sets, needle in [
+        (["stages=[harvest,bogus]"], "stages"),
+        (["pair=[a,c]"], "pair"),
+        (["fit.train.lr=-1"], "fit.train.lr"),
+        (["label.batch_size=0"], "label.batch_size"),
+        (["out=s3://bucket/run"], "out"),
+        (["harvest.layr=3"], "harvest.layr"),
+    ]:
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            load_pipeline_config(p, overrides=sets)
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_pipeline_config(p, preset="tiny")
+    with pytest.raises(ConfigError, match="--out"):
+        load_pipeline_config(None, preset="tiny")
+
+
+def test_stage_hashes_chain(tmp_path):
+    from jobs.pipeline import PipelineConfig, with_defaults
+
+    a = Pipeline(PipelineConfig.model_validate(with_defaults(_cfg_dict(tmp_path))))
+    b = Pipeline(
+        PipelineConfig.model_validate(with_defaults(_cfg_dict(tmp_path, fit={"train": {"lr": 1e-2}})))
+    )
+    same = [s for s in STAGES if a.stage_config(s)["hash"] == b.stage_config(s)["hash"]]
+    assert same == ["harvest"]  # a fit change invalidates fit and everything after it
+    c = Pipeline(
+        PipelineConfig.model_validate(
+            with_defaults(
+                _cfg_dict(tmp_path, fit={"distributed": {"workers": 2}, "train": {"batch_size": 1024}})
+            )
+        )
+    )
+    # how a stage is distributed is not part of its identity
+    assert a.stage_config("report")["hash"] == c.stage_config("report")["hash"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_tiny_pipeline_end_to_end(tmp_path):
+    """harvest -> fit -> analyze -> label (Ray Serve + vLLM-CPU judge) -> report, then a rerun that
+    does nothing, a report-only redo, and a refused config change."""
+    import ray
+
+    from diffing.evidence import iter_evidence, read_labels
+    from jobs.pipeline import run_pipeline
+    from serve.taxonomy import load_taxonomy
+
+    out = str(tmp_path / "run")
+    try:
+        res = run_pipeline(preset="tiny", out=out)
+        assert set(res) == set(STAGES)
+        run = tmp_path / "run"
+        for s in STAGES:
+            assert json.loads((run / "stages" / f"{s}.json").read_text())["hash"]
+        assert res["harvest"]["rows"] > 1000 and res["fit"]["fve"]["base"] > 0.5
+        evidence = list(iter_evidence(run))
+        groups = {e.group for e in evidence}
+        assert {"base-specific", "ft-specific", "baseline"} <= groups
+        labels = read_labels(run)
+        members = set(load_taxonomy().names)
+        assert set(labels) == {e.latent for e in evidence}  # every selected latent labelled
+        assert all(lab.category in members for lab in labels.values())  # structured output holds
+        html = (run / "report.html").read_text()
+        assert "Category shift" in html or "category shift" in html.lower()
+        rep = json.loads((run / "report.json").read_text())
+        assert rep
+
+        # a finished pipeline does nothing on rerun
+        mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "stages" not in p.parts}
+        again = run_pipeline(preset="tiny", out=out)
+        assert again.keys() == res.keys()
+        changed = [p for p, t in mtimes.items() if p.exists() and p.stat().st_mtime_ns != t]
+        assert changed == [run / "pipeline.json"]
+
+        # a killed run resumes at the stage it reached: drop the report, only it is redone
+        (run / "stages" / "report.json").unlink()
+        (run / "report.html").unlink()
+        run_pipeline(preset="tiny", out=out)
+        assert (run / "report.html").exists()
+        assert (run / "labels.jsonl").stat().st_mtime_ns == mtimes[run / "labels.jsonl"]
+
+        # a changed stage config is refused, not silently mixed with old results
+        with pytest.raises(ValueError, match="different config"):
+            run_pipeline(preset="tiny", out=out, overrides=["fit.train.lr=0.01"])
+    finally:
+        if ray.is_initialized():
+            try:
+                from ray import serve
+
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+
+
+def test_shipped_pipeline_configs_validate():
+    from pathlib import Path
+
+    files = sorted(Path("jobs/configs").glob("*.pipeline.yaml"))
+    assert files
+    for f in files:
+        cfg = load_pipeline_config(f)
+        assert cfg.fit.distributed.use_gpu and cfg.harvest.layer == 20
+        if cfg.anchored:
+            assert len(cfg.pairs) == 2 and {p[1] for p in cfg.pairs} == set(cfg.anchored)
+
+
+def test_anchored_needs_matching_comparisons(tmp_path):
+    import yaml
+
+    d = _cfg_dict(tmp_path)
+    d["harvest"]["models"].append({"name": "c", "path": "/m/c"})
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(d))
+    ok = load_pipeline_config(p, overrides=["comparisons=[[a,b],[a,c]]", "anchored=[c,b]"])
+    assert ok.pairs == (("a", "b"), ("a", "c"))
+    with pytest.raises(ConfigError, match="anchored"):
+        load_pipeline_config(p, overrides=["comparisons=[[a,b]]", "anchored=[c,b]"])
+    with pytest.raises(ConfigError, match="comparisons"):
+        load_pipeline_config(p, overrides=["comparisons=[[a,a]]"])
+
+
+def test_anchored_section_counts(tmp_path):
+    from diffing.evidence import LABELS_FILE, LatentEvidence, LatentLabel, write_jsonl
+    from jobs.compare import anchored_section, pair_dir
+
+    run = tmp_path / "run"
+    (run / "crosscoder").mkdir(parents=True)
+    dirs = {}
+    for pair, cats in [
+        (("pt", "it"), ["safety", "math", "math", "other"]),
+        (("pt", "simpo"), ["safety"] * 3),
+    ]:
+        d = pair_dir(run, pair, 2)
+        assert (d / "crosscoder").is_symlink() and (d / "crosscoder").resolve() == (
+            run / "crosscoder"
+        ).resolve()
+        ev = [LatentEvidence(latent=i, group=f"{pair[1]}-specific") for i in range(len(cats))]
+        ev.append(LatentEvidence(latent=99, group="pt-specific"))  # not counted
+        write_jsonl(d / "examples" / "0.jsonl", ev)
+        labs = [LatentLabel(latent=i, explanation="", category=c, confidence=1) for i, c in enumerate(cats)]
+        write_jsonl(
+            d / LABELS_FILE, [*labs, LatentLabel(latent=99, explanation="", category="math", confidence=1)]
+        )
+        dirs[pair[1]] = d
+    sec = anchored_section(dirs, "simpo", "it")
+    rows = {r["category"]: r for r in sec["data"]["shift"]}
+    # safety: (3/3) / (1/4) - 1 = 3
+    assert rows["safety"]["delta"] == pytest.approx(3.0)
+    assert (
+        rows["math"]["n_s"] == 0 and rows["math"]["n_i"] == 2 and rows["math"]["delta"] == pytest.approx(-1.0)
+    )
+    assert "<img" in sec["html"] and sec["key"] == "anchored"
