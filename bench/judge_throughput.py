@@ -2,7 +2,7 @@
 concurrent vs one latent per request, one request at a time. Same service, same engine, same run;
 every latent's evidence is distinct (no cache hits).
 
-    python bench/judge_throughput.py [--judge smollm2|tiny|PATH] [--latents 48] [--sequential 12]
+    python bench/judge_throughput.py [--judge smollm2|tiny|PATH] [--latents 32] [--sequential 8]
                                      [--batch 8] [--concurrency 4] [--endpoint URL]
 """
 
@@ -61,8 +61,8 @@ async def run(url: str, token: str | None, evs: list[LatentEvidence], batch: int
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--judge", default="smollm2", help="smollm2 (embedded), tiny, or a model directory")
-    ap.add_argument("--latents", type=int, default=48, help="Latents for the batched+concurrent run.")
-    ap.add_argument("--sequential", type=int, default=12, help="Latents for the one-at-a-time run.")
+    ap.add_argument("--latents", type=int, default=32, help="Latents for the batched+concurrent run.")
+    ap.add_argument("--sequential", type=int, default=8, help="Latents for the one-at-a-time run.")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--endpoint", default=None, help="Use a running service instead of starting one.")
@@ -71,7 +71,7 @@ def main() -> None:
     from serve.local import LocalService
     from serve.settings import ServiceSettings
 
-    judge: dict = {"model_id": f"bench-{args.judge}"[:40]}
+    judge: dict = {"model_id": f"bench-{args.judge}"[:40], "timeout_s": 900}
     if args.judge == "tiny":
         from diffing.embedded.tiny import TinyConfig, build_tiny_pair
 
@@ -81,7 +81,9 @@ def main() -> None:
         judge["engine_kwargs"] = {"max_model_len": 4096}
     elif args.judge != "smollm2":
         judge["model_source"] = args.judge
-    settings = ServiceSettings.model_validate({"judge": judge, "cache_size": 0})
+    settings = ServiceSettings.model_validate(
+        {"judge": judge, "cache_size": 0, "limits": {"request_timeout_s": 1800}}
+    )
     svc = None
     if args.endpoint:
         url, token = args.endpoint, os.environ.get("CROSSDIFF_API_TOKEN")
@@ -92,6 +94,7 @@ def main() -> None:
         asyncio.run(run(url, token, [make_evidence(10_000_000 + i) for i in range(2)], 1, 1))  # warm-up
         base = 0
         seq = asyncio.run(run(url, token, [make_evidence(base + i) for i in range(args.sequential)], 1, 1))
+        print(f"sequential: {seq:.3f} latents/s", flush=True)
         base += args.sequential
         bat = asyncio.run(
             run(

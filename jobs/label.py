@@ -40,7 +40,7 @@ class LabelConfig(Frozen):
     max_attempts: int = Field(6, ge=1, description="Tries per batch before the run fails (rerun resumes).")
     backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt (with jitter).")
     max_backoff_s: float = Field(60.0, gt=0, description="Longest retry delay.")
-    request_timeout_s: float = Field(600.0, gt=0, description="Client deadline per request.")
+    request_timeout_s: float = Field(900.0, gt=0, description="Client deadline per request.")
     token_env: str = Field(
         "CROSSDIFF_API_TOKEN", description="Environment variable with the endpoint's bearer token."
     )

@@ -73,6 +73,7 @@ class JudgeClient(ABC):
         json_schema: dict | None = None,
         logprobs: bool = False,
         prefill: str | None = None,
+        stop: list[str] | None = None,
     ) -> Completion:
         """One chat completion. `prefill`: the start of the assistant's answer, continued by the
         judge (the returned text is the continuation only)."""
@@ -124,6 +125,7 @@ class ServeLLMJudge(JudgeClient):
         json_schema=None,
         logprobs=False,
         prefill=None,
+        stop=None,
     ):
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
@@ -134,6 +136,7 @@ class ServeLLMJudge(JudgeClient):
             temperature=temperature,
             structured_outputs=structured(choice, json_schema),
             logprobs=logprobs,
+            stop=stop or None,
         )
         try:
             resp = await asyncio.wait_for(self._chat(req), self.timeout_s)
@@ -186,6 +189,7 @@ class OpenAIJudge(JudgeClient):
         json_schema=None,
         logprobs=False,
         prefill=None,
+        stop=None,
     ):
         import httpx
 
@@ -200,6 +204,8 @@ class OpenAIJudge(JudgeClient):
             body["structured_outputs"] = so
         if logprobs:
             body["logprobs"] = True
+        if stop:
+            body["stop"] = stop
         try:
             r = await asyncio.wait_for(
                 self._client.post(f"{self.base}/chat/completions", json=body), self.timeout_s
@@ -248,6 +254,7 @@ class ScriptedJudge(JudgeClient):
         json_schema=None,
         logprobs=False,
         prefill=None,
+        stop=None,
     ):
         self.calls += 1
         if self.delay_s:

@@ -127,7 +127,7 @@ class Labeller:
         msgs = prompts.explain_messages(ev, examples, self.method, context)
         for _ in range(self.method.max_retries + 1):
             out = await self._call(
-                msgs, max_tokens=self.method.explain_max_tokens, prefill=prompts.EXPLAIN_PREFILL
+                msgs, max_tokens=self.method.explain_max_tokens, prefill=prompts.EXPLAIN_PREFILL, stop=[". "]
             )
             text = prompts.clean_explanation(out.text)
             if text:

@@ -53,7 +53,9 @@ class JudgeSettings(Frozen):
         "max_ongoing_requests, ray_actor_options, ...).",
     )
     timeout_s: float = Field(
-        60.0, gt=0, description="Deadline of one judge call; past it the call fails (503)."
+        300.0,
+        gt=0,
+        description="Deadline of one judge call, queueing included; past it the call fails (503).",
     )
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature (0: greedy, stable reruns).")
 
@@ -114,7 +116,7 @@ class LimitSettings(Frozen):
     max_examples: int = Field(100, ge=1, description="Most examples per list (top/quantiles/negatives).")
     max_window: int = Field(512, ge=1, description="Most tokens per example window.")
     request_timeout_s: float = Field(
-        300.0, gt=0, description="Deadline of a whole request; past it 503 with Retry-After."
+        600.0, gt=0, description="Deadline of a whole request; past it 503 with Retry-After."
     )
     retry_after_s: int = Field(10, ge=1, description="Retry-After seconds sent with 502/503.")
 
