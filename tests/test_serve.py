@@ -264,3 +264,22 @@ def test_http_load_with_malformed_requests_has_no_5xx():
             assert {c for bad, c in codes if bad} == {422} and {c for bad, c in codes if not bad} == {200}
 
     run(go())
+
+
+@pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml"])
+def test_serve_configs_are_valid(name):
+    """serve/config/*.yaml: valid Serve deploy schema (serve run / deploy / serveConfigV2) with valid args."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "serve" / "config" / name).read_text())
+    ServeDeploySchema.model_validate(cfg) if hasattr(
+        ServeDeploySchema, "model_validate"
+    ) else ServeDeploySchema.parse_obj(cfg)
+    (app,) = cfg["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    settings = ServiceSettings.model_validate(app["args"])
+    assert settings.judge.accelerator == name.split(".")[0]
+    assert [d["name"] for d in app["deployments"]] == ["LabellingAPI"]
