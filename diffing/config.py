@@ -357,9 +357,11 @@ def config_reference(models: dict[str, type[BaseModel]] | None = None) -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 subs.append((ann, f"{prefix}{name}."))
                 continue
-            default = field.get_default(call_default_factory=True)
+            default = (
+                "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            )
             typ = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
-            cells = [f"`{prefix}{name}`", f"`{typ}`", f"`{default!r}`", field.description or ""]
+            cells = [f"`{prefix}{name}`", f"`{typ}`", f"`{default}`", field.description or ""]
             rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         if rows:
             out.extend(["| field | type | default | meaning |", "|---|---|---|---|", *rows, ""])

@@ -217,9 +217,9 @@ def demo(
 @app.command("config-docs")
 def config_docs() -> None:
     """Print the configuration reference (Markdown) generated from the typed configs."""
-    from diffing.config import config_reference
+    from jobs.pipeline import reference
 
-    typer.echo(config_reference())
+    typer.echo(reference())
 
 
 @app.command()

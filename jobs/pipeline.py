@@ -320,3 +320,18 @@ def run_pipeline(
 ) -> dict[str, Any]:
     cfg = load_pipeline_config(config, preset=preset, out=out, overrides=overrides)
     return Pipeline(cfg, address=address, endpoint=endpoint)(overwrite=overwrite)
+
+
+def reference() -> str:
+    """docs/configuration.md: every field of the pipeline config; each stage command
+    (`crossdiff harvest|fit|analyze|label --config`) takes its section alone."""
+    from diffing.config import config_reference
+
+    note = (
+        "The pipeline config nests one section per stage. Stage commands take a section alone: "
+        "`crossdiff fit --config F` reads the fields listed under `fit.` without that prefix "
+        "(`crosscoder.k`, `train.lr`, ...), and so do `harvest`, `analyze` and `label`."
+    )
+    text = config_reference({"pipeline": PipelineConfig})
+    head, _, rest = text.partition("## `pipeline`")
+    return f"{head}{note}\n\n## `pipeline`{rest}"

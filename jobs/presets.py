@@ -18,14 +18,33 @@ from diffing.logs import get_logger
 PRESETS = ("tiny", "embedded")
 
 
-def _corpus(out: Path, n: int, seed: int) -> str:
-    from diffing.embedded import write_corpus
+def _corpus(out: Path, n: int, seed: int, weights: dict[str, float] | None = None) -> str:
+    """The embedded corpus as JSONL in the run (written once, atomically)."""
+    import json
+
+    from diffing.embedded.corpus import iter_corpus
 
     path = out / "corpus.jsonl"
     if not path.exists():
-        tmp = write_corpus(out / ".corpus.jsonl.tmp", n=n, seed=seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".corpus.jsonl.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in iter_corpus(n, seed=seed, weights=weights):
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         tmp.replace(path)
     return str(path)
+
+
+# The demo's harvest mix: mostly general text and chat, so that a random latent's activation mass
+# sits mostly off the planted prompts (the fine-tune's own training mix is fixed by its recipe).
+DEMO_WEIGHTS = {
+    "general_text": 0.35,
+    "general_chat": 0.35,
+    "refusal": 0.075,
+    "french": 0.075,
+    "numbered_list": 0.075,
+    "self_reference": 0.075,
+}
 
 
 def tiny(out: Path) -> dict[str, Any]:
@@ -80,20 +99,29 @@ def embedded(out: Path) -> dict[str, Any]:
         "harvest": {
             "models": [{"name": "base", "path": str(base)}, {"name": "ft", "path": str(ft)}],
             "layer": 20,
-            "corpus": {"uri": _corpus(out, 1600, 0)},
+            "corpus": {"uri": _corpus(out, 2000, 0, DEMO_WEIGHTS)},
             "context_length": 128,
             "prompts_per_shard": 100,
             "batch_prompts": 16,
             "drop_first_raw_tokens": 2,
             "outlier_norm_mult": 3.0,
-            "ray": {"num_actors": 1, "num_cpus_per_actor": 1.0},
+            "ray": {
+                "num_actors": 1,
+                "num_cpus_per_actor": 2.0,
+            },  # Ray sets the actor's torch threads from this
         },
         "fit": {
-            "crosscoder": {"expansion_factor": 4, "k": 32},
+            # AuxK revives latents silent for 50k tokens (the default 1M is longer than this whole fit)
+            "crosscoder": {"expansion_factor": 4, "k": 32, "dead_after_tokens": 50_000},
             "train": {"batch_size": 1024, "lr": 1e-3, "epochs": 5, "log_every": 25},
         },
         "analyze": {},
-        "label": {},
+        # the 135M judge copes with a handful of categories, not the paper's fourteen (docs/validation.md)
+        "label": {
+            "service": {
+                "taxonomy": str(Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "demo.yaml")
+            }
+        },
         "planted": [
             {k: str(v) for k, v in p.items() if k in ("name", "source", "category", "direction")}
             for p in planted

@@ -166,10 +166,10 @@ def test_interrupted_fit_resumes_from_checkpoint(tmp_path, store):
 def test_configuration_reference_is_current():
     from pathlib import Path
 
-    from diffing.config import config_reference
+    from jobs.pipeline import reference
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-    assert doc.read_text().strip() == config_reference().strip(), (
+    assert doc.read_text().strip() == reference().strip(), (
         "regenerate: crossdiff config-docs > docs/configuration.md"
     )
 
