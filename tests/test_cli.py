@@ -179,10 +179,14 @@ def test_shipped_job_configs_validate():
 
     from diffing.config import FitConfig, load_config
     from diffing.harvest import HarvestConfig
+    from jobs.pipeline import load_pipeline_config
 
     root = Path(__file__).resolve().parents[1] / "jobs" / "configs"
     files = sorted(root.glob("*.yaml"))
     assert files
     for f in files:
+        if ".pipeline." in f.name:
+            load_pipeline_config(f)
+            continue
         cls = HarvestConfig if ".harvest." in f.name else FitConfig
         load_config(cls, f)
