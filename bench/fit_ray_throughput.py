@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+THREADS = 2
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,7 +31,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
     from cluster.connect import ensure_ray
     from diffing.config import FitConfig
@@ -58,7 +60,9 @@ def main() -> None:
                 },
                 "distributed": {
                     "workers": workers,
-                    "cpus_per_worker": 1.0 / max(1, workers),
+                    # the in-process fit's threads, split among the workers (Ray sets each worker's
+                    # OMP/torch threads from its CPUs): same compute on both sides
+                    "cpus_per_worker": float(max(1, THREADS // max(1, workers))),
                     "shuffle_buffer_rows": 0,
                 },
             }

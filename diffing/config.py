@@ -255,6 +255,9 @@ class DistributedConfig(Frozen):
     shuffle_buffer_rows: int = Field(
         65_536, ge=0, description="Ray Data local shuffle buffer per worker (0: none)."
     )
+    prefetch_batches: int = Field(
+        4, ge=0, description="Batches each worker's Ray Data iterator reads ahead (overlaps I/O with steps)."
+    )
 
 
 class FitConfig(Frozen):

@@ -35,13 +35,17 @@ class Example(_Model):
     peak: int = Field(ge=0, description="Index in `tokens` of the token the window is centred on.")
     doc_id: int | None = Field(None, description="Store doc_id of the document.")
     pos: int | None = Field(None, description="Position of the peak token in its document.")
-    source: str | None = Field(None, description="Corpus source tag (evaluation only; never shown to a judge).")
+    source: str | None = Field(
+        None, description="Corpus source tag (evaluation only; never shown to a judge)."
+    )
     quantile: int | None = Field(None, ge=0, description="Activation-quantile bin, for quantile samples.")
 
     @model_validator(mode="after")
     def _check(self) -> Example:
         if len(self.tokens) != len(self.acts):
-            raise ValueError(f"tokens ({len(self.tokens)}) and acts ({len(self.acts)}) must have one entry each")
+            raise ValueError(
+                f"tokens ({len(self.tokens)}) and acts ({len(self.acts)}) must have one entry each"
+            )
         if self.tokens and self.peak >= len(self.tokens):
             raise ValueError(f"peak={self.peak} is outside the window of {len(self.tokens)} tokens")
         return self
@@ -57,14 +61,16 @@ class LatentEvidence(_Model):
     latent: int = Field(ge=0, description="Latent index in the crosscoder.")
     group: str = Field(description="Selection group: '<model>-specific' or 'baseline'.")
     stats: dict[str, float | None] = Field(
-        default_factory=dict, description="Per-latent numbers: freq, mean_act, max_act, delta_norm, nu_eps, nu_r."
+        default_factory=dict,
+        description="Per-latent numbers: freq, mean_act, max_act, delta_norm, nu_eps, nu_r.",
     )
     top: list[Example] = Field(default_factory=list, description="Max-activating contexts, strongest first.")
     quantiles: list[Example] = Field(
         default_factory=list, description="Samples from activation quantiles (delphi style), `quantile` set."
     )
     negatives: list[Example] = Field(
-        default_factory=list, description="Random contexts where the latent does not fire (for detection scoring)."
+        default_factory=list,
+        description="Random contexts where the latent does not fire (for detection scoring).",
     )
     source_mass: dict[str, float] = Field(
         default_factory=dict, description="Share of the latent's activation mass per corpus source."

@@ -193,8 +193,10 @@ class Harvester:
         )
         parts: dict[str, list] = {"acts": [], "doc_id": [], "pos": [], "token_id": [], "source": []}
         n_tokens = n_outliers = 0
-        for b in range(0, len(docs), cfg.batch_prompts):
-            batch = [d for d in docs[b : b + cfg.batch_prompts] if d.ids]
+        # Batches of similar length (less padding); rows are put back in document order below.
+        by_len = sorted((d for d in docs if d.ids), key=lambda d: len(d.ids))
+        for b in range(0, len(by_len), cfg.batch_prompts):
+            batch = by_len[b : b + cfg.batch_prompts]
             if not batch:
                 continue
             ids, mask = pad_batch(batch, self.pad_id)
@@ -225,8 +227,11 @@ class Harvester:
                 doc_id=np.zeros(0, np.int64), pos=np.zeros(0, np.int32), token_id=np.zeros(0, np.int32)
             )
         else:
-            acts_all = torch.cat(parts["acts"])
             cat = {k: np.concatenate(parts[k]) for k in ("doc_id", "pos", "token_id")}
+            order = np.lexsort((cat["pos"], cat["doc_id"]))  # document order, then position
+            cat = {k: v[order] for k, v in cat.items()}
+            acts_all = torch.cat(parts["acts"])[torch.from_numpy(order)]
+            parts["source"] = [parts["source"][i] for i in order.tolist()]
         return {
             "acts": acts_all,
             **cat,

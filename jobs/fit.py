@@ -55,6 +55,21 @@ def _store_dataset(store: ActivationStore):
     return ray.data.read_parquet(paths, filesystem=fs).select_columns(cols)
 
 
+def _to_tensor(batch, n_models: int, device) -> torch.Tensor:
+    """A pyarrow batch of fixed-size-list columns act_0..act_{M-1} -> [B, M, D] on `device`.
+
+    Ray's numpy/torch batch formats turn fixed-size lists into object arrays row by row (measured:
+    the data path then costs as much as the training step); flattening the Arrow buffer does not copy.
+    """
+    cols = []
+    for m in range(n_models):
+        col = batch.column(f"act_{m}").combine_chunks()
+        col = getattr(col, "storage", col)  # an Arrow extension type (fixed_shape_tensor) -> its list storage
+        d = col.type.list_size
+        cols.append(torch.from_numpy(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)))
+    return torch.stack(cols, dim=1).to(device)
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train as train
@@ -93,13 +108,15 @@ def _train_loop(config: dict[str, Any]) -> None:
             train.report({"final": final, **(metrics or {}), "step": state.step}, checkpoint=checkpoint)
 
     shard = train.get_dataset_shard("train")
-    t0, start = time.perf_counter(), state.step
+    t0, start, data_wait = time.perf_counter(), state.step, 0.0
     epoch = int(state.data_position.get("epoch", 0))
     skip = int(state.data_position.get("batch", 0))
     while state.step < steps:
         it = iter(
-            shard.iter_torch_batches(
+            shard.iter_batches(
                 batch_size=per_rank,
+                batch_format="pyarrow",  # fixed-size lists -> one zero-copy reshape (see _to_tensor)
+                prefetch_batches=cfg.distributed.prefetch_batches,
                 drop_last=True,
                 local_shuffle_buffer_size=cfg.distributed.shuffle_buffer_rows or None,
                 local_shuffle_seed=tcfg.seed * 1000 + epoch * 10 + rank
@@ -111,12 +128,14 @@ def _train_loop(config: dict[str, Any]) -> None:
             next(it, None)
         b = skip
         while state.step < steps:
+            tw = time.perf_counter()
             batch = next(it, None)
+            data_wait += time.perf_counter() - tw
             # every rank must have a batch, or none steps: no all-reduce waits on a finished rank
             have = dist_reduce(torch.tensor(0.0 if batch is None else 1.0, device=device), "min")
             if have.item() == 0:
                 break
-            x = torch.stack([batch[f"act_{m}"] for m in range(M)], dim=1)
+            x = _to_tensor(batch, M, device)
             metrics = train_step(state, x, reduce=dist_reduce)
             b += 1
             state.data_position = {"epoch": epoch, "batch": b}
@@ -132,6 +151,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                         l0=round(metrics["l0"], 1),
                         dead=round(metrics["dead_fraction"], 3),
                         tokens_per_s=round(tps),
+                        # share of wall time spent waiting for data: near 1 means the input pipeline bounds the fit
+                        data_wait=round(data_wait / max(time.perf_counter() - t0, 1e-9), 3),
                     )
             if state.step % tcfg.checkpoint_every == 0 and state.step < steps:
                 report(final=False, metrics=metrics)

@@ -171,6 +171,8 @@ def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | N
                 shard=r["shard_id"],
                 done=f"{done}/{len(todo)}",
                 rows=int(r["n_rows"]),
+                # this shard on its actor (steady state) / all shards so far over wall time (incl. start-up)
+                shard_tokens_per_s=round(int(r["n_tokens"]) / max(float(r["seconds"]), 1e-9)),
                 tokens_per_s=round(toks / max(el, 1e-9)),
                 eta_s=round(el / done * (len(todo) - done)),
             )
