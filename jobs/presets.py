@@ -116,10 +116,12 @@ def embedded(out: Path) -> dict[str, Any]:
             "train": {"batch_size": 1024, "lr": 1e-3, "epochs": 5, "log_every": 25},
         },
         "analyze": {},
-        # the 135M judge copes with a handful of categories, not the paper's fourteen (docs/validation.md)
+        # the 135M judge: five categories, not the paper's fourteen, and channel scoring instead of
+        # asking it for a category (it answers one for everything; docs/labelling.md, docs/validation.md)
         "label": {
             "service": {
-                "taxonomy": str(Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "demo.yaml")
+                "taxonomy": str(Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "demo.yaml"),
+                "method": {"classify_mode": "channel"},
             }
         },
         "planted": [

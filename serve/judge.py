@@ -1,5 +1,8 @@
 """Judge clients: one async interface, three implementations.
 
+Two kinds of call: `complete` (a chat completion, optionally with structured output) and
+`prompt_logprob` (log p(prompt) from vLLM's `prompt_logprobs`, for channel classification).
+
 - `ServeLLMJudge`: a Ray Serve LLM (`ray.serve.llm`) deployment, called through its DeploymentHandle.
 - `OpenAIJudge`: any OpenAI-compatible server (e.g. vLLM's) over HTTP.
 - `ScriptedJudge`: a function of the messages, for unit tests (no model).
@@ -78,6 +81,11 @@ class JudgeClient(ABC):
         """One chat completion. `prefill`: the start of the assistant's answer, continued by the
         judge (the returned text is the continuation only)."""
 
+    async def prompt_logprob(self, messages: Messages, prefill: str | None = None) -> float:
+        """Total log-probability the judge assigns to the prompt's tokens (after the first), i.e.
+        log p(prompt); with `prefill`, the rendered prompt ends with that start of an answer."""
+        raise JudgeError(f"{type(self).__name__} cannot score prompts (needs vLLM's prompt_logprobs)")
+
     @abstractmethod
     async def health(self) -> None:
         """Return if the judge answers; raise JudgeUnavailable otherwise."""
@@ -91,6 +99,26 @@ def _sum_logprobs(content: Any) -> float | None:
         return None
     vals = [c["logprob"] if isinstance(c, dict) else c.logprob for c in content]
     return float(sum(v for v in vals if v is not None and math.isfinite(v)))
+
+
+def _sum_prompt_logprobs(plps: Any, ids: Any) -> float:
+    """Sum of vLLM's prompt_logprobs (one dict per prompt token, keyed by token id; the first is None)."""
+    if not plps:
+        raise JudgeError("the judge returned no prompt log-probabilities")
+    total = 0.0
+    for i, d in enumerate(plps):
+        if not d:
+            continue
+        entry = None
+        if ids is not None and i < len(ids):
+            entry = d.get(ids[i], d.get(str(ids[i])))
+        if entry is None:
+            if len(d) != 1:
+                raise JudgeError("cannot tell the prompt token among the returned log-probabilities")
+            entry = next(iter(d.values()))
+        lp = entry["logprob"] if isinstance(entry, dict) else entry.logprob
+        total += float(lp)
+    return total
 
 
 class ServeLLMJudge(JudgeClient):
@@ -153,6 +181,31 @@ class ServeLLMJudge(JudgeClient):
         c = choices[0]
         lp = _sum_logprobs(getattr(c.logprobs, "content", None)) if logprobs and c.logprobs else None
         return Completion(text=c.message.content or "", logprob=lp)
+
+    async def prompt_logprob(self, messages, prefill=None):
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+        req = ChatCompletionRequest(
+            model=self.model,
+            **_prefill_fields(messages, prefill),
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=0,
+            return_token_ids=True,
+        )
+        try:
+            resp = await asyncio.wait_for(self._chat(req), self.timeout_s)
+        except TimeoutError:
+            raise JudgeUnavailable(f"the judge did not answer within {self.timeout_s:.0f} s") from None
+        except JudgeError:
+            raise
+        except Exception as e:
+            raise JudgeUnavailable(f"judge deployment unavailable: {type(e).__name__}: {e}") from None
+        plps = getattr(resp, "prompt_logprobs", None)
+        if plps is None:
+            msg = getattr(resp, "message", None) or getattr(getattr(resp, "error", None), "message", None)
+            raise JudgeError(f"judge error: {msg or 'no prompt log-probabilities in the answer'}")
+        return _sum_prompt_logprobs(plps, getattr(resp, "prompt_token_ids", None))
 
     async def health(self) -> None:
         try:
@@ -220,6 +273,30 @@ class OpenAIJudge(JudgeClient):
         lp = _sum_logprobs((c.get("logprobs") or {}).get("content")) if logprobs else None
         return Completion(text=c["message"].get("content") or "", logprob=lp)
 
+    async def prompt_logprob(self, messages, prefill=None):
+        import httpx
+
+        body = {
+            "model": self.model,
+            **_prefill_fields(messages, prefill),
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": 0,
+            "return_token_ids": True,
+        }
+        try:
+            r = await asyncio.wait_for(
+                self._client.post(f"{self.base}/chat/completions", json=body), self.timeout_s
+            )
+        except (TimeoutError, httpx.TransportError) as e:
+            raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
+        if r.status_code in (429, 502, 503, 504):
+            raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
+        if r.status_code != 200:
+            raise JudgeError(f"judge at {self.base} answered {r.status_code}: {r.text[:300]}")
+        data = r.json()
+        return _sum_prompt_logprobs(data.get("prompt_logprobs"), data.get("prompt_token_ids"))
+
     async def health(self) -> None:
         import httpx
 
@@ -235,10 +312,17 @@ class OpenAIJudge(JudgeClient):
 
 
 class ScriptedJudge(JudgeClient):
-    """Answers from a function `fn(messages, choice, json_schema) -> str | Exception` (tests)."""
+    """Answers from `fn(messages, choice, json_schema) -> str | (str, logprob) | Exception` (tests)."""
 
-    def __init__(self, fn: Callable[..., Any], model: str = "scripted", delay_s: float = 0.0):
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        model: str = "scripted",
+        delay_s: float = 0.0,
+        scorer: Callable[[Messages, str | None], float] | None = None,
+    ):
         self.fn = fn
+        self.scorer = scorer  # (messages, prefill) -> log p(prompt), for classify_mode "channel"
         self.model = model
         self.delay_s = delay_s
         self.calls = 0
@@ -262,7 +346,16 @@ class ScriptedJudge(JudgeClient):
         out = self.fn(messages, choice, json_schema)
         if isinstance(out, BaseException):
             raise out
+        if isinstance(out, tuple):  # (text, log-probability of that text)
+            text, lp = out
+            return Completion(text=str(text), logprob=lp if logprobs else None)
         return Completion(text=str(out), logprob=-0.1 if logprobs else None)
+
+    async def prompt_logprob(self, messages, prefill=None):
+        if self.scorer is None:
+            return await super().prompt_logprob(messages, prefill)
+        self.calls += 1
+        return float(self.scorer(messages, prefill))
 
     async def health(self) -> None:
         if not self.healthy:

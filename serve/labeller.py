@@ -12,6 +12,7 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
 from diffing.evidence import LatentEvidence, LatentLabel
@@ -116,6 +117,8 @@ class Labeller:
         self.temperature = temperature
         self.cache = cache or LabelCache(10_000)
         self.sem = asyncio.Semaphore(method.max_concurrent_calls)
+        self._prior_cache: dict[str, float] | None = None
+        self._prior_lock = asyncio.Lock()
         self.schema = prompts.classification_schema(taxonomy)
         self.model_cls = prompts.classification_model(taxonomy)
 
@@ -134,9 +137,43 @@ class Labeller:
                 return prompts.clean_explanation(f"{prompts.EXPLAIN_PREFILL} {text}")
         return "(the judge gave no explanation)"
 
+    async def _channel_prior(self) -> dict[str, float]:
+        """log p(request for category c + neutral text) for every c: the baseline of each score."""
+        async with self._prior_lock:
+            if self._prior_cache is None:
+                vals = await asyncio.gather(
+                    *(
+                        self._score(prompts.channel_messages(c.description), prompts.CHANNEL_BASELINE)
+                        for c in self.taxonomy.categories
+                    )
+                )
+                self._prior_cache = dict(zip(self.taxonomy.names, vals, strict=True))
+            return self._prior_cache
+
+    async def _score(self, messages, prefill: str | None) -> float:
+        async with self.sem:
+            return await self.judge.prompt_logprob(messages, prefill)
+
+    async def classify_channel(self, ev: LatentEvidence) -> tuple[str, str | None, float]:
+        """argmax_c log p(examples | c's request) - log p(neutral text | c's request); confidence: the
+        softmax of those scores."""
+        text = prompts.channel_text(ev, self.method)
+        prior = await self._channel_prior()
+        full = await asyncio.gather(
+            *(self._score(prompts.channel_messages(c.description), text) for c in self.taxonomy.categories)
+        )
+        names = self.taxonomy.names
+        ll = np.array([f - prior[n] for f, n in zip(full, names, strict=True)])
+        p = np.exp(ll - ll.max())
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        return names[order[0]], names[order[1]] if len(names) > 1 else None, float(p[order[0]])
+
     async def classify(self, ev: LatentEvidence, examples, explanation: str) -> tuple[str, str | None, float]:
         """(category, secondary, confidence); always a taxonomy member (choice fallback)."""
         names = self.taxonomy.names
+        if self.method.classify_mode == "channel":
+            return await self.classify_channel(ev)
         if self.method.classify_mode == "json":
             msgs = prompts.classify_messages(ev, examples, explanation, self.taxonomy, self.method, "json")
             for attempt in range(self.method.max_retries + 1):

