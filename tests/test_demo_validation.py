@@ -1,20 +1,25 @@
 """Planted-truth validation of the embedded demo across seeds (marker `build`: the real SmolLM2
 pair, tens of minutes on 2 cores; `make test-all`). docs/validation.md reports the measured values.
 
-One harvest is shared; each seed refits the crosscoder, reselects, relabels and reports. The
-thresholds below are the ones the embedded recipe met when measured (see docs/validation.md);
-the issue's targets (mass rate >= 0.8, enrichment >= 3x, judge agreement >= 0.7) are printed
-beside them.
+One harvest is shared (CROSSDIFF_VALIDATION_STORE reuses a finished one); each seed refits the
+crosscoder, reselects, relabels and reports. The
+thresholds are the targets (mass rate >= 0.8 and judge agreement >= 0.7 per seed; enrichment
+>= 3x on the mean over seeds, >= 2x per seed: seed 2 measured 2.58x, see docs/validation.md); the
+category-shift direction per planted capability is printed (docs/validation.md has the measured
+values and why two of four directions are wrong).
 """
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 SEEDS = (0, 1, 2)
 MIN_MASS_RATE = float(os.environ.get("CROSSDIFF_MIN_MASS_RATE", "0.8"))
-MIN_ENRICHMENT = float(os.environ.get("CROSSDIFF_MIN_ENRICHMENT", "2.0"))
+MIN_ENRICHMENT = float(os.environ.get("CROSSDIFF_MIN_ENRICHMENT", "3.0"))
+MIN_AGREEMENT = float(os.environ.get("CROSSDIFF_MIN_AGREEMENT", "0.7"))
+ENRICHMENT_FLOOR = float(os.environ.get("CROSSDIFF_ENRICHMENT_FLOOR", "2.0"))
 
 
 @pytest.mark.build
@@ -26,7 +31,12 @@ def test_planted_truth_across_seeds(tmp_path):
 
     from jobs.pipeline import run_pipeline
 
-    store = str(tmp_path / "store")
+    # a finished embedded harvest can be reused (it does not depend on the seed): the store of a demo
+    # run, e.g. CROSSDIFF_VALIDATION_STORE=runs/demo/store, spelled as that run spelled it, with the
+    # corpus the run wrote beside it (both are part of the harvest config the store was stamped with)
+    reuse = os.environ.get("CROSSDIFF_VALIDATION_STORE")
+    store = reuse or str(tmp_path / "store")
+    extra = [f"harvest.corpus.uri={Path(reuse).parent / 'corpus.jsonl'}"] if reuse else []
     results = {}
     try:
         for seed in SEEDS:
@@ -38,6 +48,7 @@ def test_planted_truth_across_seeds(tmp_path):
                     f"harvest.store={store}",
                     f"fit.train.seed={seed}",
                     f"analyze.baseline_seed={seed}",
+                    *extra,
                 ],
             )
             rep = json.loads((out / "report.json").read_text())
@@ -48,7 +59,10 @@ def test_planted_truth_across_seeds(tmp_path):
     print(
         json.dumps(
             {
-                s: {k: r[k] for k in ("mass_rate_ft_specific", "enrichment", "judge_agreement")}
+                s: {
+                    **{k: r[k] for k in ("mass_rate_ft_specific", "enrichment", "judge_agreement", "judged")},
+                    "direction": {n: d["delta"] for n, d in r["direction"].items()},
+                }
                 for s, r in results.items()
             },
             indent=1,
@@ -57,4 +71,9 @@ def test_planted_truth_across_seeds(tmp_path):
     for seed, r in results.items():
         assert r["n_ft_specific"] > 0, seed
         assert r["mass_rate_ft_specific"] >= MIN_MASS_RATE, (seed, r)
-        assert r["enrichment"] >= MIN_ENRICHMENT, (seed, r)
+        # per seed the baseline is only ~35 random latents: its planted rate is noisy (0.17-0.33
+        # measured), so each seed must clear a floor and the mean the target (docs/validation.md)
+        assert r["enrichment"] >= ENRICHMENT_FLOOR, (seed, r)
+        assert r["judge_agreement"] >= MIN_AGREEMENT, (seed, r)
+    mean_enrichment = sum(r["enrichment"] for r in results.values()) / len(results)
+    assert mean_enrichment >= MIN_ENRICHMENT, results
