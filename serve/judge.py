@@ -143,6 +143,17 @@ class ServeLLMJudge(JudgeClient):
                     pass
         raise JudgeError("the judge deployment returned nothing")
 
+    async def _request(self, req) -> Any:
+        """One chat request with the deadline; failures to reach the deployment -> JudgeUnavailable."""
+        try:
+            return await asyncio.wait_for(self._chat(req), self.timeout_s)
+        except TimeoutError:
+            raise JudgeUnavailable(f"the judge did not answer within {self.timeout_s:.0f} s") from None
+        except JudgeError:
+            raise
+        except Exception as e:  # actor died, no replicas, backpressure, ...
+            raise JudgeUnavailable(f"judge deployment unavailable: {type(e).__name__}: {e}") from None
+
     async def complete(
         self,
         messages,
@@ -166,14 +177,7 @@ class ServeLLMJudge(JudgeClient):
             logprobs=logprobs,
             stop=stop or None,
         )
-        try:
-            resp = await asyncio.wait_for(self._chat(req), self.timeout_s)
-        except TimeoutError:
-            raise JudgeUnavailable(f"the judge did not answer within {self.timeout_s:.0f} s") from None
-        except JudgeError:
-            raise
-        except Exception as e:  # actor died, no replicas, backpressure, ...
-            raise JudgeUnavailable(f"judge deployment unavailable: {type(e).__name__}: {e}") from None
+        resp = await self._request(req)
         choices = getattr(resp, "choices", None)
         if not choices:
             msg = getattr(resp, "message", None) or getattr(getattr(resp, "error", None), "message", None)
@@ -193,14 +197,7 @@ class ServeLLMJudge(JudgeClient):
             prompt_logprobs=0,
             return_token_ids=True,
         )
-        try:
-            resp = await asyncio.wait_for(self._chat(req), self.timeout_s)
-        except TimeoutError:
-            raise JudgeUnavailable(f"the judge did not answer within {self.timeout_s:.0f} s") from None
-        except JudgeError:
-            raise
-        except Exception as e:
-            raise JudgeUnavailable(f"judge deployment unavailable: {type(e).__name__}: {e}") from None
+        resp = await self._request(req)
         plps = getattr(resp, "prompt_logprobs", None)
         if plps is None:
             msg = getattr(resp, "message", None) or getattr(getattr(resp, "error", None), "message", None)
@@ -232,6 +229,22 @@ class OpenAIJudge(JudgeClient):
     def from_settings(cls, s) -> OpenAIJudge:
         return cls(s.endpoint, s.model_id, api_key=os.environ.get(s.api_key_env), timeout_s=s.timeout_s)
 
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /chat/completions; transport failures and 429/5xx -> JudgeUnavailable, others -> JudgeError."""
+        import httpx
+
+        try:
+            r = await asyncio.wait_for(
+                self._client.post(f"{self.base}/chat/completions", json=body), self.timeout_s
+            )
+        except (TimeoutError, httpx.TransportError) as e:
+            raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
+        if r.status_code in (429, 502, 503, 504):
+            raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
+        if r.status_code != 200:
+            raise JudgeError(f"judge at {self.base} answered {r.status_code}: {r.text[:300]}")
+        return r.json()
+
     async def complete(
         self,
         messages,
@@ -244,7 +257,6 @@ class OpenAIJudge(JudgeClient):
         prefill=None,
         stop=None,
     ):
-        import httpx
 
         body: dict[str, Any] = {
             "model": self.model,
@@ -259,23 +271,11 @@ class OpenAIJudge(JudgeClient):
             body["logprobs"] = True
         if stop:
             body["stop"] = stop
-        try:
-            r = await asyncio.wait_for(
-                self._client.post(f"{self.base}/chat/completions", json=body), self.timeout_s
-            )
-        except (TimeoutError, httpx.TransportError) as e:
-            raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
-        if r.status_code in (429, 502, 503, 504):
-            raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
-        if r.status_code != 200:
-            raise JudgeError(f"judge at {self.base} answered {r.status_code}: {r.text[:300]}")
-        c = r.json()["choices"][0]
+        c = (await self._post(body))["choices"][0]
         lp = _sum_logprobs((c.get("logprobs") or {}).get("content")) if logprobs else None
         return Completion(text=c["message"].get("content") or "", logprob=lp)
 
     async def prompt_logprob(self, messages, prefill=None):
-        import httpx
-
         body = {
             "model": self.model,
             **_prefill_fields(messages, prefill),
@@ -284,17 +284,7 @@ class OpenAIJudge(JudgeClient):
             "prompt_logprobs": 0,
             "return_token_ids": True,
         }
-        try:
-            r = await asyncio.wait_for(
-                self._client.post(f"{self.base}/chat/completions", json=body), self.timeout_s
-            )
-        except (TimeoutError, httpx.TransportError) as e:
-            raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
-        if r.status_code in (429, 502, 503, 504):
-            raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
-        if r.status_code != 200:
-            raise JudgeError(f"judge at {self.base} answered {r.status_code}: {r.text[:300]}")
-        data = r.json()
+        data = await self._post(body)
         return _sum_prompt_logprobs(data.get("prompt_logprobs"), data.get("prompt_token_ids"))
 
     async def health(self) -> None:
