@@ -55,21 +55,6 @@ def _store_dataset(store: ActivationStore):
     return ray.data.read_parquet(paths, filesystem=fs).select_columns(cols)
 
 
-def _to_tensor(batch, n_models: int, device) -> torch.Tensor:
-    """A pyarrow batch of fixed-size-list columns act_0..act_{M-1} -> [B, M, D] on `device`.
-
-    Ray's numpy/torch batch formats turn fixed-size lists into object arrays row by row (measured:
-    the data path then costs as much as the training step); flattening the Arrow buffer does not copy.
-    """
-    cols = []
-    for m in range(n_models):
-        col = batch.column(f"act_{m}").combine_chunks()
-        col = getattr(col, "storage", col)  # an Arrow extension type (fixed_shape_tensor) -> its list storage
-        d = col.type.list_size
-        cols.append(torch.from_numpy(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)))
-    return torch.stack(cols, dim=1).to(device)
-
-
 def _train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train as train
@@ -79,7 +64,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     store = open_store(config["store"])
     ctx = train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tcfg, M = cfg.train, store.n_models
+    tcfg = cfg.train
     per_rank = tcfg.batch_size // world
     steps = config["steps"]
     device = get_device()
@@ -115,7 +100,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         it = iter(
             shard.iter_batches(
                 batch_size=per_rank,
-                batch_format="pyarrow",  # fixed-size lists -> one zero-copy reshape (see _to_tensor)
+                batch_format="pyarrow",
                 prefetch_batches=cfg.distributed.prefetch_batches,
                 drop_last=True,
                 local_shuffle_buffer_size=cfg.distributed.shuffle_buffer_rows or None,
@@ -135,7 +120,9 @@ def _train_loop(config: dict[str, Any]) -> None:
             have = dist_reduce(torch.tensor(0.0 if batch is None else 1.0, device=device), "min")
             if have.item() == 0:
                 break
-            x = _to_tensor(batch, M, device)
+            # Arrow batch -> [B, M, D] with the store's own zero-copy reader (Ray's numpy/torch batch
+            # formats turn fixed-size lists into object arrays row by row: as slow as the step itself)
+            x = torch.from_numpy(store.acts_of(batch)).to(device)
             metrics = train_step(state, x, reduce=dist_reduce)
             b += 1
             state.data_position = {"epoch": epoch, "batch": b}

@@ -117,8 +117,8 @@ class Labeller:
         self.temperature = temperature
         self.cache = cache or LabelCache(10_000)
         self.sem = asyncio.Semaphore(method.max_concurrent_calls)
-        self._prior_cache: dict[str, float] | None = None
-        self._prior_lock = asyncio.Lock()
+        self._channel_baseline: dict[str, float] | None = None
+        self._channel_lock = asyncio.Lock()
         self.schema = prompts.classification_schema(taxonomy)
         self.model_cls = prompts.classification_model(taxonomy)
 
@@ -139,16 +139,16 @@ class Labeller:
 
     async def _channel_prior(self) -> dict[str, float]:
         """log p(request for category c + neutral text) for every c: the baseline of each score."""
-        async with self._prior_lock:
-            if self._prior_cache is None:
+        async with self._channel_lock:
+            if self._channel_baseline is None:
                 vals = await asyncio.gather(
                     *(
                         self._score(prompts.channel_messages(c.description), prompts.CHANNEL_BASELINE)
                         for c in self.taxonomy.categories
                     )
                 )
-                self._prior_cache = dict(zip(self.taxonomy.names, vals, strict=True))
-            return self._prior_cache
+                self._channel_baseline = dict(zip(self.taxonomy.names, vals, strict=True))
+            return self._channel_baseline
 
     async def _score(self, messages, prefill: str | None) -> float:
         async with self.sem:
@@ -247,8 +247,13 @@ class Labeller:
                 cache_key=key,
             )
             return lab, False
-        explanation = await self.explain(ev, examples, context)
-        category, secondary, conf = await self.classify(ev, examples, explanation)
+        if self.method.classify_mode == "channel":  # scoring does not read the explanation: overlap them
+            explanation, (category, secondary, conf) = await asyncio.gather(
+                self.explain(ev, examples, context), self.classify_channel(ev)
+            )
+        else:
+            explanation = await self.explain(ev, examples, context)
+            category, secondary, conf = await self.classify(ev, examples, explanation)
         score = await self.detect(explanation, pos, neg) if detection and pos and neg else None
         lab = LatentLabel(
             latent=ev.latent,
