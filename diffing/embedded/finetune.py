@@ -464,7 +464,10 @@ def build_finetune(
         return target
     log.info("embedded.finetune.build", recipe_hash=recipe.digest(), out=str(target))
     deterministic = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
+    # deterministic mode also NaN-fills every new empty tensor (a debugging aid, ~10% of a step here)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         build_atomically(
             target,
@@ -473,5 +476,6 @@ def build_finetune(
         )
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
     log.info("embedded.finetune.ready", path=str(target))
     return target
