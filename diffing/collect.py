@@ -25,6 +25,8 @@ from diffing.examples import (
     Accumulator,
     Request,
     SubsetEncoder,
+    _chunks,
+    _doc_sorted,
     heldout_shards,
     merge_windows,
     plan_requests,
@@ -35,6 +37,7 @@ from diffing.examples import (
 from diffing.logs import get_logger
 
 MapFn = Callable[[Callable, Sequence], list]
+SOURCE_MASS_FILE = "source_mass.parquet"
 _STATS_FROM_TABLE = ("delta_norm", "cosine", "nu_eps", "nu_r")
 
 
@@ -253,3 +256,60 @@ def collect_evidence(
             write_jsonl(out_dir / range_file(a, b), [by_lat[x] for x in ls])
             log.info("evidence.range", range=f"{a}-{b}", latents=len(ls))
     return files
+
+
+def mass_of_shard(store, shard: int, encoder: SubsetEncoder, cfg: AnalysisConfig) -> dict[str, np.ndarray]:
+    """Activation mass per corpus source of the encoder's latents over one shard's held-out rows."""
+    table = store.read_table(shard)
+    rows = _doc_sorted(table, cfg, store)
+    out: dict[str, np.ndarray] = {}
+    if len(rows["doc"]) == 0 or "source" not in rows:
+        return out
+    acts = store.acts_of(table)
+    for lo, hi in _chunks(rows["doc"], cfg.batch_size):
+        f = encoder(acts[rows["rows"][lo:hi]].astype(np.float32))
+        src = rows["source"][lo:hi]
+        for name in np.unique(src):
+            m = out.setdefault(str(name), np.zeros(f.shape[1]))
+            m += f[src == name].sum(0, dtype=np.float64)
+    return out
+
+
+class MassTask(ScanTask):
+    """Picklable per-shard task: ``mass_of_shard`` for every latent."""
+
+    def __call__(self, shard: int) -> dict[str, np.ndarray]:
+        store, enc = self._setup()
+        return mass_of_shard(store, int(shard), enc, self.cfg)
+
+
+def collect_source_mass(
+    run_dir: str | Path, store, cfg: AnalysisConfig, *, map_fn: MapFn | None = None, overwrite: bool = False
+) -> Path | None:
+    """RUN/source_mass.parquet: every latent's activation mass per corpus source (held-out rows).
+
+    The planted-truth check compares the selected latents against *all* shared latents with it,
+    not only the sampled baseline group. None when the store has no ``source`` column.
+    """
+    import pyarrow as pa
+
+    run = Path(run_dir)
+    path = run / SOURCE_MASS_FILE
+    if path.exists() and not overwrite:
+        return path
+    model = Crosscoder.load(run / "crosscoder")
+    lat = np.arange(model.W_enc.shape[-1], dtype=np.int64)
+    map_fn = map_fn or (lambda fn, items: [fn(i) for i in items])
+    parts = map_fn(MassTask(store.uri, str(run / "crosscoder"), lat, cfg), heldout_shards(store, cfg))
+    total: dict[str, np.ndarray] = {}
+    for part in parts:
+        for name, m in part.items():
+            total[name] = total.get(name, 0) + m
+    if not total:
+        return None
+    cols = {"latent": pa.array(lat)} | {f"mass/{k}": pa.array(v) for k, v in sorted(total.items())}
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.table(cols), tmp)
+    tmp.replace(path)
+    get_logger("evidence", run=str(run)).info("evidence.source_mass", latents=len(lat), sources=len(total))
+    return path

@@ -5,8 +5,10 @@ selected latents (`group` in latents.parquet), their evidence (`source_mass`: sh
 latent's activation mass per corpus source) and, when labelled, the judge's categories:
 
 - **mass rate**: share of the fine-tune-specific latents that carry most (> `majority`) of their
-  activation mass on prompts of planted sources; the same rate for the random shared baseline;
-  and their ratio (the enrichment).
+  activation mass on prompts of planted sources; the same rate for *all* shared latents (from
+  RUN/source_mass.parquet, written by analyze) and for the sampled baseline group; the
+  enrichment is the ft-specific rate over the all-shared rate (over the sampled baseline's when
+  the run has no source_mass.parquet: a 35-latent sample moved it by 2x between runs).
 - **judge agreement**: of the model-specific latents whose dominant source is a planted one, the
   share whose primary category is that capability's category.
 - **direction**: the category-shift statistic between the fine-tune's and the base's specific
@@ -54,7 +56,10 @@ def planted_truth(
     rate_ft = _rate([e.source_mass for e in ft], planted_set, majority)
     rate_base = _rate([e.source_mass for e in base], planted_set, majority)
     rate_baseline = _rate([e.source_mass for e in baseline], planted_set, majority)
-    enrichment = rate_ft / rate_baseline if rate_baseline and rate_baseline > 0 else math.inf
+    shared = _shared_masses(Path(run_dir))
+    rate_shared = _rate(shared, planted_set, majority) if shared else math.nan
+    ref = rate_shared if shared else rate_baseline
+    enrichment = rate_ft / ref if ref and ref > 0 else math.inf
 
     # judge agreement on latents whose dominant source is planted
     matched = judged = 0
@@ -96,7 +101,10 @@ def planted_truth(
         "mass_rate_ft_specific": rate_ft,
         "mass_rate_base_specific": rate_base,
         "mass_rate_baseline": rate_baseline,
+        "n_shared": len(shared),
+        "mass_rate_shared": rate_shared,
         "enrichment": enrichment,
+        "enrichment_vs": "all shared latents" if shared else "sampled baseline",
         "judge_agreement": matched / judged if judged else math.nan,
         "judged": judged,
         "direction": direction,
@@ -108,4 +116,25 @@ def _counts(cats: Sequence[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for c in cats:
         out[c] = out.get(c, 0) + 1
+    return out
+
+
+def _shared_masses(run: Path) -> list[dict[str, float]]:
+    """Source-mass shares of every live shared latent, or [] without RUN/source_mass.parquet."""
+    import pyarrow.parquet as pq
+
+    from diffing.collect import SOURCE_MASS_FILE
+
+    path = run / SOURCE_MASS_FILE
+    if not path.exists() or not (run / "latents.parquet").exists():
+        return []
+    classes = pq.read_table(run / "latents.parquet", columns=["latent", "class"]).to_pydict()
+    shared = {lat for lat, c in zip(classes["latent"], classes["class"], strict=True) if c == "shared"}
+    t = pq.read_table(path).to_pydict()
+    names = [k for k in t if k.startswith("mass/")]
+    out = []
+    for i, lat in enumerate(t["latent"]):
+        total = sum(t[k][i] for k in names)
+        if lat in shared and total > 0:
+            out.append({k[5:]: t[k][i] / total for k in names})
     return out

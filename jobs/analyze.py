@@ -58,7 +58,7 @@ def run_analyze(
     import numpy as np
 
     from diffing.analysis import analyze_run
-    from diffing.collect import collect_evidence
+    from diffing.collect import collect_evidence, collect_source_mass
     from diffing.store import open_store
 
     run = Path(run)
@@ -82,6 +82,8 @@ def run_analyze(
         map_fn = ray_data_map(cfg.evidence_workers, address=address) if cfg.evidence_workers > 0 else None
         files = collect_evidence(run, st, cfg, map_fn=map_fn, overwrite=overwrite)
         summary["examples"] = [str(p) for p in files]
+        mass = collect_source_mass(run, st, cfg, map_fn=map_fn, overwrite=overwrite)
+        summary["source_mass"] = str(mass) if mass else None
     if cfg.splice:
         from diffing.splice import splice_run
 

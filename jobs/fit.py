@@ -138,6 +138,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 tps = (state.step - start) * tcfg.batch_size / max(elapsed, 1e-9)
                 metrics["tokens_per_s"] = tps
                 metrics["elapsed_s"] = round(elapsed, 3)  # since this (re)start's training began
+                metrics["data_wait_s"] = round(data_wait, 3)  # of which waiting for the next batch
                 history.append(metrics)
                 if rank == 0:
                     log.info(

@@ -35,8 +35,9 @@ def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair:
             r["mass_rate_ft_specific"],
             f"≥ {TARGETS['mass_rate_ft_specific']:.2f}",
         ),
-        ("same, random shared baseline", r["mass_rate_baseline"], ""),
-        ("enrichment over the baseline", r["enrichment"], f"≥ {TARGETS['enrichment']:.1f}×"),
+        (f"same, all {r['n_shared']} live shared latents", r["mass_rate_shared"], ""),
+        (f"same, the {r['n_baseline']} sampled baseline latents", r["mass_rate_baseline"], ""),
+        (f"enrichment over {r['enrichment_vs']}", r["enrichment"], f"≥ {TARGETS['enrichment']:.1f}×"),
         (f"{a}-specific latents with most mass on planted prompts", r["mass_rate_base_specific"], ""),
         (
             f"judge category = planted category ({r['judged']} latents with a planted dominant source)",

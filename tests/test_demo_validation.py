@@ -2,9 +2,8 @@
 pair, tens of minutes on 2 cores; `make test-all`). docs/validation.md reports the measured values.
 
 One harvest is shared (CROSSDIFF_VALIDATION_STORE reuses a finished one); each seed refits the
-crosscoder, reselects, relabels and reports. The
-thresholds are the targets (mass rate >= 0.8 and judge agreement >= 0.7 per seed; enrichment
->= 3x on the mean over seeds, >= 2x per seed: seed 2 measured 2.58x, see docs/validation.md); the
+crosscoder, reselects, relabels and reports. The thresholds are the targets, per seed: mass rate
+>= 0.8, enrichment >= 3x (over all live shared latents), judge agreement >= 0.7; the
 category-shift direction per planted capability is printed (docs/validation.md has the measured
 values and why two of four directions are wrong).
 """
@@ -19,7 +18,6 @@ SEEDS = (0, 1, 2)
 MIN_MASS_RATE = float(os.environ.get("CROSSDIFF_MIN_MASS_RATE", "0.8"))
 MIN_ENRICHMENT = float(os.environ.get("CROSSDIFF_MIN_ENRICHMENT", "3.0"))
 MIN_AGREEMENT = float(os.environ.get("CROSSDIFF_MIN_AGREEMENT", "0.7"))
-ENRICHMENT_FLOOR = float(os.environ.get("CROSSDIFF_ENRICHMENT_FLOOR", "2.0"))
 
 
 @pytest.mark.build
@@ -60,7 +58,17 @@ def test_planted_truth_across_seeds(tmp_path):
         json.dumps(
             {
                 s: {
-                    **{k: r[k] for k in ("mass_rate_ft_specific", "enrichment", "judge_agreement", "judged")},
+                    **{
+                        k: r[k]
+                        for k in (
+                            "mass_rate_ft_specific",
+                            "mass_rate_shared",
+                            "mass_rate_baseline",
+                            "enrichment",
+                            "judge_agreement",
+                            "judged",
+                        )
+                    },
                     "direction": {n: d["delta"] for n, d in r["direction"].items()},
                 }
                 for s, r in results.items()
@@ -71,9 +79,6 @@ def test_planted_truth_across_seeds(tmp_path):
     for seed, r in results.items():
         assert r["n_ft_specific"] > 0, seed
         assert r["mass_rate_ft_specific"] >= MIN_MASS_RATE, (seed, r)
-        # per seed the baseline is only ~35 random latents: its planted rate is noisy (0.17-0.33
-        # measured), so each seed must clear a floor and the mean the target (docs/validation.md)
-        assert r["enrichment"] >= ENRICHMENT_FLOOR, (seed, r)
+        assert r["enrichment_vs"] == "all shared latents", (seed, r)
+        assert r["enrichment"] >= MIN_ENRICHMENT, (seed, r)
         assert r["judge_agreement"] >= MIN_AGREEMENT, (seed, r)
-    mean_enrichment = sum(r["enrichment"] for r in results.values()) / len(results)
-    assert mean_enrichment >= MIN_ENRICHMENT, results

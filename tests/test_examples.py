@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from diffing.collect import collect_evidence, evidence_for_latents, range_file
+from diffing.collect import collect_evidence, collect_source_mass, evidence_for_latents, range_file
 from diffing.config import AnalysisConfig, CrosscoderConfig
 from diffing.crosscoder import Crosscoder
 from diffing.evidence import LatentEvidence, iter_evidence, read_jsonl
@@ -253,3 +253,21 @@ def test_stale_range_is_redone(world, tmp_path):
     files[0].write_text(lines[0] + "\n")  # range 0-2 should hold latents 0 and 1
     collect_evidence(run, world["store"], CFG)
     assert [e.latent for e in read_jsonl(files[0], LatentEvidence)] == [0, 1]
+
+
+def test_source_mass_of_every_latent_matches_naive_reference(world, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    path = collect_source_mass(run, world["store"], CFG)
+    t = pq.read_table(path).to_pydict()
+    assert t["latent"] == list(range(L))  # every latent, selected or not
+    f = world["f"]
+    for s in SOURCES:
+        want = f[world["src"] == s].sum(0)
+        got = np.asarray(t.get(f"mass/{s}", np.zeros(L)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # done work is skipped; overwrite redoes it
+    mtime = path.stat().st_mtime_ns
+    assert collect_source_mass(run, world["store"], CFG) == path and path.stat().st_mtime_ns == mtime
