@@ -18,16 +18,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from diffing.config import AnalysisConfig
+from diffing.config import AnalysisConfig, CrosscoderConfig
 from diffing.crosscoder import Crosscoder
 from diffing.evidence import EXAMPLES_DIR, Example, LatentEvidence, write_jsonl
 from diffing.examples import (
     Accumulator,
     Request,
     SubsetEncoder,
-    _chunks,
-    _doc_sorted,
     heldout_shards,
+    mass_of_shard,
     merge_windows,
     plan_requests,
     route,
@@ -258,23 +257,6 @@ def collect_evidence(
     return files
 
 
-def mass_of_shard(store, shard: int, encoder: SubsetEncoder, cfg: AnalysisConfig) -> dict[str, np.ndarray]:
-    """Activation mass per corpus source of the encoder's latents over one shard's held-out rows."""
-    table = store.read_table(shard)
-    rows = _doc_sorted(table, cfg, store)
-    out: dict[str, np.ndarray] = {}
-    if len(rows["doc"]) == 0 or "source" not in rows:
-        return out
-    acts = store.acts_of(table)
-    for lo, hi in _chunks(rows["doc"], cfg.batch_size):
-        f = encoder(acts[rows["rows"][lo:hi]].astype(np.float32))
-        src = rows["source"][lo:hi]
-        for name in np.unique(src):
-            m = out.setdefault(str(name), np.zeros(f.shape[1]))
-            m += f[src == name].sum(0, dtype=np.float64)
-    return out
-
-
 class MassTask(ScanTask):
     """Picklable per-shard task: ``mass_of_shard`` for every latent."""
 
@@ -297,8 +279,8 @@ def collect_source_mass(
     path = run / SOURCE_MASS_FILE
     if path.exists() and not overwrite:
         return path
-    model = Crosscoder.load(run / "crosscoder")
-    lat = np.arange(model.W_enc.shape[-1], dtype=np.int64)
+    cc = CrosscoderConfig.model_validate_json((run / "crosscoder" / "cfg.json").read_text())
+    lat = np.arange(cc.n_latents, dtype=np.int64)  # the workers load the weights, not the driver
     map_fn = map_fn or (lambda fn, items: [fn(i) for i in items])
     parts = map_fn(MassTask(store.uri, str(run / "crosscoder"), lat, cfg), heldout_shards(store, cfg))
     total: dict[str, np.ndarray] = {}

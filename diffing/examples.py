@@ -176,9 +176,7 @@ class Accumulator:
         self.s_act += f.sum(0, dtype=np.float64)
         self.max_act = np.maximum(self.max_act, f.max(0))
         if src is not None:
-            for s in np.unique(src):
-                m = self.mass.setdefault(str(s), np.zeros(K))
-                m += f[src == s].sum(0, dtype=np.float64)
+            add_source_mass(self.mass, f, src)
         starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
         lengths = np.diff(np.r_[starts, n])
         seg_max = np.maximum.reduceat(f, starts, axis=0)  # [nd, K]
@@ -252,6 +250,27 @@ def _chunks(doc: np.ndarray, size: int):
             lo = starts[i - 1]
     if n > lo:
         yield lo, n
+
+
+def add_source_mass(mass: dict[str, np.ndarray], f: np.ndarray, src: np.ndarray) -> None:
+    """mass[source] += the activations f [n, K] summed over the rows of that source."""
+    for name in np.unique(src):
+        m = mass.setdefault(str(name), np.zeros(f.shape[1]))
+        m += f[src == name].sum(0, dtype=np.float64)
+
+
+def mass_of_shard(store, shard: int, encoder: SubsetEncoder, cfg: AnalysisConfig) -> dict[str, np.ndarray]:
+    """Activation mass per corpus source of the encoder's latents over one shard's held-out rows
+    (the `mass` of ``scan_shard`` without its candidate lists: cheap enough for every latent)."""
+    table = store.read_table(shard)
+    rows = _doc_sorted(table, cfg, store)
+    mass: dict[str, np.ndarray] = {}
+    if len(rows["doc"]) == 0 or "source" not in rows:
+        return mass
+    acts = store.acts_of(table)
+    for lo, hi in _chunks(rows["doc"], cfg.batch_size):
+        add_source_mass(mass, encoder(acts[rows["rows"][lo:hi]].astype(np.float32)), rows["source"][lo:hi])
+    return mass
 
 
 def scan_shard(store, shard: int, encoder: SubsetEncoder, cfg: AnalysisConfig) -> Accumulator:
