@@ -6,6 +6,9 @@ tasks starting) and the steady rate over the second half of the steps. Wall time
 group, dataset planning, final metrics) is reported beside them.
 
     python bench/fit_ray_throughput.py [--d-model 256 --n-latents 2048 --k 16 --tokens 262144]
+    # on a GPU node: one GPU worker (NCCL) against the in-process fit on the same GPU
+    python bench/fit_ray_throughput.py --device cuda --workers 1 --d-model 2304 --n-latents 32768 \
+        --k 64 --batch 4096 --features 2048
 """
 
 from __future__ import annotations
@@ -34,6 +37,29 @@ def rates(run: Path, batch: int) -> tuple[float, float]:
     return whole, steady
 
 
+def summary(run: Path) -> dict:
+    m = json.loads((run / "metrics.json").read_text())
+    return {k: m[k] for k in ("fve", "l0", "dead_fraction", "final_train_loss", "threshold")}
+
+
+def random_sparse_rows(n: int, d_model: int, n_features: int, k: int, device: str) -> torch.Tensor:
+    """[n, 2, d_model] float16 rows: ~k active features per row (exponential magnitudes) over
+    random unit directions, half shared by both models and a quarter exclusive to each."""
+    g = torch.Generator(device=device).manual_seed(0)
+    dirs = torch.randn(n_features, 2, d_model, generator=g, device=device)
+    q = n_features // 4
+    dirs[:q, 1] = 0  # only in model A
+    dirs[q : 2 * q, 0] = 0  # only in model B
+    dirs /= dirs.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    out = torch.empty(n, 2, d_model, dtype=torch.float16)
+    for i in range(0, n, 16_384):
+        m = min(16_384, n - i)
+        on = torch.rand(m, n_features, generator=g, device=device) < k / n_features
+        mag = torch.empty(m, n_features, device=device).exponential_(generator=g) * on
+        out[i : i + m] = (mag @ dirs.flatten(1)).view(m, 2, d_model).half().cpu()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-model", type=int, default=256)
@@ -42,10 +68,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=262_144)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads of the in-process fit (CPU)")
+    ap.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    ap.add_argument(
+        "--features", type=int, default=0, help="planted features (0: n_latents / 4 plus exclusives)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
 
     from cluster.connect import ensure_ray
     from diffing.config import FitConfig
@@ -56,10 +88,14 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     D, L = args.d_model, args.n_latents
-    planted = make_planted(D, n_shared=L // 4, n_only=(L // 16, L // 16), mean_active=args.k, seed=0)
-    store = write_arrays(
-        str(tmp / "store"), planted.sample(args.tokens, seed=1), model_names=["A", "B"], shard_rows=32_768
-    )
+    if args.features:  # large shapes: sparse codes times random directions, drawn with torch
+        rows = random_sparse_rows(args.tokens, D, args.features, args.k, args.device)
+    else:
+        planted = make_planted(D, n_shared=L // 4, n_only=(L // 16, L // 16), mean_active=args.k, seed=0)
+        rows = planted.sample(args.tokens, seed=1)
+    store = write_arrays(str(tmp / "store"), rows, model_names=["A", "B"], shard_rows=32_768)
+    del rows
+    gpu = args.device == "cuda"
 
     def cfg(workers: int) -> FitConfig:
         return FitConfig.model_validate(
@@ -71,39 +107,53 @@ def main() -> None:
                     "log_every": 20,
                     "checkpoint_every": 10**9,
                     "eval_tokens": 8192,
+                    "device": args.device,
                 },
                 "distributed": {
                     "workers": workers,
+                    "use_gpu": gpu,
                     # the in-process fit's threads, split among the workers (Ray sets each worker's
                     # OMP/torch threads from its CPUs): same compute on both sides
-                    "cpus_per_worker": float(max(1, THREADS // max(1, workers))),
+                    "cpus_per_worker": float(max(1, args.threads // max(1, workers))),
                     "shuffle_buffer_rows": 0,
                 },
             }
         )
 
     res = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name()}" if gpu else ""),
+        "device": args.device,
         "torch": torch.__version__,
         "tokens": args.tokens,
         "shape": {"d_model": D, "n_latents": L, "k": args.k, "batch": args.batch},
         "tokens_per_s": {},
         "steady_tokens_per_s": {},
         "wall_s": {},
+        "final": {},  # each side's RUN/metrics.json: same config, so comparable quality
     }
     t0 = time.perf_counter()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     fit(store, cfg(0), tmp / "inproc")
     res["wall_s"]["in_process"] = time.perf_counter() - t0
+    if gpu:
+        res["peak_gpu_memory_gib_in_process"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.empty_cache()
     res["tokens_per_s"]["in_process"], res["steady_tokens_per_s"]["in_process"] = rates(
         tmp / "inproc", args.batch
     )
-    ensure_ray(num_cpus=4)
+    res["final"]["in_process"] = summary(tmp / "inproc")
+    ensure_ray(num_cpus=args.ray_cpus)  # GPUs are detected
     for w in args.workers:
         t0 = time.perf_counter()
         run_fit_ray(str(tmp / "store"), cfg(w), str(tmp / f"ray{w}"))
         res["wall_s"][f"ray_{w}_workers"] = time.perf_counter() - t0
         key = f"ray_{w}_workers"
         res["tokens_per_s"][key], res["steady_tokens_per_s"][key] = rates(tmp / f"ray{w}", args.batch)
+        res["final"][key] = summary(tmp / f"ray{w}")
+        if args.json:  # partial results survive a later run's failure
+            Path(args.json).write_text(json.dumps(res, indent=2))
     for name in ("tokens_per_s", "steady_tokens_per_s"):
         base = res[name]["in_process"]
         res[f"overhead_{name}"] = {k: 1 - v / base for k, v in res[name].items() if k != "in_process"}

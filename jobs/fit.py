@@ -229,6 +229,14 @@ def run_fit_ray(
         ).encode(),
     )
     ensure_ray(address)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if d.use_gpu and gpus < d.workers:  # Ray Train waits (and retries) for GPUs an autoscaler may add
+        log.warning(
+            "fit.ray.waiting_for_gpus",
+            want=d.workers,
+            cluster_gpus=gpus,
+            fix="add GPU nodes (or let the autoscaler), lower distributed.workers, or set distributed.use_gpu=false",
+        )
     storage = out if "://" in out else str(Path(out).resolve())
     trainer = TorchTrainer(
         _train_loop,

@@ -1,5 +1,6 @@
 """The crosscoder against a naive dense reference, plus persistence and resume."""
 
+import pytest
 import torch
 from conftest import make_cfg
 
@@ -173,3 +174,25 @@ def test_topk_indices_is_exact():
     flat[5:2005] = torch.linspace(1, 2, 2000)
     got = topk_indices(flat, 1500)
     assert torch.equal(flat[got].sort().values, torch.topk(flat, 1500).values.sort().values)
+
+
+def test_final_evaluation_reads_the_last_shards_first(tmp_path):
+    """Ordered readers train on the first rows during warmup; the run's FVE must not come from them."""
+    from diffing.fit import final_metrics
+    from diffing.store import open_store, write_arrays
+    from diffing.train import evaluate
+
+    torch.manual_seed(0)
+    x = torch.randn(3000, 2, 16)
+    x[:1000] *= 5  # the first shard looks different: an evaluation over it would show
+    store = open_store(write_arrays(str(tmp_path / "s"), x, model_names=["A", "B"], shard_rows=1000).uri)
+    cc = Crosscoder(make_cfg(), seed=0)
+    cc.threshold.fill_(0.05)  # batch-independent encoding, so L0 follows the rows' scale
+    state = TrainerState(cc, TrainConfig(batch_size=100, lr=1e-3, eval_tokens=800), total_steps=1)
+    got = final_metrics(cc, store, state, tokens_per_s=0.0, last_loss=None)
+    last = evaluate(cc, [x[2000:2400].half(), x[2400:2800].half()])  # eval batches: 4 x train batch
+    first = evaluate(cc, [x[0:400].half(), x[400:800].half()])
+    assert got["eval_tokens"] == 800
+    assert got["fve"] == pytest.approx(last["fve"], rel=1e-6)
+    assert got["l0"] == pytest.approx(last["l0"], rel=1e-6)
+    assert abs(first["l0"] - last["l0"]) > 1  # the test can tell the shards apart
