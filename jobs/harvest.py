@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from diffing.harvest import HarvestConfig, Harvester, read_corpus, shard_ranges
@@ -99,10 +100,25 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
     return d_model
 
 
-def _config_hash(cfg: HarvestConfig) -> str:
-    """What determines the rows (not the actor pool or the device)."""
-    rel = cfg.model_dump(mode="json", exclude={"ray", "device"})
+def _config_hash(cfg: HarvestConfig, records: list[dict[str, Any]]) -> str:
+    """What determines the rows: the settings and the corpus records themselves. Not the actor pool
+    or the device, nor where the store and the corpus file are named from (a relative and an
+    absolute path to the same store, or a copied corpus, are the same harvest)."""
+    rel = cfg.model_dump(mode="json", exclude={"ray": True, "device": True, "store": True, "corpus": {"uri"}})
+    rel["records"] = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
     return hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _absolute(cfg: HarvestConfig) -> HarvestConfig:
+    """Local store and model paths made absolute: Ray workers need not share the driver's cwd."""
+    models = [
+        m.model_copy(update={"path": str(Path(m.path).resolve())})
+        if "://" not in m.path and Path(m.path).exists()
+        else m
+        for m in cfg.models
+    ]
+    store = cfg.store if "://" in cfg.store else str(Path(cfg.store).resolve())
+    return cfg.model_copy(update={"models": type(cfg.models)(models), "store": store})
 
 
 def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | None = None) -> Manifest:
@@ -111,19 +127,23 @@ def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | N
 
     from cluster.connect import ensure_ray
 
+    cfg = _absolute(cfg)
     log = get_logger("harvest", store=cfg.store)
     records = read_corpus(cfg.corpus)
     d_model = preflight(cfg, records)
     writer = _writer(cfg, d_model)
     stamp = f"{writer.root}/harvest_config.json"
-    h = _config_hash(cfg)
+    h = _config_hash(cfg, records)
     if overwrite:
         writer.clear()
         if writer.fs.exists(stamp):
             writer.fs.rm(stamp)
     elif writer.fs.exists(stamp):
         old = json.loads(writer.fs.cat_file(stamp))
-        if old.get("hash") != h:
+        legacy = hashlib.sha256(  # stamps written before the hash left paths out (2026-11-26)
+            json.dumps(cfg.model_dump(mode="json", exclude={"ray", "device"}), sort_keys=True).encode()
+        ).hexdigest()[:16]
+        if old.get("hash") not in (h, legacy):
             raise StoreError(
                 f"store {cfg.store} was harvested with a different config; pass --overwrite to redo it or pick a new store"
             )

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from diffing.evidence import Example, LatentEvidence
 from serve.taxonomy import Taxonomy
 
-PROMPT_VERSION = "delphi-v2"
+PROMPT_VERSION = "delphi-v3"
 SYSTEM = (
     "You are an interpretability researcher. You study one feature of a language model at a time "
     "and describe, briefly and concretely, what text makes the feature fire."
@@ -116,10 +116,13 @@ def classify_messages(
         )
     else:
         ask = "Answer with the name of the best category only."
+    # The taxonomy comes first: every latent's prompt then starts with the same tokens (system +
+    # categories), which vLLM's prefix cache computes once instead of once per latent.
     user = (
+        f"Categories:\n{cats}\n\n"
         f"A feature of a language model fires on these snippets (firing tokens marked <<like this>>):\n"
-        f"{ex_lines}\n\nExplanation of the feature: {explanation}\n\nCategories:\n{cats}\n\n"
-        f"Which category describes the feature best? {ask}"
+        f"{ex_lines}\n\nExplanation of the feature: {explanation}\n\n"
+        f"Which of the categories above describes the feature best? {ask}"
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 

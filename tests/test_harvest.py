@@ -89,7 +89,7 @@ def test_activations_equal_a_direct_forward(tmp_path, tiny_pair):
 
 
 @pytest.mark.ray
-def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster):
+def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, monkeypatch):
     from jobs.harvest import run_harvest
 
     _corpus(tmp_path / "c.jsonl")
@@ -107,6 +107,15 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster):
     # rerun: nothing to do, same manifest
     before = (tmp_path / "s" / "manifest.json").read_text()
     assert run_harvest(cfg) == m
+    assert (tmp_path / "s" / "manifest.json").read_text() == before
+    # the same harvest named differently (relative store path, copied corpus): still nothing to do
+    shutil.copy(tmp_path / "c.jsonl", tmp_path / "copy.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert run_harvest(_cfg(tiny_pair, "copy.jsonl", "s")) == m
+    # different records under the same name: refused, store untouched
+    _corpus(tmp_path / "copy.jsonl", 23)
+    with pytest.raises(StoreError, match="different config"):
+        run_harvest(_cfg(tiny_pair, "copy.jsonl", "s"))
     assert (tmp_path / "s" / "manifest.json").read_text() == before
 
 

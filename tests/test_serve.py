@@ -61,6 +61,23 @@ def test_highlight_marks_exactly_the_firing_tokens():
     assert prompts.render(ex, n=3, threshold=1.0).count("<<") == 1  # window centred on the peak
 
 
+def test_classify_prompts_of_different_latents_share_the_taxonomy_prefix():
+    """vLLM's prefix cache computes a shared prompt start once: the taxonomy must come before the
+    latent's own examples and explanation."""
+    import os
+
+    tax, cfg = load_taxonomy(), MethodSettings()
+    a = evidence(1, FRENCH)
+    b = evidence(2, REFUSALS)
+    ma = prompts.classify_messages(a, list(a.top), "French text.", tax, cfg, "json")
+    mb = prompts.classify_messages(b, list(b.top), "Refusals.", tax, cfg, "json")
+    assert ma[0] == mb[0]  # system
+    shared = os.path.commonprefix([ma[1]["content"], mb[1]["content"]])
+    for c in tax.categories:
+        assert c.description in shared, c.name
+    assert "Bonjour" not in shared and "French text" not in shared  # the latent's own part follows
+
+
 def test_schema_enumerates_the_taxonomy():
     tax = load_taxonomy()
     schema = prompts.classification_schema(tax)
