@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-done
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: setup test test-all test-fast demo bench lint clean
+.PHONY: setup test test-all test-fast test-gpu demo bench lint clean
 
 # Build .venv from nothing. torch is pinned to the CPU wheel that lies on disk here; on a GPU
 # cluster the container image installs the `gpu` extra instead (see cluster/images/).
@@ -29,6 +29,10 @@ test-all: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PYTEST) -q -ra -m "not slow and not ray and not build"
+
+# On a GPU node (skipped elsewhere); bench/gpu_check.sh adds the GPU benchmark.
+test-gpu: $(STAMP)
+	$(PYTEST) -q -ra -m gpu
 
 demo: $(STAMP)
 	$(BIN)/crossdiff demo

@@ -11,7 +11,8 @@ import structlog
 _configured = False
 
 
-def configure(json: bool | None = None, level: int = logging.INFO) -> None:
+def configure(json: bool | None = None, level: int = logging.INFO, file=None) -> None:
+    """file: where lines go (default: the current sys.stderr, looked up per logger)."""
     global _configured
     if json is None:
         json = os.environ.get("CROSSDIFF_LOG_JSON", "") not in ("", "0", "false")
@@ -23,7 +24,7 @@ def configure(json: bool | None = None, level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=lambda *args: structlog.PrintLogger(file=sys.stderr),  # resolved per logger
+        logger_factory=lambda *args: structlog.PrintLogger(file=file or sys.stderr),  # resolved per logger
         cache_logger_on_first_use=False,
     )
     _configured = True

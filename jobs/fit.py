@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from diffing.config import FitConfig
 from diffing.fit import RunDir, config_hash, final_metrics, init_model, resolve_config, total_steps
-from diffing.logs import get_logger
+from diffing.logs import configure, get_logger
 from diffing.store import ActivationStore, StoreError, open_store
 from diffing.train import TrainerState, train_step
 
@@ -60,6 +61,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train as train
     from ray.train.torch import get_device, prepare_model
 
+    # Ray Train wraps a worker's sys.stderr so that writes also reach its logger, whose console
+    # handler writes them to stderr again: every line twice. The process's own stderr, once.
+    configure(file=sys.__stderr__)
     cfg = FitConfig.model_validate_json(config["fit"])
     store = open_store(config["store"])
     ctx = train.get_context()
