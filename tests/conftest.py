@@ -22,6 +22,16 @@ def make_cfg(**kw):
     return CrosscoderConfig(**base)
 
 
+def planted_fit_store(path) -> str:
+    """The fit tests' store: 30,000 planted rows (d_model 32, 80 features), 6 shards."""
+    from diffing.store import write_arrays
+    from diffing.synthetic import make_planted
+
+    planted = make_planted(32, n_shared=48, n_only=(16, 16), mean_active=3, seed=0)
+    write_arrays(str(path), planted.sample(30_000, seed=1), model_names=["A", "B"], shard_rows=5000)
+    return str(path)
+
+
 def free_port() -> int:
     import socket
 

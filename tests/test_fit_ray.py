@@ -10,21 +10,18 @@ import time
 
 import pytest
 import torch
+from conftest import planted_fit_store
 
 from diffing.config import FitConfig
 from diffing.fit import fit
-from diffing.store import StoreError, open_store, write_arrays
-from diffing.synthetic import make_planted
+from diffing.store import StoreError, open_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    p = tmp_path_factory.mktemp("fitray") / "store"
-    planted = make_planted(32, n_shared=48, n_only=(16, 16), mean_active=3, seed=0)
-    write_arrays(str(p), planted.sample(30_000, seed=1), model_names=["A", "B"], shard_rows=5000)
-    return str(p)
+    return planted_fit_store(tmp_path_factory.mktemp("fitray") / "store")
 
 
 def _cfg(workers, **train):

@@ -8,13 +8,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg
+from conftest import make_cfg, planted_fit_store
 
 from diffing.config import FitConfig, TrainConfig
 from diffing.crosscoder import Crosscoder
 from diffing.fit import fit
-from diffing.store import open_store, write_arrays
-from diffing.synthetic import make_planted
+from diffing.store import open_store
 from diffing.train import TrainerState, train_step
 
 pytestmark = [
@@ -61,10 +60,7 @@ def test_train_steps_on_cuda_match_cpu(bf16):
 
 @pytest.fixture(scope="module")
 def planted_store(tmp_path_factory):
-    p = tmp_path_factory.mktemp("gpu") / "store"
-    planted = make_planted(32, n_shared=48, n_only=(16, 16), mean_active=3, seed=0)
-    write_arrays(str(p), planted.sample(30_000, seed=1), model_names=["A", "B"], shard_rows=5000)
-    return str(p)
+    return planted_fit_store(tmp_path_factory.mktemp("gpu") / "store")
 
 
 def _fit_cfg(device: str, workers: int = 0) -> FitConfig:
