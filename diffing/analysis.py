@@ -90,6 +90,14 @@ class LatentStats:
     n_tokens: int
 
 
+def _stat_batches(store, cfg: AnalysisConfig):
+    """The whole store in order when max_tokens covers it; else the last shards first (a fit that read
+    the store in order trained on its first rows during warmup: see diffing.fit.final_metrics)."""
+    n = len(store.manifest.shards)
+    order = range(n) if cfg.max_tokens >= store.n_rows else range(n - 1, -1, -1)
+    return store.iter_batches(cfg.batch_size, shuffle=False, drop_last=False, shard_indices=order)
+
+
 @torch.no_grad()
 def latent_stats(
     model: Crosscoder, batches: Iterable[Tensor], *, max_tokens: int | None = None
@@ -282,11 +290,7 @@ def analyze_run(
             f"store {store.uri} holds models {store.model_names} (d_model={store.d_model}) but the crosscoder was "
             f"fitted on {list(model.cfg.model_names)} (d_model={model.cfg.d_model}); pass the matching --store"
         )
-    stats = latent_stats(
-        model,
-        store.iter_batches(cfg.batch_size, shuffle=False, drop_last=False),
-        max_tokens=cfg.max_tokens,
-    )
+    stats = latent_stats(model, _stat_batches(store, cfg), max_tokens=cfg.max_tokens)
     table = latent_table(model, stats, cfg, pair)
     tmp = out.with_suffix(".tmp")
     pq.write_table(table, tmp)

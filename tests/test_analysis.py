@@ -179,3 +179,17 @@ def test_latents_parquet_has_groups(tmp_path):
     st = write_arrays(str(tmp_path / "s"), x, model_names=["A", "B"])
     t = analyze_run(tmp_path / "run", st, AnalysisConfig(selection="class")).to_pydict()
     assert t["group"] == ["B-specific", "baseline", ""]  # robust B-only latent; shared latent 1 as baseline
+
+
+def test_partial_reads_start_from_the_last_shards(tmp_path):
+    """A token budget smaller than the store reads the last shards (an in-order fit's warmup rows are
+    the first ones); a budget that covers the store reads it all, in order."""
+    from diffing.analysis import _stat_batches
+    from diffing.store import open_store, write_arrays
+
+    x = torch.arange(3000, dtype=torch.float32)[:, None, None].expand(3000, 2, 4).contiguous()
+    st = open_store(write_arrays(str(tmp_path / "s"), x, model_names=["A", "B"], shard_rows=1000).uri)
+    part = torch.cat(list(_stat_batches(st, AnalysisConfig(max_tokens=1000, batch_size=500))))
+    assert part[0, 0, 0] == 2000 and len(part) >= 1000
+    whole = torch.cat(list(_stat_batches(st, AnalysisConfig(max_tokens=3000, batch_size=500))))
+    assert torch.equal(whole[:, 0, 0].float(), torch.arange(3000).half().float())  # stored as fp16
