@@ -91,10 +91,8 @@ class LatentStats:
 
 
 def _stat_batches(store, cfg: AnalysisConfig):
-    """The whole store in order when max_tokens covers it; else the last shards first (a fit that read
-    the store in order trained on its first rows during warmup: see diffing.fit.final_metrics)."""
-    n = len(store.manifest.shards)
-    order = range(n) if cfg.max_tokens >= store.n_rows else range(n - 1, -1, -1)
+    """The batches latent statistics read: see ActivationStore.shards_for_sample."""
+    order = store.shards_for_sample(cfg.max_tokens)
     return store.iter_batches(cfg.batch_size, shuffle=False, drop_last=False, shard_indices=order)
 
 
