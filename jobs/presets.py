@@ -18,21 +18,31 @@ from diffing.logs import get_logger
 PRESETS = ("tiny", "embedded")
 
 
-def _corpus(out: Path, n: int, seed: int, weights: dict[str, float] | None = None) -> str:
-    """The embedded corpus as JSONL in the run (written once, atomically)."""
+def _corpus(out: str, n: int, seed: int, weights: dict[str, float] | None = None) -> str:
+    """The embedded corpus as JSONL in the run, local or remote; written once, atomically (a
+    temp file renamed, or one object upload)."""
     import json
 
-    from diffing.embedded.corpus import iter_corpus
+    import fsspec
 
-    path = out / "corpus.jsonl"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".corpus.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in iter_corpus(n, seed=seed, weights=weights):
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    from diffing.embedded.corpus import iter_corpus
+    from jobs.rundir import is_remote, join
+
+    uri = join(out, "corpus.jsonl") if is_remote(out) else str(Path(out) / "corpus.jsonl")
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        return uri
+    text = "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in iter_corpus(n, seed=seed, weights=weights)
+    )
+    if is_remote(out):
+        fs.pipe_file(path, text.encode("utf-8"))
+    else:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_name(".corpus.jsonl.tmp")
+        tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
-    return str(path)
+    return uri
 
 
 # The demo's harvest mix: mostly general text and chat, so that a random latent's activation mass
@@ -47,7 +57,7 @@ DEMO_WEIGHTS = {
 }
 
 
-def tiny(out: Path) -> dict[str, Any]:
+def tiny(out: str) -> dict[str, Any]:
     from diffing.embedded import TinyConfig, build_tiny_pair
 
     base, ft = build_tiny_pair(config=TinyConfig(tokenizer="bytes"))
@@ -83,7 +93,7 @@ def tiny(out: Path) -> dict[str, Any]:
     }
 
 
-def embedded(out: Path) -> dict[str, Any]:
+def embedded(out: str) -> dict[str, Any]:
     import json
 
     from diffing.embedded import build_base, build_finetune
@@ -131,7 +141,7 @@ def embedded(out: Path) -> dict[str, Any]:
     }
 
 
-def preset(name: str, out: Path) -> dict[str, Any]:
+def preset(name: str, out: str | Path) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"--preset {name!r} is unknown; choose from {list(PRESETS)}")
-    return {"tiny": tiny, "embedded": embedded}[name](Path(out))
+    return {"tiny": tiny, "embedded": embedded}[name](str(out))

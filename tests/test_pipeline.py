@@ -38,7 +38,7 @@ def test_config_defaults_and_errors(tmp_path):
         (["pair=[a,c]"], "pair"),
         (["fit.train.lr=-1"], "fit.train.lr"),
         (["label.batch_size=0"], "label.batch_size"),
-        (["out=s3://bucket/run"], "out"),
+        (["work_dir=/tmp/w"], "work_dir"),
         (["harvest.layr=3"], "harvest.layr"),
     ]:
         with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -1,0 +1,168 @@
+"""Pipeline run directories on object storage (`s3://`, `gs://`, any fsspec URL).
+
+The stages read and write a local working copy; `RunMirror` keeps it in step with the remote run:
+
+- `pull()` before the pipeline starts: copies the remote run down (files missing or changed
+  locally); the remote is the truth, so a local stage marker the remote lacks is dropped.
+- `push()` after each stage: uploads new or changed files and removes remote files that were
+  synced before and are gone locally. The pipeline then writes the stage marker and pushes again,
+  so a marker on the remote always means the stage's outputs are complete there. A run killed
+  between the two pushes reruns that stage (stages skip their finished work).
+
+The activation store (`store/`) and Ray Train's checkpoints (`ray/`) are written to the remote
+by their stages directly and never copied down. A run started on one machine resumes on another
+from the remote alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import fsspec
+
+from diffing.logs import get_logger
+
+REMOTE_ONLY = ("store", "ray")  # top-level entries that live only on the remote
+SYNC_FILE = ".sync.json"  # last sync: {relative path: {"local": [size, mtime_ns], "remote": version}}
+ALWAYS_PULL_BYTES = 1 << 20  # small files (markers, configs) are always fetched
+
+
+def _version(info: dict) -> str:
+    """What identifies one version of a remote object (ETag on S3, md5 on GCS, else size + mtime)."""
+    for key in ("ETag", "etag", "md5Hash", "LastModified", "updated", "mtime"):
+        if info.get(key):
+            return str(info[key])
+    return f"size={info.get('size')}"
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join(uri: str, rel: str) -> str:
+    return f"{uri.rstrip('/')}/{rel}"
+
+
+def default_work_dir(out: str) -> Path:
+    """$CROSSDIFF_CACHE/runs/<hash of the remote URL>: the same remote gets the same local copy."""
+    from diffing.embedded.base import cache_root
+
+    return cache_root() / "runs" / hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
+
+
+class RunMirror:
+    def __init__(self, remote: str, local: Path):
+        self.remote = remote.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.remote)
+        self.root = self.root.rstrip("/")
+        self.local = Path(local)
+        self.log = get_logger("pipeline.mirror", remote=self.remote, local=str(self.local))
+        try:
+            self._synced: dict[str, dict] = json.loads((self.local / SYNC_FILE).read_text())
+        except (OSError, ValueError):
+            self._synced = {}
+
+    def _save(self) -> None:
+        self.local.mkdir(parents=True, exist_ok=True)
+        tmp = self.local / f"{SYNC_FILE}.tmp"
+        tmp.write_text(json.dumps(self._synced, sort_keys=True))
+        tmp.replace(self.local / SYNC_FILE)
+
+    @staticmethod
+    def _skip(rel: str) -> bool:
+        top = rel.split("/", 1)[0]
+        return top in REMOTE_ONLY or top.startswith(SYNC_FILE) or rel.endswith(".tmp")
+
+    def _stamp(self, rel: str) -> list[int]:
+        st = (self.local / rel).stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def remote_files(self) -> dict[str, dict]:
+        """{relative path: info} of the remote run's files (store/ and ray/ left out)."""
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for path, info in found.items():
+            rel = path[len(self.root) :].lstrip("/")
+            if rel and info.get("type", "file") == "file" and not self._skip(rel):
+                out[rel] = info
+        return out
+
+    def check_writable(self) -> None:
+        probe = f"{self.root}/.write-probe"
+        try:  # no makedirs: on S3 it would create a missing bucket
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm(probe)
+        except Exception as e:
+            raise RuntimeError(
+                f"out={self.remote}: cannot write there ({type(e).__name__}: {e}); check the bucket, "
+                "credentials and AWS_ENDPOINT_URL (or use a local out)"
+            ) from None
+
+    def pull(self) -> int:
+        """Copy the remote run down; returns how many files were fetched."""
+        remote = self.remote_files()
+        fetched = 0
+        for rel, info in sorted(remote.items()):
+            dst = self.local / rel
+            last = self._synced.get(rel) or {}
+            if (
+                dst.is_file()
+                and int(info.get("size") or 0) > ALWAYS_PULL_BYTES
+                and last.get("local") == self._stamp(rel)
+                and last.get("remote") == _version(info)
+            ):
+                continue  # a big file neither side changed since the last sync
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".tmp")
+            self.fs.get_file(f"{self.root}/{rel}", str(tmp))
+            os.replace(tmp, dst)
+            self._synced[rel] = {"local": self._stamp(rel), "remote": _version(info)}
+            fetched += 1
+        stages = self.local / "stages"
+        for marker in stages.glob("*.json") if stages.is_dir() else ():
+            rel = f"stages/{marker.name}"
+            if rel not in remote:  # finished here but never confirmed on the remote
+                marker.unlink()
+                self._synced.pop(rel, None)
+        self._save()
+        if fetched:
+            self.log.info("pipeline.pull", files=fetched)
+        return fetched
+
+    def push(self) -> int:
+        """Upload new or changed local files and drop remote files deleted locally since the last sync."""
+        sent = 0
+        present = set()
+        for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.local).as_posix()
+            if self._skip(rel):
+                continue
+            present.add(rel)
+            stamp = self._stamp(rel)
+            if (self._synced.get(rel) or {}).get("local") == stamp:
+                continue
+            dst = f"{self.root}/{rel}"
+            self.fs.put_file(str(path), dst)  # object stores need no parent "directories"
+            self._synced[rel] = {"local": stamp, "remote": _version(self.fs.info(dst))}
+            sent += 1
+        for rel in [r for r in self._synced if r not in present]:
+            self.delete(rel)
+        self._save()
+        if sent:
+            self.log.info("pipeline.push", files=sent)
+        return sent
+
+    def delete(self, rel: str) -> None:
+        """Remove one file from the remote (a marker that no longer holds, a file deleted locally)."""
+        self._synced.pop(rel, None)
+        path = f"{self.root}/{rel}"
+        if self.fs.exists(path):
+            self.fs.rm(path)
+        self._save()

@@ -1,0 +1,182 @@
+"""Pipeline run directories on S3 (moto on 127.0.0.1): the local-copy mirror, a remote run that
+resumes on a machine with an empty working copy, and the tiny pipeline end to end with `out=s3://`."""
+
+import json
+import uuid
+
+import fsspec
+import pytest
+
+from jobs.pipeline import STAGES, Pipeline, PipelineConfig, load_pipeline_config, with_defaults
+from jobs.rundir import RunMirror
+
+
+def _url() -> str:
+    return f"s3://crossdiff-test/runs/{uuid.uuid4().hex[:8]}"
+
+
+def _remote_text(url: str, rel: str) -> str:
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return fs.cat_file(f"{root}/{rel}").decode()
+
+
+@pytest.mark.timeout(120)
+def test_mirror_push_pull_changes_deletes_and_stale_markers(tmp_path, s3_endpoint):
+    url = _url()
+    a = tmp_path / "a"
+    (a / "stages").mkdir(parents=True)
+    (a / "stages" / "harvest.json").write_text('{"hash": "h1"}')
+    (a / "big.bin").write_bytes(b"x" * (2 << 20))
+    (a / "store").mkdir()
+    (a / "store" / "shard.parquet").write_bytes(b"never copied")  # lives on the remote only
+    (a / "part.tmp").write_text("half-written")
+    m = RunMirror(url, a)
+    assert m.push() == 2 and m.push() == 0  # unchanged files are not sent again
+    assert set(m.remote_files()) == {"stages/harvest.json", "big.bin"}
+
+    b = tmp_path / "b"  # another machine
+    mb = RunMirror(url, b)
+    assert mb.pull() == 2 and (b / "big.bin").read_bytes() == b"x" * (2 << 20)
+    assert mb.pull() == 1  # the big file is skipped when neither side changed; small ones refetched
+    # same size, new content on the remote: fetched (versions, not sizes, decide)
+    (a / "big.bin").write_bytes(b"y" * (2 << 20))
+    assert m.push() == 1
+    mb.pull()
+    assert (b / "big.bin").read_bytes()[:1] == b"y"
+    # deleted locally -> deleted remotely; a local marker the remote never got is dropped on pull
+    (a / "big.bin").unlink()
+    m.push()
+    assert set(m.remote_files()) == {"stages/harvest.json"}
+    (b / "stages" / "fit.json").write_text('{"hash": "unconfirmed"}')
+    mb.pull()
+    assert not (b / "stages" / "fit.json").exists() and (b / "stages" / "harvest.json").exists()
+
+
+def _stub_cfg(tmp_path, url, **kw):
+    d = {
+        "out": url,
+        "work_dir": str(tmp_path / "work"),
+        "harvest": {
+            "models": [{"name": "a", "path": "/m/a"}, {"name": "b", "path": "/m/b"}],
+            "layer": 1,
+            "corpus": {"uri": "/c.jsonl"},
+        },
+    }
+    d.update(kw)
+    return PipelineConfig.model_validate(with_defaults(d))
+
+
+def _stubbed(p: Pipeline, calls: list, fail_at: str | None = None) -> Pipeline:
+    def stage(s):
+        def fn(overwrite):
+            if s == fail_at:
+                raise RuntimeError(f"killed in {s}")
+            calls.append(s)
+            (p.run / f"{s}.out").write_text(s)
+            return {"stage": s}
+
+        return fn
+
+    p.stage_fns = {s: stage(s) for s in STAGES}
+    return p
+
+
+@pytest.mark.timeout(120)
+def test_remote_run_resumes_on_another_machine(tmp_path, s3_endpoint):
+    """Stages stubbed (no Ray). A run killed in `label` resumes from the remote alone, with an empty
+    working copy, at `label`; a finished remote run reruns nothing; --overwrite clears the remote markers."""
+    url = _url()
+    cfg = _stub_cfg(tmp_path / "m1", url)
+    assert cfg.harvest.store == f"{url}/store" and cfg.run == tmp_path / "m1" / "work"
+    calls: list = []
+    with pytest.raises(RuntimeError, match="killed in label"):
+        _stubbed(Pipeline(cfg), calls, fail_at="label")()
+    assert calls == ["harvest", "fit", "analyze"]
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    assert sorted(fs.ls(f"{root}/stages", detail=False)) == [
+        f"{root}/stages/{s}.json" for s in ("analyze", "fit", "harvest")
+    ]
+    assert _remote_text(url, "analyze.out") == "analyze"  # outputs went up with their stage
+
+    cfg2 = _stub_cfg(tmp_path / "m2", url)  # a second machine: nothing local
+    calls.clear()
+    _stubbed(Pipeline(cfg2), calls)()
+    assert calls == ["label", "report"]
+    assert (cfg2.run / "fit.out").read_text() == "fit"  # earlier outputs copied down
+    assert json.loads(_remote_text(url, "stages/report.json"))["summary"] == {"stage": "report"}
+    assert json.loads(_remote_text(url, "pipeline.json"))["out"] == url
+
+    calls.clear()
+    _stubbed(Pipeline(cfg), calls)()  # the first machine again: its stale copy catches up, no work
+    assert calls == []
+    _stubbed(Pipeline(cfg), calls)(overwrite=True)
+    assert calls == list(STAGES)
+
+
+def test_remote_out_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="work_dir"):
+        PipelineConfig.model_validate(
+            with_defaults(
+                {
+                    "out": str(tmp_path / "run"),
+                    "work_dir": str(tmp_path / "w"),
+                    "harvest": {
+                        "models": [{"name": "a", "path": "/m/a"}, {"name": "b", "path": "/m/b"}],
+                        "layer": 1,
+                        "corpus": {"uri": "/c.jsonl"},
+                    },
+                }
+            )
+        )
+
+
+@pytest.mark.timeout(120)
+def test_unwritable_remote_fails_before_any_stage(tmp_path, s3_endpoint):
+    cfg = _stub_cfg(tmp_path, "s3://no-such-bucket-crossdiff/run")
+    calls: list = []
+    with pytest.raises(RuntimeError, match="out=s3://no-such-bucket-crossdiff/run"):
+        _stubbed(Pipeline(cfg), calls)()
+    assert calls == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tiny_pipeline_on_s3(tmp_path, s3_endpoint, ray_cluster):
+    """The tiny preset with out=s3://: the corpus, the store, Ray Train's checkpoints and every stage's
+    outputs land in the bucket; a second machine (empty work dir) finds the run finished."""
+    from jobs.pipeline import run_pipeline
+
+    url = _url()
+    sets = [
+        "stages=[harvest,fit,analyze,report]",
+        "fit.distributed.workers=1",
+        "fit.distributed.cpus_per_worker=1",
+    ]
+    res = run_pipeline(preset="tiny", out=url, overrides=[*sets, f"work_dir={tmp_path / 'w1'}"])
+    assert res["harvest"]["rows"] > 1000 and res["fit"]["fve"]["base"] > 0.5
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    have = {p[len(root) + 1 :] for p in fs.find(root)}
+    for rel in (
+        "corpus.jsonl",
+        "store/manifest.json",
+        "metrics.json",
+        "crosscoder/model.safetensors",
+        "latents.parquet",
+        "report.html",
+        "stages/report.json",
+        "pipeline.json",
+    ):
+        assert rel in have, rel
+    assert any(p.startswith("ray/") for p in have)  # Ray Train checkpointed to the bucket
+    assert (tmp_path / "w1" / "crosscoder" / "model.safetensors").exists()  # copied down for analyze
+
+    cfg = load_pipeline_config(preset="tiny", out=url, overrides=[*sets, f"work_dir={tmp_path / 'w2'}"])
+    again = Pipeline(cfg)
+    ran: list = []
+    again.stage_fns = {s: (lambda overwrite, s=s: ran.append(s) or {}) for s in STAGES}
+    again()
+    assert ran == [] and (tmp_path / "w2" / "report.html").exists()
