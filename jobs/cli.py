@@ -119,7 +119,7 @@ def harvest(
 
 @app.command()
 def analyze(
-    run: Annotated[Path, typer.Option("--run", help="A finished fit run directory.")],
+    run: Annotated[str, typer.Option("--run", help="A finished fit run directory (local, s3://, gs://).")],
     store: Annotated[str, typer.Option("--store", help="Activation store URI to analyse over.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -145,6 +145,7 @@ def analyze(
     selected latent -> RUN/examples/; optional splice evaluation -> RUN/splice.json."""
     from diffing.config import AnalysisConfig, load_config
     from jobs.analyze import run_analyze
+    from jobs.rundir import local_copy
 
     def go():
         sets = list(set_ or [])
@@ -158,7 +159,8 @@ def analyze(
         names = tuple(pair.split(",")) if pair else None
         if names is not None and len(names) != 2:
             raise ValueError(f"--pair expects two model names separated by a comma, got {pair!r}")
-        summary = run_analyze(run, store, cfg, pair=names, overwrite=overwrite, address=address)
+        with local_copy(run) as local:
+            summary = run_analyze(local, store, cfg, pair=names, overwrite=overwrite, address=address)
         summary["examples"] = len(summary.get("examples", []))
         typer.echo(json.dumps(summary, indent=2))
 
@@ -275,12 +277,20 @@ _register_cluster_commands(app)
 
 @app.command()
 def report(
-    run: Annotated[Path, typer.Option("--run", help="Run directory (after analyze; labels optional).")],
+    run: Annotated[
+        str,
+        typer.Option("--run", help="Run directory (after analyze; labels optional; local, s3://, gs://)."),
+    ],
 ) -> None:
     """Write RUN/report.html (self-contained), RUN/report.json and RUN/report.md."""
     from jobs.report import write_report
+    from jobs.rundir import local_copy
 
-    _run(lambda: typer.echo(json.dumps(write_report(run), indent=2)))
+    def go():
+        with local_copy(run) as local:
+            typer.echo(json.dumps(write_report(local), indent=2))
+
+    _run(go)
 
 
 @app.command("serve")
@@ -323,7 +333,9 @@ def serve_cmd(
 
 @app.command()
 def label(
-    run: Annotated[Path, typer.Option("--run", help="Run directory with examples/ (after analyze).")],
+    run: Annotated[
+        str, typer.Option("--run", help="Run directory with examples/ (after analyze; local, s3://, gs://).")
+    ],
     endpoint: Annotated[
         str | None,
         typer.Option("--endpoint", help="Labelling service URL (default: start a local one for this run)."),
@@ -335,10 +347,13 @@ def label(
     """Label every latent with evidence in RUN through the judge -> RUN/labels.jsonl (resumable)."""
     from diffing.config import load_config
     from jobs.label import LabelConfig, label_run
+    from jobs.rundir import local_copy
 
     def go():
         cfg = load_config(LabelConfig, config, set_ or [])
-        typer.echo(json.dumps(label_run(run, cfg, endpoint=endpoint, overwrite=overwrite), indent=2))
+        with local_copy(run) as local:
+            res = label_run(local, cfg, endpoint=endpoint, overwrite=overwrite)
+        typer.echo(json.dumps(res, indent=2))
 
     _run(go)
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
@@ -166,3 +168,25 @@ class RunMirror:
         if self.fs.exists(path):
             self.fs.rm(path)
         self._save()
+
+
+@contextmanager
+def local_copy(run: str | Path, work_dir: str | Path | None = None) -> Iterator[Path]:
+    """A local directory for the standalone commands (`analyze`, `label`, `report`): `run` itself,
+    or for a remote run a pulled working copy that is pushed back when the command ends (also when
+    it fails, so resumable work such as labels already written is kept)."""
+    run = str(run)
+    if not is_remote(run):
+        yield Path(run)
+        return
+    mirror = RunMirror(run, Path(work_dir) if work_dir else default_work_dir(run))
+    mirror.check_writable()
+    mirror.pull()
+    try:
+        yield mirror.local
+    finally:
+        try:
+            mirror.push()
+        except Exception as e:  # do not hide the command's own error behind an upload error
+            mirror.log.warning("pipeline.push_failed", error=f"{type(e).__name__}: {e}")
+            raise

@@ -212,3 +212,32 @@ def test_cli_analyze_then_report(tmp_path, run):
         app, ["analyze", "--run", str(r2), "--store", store, "--no-evidence", "--set", "x=1"]
     )
     assert res.exit_code == 2 and "x" in res.output
+
+
+@pytest.mark.timeout(300)
+def test_cli_analyze_then_report_on_s3(tmp_path, run, s3_endpoint, monkeypatch):
+    """`analyze --run s3://...` and `report --run s3://...`: a fit run in the bucket is copied down,
+    analysed, and its outputs go back; a second machine (empty cache) reports from the bucket alone."""
+    import uuid
+
+    import fsspec
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    url = f"s3://crossdiff-test/runs/{uuid.uuid4().hex[:8]}"
+    fs, root = fsspec.core.url_to_fs(url)
+    for name in ("model.safetensors", "cfg.json"):
+        fs.put_file(str(run / "crosscoder" / name), f"{root}/crosscoder/{name}")
+    store = str(run.parent / "store")
+    monkeypatch.setenv("CROSSDIFF_CACHE", str(tmp_path / "machine1"))
+    args = ["analyze", "--run", url, "--store", store, "--set", "tail_frac=0.05", "--set", "heldout=all"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    fs.invalidate_cache()
+    assert fs.exists(f"{root}/latents.parquet") and fs.exists(f"{root}/examples/0000000-0001024.jsonl")
+    monkeypatch.setenv("CROSSDIFF_CACHE", str(tmp_path / "machine2"))
+    res = CliRunner().invoke(app, ["report", "--run", url])
+    assert res.exit_code == 0, res.output
+    fs.invalidate_cache()
+    _check_offline(fs.cat_file(f"{root}/report.html").decode())
