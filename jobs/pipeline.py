@@ -20,6 +20,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,12 @@ class PipelineConfig(Frozen):
         None,
         description="Local working copy of a remote `out`; default $CROSSDIFF_CACHE/runs/<hash of out>. "
         "Only for a remote out.",
+    )
+    sync_every_s: float = Field(
+        300.0,
+        ge=0.0,
+        description="Remote out: also upload the working copy every this many seconds during a stage, "
+        "so a replaced machine resumes analyze/label work done so far (0: only after each stage).",
     )
     harvest: HarvestConfig = Field(description="Harvest stage; `store` defaults to OUT/store.")
     fit: FitConfig = Field(default_factory=FitConfig, description="Crosscoder fit stage.")
@@ -221,7 +228,8 @@ class Pipeline:
                 self._unmark(later)
             self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}")
             t0 = time.perf_counter()
-            summary = self.stage_fns[stage](overwrite=overwrite or redo)
+            with self.mirror.syncing(self.cfg.sync_every_s) if self.mirror else nullcontext():
+                summary = self.stage_fns[stage](overwrite=overwrite or redo)
             if self.mirror is not None:  # outputs first, then the marker that vouches for them
                 self.mirror.push()
             self._mark(stage, summary, round(time.perf_counter() - t0, 1))
@@ -272,7 +280,6 @@ class Pipeline:
 
     def _label(self, overwrite: bool) -> dict:
         import os
-        from contextlib import nullcontext
 
         from jobs.label import label_run
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,6 +161,31 @@ class RunMirror:
         if sent:
             self.log.info("pipeline.push", files=sent)
         return sent
+
+    @contextmanager
+    def syncing(self, every_s: float) -> Iterator[None]:
+        """Push in the background every `every_s` seconds while the body runs (0: never), so work a
+        stage has written so far (labels, evidence ranges) survives the machine. Files are stamped
+        before upload: one that changes during its upload is sent again next time."""
+        if every_s <= 0:
+            yield
+            return
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.push()
+                except Exception as e:  # the stage goes on; the push after it reports for real
+                    self.log.warning("pipeline.sync_failed", error=f"{type(e).__name__}: {e}")
+
+        thread = threading.Thread(target=loop, name="crossdiff-run-sync", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def delete(self, rel: str) -> None:
         """Remove one file from the remote (a marker that no longer holds, a file deleted locally)."""

@@ -180,3 +180,38 @@ def test_tiny_pipeline_on_s3(tmp_path, s3_endpoint, ray_cluster):
     again.stage_fns = {s: (lambda overwrite, s=s: ran.append(s) or {}) for s in STAGES}
     again()
     assert ran == [] and (tmp_path / "w2" / "report.html").exists()
+
+
+@pytest.mark.timeout(120)
+def test_work_inside_a_stage_reaches_the_bucket_before_the_stage_ends(tmp_path, s3_endpoint):
+    """sync_every_s: a stage killed midway leaves what it wrote so far in the bucket (not its marker);
+    the rerun on an empty machine sees that partial work and redoes the stage, which resumes it."""
+    import time
+
+    url = _url()
+    cfg = _stub_cfg(tmp_path / "m1", url, sync_every_s=0.2, stages=["harvest", "label"])
+    fs, root = fsspec.core.url_to_fs(url)
+    p = Pipeline(cfg)
+    seen: list = []
+
+    def label(overwrite):
+        with open(p.run / "labels.jsonl", "a") as f:
+            f.write('{"latent": 1}\n')
+        for _ in range(100):  # the background sync uploads it while the stage still runs
+            fs.invalidate_cache()
+            if fs.exists(f"{root}/labels.jsonl"):
+                raise RuntimeError("killed after the first label")
+            time.sleep(0.1)
+        raise AssertionError("labels.jsonl never reached the bucket during the stage")
+
+    p.stage_fns = {"harvest": lambda overwrite: {}, "label": label}
+    with pytest.raises(RuntimeError, match="killed after the first label"):
+        p()
+    assert not fs.exists(f"{root}/stages/label.json")
+    p2 = Pipeline(_stub_cfg(tmp_path / "m2", url, sync_every_s=0.2, stages=["harvest", "label"]))
+    p2.stage_fns = {
+        "harvest": lambda overwrite: seen.append("harvest") or {},
+        "label": lambda overwrite: seen.append((p2.run / "labels.jsonl").read_text()) or {},
+    }
+    p2()
+    assert seen == ['{"latent": 1}\n']  # harvest skipped; label resumed from the partial file
