@@ -223,6 +223,8 @@ class Pipeline:
             # a marker that is not "done" means the config changed: this stage's old outputs, and those
             # of every later stage, are redone, not resumed
             redo = redo or self.marker(stage).exists()
+            if redo:  # its old marker must not vouch for outputs being rewritten
+                self._unmark(stage)
             # a stage that reruns invalidates everything after it
             for later in STAGES[STAGES.index(stage) + 1 :]:
                 self._unmark(later)

@@ -30,7 +30,6 @@ from diffing.logs import get_logger
 
 REMOTE_ONLY = ("store", "ray")  # top-level entries that live only on the remote
 SYNC_FILE = ".sync.json"  # last sync: {relative path: {"local": [size, mtime_ns], "remote": version}}
-ALWAYS_PULL_BYTES = 1 << 20  # small files (markers, configs) are always fetched
 
 
 def _version(info: dict) -> str:
@@ -63,6 +62,7 @@ class RunMirror:
         self.root = self.root.rstrip("/")
         self.local = Path(local)
         self.log = get_logger("pipeline.mirror", remote=self.remote, local=str(self.local))
+        self._lock = threading.RLock()  # pull/push/delete: the background sync and the stage's own
         try:
             self._synced: dict[str, dict] = json.loads((self.local / SYNC_FILE).read_text())
         except (OSError, ValueError):
@@ -79,6 +79,13 @@ class RunMirror:
         top = rel.split("/", 1)[0]
         return top in REMOTE_ONLY or top.startswith(SYNC_FILE) or rel.endswith(".tmp")
 
+    def _linked(self, path: Path) -> bool:
+        """A symlink, or under one (compare/<A>-vs-<B>/ links the shared crosscoder): never synced;
+        whoever reads the run recreates the links."""
+        return any(
+            p.is_symlink() for p in [path, *path.parents] if p != self.local and self.local in p.parents
+        )
+
     def _stamp(self, rel: str) -> list[int]:
         st = (self.local / rel).stat()
         return [st.st_size, st.st_mtime_ns]
@@ -93,6 +100,8 @@ class RunMirror:
         out = {}
         for path, info in found.items():
             rel = path[len(self.root) :].lstrip("/")
+            if path.endswith("/"):  # a "folder" placeholder object (S3 console), not a file
+                continue
             if rel and info.get("type", "file") == "file" and not self._skip(rel):
                 out[rel] = info
         return out
@@ -109,19 +118,28 @@ class RunMirror:
             ) from None
 
     def pull(self) -> int:
-        """Copy the remote run down; returns how many files were fetched."""
+        """Copy the remote run down; returns how many files were fetched. The remote is the truth:
+        a file synced before and gone from the remote is deleted here too."""
+        with self._lock:
+            return self._pull()
+
+    def _pull(self) -> int:
         remote = self.remote_files()
         fetched = 0
+        for rel in [r for r in self._synced if r not in remote]:
+            (self.local / rel).unlink(missing_ok=True)
+            del self._synced[rel]
         for rel, info in sorted(remote.items()):
             dst = self.local / rel
             last = self._synced.get(rel) or {}
+            if self._linked(dst):
+                continue
             if (
                 dst.is_file()
-                and int(info.get("size") or 0) > ALWAYS_PULL_BYTES
                 and last.get("local") == self._stamp(rel)
                 and last.get("remote") == _version(info)
             ):
-                continue  # a big file neither side changed since the last sync
+                continue  # neither side changed it since the last sync
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(dst.name + ".tmp")
             self.fs.get_file(f"{self.root}/{rel}", str(tmp))
@@ -141,11 +159,15 @@ class RunMirror:
 
     def push(self) -> int:
         """Upload new or changed local files and drop remote files deleted locally since the last sync."""
+        with self._lock:
+            return self._push()
+
+    def _push(self) -> int:
         sent = 0
         present = set()
         for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
             rel = path.relative_to(self.local).as_posix()
-            if self._skip(rel):
+            if self._skip(rel) or self._linked(path):
                 continue
             present.add(rel)
             stamp = self._stamp(rel)
@@ -189,11 +211,12 @@ class RunMirror:
 
     def delete(self, rel: str) -> None:
         """Remove one file from the remote (a marker that no longer holds, a file deleted locally)."""
-        self._synced.pop(rel, None)
-        path = f"{self.root}/{rel}"
-        if self.fs.exists(path):
-            self.fs.rm(path)
-        self._save()
+        with self._lock:
+            self._synced.pop(rel, None)
+            path = f"{self.root}/{rel}"
+            if self.fs.exists(path):
+                self.fs.rm(path)
+            self._save()
 
 
 @contextmanager
@@ -210,9 +233,10 @@ def local_copy(run: str | Path, work_dir: str | Path | None = None) -> Iterator[
     mirror.pull()
     try:
         yield mirror.local
-    finally:
-        try:
+    except BaseException:
+        try:  # keep what the failed command wrote; its own error is the one raised
             mirror.push()
-        except Exception as e:  # do not hide the command's own error behind an upload error
+        except Exception as e:
             mirror.log.warning("pipeline.push_failed", error=f"{type(e).__name__}: {e}")
-            raise
+        raise
+    mirror.push()

@@ -38,7 +38,7 @@ def test_mirror_push_pull_changes_deletes_and_stale_markers(tmp_path, s3_endpoin
     b = tmp_path / "b"  # another machine
     mb = RunMirror(url, b)
     assert mb.pull() == 2 and (b / "big.bin").read_bytes() == b"x" * (2 << 20)
-    assert mb.pull() == 1  # the big file is skipped when neither side changed; small ones refetched
+    assert mb.pull() == 0  # nothing changed on either side: nothing fetched
     # same size, new content on the remote: fetched (versions, not sizes, decide)
     (a / "big.bin").write_bytes(b"y" * (2 << 20))
     assert m.push() == 1
@@ -51,6 +51,23 @@ def test_mirror_push_pull_changes_deletes_and_stale_markers(tmp_path, s3_endpoin
     (b / "stages" / "fit.json").write_text('{"hash": "unconfirmed"}')
     mb.pull()
     assert not (b / "stages" / "fit.json").exists() and (b / "stages" / "harvest.json").exists()
+    # the remote is the truth: a file synced before and deleted there goes locally too (else a
+    # reused working copy would re-upload a marker for outputs the bucket no longer has)
+    assert not (b / "big.bin").exists()
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.rm(f"{root}/stages/harvest.json")
+    mb.pull()
+    assert not (b / "stages" / "harvest.json").exists()
+    # folder placeholders are not files; symlinks (compare/ links to the shared crosscoder) stay local
+    fs.pipe_file(f"{root}/examples/", b"")
+    (a / "examples").mkdir()
+    (a / "examples" / "0-8.jsonl").write_text("{}")
+    (a / "compare").mkdir()
+    (a / "compare" / "metrics.json").symlink_to(a / "examples" / "0-8.jsonl")
+    m.push()
+    assert set(m.remote_files()) == {"examples/0-8.jsonl"}
+    mb.pull()
+    assert (b / "examples" / "0-8.jsonl").read_text() == "{}"
 
 
 def _stub_cfg(tmp_path, url, **kw):
