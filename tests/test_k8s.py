@@ -371,7 +371,12 @@ def test_pipeline_config_map_validates():
             mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
             vols = {v["name"]: v for v in head["volumes"]}
             assert vols[mounts["/etc/crossdiff"]]["configMap"]["name"] == "crossdiff-pipeline"
-            assert cfg.out.startswith("/data/") and "/data" in mounts
+            assert "/data" in mounts
+            if cfg.remote:  # the run in the bucket, its working copy on the volume
+                assert cfg.out.startswith("s3://") and cfg.work_dir.startswith("/data/")
+                assert cfg.harvest.store.startswith("s3://")
+            else:
+                assert cfg.out.startswith("/data/")
 
 
 def test_generated_serve_patches_are_up_to_date(tmp_path, monkeypatch):
