@@ -7,6 +7,7 @@
 #
 #     bash bench/gpu_check.sh            # every section; each has its own time limit
 #     SECTIONS="tests" bash bench/gpu_check.sh
+#     SECTIONS="fit prefetch9b prefetch2b" bash bench/gpu_check.sh   # the in-process read-ahead
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/crossdiff-gpu-check}
@@ -45,5 +46,19 @@ for s in $SECTIONS; do
         --d-model 3584 --n-latents 114688 --k 100 --batch 2048 --features 4096 --tokens 163840 \
         --json "$OUT/glue9b.json" >"$OUT/glue9b.log" 2>&1
       echo "== glue9b rc=$? ($(($(date +%s) - t0)) s)"; cat "$OUT/glue9b.json" 2>/dev/null || tail -20 "$OUT/glue9b.log" ;;
+    fit)  # the in-process fits on cuda (read-ahead thread with pinned batches) against CPU / Ray
+      timeout 150 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_gpu.py -k "fit_on_cuda or nccl" \
+        >"$OUT/fit.log" 2>&1
+      echo "== fit rc=$? ($(($(date +%s) - t0)) s)"; tail -3 "$OUT/fit.log" ;;
+    prefetch9b)  # in-process read-ahead vs none at the Gemma-2-9b target shape
+      timeout 200 python3 bench/fit_prefetch.py --device cuda --threads 8 --repeat 1 --d-model 3584 \
+        --n-latents 114688 --k 100 --batch 2048 --features 4096 --tokens 163840 \
+        --json "$OUT/prefetch9b.json" >"$OUT/prefetch9b.log" 2>&1
+      echo "== prefetch9b rc=$? ($(($(date +%s) - t0)) s)"; tail -14 "$OUT/prefetch9b.log" ;;
+    prefetch2b)  # and at a Gemma-2-2b-like width
+      timeout 180 python3 bench/fit_prefetch.py --device cuda --threads 8 --repeat 1 --d-model 2304 \
+        --n-latents 32768 --k 64 --batch 4096 --features 2048 --tokens 262144 \
+        --json "$OUT/prefetch2b.json" >"$OUT/prefetch2b.log" 2>&1
+      echo "== prefetch2b rc=$? ($(($(date +%s) - t0)) s)"; tail -14 "$OUT/prefetch2b.log" ;;
   esac
 done

@@ -256,7 +256,10 @@ class DistributedConfig(Frozen):
         65_536, ge=0, description="Ray Data local shuffle buffer per worker (0: none)."
     )
     prefetch_batches: int = Field(
-        4, ge=0, description="Batches each worker's Ray Data iterator reads ahead (overlaps I/O with steps)."
+        4,
+        ge=0,
+        description="Batches read ahead, overlapping reads with steps: by each worker's Ray Data "
+        "iterator, or in-process (workers 0) by a background thread (0: read on the training thread).",
     )
 
 

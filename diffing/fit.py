@@ -22,6 +22,7 @@ import torch
 from diffing.config import CrosscoderConfig, FitConfig, TrainConfig
 from diffing.crosscoder import Crosscoder, norm_scale_from_mean_norms
 from diffing.logs import get_logger
+from diffing.prefetch import prefetch
 from diffing.store import ActivationStore, StoreError
 from diffing.train import TrainerState, evaluate, train_step
 
@@ -161,13 +162,15 @@ def fit(
     with open(run / "metrics.jsonl", "a") as mlog:
         while state.step < steps:
             epoch, skip = divmod(state.step, per_epoch)
-            for xb in store.iter_batches(
+            batches = store.iter_batches(
                 tcfg.batch_size,
                 seed=tcfg.seed,
                 epoch=epoch,
                 buffer_rows=tcfg.shuffle_buffer_rows,
                 skip_batches=skip,
-            ):
+            )
+            read_ahead = prefetch(batches, cfg.distributed.prefetch_batches, pin=device.type == "cuda")
+            for xb in read_ahead:
                 metrics = train_step(state, xb)
                 state.data_position = {"epoch": epoch, "batch": state.step - epoch * per_epoch}
                 if state.step % tcfg.log_every == 0 or state.step == steps:
@@ -191,6 +194,7 @@ def fit(
                     run.save_checkpoint(state, h)
                 if state.step >= steps:
                     break
+            read_ahead.close()  # stops the reader thread now, not when garbage-collected
     train_s = time.perf_counter() - t0
     trained_tokens = (state.step - start_step) * tcfg.batch_size
 
