@@ -66,6 +66,16 @@ class Manifest(BaseModel):
         return len(self.model_names)
 
 
+ROW_GROUP_BYTES = 16 << 20
+
+
+def row_group_rows(row_bytes: int) -> int:
+    """Rows per parquet row group: ~16 MiB of activations (at least 1,024 rows). pyarrow decodes
+    row groups in parallel; one group per shard read a Gemma-width shard (d_model 3584) at
+    ~220 MB/s on one core, 1,024-2,048-row groups at ~360-390 MB/s (docs/benchmarks.md)."""
+    return max(1024, ROW_GROUP_BYTES // max(1, row_bytes))
+
+
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, root = fsspec.core.url_to_fs(uri)
     return fs, root.rstrip("/")
@@ -94,10 +104,10 @@ def _fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a).reshape(-1)), d)
 
 
-def _to_numpy_2d(col: pa.ChunkedArray | pa.Array, d: int) -> np.ndarray:
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+def _chunks_2d(col: pa.ChunkedArray | pa.Array, d: int) -> Iterator[np.ndarray]:
+    """[rows, d] views of a fixed-size-list column, one per chunk (row group), no copy."""
+    for chunk in col.chunks if isinstance(col, pa.ChunkedArray) else [col]:
+        yield chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
 
 
 class StoreWriter:
@@ -194,7 +204,13 @@ class StoreWriter:
             cols[name] = pa.array(list(extra[name]))
         table = pa.table(cols).replace_schema_metadata({"crossdiff.model_names": json.dumps(h.model_names)})
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", use_dictionary=list(h.extra_columns) or False)
+        pq.write_table(
+            table,
+            buf,
+            compression="zstd",
+            use_dictionary=list(h.extra_columns) or False,
+            row_group_size=row_group_rows(stored.shape[1] * stored.shape[2] * stored.itemsize),
+        )
         data = buf.getvalue()
         norms = np.linalg.norm(stored.astype(np.float32), axis=-1).sum(0)  # [M]
         info = ShardInfo(
@@ -272,8 +288,17 @@ class ActivationStore:
 
     def acts_of(self, table: pa.Table) -> np.ndarray:
         """[n_rows, n_models, d_model] in the stored dtype."""
-        d = self.d_model
-        return np.stack([_to_numpy_2d(table.column(f"act_{m}"), d) for m in range(self.n_models)], axis=1)
+        out = None
+        for m in range(self.n_models):  # one copy, chunk by chunk, straight into [N, M, D]
+            row = 0
+            for part in _chunks_2d(table.column(f"act_{m}"), self.d_model):
+                if out is None:
+                    out = np.empty((table.num_rows, self.n_models, self.d_model), dtype=part.dtype)
+                out[row : row + len(part), m] = part
+                row += len(part)
+        if out is None:  # a table without chunks
+            return np.empty((0, self.n_models, self.d_model), dtype=_NP_DTYPES[self.manifest.dtype])
+        return out
 
     def read_shard(self, i: int, *, verify: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         table = self.read_table(i, verify=verify)

@@ -51,6 +51,21 @@ def test_bytes_per_token_pair(tmp_path):
     assert size / st.n_rows <= 2 * d * 2 + 16  # fp16 pair + doc_id/pos/token_id
 
 
+def test_shards_hold_row_groups_and_read_back_whole(tmp_path, monkeypatch):
+    """Shards are split in ~16 MiB row groups (parallel decode); a multi-group shard reads back exactly."""
+    import diffing.store as store_mod
+
+    assert store_mod.row_group_rows(2 * 3584 * 2) == 1170  # Gemma-2-9b width: ~16 MiB groups
+    assert store_mod.row_group_rows(2 * 576 * 2) == 7281
+    monkeypatch.setattr(store_mod, "ROW_GROUP_BYTES", 1)  # the 1,024-row floor: 5 groups per shard
+    acts = torch.randn(4500, 2, 8).half()
+    write_arrays(str(tmp_path / "s"), acts, model_names=["A", "B"], shard_rows=4500)
+    st = open_store(str(tmp_path / "s"))
+    assert pq.ParquetFile(str(tmp_path / "s" / st.manifest.shards[0].path)).num_row_groups == 5
+    a, _ = st.read_shard(0)
+    assert a.shape == (4500, 2, 8) and np.array_equal(a, acts.numpy())
+
+
 def test_corrupt_and_missing_shards_fail_clearly(tmp_path):
     st = write_arrays(str(tmp_path / "s"), _acts(), model_names=["a", "b"], shard_rows=500)
     p = tmp_path / "s" / st.manifest.shards[1].path
