@@ -22,6 +22,20 @@ def make_cfg(**kw):
     return CrosscoderConfig(**base)
 
 
+def pipeline_dict(out: str, **kw) -> dict:
+    """A minimal pipeline config dict (models and corpus need not exist; stages are stubbed)."""
+    d = {
+        "out": out,
+        "harvest": {
+            "models": [{"name": "a", "path": "/m/a"}, {"name": "b", "path": "/m/b"}],
+            "layer": 1,
+            "corpus": {"uri": "/c.jsonl"},
+        },
+    }
+    d.update(kw)
+    return d
+
+
 def planted_fit_store(path) -> str:
     """The fit tests' store: 30,000 planted rows (d_model 32, 80 features), 6 shards."""
     from diffing.store import write_arrays

@@ -10,16 +10,9 @@ from jobs.pipeline import STAGES, Pipeline, load_pipeline_config
 
 
 def _cfg_dict(tmp_path, **kw):
-    d = {
-        "out": str(tmp_path / "run"),
-        "harvest": {
-            "models": [{"name": "a", "path": "/m/a"}, {"name": "b", "path": "/m/b"}],
-            "layer": 1,
-            "corpus": {"uri": "/c.jsonl"},
-        },
-    }
-    d.update(kw)
-    return d
+    from conftest import pipeline_dict
+
+    return pipeline_dict(str(tmp_path / "run"), **kw)
 
 
 def test_config_defaults_and_errors(tmp_path):

@@ -6,6 +6,7 @@ import uuid
 
 import fsspec
 import pytest
+from conftest import pipeline_dict
 
 from jobs.pipeline import STAGES, Pipeline, PipelineConfig, load_pipeline_config, with_defaults
 from jobs.rundir import RunMirror
@@ -71,17 +72,9 @@ def test_mirror_push_pull_changes_deletes_and_stale_markers(tmp_path, s3_endpoin
 
 
 def _stub_cfg(tmp_path, url, **kw):
-    d = {
-        "out": url,
-        "work_dir": str(tmp_path / "work"),
-        "harvest": {
-            "models": [{"name": "a", "path": "/m/a"}, {"name": "b", "path": "/m/b"}],
-            "layer": 1,
-            "corpus": {"uri": "/c.jsonl"},
-        },
-    }
-    d.update(kw)
-    return PipelineConfig.model_validate(with_defaults(d))
+    return PipelineConfig.model_validate(
+        with_defaults(pipeline_dict(url, work_dir=str(tmp_path / "work"), **kw))
+    )
 
 
 def _stubbed(p: Pipeline, calls: list, fail_at: str | None = None) -> Pipeline:
@@ -135,17 +128,7 @@ def test_remote_run_resumes_on_another_machine(tmp_path, s3_endpoint):
 def test_remote_out_config_errors(tmp_path):
     with pytest.raises(ValueError, match="work_dir"):
         PipelineConfig.model_validate(
-            with_defaults(
-                {
-                    "out": str(tmp_path / "run"),
-                    "work_dir": str(tmp_path / "w"),
-                    "harvest": {
-                        "models": [{"name": "a", "path": "/m/a"}, {"name": "b", "path": "/m/b"}],
-                        "layer": 1,
-                        "corpus": {"uri": "/c.jsonl"},
-                    },
-                }
-            )
+            with_defaults(pipeline_dict(str(tmp_path / "run"), work_dir=str(tmp_path / "w")))
         )
 
 
