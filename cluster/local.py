@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,15 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _free_range(width: int) -> int:
-    """Start of `width` consecutive ports that are free right now (for Ray's worker ports)."""
+def _free_range(width: int, avoid: Collection[int] = ()) -> int:
+    """Start of `width` consecutive ports that are free right now and hold none of `avoid` (the
+    ports already picked for Ray's other components, free again once probed): Ray's worker ports."""
     import random
 
     for _ in range(200):
         start = random.randint(20000, 60000 - width)
-        ok = True
-        for p in range(start, start + width):
+        ok = not any(start <= p < start + width for p in avoid)
+        for p in range(start, start + width) if ok else ():
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", p))
@@ -106,7 +108,9 @@ def up(
     # Short path: Ray's unix socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="cdr-", dir="/tmp")
     gcs, dash, node_mgr, obj_mgr, client_port, agent, agent_grpc, rt_agent, metrics = _free_ports(9)
-    wmin = _free_range(200)
+    wmin = _free_range(
+        200, avoid=(gcs, dash, node_mgr, obj_mgr, client_port, agent, agent_grpc, rt_agent, metrics)
+    )
     bin_dir = Path(sys.executable).parent
     ray_bin = bin_dir / "ray"
     cmd = [

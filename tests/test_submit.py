@@ -299,3 +299,14 @@ def test_cluster_up_and_down_from_the_cli(tmp_path):
         and not psutil.pid_exists(state["pid"])
         or psutil.Process(state["pid"]).status() == "zombie"
     )
+
+
+def test_worker_port_range_avoids_the_ports_picked_for_other_components(monkeypatch):
+    """A CI run failed once: Ray refused a worker-port range holding the dashboard agent's port."""
+    import random
+
+    from cluster.local import _free_range
+
+    starts = iter([30000, 40000])
+    monkeypatch.setattr(random, "randint", lambda a, b: next(starts))
+    assert _free_range(200, avoid=[30150]) == 40000
