@@ -86,6 +86,18 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol in ("file", "local")
 
 
+def check_writable(fs: fsspec.AbstractFileSystem, root: str, what: str, fix: str = "") -> None:
+    """Fail early, with `what` named, when `root` cannot be written (a probe object written and
+    removed). Object stores get no makedirs: on S3 it would create a missing bucket."""
+    try:
+        if _is_local(fs):
+            fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(f"{root}/.write-probe", b"ok")
+        fs.rm(f"{root}/.write-probe")
+    except Exception as e:
+        raise StoreError(f"{what}: cannot write there ({type(e).__name__}: {e}){fix}") from None
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write bytes so that readers see either nothing or the whole file."""
     if _is_local(fs):

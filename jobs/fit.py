@@ -22,7 +22,7 @@ import torch
 from diffing.config import FitConfig
 from diffing.fit import RunDir, config_hash, final_metrics, init_model, resolve_config, total_steps
 from diffing.logs import configure, get_logger
-from diffing.store import ActivationStore, StoreError, open_store
+from diffing.store import ActivationStore, check_writable, open_store
 from diffing.train import TrainerState, train_step
 
 
@@ -201,12 +201,7 @@ def run_fit_ray(
     d = cfg.distributed
     if cfg.train.batch_size // max(1, d.workers) > store.n_rows // max(1, d.workers):
         raise ValueError(f"train.batch_size={cfg.train.batch_size} leaves no full batch per worker; lower it")
-    try:  # the checkpoint location must be writable before any worker starts
-        fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(f"{root}/.write-probe", b"ok")
-        fs.rm(f"{root}/.write-probe")
-    except Exception as e:
-        raise StoreError(f"cannot write to run location {out}: {type(e).__name__}: {e}") from None
+    check_writable(fs, root, f"run location {out}")  # before any worker starts
     if overwrite:
         for rel in ("ray", "metrics.json", "metrics.jsonl", "crosscoder"):
             if fs.exists(f"{root}/{rel}"):

@@ -17,7 +17,7 @@ from typing import Any
 from diffing.harvest import HarvestConfig, Harvester, read_corpus, shard_ranges
 from diffing.logs import get_logger
 from diffing.models import HarvestInputError, check_tokenizers_agree, load_tokenizer
-from diffing.store import Manifest, StoreError, StoreWriter
+from diffing.store import Manifest, StoreError, StoreWriter, check_writable
 
 
 def _writer(cfg: HarvestConfig, d_model: int) -> StoreWriter:
@@ -91,12 +91,7 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
     check_tokenizers_agree([load_tokenizer(m.path) for m in cfg.models], records[:256], names)
     d_model = widths.pop()
     w = _writer(cfg, d_model)
-    try:
-        w.fs.makedirs(w.root, exist_ok=True)
-        w.fs.pipe_file(f"{w.root}/.write-probe", b"ok")
-        w.fs.rm(f"{w.root}/.write-probe")
-    except Exception as e:
-        raise StoreError(f"store: cannot write to {cfg.store}: {type(e).__name__}: {e}") from None
+    check_writable(w.fs, w.root, f"store={cfg.store}")
     return d_model
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import fsspec
 
 from diffing.logs import get_logger
+from diffing.store import check_writable
 
 REMOTE_ONLY = ("store", "ray")  # top-level entries that live only on the remote
 SYNC_FILE = ".sync.json"  # last sync: {relative path: {"local": [size, mtime_ns], "remote": version}}
@@ -107,15 +108,12 @@ class RunMirror:
         return out
 
     def check_writable(self) -> None:
-        probe = f"{self.root}/.write-probe"
-        try:  # no makedirs: on S3 it would create a missing bucket
-            self.fs.pipe_file(probe, b"ok")
-            self.fs.rm(probe)
-        except Exception as e:
-            raise RuntimeError(
-                f"out={self.remote}: cannot write there ({type(e).__name__}: {e}); check the bucket, "
-                "credentials and AWS_ENDPOINT_URL (or use a local out)"
-            ) from None
+        check_writable(
+            self.fs,
+            self.root,
+            f"out={self.remote}",
+            "; check the bucket, credentials and AWS_ENDPOINT_URL (or use a local out)",
+        )
 
     def pull(self) -> int:
         """Copy the remote run down; returns how many files were fetched. The remote is the truth:
