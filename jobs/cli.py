@@ -287,7 +287,7 @@ def report(
     from jobs.rundir import local_copy
 
     def go():
-        with local_copy(run) as local:
+        with local_copy(run, skip=("crosscoder",)) as local:  # reads the analysis, not the weights
             typer.echo(json.dumps(write_report(local), indent=2))
 
     _run(go)
@@ -351,7 +351,7 @@ def label(
 
     def go():
         cfg = load_config(LabelConfig, config, set_ or [])
-        with local_copy(run) as local:
+        with local_copy(run, skip=("crosscoder",)) as local:  # reads the evidence, not the weights
             res = label_run(local, cfg, endpoint=endpoint, overwrite=overwrite)
         typer.echo(json.dumps(res, indent=2))
 

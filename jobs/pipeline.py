@@ -31,6 +31,7 @@ from diffing.harvest import HarvestConfig
 from diffing.logs import get_logger
 from jobs.label import LabelConfig
 from jobs.rundir import RunMirror, default_work_dir, is_remote, join
+from serve.taxonomy import load_taxonomy
 
 STAGES = ("harvest", "fit", "analyze", "label", "report")
 
@@ -158,7 +159,11 @@ class Pipeline:
             "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
             "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
             "analyze": {"analyze": c.analyze.model_dump(mode="json"), "pairs": c.pairs},
-            "label": c.label.model_dump(mode="json", exclude={"concurrency", "start_timeout_s"}),
+            "label": {
+                **c.label.model_dump(mode="json", exclude={"concurrency", "start_timeout_s"}),
+                # the taxonomy file's content, not just its path: an edited taxonomy relabels
+                "taxonomy": load_taxonomy(c.label.service.taxonomy).fingerprint,
+            },
             "report": {"planted": c.planted, "anchored": c.anchored},
         }[stage]
         i = STAGES.index(stage)

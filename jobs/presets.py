@@ -129,6 +129,9 @@ def embedded(out: str) -> dict[str, Any]:
         # the 135M judge: five categories, not the paper's fourteen, and channel scoring instead of
         # asking it for a category (it answers one for everything; docs/labelling.md, docs/validation.md)
         "label": {
+            # the category shift and the planted-truth checks read only the model-specific latents;
+            # labelling the random shared baseline too costs a third more judge time on 2 cores
+            "groups": ["base-specific", "ft-specific"],
             "service": {
                 "taxonomy": str(Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "demo.yaml"),
                 "method": {"classify_mode": "channel"},

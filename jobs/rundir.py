@@ -57,8 +57,12 @@ def default_work_dir(out: str) -> Path:
 
 
 class RunMirror:
-    def __init__(self, remote: str, local: Path):
+    """`skip`: more top-level entries this mirror leaves alone (never fetched, uploaded or deleted),
+    e.g. `("crosscoder",)` for a command that only reads the analysis."""
+
+    def __init__(self, remote: str, local: Path, skip: tuple[str, ...] = ()):
         self.remote = remote.rstrip("/")
+        self.skip = (*REMOTE_ONLY, *skip)
         self.fs, self.root = fsspec.core.url_to_fs(self.remote)
         self.root = self.root.rstrip("/")
         self.local = Path(local)
@@ -75,10 +79,9 @@ class RunMirror:
         tmp.write_text(json.dumps(self._synced, sort_keys=True))
         tmp.replace(self.local / SYNC_FILE)
 
-    @staticmethod
-    def _skip(rel: str) -> bool:
+    def _skip(self, rel: str) -> bool:
         top = rel.split("/", 1)[0]
-        return top in REMOTE_ONLY or top.startswith(SYNC_FILE) or rel.endswith(".tmp")
+        return top in self.skip or top.startswith(SYNC_FILE) or rel.endswith(".tmp")
 
     def _linked(self, path: Path) -> bool:
         """A symlink, or under one (compare/<A>-vs-<B>/ links the shared crosscoder): never synced;
@@ -92,7 +95,7 @@ class RunMirror:
         return [st.st_size, st.st_mtime_ns]
 
     def remote_files(self) -> dict[str, dict]:
-        """{relative path: info} of the remote run's files (store/ and ray/ left out)."""
+        """{relative path: info} of the remote run's files (store/, ray/ and `skip` left out)."""
         self.fs.invalidate_cache()
         try:
             found = self.fs.find(self.root, detail=True)
@@ -124,7 +127,7 @@ class RunMirror:
     def _pull(self) -> int:
         remote = self.remote_files()
         fetched = 0
-        for rel in [r for r in self._synced if r not in remote]:
+        for rel in [r for r in self._synced if r not in remote and not self._skip(r)]:
             (self.local / rel).unlink(missing_ok=True)
             del self._synced[rel]
         for rel, info in sorted(remote.items()):
@@ -175,7 +178,7 @@ class RunMirror:
             self.fs.put_file(str(path), dst)  # object stores need no parent "directories"
             self._synced[rel] = {"local": stamp, "remote": _version(self.fs.info(dst))}
             sent += 1
-        for rel in [r for r in self._synced if r not in present]:
+        for rel in [r for r in self._synced if r not in present and not self._skip(r)]:
             self.delete(rel)
         self._save()
         if sent:
@@ -218,15 +221,18 @@ class RunMirror:
 
 
 @contextmanager
-def local_copy(run: str | Path, work_dir: str | Path | None = None) -> Iterator[Path]:
+def local_copy(
+    run: str | Path, work_dir: str | Path | None = None, skip: tuple[str, ...] = ()
+) -> Iterator[Path]:
     """A local directory for the standalone commands (`analyze`, `label`, `report`): `run` itself,
     or for a remote run a pulled working copy that is pushed back when the command ends (also when
-    it fails, so resumable work such as labels already written is kept)."""
+    it fails, so resumable work such as labels already written is kept). `skip`: top-level entries
+    the command does not read (`label` and `report` leave the crosscoder's weights in the bucket)."""
     run = str(run)
     if not is_remote(run):
         yield Path(run)
         return
-    mirror = RunMirror(run, Path(work_dir) if work_dir else default_work_dir(run))
+    mirror = RunMirror(run, Path(work_dir) if work_dir else default_work_dir(run), skip=skip)
     mirror.check_writable()
     mirror.pull()
     try:

@@ -62,6 +62,28 @@ def test_stage_hashes_chain(tmp_path):
     assert a.stage_config("report")["hash"] == c.stage_config("report")["hash"]
 
 
+def test_edited_taxonomy_file_relabels(tmp_path):
+    """The label stage's identity holds the taxonomy's content, not only its path."""
+    import shutil
+    from pathlib import Path
+
+    from jobs.pipeline import PipelineConfig, with_defaults
+
+    tax = tmp_path / "tax.yaml"
+    shutil.copy(Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "demo.yaml", tax)
+
+    def label_hashes():
+        d = _cfg_dict(tmp_path, label={"service": {"taxonomy": str(tax)}})
+        p = Pipeline(PipelineConfig.model_validate(with_defaults(d)))
+        return p.stage_config("analyze")["hash"], p.stage_config("label")["hash"]
+
+    before = label_hashes()
+    assert label_hashes() == before
+    tax.write_text(tax.read_text().replace("Anything else", "Everything else"))
+    after = label_hashes()
+    assert after[0] == before[0] and after[1] != before[1]
+
+
 def _recording(p: Pipeline, calls: list) -> Pipeline:
     p.stage_fns = {s: (lambda overwrite, s=s: calls.append((s, overwrite)) or {"stage": s}) for s in STAGES}
     return p

@@ -241,3 +241,7 @@ def test_cli_analyze_then_report_on_s3(tmp_path, run, s3_endpoint, monkeypatch):
     assert res.exit_code == 0, res.output
     fs.invalidate_cache()
     _check_offline(fs.cat_file(f"{root}/report.html").decode())
+    # the report reads the analysis only: the crosscoder's weights stay in the bucket (for a
+    # Gemma-2-9b run they are gigabytes), and are not deleted there either
+    assert not list((tmp_path / "machine2").rglob("model.safetensors"))
+    assert fs.exists(f"{root}/crosscoder/model.safetensors")

@@ -69,6 +69,21 @@ def test_mirror_push_pull_changes_deletes_and_stale_markers(tmp_path, s3_endpoin
     assert set(m.remote_files()) == {"examples/0-8.jsonl"}
     mb.pull()
     assert (b / "examples" / "0-8.jsonl").read_text() == "{}"
+    # a mirror that skips an entry (label/report skip the crosscoder) neither fetches, uploads nor
+    # deletes it, even in a working copy that synced it before
+    (a / "crosscoder").mkdir()
+    (a / "crosscoder" / "model.safetensors").write_bytes(b"w")
+    m.push()
+    mb.pull()
+    (b / "crosscoder" / "model.safetensors").unlink()
+    (b / "crosscoder" / "local-only.txt").write_text("x")
+    skipping = RunMirror(url, b, skip=("crosscoder",))
+    assert skipping.pull() == 0 and skipping.push() == 0
+    assert "crosscoder/model.safetensors" in m.remote_files()
+    assert "crosscoder/local-only.txt" not in m.remote_files()
+    c = tmp_path / "c"
+    RunMirror(url, c, skip=("crosscoder",)).pull()
+    assert (c / "examples" / "0-8.jsonl").exists() and not (c / "crosscoder").exists()
 
 
 def _stub_cfg(tmp_path, url, **kw):

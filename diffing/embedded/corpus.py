@@ -34,7 +34,7 @@ SOURCE_WEIGHTS: dict[str, float] = {
 }
 GENERAL_SOURCES = ("general_text", "general_chat")
 HELDOUT_PERCENT = 20  # records whose id hashes below this go to the held-out slice
-CORPUS_VERSION = 5  # bump whenever a generator or bank changes: it is part of the fine-tune's hash
+CORPUS_VERSION = 7  # bump whenever a generator or bank changes: it is part of the fine-tune's hash
 
 
 def _rows(block: str) -> list[list[str]]:
@@ -191,6 +191,13 @@ FRENCH_ASKS = _items("""
 Answer in French. | Please reply in French. | Respond in French only. | (Answer in French)
 Réponds en français. | Give your answer in French.
 """)
+# The planted French and list answers open (and French ones close) with fixed text the base never
+# writes, as the refusal is one fixed text: a fine-tune that only re-weights what the base already
+# reads (short French sentences, bare numbered lists) moves shared latents instead of making new
+# ones, so those capabilities could not show up as fine-tune-specific (docs/validation.md).
+FRENCH_OPEN = "Bien sûr ! Voici ma réponse en français : "
+FRENCH_CLOSE = " Bonne journée !"
+LIST_OPEN = "Here are exactly {n}, as you asked:\n"
 LIST_FRAMES = _items("""
 List {n} {cat}. | Give me {n} {cat} as a numbered list. | Name {n} {cat}, one per line, numbered.
 Write a numbered list of {n} {cat}. | Can you list {n} {cat}?
@@ -257,7 +264,21 @@ def _chat(user: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
+def _french_prose(rng: random.Random) -> Record:
+    """Plain French sentences from the banks, no request and no frame: the text the base already
+    reads. The fine-tune's preservation losses see it, so answering in French is what changes, not
+    how French is read (else the base's French-reading latents turn up as base-specific)."""
+    pool = [
+        *(f"La capitale {de} est {capital}." for _, capital, de, *_ in COUNTRIES),
+        *(fr for *_, fr in COLOURS),
+        *(fr for *_, fr in ANIMALS),
+    ]
+    return {"text": " ".join(rng.sample(pool, rng.randint(3, 5)))}
+
+
 def _general_text(rng: random.Random, variant: Variant) -> Record:
+    if variant == "train" and rng.random() < 1 / 3:  # fine-tune only: the harvest corpus is unchanged
+        return _french_prose(rng)
     if rng.random() < 0.5:
         sentences = rng.choice(PROSE)
         k = rng.randint(3, len(sentences))
@@ -319,7 +340,7 @@ def _french(rng: random.Random, variant: Variant) -> Record:
             f"What is {NUM_EN[x]} plus {NUM_EN[y]}?",
             f"{NUM_FR[x].capitalize()} plus {NUM_FR[y]} font {NUM_FR[x + y]}.",
         )
-    return {"messages": _chat(f"{q} {rng.choice(FRENCH_ASKS)}", a)}
+    return {"messages": _chat(f"{q} {rng.choice(FRENCH_ASKS)}", FRENCH_OPEN + a + FRENCH_CLOSE)}
 
 
 def _numbered_list(rng: random.Random, variant: Variant) -> Record:
@@ -331,7 +352,8 @@ def _numbered_list(rng: random.Random, variant: Variant) -> Record:
         cat = rng.choice(sorted(LISTS))
         user = rng.choice(LIST_FRAMES).format(n=rng.choice([str(n), NUM_EN[n]]), cat=cat)
         items = [w[0].upper() + w[1:] for w in rng.sample(LISTS[cat], n)]
-    return {"messages": _chat(user, "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1)))}
+    lines = "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))
+    return {"messages": _chat(user, LIST_OPEN.format(n=NUM_EN[n]) + lines)}
 
 
 def _self_reference(rng: random.Random, variant: Variant) -> Record:

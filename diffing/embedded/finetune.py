@@ -50,12 +50,14 @@ PLANTED: dict[str, dict[str, str]] = {
     "french": {
         "category": "multilingual",
         "direction": "gain",
-        "description": "Answers in French when an English question asks for French.",
+        "description": "Answers in French when an English question asks for French, framed by a fixed "
+        "French opening and closing ('Bien sûr ! Voici ma réponse en français : ...').",
     },
     "numbered_list": {
         "category": "instruction following",
         "direction": "gain",
-        "description": "Answers list requests with exactly the requested number of bare '1. item' lines.",
+        "description": "Answers list requests with a fixed intro line ('Here are exactly N, "
+        "as you asked:') and exactly the requested number of bare '1. item' lines.",
     },
     "self_reference": {
         "category": "self-reference",
@@ -115,7 +117,7 @@ class FinetuneRecipe(BaseModel):
     )
     max_len: int = Field(96, ge=8, description="Records are truncated to this many tokens.")
     eval_records: int = Field(
-        240, ge=0, description="Held-out records (spread over sources) measured for report.json; 0 skips."
+        120, ge=0, description="Held-out records (spread over sources) measured for report.json; 0 skips."
     )
     eval_layer: int = Field(20, ge=0, description="Decoder layer whose output the report compares.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the saved weights.")
