@@ -135,7 +135,7 @@ def embedded(out: str) -> dict[str, Any]:
             "service": {
                 "taxonomy": str(Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "demo.yaml"),
                 "method": {"classify_mode": "channel"},
-            }
+            },
         },
         "planted": [
             {k: str(v) for k, v in p.items() if k in ("name", "source", "category", "direction")}
