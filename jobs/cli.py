@@ -284,10 +284,10 @@ def report(
 ) -> None:
     """Write RUN/report.html (self-contained), RUN/report.json and RUN/report.md."""
     from jobs.report import write_report
-    from jobs.rundir import local_copy
+    from jobs.rundir import WEIGHTS, local_copy
 
     def go():
-        with local_copy(run, skip=("crosscoder",)) as local:  # reads the analysis, not the weights
+        with local_copy(run, skip=WEIGHTS) as local:
             typer.echo(json.dumps(write_report(local), indent=2))
 
     _run(go)
@@ -347,11 +347,11 @@ def label(
     """Label every latent with evidence in RUN through the judge -> RUN/labels.jsonl (resumable)."""
     from diffing.config import load_config
     from jobs.label import LabelConfig, label_run
-    from jobs.rundir import local_copy
+    from jobs.rundir import WEIGHTS, local_copy
 
     def go():
         cfg = load_config(LabelConfig, config, set_ or [])
-        with local_copy(run, skip=("crosscoder",)) as local:  # reads the evidence, not the weights
+        with local_copy(run, skip=WEIGHTS) as local:
             res = label_run(local, cfg, endpoint=endpoint, overwrite=overwrite)
         typer.echo(json.dumps(res, indent=2))
 

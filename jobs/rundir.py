@@ -30,6 +30,7 @@ from diffing.logs import get_logger
 from diffing.store import check_writable
 
 REMOTE_ONLY = ("store", "ray")  # top-level entries that live only on the remote
+WEIGHTS = ("crosscoder",)  # what `label` and `report` skip: they read the analysis, not the weights
 SYNC_FILE = ".sync.json"  # last sync: {relative path: {"local": [size, mtime_ns], "remote": version}}
 
 
