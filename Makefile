@@ -22,7 +22,7 @@ setup: $(STAMP)
 
 # The real embedded-model builds (minutes on 2 cores) run in test-all and in `make demo`.
 test: $(STAMP)
-	$(PYTEST) -q -ra -m "not build"
+	$(PYTEST) -q -ra --durations=15 -m "not build"
 
 test-all: $(STAMP)
 	$(PYTEST) -q -ra

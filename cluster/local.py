@@ -40,6 +40,15 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _free_range(width: int, avoid: Collection[int] = ()) -> int:
     """Start of `width` consecutive ports that are free right now and hold none of `avoid` (the
     ports already picked for Ray's other components, free again once probed): Ray's worker ports."""
@@ -47,15 +56,9 @@ def _free_range(width: int, avoid: Collection[int] = ()) -> int:
 
     for _ in range(200):
         start = random.randint(20000, 60000 - width)
-        ok = not any(start <= p < start + width for p in avoid)
-        for p in range(start, start + width) if ok else ():
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+        if any(start <= p < start + width for p in avoid):
+            continue
+        if all(_port_free(p) for p in range(start, start + width)):
             return start
     raise RuntimeError("no free port range for Ray workers")
 

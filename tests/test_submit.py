@@ -302,11 +302,26 @@ def test_cluster_up_and_down_from_the_cli(tmp_path):
 
 
 def test_worker_port_range_avoids_the_ports_picked_for_other_components(monkeypatch):
-    """A CI run failed once: Ray refused a worker-port range holding the dashboard agent's port."""
+    """A CI run failed once: Ray refused a worker-port range holding the dashboard agent's port.
+    The probe of each port is stubbed: which real ports are busy depends on the machine."""
     import random
 
-    from cluster.local import _free_range
+    import cluster.local as local
 
-    starts = iter([30000, 40000])
+    busy = {40005}
+    monkeypatch.setattr(local, "_port_free", lambda p: p not in busy)
+    starts = iter([30000, 40000, 50000])
     monkeypatch.setattr(random, "randint", lambda a, b: next(starts))
-    assert _free_range(200, avoid=[30150]) == 40000
+    # 30000: holds a picked port; 40000: holds a busy port; 50000: free.
+    assert local._free_range(200, avoid=[30150]) == 50000
+
+
+def test_port_probe_sees_a_bound_port():
+    import socket
+
+    from cluster.local import _port_free
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert not _port_free(s.getsockname()[1])
