@@ -30,7 +30,7 @@ from diffing.config import AnalysisConfig, FitConfig, Frozen
 from diffing.harvest import HarvestConfig
 from diffing.logs import get_logger
 from jobs.label import LabelConfig
-from jobs.rundir import RunMirror, default_work_dir, is_remote, join
+from jobs.rundir import WEIGHTS, RunMirror, default_work_dir, is_remote, join
 from serve.taxonomy import load_taxonomy
 
 STAGES = ("harvest", "fit", "analyze", "label", "report")
@@ -143,7 +143,8 @@ class Pipeline:
         self.address = address
         self.endpoint = endpoint
         self.log = get_logger("pipeline", run=cfg.out)
-        self.mirror = RunMirror(cfg.out, self.run) if cfg.remote else None
+        # the crosscoder's weights come down only if fit or analyze will run (see __call__)
+        self.mirror = RunMirror(cfg.out, self.run, skip=WEIGHTS) if cfg.remote else None
         self.stage_fns: dict[str, Callable[..., dict]] = {
             "harvest": self._harvest,
             "fit": self._fit,
@@ -204,6 +205,17 @@ class Pipeline:
         )
         tmp.replace(m)
 
+    def stages_to_run(self, overwrite: bool = False, redo_changed: bool = False) -> list[str]:
+        """The configured stages this call will run: from the first unfinished one on (a stage
+        that runs unmarks the later ones), or all of them with `overwrite`."""
+        todo = [s for s in STAGES if s in self.cfg.stages]
+        if overwrite:
+            return todo
+        for i, stage in enumerate(todo):
+            if not self.is_done(stage, redo_changed):
+                return todo[i:]
+        return []
+
     # -- driver ----------------------------------------------------------------------------
     def __call__(self, *, overwrite: bool = False, redo_changed: bool = False) -> dict[str, Any]:
         import os
@@ -214,6 +226,12 @@ class Pipeline:
         if self.mirror is not None:
             self.mirror.check_writable()
             self.mirror.pull()
+            to_run = self.stages_to_run(overwrite, redo_changed)
+            if {"fit", "analyze"} & set(to_run):  # they write or read the weights: sync those too
+                self.mirror = RunMirror(self.cfg.out, self.run)
+                self.mirror.pull()
+            else:  # label and report read the analysis: a Gemma-sized crosscoder stays in the bucket
+                self.log.info("pipeline.weights_left_remote", stages=to_run, skipped=list(WEIGHTS))
         (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))
         if overwrite:
             for s in STAGES:

@@ -99,6 +99,9 @@ def _stubbed(p: Pipeline, calls: list, fail_at: str | None = None) -> Pipeline:
                 raise RuntimeError(f"killed in {s}")
             calls.append(s)
             (p.run / f"{s}.out").write_text(s)
+            if s == "fit":
+                (p.run / "crosscoder").mkdir(exist_ok=True)
+                (p.run / "crosscoder" / "model.safetensors").write_text("weights")
             return {"stage": s}
 
         return fn
@@ -130,6 +133,9 @@ def test_remote_run_resumes_on_another_machine(tmp_path, s3_endpoint):
     _stubbed(Pipeline(cfg2), calls)()
     assert calls == ["label", "report"]
     assert (cfg2.run / "fit.out").read_text() == "fit"  # earlier outputs copied down
+    # label and report read the analysis: the weights stay in the bucket, not copied, not deleted
+    assert not (cfg2.run / "crosscoder").exists()
+    assert _remote_text(url, "crosscoder/model.safetensors") == "weights"
     assert json.loads(_remote_text(url, "stages/report.json"))["summary"] == {"stage": "report"}
     assert json.loads(_remote_text(url, "pipeline.json"))["out"] == url
 
@@ -138,6 +144,19 @@ def test_remote_run_resumes_on_another_machine(tmp_path, s3_endpoint):
     assert calls == []
     _stubbed(Pipeline(cfg), calls)(overwrite=True)
     assert calls == list(STAGES)
+
+
+@pytest.mark.timeout(120)
+def test_remote_run_resumed_at_analyze_copies_the_weights_down(tmp_path, s3_endpoint):
+    url = _url()
+    calls: list = []
+    with pytest.raises(RuntimeError, match="killed in analyze"):
+        _stubbed(Pipeline(_stub_cfg(tmp_path / "m1", url)), calls, fail_at="analyze")()
+    cfg2 = _stub_cfg(tmp_path / "m2", url)
+    calls.clear()
+    _stubbed(Pipeline(cfg2), calls)()
+    assert calls == ["analyze", "label", "report"]
+    assert (cfg2.run / "crosscoder" / "model.safetensors").read_text() == "weights"
 
 
 def test_remote_out_config_errors(tmp_path):
