@@ -288,12 +288,7 @@ def analyze_run(
             f"store {store.uri} holds models {store.model_names} (d_model={store.d_model}) but the crosscoder was "
             f"fitted on {list(model.cfg.model_names)} (d_model={model.cfg.d_model}); pass the matching --store"
         )
-    from contextlib import closing
-
-    from diffing.prefetch import prefetch
-
-    with closing(prefetch(_stat_batches(store, cfg), cfg.read_ahead)) as batches:  # closing: stop the reader
-        stats = latent_stats(model, batches, max_tokens=cfg.max_tokens)
+    stats = latent_stats(model, _stat_batches(store, cfg), max_tokens=cfg.max_tokens)
     table = latent_table(model, stats, cfg, pair)
     tmp = out.with_suffix(".tmp")
     pq.write_table(table, tmp)

@@ -179,12 +179,6 @@ class AnalysisConfig(Frozen):
         0.02, ge=0.0, le=0.5, description="Also score the lowest/highest tail_frac of live latents by Δnorm."
     )
     batch_size: int = Field(4096, ge=1, description="Tokens per encoding batch.")
-    read_ahead: int = Field(
-        2,
-        ge=0,
-        description="Batches the statistics pass reads ahead of the encoder in a background thread "
-        "(0: inline). Speed only: the results are the same.",
-    )
     # -- selection of model-specific latents (the `group` column) ---------------------------
     selection: Literal["class", "tail", "both"] = Field(
         "both",

@@ -159,10 +159,7 @@ class Pipeline:
         own = {
             "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
             "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
-            "analyze": {
-                "analyze": c.analyze.model_dump(mode="json", exclude={"read_ahead"}),
-                "pairs": c.pairs,
-            },
+            "analyze": {"analyze": c.analyze.model_dump(mode="json"), "pairs": c.pairs},
             "label": {
                 **c.label.model_dump(mode="json", exclude={"concurrency", "start_timeout_s"}),
                 # the taxonomy file's content, not just its path: an edited taxonomy relabels

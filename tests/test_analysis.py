@@ -193,22 +193,3 @@ def test_partial_reads_start_from_the_last_shards(tmp_path):
     assert part[0, 0, 0] == 2000 and len(part) >= 1000
     whole = torch.cat(list(_stat_batches(st, AnalysisConfig(max_tokens=3000, batch_size=500))))
     assert torch.equal(whole[:, 0, 0].float(), torch.arange(3000).half().float())  # stored as fp16
-
-
-def test_read_ahead_changes_nothing(tmp_path):
-    """The statistics pass with batches read ahead in a thread gives the same table as inline, also
-    when the token budget stops it before the store ends (the reader is stopped, not left running)."""
-    import threading
-
-    from diffing.store import write_arrays
-
-    cc, x = _constructed(0.5, False, n=3000)
-    st = write_arrays(str(tmp_path / "s"), x, model_names=["A", "B"], shard_rows=500)
-    tables = {}
-    for depth in (0, 3):
-        run = tmp_path / f"run{depth}"
-        cc.save(run / "crosscoder")
-        cfg = AnalysisConfig(read_ahead=depth, batch_size=256, max_tokens=1200)
-        tables[depth] = analyze_run(run, st, cfg).to_pydict()
-    np.testing.assert_equal(tables[0], tables[3])  # NaN (a dead latent's ν) equals NaN
-    assert not any(t.name == "crossdiff-prefetch" and t.is_alive() for t in threading.enumerate())
