@@ -101,7 +101,7 @@ def embedded(out: str) -> dict[str, Any]:
     log = get_logger("preset")
     log.info("preset.build", what="SmolLM2-135M-Instruct base (one-time, ~1 min)")
     base = build_base()
-    log.info("preset.build", what="planted fine-tune (one-time, ~9 min on 2 cores)")
+    log.info("preset.build", what="planted fine-tune (one-time, ~8 min on 2 cores)")
     ft = build_finetune(base)
     planted = json.loads((ft / "planted.json").read_text())
     return {
@@ -126,7 +126,7 @@ def embedded(out: str) -> dict[str, Any]:
             "train": {"batch_size": 1024, "lr": 1e-3, "epochs": 5, "log_every": 25},
         },
         "analyze": {},
-        # the 135M judge: five categories, not the paper's fourteen, and channel scoring instead of
+        # the 135M judge: six categories, not the paper's fourteen, and channel scoring instead of
         # asking it for a category (it answers one for everything; docs/labelling.md, docs/validation.md)
         "label": {
             # the category shift and the planted-truth checks read only the model-specific latents;

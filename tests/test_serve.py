@@ -139,7 +139,8 @@ def test_channel_classification_scores_examples_under_each_category():
     assert a.secondary not in (None, a.category) and 0.9 < a.confidence <= 1.0
     assert a.explanation  # the explanation is still written (for the report)
     # the neutral baselines are measured once per taxonomy and reused
-    assert calls == {"prior": 5, "scored": 2 * 5}
+    n = len(tax.names)  # the baseline once per category, each latent once per category
+    assert calls == {"prior": n, "scored": 2 * n}
     # only the top examples, unmarked, one per line
     text = prompts.channel_text(fr, MethodSettings(channel_examples=3))
     assert text.count("\n") == 2 and "<<" not in text and text.startswith("Bonjour")

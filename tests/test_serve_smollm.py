@@ -3,7 +3,7 @@
 
 SmolLM2-135M is a weak judge: asked for a category (JSON or `choice`), it answers the same one
 for nearly everything (measured; see docs/labelling.md). This test uses what the embedded demo
-uses: the five-category demo taxonomy and channel classification (log p(examples | category),
+uses: the six-category demo taxonomy and channel classification (log p(examples | category),
 scored through vLLM's prompt_logprobs). Detection scoring (yes/no `choice` structured output)
 is on.
 """
