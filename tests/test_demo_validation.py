@@ -5,7 +5,7 @@ One harvest is shared (CROSSDIFF_VALIDATION_STORE reuses a finished one); each s
 crosscoder, reselects, relabels and reports. The thresholds are the targets, per seed: mass rate
 >= 0.8, enrichment >= 3x (over all live shared latents), judge agreement >= 0.7; the
 category-shift direction per planted capability is printed (docs/validation.md has the measured
-values and why the list direction is wrong on two seeds of three).
+values and which directions miss on which seeds, and why).
 """
 
 import json
