@@ -229,7 +229,8 @@ class Pipeline:
             to_run = self.stages_to_run(overwrite, redo_changed)
             if {"fit", "analyze"} & set(to_run):  # they write or read the weights: sync those too
                 self.mirror = RunMirror(self.cfg.out, self.run)
-                self.mirror.pull()
+                if not (overwrite and "fit" in to_run):  # a refit from scratch never reads the old ones
+                    self.mirror.pull()
             else:  # label and report read the analysis: a Gemma-sized crosscoder stays in the bucket
                 self.log.info("pipeline.weights_left_remote", stages=to_run, skipped=list(WEIGHTS))
         (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))

@@ -159,6 +159,21 @@ def test_remote_run_resumed_at_analyze_copies_the_weights_down(tmp_path, s3_endp
     assert (cfg2.run / "crosscoder" / "model.safetensors").read_text() == "weights"
 
 
+@pytest.mark.timeout(120)
+def test_remote_overwrite_does_not_fetch_the_weights_it_replaces(tmp_path, s3_endpoint):
+    url = _url()
+    calls: list = []
+    _stubbed(Pipeline(_stub_cfg(tmp_path / "m1", url)), calls)()
+    p = _stubbed(Pipeline(_stub_cfg(tmp_path / "m2", url)), calls)
+    fit = p.stage_fns["fit"]
+    seen = []
+    p.stage_fns["fit"] = lambda overwrite: seen.append((p.run / "crosscoder").exists()) or fit(overwrite)
+    calls.clear()
+    p(overwrite=True)
+    assert calls == list(STAGES) and seen == [False]
+    assert _remote_text(url, "crosscoder/model.safetensors") == "weights"  # the refit's, pushed
+
+
 def test_remote_out_config_errors(tmp_path):
     with pytest.raises(ValueError, match="work_dir"):
         PipelineConfig.model_validate(
