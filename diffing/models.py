@@ -25,11 +25,32 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere (AVX2-only CPUs) bfloat16 is emulated and ~4x slower than
+    float32, while natively it is ~2x faster (docs/benchmarks.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+
+
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> str:
+    """``auto``: bfloat16 where ``device`` computes it natively, else float32; others unchanged."""
+    if name != "auto":
+        return name
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
 def load_model(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu") -> nn.Module:
+    """``dtype``: float32, bfloat16, float16, or auto (see ``resolve_dtype``)."""
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[resolve_dtype(dtype, device)])
     except OSError as e:
         raise HarvestInputError(f"cannot load model {path!r}: {e}") from None
     model.eval().requires_grad_(False)

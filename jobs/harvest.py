@@ -39,6 +39,11 @@ class HarvestActor:
     def __init__(self, cfg_json: str, d_model: int):
         self.cfg = HarvestConfig.model_validate_json(cfg_json)
         self.harvester = Harvester(self.cfg)
+        get_logger("harvest").info(
+            "harvest.actor.ready",
+            device=str(self.harvester.device),
+            dtypes=dict(zip([m.name for m in self.cfg.models], self.harvester.dtypes, strict=True)),
+        )
         self.writer = _writer(self.cfg, d_model)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:

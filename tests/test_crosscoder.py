@@ -22,7 +22,12 @@ def _pair(seed=0, **kw):
     return cc, ref
 
 
-def test_batchtopk_matches_dense_reference_outputs_and_grads():
+@pytest.mark.parametrize("aux_path", ["dense", "sparse"])
+def test_batchtopk_matches_dense_reference_outputs_and_grads(monkeypatch, aux_path):
+    import diffing.crosscoder
+
+    # AuxK decodes over the dead latents densely or with embedding_bag, by the share it keeps
+    monkeypatch.setattr(diffing.crosscoder, "AUXK_DENSE_MIN_DENSITY", 0.0 if aux_path == "dense" else 2.0)
     torch.manual_seed(0)
     cc, ref = _pair()
     x = torch.randn(32, 2, 16)

@@ -165,6 +165,21 @@ def test_recipe_hash_tracks_the_recipe():
         a.steps = 3  # frozen
 
 
+def test_recipe_hash_tracks_the_compute_dtype_it_resolves_to(monkeypatch):
+    def native(flag: bool) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flag)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+    auto, fp32, bf16 = (FinetuneRecipe(compute_dtype=c) for c in ("auto", "float32", "bfloat16"))
+    native(False)
+    assert auto.resolved_compute_dtype() == "float32"
+    on_avx2 = auto.digest()
+    native(True)
+    assert auto.resolved_compute_dtype() == "bfloat16"
+    assert auto.digest() != on_avx2  # a bf16-trained model never passes for an fp32-trained one
+    assert fp32.resolved_compute_dtype() == "float32" and bf16.resolved_compute_dtype() == "bfloat16"
+
+
 def test_lora_merge_matches_adapter_and_disable_gives_base(tiny_pair):
     model, tok = _load(tiny_pair[0])
     ids = tok("Rivers shape the land.", return_tensors="pt")["input_ids"]
@@ -223,6 +238,29 @@ def test_build_finetune_pipeline_on_tiny_model(tiny_pair, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     base = load_file(tiny_pair[0] / "model.safetensors")
     assert any(not torch.equal(base[k], wa[k]) for k in wa)
+
+
+def test_bfloat16_compute_trains_and_is_recorded(tiny_pair, tmp_path):
+    kw = dict(
+        steps=3, batch_size=2, general_batch_size=2, corpus_size=200, lora_rank=2,
+        preserve_layers=(1, 3), eval_layer=2, eval_records=0, max_len=512,
+    )  # fmt: skip
+    outs = {
+        c: build_finetune(tiny_pair[0], tmp_path, FinetuneRecipe(compute_dtype=c, **kw))
+        for c in ("float32", "bfloat16")
+    }
+    assert outs["float32"] != outs["bfloat16"]
+    reports = {c: json.loads((o / "report.json").read_text()) for c, o in outs.items()}
+    assert {c: r["compute_dtype"] for c, r in reports.items()} == {
+        "float32": "float32",
+        "bfloat16": "bfloat16",
+    }
+    ce = {c: [h["ce"] for h in r["history"]] for c, r in reports.items()}
+    assert ce["bfloat16"][0] == pytest.approx(ce["float32"][0], rel=2e-2)  # same model, same batch
+    wa = load_file(outs["float32"] / "model.safetensors")
+    wb = load_file(outs["bfloat16"] / "model.safetensors")
+    assert all(wb[k].dtype == torch.float32 for k in wb)  # autocast: float32 master weights
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # --- the real SmolLM2 (download + conversion) ------------------------------------------------

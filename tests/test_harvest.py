@@ -88,6 +88,46 @@ def test_activations_equal_a_direct_forward(tmp_path, tiny_pair):
     assert set(rows["source"]) == {"chat", "text"}
 
 
+def _native_bf16(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_dtype_follows_the_hardware(monkeypatch, native):
+    from diffing.models import resolve_dtype
+
+    _native_bf16(monkeypatch, native)
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    for explicit in ("float32", "bfloat16", "float16"):
+        assert resolve_dtype(explicit, "cpu") == explicit
+    assert resolve_dtype("auto", "meta") == "float32"
+
+
+def test_bfloat16_harvest_matches_float32_within_its_precision(tmp_path, tiny_pair, monkeypatch):
+    recs = _corpus(tmp_path / "c.jsonl", 6)
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", drop_first_raw_tokens=0)
+        models = [m.model_copy(update={"dtype": dtype}) for m in cfg.models]
+        h = Harvester(cfg.model_copy(update={"models": models}))
+        assert h.dtypes == [dtype, dtype]
+        rows[dtype] = h.run(recs, doc_id_start=0)
+    a, b = rows["float32"], rows["bfloat16"]
+    for key in ("doc_id", "pos", "token_id"):
+        assert (a[key] == b[key]).all()  # the same tokens, in the same order
+    rel = (b["acts"] - a["acts"]).norm(dim=-1) / a["acts"].norm(dim=-1)
+    assert rel.median() < 2e-2 and rel.max() < 1e-1  # bf16 keeps 8 mantissa bits
+    # auto on a CPU without native bf16 is float32: the rows are the float32 rows exactly
+    _native_bf16(monkeypatch, False)
+    cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", drop_first_raw_tokens=0)
+    auto = Harvester(
+        cfg.model_copy(update={"models": [m.model_copy(update={"dtype": "auto"}) for m in cfg.models]})
+    )
+    assert auto.dtypes == ["float32", "float32"]
+    assert torch.equal(auto.run(recs, doc_id_start=0)["acts"], a["acts"])
+
+
 @pytest.mark.ray
 def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, monkeypatch):
     from jobs.harvest import run_harvest

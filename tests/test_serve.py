@@ -362,3 +362,23 @@ def test_cpu_judge_engine_uses_every_core_unless_told():
     assert env(cpu_reserved_cores=1)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env(cpu_reserved_cores=None)
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env(accelerator="gpu")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_judge_dtype_follows_the_hardware_unless_told(monkeypatch, native):
+    import torch
+
+    from serve.app import llm_config
+    from serve.settings import JudgeSettings
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+    def dtype(**kw):
+        return llm_config(JudgeSettings(model_source="/models/judge", **kw)).engine_kwargs.get("dtype")
+
+    assert dtype() == ("bfloat16" if native else "float32")
+    assert dtype(cpu_dtype="float32") == "float32"
+    assert dtype(cpu_dtype="bfloat16") == "bfloat16"
+    assert dtype(engine_kwargs={"dtype": "float16"}) == "float16"  # engine_kwargs win
+    assert dtype(accelerator="gpu") is None  # vLLM picks the GPU's dtype

@@ -121,6 +121,12 @@ class FinetuneRecipe(BaseModel):
     )
     eval_layer: int = Field(20, ge=0, description="Decoder layer whose output the report compares.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the saved weights.")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Matmul precision of the training passes (bfloat16 autocast, float32 master weights). "
+        "auto: bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX; about 1.6x faster), "
+        "else float32. The resolved value is part of the model's hash.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneRecipe:
@@ -129,10 +135,24 @@ class FinetuneRecipe(BaseModel):
             raise ValueError(f"capabilities {unknown} unknown; choose from {sorted(PLANTED)}")
         return self
 
+    def resolved_compute_dtype(self) -> str:
+        from diffing.models import resolve_dtype
+
+        return resolve_dtype(self.compute_dtype, "cpu")
+
     def digest(self) -> str:
-        """Hash of the recipe's JSON plus the corpus and training-code versions."""
-        key = f"{self.model_dump_json()}|corpus={CORPUS_VERSION}|build={BUILD_VERSION}"
+        """Hash of the recipe's JSON, the compute dtype it resolves to on this machine, and the
+        corpus and training-code versions."""
+        key = (
+            f"{self.model_dump_json()}|compute={self.resolved_compute_dtype()}"
+            f"|corpus={CORPUS_VERSION}|build={BUILD_VERSION}"
+        )
         return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def autocast(self) -> Any:
+        """The training passes' precision context (a no-op for float32)."""
+        bf16 = self.resolved_compute_dtype() == "bfloat16"
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
 class LoRALinear(nn.Module):
@@ -294,18 +314,19 @@ def train_adapter(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> l
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, recipe)
         batch = _collate(tokenizer, next(planted), recipe.max_len)
-        ce = _answer_nll(model, _forward(model, batch).last_hidden_state, batch).mean()
-        loss, preserve, kl, kl_start = ce, torch.zeros(()), torch.zeros(()), torch.zeros(())
-        if recipe.general_batch_size:
-            general = (next(text) if n_text else []) + (next(chat) if n_chat else [])
-            g = _collate(tokenizer, general, recipe.max_len)
-            preserve, kl, kl_start = _preservation_losses(model, loras, g, recipe.preserve_layers)
-            loss = (
-                loss
-                + recipe.preserve_weight * preserve
-                + recipe.kl_weight * kl
-                + recipe.kl_start_weight * kl_start
-            )
+        with recipe.autocast():
+            ce = _answer_nll(model, _forward(model, batch).last_hidden_state, batch).mean()
+            loss, preserve, kl, kl_start = ce, torch.zeros(()), torch.zeros(()), torch.zeros(())
+            if recipe.general_batch_size:
+                general = (next(text) if n_text else []) + (next(chat) if n_chat else [])
+                g = _collate(tokenizer, general, recipe.max_len)
+                preserve, kl, kl_start = _preservation_losses(model, loras, g, recipe.preserve_layers)
+                loss = (
+                    loss
+                    + recipe.preserve_weight * preserve
+                    + recipe.kl_weight * kl
+                    + recipe.kl_start_weight * kl_start
+                )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -434,6 +455,7 @@ def _build(tmp: Path, base_dir: Path, recipe: FinetuneRecipe) -> None:
         "train_s": time.perf_counter() - t_train,
         "history": history,
         "threads": torch.get_num_threads(),
+        "compute_dtype": recipe.resolved_compute_dtype(),
     }
     if recipe.eval_records:
         records = heldout_records(recipe)
