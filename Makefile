@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/fit_ray_throughput.py
 	$(BIN)/python bench/harvest_throughput.py
 	$(BIN)/python bench/judge_throughput.py
+	$(BIN)/python bench/cpu_bf16.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -263,7 +263,8 @@ class Crosscoder(nn.Module):
 
 # AuxK decodes densely over the dead latents when it keeps at least this share of them: a dense
 # [B, n_dead] x [n_dead, M*D] matmul costs 1/share of the sparse path's FLOPs but runs several
-# times faster than embedding_bag's forward and backward (2.6x the AuxK step on CPU; docs/benchmarks.md).
+# times faster than embedding_bag's forward and backward (1.75x a CPU step with half the latents dead;
+# bench/cpu_bf16.py, docs/benchmarks.md).
 AUXK_DENSE_MIN_DENSITY = 0.25
 
 
