@@ -364,8 +364,9 @@ def config_reference(models: dict[str, type[BaseModel]] | None = None) -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 subs.append((ann, f"{prefix}{name}."))
                 continue
+            seq = typing.get_origin(ann) in (list, tuple)
             items = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-            if items:  # a list of sub-configs (harvest.models): its item's fields get a section too
+            if seq and items:  # a list of sub-configs (harvest.models): its item's fields get a section too
                 subs.append((items[0], f"{prefix}{name}[]."))
             default = (
                 "required" if field.is_required() else repr(field.get_default(call_default_factory=True))

@@ -183,8 +183,9 @@ class Crosscoder(nn.Module):
         dead = torch.nonzero(dead_mask).squeeze(1)  # [n_dead]
         kk = min(self.cfg.aux_k, dead.numel())
         top = torch.topk(pre.detach()[:, dead], kk, dim=-1, sorted=False).indices  # [B, kk]
-        if kk >= AUXK_DENSE_MIN_DENSITY * dead.numel():
-            # most dead latents are kept: a dense decode over the dead rows beats embedding_bag
+        if pre.device.type == "cpu" and kk >= AUXK_DENSE_MIN_DENSITY * dead.numel():
+            # most dead latents are kept: on CPU a dense decode over the dead rows beats embedding_bag
+            # (not on GPU: unmeasured there, and the [M, n_dead, D] gather is GBs at Gemma's shape)
             pre_dead = pre[:, dead]  # [B, n_dead]
             keep = torch.zeros_like(pre_dead, dtype=torch.bool).scatter_(1, top, True)
             f_dead = F.relu(pre_dead) * keep

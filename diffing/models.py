@@ -30,12 +30,12 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     AVX512-BF16 or AMX. Elsewhere (AVX2-only CPUs) bfloat16 is emulated and ~4x slower than
     float32, while natively it is ~2x faster (docs/benchmarks.md)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere or newer; older cards only emulate bf16
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False
-    cpu = torch.cpu
-    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent in old torch
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def resolve_dtype(name: str, device: str | torch.device = "cpu") -> str:

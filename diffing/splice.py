@@ -188,7 +188,11 @@ def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> d
         )
     crosscoder = Crosscoder.load(run / "crosscoder")
     specs = {m["name"]: m for m in harvest["models"]}
-    models = [load_model(specs[n]["path"], dtype=specs[n].get("dtype", "float32")) for n in store.model_names]
+    ran_in = store.manifest.metadata.get("resolved_dtypes", {})  # what the harvest's models ran in
+    models = [
+        load_model(specs[n]["path"], dtype=ran_in.get(n, specs[n].get("dtype", "float32")))
+        for n in store.model_names
+    ]
     tok = load_tokenizer(specs[store.model_names[0]]["path"])
     drop = None
     if (run / "latents.parquet").exists():

@@ -45,6 +45,9 @@ class ShardInfo(BaseModel):
     n_rows: int
     sha256: str
     norm_sums: list[float] = Field(description="Per model: sum over rows of ||x_m|| (float32 math).")
+    producer: dict[str, Any] = Field(
+        default_factory=dict, description="What computed the shard (a harvest's resolved dtypes, device)."
+    )
 
 
 class Manifest(BaseModel):
@@ -181,8 +184,10 @@ class StoreWriter:
         positions: np.ndarray | None = None,
         token_ids: np.ndarray | None = None,
         extra: dict[str, Sequence[Any]] | None = None,
+        producer: dict[str, Any] | None = None,
     ) -> ShardInfo:
-        """Write one shard atomically. acts: [n_rows, n_models, d_model]."""
+        """Write one shard atomically. acts: [n_rows, n_models, d_model]; ``producer`` goes to
+        its sidecar (provenance: e.g. the dtypes the harvest's models ran in)."""
         h = self.header
         if isinstance(acts, torch.Tensor):
             acts = acts.detach().float().cpu().numpy()
@@ -231,13 +236,17 @@ class StoreWriter:
             n_rows=n,
             sha256=hashlib.sha256(data).hexdigest(),
             norm_sums=[float(v) for v in norms],
+            producer=producer or {},
         )
         atomic_write(self.fs, self._path(info.path), data)
         atomic_write(self.fs, self._path(f"shards/{shard_id}.json"), info.model_dump_json().encode())
         return info
 
-    def finalize(self, shards: Sequence[ShardInfo] | None = None) -> Manifest:
-        """Write manifest.json from the given shards (default: every completed shard, sorted by id)."""
+    def finalize(
+        self, shards: Sequence[ShardInfo] | None = None, *, metadata: dict[str, Any] | None = None
+    ) -> Manifest:
+        """Write manifest.json from the given shards (default: every completed shard, sorted by id);
+        ``metadata`` is added to the header's."""
         if shards is None:
             shards = [
                 ShardInfo.model_validate_json(self.fs.cat_file(p))
@@ -249,7 +258,12 @@ class StoreWriter:
             raise StoreError(f"no rows to write at {self.uri}: the input produced no tokens")
         sums = np.sum([s.norm_sums for s in shards], axis=0)
         manifest = self.header.model_copy(
-            update=dict(shards=list(shards), n_rows=n_rows, mean_norms=[float(v) for v in sums / n_rows])
+            update=dict(
+                shards=list(shards),
+                n_rows=n_rows,
+                mean_norms=[float(v) for v in sums / n_rows],
+                metadata={**self.header.metadata, **(metadata or {})},
+            )
         )
         atomic_write(self.fs, self._path("manifest.json"), manifest.model_dump_json(indent=2).encode())
         return manifest

@@ -17,7 +17,7 @@ from typing import Any
 from diffing.harvest import HarvestConfig, Harvester, read_corpus, shard_ranges
 from diffing.logs import get_logger
 from diffing.models import HarvestInputError, check_tokenizers_agree, load_tokenizer
-from diffing.store import Manifest, StoreError, StoreWriter, check_writable
+from diffing.store import Manifest, ShardInfo, StoreError, StoreWriter, check_writable
 
 
 def _writer(cfg: HarvestConfig, d_model: int) -> StoreWriter:
@@ -39,11 +39,11 @@ class HarvestActor:
     def __init__(self, cfg_json: str, d_model: int):
         self.cfg = HarvestConfig.model_validate_json(cfg_json)
         self.harvester = Harvester(self.cfg)
-        get_logger("harvest").info(
-            "harvest.actor.ready",
-            device=str(self.harvester.device),
-            dtypes=dict(zip([m.name for m in self.cfg.models], self.harvester.dtypes, strict=True)),
-        )
+        self.producer = {
+            "device": self.harvester.device.type,
+            "dtypes": dict(zip([m.name for m in self.cfg.models], self.harvester.dtypes, strict=True)),
+        }
+        get_logger("harvest").info("harvest.actor.ready", **self.producer)
         self.writer = _writer(self.cfg, d_model)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -60,6 +60,7 @@ class HarvestActor:
                     positions=rows["pos"],
                     token_ids=rows["token_id"],
                     extra={"source": rows["source"]},
+                    producer=self.producer,
                 )
                 n_tok = rows["n_tokens"]
             else:
@@ -70,6 +71,23 @@ class HarvestActor:
             out["seconds"].append(time.perf_counter() - t0)
             out["skipped"].append(n_tok == 0)
         return out
+
+
+def resolved_dtypes(shards: list[ShardInfo]) -> dict[str, str]:
+    """The dtypes every shard's models ran in; fails if shards differ (``dtype: auto`` resolved
+    differently on workers with and without native bf16, or a resume on another machine)."""
+    seen: dict[str, list[str]] = {}
+    for info in shards:
+        if info.producer.get("dtypes"):
+            seen.setdefault(json.dumps(info.producer["dtypes"], sort_keys=True), []).append(info.shard_id)
+    if len(seen) > 1:
+        kinds = "; ".join(f"{k} in {len(v)} shards (e.g. {v[0]})" for k, v in seen.items())
+        raise StoreError(
+            f"the store's shards were computed in different dtypes ({kinds}): harvest.models[].dtype=auto "
+            "resolved differently on different workers; set an explicit dtype (float32 or bfloat16) and "
+            "rerun with --overwrite"
+        )
+    return json.loads(next(iter(seen))) if seen else {}
 
 
 def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
@@ -199,7 +217,9 @@ def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | N
     missing = [sid for sid, _, _ in shards if writer.done_shard(sid) is None]
     if missing:
         raise StoreError(f"{len(missing)} shards did not finish (first: {missing[0]}); rerun to resume")
-    manifest = writer.finalize([writer.done_shard(sid) for sid, _, _ in shards])
+    infos = [writer.done_shard(sid) for sid, _, _ in shards]
+    dtypes = resolved_dtypes(infos)
+    manifest = writer.finalize(infos, metadata={"resolved_dtypes": dtypes} if dtypes else None)
     log.info(
         "harvest.done",
         rows=manifest.n_rows,

@@ -108,7 +108,7 @@ def test_bfloat16_harvest_matches_float32_within_its_precision(tmp_path, tiny_pa
     recs = _corpus(tmp_path / "c.jsonl", 6)
     rows = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", drop_first_raw_tokens=0)
+        cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", drop_first_raw_tokens=0, device="cpu")
         models = [m.model_copy(update={"dtype": dtype}) for m in cfg.models]
         h = Harvester(cfg.model_copy(update={"models": models}))
         assert h.dtypes == [dtype, dtype]
@@ -120,12 +120,29 @@ def test_bfloat16_harvest_matches_float32_within_its_precision(tmp_path, tiny_pa
     assert rel.median() < 2e-2 and rel.max() < 1e-1  # bf16 keeps 8 mantissa bits
     # auto on a CPU without native bf16 is float32: the rows are the float32 rows exactly
     _native_bf16(monkeypatch, False)
-    cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", drop_first_raw_tokens=0)
+    cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", drop_first_raw_tokens=0, device="cpu")
     auto = Harvester(
         cfg.model_copy(update={"models": [m.model_copy(update={"dtype": "auto"}) for m in cfg.models]})
     )
     assert auto.dtypes == ["float32", "float32"]
     assert torch.equal(auto.run(recs, doc_id_start=0)["acts"], a["acts"])
+
+
+def test_shards_computed_in_different_dtypes_are_refused():
+    from diffing.store import ShardInfo
+    from jobs.harvest import resolved_dtypes
+
+    def shard(i, dtypes):
+        producer = {"device": "cpu", "dtypes": dtypes} if dtypes else {}
+        return ShardInfo(
+            shard_id=f"{i:02d}", path="p", n_rows=1, sha256="x", norm_sums=[1.0], producer=producer
+        )
+
+    bf16, fp32 = {"base": "bfloat16", "ft": "bfloat16"}, {"base": "float32", "ft": "float32"}
+    assert resolved_dtypes([shard(0, bf16), shard(1, bf16), shard(2, None)]) == bf16  # None: an old sidecar
+    assert resolved_dtypes([shard(0, None)]) == {}
+    with pytest.raises(StoreError, match=r"different dtypes.*explicit dtype.*--overwrite"):
+        resolved_dtypes([shard(0, bf16), shard(1, fp32)])
 
 
 @pytest.mark.ray
@@ -136,6 +153,9 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, mon
     cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s")
     m = run_harvest(cfg)
     assert len(m.shards) == 5 and m.model_names == ["base", "ft"] and m.layer == 2
+    # what the models ran in, per shard and for the store (splice evaluation reloads them so)
+    assert all(s.producer["dtypes"] == {"base": "float32", "ft": "float32"} for s in m.shards)
+    assert m.metadata["resolved_dtypes"] == {"base": "float32", "ft": "float32"}
     st = open_store(str(tmp_path / "s"))
     acts, meta = st.load()
     assert acts.shape[1:] == (2, 64) and len(acts) == m.n_rows
