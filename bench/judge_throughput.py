@@ -4,6 +4,7 @@ every latent's evidence is distinct (no cache hits).
 
     python bench/judge_throughput.py [--judge smollm2|tiny|PATH] [--latents 32] [--sequential 8]
                                      [--batch 8] [--concurrency 4] [--endpoint URL]
+                                     [--cpu-dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--endpoint", default=None, help="Use a running service instead of starting one.")
+    ap.add_argument(
+        "--cpu-dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="judge.cpu_dtype"
+    )
     args = ap.parse_args()
 
     from serve.local import LocalService
     from serve.settings import ServiceSettings
 
-    judge: dict = {"model_id": f"bench-{args.judge}"[:40], "timeout_s": 900}
+    judge: dict = {"model_id": f"bench-{args.judge}"[:40], "timeout_s": 900, "cpu_dtype": args.cpu_dtype}
     if args.judge == "tiny":
         from diffing.embedded.tiny import TinyConfig, build_tiny_pair
 
