@@ -107,7 +107,7 @@ def embedded(out: str) -> dict[str, Any]:
     return {
         "out": str(out),
         "harvest": {
-            # bfloat16 where this CPU computes it natively (about 2x float32), else float32
+            # bfloat16 where this CPU computes it natively (1.75x float32, bench/cpu_bf16.py), else float32
             "models": [
                 {"name": "base", "path": str(base), "dtype": "auto"},
                 {"name": "ft", "path": str(ft), "dtype": "auto"},

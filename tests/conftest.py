@@ -14,6 +14,18 @@ def _torch_threads():
     yield
 
 
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """``cpu_bf16(flag)``: make this CPU report native bfloat16 (AVX512-BF16) or not."""
+    import torch
+
+    def set_native(flag: bool) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flag)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+    return set_native
+
+
 def make_cfg(**kw):
     from diffing.config import CrosscoderConfig
 

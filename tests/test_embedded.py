@@ -165,11 +165,8 @@ def test_recipe_hash_tracks_the_recipe():
         a.steps = 3  # frozen
 
 
-def test_recipe_hash_tracks_the_compute_dtype_it_resolves_to(monkeypatch):
-    def native(flag: bool) -> None:
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flag)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-
+def test_recipe_hash_tracks_the_compute_dtype_it_resolves_to(cpu_bf16):
+    native = cpu_bf16
     auto, fp32, bf16 = (FinetuneRecipe(compute_dtype=c) for c in ("auto", "float32", "bfloat16"))
     native(False)
     assert auto.resolved_compute_dtype() == "float32"

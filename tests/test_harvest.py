@@ -88,23 +88,18 @@ def test_activations_equal_a_direct_forward(tmp_path, tiny_pair):
     assert set(rows["source"]) == {"chat", "text"}
 
 
-def _native_bf16(monkeypatch, native: bool) -> None:
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-
-
 @pytest.mark.parametrize("native", [False, True])
-def test_auto_dtype_follows_the_hardware(monkeypatch, native):
+def test_auto_dtype_follows_the_hardware(cpu_bf16, native):
     from diffing.models import resolve_dtype
 
-    _native_bf16(monkeypatch, native)
+    cpu_bf16(native)
     assert resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
     for explicit in ("float32", "bfloat16", "float16"):
         assert resolve_dtype(explicit, "cpu") == explicit
     assert resolve_dtype("auto", "meta") == "float32"
 
 
-def test_bfloat16_harvest_matches_float32_within_its_precision(tmp_path, tiny_pair, monkeypatch):
+def test_bfloat16_harvest_matches_float32_within_its_precision(tmp_path, tiny_pair, cpu_bf16):
     recs = _corpus(tmp_path / "c.jsonl", 6)
     rows = {}
     for dtype in ("float32", "bfloat16"):
@@ -119,7 +114,7 @@ def test_bfloat16_harvest_matches_float32_within_its_precision(tmp_path, tiny_pa
     rel = (b["acts"] - a["acts"]).norm(dim=-1) / a["acts"].norm(dim=-1)
     assert rel.median() < 2e-2 and rel.max() < 1e-1  # bf16 keeps 8 mantissa bits
     # auto on a CPU without native bf16 is float32: the rows are the float32 rows exactly
-    _native_bf16(monkeypatch, False)
+    cpu_bf16(False)
     cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", drop_first_raw_tokens=0, device="cpu")
     auto = Harvester(
         cfg.model_copy(update={"models": [m.model_copy(update={"dtype": "auto"}) for m in cfg.models]})

@@ -365,14 +365,11 @@ def test_cpu_judge_engine_uses_every_core_unless_told():
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_cpu_judge_dtype_follows_the_hardware_unless_told(monkeypatch, native):
-    import torch
-
+def test_cpu_judge_dtype_follows_the_hardware_unless_told(cpu_bf16, native):
     from serve.app import llm_config
     from serve.settings import JudgeSettings
 
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu_bf16(native)
 
     def dtype(**kw):
         return llm_config(JudgeSettings(model_source="/models/judge", **kw)).engine_kwargs.get("dtype")
