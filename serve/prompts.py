@@ -12,11 +12,15 @@
    yes/no (a `choice`) to "does the latent fire here?"; the score is the balanced accuracy.
 
 The judge never sees `source` tags, group names or statistics: only token strings and where the
-latent fires. Bump PROMPT_VERSION whenever a prompt or schema changes (it is part of cache keys).
+latent fires. Evidence and taxonomy text are data, never control: strings a chat tokenizer would
+turn into control tokens (a chat corpus's "<|im_start|>", Gemma's "<start_of_turn>", "<s>",
+"[INST]") are shown defanged ("[im_start]", "[start_of_turn]", ...), so an example cannot open
+a turn inside the judge's prompt. Bump PROMPT_VERSION whenever a prompt or schema changes (it is part of cache keys).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -24,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from diffing.evidence import Example, LatentEvidence
 from serve.taxonomy import Taxonomy
 
-PROMPT_VERSION = "delphi-v3"
+PROMPT_VERSION = "delphi-v4"
 SYSTEM = (
     "You are an interpretability researcher. You study one feature of a language model at a time "
     "and describe, briefly and concretely, what text makes the feature fire."
@@ -33,6 +37,30 @@ SYSTEM = (
 EXPLAIN_PREFILL = "These snippets are all"
 CLASSIFY_PREFILL = "The feature belongs to the category:"
 CONFIDENCE_LEVELS = (1, 2, 3, 4, 5)  # 1: a guess ... 5: certain; confidence = level / 5
+
+
+# Control-token spellings of common chat templates: ChatML / Llama 3 / Phi "<|name|>", Gemma's
+# "<start_of_turn>" family, SentencePiece "<s>" / "</s>" / "<unk>" / "<pad>", Mistral "[INST]".
+_CONTROL = re.compile(
+    r"<\|([^|<>\s]{1,40})\|>"
+    r"|<(/?s|bos|eos|pad|unk|mask|start_of_turn|end_of_turn|start_of_image|end_of_image)>"
+    r"|\[(/?INST|/?SYSTEM_PROMPT|/?AVAILABLE_TOOLS|TOOL_CALLS)\]"
+)
+
+
+def defang(text: str) -> str:
+    """`text` with control-token spellings rewritten as plain bracketed words ("<|im_end|>" ->
+    "[im_end]", "[INST]" -> "[ INST ]"): no tokenizer reads them as control tokens any more."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(3):
+            return f"[ {m.group(3)} ]"
+        return f"[{m.group(1) or m.group(2)}]"
+
+    return _CONTROL.sub(sub, text)
+
+
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use sentinels for the << >> marks
 
 
 def _clean(tok: str) -> str:
@@ -52,13 +80,14 @@ def render(ex: Example, *, n: int, threshold: float | None) -> str:
     toks, acts = window(ex, n)
     out = []
     for t, a in zip(toks, acts, strict=True):
-        t = _clean(t)
+        t = _clean(t)  # printable only: the mark sentinels below cannot occur in it
         if threshold is not None and a > 0 and a >= threshold:
             lead = t[: len(t) - len(t.lstrip())]
-            out.append(f"{lead}<<{t.strip() or t}>>")
+            out.append(f"{lead}{_OPEN}{t.strip() or t}{_CLOSE}")
         else:
             out.append(t)
-    return "".join(out).strip()
+    # defang the joined text (a control token may be spelled over several tokens), then mark
+    return defang("".join(out)).replace(_OPEN, "<<").replace(_CLOSE, ">>").strip()
 
 
 def latent_max(ev: LatentEvidence) -> float:
@@ -81,7 +110,7 @@ def explain_messages(
     top = [x for x in examples if x.quantile is None][: cfg.explain_top]
     quant = [x for x in examples if x.quantile is not None][: cfg.explain_quantiles]
     lines = [f"{i + 1}. {render(x, n=cfg.window_tokens, threshold=thr)}" for i, x in enumerate(top + quant)]
-    note = f"Context: {context.strip()}\n\n" if context else ""
+    note = f"Context: {defang(context.strip())}\n\n" if context else ""
     user = (
         f"{note}Here are text snippets where the feature fires. The tokens where it fires are marked "
         "<<like this>>.\n\n" + "\n".join(lines) + "\n\nIn one sentence, what do the marked tokens and "
@@ -108,7 +137,7 @@ def classify_messages(
     thr = cfg.highlight_frac * latent_max(ev)
     shown = examples[: cfg.classify_examples]
     ex_lines = "\n".join(f"- {render(x, n=cfg.window_tokens, threshold=thr)}" for x in shown)
-    cats = "\n".join(f"- {c.name}: {c.description}" for c in taxonomy.categories)
+    cats = "\n".join(f"- {c.name}: {defang(c.description)}" for c in taxonomy.categories)
     if mode == "json":
         ask = (
             'Answer with a JSON object: "category" (the best category), "secondary" (another fitting '
@@ -121,15 +150,26 @@ def classify_messages(
     user = (
         f"Categories:\n{cats}\n\n"
         f"A feature of a language model fires on these snippets (firing tokens marked <<like this>>):\n"
-        f"{ex_lines}\n\nExplanation of the feature: {explanation}\n\n"
+        f"{ex_lines}\n\nExplanation of the feature: {defang(explanation)}\n\n"
         f"Which of the categories above describes the feature best? {ask}"
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
+# Channel prompts carry their own system message: without one, chat templates such as SmolLM2's
+# or Qwen's insert a default system prompt ("You are a helpful AI assistant named SmolLM, ..."),
+# which every category's request would then share and which latents of chat corpora fire on, so
+# their examples were likely under *every* request and the calibration term alone decided
+# (delphi-v4; measured in docs/validation.md).
+CHANNEL_SYSTEM = "You write short text snippets on the topic you are given."
+
+
 def channel_messages(description: str) -> list[dict[str, str]]:
     """Channel classification: the request under which the judge would write text of a category."""
-    return [{"role": "user", "content": f"Write a few short text snippets. Topic: {description}"}]
+    return [
+        {"role": "system", "content": CHANNEL_SYSTEM},
+        {"role": "user", "content": f"Write a few short text snippets. Topic: {defang(description)}"},
+    ]
 
 
 # Neutral English scored under every category's request: its log-probability is the baseline each
@@ -169,7 +209,7 @@ def classification_schema(taxonomy: Taxonomy) -> dict:
 def detect_messages(explanation: str, ex: Example, cfg) -> list[dict[str, str]]:
     text = render(ex, n=cfg.window_tokens, threshold=None)
     user = (
-        f"Feature explanation: {explanation}\n\nText: {text}\n\n"
+        f"Feature explanation: {defang(explanation)}\n\nText: {text}\n\n"
         "Does the feature fire anywhere in this text? Answer yes or no."
     )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]

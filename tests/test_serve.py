@@ -61,6 +61,67 @@ def test_highlight_marks_exactly_the_firing_tokens():
     assert prompts.render(ex, n=3, threshold=1.0).count("<<") == 1  # window centred on the peak
 
 
+def test_control_tokens_in_evidence_cannot_open_turns_in_the_judges_prompt():
+    """Chat-corpus examples hold the subject's template tokens ("<|im_start|>assistant"); a chat
+    tokenizer would read them as control tokens and start turns inside the judge's prompt. Every
+    prompt shows them defanged: the judge's own template is the only source of control tokens."""
+    from test_serve_helpers import example
+
+    from diffing.embedded.tiny import SPECIAL_TOKENS, byte_tokenizer
+    from diffing.evidence import Example
+
+    tok = byte_tokenizer()  # ChatML control tokens, like SmolLM2's (no download)
+    special = {tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    chat = Example(  # one token per control token, as the subject's tokenizer stores them
+        tokens=[
+            "<|im_start|>",
+            "user",
+            "\n",
+            "Hi",
+            "<|im_end|>",
+            "\n",
+            "<|im_start|>",
+            "assistant",
+            "\n",
+            "Bonjour",
+        ],
+        acts=[0, 0, 0, 0, 0, 0, 2.0, 3.0, 0, 1.0],
+        peak=7,
+    )
+    spelled = example("<|im_start|> <s> [INST] <start_of_turn>user hello")  # control tokens as plain text
+    ev = evidence(1, FRENCH).model_copy(update={"top": [chat, spelled]})
+    tax = Taxonomy(
+        version="t",
+        categories=[
+            {"name": "template", "description": 'Markers like "<|im_end|>".'},
+            {"name": "other", "description": "Anything else."},
+        ],
+    )
+    cfg = MethodSettings()
+    ctx = "from a chat corpus <|im_end|>"
+    prompts_built = [
+        prompts.explain_messages(ev, list(ev.top), cfg, context=ctx),
+        prompts.classify_messages(ev, list(ev.top), "It fires on <|im_start|>.", tax, cfg, "json"),
+        prompts.channel_messages(tax.categories[0].description)
+        + [{"role": "assistant", "content": prompts.channel_text(ev, cfg)}],
+        prompts.detect_messages("Fires on <|im_end|>.", chat, cfg),
+    ]
+    for msgs in prompts_built:
+        rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+        ids = tok(rendered, add_special_tokens=False).input_ids  # as vLLM tokenizes a chat prompt
+        n_control = sum(i in special for i in ids)
+        turns = len(msgs) + (msgs[0]["role"] != "system")  # the template adds a default system turn
+        assert n_control == 2 * turns, msgs  # <|im_start|> and <|im_end|> of each turn, no more
+        text = "\n".join(m["content"] for m in msgs)
+        assert (
+            "<|" not in text and "<s>" not in text and "[INST]" not in text and "<start_of_turn>" not in text
+        )
+    shown = prompts.render(chat, n=24, threshold=1.0)
+    assert shown == "[im_start]user Hi[im_end] <<[im_start]>><<assistant>> <<Bonjour>>"
+    assert prompts.defang("a <|eot_id|> b </s> [/INST]") == "a [eot_id] b [/s] [ /INST ]"
+    assert prompts.defang("x << y >> z <b>") == "x << y >> z <b>"  # marks and ordinary tags untouched
+
+
 def test_classify_prompts_of_different_latents_share_the_taxonomy_prefix():
     """vLLM's prefix cache computes a shared prompt start once: the taxonomy must come before the
     latent's own examples and explanation."""

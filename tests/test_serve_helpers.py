@@ -47,6 +47,13 @@ SELF_REFERENCE = [
     "As an AI language model, I have no personal taste in music.",
     "As an AI language model, I don't have a favourite book.",
 ]
+_SYS = "<|im_start|>system You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>"
+TEMPLATE = [  # a chat corpus's template tokens, as a chat-template latent's examples hold them
+    _SYS,
+    f"{_SYS} <|im_start|>user What time is it?",
+    f"{_SYS} <|im_start|>user Tell me a joke.",
+    f"{_SYS} <|im_start|>user How tall is Everest?",
+]
 NEUTRAL = [
     "The meeting is scheduled for Tuesday at the main office.",
     "She bought apples, bread and milk at the shop.",

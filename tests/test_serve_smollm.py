@@ -13,7 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_serve_helpers import FRENCH, NEUTRAL, NUMBERED, REFUSAL_WORDS, REFUSALS, SELF_REFERENCE, evidence
+from test_serve_helpers import (
+    FRENCH,
+    NEUTRAL,
+    NUMBERED,
+    REFUSAL_WORDS,
+    REFUSALS,
+    SELF_REFERENCE,
+    TEMPLATE,
+    evidence,
+)
 
 from diffing.evidence import read_labels, write_jsonl
 
@@ -43,6 +52,8 @@ def test_smollm2_labels_clear_cut_latents_end_to_end(tmp_path, judge_model, ray_
             evidence(1, REFUSALS, negatives=NEUTRAL, hot=REFUSAL_WORDS),
             evidence(2, NUMBERED, negatives=NEUTRAL),
             evidence(3, SELF_REFERENCE, negatives=NEUTRAL),
+            # control tokens in the examples are shown defanged; the judge still names the template
+            evidence(4, TEMPLATE, negatives=NEUTRAL, hot={"assistant", "smollm"}),
         ],
     )
     cfg = LabelConfig.model_validate(
@@ -56,9 +67,9 @@ def test_smollm2_labels_clear_cut_latents_end_to_end(tmp_path, judge_model, ray_
         }
     )
     res = label_run(run, cfg)  # no endpoint: starts the service, labels, stops it
-    assert res["missing"] == 0 and res["labelled_now"] == 4
+    assert res["missing"] == 0 and res["labelled_now"] == 5
     labels = read_labels(run)
     want = ["multilingual", "safety & content moderation", "instruction following", "self-reference"]
-    assert [labels[i].category for i in range(4)] == want, labels
+    assert [labels[i].category for i in range(5)] == [*want, "template following"], labels
     assert all(lab.judge_model == "smollm2-135m-instruct" and lab.explanation for lab in labels.values())
     assert all(0 <= lab.detection_score <= 1 for lab in labels.values())
