@@ -46,6 +46,7 @@ class Service:
             settings.method,
             temperature=settings.judge.temperature,
             cache=LabelCache(settings.cache_size, settings.cache_dir),
+            system_role=settings.judge.system_role,
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -101,6 +102,25 @@ class LabelCache:
             tmp.replace(self.dir / f"{key}.json")
 
 
+# What chat templates without a system role answer (through vLLM's 400): Gemma 2 "System role
+# not supported", early Mistral "Conversation roles must alternate user/assistant/...".
+_NO_SYSTEM_ROLE = re.compile(
+    r"system.{0,30}(not supported|unsupported|not allowed)|roles must alternate", re.I
+)
+
+
+def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages without a system message: its text leads the first user message instead."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], list(messages[1:])
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            rest[i] = {**m, "content": f"{system}\n\n{m['content']}"}
+            return rest
+    return [{"role": "user", "content": system}, *rest]
+
+
 class Labeller:
     def __init__(
         self,
@@ -110,7 +130,12 @@ class Labeller:
         *,
         temperature: float = 0.0,
         cache: LabelCache | None = None,
+        system_role: str = "auto",
     ):
+        if system_role not in ("auto", "message", "fold"):
+            raise ValueError(f"system_role must be 'auto', 'message' or 'fold', got {system_role!r}")
+        self.system_role = system_role
+        self._fold = system_role == "fold"
         self.judge = judge
         self.taxonomy = taxonomy
         self.method = method
@@ -122,9 +147,24 @@ class Labeller:
         self.schema = prompts.classification_schema(taxonomy)
         self.model_cls = prompts.classification_model(taxonomy)
 
+    async def _send(self, fn, messages, *args, **kw):
+        """fn(messages, ...) with the system message folded where the judge has no system role."""
+        if self._fold:
+            return await fn(fold_system(messages), *args, **kw)
+        try:
+            return await fn(messages, *args, **kw)
+        except JudgeError as e:
+            has_system = bool(messages) and messages[0]["role"] == "system"
+            if self.system_role != "auto" or not has_system or not _NO_SYSTEM_ROLE.search(str(e)):
+                raise
+            if not self._fold:
+                self._fold = True
+                log.warning("judge.system_role_folded", judge=self.judge.model, reason=str(e)[:200])
+            return await fn(fold_system(messages), *args, **kw)
+
     async def _call(self, messages, **kw):
         async with self.sem:
-            return await self.judge.complete(messages, temperature=self.temperature, **kw)
+            return await self._send(self.judge.complete, messages, temperature=self.temperature, **kw)
 
     async def explain(self, ev: LatentEvidence, examples, context: str | None) -> str:
         msgs = prompts.explain_messages(ev, examples, self.method, context)
@@ -152,7 +192,7 @@ class Labeller:
 
     async def _score(self, messages, prefill: str | None) -> float:
         async with self.sem:
-            return await self.judge.prompt_logprob(messages, prefill)
+            return await self._send(self.judge.prompt_logprob, messages, prefill)
 
     async def classify_channel(self, ev: LatentEvidence) -> tuple[str, str | None, float]:
         """argmax_c log p(examples | c's request) - log p(neutral text | c's request); confidence: the

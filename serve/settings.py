@@ -71,6 +71,12 @@ class JudgeSettings(Frozen):
         description="Deadline of one judge call, queueing included; past it the call fails (503).",
     )
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature (0: greedy, stable reruns).")
+    system_role: Literal["auto", "message", "fold"] = Field(
+        "auto",
+        description="How the prompts' system instructions reach the judge. message: a system message; "
+        "fold: prepended to the first user message, for chat templates without a system role (Gemma 2, "
+        "early Mistral); auto: a system message until the judge rejects the role, then fold (logged once).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> JudgeSettings:

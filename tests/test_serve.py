@@ -211,6 +211,47 @@ def test_channel_classification_scores_examples_under_each_category():
         run(nolp.label(fr))
 
 
+def test_judge_without_a_system_role_gets_the_instructions_in_the_user_turn():
+    """Gemma 2's chat template refuses a system message (vLLM answers 400 "System role not
+    supported"): `auto` folds it into the first user message and goes on, for generation and for
+    channel scoring; `message` surfaces the judge's error; other errors are never swallowed."""
+    rejected = JudgeError('judge at http://j/v1 answered 400: {"message": "System role not supported"}')
+    seen = []
+
+    def fn(messages, choice, schema):
+        if messages[0]["role"] == "system":
+            return rejected
+        seen.append(messages)
+        return scripted()(messages, choice, schema)
+
+    tax, ev = load_taxonomy(), evidence(1, FRENCH)
+    j = ScriptedJudge(fn)
+    lab, _ = run(Labeller(j, tax, MethodSettings()).label(ev))
+    assert lab.category == "multilingual" and lab.explanation.startswith("These snippets")
+    assert j.calls == 3  # explain rejected once, then explain and classify folded
+    assert all(m[0]["role"] == "user" and m[0]["content"].startswith(prompts.SYSTEM + "\n\n") for m in seen)
+    assert "Bonjour" in seen[0][0]["content"]  # the user turn itself follows the instructions
+    j = ScriptedJudge(fn)
+    run(Labeller(j, tax, MethodSettings(), system_role="fold").label(ev))
+    assert j.calls == 2  # folded from the start
+    with pytest.raises(JudgeError, match="System role"):
+        run(Labeller(ScriptedJudge(fn), tax, MethodSettings(), system_role="message").label(ev))
+    with pytest.raises(JudgeError, match="boom"):  # an unrelated judge error is not retried folded
+        run(Labeller(ScriptedJudge(lambda m, c, s: JudgeError("boom")), tax, MethodSettings()).label(ev))
+
+    base_scorer, _ = channel_scorer()
+
+    def scorer(messages, prefill):
+        if messages[0]["role"] == "system":
+            raise JudgeError("Conversation roles must alternate user/assistant/user/assistant/...")
+        return base_scorer(messages, prefill)
+
+    demo = load_taxonomy("serve/taxonomies/demo.yaml")
+    j = ScriptedJudge(fn, scorer=scorer)
+    lab, _ = run(Labeller(j, demo, MethodSettings(classify_mode="channel")).label(ev))
+    assert lab.category == "multilingual"
+
+
 def test_detection_is_balanced_accuracy():
     tax = load_taxonomy()
     ev = evidence(2, FRENCH, negatives=NEUTRAL)
