@@ -14,7 +14,7 @@
 The judge never sees `source` tags, group names or statistics: only token strings and where the
 latent fires. Evidence and taxonomy text are data, never control: strings a chat tokenizer would
 turn into control tokens (a chat corpus's "<|im_start|>", Gemma's "<start_of_turn>", "<s>",
-"[INST]") are shown defanged ("[im_start]", "[start_of_turn]", ...), so an example cannot open
+"[INST]", SmolLM2's "<file_sep>") are shown defanged ("[im_start]", "[start_of_turn]", ...), so an example cannot open
 a turn inside the judge's prompt. Bump PROMPT_VERSION whenever a prompt or schema changes (it is part of cache keys).
 """
 
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from diffing.evidence import Example, LatentEvidence
 from serve.taxonomy import Taxonomy
 
-PROMPT_VERSION = "delphi-v4"
+PROMPT_VERSION = "delphi-v5"
 SYSTEM = (
     "You are an interpretability researcher. You study one feature of a language model at a time "
     "and describe, briefly and concretely, what text makes the feature fire."
@@ -39,25 +39,38 @@ CLASSIFY_PREFILL = "The feature belongs to the category:"
 CONFIDENCE_LEVELS = (1, 2, 3, 4, 5)  # 1: a guess ... 5: certain; confidence = level / 5
 
 
-# Control-token spellings of common chat templates: ChatML / Llama 3 / Phi "<|name|>", Gemma's
-# "<start_of_turn>" family, SentencePiece "<s>" / "</s>" / "<unk>" / "<pad>", Mistral "[INST]".
+# Control-token spellings of common chat templates: ChatML / Llama 3 / Phi "<|name|>", DeepSeek's
+# full-width "<｜name｜>", lower_snake tags (Gemma's "<start_of_turn>", SmolLM2's "<file_sep>",
+# Qwen's "<tool_call>"), SentencePiece "<s>" / "</s>" / "<unk>", SmolLM2's "<filename>",
+# "<think>", and Mistral's all-caps "[INST]" / "[TOOL_CALLS]" / "[IMG]".
 _CONTROL = re.compile(
     r"<\|([^|<>\s]{1,40})\|>"
-    r"|<(/?s|bos|eos|pad|unk|mask|start_of_turn|end_of_turn|start_of_image|end_of_image)>"
-    r"|\[(/?INST|/?SYSTEM_PROMPT|/?AVAILABLE_TOOLS|TOOL_CALLS)\]"
+    r"|<\uff5c([^\uff5c<>]{1,40})\uff5c>"
+    r"|<(/?[a-z][a-z0-9]*(?:_[a-z0-9]+)+|/?(?:s|bos|eos|pad|unk|mask|think|reponame|filename))>"
+    r"|\[(/?[A-Z][A-Z_]{1,30})\]"
 )
+
+
+def _defang_match(m: re.Match) -> str:
+    if m.group(4):
+        return f"[ {m.group(4)} ]"
+    return f"[{m.group(1) or m.group(2) or m.group(3)}]"
 
 
 def defang(text: str) -> str:
     """`text` with control-token spellings rewritten as plain bracketed words ("<|im_end|>" ->
-    "[im_end]", "[INST]" -> "[ INST ]"): no tokenizer reads them as control tokens any more."""
+    "[im_end]", "[INST]" -> "[ INST ]"): no tokenizer reads them as control tokens any more.
+    Repeated until nothing changes (a rewrite can complete an outer spelling: "<|INST|>")."""
+    for _ in range(16):
+        new = _CONTROL.sub(_defang_match, text)
+        if new == text:
+            break
+        text = new
+    return text
 
-    def sub(m: re.Match) -> str:
-        if m.group(3):
-            return f"[ {m.group(3)} ]"
-        return f"[{m.group(1) or m.group(2)}]"
 
-    return _CONTROL.sub(sub, text)
+def has_control(text: str) -> bool:
+    return _CONTROL.search(text) is not None
 
 
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use sentinels for the << >> marks
@@ -82,12 +95,17 @@ def render(ex: Example, *, n: int, threshold: float | None) -> str:
     for t, a in zip(toks, acts, strict=True):
         t = _clean(t)  # printable only: the mark sentinels below cannot occur in it
         if threshold is not None and a > 0 and a >= threshold:
-            lead = t[: len(t) - len(t.lstrip())]
-            out.append(f"{lead}{_OPEN}{t.strip() or t}{_CLOSE}")
+            lead, core = t[: len(t) - len(t.lstrip())], t.strip() or t
+            # the marks' own < > must not complete a spelling ("s" -> "<<s>>" holds "<s>")
+            shown = defang(core)
+            edge = shown[:1] in ("<", "|", "/", "\uff5c") or shown[-1:] in (">", "|", "\uff5c")
+            pad = " " if edge or has_control(f"<{shown}>") else ""
+            out.append(f"{lead}{_OPEN}{pad}{core}{pad}{_CLOSE}")
         else:
             out.append(t)
-    # defang the joined text (a control token may be spelled over several tokens), then mark
-    return defang("".join(out)).replace(_OPEN, "<<").replace(_CLOSE, ">>").strip()
+    # defang the joined text (a control token may be spelled over several tokens), then mark, and
+    # defang again in case marks and neighbours still spell one (never seen after the padding)
+    return defang(defang("".join(out)).replace(_OPEN, "<<").replace(_CLOSE, ">>")).strip()
 
 
 def latent_max(ev: LatentEvidence) -> float:

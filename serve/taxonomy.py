@@ -31,6 +31,14 @@ class Taxonomy(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"taxonomy.categories: duplicate names {dup}")
+        from serve.prompts import has_control
+
+        bad = [n for n in names if has_control(n)]
+        if bad:  # names are the structured-output choices, sent verbatim: they cannot be defanged
+            raise ValueError(
+                f"taxonomy.categories: names {bad} spell chat control tokens (like '<|im_start|>' or "
+                "'[INST]'); rename them (descriptions may mention such tokens)"
+            )
         return self
 
     @property

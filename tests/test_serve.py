@@ -119,7 +119,46 @@ def test_control_tokens_in_evidence_cannot_open_turns_in_the_judges_prompt():
     shown = prompts.render(chat, n=24, threshold=1.0)
     assert shown == "[im_start]user Hi[im_end] <<[im_start]>><<assistant>> <<Bonjour>>"
     assert prompts.defang("a <|eot_id|> b </s> [/INST]") == "a [eot_id] b [/s] [ /INST ]"
-    assert prompts.defang("x << y >> z <b>") == "x << y >> z <b>"  # marks and ordinary tags untouched
+    assert prompts.defang("<file_sep><filename>x<think>[TOOL_CALLS]<\uff5cUser\uff5c>") == (
+        "[file_sep][filename]x[think][ TOOL_CALLS ][User]"
+    )
+    assert prompts.defang("<|INST|>") == "[ INST ]"  # a rewrite that completes a spelling is redone
+    assert prompts.defang("x << y >> z <b> <div> [x]") == "x << y >> z <b> <div> [x]"  # left alone
+
+
+def test_highlight_marks_never_complete_a_control_token():
+    """The marks' own angle brackets next to a highlighted "s" or "|im_start|" would spell "<s>"
+    or "<|im_start|>"; whatever the tokens and whichever fire, no rendering holds a control token."""
+    import random
+
+    from diffing.evidence import Example
+
+    assert (
+        prompts.render(Example(tokens=["cat", "s"], acts=[0, 1.0], peak=1), n=8, threshold=0.5)
+        == "cat<< s >>"
+    )
+    pieces = [
+        "", "<", ">", "|", "s", "/", "im_start", "|im_start|", "<|", "|>", "INST", "[", "]", "think", " a",
+        "\n", "\uff5c", "User",
+    ]  # fmt: skip
+    rng = random.Random(0)
+    for _ in range(3000):
+        toks = [rng.choice(pieces) for _ in range(rng.randint(1, 8))]
+        acts = [rng.choice([0.0, 1.0]) for _ in toks]
+        shown = prompts.render(Example(tokens=toks, acts=acts, peak=0), n=16, threshold=0.5)
+        assert not prompts.has_control(shown), (toks, acts, shown)
+
+
+def test_taxonomy_names_cannot_spell_control_tokens():
+    with pytest.raises(ValueError, match="control tokens"):
+        Taxonomy(
+            version="x",
+            categories=[{"name": "<|im_end|>", "description": "d"}, {"name": "b", "description": "d"}],
+        )
+    Taxonomy(
+        version="x",
+        categories=[{"name": "a", "description": "<|im_end|> markers"}, {"name": "b", "description": "d"}],
+    )
 
 
 def test_classify_prompts_of_different_latents_share_the_taxonomy_prefix():
