@@ -53,6 +53,10 @@ TEMPLATE = [  # a chat corpus's template tokens, as a chat-template latent's exa
     f"{_SYS} <|im_start|>user What time is it?",
     f"{_SYS} <|im_start|>user Tell me a joke.",
     f"{_SYS} <|im_start|>user How tall is Everest?",
+    f"{_SYS} <|im_start|>user Name a fruit.",
+    f"{_SYS} <|im_start|>user What is two plus two?",
+    f"{_SYS} <|im_start|>user Where is Lisbon?",
+    f"{_SYS} <|im_start|>user Can you help me?",
 ]
 NEUTRAL = [
     "The meeting is scheduled for Tuesday at the main office.",
