@@ -12,20 +12,19 @@
    yes/no (a `choice`) to "does the latent fire here?"; the score is the balanced accuracy.
 
 The judge never sees `source` tags, group names or statistics: only token strings and where the
-latent fires. Evidence and taxonomy text are data, never control: strings a chat tokenizer would
-turn into control tokens (a chat corpus's "<|im_start|>", Gemma's "<start_of_turn>", "<s>",
-"[INST]", SmolLM2's "<file_sep>") are shown defanged ("[im_start]", "[start_of_turn]", ...), so an example cannot open
-a turn inside the judge's prompt. Bump PROMPT_VERSION whenever a prompt or schema changes (it is part of cache keys).
+latent fires. Evidence and taxonomy text are data, never control: spellings of control tokens are
+shown defanged (`serve.control`), so an example cannot open a turn inside the judge's prompt.
+Bump PROMPT_VERSION whenever a prompt or schema changes (it is part of cache keys).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from diffing.evidence import Example, LatentEvidence
+from serve.control import defang, has_control
 from serve.taxonomy import Taxonomy
 
 PROMPT_VERSION = "delphi-v5"
@@ -37,40 +36,6 @@ SYSTEM = (
 EXPLAIN_PREFILL = "These snippets are all"
 CLASSIFY_PREFILL = "The feature belongs to the category:"
 CONFIDENCE_LEVELS = (1, 2, 3, 4, 5)  # 1: a guess ... 5: certain; confidence = level / 5
-
-
-# Control-token spellings of common chat templates: ChatML / Llama 3 / Phi "<|name|>", DeepSeek's
-# full-width "<｜name｜>", lower_snake tags (Gemma's "<start_of_turn>", SmolLM2's "<file_sep>",
-# Qwen's "<tool_call>"), SentencePiece "<s>" / "</s>" / "<unk>", SmolLM2's "<filename>",
-# "<think>", and Mistral's all-caps "[INST]" / "[TOOL_CALLS]" / "[IMG]".
-_CONTROL = re.compile(
-    r"<\|([^|<>\s]{1,40})\|>"
-    r"|<\uff5c([^\uff5c<>]{1,40})\uff5c>"
-    r"|<(/?[a-z][a-z0-9]*(?:_[a-z0-9]+)+|/?(?:s|bos|eos|pad|unk|mask|think|reponame|filename))>"
-    r"|\[(/?[A-Z][A-Z_]{1,30})\]"
-)
-
-
-def _defang_match(m: re.Match) -> str:
-    if m.group(4):
-        return f"[ {m.group(4)} ]"
-    return f"[{m.group(1) or m.group(2) or m.group(3)}]"
-
-
-def defang(text: str) -> str:
-    """`text` with control-token spellings rewritten as plain bracketed words ("<|im_end|>" ->
-    "[im_end]", "[INST]" -> "[ INST ]"): no tokenizer reads them as control tokens any more.
-    Repeated until nothing changes (a rewrite can complete an outer spelling: "<|INST|>")."""
-    for _ in range(16):
-        new = _CONTROL.sub(_defang_match, text)
-        if new == text:
-            break
-        text = new
-    return text
-
-
-def has_control(text: str) -> bool:
-    return _CONTROL.search(text) is not None
 
 
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use sentinels for the << >> marks

@@ -9,6 +9,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.control import has_control
+
 DEFAULT_TAXONOMY = Path(__file__).with_name("taxonomy.yaml")
 
 
@@ -31,8 +33,6 @@ class Taxonomy(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"taxonomy.categories: duplicate names {dup}")
-        from serve.prompts import has_control
-
         bad = [n for n in names if has_control(n)]
         if bad:  # names are the structured-output choices, sent verbatim: they cannot be defanged
             raise ValueError(
