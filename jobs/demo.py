@@ -72,7 +72,8 @@ def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     from jobs.pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    res = run_pipeline(preset="embedded", out=str(out), overrides=overrides)
+    # a rerun after an update redoes only the stages whose config changed (and the ones after)
+    res = run_pipeline(preset="embedded", out=str(out), overrides=overrides, redo_changed=True)
     out = Path(out)
     rep = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
     planted = next((s.get("data") for s in rep.get("sections", []) if s.get("key") == "planted"), None)

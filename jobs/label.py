@@ -37,6 +37,15 @@ class LabelConfig(Frozen):
     batch_size: int = Field(8, ge=1, description="Latents per request.")
     concurrency: int = Field(4, ge=1, description="Requests in flight.")
     detection: bool = Field(False, description="Ask for detection scores (more judge calls per latent).")
+    calibration_group: str | None = Field(
+        "baseline",
+        description="Evidence group sent with every request as the channel calibration set (ordinary "
+        "latents of the run: analyze's random shared baseline); only channel classification reads it. "
+        "None, or a group the run lacks: the service's fixed neutral text.",
+    )
+    calibration_size: int = Field(
+        64, ge=1, description="Most latents of calibration_group sent (in the run's order)."
+    )
     max_attempts: int = Field(6, ge=1, description="Tries per batch before the run fails (rerun resumes).")
     backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt (with jitter).")
     max_backoff_s: float = Field(60.0, gt=0, description="Longest retry delay.")
@@ -56,6 +65,11 @@ class LabelConfig(Frozen):
     def _check(self) -> LabelConfig:
         if self.max_backoff_s < self.backoff_s:
             raise ValueError("max_backoff_s must be >= backoff_s")
+        if self.calibration_group and self.calibration_size > self.service.limits.max_calibration:
+            raise ValueError(
+                f"calibration_size={self.calibration_size} exceeds service.limits.max_calibration="
+                f"{self.service.limits.max_calibration}"
+            )
         if self.batch_size > self.service.limits.max_batch:
             raise ValueError(
                 f"batch_size={self.batch_size} exceeds service.limits.max_batch={self.service.limits.max_batch}"
@@ -107,9 +121,11 @@ def _retry_delay(cfg: LabelConfig, attempt: int, resp: httpx.Response | None) ->
 
 
 async def _post_batch(
-    client: httpx.AsyncClient, batch: list[LatentEvidence], cfg: LabelConfig
+    client: httpx.AsyncClient, batch: list[LatentEvidence], cfg: LabelConfig, calibration: list[dict]
 ) -> list[LatentLabel]:
     body = {"latents": [json.loads(e.model_dump_json()) for e in batch], "detection": cfg.detection}
+    if calibration:
+        body["calibration"] = calibration
     last = "no attempt"
     for attempt in range(cfg.max_attempts):
         resp = None
@@ -123,8 +139,8 @@ async def _post_batch(
             if resp.status_code == 413 and len(batch) > 1:  # too big: split
                 half = len(batch) // 2
                 return [
-                    *await _post_batch(client, batch[:half], cfg),
-                    *await _post_batch(client, batch[half:], cfg),
+                    *await _post_batch(client, batch[:half], cfg, calibration),
+                    *await _post_batch(client, batch[half:], cfg, calibration),
                 ]
             last = f"{resp.status_code}: {resp.text[:300]}"
             if resp.status_code < 500 and resp.status_code != 429:
@@ -138,7 +154,12 @@ async def _post_batch(
 
 
 async def _label_all(
-    url: str, token: str | None, todo: list[LatentEvidence], cfg: LabelConfig, out: Path
+    url: str,
+    token: str | None,
+    todo: list[LatentEvidence],
+    cfg: LabelConfig,
+    out: Path,
+    calibration: list[dict] = (),
 ) -> int:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
@@ -151,7 +172,7 @@ async def _label_all(
         async def run(batch):
             nonlocal done
             async with sem:
-                labels = await _post_batch(client, batch, cfg)
+                labels = await _post_batch(client, batch, cfg, list(calibration))
             _append(out, labels)  # single-threaded event loop: appends never interleave
             done += len(labels)
             log.info(
@@ -177,6 +198,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def calibration_set(evidence: list[LatentEvidence], cfg: LabelConfig) -> list[dict]:
+    """The calibration latents sent with every request: the first `calibration_size` of
+    `calibration_group` that have top examples, trimmed to them (all channel scoring reads)."""
+    if not cfg.calibration_group:
+        return []
+    group = [e for e in evidence if e.group == cfg.calibration_group and e.top][: cfg.calibration_size]
+    if not group:
+        log.warning(
+            "label.no_calibration",
+            group=cfg.calibration_group,
+            detail="the run has no such evidence group; channel scoring uses the neutral text",
+        )
+    return [
+        json.loads(e.model_copy(update={"quantiles": [], "negatives": []}).model_dump_json()) for e in group
+    ]
 
 
 def label_run(
@@ -206,7 +244,9 @@ def label_run(
     out = run_dir / LABELS_FILE
     if overwrite and out.exists():
         out.unlink()
-    evidence = [e for e in iter_evidence(run_dir) if cfg.groups is None or e.group in cfg.groups]
+    every = list(iter_evidence(run_dir))
+    evidence = [e for e in every if cfg.groups is None or e.group in cfg.groups]
+    calibration = calibration_set(every, cfg)
     have = read_labels_tolerant(out)
     todo = [e for e in evidence if e.latent not in have]
     (run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
@@ -214,12 +254,13 @@ def label_run(
     new = 0
     if todo:
         if endpoint:
-            new = asyncio.run(_label_all(endpoint, os.environ.get(cfg.token_env), todo, cfg, out))
+            token = os.environ.get(cfg.token_env)
+            new = asyncio.run(_label_all(endpoint, token, todo, cfg, out, calibration))
         else:
             from serve.local import LocalService
 
             with LocalService(cfg.service, start_timeout_s=cfg.start_timeout_s) as svc:
-                new = asyncio.run(_label_all(svc.url, svc.token, todo, cfg, out))
+                new = asyncio.run(_label_all(svc.url, svc.token, todo, cfg, out, calibration))
     labels = read_labels_tolerant(out)
     wanted = {e.latent for e in evidence}
     cats = Counter(lab.category for k, lab in labels.items() if k in wanted)

@@ -118,29 +118,31 @@ class Guard:
 
 def _check_limits(req: LabelRequest, settings: ServiceSettings) -> JSONResponse | None:
     lim = settings.limits
-    if len(req.latents) > lim.max_batch:
-        return _error(
-            422,
-            f"latents has {len(req.latents)} items; the limit is limits.max_batch={lim.max_batch}",
-            "latents",
-        )
-    for i, ev in enumerate(req.latents):
-        for name in ("top", "quantiles", "negatives"):
-            exs = getattr(ev, name)
-            if len(exs) > lim.max_examples:
-                return _error(
-                    422,
-                    f"latents.{i}.{name} has {len(exs)} examples; the limit is limits.max_examples={lim.max_examples}",
-                    f"latents.{i}.{name}",
-                )
-            for j, ex in enumerate(exs):
-                if len(ex.tokens) > lim.max_window:
+    for field, items, most, name in (
+        ("latents", req.latents, lim.max_batch, "max_batch"),
+        ("calibration", req.calibration, lim.max_calibration, "max_calibration"),
+    ):
+        if len(items) > most:
+            return _error(422, f"{field} has {len(items)} items; the limit is limits.{name}={most}", field)
+    for field, items in (("latents", req.latents), ("calibration", req.calibration)):
+        for i, ev in enumerate(items):
+            for name in ("top", "quantiles", "negatives"):
+                exs = getattr(ev, name)
+                where = f"{field}.{i}.{name}"
+                if len(exs) > lim.max_examples:
                     return _error(
                         422,
-                        f"latents.{i}.{name}.{j}.tokens has {len(ex.tokens)} tokens; the limit is "
-                        f"limits.max_window={lim.max_window}",
-                        f"latents.{i}.{name}.{j}.tokens",
+                        f"{where} has {len(exs)} examples; the limit is limits.max_examples={lim.max_examples}",
+                        where,
                     )
+                for j, ex in enumerate(exs):
+                    if len(ex.tokens) > lim.max_window:
+                        return _error(
+                            422,
+                            f"{where}.{j}.tokens has {len(ex.tokens)} tokens; the limit is "
+                            f"limits.max_window={lim.max_window}",
+                            f"{where}.{j}.tokens",
+                        )
     return None
 
 
@@ -197,7 +199,8 @@ def create_app(service: Service) -> FastAPI:
             return bad
         try:
             labs, cached = await asyncio.wait_for(
-                sv.labeller.label_many(req.latents, req.detection), timeout=s.limits.request_timeout_s
+                sv.labeller.label_many(req.latents, req.detection, req.calibration),
+                timeout=s.limits.request_timeout_s,
             )
         except TimeoutError:
             return _error(

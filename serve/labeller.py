@@ -48,19 +48,30 @@ def cache_key(
     taxonomy: Taxonomy,
     method: MethodSettings,
     detection: bool,
+    calibration: str | None = None,
 ) -> str:
-    blob = json.dumps(
-        {
-            "evidence": judge_view(ev, context),
-            "prompt": prompts.PROMPT_VERSION,
-            "judge": judge_model,
-            "taxonomy": taxonomy.fingerprint,
-            "method": method.model_dump(exclude={"max_concurrent_calls"}),
-            "detection": detection,
-        },
-        sort_keys=True,
-    ).encode()
-    return hashlib.sha256(blob).hexdigest()
+    """`calibration`: fingerprint of the channel calibration texts (None: the fixed neutral text)."""
+    fields = {
+        "evidence": judge_view(ev, context),
+        "prompt": prompts.PROMPT_VERSION,
+        "judge": judge_model,
+        "taxonomy": taxonomy.fingerprint,
+        "method": method.model_dump(exclude={"max_concurrent_calls"}),
+        "detection": detection,
+    }
+    if calibration is not None:  # absent otherwise, so keys of uncalibrated labels stay as they were
+        fields["calibration"] = calibration
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def calibration_texts(items, method: MethodSettings) -> tuple[str, ...]:
+    """The text channel scoring reads from each calibration latent (its top examples), empty ones dropped."""
+    texts = (prompts.channel_text(ev, method) for ev in items)
+    return tuple(t for t in texts if t.strip())
+
+
+def fingerprint(texts: tuple[str, ...]) -> str:
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
 
 
 class LabelCache:
@@ -142,7 +153,8 @@ class Labeller:
         self.temperature = temperature
         self.cache = cache or LabelCache(10_000)
         self.sem = asyncio.Semaphore(method.max_concurrent_calls)
-        self._channel_baseline: dict[str, float] | None = None
+        # per calibration set (None: the neutral text): log p(request_c + text) averaged over its texts
+        self._channel_priors: OrderedDict[str | None, dict[str, float]] = OrderedDict()
         self._channel_lock = asyncio.Lock()
         self.schema = prompts.classification_schema(taxonomy)
         self.model_cls = prompts.classification_model(taxonomy)
@@ -177,28 +189,37 @@ class Labeller:
                 return prompts.clean_explanation(f"{prompts.EXPLAIN_PREFILL} {text}")
         return "(the judge gave no explanation)"
 
-    async def _channel_prior(self) -> dict[str, float]:
-        """log p(request for category c + neutral text) for every c: the baseline of each score."""
+    async def _channel_prior(self, calibration: tuple[str, ...] = ()) -> dict[str, float]:
+        """Each category's baseline: log p(request for c + text) for the fixed neutral English text, or
+        averaged over the calibration texts (ordinary latents of the same run) when there are some.
+        Measured once per calibration set and kept (the last 16 sets)."""
+        key = fingerprint(calibration) if calibration else None
         async with self._channel_lock:
-            if self._channel_baseline is None:
+            if key not in self._channel_priors:
+                texts = calibration or (prompts.CHANNEL_BASELINE,)
+                cats = self.taxonomy.categories
                 vals = await asyncio.gather(
-                    *(
-                        self._score(prompts.channel_messages(c.description), prompts.CHANNEL_BASELINE)
-                        for c in self.taxonomy.categories
-                    )
+                    *(self._score(prompts.channel_messages(c.description), t) for t in texts for c in cats)
                 )
-                self._channel_baseline = dict(zip(self.taxonomy.names, vals, strict=True))
-            return self._channel_baseline
+                per = np.asarray(vals, dtype=float).reshape(len(texts), len(cats)).mean(axis=0)
+                self._channel_priors[key] = dict(zip(self.taxonomy.names, per.tolist(), strict=True))
+                if calibration:
+                    log.info("labelling.channel_calibrated", texts=len(texts), calibration=key)
+                while len(self._channel_priors) > 16:
+                    self._channel_priors.popitem(last=False)
+            return self._channel_priors[key]
 
     async def _score(self, messages, prefill: str | None) -> float:
         async with self.sem:
             return await self._send(self.judge.prompt_logprob, messages, prefill)
 
-    async def classify_channel(self, ev: LatentEvidence) -> tuple[str, str | None, float]:
-        """argmax_c log p(examples | c's request) - log p(neutral text | c's request); confidence: the
-        softmax of those scores."""
+    async def classify_channel(
+        self, ev: LatentEvidence, calibration: tuple[str, ...] = ()
+    ) -> tuple[str, str | None, float]:
+        """argmax_c log p(examples | c's request) - log p(baseline text | c's request), the baseline
+        being the calibration texts (mean) or the neutral text; confidence: the softmax of those scores."""
         text = prompts.channel_text(ev, self.method)
-        prior = await self._channel_prior()
+        prior = await self._channel_prior(calibration)
         full = await asyncio.gather(
             *(self._score(prompts.channel_messages(c.description), text) for c in self.taxonomy.categories)
         )
@@ -209,11 +230,13 @@ class Labeller:
         order = np.argsort(-p, kind="stable")
         return names[order[0]], names[order[1]] if len(names) > 1 else None, float(p[order[0]])
 
-    async def classify(self, ev: LatentEvidence, examples, explanation: str) -> tuple[str, str | None, float]:
+    async def classify(
+        self, ev: LatentEvidence, examples, explanation: str, calibration: tuple[str, ...] = ()
+    ) -> tuple[str, str | None, float]:
         """(category, secondary, confidence); always a taxonomy member (choice fallback)."""
         names = self.taxonomy.names
         if self.method.classify_mode == "channel":
-            return await self.classify_channel(ev)
+            return await self.classify_channel(ev, calibration)
         if self.method.classify_mode == "json":
             msgs = prompts.classify_messages(ev, examples, explanation, self.taxonomy, self.method, "json")
             for attempt in range(self.method.max_retries + 1):
@@ -254,7 +277,10 @@ class Labeller:
         preds = await asyncio.gather(*(says_yes(x) for x in (*positives, *negatives)))
         return prompts.balanced_accuracy(list(preds[: len(positives)]), list(preds[len(positives) :]))
 
-    def key(self, ev: LatentEvidence, context: str | None, detection: bool) -> str:
+    def key(
+        self, ev: LatentEvidence, context: str | None, detection: bool, calibration: tuple[str, ...] = ()
+    ) -> str:
+        channel = self.method.classify_mode == "channel"
         return cache_key(
             ev,
             context,
@@ -262,13 +288,19 @@ class Labeller:
             taxonomy=self.taxonomy,
             method=self.method,
             detection=detection,
+            calibration=fingerprint(calibration) if channel and calibration else None,
         )
 
     async def label(
-        self, ev: LatentEvidence, context: str | None = None, detection: bool = False
+        self,
+        ev: LatentEvidence,
+        context: str | None = None,
+        detection: bool = False,
+        calibration: tuple[str, ...] = (),
     ) -> tuple[LatentLabel, bool]:
-        """(label, came_from_cache)."""
-        key = self.key(ev, context, detection)
+        """(label, came_from_cache). `calibration`: channel texts of ordinary latents
+        (`calibration_texts`); channel classification measures each category against them."""
+        key = self.key(ev, context, detection, calibration)
         hit = self.cache.get(key)
         if hit is not None:
             return hit.model_copy(update={"latent": ev.latent}), True
@@ -289,7 +321,7 @@ class Labeller:
             return lab, False
         if self.method.classify_mode == "channel":  # scoring does not read the explanation: overlap them
             explanation, (category, secondary, conf) = await asyncio.gather(
-                self.explain(ev, examples, context), self.classify_channel(ev)
+                self.explain(ev, examples, context), self.classify_channel(ev, calibration)
             )
         else:
             explanation = await self.explain(ev, examples, context)
@@ -312,10 +344,15 @@ class Labeller:
     def _fallback(self) -> str:
         return "uninterpretable" if "uninterpretable" in self.taxonomy.names else self.taxonomy.names[-1]
 
-    async def label_many(self, items, detection: bool = False) -> tuple[list[LatentLabel], int]:
-        """Label concurrently (the engine batches the calls); (labels in order, cache hits)."""
+    async def label_many(
+        self, items, detection: bool = False, calibration=()
+    ) -> tuple[list[LatentLabel], int]:
+        """Label concurrently (the engine batches the calls); (labels in order, cache hits).
+        `calibration`: evidence of ordinary latents of the same run (only channel scoring reads it)."""
+        texts = calibration_texts(calibration, self.method) if self.method.classify_mode == "channel" else ()
         tasks = [
-            asyncio.ensure_future(self.label(ev, getattr(ev, "context", None), detection)) for ev in items
+            asyncio.ensure_future(self.label(ev, getattr(ev, "context", None), detection, texts))
+            for ev in items
         ]
         try:
             results = await asyncio.gather(*tasks)

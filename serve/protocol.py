@@ -34,6 +34,13 @@ class LabelRequest(BaseModel):
     detection: bool = Field(
         False, description="Also score the explanation by detection on held-out examples (balanced accuracy)."
     )
+    calibration: list[LatentEvidence] = Field(
+        default_factory=list,
+        description="Channel classification only (ignored otherwise): evidence of ordinary latents of the "
+        "same run, e.g. its random shared baseline (at most limits.max_calibration; only their top "
+        "examples are read). Each category's score is then measured against these latents' text "
+        "instead of a fixed neutral English text. Part of the cache key.",
+    )
 
 
 class LabelResponse(BaseModel):

@@ -140,6 +140,9 @@ class MethodSettings(Frozen):
 class LimitSettings(Frozen):
     max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest request body (413 above).")
     max_batch: int = Field(64, ge=1, description="Most latents per request (422 on `latents` above).")
+    max_calibration: int = Field(
+        128, ge=0, description="Most calibration latents per request (422 on `calibration` above)."
+    )
     max_examples: int = Field(100, ge=1, description="Most examples per list (top/quantiles/negatives).")
     max_window: int = Field(512, ge=1, description="Most tokens per example window.")
     request_timeout_s: float = Field(

@@ -11,11 +11,12 @@ import pytest
 import uvicorn
 from test_serve_helpers import FRENCH, NEUTRAL, REFUSALS, evidence, scripted
 
-from diffing.evidence import LABELS_FILE, read_labels, write_jsonl
-from jobs.label import LabelConfig, LabelJobError, label_run
+from diffing.evidence import LABELS_FILE, iter_evidence, read_labels, write_jsonl
+from jobs.label import LabelConfig, LabelJobError, calibration_set, label_run
 from serve.app import Service, create_app
 from serve.judge import JudgeUnavailable, ScriptedJudge
 from serve.settings import LimitSettings, ServiceSettings
+from serve.taxonomy import load_taxonomy
 
 
 def _port():
@@ -25,8 +26,8 @@ def _port():
 
 
 class Server:
-    def __init__(self, judge, token="tok", **limits):
-        settings = ServiceSettings(limits=LimitSettings(retry_after_s=1, **limits))
+    def __init__(self, judge, token="tok", settings=None, **limits):
+        settings = settings or ServiceSettings(limits=LimitSettings(retry_after_s=1, **limits))
         self.app = create_app(Service(settings, judge, token))
         self.port = _port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -91,6 +92,48 @@ def test_labels_every_latent_once_then_resumes(run_dir, monkeypatch):
         assert (res["total"], res["labelled_now"]) == (6, 6) and sorted(read_labels(run_dir)) == list(
             range(100, 106)
         )
+
+
+def test_channel_labels_are_calibrated_on_the_runs_baseline_latents(run_dir, monkeypatch):
+    """Channel scoring measures each category against the run's own ordinary latents: the job sends
+    the baseline group's top examples with every request (not labelled themselves unless asked),
+    and the service scores them once instead of the fixed neutral text; calibration_group=None
+    falls back to the neutral text."""
+    from serve import prompts
+    from serve.labeller import calibration_texts
+    from serve.settings import MethodSettings
+
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+    scored = []
+
+    def scorer(messages, prefill):
+        scored.append(prefill)
+        return -1.0 if "French" in messages[-1]["content"] else -2.0
+
+    settings = ServiceSettings(
+        taxonomy="serve/taxonomies/demo.yaml", method=MethodSettings(classify_mode="channel")
+    )
+    baseline = [e for e in iter_evidence(run_dir) if e.group == "baseline"]
+    calib = set(calibration_texts(baseline, settings.method))
+    assert len(calib) == 6
+    with Server(ScriptedJudge(by_text, scorer=scorer), settings=settings) as srv:
+        res = label_run(run_dir, {"groups": ["ft-specific"], "batch_size": 4}, endpoint=srv.url)
+        assert (res["total"], res["labelled_now"]) == (20, 20)
+        n = len(load_taxonomy("serve/taxonomies/demo.yaml").names)
+        assert sum(t in calib for t in scored) == 6 * n  # once, though five requests carried it
+        assert prompts.CHANNEL_BASELINE not in scored
+        scored.clear()
+        label_run(
+            run_dir, {"groups": ["ft-specific"], "calibration_group": None}, endpoint=srv.url, overwrite=True
+        )
+        assert prompts.CHANNEL_BASELINE in scored and not calib & set(scored)
+    # what is sent: the group's first calibration_size latents with top examples, trimmed to them
+    sent = calibration_set(list(iter_evidence(run_dir)), LabelConfig(calibration_size=4))
+    assert [x["latent"] for x in sent] == [100, 101, 102, 103]
+    assert all(x["top"] and not x["quantiles"] and not x["negatives"] for x in sent)
+    assert calibration_set(list(iter_evidence(run_dir)), LabelConfig(calibration_group="nope")) == []
+    with pytest.raises(ValueError, match="max_calibration"):
+        LabelConfig(calibration_size=500)
 
 
 def test_retries_503_with_backoff_and_splits_413(run_dir, monkeypatch):

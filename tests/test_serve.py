@@ -7,13 +7,13 @@ import json
 
 import httpx
 import pytest
-from test_serve_helpers import FRENCH, NEUTRAL, REFUSALS, evidence, scripted
+from test_serve_helpers import FRENCH, NEUTRAL, REFUSALS, TEMPLATE, evidence, scripted
 
 from diffing.evidence import LatentLabel
 from serve import prompts
 from serve.app import Service, create_app
 from serve.judge import JudgeError, JudgeUnavailable, ScriptedJudge
-from serve.labeller import LabelCache, Labeller
+from serve.labeller import LabelCache, Labeller, calibration_texts
 from serve.settings import LimitSettings, MethodSettings, ServiceSettings, check_bind
 from serve.taxonomy import Taxonomy, load_taxonomy
 
@@ -250,6 +250,60 @@ def test_channel_classification_scores_examples_under_each_category():
         run(nolp.label(fr))
 
 
+def test_channel_calibration_measures_categories_against_the_runs_own_latents():
+    """A fixed neutral English baseline hands a request's penalty on English text back to every
+    English latent: a judge that finds the neutral text far less likely under the French request
+    (-30) than easy-to-predict chat text (-10) files chat-template and refusal latents as
+    multilingual. Measured against ordinary latents of the run (the calibration set: chat text),
+    each category wins only where a latent's text is likelier under its request than theirs."""
+    tax = load_taxonomy("serve/taxonomies/demo.yaml")
+    french_starts = tuple(t.split(" ")[0] for t in FRENCH)
+    ordinary = [f"<|im_start|>user {t}" for t in NEUTRAL]  # one template marker per line
+    cfg = MethodSettings(classify_mode="channel", channel_examples=3)
+    calib = [evidence(100 + i, ordinary[i:] + ordinary[:i], group="baseline") for i in range(3)]
+    baselines = {prompts.CHANNEL_BASELINE, *calibration_texts(calib, cfg)}
+    calls = {"prior": 0, "scored": 0}
+
+    def scorer(messages, prefill):
+        req, text = messages[-1]["content"], prefill
+        kind = "neutral" if text == prompts.CHANNEL_BASELINE else "other"
+        calls["prior" if text in baselines else "scored"] += 1
+        lp = -40.0
+        if "French" in req and not text.startswith(french_starts):
+            lp -= 30.0 if kind == "neutral" else 10.0
+        if "chat template" in req:
+            lp += text.count("[im_start]")
+        if "Refusals" in req and ("can't" in text or "cannot" in text):
+            lp += 5.0
+        return lp
+
+    fr, ref, tpl = evidence(1, FRENCH), evidence(2, REFUSALS), evidence(3, TEMPLATE)
+
+    lab = Labeller(ScriptedJudge(scripted(), scorer=scorer), tax, cfg)
+    n = len(tax.names)
+
+    async def go():  # one event loop: the labeller's lock lives in it
+        plain, _ = await lab.label_many([fr, ref, tpl])
+        assert [x.category for x in plain] == ["multilingual"] * 3  # the neutral text's bias
+        calls.update(prior=0, scored=0)
+        got, hits = await lab.label_many([fr, ref, tpl], calibration=calib)
+        assert hits == 0  # calibrated labels have their own cache keys
+        assert [x.category for x in got] == [
+            "multilingual",
+            "safety & content moderation",
+            "template following",
+        ]
+        assert calls == {"prior": 3 * n, "scored": 3 * n}  # the calibration set is scored once
+        again, hits = await lab.label_many([tpl], calibration=calib)
+        assert hits == 1 and again[0] == got[2] and calls["prior"] == 3 * n
+
+    run(go())
+    # only the channel mode reads the calibration: json labels keep their keys without it
+    js = Labeller(ScriptedJudge(scripted()), tax, MethodSettings())
+    assert js.key(tpl, None, False) == js.key(tpl, None, False, ("anything",))
+    assert lab.key(tpl, None, False) != lab.key(tpl, None, False, ("anything",))
+
+
 def test_judge_without_a_system_role_gets_the_instructions_in_the_user_turn():
     """Gemma 2's chat template refuses a system message (vLLM answers 400 "System role not
     supported"): `auto` folds it into the first user message and goes on, for generation and for
@@ -397,7 +451,9 @@ def test_http_auth_health_taxonomy_labels():
 
 def test_http_limits_name_the_field():
     async def go():
-        async with client(ScriptedJudge(scripted()), max_body_bytes=20_000, max_batch=2, max_examples=8) as c:
+        async with client(
+            ScriptedJudge(scripted()), max_body_bytes=20_000, max_batch=2, max_examples=8, max_calibration=2
+        ) as c:
             big = body(*(evidence(i, FRENCH) for i in range(30)))
             r = await c.post("/v1/labels", json=big)
             assert (
@@ -423,6 +479,13 @@ def test_http_limits_name_the_field():
             assert r.status_code == 422
             r = await c.post("/v1/labels", json={"latents": []})
             assert r.status_code == 422 and r.json()["field"] == "latents"
+            calib = [evidence(9, NEUTRAL, group="baseline").model_dump(mode="json")]
+            r = await c.post("/v1/labels", json={**body(evidence(0, NEUTRAL)), "calibration": calib * 3})
+            assert r.status_code == 422 and r.json()["field"] == "calibration"
+            assert "max_calibration" in r.json()["detail"]
+            calib[0]["top"] = calib[0]["top"] * 3
+            r = await c.post("/v1/labels", json={**body(evidence(0, NEUTRAL)), "calibration": calib})
+            assert r.status_code == 422 and r.json()["field"] == "calibration.0.top"
 
     run(go())
 
