@@ -90,7 +90,11 @@ class LatentLabel(_Model):
     )
     judge_model: str = Field("", description="Model that produced the label.")
     prompt_version: str = Field("", description="Version of the labelling prompts.")
-    cache_key: str = Field("", description="Hash of (evidence, prompt version, judge model, taxonomy).")
+    cache_key: str = Field(
+        "",
+        description="Hash of what decides the label: evidence, context, prompt version, judge model, "
+        "taxonomy, method settings, detection and (channel mode) the calibration set.",
+    )
 
 
 # ----------------------------------------------------------------------------------------------

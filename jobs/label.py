@@ -39,9 +39,10 @@ class LabelConfig(Frozen):
     detection: bool = Field(False, description="Ask for detection scores (more judge calls per latent).")
     calibration_group: str | None = Field(
         "baseline",
-        description="Evidence group sent with every request as the channel calibration set (ordinary "
-        "latents of the run: analyze's random shared baseline); only channel classification reads it. "
-        "None, or a group the run lacks: the service's fixed neutral text.",
+        description="Channel classification (service.method.classify_mode: channel; with --endpoint, set it "
+        "to the endpoint's mode): evidence group sent with every request as the calibration set, ordinary "
+        "latents of the run (analyze's random shared baseline). None, or a group the run lacks: the "
+        "service's fixed neutral text. Labelling that group itself calibrates it against itself.",
     )
     calibration_size: int = Field(
         64, ge=1, description="Most latents of calibration_group sent (in the run's order)."
@@ -159,7 +160,7 @@ async def _label_all(
     todo: list[LatentEvidence],
     cfg: LabelConfig,
     out: Path,
-    calibration: list[dict] = (),
+    calibration: list[dict] | None = None,
 ) -> int:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
@@ -172,7 +173,7 @@ async def _label_all(
         async def run(batch):
             nonlocal done
             async with sem:
-                labels = await _post_batch(client, batch, cfg, list(calibration))
+                labels = await _post_batch(client, batch, cfg, calibration or [])
             _append(out, labels)  # single-threaded event loop: appends never interleave
             done += len(labels)
             log.info(
@@ -201,19 +202,27 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def calibration_set(evidence: list[LatentEvidence], cfg: LabelConfig) -> list[dict]:
-    """The calibration latents sent with every request: the first `calibration_size` of
-    `calibration_group` that have top examples, trimmed to them (all channel scoring reads)."""
-    if not cfg.calibration_group:
+    """The calibration latents sent with every request in channel mode: the first `calibration_size`
+    of `calibration_group` (those with `channel_examples` top examples first, so each text is as
+    long as a labelled latent's), trimmed to those top examples (all channel scoring reads)."""
+    method = cfg.service.method
+    if not cfg.calibration_group or method.classify_mode != "channel":
         return []
-    group = [e for e in evidence if e.group == cfg.calibration_group and e.top][: cfg.calibration_size]
-    if not group:
+    group = [e for e in evidence if e.group == cfg.calibration_group and e.top]
+    full = [e for e in group if len(e.top) >= method.channel_examples]
+    chosen = (full + [e for e in group if len(e.top) < method.channel_examples])[: cfg.calibration_size]
+    if not chosen:
         log.warning(
             "label.no_calibration",
             group=cfg.calibration_group,
-            detail="the run has no such evidence group; channel scoring uses the neutral text",
+            detail="no latent of this group has top examples; channel scoring uses the neutral text",
         )
+    n = method.channel_examples
     return [
-        json.loads(e.model_copy(update={"quantiles": [], "negatives": []}).model_dump_json()) for e in group
+        json.loads(
+            e.model_copy(update={"top": e.top[:n], "quantiles": [], "negatives": []}).model_dump_json()
+        )
+        for e in chosen
     ]
 
 

@@ -36,6 +36,18 @@ from serve.taxonomy import load_taxonomy
 STAGES = ("harvest", "fit", "analyze", "label", "report")
 
 
+def _label_identity(cfg: LabelConfig) -> dict:
+    """The label settings that decide the labels (the stage's hash): not the operating limits that only
+    bound requests, and the calibration only where channel scoring reads it, so runs labelled before
+    those fields existed keep their hash."""
+    out = cfg.model_dump(mode="json", exclude={"concurrency", "start_timeout_s"})
+    out["service"]["limits"].pop("max_calibration", None)
+    if cfg.service.method.classify_mode != "channel":
+        out.pop("calibration_group", None)
+        out.pop("calibration_size", None)
+    return out
+
+
 class PipelineConfig(Frozen):
     out: str = Field(
         description="Run directory: a local path, or an object-storage URL (s3://, gs://) whose stages "
@@ -161,7 +173,7 @@ class Pipeline:
             "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
             "analyze": {"analyze": c.analyze.model_dump(mode="json"), "pairs": c.pairs},
             "label": {
-                **c.label.model_dump(mode="json", exclude={"concurrency", "start_timeout_s"}),
+                **_label_identity(c.label),
                 # the taxonomy file's content, not just its path: an edited taxonomy relabels
                 "taxonomy": load_taxonomy(c.label.service.taxonomy).fingerprint,
             },

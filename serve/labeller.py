@@ -65,9 +65,10 @@ def cache_key(
 
 
 def calibration_texts(items, method: MethodSettings) -> tuple[str, ...]:
-    """The text channel scoring reads from each calibration latent (its top examples), empty ones dropped."""
+    """The text channel scoring reads from each calibration latent (its top examples), empty ones
+    dropped, sorted (the mean does not depend on the order, so neither does the fingerprint)."""
     texts = (prompts.channel_text(ev, method) for ev in items)
-    return tuple(t for t in texts if t.strip())
+    return tuple(sorted(t for t in texts if t.strip()))
 
 
 def fingerprint(texts: tuple[str, ...]) -> str:
@@ -155,7 +156,7 @@ class Labeller:
         self.sem = asyncio.Semaphore(method.max_concurrent_calls)
         # per calibration set (None: the neutral text): log p(request_c + text) averaged over its texts
         self._channel_priors: OrderedDict[str | None, dict[str, float]] = OrderedDict()
-        self._channel_lock = asyncio.Lock()
+        self._channel_pending: dict[str | None, asyncio.Task] = {}
         self.schema = prompts.classification_schema(taxonomy)
         self.model_cls = prompts.classification_model(taxonomy)
 
@@ -192,22 +193,45 @@ class Labeller:
     async def _channel_prior(self, calibration: tuple[str, ...] = ()) -> dict[str, float]:
         """Each category's baseline: log p(request for c + text) for the fixed neutral English text, or
         averaged over the calibration texts (ordinary latents of the same run) when there are some.
-        Measured once per calibration set and kept (the last 16 sets)."""
+        Measured once per calibration set per labeller (the 16 most recently used sets are kept);
+        concurrent requests share one measurement, which survives their cancellation."""
         key = fingerprint(calibration) if calibration else None
-        async with self._channel_lock:
-            if key not in self._channel_priors:
-                texts = calibration or (prompts.CHANNEL_BASELINE,)
-                cats = self.taxonomy.categories
-                vals = await asyncio.gather(
-                    *(self._score(prompts.channel_messages(c.description), t) for t in texts for c in cats)
-                )
-                per = np.asarray(vals, dtype=float).reshape(len(texts), len(cats)).mean(axis=0)
-                self._channel_priors[key] = dict(zip(self.taxonomy.names, per.tolist(), strict=True))
-                if calibration:
-                    log.info("labelling.channel_calibrated", texts=len(texts), calibration=key)
+        if key in self._channel_priors:
+            self._channel_priors.move_to_end(key)
+            return self._channel_priors[key]
+        task = self._channel_pending.get(key)
+        if task is None:  # no await between the check and the insert: one measurement per set
+            task = asyncio.ensure_future(self._measure_prior(calibration or (prompts.CHANNEL_BASELINE,)))
+            self._channel_pending[key] = task
+
+            def done(t: asyncio.Task, key=key) -> None:
+                self._channel_pending.pop(key, None)
+                if t.cancelled() or t.exception() is not None:
+                    return  # not kept: the next request measures again
+                self._channel_priors[key] = t.result()
                 while len(self._channel_priors) > 16:
                     self._channel_priors.popitem(last=False)
-            return self._channel_priors[key]
+                if key is not None:
+                    log.info("labelling.channel_calibrated", texts=len(calibration), calibration=key)
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _measure_prior(self, texts: tuple[str, ...]) -> dict[str, float]:
+        cats = self.taxonomy.categories
+        calls = [
+            asyncio.ensure_future(self._score(prompts.channel_messages(c.description), t))
+            for t in texts
+            for c in cats
+        ]
+        try:
+            vals = await asyncio.gather(*calls)
+        except BaseException:
+            for c in calls:  # one failure: stop the rest instead of leaving them holding judge slots
+                c.cancel()
+            raise
+        per = np.asarray(vals, dtype=float).reshape(len(texts), len(cats)).mean(axis=0)
+        return dict(zip(self.taxonomy.names, per.tolist(), strict=True))
 
     async def _score(self, messages, prefill: str | None) -> float:
         async with self.sem:

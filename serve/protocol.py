@@ -39,7 +39,7 @@ class LabelRequest(BaseModel):
         description="Channel classification only (ignored otherwise): evidence of ordinary latents of the "
         "same run, e.g. its random shared baseline (at most limits.max_calibration; only their top "
         "examples are read). Each category's score is then measured against these latents' text "
-        "instead of a fixed neutral English text. Part of the cache key.",
+        "instead of a fixed neutral English text. Part of the cache key in channel mode.",
     )
 
 

@@ -18,6 +18,9 @@ SEEDS = (0, 1, 2)
 MIN_MASS_RATE = float(os.environ.get("CROSSDIFF_MIN_MASS_RATE", "0.8"))
 MIN_ENRICHMENT = float(os.environ.get("CROSSDIFF_MIN_ENRICHMENT", "3.0"))
 MIN_AGREEMENT = float(os.environ.get("CROSSDIFF_MIN_AGREEMENT", "0.7"))
+# planted directions (of 4) the category shift must get right per seed; 4 is the target (met on the
+# measured box, docs/validation.md); another machine's crosscoders differ slightly
+MIN_DIRECTIONS = int(os.environ.get("CROSSDIFF_MIN_DIRECTIONS", "4"))
 
 
 @pytest.mark.build
@@ -82,5 +85,5 @@ def test_planted_truth_across_seeds(tmp_path):
         assert r["enrichment_vs"] == "all shared latents", (seed, r)
         assert r["enrichment"] >= MIN_ENRICHMENT, (seed, r)
         assert r["judge_agreement"] >= MIN_AGREEMENT, (seed, r)
-        wrong = [n for n, d in r["direction"].items() if not d["ok"]]
-        assert not wrong, (seed, wrong, r["direction"])
+        right = sum(d["ok"] for d in r["direction"].values())
+        assert right >= MIN_DIRECTIONS, (seed, r["direction"])

@@ -117,21 +117,29 @@ def test_channel_labels_are_calibrated_on_the_runs_baseline_latents(run_dir, mon
     calib = set(calibration_texts(baseline, settings.method))
     assert len(calib) == 6
     with Server(ScriptedJudge(by_text, scorer=scorer), settings=settings) as srv:
-        res = label_run(run_dir, {"groups": ["ft-specific"], "batch_size": 4}, endpoint=srv.url)
+        mode = {"service": {"method": {"classify_mode": "channel"}}}  # the endpoint's mode
+        res = label_run(run_dir, {"groups": ["ft-specific"], "batch_size": 4, **mode}, endpoint=srv.url)
         assert (res["total"], res["labelled_now"]) == (20, 20)
         n = len(load_taxonomy("serve/taxonomies/demo.yaml").names)
         assert sum(t in calib for t in scored) == 6 * n  # once, though five requests carried it
         assert prompts.CHANNEL_BASELINE not in scored
         scored.clear()
         label_run(
-            run_dir, {"groups": ["ft-specific"], "calibration_group": None}, endpoint=srv.url, overwrite=True
+            run_dir,
+            {"groups": ["ft-specific"], "calibration_group": None, **mode},
+            endpoint=srv.url,
+            overwrite=True,
         )
         assert prompts.CHANNEL_BASELINE in scored and not calib & set(scored)
-    # what is sent: the group's first calibration_size latents with top examples, trimmed to them
-    sent = calibration_set(list(iter_evidence(run_dir)), LabelConfig(calibration_size=4))
+    # what is sent: the group's first calibration_size latents, trimmed to the top examples that
+    # channel scoring reads; nothing in json/choice mode (the service would ignore it)
+    every = list(iter_evidence(run_dir))
+    channel = {"service": {"method": {"classify_mode": "channel", "channel_examples": 2}}}
+    sent = calibration_set(every, LabelConfig(calibration_size=4, **channel))
     assert [x["latent"] for x in sent] == [100, 101, 102, 103]
-    assert all(x["top"] and not x["quantiles"] and not x["negatives"] for x in sent)
-    assert calibration_set(list(iter_evidence(run_dir)), LabelConfig(calibration_group="nope")) == []
+    assert all(len(x["top"]) == 2 and not x["quantiles"] and not x["negatives"] for x in sent)
+    assert calibration_set(every, LabelConfig(calibration_group="nope", **channel)) == []
+    assert calibration_set(every, LabelConfig()) == []  # json mode
     with pytest.raises(ValueError, match="max_calibration"):
         LabelConfig(calibration_size=500)
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import httpx
+import numpy as np
 import pytest
 from test_serve_helpers import FRENCH, NEUTRAL, REFUSALS, TEMPLATE, evidence, scripted
 
@@ -296,6 +297,16 @@ def test_channel_calibration_measures_categories_against_the_runs_own_latents():
         assert calls == {"prior": 3 * n, "scored": 3 * n}  # the calibration set is scored once
         again, hits = await lab.label_many([tpl], calibration=calib)
         assert hits == 1 and again[0] == got[2] and calls["prior"] == 3 * n
+        # calibration latents without top examples leave nothing to score: the neutral text
+        empty = evidence(200, NEUTRAL, group="baseline").model_copy(update={"top": []})
+        same, hits = await lab.label_many([tpl], calibration=[empty])
+        assert hits == 1 and same[0] == plain[2]
+        # the baseline is the mean over the calibration texts, per category
+        texts = calibration_texts(calib, cfg)
+        prior = await lab._channel_prior(texts)
+        for c in tax.categories:
+            want = np.mean([scorer(prompts.channel_messages(c.description), t) for t in texts])
+            assert prior[c.name] == pytest.approx(want)
 
     run(go())
     # only the channel mode reads the calibration: json labels keep their keys without it
@@ -452,7 +463,7 @@ def test_http_auth_health_taxonomy_labels():
 def test_http_limits_name_the_field():
     async def go():
         async with client(
-            ScriptedJudge(scripted()), max_body_bytes=20_000, max_batch=2, max_examples=8, max_calibration=2
+            ScriptedJudge(scripted()), max_body_bytes=20_000, max_batch=2, max_examples=8, max_calibration=4
         ) as c:
             big = body(*(evidence(i, FRENCH) for i in range(30)))
             r = await c.post("/v1/labels", json=big)
@@ -479,13 +490,20 @@ def test_http_limits_name_the_field():
             assert r.status_code == 422
             r = await c.post("/v1/labels", json={"latents": []})
             assert r.status_code == 422 and r.json()["field"] == "latents"
-            calib = [evidence(9, NEUTRAL, group="baseline").model_dump(mode="json")]
-            r = await c.post("/v1/labels", json={**body(evidence(0, NEUTRAL)), "calibration": calib * 3})
+            calib = [evidence(9, NEUTRAL[:1], group="baseline").model_dump(mode="json")]
+            one = body(evidence(0, NEUTRAL[:1]))
+            r = await c.post("/v1/labels", json={**one, "calibration": calib * 3})
+            assert r.status_code == 200  # 3 > max_batch but <= max_calibration
+            r = await c.post("/v1/labels", json={**one, "calibration": calib * 5})
             assert r.status_code == 422 and r.json()["field"] == "calibration"
-            assert "max_calibration" in r.json()["detail"]
-            calib[0]["top"] = calib[0]["top"] * 3
-            r = await c.post("/v1/labels", json={**body(evidence(0, NEUTRAL)), "calibration": calib})
+            assert "max_calibration=4" in r.json()["detail"]
+            calib[0]["top"] = calib[0]["top"] * 9
+            r = await c.post("/v1/labels", json={**one, "calibration": calib})
             assert r.status_code == 422 and r.json()["field"] == "calibration.0.top"
+            calib[0]["top"] = calib[0]["top"][:1]
+            calib[0]["top"][0] |= {"tokens": ["x"] * 600, "acts": [1.0] * 600, "peak": 0}
+            r = await c.post("/v1/labels", json={**one, "calibration": calib})
+            assert r.status_code == 422 and r.json()["field"] == "calibration.0.top.0.tokens"
 
     run(go())
 
