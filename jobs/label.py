@@ -160,7 +160,7 @@ async def _label_all(
     todo: list[LatentEvidence],
     cfg: LabelConfig,
     out: Path,
-    calibration: list[dict] | None = None,
+    calibration: list[dict],
 ) -> int:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
@@ -173,7 +173,7 @@ async def _label_all(
         async def run(batch):
             nonlocal done
             async with sem:
-                labels = await _post_batch(client, batch, cfg, calibration or [])
+                labels = await _post_batch(client, batch, cfg, calibration)
             _append(out, labels)  # single-threaded event loop: appends never interleave
             done += len(labels)
             log.info(
@@ -208,16 +208,15 @@ def calibration_set(evidence: list[LatentEvidence], cfg: LabelConfig) -> list[di
     method = cfg.service.method
     if not cfg.calibration_group or method.classify_mode != "channel":
         return []
+    n = method.channel_examples
     group = [e for e in evidence if e.group == cfg.calibration_group and e.top]
-    full = [e for e in group if len(e.top) >= method.channel_examples]
-    chosen = (full + [e for e in group if len(e.top) < method.channel_examples])[: cfg.calibration_size]
+    chosen = sorted(group, key=lambda e: len(e.top) < n)[: cfg.calibration_size]  # stable: full ones first
     if not chosen:
         log.warning(
             "label.no_calibration",
             group=cfg.calibration_group,
             detail="no latent of this group has top examples; channel scoring uses the neutral text",
         )
-    n = method.channel_examples
     return [
         json.loads(
             e.model_copy(update={"top": e.top[:n], "quantiles": [], "negatives": []}).model_dump_json()
