@@ -4,8 +4,10 @@
 
 Bounded concurrency (`concurrency` requests of `batch_size` latents in flight), retries with
 exponential backoff (honouring Retry-After) on 5xx/timeouts, a 413 splits the batch, resume
-(latents already in labels.jsonl are skipped; a torn last line from a killed run is dropped), and
-every finished batch is appended to labels.jsonl in one write + fsync.
+(latents already in labels.jsonl are skipped; a torn last line from a killed run is dropped; a run
+whose label-deciding settings changed since is refused unless --overwrite, so one labels.jsonl never
+mixes two judges, prompts or methods), and every finished batch is appended to labels.jsonl in one
+write + fsync.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import httpx
 from pydantic import Field, model_validator
 
-from diffing.config import Frozen
+from diffing.config import ConfigError, Frozen
 from diffing.evidence import LABELS_FILE, LatentEvidence, LatentLabel, iter_evidence
 from diffing.logs import get_logger
 from serve.settings import ServiceSettings
@@ -80,6 +82,64 @@ class LabelConfig(Frozen):
 
 class LabelJobError(RuntimeError):
     """The endpoint kept failing; labels written so far are kept, rerun to resume."""
+
+
+class LabelSettingsChanged(ConfigError):
+    """labels.jsonl was started with other label-deciding settings: resuming would mix labels."""
+
+
+# settings that only bound, route or authorise requests: changing them between runs still resumes
+_JOB_OPERATIONAL = {
+    "groups", "batch_size", "concurrency", "max_attempts", "backoff_s", "max_backoff_s",
+    "request_timeout_s", "token_env", "start_timeout_s",
+}  # fmt: skip
+_SERVICE_OPERATIONAL = {"limits", "auth", "cache_size", "cache_dir", "ingress_options"}
+_JUDGE_OPERATIONAL = {"endpoint", "api_key_env", "cpu_reserved_cores", "deployment_config", "timeout_s"}
+
+
+def label_settings(cfg: LabelConfig | dict) -> dict:
+    """The settings that decide a latent's label besides its evidence, flattened: the judge, the
+    taxonomy, the method, detection, and the calibration where channel scoring reads it. A dict is a
+    saved config as written (an older crossdiff's lacks the fields added since: they count as changed)."""
+    d = json.loads(json.dumps(cfg if isinstance(cfg, dict) else cfg.model_dump(mode="json")))
+    for k in _JOB_OPERATIONAL:
+        d.pop(k, None)
+    service = d.get("service") if isinstance(d.get("service"), dict) else {}
+    for k in _SERVICE_OPERATIONAL:
+        service.pop(k, None)
+    for k in _JUDGE_OPERATIONAL:
+        (service.get("judge") or {}).pop(k, None)
+    method = service.get("method") or {}
+    method.pop("max_concurrent_calls", None)
+    if method.get("classify_mode", "json") != "channel":
+        d.pop("calibration_group", None)
+        d.pop("calibration_size", None)
+    return _flatten(d)
+
+
+def _check_resumable(run_dir: Path, cfg: LabelConfig, have: dict[int, LatentLabel]) -> None:
+    """Refuse to append to labels made with other label-deciding settings (see ``label_settings``)."""
+    path = run_dir / CONFIG_FILE
+    if not have or not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        saved = {}
+    before, now = label_settings(saved if isinstance(saved, dict) else {}), label_settings(cfg)
+    changed = sorted(
+        k for k in before.keys() | now.keys() if before.get(k, "<absent>") != now.get(k, "<absent>")
+    )
+    if changed:
+        shown = "; ".join(
+            f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed[:5]
+        )
+        more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+        raise LabelSettingsChanged(
+            f"{run_dir / LABELS_FILE} holds {len(have)} labels made with other label settings "
+            f"({shown}{more}; from {path.name}); resuming would mix them. Rerun with --overwrite to "
+            f"relabel every latent, or restore those settings to resume."
+        )
 
 
 def read_labels_tolerant(path: Path) -> dict[int, LatentLabel]:
@@ -256,6 +316,7 @@ def label_run(
     evidence = [e for e in every if cfg.groups is None or e.group in cfg.groups]
     calibration = calibration_set(every, cfg)
     have = read_labels_tolerant(out)
+    _check_resumable(run_dir, cfg, have)
     todo = [e for e in evidence if e.latent not in have]
     (run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
     log.info("label.start", run=str(run_dir), total=len(evidence), done=len(have), todo=len(todo))

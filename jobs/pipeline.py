@@ -250,6 +250,7 @@ class Pipeline:
             for s in STAGES:
                 self._unmark(s)
         results: dict[str, Any] = {}
+        self._redo_changed = redo_changed  # the label stage reads it (labels resumed under other settings)
         redo = False
         for i, stage in enumerate(s for s in STAGES if s in self.cfg.stages):
             if self.is_done(stage, redo_changed):
@@ -319,7 +320,19 @@ class Pipeline:
     def _label(self, overwrite: bool) -> dict:
         import os
 
-        from jobs.label import label_run
+        from jobs.label import LabelSettingsChanged, label_run
+
+        def label_one(d: Path) -> dict:
+            try:
+                return label_run(d, cfg, endpoint=endpoint, overwrite=overwrite)
+            except LabelSettingsChanged as e:  # an unfinished label stage, resumed after a config change
+                if not getattr(self, "_redo_changed", False):
+                    raise LabelSettingsChanged(
+                        f"{e} With `crossdiff pipeline`, --redo-changed relabels without redoing the "
+                        "stages before it."
+                    ) from None
+                self.log.info("pipeline.changed", stage="label", action="relabel every latent", run=str(d))
+                return label_run(d, cfg, endpoint=endpoint, overwrite=True)
 
         dirs = self.dirs()
         endpoint, cfg = self.endpoint, self.cfg.label
@@ -332,10 +345,7 @@ class Pipeline:
             if svc is not None:
                 endpoint = svc.url
                 os.environ[cfg.token_env] = svc.token or ""
-            out = {
-                "-vs-".join(p): label_run(d, cfg, endpoint=endpoint, overwrite=overwrite)
-                for p, d in dirs.items()
-            }
+            out = {"-vs-".join(p): label_one(d) for p, d in dirs.items()}
         return out if len(out) > 1 else next(iter(out.values()))
 
     def _report(self, overwrite: bool) -> dict:

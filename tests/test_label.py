@@ -12,7 +12,14 @@ import uvicorn
 from test_serve_helpers import FRENCH, NEUTRAL, REFUSALS, evidence, scripted
 
 from diffing.evidence import LABELS_FILE, iter_evidence, read_labels, write_jsonl
-from jobs.label import LabelConfig, LabelJobError, calibration_set, label_run
+from jobs.label import (
+    LabelConfig,
+    LabelJobError,
+    LabelSettingsChanged,
+    calibration_set,
+    label_run,
+    label_settings,
+)
 from serve.app import Service, create_app
 from serve.judge import JudgeUnavailable, ScriptedJudge
 from serve.settings import LimitSettings, ServiceSettings
@@ -142,6 +149,43 @@ def test_channel_labels_are_calibrated_on_the_runs_baseline_latents(run_dir, mon
     assert calibration_set(every, LabelConfig()) == []  # json mode
     with pytest.raises(ValueError, match="max_calibration"):
         LabelConfig(calibration_size=500)
+
+
+def test_resume_under_changed_label_settings_is_refused_not_mixed(run_dir, monkeypatch):
+    """A run interrupted and resumed with other label-deciding settings (another method, judge,
+    detection, a config from before the calibration existed) would append labels of a second kind
+    to the first: refused, naming the setting and --overwrite; operational settings still resume."""
+    import json
+
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+    p = run_dir / LABELS_FILE
+    with Server(ScriptedJudge(by_text)) as srv:
+        label_run(run_dir, LabelConfig(batch_size=4), endpoint=srv.url)
+        p.write_text("".join(p.read_text().splitlines(keepends=True)[:8]))  # "killed" after 8 labels
+        before = p.read_text()
+        changed = LabelConfig.model_validate({"detection": True, "service": {"method": {"explain_top": 5}}})
+        with pytest.raises(LabelSettingsChanged, match=r"detection: False -> True.*--overwrite") as e:
+            label_run(run_dir, changed, endpoint=srv.url)
+        assert "service.method.explain_top: 8 -> 5" in str(e.value)
+        assert p.read_text() == before  # nothing appended, nothing lost
+        # operational settings (batch, concurrency, retries, groups, limits) resume
+        ops = {"batch_size": 7, "concurrency": 1, "max_attempts": 2, "service": {"limits": {"max_batch": 32}}}
+        res = label_run(run_dir, LabelConfig.model_validate(ops), endpoint=srv.url)
+        assert (res["labelled_now"], res["skipped"], res["missing"]) == (18, 8, 0)
+        res = label_run(run_dir, changed, endpoint=srv.url, overwrite=True)
+        assert res["labelled_now"] == 26
+        assert json.loads((run_dir / "label_config.json").read_text())["detection"] is True
+        # a config saved by an older crossdiff (no calibration fields) under channel scoring: refused
+        channel = LabelConfig.model_validate({"service": {"method": {"classify_mode": "channel"}}})
+        saved = json.loads(channel.model_dump_json())
+        del saved["calibration_group"], saved["calibration_size"]
+        (run_dir / "label_config.json").write_text(json.dumps(saved))
+        with pytest.raises(LabelSettingsChanged, match="calibration_group: '<absent>' -> 'baseline'"):
+            label_run(run_dir, channel, endpoint=srv.url)
+    # the calibration decides nothing outside channel mode; operational judge settings never do
+    a = LabelConfig.model_validate({"calibration_size": 3, "service": {"judge": {"timeout_s": 5}}})
+    assert label_settings(a) == label_settings(LabelConfig())
+    assert label_settings(LabelConfig(groups=("baseline",))) == label_settings(LabelConfig())
 
 
 def test_retries_503_with_backoff_and_splits_413(run_dir, monkeypatch):

@@ -114,6 +114,35 @@ def test_rerun_skips_changed_config_is_refused_or_redone_from_that_stage(tmp_pat
     assert calls == []
 
 
+def test_unfinished_label_stage_under_a_changed_config_is_relabelled_not_mixed(tmp_path, monkeypatch):
+    """A label stage killed before its marker, rerun after a label config change: the job refuses to
+    mix; the pipeline names --redo-changed, and with it relabels every latent (overwrite)."""
+    import jobs.label
+    from jobs.label import LabelSettingsChanged
+    from jobs.pipeline import PipelineConfig, with_defaults
+
+    calls: list = []
+
+    def fake_label_run(d, cfg, endpoint=None, overwrite=False):
+        calls.append(overwrite)
+        if not overwrite:
+            raise LabelSettingsChanged("labels.jsonl holds 8 labels made with other label settings (...)")
+        return {"labelled_now": 26}
+
+    monkeypatch.setattr(jobs.label, "label_run", fake_label_run)
+    cfg = PipelineConfig.model_validate(with_defaults(_cfg_dict(tmp_path)))
+    p = Pipeline(cfg)
+    p.stage_fns = {
+        **p.stage_fns,
+        **{s: (lambda overwrite: {}) for s in ("harvest", "fit", "analyze", "report")},
+    }
+    with pytest.raises(ConfigError, match="--redo-changed"):
+        p()
+    assert calls == [False] and not p.marker("label").exists()
+    p(redo_changed=True)
+    assert calls == [False, False, True] and p.marker("label").exists()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
