@@ -93,7 +93,7 @@ class LatentLabel(_Model):
     cache_key: str = Field(
         "",
         description="Hash of what decides the label: evidence, context, prompt version, judge model, "
-        "taxonomy, method settings, detection and (channel mode) the calibration set.",
+        "taxonomy, method settings, detection, (channel mode) the calibration set and a folded system message.",
     )
 
 

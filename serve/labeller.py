@@ -49,8 +49,10 @@ def cache_key(
     method: MethodSettings,
     detection: bool,
     calibration: str | None = None,
+    folded_system: bool = False,
 ) -> str:
-    """`calibration`: fingerprint of the channel calibration texts (None: the fixed neutral text)."""
+    """`calibration`: fingerprint of the channel calibration texts (None: the fixed neutral text).
+    `folded_system`: the judge reads the system message folded into the first user turn."""
     fields = {
         "evidence": judge_view(ev, context),
         "prompt": prompts.PROMPT_VERSION,
@@ -61,6 +63,8 @@ def cache_key(
     }
     if calibration is not None:  # absent otherwise, so keys of uncalibrated labels stay as they were
         fields["calibration"] = calibration
+    if folded_system:  # likewise: a different prompt, so a different label
+        fields["system"] = "folded"
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -313,6 +317,7 @@ class Labeller:
             method=self.method,
             detection=detection,
             calibration=fingerprint(calibration) if channel and calibration else None,
+            folded_system=self._fold,
         )
 
     async def label(

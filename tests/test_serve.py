@@ -395,6 +395,11 @@ def test_cache_key_and_hits(tmp_path):
         )
         != k0
     )
+    # a judge that reads the system message folded into the user turn sees another prompt
+    assert Labeller(j, tax, MethodSettings(), system_role="fold").key(evidence(5, FRENCH), None, False) != k0
+    assert (
+        Labeller(j, tax, MethodSettings(), system_role="message").key(evidence(5, FRENCH), None, False) == k0
+    )
     # the on-disk cache survives a new labeller
     j2 = ScriptedJudge(scripted())
     c, hit = run(
