@@ -175,6 +175,11 @@ def test_recipe_hash_tracks_the_compute_dtype_it_resolves_to(cpu_bf16):
     assert auto.resolved_compute_dtype() == "bfloat16"
     assert auto.digest() != on_avx2  # a bf16-trained model never passes for an fp32-trained one
     assert fp32.resolved_compute_dtype() == "float32" and bf16.resolved_compute_dtype() == "bfloat16"
+    # the attention kernel follows the precision (eager is the faster one only under bf16)
+    assert auto.resolved_attn_implementation() == "eager"
+    assert fp32.resolved_attn_implementation() == "sdpa"
+    assert FinetuneRecipe(attn_implementation="sdpa").resolved_attn_implementation() == "sdpa"
+    assert FinetuneRecipe(attn_implementation="sdpa").digest() != auto.digest()
 
 
 def test_lora_merge_matches_adapter_and_disable_gives_base(tiny_pair):
@@ -258,6 +263,37 @@ def test_bfloat16_compute_trains_and_is_recorded(tiny_pair, tmp_path):
     wb = load_file(outs["bfloat16"] / "model.safetensors")
     assert all(wb[k].dtype == torch.float32 for k in wb)  # autocast: float32 master weights
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_eager_and_sdpa_attention_train_the_same_adapter(tiny_pair):
+    """Parity: the recipe's attention kernel changes the speed, not the math (float32, 3 steps)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diffing.embedded.finetune import train_adapter
+
+    kw = dict(
+        steps=3, batch_size=2, general_batch_size=2, corpus_size=200, lora_rank=2, preserve_layers=(1, 3),
+        eval_records=0, max_len=512, compute_dtype="float32",
+    )  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    runs = {}
+    for attn in ("eager", "sdpa"):
+        recipe = FinetuneRecipe(attn_implementation=attn, **kw)
+        model = AutoModelForCausalLM.from_pretrained(tiny_pair[0], attn_implementation=attn).eval()
+        assert model.config._attn_implementation == attn
+        history = train_adapter(model, tok, recipe)
+        runs[attn] = (
+            recipe.digest(),
+            history,
+            {n: p.detach() for n, p in model.named_parameters() if "lora" in n},
+        )
+    (d_eager, h_eager, w_eager), (d_sdpa, h_sdpa, w_sdpa) = runs["eager"], runs["sdpa"]
+    assert d_eager != d_sdpa  # a different kernel is a different build (bitwise, not in meaning)
+    for a, b in zip(h_eager, h_sdpa, strict=True):
+        for key in ("ce", "preserve", "kl", "kl_start"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert all(torch.allclose(w_eager[n], w_sdpa[n], atol=1e-5) for n in w_eager)
+    assert any(w.abs().sum() > 0 for n, w in w_eager.items() if "lora_b" in n)  # it did train
 
 
 # --- the real SmolLM2 (download + conversion) ------------------------------------------------
