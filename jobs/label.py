@@ -30,6 +30,7 @@ from serve.settings import ServiceSettings
 
 log = get_logger("crossdiff.label")
 CONFIG_FILE = "label_config.json"
+SETTINGS_FILE = "label_settings.json"  # label_settings() of the run's labels: what a resume must match
 
 
 class LabelConfig(Frozen):
@@ -107,26 +108,51 @@ def label_settings(cfg: LabelConfig | dict) -> dict:
     service = d.get("service") if isinstance(d.get("service"), dict) else {}
     for k in _SERVICE_OPERATIONAL:
         service.pop(k, None)
+    judge = service.get("judge")
     for k in _JUDGE_OPERATIONAL:
-        (service.get("judge") or {}).pop(k, None)
+        if isinstance(judge, dict):
+            judge.pop(k, None)
     method = service.get("method") or {}
+    if not isinstance(method, dict):
+        method = {}
     method.pop("max_concurrent_calls", None)
     if method.get("classify_mode", "json") != "channel":
         d.pop("calibration_group", None)
         d.pop("calibration_size", None)
-    return _flatten(d)
+    out = _flatten(d)
+    if not isinstance(cfg, dict):  # what a path or a version name alone does not pin down
+        from serve.prompts import PROMPT_VERSION
+        from serve.taxonomy import load_taxonomy
+
+        out["taxonomy_fingerprint"] = load_taxonomy(cfg.service.taxonomy).fingerprint
+        out["prompt_version"] = PROMPT_VERSION
+    return out
+
+
+_DERIVED = ("taxonomy_fingerprint", "prompt_version")  # in label_settings.json, not label_config.json
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def _check_resumable(run_dir: Path, cfg: LabelConfig, have: dict[int, LatentLabel]) -> None:
-    """Refuse to append to labels made with other label-deciding settings (see ``label_settings``)."""
-    path = run_dir / CONFIG_FILE
-    if not have or not path.exists():
+    """Refuse to append to labels made with other label-deciding settings (see ``label_settings``):
+    compared with RUN/label_settings.json, or for runs from before it with RUN/label_config.json."""
+    now = label_settings(cfg)
+    if not have:
         return
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError:
-        saved = {}
-    before, now = label_settings(saved if isinstance(saved, dict) else {}), label_settings(cfg)
+    if (path := run_dir / SETTINGS_FILE).exists():
+        before = _read_json(path)
+    elif (path := run_dir / CONFIG_FILE).exists():
+        before = label_settings(_read_json(path))
+        now = {k: v for k, v in now.items() if k not in _DERIVED}
+    else:
+        return
     changed = sorted(
         k for k in before.keys() | now.keys() if before.get(k, "<absent>") != now.get(k, "<absent>")
     )
@@ -137,8 +163,8 @@ def _check_resumable(run_dir: Path, cfg: LabelConfig, have: dict[int, LatentLabe
         more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
         raise LabelSettingsChanged(
             f"{run_dir / LABELS_FILE} holds {len(have)} labels made with other label settings "
-            f"({shown}{more}; from {path.name}); resuming would mix them. Rerun with --overwrite to "
-            f"relabel every latent, or restore those settings to resume."
+            f"({shown}{more}; saved in {path.name}); resuming would mix them. Rerun with --overwrite "
+            f"to relabel every latent, or restore those settings to resume."
         )
 
 
@@ -221,7 +247,10 @@ async def _label_all(
     cfg: LabelConfig,
     out: Path,
     calibration: list[dict],
+    expect: set[tuple[str, str]] = frozenset(),
 ) -> int:
+    """`expect`: (judge_model, prompt_version) of the labels already in `out` (resume); a response
+    from another judge or prompt version stops the run before it appends anything."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     sem = asyncio.Semaphore(cfg.concurrency)
@@ -234,6 +263,13 @@ async def _label_all(
             nonlocal done
             async with sem:
                 labels = await _post_batch(client, batch, cfg, calibration)
+            got = {(lab.judge_model, lab.prompt_version) for lab in labels}
+            if expect and not got <= expect:  # checked before anything is appended
+                raise LabelSettingsChanged(
+                    f"{out} holds labels by (judge, prompt version) {sorted(expect)} but the endpoint "
+                    f"answers as {sorted(got - expect)}; resuming would mix them. Rerun with --overwrite "
+                    f"to relabel every latent with this judge, or point at the judge that made them."
+                )
             _append(out, labels)  # single-threaded event loop: appends never interleave
             done += len(labels)
             log.info(
@@ -317,19 +353,23 @@ def label_run(
     calibration = calibration_set(every, cfg)
     have = read_labels_tolerant(out)
     _check_resumable(run_dir, cfg, have)
+    # labels of older crossdiffs may lack these: then there is nothing to compare with
+    expect = {(lab.judge_model, lab.prompt_version) for lab in have.values()}
+    expect = set() if any("" in pair for pair in expect) else expect
     todo = [e for e in evidence if e.latent not in have]
     (run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
+    (run_dir / SETTINGS_FILE).write_text(json.dumps(label_settings(cfg), indent=1, sort_keys=True))
     log.info("label.start", run=str(run_dir), total=len(evidence), done=len(have), todo=len(todo))
     new = 0
     if todo:
         if endpoint:
             token = os.environ.get(cfg.token_env)
-            new = asyncio.run(_label_all(endpoint, token, todo, cfg, out, calibration))
+            new = asyncio.run(_label_all(endpoint, token, todo, cfg, out, calibration, expect))
         else:
             from serve.local import LocalService
 
             with LocalService(cfg.service, start_timeout_s=cfg.start_timeout_s) as svc:
-                new = asyncio.run(_label_all(svc.url, svc.token, todo, cfg, out, calibration))
+                new = asyncio.run(_label_all(svc.url, svc.token, todo, cfg, out, calibration, expect))
     labels = read_labels_tolerant(out)
     wanted = {e.latent for e in evidence}
     cats = Counter(lab.category for k, lab in labels.items() if k in wanted)

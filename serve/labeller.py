@@ -329,6 +329,7 @@ class Labeller:
     ) -> tuple[LatentLabel, bool]:
         """(label, came_from_cache). `calibration`: channel texts of ordinary latents
         (`calibration_texts`); channel classification measures each category against them."""
+        folded = self._fold
         key = self.key(ev, context, detection, calibration)
         hit = self.cache.get(key)
         if hit is not None:
@@ -356,6 +357,8 @@ class Labeller:
             explanation = await self.explain(ev, examples, context)
             category, secondary, conf = await self.classify(ev, examples, explanation)
         score = await self.detect(explanation, pos, neg) if detection and pos and neg else None
+        if self._fold != folded:  # `auto` met a judge without a system role meanwhile: folded prompts
+            key = self.key(ev, context, detection, calibration)
         lab = LatentLabel(
             latent=ev.latent,
             explanation=explanation,

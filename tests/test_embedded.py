@@ -178,8 +178,12 @@ def test_recipe_hash_tracks_the_compute_dtype_it_resolves_to(cpu_bf16):
     # the attention kernel follows the precision (eager is the faster one only under bf16)
     assert auto.resolved_attn_implementation() == "eager"
     assert fp32.resolved_attn_implementation() == "sdpa"
-    assert FinetuneRecipe(attn_implementation="sdpa").resolved_attn_implementation() == "sdpa"
-    assert FinetuneRecipe(attn_implementation="sdpa").digest() != auto.digest()
+    sdpa = FinetuneRecipe(attn_implementation="sdpa")
+    assert sdpa.resolved_attn_implementation() == "sdpa" and sdpa.digest() != auto.digest()
+    # recipes that resolve to sdpa (the only kernel before the field) hash without the field, as they
+    # did before it existed: "auto" and "sdpa" on a float32 machine are one build under one name
+    native(False)
+    assert auto.resolved_attn_implementation() == "sdpa" and auto.digest() == sdpa.digest() == on_avx2
 
 
 def test_lora_merge_matches_adapter_and_disable_gives_base(tiny_pair):
@@ -256,6 +260,11 @@ def test_bfloat16_compute_trains_and_is_recorded(tiny_pair, tmp_path):
     assert {c: r["compute_dtype"] for c, r in reports.items()} == {
         "float32": "float32",
         "bfloat16": "bfloat16",
+    }
+    # auto: the faster kernel per precision, and the build really used it
+    assert {c: r["attn_implementation"] for c, r in reports.items()} == {
+        "float32": "sdpa",
+        "bfloat16": "eager",
     }
     ce = {c: [h["ce"] for h in r["history"]] for c, r in reports.items()}
     assert ce["bfloat16"][0] == pytest.approx(ce["float32"][0], rel=2e-2)  # same model, same batch

@@ -175,13 +175,36 @@ def test_resume_under_changed_label_settings_is_refused_not_mixed(run_dir, monke
         res = label_run(run_dir, changed, endpoint=srv.url, overwrite=True)
         assert res["labelled_now"] == 26
         assert json.loads((run_dir / "label_config.json").read_text())["detection"] is True
-        # a config saved by an older crossdiff (no calibration fields) under channel scoring: refused
+        assert json.loads((run_dir / "label_settings.json").read_text())["detection"] is True
+        # a run from an older crossdiff (no label_settings.json; its label_config.json without the
+        # calibration fields) resumed under channel scoring: refused
+        (run_dir / "label_settings.json").unlink()
         channel = LabelConfig.model_validate({"service": {"method": {"classify_mode": "channel"}}})
         saved = json.loads(channel.model_dump_json())
         del saved["calibration_group"], saved["calibration_size"]
         (run_dir / "label_config.json").write_text(json.dumps(saved))
         with pytest.raises(LabelSettingsChanged, match="calibration_group: '<absent>' -> 'baseline'"):
             label_run(run_dir, channel, endpoint=srv.url)
+        # a taxonomy edited in place (same path, other content) is another taxonomy
+        import shutil
+        from pathlib import Path
+
+        tax = run_dir / "tax.yaml"
+        shutil.copy(Path(__file__).resolve().parents[1] / "serve" / "taxonomy.yaml", tax)
+        own = LabelConfig.model_validate({"service": {"taxonomy": str(tax)}})
+        label_run(run_dir, own, endpoint=srv.url, overwrite=True)
+        p.write_text("".join(p.read_text().splitlines(keepends=True)[:5]))
+        tax.write_text(tax.read_text().replace("description:", "description: Edited.", 1))
+        with pytest.raises(LabelSettingsChanged, match="taxonomy_fingerprint"):
+            label_run(run_dir, own, endpoint=srv.url)
+    # the endpoint now serves another judge: the first answer stops the resume, nothing appended
+    tax.write_text(tax.read_text().replace("description: Edited.", "description:", 1))
+    before = p.read_text()
+    with Server(ScriptedJudge(by_text, model="other-judge")) as srv:
+        with pytest.raises(LabelSettingsChanged, match="other-judge"):
+            label_run(run_dir, own, endpoint=srv.url)
+        assert p.read_text() == before
+        assert label_run(run_dir, own, endpoint=srv.url, overwrite=True)["labelled_now"] == 26
     # the calibration decides nothing outside channel mode; operational judge settings never do
     a = LabelConfig.model_validate({"calibration_size": 3, "service": {"judge": {"timeout_s": 5}}})
     assert label_settings(a) == label_settings(LabelConfig())

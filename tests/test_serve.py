@@ -330,9 +330,13 @@ def test_judge_without_a_system_role_gets_the_instructions_in_the_user_turn():
 
     tax, ev = load_taxonomy(), evidence(1, FRENCH)
     j = ScriptedJudge(fn)
-    lab, _ = run(Labeller(j, tax, MethodSettings()).label(ev))
+    auto = Labeller(j, tax, MethodSettings())
+    lab, _ = run(auto.label(ev))
     assert lab.category == "multilingual" and lab.explanation.startswith("These snippets")
     assert j.calls == 3  # explain rejected once, then explain and classify folded
+    # made from folded prompts, so keyed (and cached) as folded, not under the key computed before
+    folded_key = Labeller(j, tax, MethodSettings(), system_role="fold").key(ev, None, False)
+    assert lab.cache_key == folded_key and auto.cache.get(folded_key) is not None
     assert all(m[0]["role"] == "user" and m[0]["content"].startswith(prompts.SYSTEM + "\n\n") for m in seen)
     assert "Bonjour" in seen[0][0]["content"]  # the user turn itself follows the instructions
     j = ScriptedJudge(fn)

@@ -154,11 +154,14 @@ class FinetuneRecipe(BaseModel):
 
     def digest(self) -> str:
         """Hash of the recipe's JSON, the compute dtype and attention kernel it resolves to on this
-        machine, and the corpus and training-code versions."""
+        machine, and the corpus and training-code versions. A recipe that resolves to ``sdpa`` (the
+        only kernel before the field existed) hashes as it did then, so those builds are reused."""
+        attn = self.resolved_attn_implementation()
+        recipe = self.model_dump_json(exclude={"attn_implementation"} if attn == "sdpa" else None)
         key = (
-            f"{self.model_dump_json()}|compute={self.resolved_compute_dtype()}"
-            f"|attn={self.resolved_attn_implementation()}"
-            f"|corpus={CORPUS_VERSION}|build={BUILD_VERSION}"
+            f"{recipe}|compute={self.resolved_compute_dtype()}"
+            + ("" if attn == "sdpa" else f"|attn={attn}")
+            + f"|corpus={CORPUS_VERSION}|build={BUILD_VERSION}"
         )
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -471,7 +474,7 @@ def _build(tmp: Path, base_dir: Path, recipe: FinetuneRecipe) -> None:
         "history": history,
         "threads": torch.get_num_threads(),
         "compute_dtype": recipe.resolved_compute_dtype(),
-        "attn_implementation": recipe.resolved_attn_implementation(),
+        "attn_implementation": model.config._attn_implementation,  # what the training passes ran
     }
     if recipe.eval_records:
         records = heldout_records(recipe)
