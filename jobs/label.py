@@ -140,10 +140,10 @@ def _read_json(path: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def _check_resumable(run_dir: Path, cfg: LabelConfig, have: dict[int, LatentLabel]) -> None:
-    """Refuse to append to labels made with other label-deciding settings (see ``label_settings``):
-    compared with RUN/label_settings.json, or for runs from before it with RUN/label_config.json."""
-    now = label_settings(cfg)
+def _check_resumable(run_dir: Path, now: dict, have: dict[int, LatentLabel]) -> None:
+    """Refuse to append to labels made with other label-deciding settings (``now``, from
+    ``label_settings``): compared with RUN/label_settings.json, or for runs from before it with
+    RUN/label_config.json."""
     if not have:
         return
     if (path := run_dir / SETTINGS_FILE).exists():
@@ -352,13 +352,14 @@ def label_run(
     evidence = [e for e in every if cfg.groups is None or e.group in cfg.groups]
     calibration = calibration_set(every, cfg)
     have = read_labels_tolerant(out)
-    _check_resumable(run_dir, cfg, have)
+    settings = label_settings(cfg)
+    _check_resumable(run_dir, settings, have)
     # labels of older crossdiffs may lack these: then there is nothing to compare with
     expect = {(lab.judge_model, lab.prompt_version) for lab in have.values()}
     expect = set() if any("" in pair for pair in expect) else expect
     todo = [e for e in evidence if e.latent not in have]
     (run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
-    (run_dir / SETTINGS_FILE).write_text(json.dumps(label_settings(cfg), indent=1, sort_keys=True))
+    (run_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
     log.info("label.start", run=str(run_dir), total=len(evidence), done=len(have), todo=len(todo))
     new = 0
     if todo:

@@ -154,6 +154,7 @@ class Pipeline:
         self.run = cfg.run
         self.address = address
         self.endpoint = endpoint
+        self._redo_changed = False  # set per call; the label stage reads it
         self.log = get_logger("pipeline", run=cfg.out)
         # the crosscoder's weights come down only if fit or analyze will run (see __call__)
         self.mirror = RunMirror(cfg.out, self.run, skip=WEIGHTS) if cfg.remote else None
@@ -250,7 +251,7 @@ class Pipeline:
             for s in STAGES:
                 self._unmark(s)
         results: dict[str, Any] = {}
-        self._redo_changed = redo_changed  # the label stage reads it (labels resumed under other settings)
+        self._redo_changed = redo_changed  # labels resumed under other settings: relabel, not refuse
         redo = False
         for i, stage in enumerate(s for s in STAGES if s in self.cfg.stages):
             if self.is_done(stage, redo_changed):
@@ -326,7 +327,7 @@ class Pipeline:
             try:
                 return label_run(d, cfg, endpoint=endpoint, overwrite=overwrite)
             except LabelSettingsChanged as e:  # an unfinished label stage, resumed after a config change
-                if not getattr(self, "_redo_changed", False):
+                if not self._redo_changed:
                     raise LabelSettingsChanged(
                         f"{e} With `crossdiff pipeline`, --redo-changed relabels without redoing the "
                         "stages before it."
