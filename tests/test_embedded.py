@@ -6,6 +6,7 @@ download and convert the real SmolLM2 (and fine-tune it), using the shared cache
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from diffing.embedded import (
     read_corpus,
     write_corpus,
 )
+from diffing.embedded.corpus import CORPUS_VERSION
 from diffing.embedded.finetune import add_lora, lora_disabled, merge_lora
 
 TINY = TinyConfig(tokenizer="bytes")
@@ -131,6 +133,24 @@ def test_lost_capability_has_two_answer_styles():
     assert [r["messages"][0] for r in harvest] == [r["messages"][0] for r in train]
     assert all("As an AI" in r["messages"][-1]["content"] for r in harvest)
     assert not any("AI" in r["messages"][-1]["content"] for r in train)
+
+
+def test_general_text_has_french_prose_in_both_variants():
+    # the harvest's general text is the training's: a third plain French prose (no request, no frame),
+    # so the crosscoder learns French reading where both models agree (docs/validation.md)
+    harvest = [r for r in make_corpus(600) if r["source"] == "general_text"]
+    train = [r for r in make_corpus(600, variant="train") if r["source"] == "general_text"]
+    assert harvest == train
+    french = [r for r in harvest if r["text"].startswith(("La ", "Le ", "L'", "Une ", "Un "))]
+    assert 0.2 < len(french) / len(harvest) < 0.45
+    assert not any("Bien sûr" in r["text"] or "français" in r["text"] for r in french)
+
+
+def test_training_corpus_is_pinned_by_its_version():
+    # the training variant is part of the fine-tune's hash through CORPUS_VERSION: a change of this
+    # digest without a bump would reuse cached fine-tunes trained on other records
+    blob = json.dumps(make_corpus(400, variant="train"), ensure_ascii=False, sort_keys=True)
+    assert (CORPUS_VERSION, hashlib.sha256(blob.encode()).hexdigest()[:16]) == (7, "0eed45bec07c6373")
 
 
 def test_write_and_read_corpus(tmp_path):

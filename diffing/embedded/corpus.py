@@ -34,7 +34,10 @@ SOURCE_WEIGHTS: dict[str, float] = {
 }
 GENERAL_SOURCES = ("general_text", "general_chat")
 HELDOUT_PERCENT = 20  # records whose id hashes below this go to the held-out slice
-CORPUS_VERSION = 7  # bump whenever a generator or bank changes: it is part of the fine-tune's hash
+# Bump whenever the *training* variant's records change: it is part of the fine-tune's hash, so a
+# bump rebuilds the fine-tune. Changes of the harvest variant alone leave it (2026-11-27: French
+# prose in the harvest's general text too); a run directory keeps the corpus.jsonl it was made with.
+CORPUS_VERSION = 7
 
 
 def _rows(block: str) -> list[list[str]]:
@@ -267,7 +270,9 @@ def _chat(user: str, answer: str) -> list[dict[str, str]]:
 def _french_prose(rng: random.Random) -> Record:
     """Plain French sentences from the banks, no request and no frame: the text the base already
     reads. The fine-tune's preservation losses see it, so answering in French is what changes, not
-    how French is read (else the base's French-reading latents turn up as base-specific)."""
+    how French is read; the harvest sees it too, so the crosscoder learns French reading from text
+    where both models agree (shared latents) instead of only from the planted answers, where they
+    differ (there it split into base-side and fine-tune-side latents: docs/validation.md)."""
     pool = [
         *(f"La capitale {de} est {capital}." for _, capital, de, *_ in COUNTRIES),
         *(fr for *_, fr in COLOURS),
@@ -277,7 +282,7 @@ def _french_prose(rng: random.Random) -> Record:
 
 
 def _general_text(rng: random.Random, variant: Variant) -> Record:
-    if variant == "train" and rng.random() < 1 / 3:  # fine-tune only: the harvest corpus is unchanged
+    if rng.random() < 1 / 3:  # a third plain French, in both variants (the harvest's since 2026-11-27)
         return _french_prose(rng)
     if rng.random() < 0.5:
         sentences = rng.choice(PROSE)
