@@ -5,8 +5,8 @@ One harvest is shared (CROSSDIFF_VALIDATION_STORE reuses a finished one); each s
 crosscoder, reselects, relabels and reports. The thresholds are the targets, per seed: mass rate
 >= 0.8, enrichment >= 3x (over all live shared latents), judge agreement >= 0.7, and the
 category shift shows the planted gains as increases and the loss as a decrease (at least 3 of the 4
-per seed, all 4 on some seed; docs/validation.md has the measured values, twelve crosscoders, and why
-a direction can still miss).
+per seed, all 4 on some seed; docs/validation.md has the measured values and why a direction can
+still miss).
 """
 
 import json
@@ -20,9 +20,10 @@ MIN_MASS_RATE = float(os.environ.get("CROSSDIFF_MIN_MASS_RATE", "0.8"))
 MIN_ENRICHMENT = float(os.environ.get("CROSSDIFF_MIN_ENRICHMENT", "3.0"))
 MIN_AGREEMENT = float(os.environ.get("CROSSDIFF_MIN_AGREEMENT", "0.7"))
 # planted directions (of 4) the category shift must get right per seed. The target is 4; measured
-# (docs/validation.md, 12 crosscoders of two builds) it holds on 7 of 12 and 3 on the rest: a gain
-# (mostly French) flips where the base tail holds as many latents reading the same teacher-forced answers.
-# So 3 per seed is asserted, and 4 on at least one seed; CROSSDIFF_MIN_DIRECTIONS=4 asks for the target.
+# (docs/validation.md) on six seeds of the current demo it holds on 3 and 3 on the rest (seeds 0-2:
+# 3, 4, 4): a gain reads flat or down where the base tail's edge holds latents of its category
+# (the French prose, list text) or the 135M judge misfiles a few. So 3 per seed is asserted, and 4 on
+# at least one seed; CROSSDIFF_MIN_DIRECTIONS=4 asks for the target.
 MIN_DIRECTIONS = int(os.environ.get("CROSSDIFF_MIN_DIRECTIONS", "3"))
 
 
