@@ -20,8 +20,8 @@ MIN_MASS_RATE = float(os.environ.get("CROSSDIFF_MIN_MASS_RATE", "0.8"))
 MIN_ENRICHMENT = float(os.environ.get("CROSSDIFF_MIN_ENRICHMENT", "3.0"))
 MIN_AGREEMENT = float(os.environ.get("CROSSDIFF_MIN_AGREEMENT", "0.7"))
 # planted directions (of 4) the category shift must get right per seed. The target is 4; measured
-# (docs/validation.md) on six seeds of the current demo it holds on 3 and 3 on the rest (seeds 0-2:
-# 3, 4, 4): a gain reads flat or down where the base tail's edge holds latents of its category
+# (docs/validation.md) on six seeds of the current demo all 4 hold on three seeds and 3 on the other
+# three (seeds 0-2: 3, 4, 4): a gain reads flat or down where the base tail's edge holds latents of its category
 # (the French prose, list text) or the 135M judge misfiles a few. So 3 per seed is asserted, and 4 on
 # at least one seed; CROSSDIFF_MIN_DIRECTIONS=4 asks for the target.
 MIN_DIRECTIONS = int(os.environ.get("CROSSDIFF_MIN_DIRECTIONS", "3"))
