@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
 import fsspec
@@ -28,7 +31,9 @@ from diffing.models import (
     residual_after_layer,
     resolve_dtype,
     tokenize_records,
+    torch_dtype,
 )
+from diffing.store import StoreWriter
 
 
 class ModelSpec(Frozen):
@@ -60,6 +65,14 @@ class CorpusSpec(Frozen):
 
 class RayHarvestConfig(Frozen):
     num_actors: int = Field(1, ge=1, description="Harvest actors (each loads every model once).")
+    write_threads: int = Field(
+        1,
+        ge=0,
+        description="Shards each actor writes in the background while its models compute the next "
+        "(0: write inline). Each write in flight holds about twice its shard's stored size in host "
+        "memory. On a GPU the write (Parquet encoding, one core per shard) is slower than the "
+        "forward: raise it to 3-4 and keep shards small (docs/benchmarks.md).",
+    )
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per actor (1 on a GPU cluster).")
     num_cpus_per_actor: float = Field(
         0.5, gt=0.0, description="CPUs per actor; fractional on small machines."
@@ -184,13 +197,28 @@ class Harvester:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
+    def _to_store_dtype(self, acts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Cast on the device; a value the store's dtype cannot hold is an error, not an inf."""
+        out = acts.to(dtype)
+        if dtype != acts.dtype and bool(torch.isfinite(acts).all()) and not bool(torch.isfinite(out).all()):
+            big = float(acts.abs().max())
+            raise HarvestInputError(
+                f"an activation of magnitude {big:.4g} overflows store_dtype={self.cfg.store_dtype} "
+                f"(largest {torch.finfo(dtype).max:.4g}); set store_dtype: float32 or lower "
+                "outlier_norm_mult so such tokens are dropped"
+            )
+        return out
+
     def check_tokens(self, records: Sequence[dict[str, Any]]) -> None:
         check_tokenizers_agree(self.tokenizers, records, [m.name for m in self.cfg.models])
 
     @torch.no_grad()
     def run(self, records: Sequence[dict[str, Any]], doc_id_start: int) -> dict[str, Any]:
-        """Rows for a shard: acts [N, M, D] float32, doc_id, pos, token_id, source; plus counts."""
+        """Rows for a shard: acts [N, M, D] in the store's dtype, doc_id, pos, token_id, source;
+        plus counts. Host memory stays near twice the shard's stored size: activations leave the
+        device already in the store's dtype and are put into document order in one pass."""
         cfg = self.cfg
+        out_dtype = torch_dtype(cfg.store_dtype)
         self.check_tokens(records)
         docs = tokenize_records(
             records,
@@ -224,13 +252,13 @@ class Harvester:
                 n_outliers += int(outlier.sum())
                 keep &= ~outlier
             bi, ti = torch.nonzero(keep, as_tuple=True)
-            parts["acts"].append(acts[bi, ti].cpu())
+            parts["acts"].append(self._to_store_dtype(acts[bi, ti], out_dtype).cpu())
             parts["doc_id"].append(np.array([batch[i].doc_id for i in bi.tolist()], np.int64))
             parts["pos"].append(ti.cpu().numpy().astype(np.int32))
             parts["token_id"].append(ids[bi, ti].cpu().numpy().astype(np.int32))
             parts["source"].extend(batch[i].source for i in bi.tolist())
         if not parts["acts"]:
-            acts_all = torch.zeros(0, len(self.models), self.d_model)
+            acts_all = torch.zeros(0, len(self.models), self.d_model, dtype=out_dtype)
             cat = dict(
                 doc_id=np.zeros(0, np.int64), pos=np.zeros(0, np.int32), token_id=np.zeros(0, np.int32)
             )
@@ -238,7 +266,14 @@ class Harvester:
             cat = {k: np.concatenate(parts[k]) for k in ("doc_id", "pos", "token_id")}
             order = np.lexsort((cat["pos"], cat["doc_id"]))  # document order, then position
             cat = {k: v[order] for k, v in cat.items()}
-            acts_all = torch.cat(parts["acts"])[torch.from_numpy(order)]
+            dest = np.empty_like(order)
+            dest[order] = np.arange(len(order))  # where each batch row goes
+            acts_all = torch.empty(len(order), len(self.models), self.d_model, dtype=out_dtype)
+            start = 0
+            while parts["acts"]:  # each batch's rows straight to their place, freed as we go
+                part = parts["acts"].pop(0)
+                acts_all[torch.from_numpy(dest[start : start + len(part)])] = part
+                start += len(part)
             parts["source"] = [parts["source"][i] for i in order.tolist()]
         return {
             "acts": acts_all,
@@ -248,3 +283,53 @@ class Harvester:
             "n_kept": int(acts_all.shape[0]),
             "n_outliers": n_outliers,
         }
+
+
+def harvest_shards(
+    harvester: Harvester,
+    writer: StoreWriter,
+    shards: Sequence[tuple[str, int, Sequence[dict[str, Any]]]],
+    *,
+    write_threads: int = 1,
+    producer: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Harvest (shard_id, doc_id_start, records) shards in order; each shard is written (atomically)
+    on one of ``write_threads`` threads while the models compute the next. At most that many
+    writes are in flight, so host memory stays bounded. Returns per shard: shard_id, n_rows,
+    n_tokens and seconds (its forward plus its write). Every write has finished (or failed, and the
+    first failure is raised) when this returns."""
+    results: list[dict[str, Any]] = []
+
+    def write(sid: str, rows: dict[str, Any], t_run: float) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        info = writer.write_shard(
+            sid,
+            rows.pop("acts").numpy(),
+            doc_ids=rows["doc_id"],
+            positions=rows["pos"],
+            token_ids=rows["token_id"],
+            extra={"source": rows["source"]},
+            producer=producer,
+        )
+        seconds = t_run + time.perf_counter() - t0
+        return {"shard_id": sid, "n_rows": info.n_rows, "n_tokens": rows["n_tokens"], "seconds": seconds}
+
+    if write_threads == 0:
+        for sid, start, recs in shards:
+            t0 = time.perf_counter()
+            rows = harvester.run(recs, start)
+            results.append(write(sid, rows, time.perf_counter() - t0))
+        return results
+    pending: deque[Future] = deque()
+    # leaving the pool waits for every write started, also on an error (each write is atomic)
+    with ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="shard-writer") as pool:
+        for sid, start, recs in shards:
+            t0 = time.perf_counter()
+            rows = harvester.run(recs, start)
+            while len(pending) >= write_threads:  # bound the shards held in memory
+                results.append(pending.popleft().result())
+            pending.append(pool.submit(write, sid, rows, time.perf_counter() - t0))
+            del rows
+        while pending:
+            results.append(pending.popleft().result())
+    return results

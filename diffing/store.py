@@ -101,7 +101,7 @@ def check_writable(fs: fsspec.AbstractFileSystem, root: str, what: str, fix: str
         raise StoreError(f"{what}: cannot write there ({type(e).__name__}: {e}){fix}") from None
 
 
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes | memoryview) -> None:
     """Write bytes so that readers see either nothing or the whole file."""
     if _is_local(fs):
         parent = path.rsplit("/", 1)[0]
@@ -110,8 +110,8 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
-    else:  # object stores: one PUT is atomic
-        fs.pipe_file(path, data)
+    else:  # object stores: one PUT is atomic (their clients take bytes, not buffers)
+        fs.pipe_file(path, bytes(data))
 
 
 def _fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
@@ -190,16 +190,25 @@ class StoreWriter:
         its sidecar (provenance: e.g. the dtypes the harvest's models ran in)."""
         h = self.header
         if isinstance(acts, torch.Tensor):
-            acts = acts.detach().float().cpu().numpy()
+            acts = acts.detach().cpu()
+            acts = (acts if acts.dtype in (torch.float16, torch.float32) else acts.float()).numpy()
         acts = np.asarray(acts)
         if acts.ndim != 3 or acts.shape[1:] != (h.n_models, h.d_model):
             raise StoreError(
                 f"acts must have shape [n_tokens, {h.n_models}, {h.d_model}] (n_models, d_model), got {list(acts.shape)}"
             )
         n = acts.shape[0]
-        if not np.isfinite(acts).all():
-            raise StoreError(f"shard {shard_id}: acts contain NaN or inf")
-        stored = acts.astype(_NP_DTYPES[h.dtype])
+        with np.errstate(over="ignore"):  # overflow is reported below, with the fix
+            stored = acts.astype(_NP_DTYPES[h.dtype], copy=False)  # no copy if already the store's dtype
+        step = max(1, (64 << 20) // max(1, stored[:1].nbytes))  # rows per 64 MiB: bounded temporaries
+        norms = np.zeros(h.n_models, np.float64)
+        for a in range(0, n, step):
+            chunk = stored[a : a + step].astype(np.float32)
+            if not np.isfinite(chunk).all():
+                finite = np.isfinite(acts[a : a + step]).all()
+                bad = f"values beyond {h.dtype}'s range" if finite else "NaN or inf"
+                raise StoreError(f"shard {shard_id}: acts contain {bad}; nothing was written")
+            norms += np.linalg.norm(chunk, axis=-1).sum(0)
         cols: dict[str, pa.Array] = {
             "doc_id": pa.array(np.zeros(n, np.int64) if doc_ids is None else np.asarray(doc_ids, np.int64)),
             "pos": pa.array(
@@ -226,10 +235,13 @@ class StoreWriter:
             buf,
             compression="zstd",
             use_dictionary=list(h.extra_columns) or False,
+            # no min/max statistics for the activation columns: nothing filters on them, and
+            # for float16 they cost a third of the write (docs/benchmarks.md)
+            write_statistics=[*META_COLUMNS, *h.extra_columns],
             row_group_size=row_group_rows(stored.shape[1] * stored.shape[2] * stored.itemsize),
         )
-        data = buf.getvalue()
-        norms = np.linalg.norm(stored.astype(np.float32), axis=-1).sum(0)  # [M]
+        del table, cols
+        data = buf.getbuffer()  # the Parquet bytes, not copied again
         info = ShardInfo(
             shard_id=shard_id,
             path=f"shards/{shard_id}.parquet",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffing.harvest import HarvestConfig, Harvester, read_corpus, shard_ranges
+from diffing.harvest import HarvestConfig, Harvester, harvest_shards, read_corpus, shard_ranges
 from diffing.logs import get_logger
 from diffing.models import HarvestInputError, check_tokenizers_agree, load_tokenizer
 from diffing.store import Manifest, ShardInfo, StoreError, StoreWriter, check_writable
@@ -48,28 +48,25 @@ class HarvestActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"shard_id": [], "n_rows": [], "n_tokens": [], "seconds": [], "skipped": []}
+        todo = []
         for sid, start, recs in zip(batch["shard_id"], batch["start"], batch["records"], strict=True):
-            t0 = time.perf_counter()
             done = self.writer.done_shard(sid)
             if done is None:
-                rows = self.harvester.run(json.loads(recs), int(start))
-                done = self.writer.write_shard(
-                    sid,
-                    rows["acts"].numpy(),
-                    doc_ids=rows["doc_id"],
-                    positions=rows["pos"],
-                    token_ids=rows["token_id"],
-                    extra={"source": rows["source"]},
-                    producer=self.producer,
-                )
-                n_tok = rows["n_tokens"]
+                todo.append((sid, int(start), json.loads(recs)))
             else:
-                n_tok = 0
-            out["shard_id"].append(sid)
-            out["n_rows"].append(done.n_rows)
-            out["n_tokens"].append(n_tok)
-            out["seconds"].append(time.perf_counter() - t0)
-            out["skipped"].append(n_tok == 0)
+                for k, v in zip(out, (sid, done.n_rows, 0, 0.0, True), strict=True):
+                    out[k].append(v)
+        # the batch's shards: each written in the background while the models compute the next
+        for r in harvest_shards(
+            self.harvester,
+            self.writer,
+            todo,
+            write_threads=self.cfg.ray.write_threads,
+            producer=self.producer,
+        ):
+            for k in ("shard_id", "n_rows", "n_tokens", "seconds"):
+                out[k].append(r[k])
+            out["skipped"].append(False)
         return out
 
 
@@ -193,7 +190,9 @@ def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | N
         out = ds.map_batches(
             HarvestActor,
             fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "d_model": d_model},
-            batch_size=1,
+            # a call takes several shards, so their writes overlap the next shards' forward passes
+            # (each call waits for its last writes: more shards per call, less of that tail)
+            batch_size=max(1, 4 * cfg.ray.write_threads),
             compute=ActorPoolStrategy(size=cfg.ray.num_actors),
             num_cpus=cfg.ray.num_cpus_per_actor,
             num_gpus=cfg.ray.num_gpus_per_actor,

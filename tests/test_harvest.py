@@ -88,6 +88,83 @@ def test_activations_equal_a_direct_forward(tmp_path, tiny_pair):
     assert set(rows["source"]) == {"chat", "text"}
 
 
+def test_rows_leave_the_device_in_the_store_dtype(tmp_path, tiny_pair):
+    """float16 rows are the float32 rows rounded once, in the same order (no float32 copy of a
+    shard is kept on the host)."""
+    recs = _corpus(tmp_path / "c.jsonl", 9)
+    rows = {}
+    for dt in ("float32", "float16"):
+        cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", store_dtype=dt, device="cpu")
+        rows[dt] = Harvester(cfg).run(recs, doc_id_start=0)
+        assert rows[dt]["acts"].dtype == getattr(torch, dt)
+    for key in ("doc_id", "pos", "token_id"):
+        assert (rows["float32"][key] == rows["float16"][key]).all()
+    assert rows["float32"]["source"] == rows["float16"]["source"]
+    assert torch.equal(rows["float16"]["acts"], rows["float32"]["acts"].half())
+    # the rows are in document order, then position
+    order = np.lexsort((rows["float16"]["pos"], rows["float16"]["doc_id"]))
+    assert (order == np.arange(len(order))).all()
+
+
+def test_an_activation_beyond_float16_is_a_clear_error(tmp_path, tiny_pair, monkeypatch):
+    import diffing.harvest as harvest_mod
+
+    real = harvest_mod.residual_after_layer
+    monkeypatch.setattr(harvest_mod, "residual_after_layer", lambda *a: real(*a) * 1e6)
+    recs = _corpus(tmp_path / "c.jsonl", 3)
+    cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", device="cpu")
+    with pytest.raises(HarvestInputError, match="overflows store_dtype=float16.*store_dtype: float32"):
+        Harvester(cfg).run(recs, doc_id_start=0)
+    f32 = Harvester(cfg.model_copy(update={"store_dtype": "float32"})).run(recs, doc_id_start=0)
+    assert torch.isfinite(f32["acts"]).all()
+
+
+def _shards(recs, per=3):
+    return [(f"{i // per:05d}", i, recs[i : i + per]) for i in range(0, len(recs), per)]
+
+
+def _store_writer(cfg, h, root):
+    from diffing.store import StoreWriter
+
+    return StoreWriter(str(root), model_names=["base", "ft"], d_model=h.d_model, extra_columns=["source"])
+
+
+def test_background_writes_give_the_same_shards(tmp_path, tiny_pair):
+    """Shards written on threads while the next computes are the inline shards, byte for byte."""
+    from diffing.harvest import harvest_shards
+
+    recs = _corpus(tmp_path / "c.jsonl", 10)
+    h = Harvester(_cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", device="cpu"))
+    got = {}
+    for wt in (0, 1, 3):
+        w = _store_writer(h.cfg, h, tmp_path / f"w{wt}")
+        res = harvest_shards(h, w, _shards(recs), write_threads=wt, producer={"by": "test"})
+        assert [r["shard_id"] for r in res] == ["00000", "00001", "00002", "00003"]
+        got[wt] = [(r["n_rows"], w.done_shard(r["shard_id"]).sha256) for r in res]
+        assert all(r["n_tokens"] >= r["n_rows"] > 0 for r in res)
+    assert got[0] == got[1] == got[3]
+
+
+def test_a_failed_background_write_is_raised_after_the_others_finish(tmp_path, tiny_pair, monkeypatch):
+    from diffing.harvest import harvest_shards
+
+    recs = _corpus(tmp_path / "c.jsonl", 9)
+    h = Harvester(_cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", device="cpu"))
+    w = _store_writer(h.cfg, h, tmp_path / "w")
+    real = w.write_shard
+
+    def flaky(sid, *a, **kw):
+        if sid == "00001":
+            raise OSError("disk full")
+        return real(sid, *a, **kw)
+
+    monkeypatch.setattr(w, "write_shard", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        harvest_shards(h, w, _shards(recs), write_threads=2)
+    assert w.done_shard("00000") is not None and w.done_shard("00002") is not None
+    assert w.done_shard("00001") is None
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_auto_dtype_follows_the_hardware(cpu_bf16, native):
     from diffing.models import resolve_dtype

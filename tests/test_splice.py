@@ -109,6 +109,7 @@ def test_analyze_on_a_harvested_store_gives_text_contexts_and_splice(tmp_path, t
             store=str(tmp_path / "store"),
             context_length=64,
             outlier_norm_mult=None,
+            store_dtype="float32",
         )
     )
     h = Harvester(cfg)

@@ -120,6 +120,7 @@ def test_refuses_to_overwrite_without_flag(tmp_path):
         (dict(acts=np.zeros((0, 2, 8)), model_names=["a", "b"]), "empty"),
         (dict(acts=np.zeros((10, 8)), model_names=["a", "b"]), "n_tokens, n_models, d_model"),
         (dict(acts=np.full((10, 2, 8), np.nan), model_names=["a", "b"]), "NaN"),
+        (dict(acts=np.full((10, 2, 8), 1e5, np.float32), model_names=["a", "b"]), "beyond float16's range"),
     ],
 )
 def test_bad_input(tmp_path, kwargs, match):
@@ -164,3 +165,20 @@ def test_s3_store_roundtrip(s3_endpoint):
     )
     t = pq.read_table("crossdiff-test/stores/one/shards/00000.parquet", filesystem=fs)
     assert t.num_rows == 250
+
+
+def test_half_precision_input_is_stored_as_given(tmp_path):
+    """A float16 shard (the harvest's own rows) is stored bit for bit, from numpy or torch, and
+    its norm statistics are those of the stored values."""
+    acts = _acts(300).astype(np.float16)
+    w = StoreWriter(str(tmp_path / "s"), model_names=["a", "b"], d_model=8)
+    info_np = w.write_shard("00000", acts)
+    info_t = w.write_shard("00001", torch.from_numpy(acts))
+    w.finalize()
+    st = open_store(str(tmp_path / "s"))
+    for i in range(2):
+        got, _ = st.read_shard(i)
+        assert got.dtype == np.float16 and np.array_equal(got, acts)
+    want = np.linalg.norm(acts.astype(np.float32), axis=-1).sum(0)
+    np.testing.assert_allclose(info_np.norm_sums, want, rtol=1e-6)
+    assert info_np.norm_sums == info_t.norm_sums
