@@ -8,6 +8,7 @@
 #     bash bench/gpu_check.sh            # every section; each has its own time limit
 #     SECTIONS="tests" bash bench/gpu_check.sh
 #     SECTIONS="fit prefetch9b prefetch2b" bash bench/gpu_check.sh   # the in-process read-ahead
+#     SECTIONS="harvest9b" bash bench/gpu_check.sh    # harvest actor: forward vs store write
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/crossdiff-gpu-check}
@@ -55,6 +56,11 @@ for s in $SECTIONS; do
         --n-latents 114688 --k 100 --batch 2048 --features 4096 --tokens 163840 \
         --json "$OUT/prefetch9b.json" >"$OUT/prefetch9b.log" 2>&1
       echo "== prefetch9b rc=$? ($(($(date +%s) - t0)) s)"; tail -14 "$OUT/prefetch9b.log" ;;
+    harvest9b)  # one harvest actor, three random Gemma-2-9b-shaped models: inline vs 4 background writers
+      timeout 300 python3 bench/harvest_shard.py --arch gemma2-9b --models 3 --layer 20 --device cuda \
+        --prompts 64 --doc-tokens 1024 --batch-prompts 16 --shards 5 --write-threads 0,4 \
+        --json "$OUT/harvest9b.json" >"$OUT/harvest9b.log" 2>&1
+      echo "== harvest9b rc=$? ($(($(date +%s) - t0)) s)"; grep '^{"write_threads' "$OUT/harvest9b.log" ;;
     prefetch2b)  # and at a Gemma-2-2b-like width
       timeout 180 python3 bench/fit_prefetch.py --device cuda --threads 8 --repeat 1 --d-model 2304 \
         --n-latents 32768 --k 64 --batch 4096 --features 2048 --tokens 262144 \
