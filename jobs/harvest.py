@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,13 @@ class HarvestActor:
                 out[k].append(r[k])
             out["skipped"].append(False)
         return out
+
+
+def shards_per_call(n_todo: int, num_actors: int, write_threads: int) -> int:
+    """Shards per actor call. A call takes several, so their writes overlap the next shards'
+    forward passes, and waits for its last writes at the end: more shards per call, less of that
+    tail (4 per writer thread). Never so many that some actors would get no call at all."""
+    return max(1, min(4 * write_threads, math.ceil(n_todo / num_actors)))
 
 
 def resolved_dtypes(shards: list[ShardInfo]) -> dict[str, str]:
@@ -190,9 +198,7 @@ def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | N
         out = ds.map_batches(
             HarvestActor,
             fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "d_model": d_model},
-            # a call takes several shards, so their writes overlap the next shards' forward passes
-            # (each call waits for its last writes: more shards per call, less of that tail)
-            batch_size=max(1, 4 * cfg.ray.write_threads),
+            batch_size=shards_per_call(len(todo), cfg.ray.num_actors, cfg.ray.write_threads),
             compute=ActorPoolStrategy(size=cfg.ray.num_actors),
             num_cpus=cfg.ray.num_cpus_per_actor,
             num_gpus=cfg.ray.num_gpus_per_actor,

@@ -165,6 +165,16 @@ def test_a_failed_background_write_is_raised_after_the_others_finish(tmp_path, t
     assert w.done_shard("00001") is None
 
 
+def test_shards_per_call_overlap_writes_but_feed_every_actor():
+    from jobs.harvest import shards_per_call
+
+    assert shards_per_call(1000, 8, 4) == 16  # a long harvest: 4 shards per writer thread
+    assert shards_per_call(79, 8, 4) == 10  # a short one still reaches all 8 actors
+    assert shards_per_call(3, 8, 4) == 1
+    assert shards_per_call(20, 1, 0) == 1  # inline writes: nothing to overlap
+    assert shards_per_call(20, 1, 1) == 4
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_auto_dtype_follows_the_hardware(cpu_bf16, native):
     from diffing.models import resolve_dtype
