@@ -69,9 +69,9 @@ class RayHarvestConfig(Frozen):
         1,
         ge=0,
         description="Shards each actor writes in the background while its models compute the next "
-        "(0: write inline). Each write in flight holds about twice its shard's stored size in host "
-        "memory. On a GPU the write (Parquet encoding, one core per shard) is slower than the "
-        "forward: raise it to 3-4 and keep shards small (docs/benchmarks.md).",
+        "(0: write inline). Each write in flight holds up to about three times its shard's float16 "
+        "rows in host memory. On a GPU the write (Parquet encoding, one core per shard) is slower "
+        "than the forward: raise it to 3-4 and keep shards small (docs/benchmarks.md).",
     )
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per actor (1 on a GPU cluster).")
     num_cpus_per_actor: float = Field(
@@ -215,7 +215,7 @@ class Harvester:
     @torch.no_grad()
     def run(self, records: Sequence[dict[str, Any]], doc_id_start: int) -> dict[str, Any]:
         """Rows for a shard: acts [N, M, D] in the store's dtype, doc_id, pos, token_id, source;
-        plus counts. Host memory stays near twice the shard's stored size: activations leave the
+        plus counts. Host memory stays near twice the shard's rows in the store's dtype: they leave the
         device already in the store's dtype and are put into document order in one pass."""
         cfg = self.cfg
         out_dtype = torch_dtype(cfg.store_dtype)
@@ -324,6 +324,8 @@ def harvest_shards(
     # leaving the pool waits for every write started, also on an error (each write is atomic)
     with ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="shard-writer") as pool:
         for sid, start, recs in shards:
+            while pending and pending[0].done():  # a failed write stops the work here, not later
+                results.append(pending.popleft().result())
             t0 = time.perf_counter()
             rows = harvester.run(recs, start)
             while len(pending) >= write_threads:  # bound the shards held in memory

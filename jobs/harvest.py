@@ -199,7 +199,9 @@ def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | N
             HarvestActor,
             fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "d_model": d_model},
             batch_size=shards_per_call(len(todo), cfg.ray.num_actors, cfg.ray.write_threads),
-            compute=ActorPoolStrategy(size=cfg.ray.num_actors),
+            # one call queued per actor: a call holds several shards, so the actors that load
+            # their models first must not take the calls the slower ones would get
+            compute=ActorPoolStrategy(size=cfg.ray.num_actors, max_tasks_in_flight_per_actor=1),
             num_cpus=cfg.ray.num_cpus_per_actor,
             num_gpus=cfg.ray.num_gpus_per_actor,
         )
