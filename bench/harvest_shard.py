@@ -28,22 +28,17 @@ import time
 
 import torch
 
+
+def _gemma2(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, head_dim: int = 256) -> dict:
+    return dict(model_type="gemma2", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=256000,
+                sliding_window=4096, query_pre_attn_scalar=head_dim)  # fmt: skip
+
+
 ARCHS = {  # HF config fields of the models named; random weights are enough for costs
-    "gemma2-9b": dict(
-        model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
-        sliding_window=4096, query_pre_attn_scalar=256,
-    ),
-    "gemma2-2b": dict(
-        model_type="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
-        sliding_window=4096, query_pre_attn_scalar=256,
-    ),
-    "gemma2-tiny": dict(  # the Gemma-2 code path at toy size, to try the script on a CPU
-        model_type="gemma2", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=128, vocab_size=256000,
-        sliding_window=4096, query_pre_attn_scalar=128,
-    ),
+    "gemma2-9b": _gemma2(3584, 14336, 42, 16, 8),
+    "gemma2-2b": _gemma2(2304, 9216, 26, 8, 4),
+    "gemma2-tiny": _gemma2(256, 512, 4, 2, 1, head_dim=128),  # the Gemma-2 code path on a CPU
     "smollm2-135m": dict(
         model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
@@ -107,19 +102,6 @@ def records(n: int, doc_tokens: int, seed: int) -> list[dict]:
     return out
 
 
-def harvester(cfg, models, tokenizer, device):
-    """A Harvester around models already on the device (its __init__ would load cfg.models)."""
-    from diffing.harvest import Harvester
-
-    h = Harvester.__new__(Harvester)
-    h.cfg, h.device, h.models = cfg, torch.device(device), models
-    h.tokenizers, h.tokenizer = [tokenizer] * len(models), tokenizer
-    h.dtypes = [str(next(m.parameters()).dtype).removeprefix("torch.") for m in models]
-    h.d_model = models[0].config.hidden_size
-    h.pad_id = tokenizer.pad_token_id
-    return h
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", choices=sorted(ARCHS), default="smollm2-135m")
@@ -156,7 +138,7 @@ def main() -> None:
             "device": "cuda" if args.device.startswith("cuda") else "cpu",
         }
     )
-    h = harvester(cfg, models, tok, args.device)
+    h = Harvester(cfg, models=models, tokenizer=tok)
 
     def run(wt: int, shards: list) -> dict:
         writer = StoreWriter(f"{tmp}/store-{wt}-{len(shards)}", model_names=[m.name for m in cfg.models],

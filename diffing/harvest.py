@@ -19,6 +19,7 @@ import fsspec
 import numpy as np
 import torch
 from pydantic import Field, model_validator
+from torch import nn
 
 from diffing.config import Frozen
 from diffing.models import (
@@ -170,19 +171,28 @@ def shard_ranges(n_records: int, per_shard: int) -> list[tuple[str, int, int]]:
 class Harvester:
     """Loads all models once; `run(records, doc_id_start)` -> store rows for one shard."""
 
-    def __init__(self, cfg: HarvestConfig):
+    def __init__(
+        self, cfg: HarvestConfig, *, models: Sequence[nn.Module] | None = None, tokenizer: Any = None
+    ):
+        """``models`` and ``tokenizer``: already loaded, on the device (a notebook, a benchmark with
+        random weights); by default every ``cfg.models`` entry is loaded from its path."""
         self.cfg = cfg
         dev = cfg.device
         self.device = torch.device(
             "cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev)
         )
-        self.tokenizers = [load_tokenizer(m.path) for m in cfg.models]
+        if models is None:
+            self.tokenizers = [load_tokenizer(m.path) for m in cfg.models]
+            self.dtypes = [resolve_dtype(m.dtype, self.device) for m in cfg.models]
+            self.models = [
+                load_model(m.path, dtype=dt, device=self.device)
+                for m, dt in zip(cfg.models, self.dtypes, strict=True)
+            ]
+        else:
+            self.models = list(models)
+            self.tokenizers = [tokenizer] * len(self.models)
+            self.dtypes = [str(next(m.parameters()).dtype).removeprefix("torch.") for m in self.models]
         self.tokenizer = self.tokenizers[0]
-        self.dtypes = [resolve_dtype(m.dtype, self.device) for m in cfg.models]
-        self.models = [
-            load_model(m.path, dtype=dt, device=self.device)
-            for m, dt in zip(cfg.models, self.dtypes, strict=True)
-        ]
         widths = {m.config.hidden_size for m in self.models}
         if len(widths) != 1:
             raise HarvestInputError(
@@ -314,20 +324,17 @@ def harvest_shards(
         seconds = t_run + time.perf_counter() - t0
         return {"shard_id": sid, "n_rows": info.n_rows, "n_tokens": rows["n_tokens"], "seconds": seconds}
 
-    if write_threads == 0:
-        for sid, start, recs in shards:
-            t0 = time.perf_counter()
-            rows = harvester.run(recs, start)
-            results.append(write(sid, rows, time.perf_counter() - t0))
-        return results
     pending: deque[Future] = deque()
     # leaving the pool waits for every write started, also on an error (each write is atomic)
-    with ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="shard-writer") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, write_threads), thread_name_prefix="shard-writer") as pool:
         for sid, start, recs in shards:
             while pending and pending[0].done():  # a failed write stops the work here, not later
                 results.append(pending.popleft().result())
             t0 = time.perf_counter()
             rows = harvester.run(recs, start)
+            if write_threads == 0:  # inline
+                results.append(write(sid, rows, time.perf_counter() - t0))
+                continue
             while len(pending) >= write_threads:  # bound the shards held in memory
                 results.append(pending.popleft().result())
             pending.append(pool.submit(write, sid, rows, time.perf_counter() - t0))
