@@ -101,12 +101,12 @@ def _validate_config(stage: str, data: dict[str, Any], sets: Sequence[str]) -> N
         return
     import importlib
 
-    from diffing.config import ConfigError, apply_overrides, format_validation_error
+    from diffing.config import ConfigError, format_validation_error, validate_with_overrides
 
     mod, attr = spec.split(":")
     cls = getattr(importlib.import_module(mod), attr)
     try:
-        cls.model_validate(apply_overrides(dict(data), list(sets)))
+        validate_with_overrides(cls.model_validate, dict(data), list(sets))
     except Exception as e:  # pydantic ValidationError or ValueError from overrides
         raise ConfigError(f"{stage} config: {format_validation_error(e)}") from None
 

@@ -7,10 +7,12 @@ and the fix. Configs are saved next to every artifact they produce.
 
 from __future__ import annotations
 
+import datetime
 import json
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,7 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 class Frozen(BaseModel):
     """Base for all configs: immutable, unknown keys rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+T = TypeVar("T")
 
 
 class CrosscoderConfig(Frozen):
@@ -289,25 +294,62 @@ class FitConfig(Frozen):
 
 
 def _coerce(value: str) -> Any:
-    """`--set key=value` values: YAML scalars (ints, floats, bools, null, lists)."""
-    return yaml.safe_load(value)
+    """`--set key=value` values: YAML scalars and flow lists (ints, floats, bools, null, [a, b]).
+    What YAML would read as a string (or a date) stays exactly as typed, so a '#' in a path is
+    not a comment; `None` means null as `null` does."""
+    if value.strip() == "None":
+        return None
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, str | datetime.date) and value.strip()[:1] not in ("'", '"'):
+        return value.strip()
+    return parsed
+
+
+def _split(item: str) -> tuple[list[str], str]:
+    if "=" not in item:
+        raise ValueError(f"--set expects key=value, got {item!r} (e.g. --set train.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), raw
+
+
+def _put(out: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = out
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {'.'.join(parts)}: {p!r} is not a section")
+    node[parts[-1]] = value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply `a.b=value` overrides to a nested dict (returns a new dict)."""
     out = json.loads(json.dumps(data))
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r} (e.g. --set train.lr=1e-3)")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {p!r} is not a section")
-        node[parts[-1]] = _coerce(raw)
+        parts, raw = _split(item)
+        _put(out, parts, _coerce(raw))
     return out
+
+
+def validate_with_overrides(
+    validate: Callable[[dict[str, Any]], T], data: dict[str, Any], overrides: list[str] | tuple[str, ...]
+) -> T:
+    """``validate(apply_overrides(data, overrides))``; where a field wants a string and the override
+    read as a number or a bool (`--set judge.model_id=1.10`), the value is retried as typed."""
+    merged = apply_overrides(data, overrides)
+    try:
+        return validate(merged)
+    except ValidationError as e:
+        typed = {".".join(parts): raw for parts, raw in map(_split, overrides)}
+        locs = {".".join(map(str, err["loc"])) for err in e.errors() if err["type"] == "string_type"}
+        retry = [k for k in locs if k in typed and not isinstance(_coerce(typed[k]), str | None)]
+        if not retry:
+            raise
+        for key in retry:
+            _put(merged, key.split("."), typed[key].strip())
+        return validate(merged)
 
 
 def load_config(
@@ -323,8 +365,7 @@ def load_config(
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping at top level")
     try:
-        data = apply_overrides(data, overrides)
-        return cls.model_validate(data)
+        return validate_with_overrides(cls.model_validate, data, overrides)
     except (ValidationError, ValueError) as e:
         raise ConfigError(format_validation_error(e)) from None
 

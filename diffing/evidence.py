@@ -16,11 +16,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 EXAMPLES_DIR = "examples"
 LABELS_FILE = "labels.jsonl"
+
+
+MAX_TOKEN_CHARS = 1000  # one decoded token; a longer string is not a token
 
 
 class _Model(BaseModel):
@@ -30,8 +34,14 @@ class _Model(BaseModel):
 class Example(_Model):
     """A token window around one activation of a latent."""
 
-    tokens: list[str] = Field(description="Token strings of the window, in order (decoded one by one).")
-    acts: list[float] = Field(description="The latent's activation at each token (0 where it does not fire).")
+    tokens: list[Annotated[str, StringConstraints(max_length=MAX_TOKEN_CHARS)]] = Field(
+        min_length=1,
+        description=f"Token strings of the window, in order (decoded one by one; at most {MAX_TOKEN_CHARS} "
+        "characters each).",
+    )
+    acts: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        description="The latent's activation at each token (0 where it does not fire; finite)."
+    )
     peak: int = Field(ge=0, description="Index in `tokens` of the token the window is centred on.")
     doc_id: int | None = Field(None, description="Store doc_id of the document.")
     pos: int | None = Field(None, description="Position of the peak token in its document.")
@@ -46,7 +56,7 @@ class Example(_Model):
             raise ValueError(
                 f"tokens ({len(self.tokens)}) and acts ({len(self.acts)}) must have one entry each"
             )
-        if self.tokens and self.peak >= len(self.tokens):
+        if self.peak >= len(self.tokens):
             raise ValueError(f"peak={self.peak} is outside the window of {len(self.tokens)} tokens")
         return self
 

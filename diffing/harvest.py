@@ -7,21 +7,19 @@ directly. Shards are deterministic prompt ranges, so a rerun writes exactly the 
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
-import fsspec
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from diffing.config import Frozen
+from diffing.corpus import CorpusSpec
 from diffing.models import (
     HarvestInputError,
     check_tokenizers_agree,
@@ -46,22 +44,6 @@ class ModelSpec(Frozen):
         "(CUDA with bf16, a CPU with AVX512-BF16 or AMX: 1.75x float32 on a 2-core Zen 4), else float32 "
         "(bfloat16 is emulated on AVX2-only CPUs, about 4x slower). The dtype each worker used is logged.",
     )
-
-
-class CorpusSpec(Frozen):
-    uri: str = Field(
-        description="Corpus file: .jsonl/.json lines, .parquet, or .txt (one document per line); local or s3://."
-    )
-    format: Literal["auto", "jsonl", "parquet", "text"] = Field(
-        "auto", description="File format; auto uses the suffix."
-    )
-    max_prompts: int | None = Field(None, ge=1, description="Use only the first N records.")
-    text_field: str = Field("text", description="Column with raw text.")
-    messages_field: str = Field("messages", description="Column with chat messages [{role, content}].")
-    source_field: str = Field(
-        "source", description="Column tagging each record's source (kept in the store, not shown to models)."
-    )
-    id_field: str = Field("id", description="Column with a record id (default: the row number).")
 
 
 class RayHarvestConfig(Frozen):
@@ -113,52 +95,6 @@ class HarvestConfig(Frozen):
         if len(set(names)) != len(names):
             raise ValueError(f"models: names must be unique, got {names}")
         return self
-
-
-def read_corpus(spec: CorpusSpec) -> list[dict[str, Any]]:
-    """Records {id, source, text | messages} in file order."""
-    fmt = spec.format
-    if fmt == "auto":
-        low = spec.uri.lower()
-        fmt = "parquet" if low.endswith(".parquet") else "text" if low.endswith(".txt") else "jsonl"
-    try:
-        with fsspec.open(spec.uri, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise HarvestInputError(f"corpus.uri: {spec.uri} does not exist") from None
-    except Exception as e:  # unreachable bucket, bad credentials
-        raise HarvestInputError(f"corpus.uri: cannot read {spec.uri}: {type(e).__name__}: {e}") from None
-    if fmt == "text":
-        rows: list[dict[str, Any]] = [
-            {spec.text_field: line} for line in data.decode().splitlines() if line.strip()
-        ]
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(io.BytesIO(data)).to_pylist()
-    else:
-        rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-    if spec.max_prompts:
-        rows = rows[: spec.max_prompts]
-    if not rows:
-        raise HarvestInputError(f"corpus.uri: {spec.uri} holds no records")
-    out = []
-    for i, r in enumerate(rows):
-        text, msgs = r.get(spec.text_field), r.get(spec.messages_field)
-        if text is None and msgs is None:
-            raise HarvestInputError(
-                f"corpus record {i} has neither a {spec.text_field!r} nor a {spec.messages_field!r} column "
-                "(set corpus.text_field / corpus.messages_field)"
-            )
-        out.append(
-            {
-                "id": str(r.get(spec.id_field, i)),
-                "source": str(r.get(spec.source_field) or "unknown"),
-                "text": text,
-                "messages": list(msgs) if msgs is not None else None,
-            }
-        )
-    return out
 
 
 def shard_ranges(n_records: int, per_shard: int) -> list[tuple[str, int, int]]:

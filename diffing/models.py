@@ -135,14 +135,22 @@ def render(record: dict[str, Any], tokenizer) -> tuple[str, bool]:
     if record.get("messages") is not None:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in msgs
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs
         ):
             raise HarvestInputError(
-                f"record {record.get('id')!r}: `messages` must be a list of {{role, content}}"
+                f"record {record.get('id')!r}: `messages` must be a list of {{role: str, content: str}}"
             )
         if getattr(tokenizer, "chat_template", None) is None:
             raise HarvestInputError("chat records need a tokenizer with a chat template")
-        return tokenizer.apply_chat_template(msgs, tokenize=False), False
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False), False
+        except Exception as e:  # jinja2's TemplateError (raise_exception in the template) and friends
+            raise HarvestInputError(
+                f"record {record.get('id')!r}: the model's chat template rejects its messages "
+                f"({type(e).__name__}: {e}); e.g. Gemma's template has no system role and needs "
+                "user/assistant turns that alternate"
+            ) from None
     text = record.get("text")
     if not isinstance(text, str):
         raise HarvestInputError(f"record {record.get('id')!r} has neither a `text` string nor `messages`")

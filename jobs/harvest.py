@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from diffing.harvest import HarvestConfig, Harvester, harvest_shards, read_corpus, shard_ranges
+from diffing.corpus import read_corpus
+from diffing.harvest import HarvestConfig, Harvester, harvest_shards, shard_ranges
 from diffing.logs import get_logger
-from diffing.models import HarvestInputError, check_tokenizers_agree, load_tokenizer
+from diffing.models import HarvestInputError, check_tokenizers_agree, load_tokenizer, render
 from diffing.store import Manifest, ShardInfo, StoreError, StoreWriter, check_writable
 
 
@@ -96,7 +97,8 @@ def resolved_dtypes(shards: list[ShardInfo]) -> dict[str, str]:
 
 
 def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
-    """Checks that need no model weights: layer range, widths, tokenizers, store writable. -> d_model."""
+    """Checks that need no model weights: layer range, widths, every record through the chat template,
+    tokenizers agree, store writable. -> d_model."""
     from transformers import AutoConfig
 
     widths, names = set(), [m.name for m in cfg.models]
@@ -116,7 +118,10 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
         raise HarvestInputError(
             f"models have different hidden sizes {sorted(widths)}; a crosscoder needs one d_model"
         )
-    check_tokenizers_agree([load_tokenizer(m.path) for m in cfg.models], records[:256], names)
+    tokenizers = [load_tokenizer(m.path) for m in cfg.models]
+    for record in records:  # every chat through the template the shards use, before any shard runs
+        render(record, tokenizers[0])
+    check_tokenizers_agree(tokenizers, records[:256], names)
     d_model = widths.pop()
     w = _writer(cfg, d_model)
     check_writable(w.fs, w.root, f"store={cfg.store}")

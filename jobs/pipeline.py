@@ -385,7 +385,7 @@ def load_pipeline_config(
     """A preset or a YAML/JSON file, then `--out` and `--set` overrides, then validation."""
     import yaml
 
-    from diffing.config import ConfigError, apply_overrides, format_validation_error
+    from diffing.config import ConfigError, format_validation_error, validate_with_overrides
 
     if (config is None) == (preset is None):
         raise ConfigError("give exactly one of --config FILE or --preset NAME")
@@ -405,7 +405,9 @@ def load_pipeline_config(
     if out is not None:
         data["out"] = str(out)
     try:
-        return PipelineConfig.model_validate(with_defaults(apply_overrides(data, list(overrides))))
+        return validate_with_overrides(
+            lambda d: PipelineConfig.model_validate(with_defaults(d)), data, list(overrides)
+        )
     except ValueError as e:
         raise ConfigError(format_validation_error(e)) from None
 

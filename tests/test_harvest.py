@@ -17,6 +17,7 @@ from diffing.models import HarvestInputError
 from diffing.store import StoreError, open_store
 
 pytestmark = pytest.mark.timeout(300)
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 
 
 def _corpus(path, n=24):
@@ -314,7 +315,7 @@ def test_killed_driver_resumes_to_identical_rows(tmp_path, tiny_pair, ray_cluste
         assert (ma[k] == mb[k]).all()
 
 
-@pytest.mark.parametrize("case", ["missing_column", "empty", "layer", "tokenizers"])
+@pytest.mark.parametrize("case", ["missing_column", "empty", "layer", "tokenizers", "template"])
 def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, tiny_pair, case):
     from jobs.harvest import run_harvest
 
@@ -329,6 +330,24 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, tiny_pair, case):
     elif case == "layer":
         kw["layer"] = 99
         match = "layer=99 is out of range"
+    elif case == "template":  # Gemma's template raises on a system turn; found before any shard runs
+        from transformers import AutoTokenizer
+
+        template = (
+            "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+            "supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+        )
+        kw["models"] = []
+        for name, src in zip(("base", "ft"), tiny_pair, strict=True):
+            shutil.copytree(src, tmp_path / name)
+            tok = AutoTokenizer.from_pretrained(str(tmp_path / name))
+            tok.chat_template = template
+            tok.save_pretrained(str(tmp_path / name))
+            kw["models"].append({"name": name, "path": str(tmp_path / name)})
+        recs = [{"id": f"t{i}", "text": f"doc {i}"} for i in range(300)]
+        recs.append({"id": "sys", "messages": [{"role": "system", "content": "Be brief."}, *CHAT]})
+        (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+        match = "record 'sys': the model's chat template rejects its messages.*System role not supported"
     else:
         from transformers import AutoTokenizer
 

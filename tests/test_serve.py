@@ -513,6 +513,18 @@ def test_http_limits_name_the_field():
             calib[0]["top"][0] |= {"tokens": ["x"] * 600, "acts": [1.0] * 600, "peak": 0}
             r = await c.post("/v1/labels", json={**one, "calibration": calib})
             assert r.status_code == 422 and r.json()["field"] == "calibration.0.top.0.tokens"
+            # a non-finite activation would silently unmark every token (NaN) or all but one (inf)
+            raw = json.dumps(body(evidence(0, NEUTRAL))).replace('"acts": [', '"acts": [NaN, ', 1)
+            raw = raw.replace('"tokens": [', '"tokens": ["x", ', 1)
+            r = await c.post("/v1/labels", content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422 and r.json()["field"] == "latents.0.top.0.acts.0"
+            bad = body(evidence(0, NEUTRAL))
+            bad["latents"][0]["top"][0] |= {"tokens": ["x" * 5000], "acts": [1.0], "peak": 0}
+            r = await c.post("/v1/labels", json=bad)  # one "token" longer than any token: not a window
+            assert r.status_code == 422 and r.json()["field"] == "latents.0.top.0.tokens.0"
+            bad["latents"][0]["top"][0] |= {"tokens": [], "acts": [], "peak": 0}
+            r = await c.post("/v1/labels", json=bad)
+            assert r.status_code == 422 and r.json()["field"] == "latents.0.top.0.tokens"
 
     run(go())
 

@@ -1,0 +1,175 @@
+"""Prompt corpora: where they are, how they are read, and what a record must look like.
+
+A corpus is JSON Lines (or one JSON array), Parquet, or plain text with one document per line,
+local or on object storage, optionally compressed (.gz, .bz2, .xz, .zst by suffix). Every record
+is checked here, before any model loads or any shard is written, and a bad one is an error that
+names the record (file line or row), the field and the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Literal
+
+import fsspec
+from pydantic import Field
+
+from diffing.config import Frozen
+from diffing.models import HarvestInputError
+
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
+
+
+class CorpusSpec(Frozen):
+    uri: str = Field(
+        description="Corpus file: .jsonl/.json (JSON Lines, or one JSON array of records), .parquet, or .txt "
+        "(one document per line); local or s3://; .gz/.bz2/.xz/.zst compression by suffix."
+    )
+    format: Literal["auto", "jsonl", "parquet", "text"] = Field(
+        "auto", description="File format; auto uses the suffix (after any compression suffix)."
+    )
+    max_prompts: int | None = Field(None, ge=1, description="Use only the first N records.")
+    text_field: str = Field("text", description="Column with raw text.")
+    messages_field: str = Field(
+        "messages",
+        description="Column with chat messages [{role, content}] (a list, or that list as a JSON string); "
+        "used instead of the text column when a record has both.",
+    )
+    source_field: str = Field(
+        "source", description="Column tagging each record's source (kept in the store, not shown to models)."
+    )
+    id_field: str = Field("id", description="Column with a record id (default: the row number).")
+
+
+def _format(spec: CorpusSpec) -> str:
+    if spec.format != "auto":
+        return spec.format
+    low = spec.uri.lower()
+    for suffix in _COMPRESSION:
+        low = low.removesuffix(suffix)
+    return "parquet" if low.endswith(".parquet") else "text" if low.endswith(".txt") else "jsonl"
+
+
+def _read_bytes(uri: str) -> bytes:
+    try:
+        with fsspec.open(uri, "rb", compression="infer") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise HarvestInputError(f"corpus.uri: {uri} does not exist") from None
+    except Exception as e:  # unreachable bucket, bad credentials, a corrupt archive
+        raise HarvestInputError(f"corpus.uri: cannot read {uri}: {type(e).__name__}: {e}") from None
+
+
+def _decode(data: bytes, uri: str) -> str:
+    try:
+        return data.decode("utf-8-sig")  # a leading byte-order mark is not text
+    except UnicodeDecodeError as e:
+        raise HarvestInputError(
+            f"corpus.uri: {uri} is not UTF-8 (byte {e.start}: {e.reason}); re-encode it as UTF-8"
+        ) from None
+
+
+def _lines(text: str) -> list[tuple[int, str]]:
+    """(1-based line number, line) of the non-blank lines. Splits on newlines only: JSON strings may
+    hold U+2028 or U+0085 and prose may hold form feeds, which str.splitlines() would split on."""
+    return [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def _json_rows(text: str, uri: str) -> list[tuple[str, Any]]:
+    if text.lstrip().startswith("["):  # one JSON array of records (a .json export)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise HarvestInputError(f"corpus {uri} line {e.lineno}: {e.msg} (column {e.colno})") from None
+        return [(f"item {i}", r) for i, r in enumerate(rows)]
+    out = []
+    for n, line in _lines(text):
+        try:
+            out.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise HarvestInputError(
+                f"corpus {uri} line {n}: {e.msg} (column {e.colno}); a .jsonl corpus holds one JSON "
+                "object per line (or the whole file is one JSON array)"
+            ) from None
+    return out
+
+
+def _messages(value: Any, where: str, spec: CorpusSpec) -> list[dict[str, str]]:
+    field = spec.messages_field
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise HarvestInputError(
+                f"corpus {where}: {field!r} is a string that is not JSON; it must be a list of "
+                "{role, content} messages"
+            ) from None
+    if not isinstance(value, list) or not value:
+        raise HarvestInputError(
+            f"corpus {where}: {field!r} must be a non-empty list of {{role, content}} messages, "
+            f"got {type(value).__name__}"
+        )
+    for j, m in enumerate(value):
+        if isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str):
+            continue
+        hint = ""
+        if isinstance(m, dict) and {"from", "value"} <= set(m):
+            hint = " (ShareGPT-style {from, value} turns: convert them to {role, content})"
+        elif isinstance(m, dict) and "content" in m and not isinstance(m["content"], str):
+            hint = " (content must be a string: no null tool-call turns or lists of content parts)"
+        raise HarvestInputError(
+            f"corpus {where}: {field}[{j}] must be {{role: str, content: str}}, got {str(m)[:120]}{hint}"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _record(r: Any, i: int, where: str, spec: CorpusSpec) -> dict[str, Any]:
+    if not isinstance(r, dict):
+        raise HarvestInputError(f"corpus {where}: a record must be a JSON object, got {type(r).__name__}")
+    tf, mf = spec.text_field, spec.messages_field
+    if tf not in r and mf not in r:
+        raise HarvestInputError(
+            f"corpus {where} has neither a {tf!r} nor a {mf!r} field (it has {sorted(r)[:8]}); "
+            "set corpus.text_field / corpus.messages_field"
+        )
+    text, msgs = r.get(tf), r.get(mf)
+    if msgs is not None:
+        messages, text = _messages(msgs, where, spec), None
+    elif text is None:
+        raise HarvestInputError(f"corpus {where}: {tf!r} is null (and there are no {mf!r})")
+    elif not isinstance(text, str):
+        raise HarvestInputError(f"corpus {where}: {tf!r} must be a string, got {type(text).__name__}")
+    else:
+        messages = None
+    rid = r.get(spec.id_field)
+    source = r.get(spec.source_field)
+    return {
+        "id": str(i if rid is None else rid),
+        "source": str(source) if source not in (None, "") else "unknown",
+        "text": text,
+        "messages": messages,
+    }
+
+
+def read_corpus(spec: CorpusSpec) -> list[dict[str, Any]]:
+    """Records {id, source, text | messages} in file order, every one checked."""
+    fmt, uri = _format(spec), spec.uri
+    data = _read_bytes(uri)
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            rows = [(f"row {i}", r) for i, r in enumerate(pq.read_table(io.BytesIO(data)).to_pylist())]
+        except pa.ArrowException as e:
+            raise HarvestInputError(f"corpus.uri: {uri} is not a readable Parquet file: {e}") from None
+    elif fmt == "text":
+        rows = [(f"line {n}", {spec.text_field: line}) for n, line in _lines(_decode(data, uri))]
+    else:
+        rows = _json_rows(_decode(data, uri), uri)
+    if spec.max_prompts:
+        rows = rows[: spec.max_prompts]
+    if not rows:
+        raise HarvestInputError(f"corpus.uri: {uri} holds no records")
+    return [_record(r, i, f"{uri} {where}", spec) for i, (where, r) in enumerate(rows)]

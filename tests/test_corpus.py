@@ -1,0 +1,150 @@
+"""Reading users' corpora: every record checked up front, errors that name the record and the fix."""
+
+import bz2
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from diffing.config import ConfigError, apply_overrides, load_config
+from diffing.corpus import CorpusSpec, read_corpus
+from diffing.harvest import HarvestConfig
+from diffing.models import HarvestInputError
+
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+
+
+def _read(path, **kw):
+    return read_corpus(CorpusSpec(uri=str(path), **kw))
+
+
+def test_jsonl_lines_split_on_newlines_only(tmp_path):
+    # U+2028 and U+0085 are legal raw inside a JSON string (json.dumps(ensure_ascii=False) writes
+    # them); str.splitlines() would cut the record there. A BOM and CRLF line ends are tolerated.
+    recs = [{"id": "a", "text": "one\u2028two\u0085three"}, {"id": "b", "messages": CHAT}]
+    body = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\r\n\r\n"
+    (tmp_path / "c.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    out = _read(tmp_path / "c.jsonl")
+    assert [r["id"] for r in out] == ["a", "b"]
+    assert out[0]["text"] == "one\u2028two\u0085three" and out[1]["messages"] == CHAT
+    assert out[0]["source"] == "unknown"
+
+
+def test_text_files_are_one_document_per_line(tmp_path):
+    (tmp_path / "c.txt").write_bytes("\ufeffFirst\fpage two\r\n\nSecond \u2028 line\n".encode())
+    assert [r["text"] for r in _read(tmp_path / "c.txt")] == ["First\fpage two", "Second \u2028 line"]
+    (tmp_path / "latin.txt").write_bytes("café\n".encode("latin-1"))
+    with pytest.raises(HarvestInputError, match="latin.txt is not UTF-8.*re-encode"):
+        _read(tmp_path / "latin.txt")
+
+
+@pytest.mark.parametrize("suffix,opener", [(".jsonl.gz", gzip.open), (".jsonl.bz2", bz2.open)])
+def test_compressed_corpora(tmp_path, suffix, opener):
+    path = tmp_path / f"c{suffix}"
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "hello", "source": "s"}) + "\n")
+    assert _read(path) == [{"id": "0", "source": "s", "text": "hello", "messages": None}]
+
+
+def test_a_json_array_file_is_accepted(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps([{"text": "a"}, {"messages": CHAT}], indent=2))
+    assert [r["text"] for r in _read(tmp_path / "c.json")] == ["a", None]
+
+
+@pytest.mark.parametrize(
+    "lines,match",
+    [
+        (['{"text": "ok"}', '{"text": "cut'], "line 2: Unterminated string"),
+        (['{"text": "ok"}', '"just a string"'], "line 2: a record must be a JSON object, got str"),
+        (['{"text": "ok"}', '{"text": 42}'], "line 2: 'text' must be a string, got int"),
+        (['{"text": null}'], "line 1: 'text' is null"),
+        (['{"prompt": "hi"}'], "line 1 has neither a 'text' nor a 'messages' field.*'prompt'"),
+        (['{"messages": []}'], "line 1: 'messages' must be a non-empty list"),
+        (['{"messages": "not json"}'], "'messages' is a string that is not JSON"),
+        (
+            ['{"messages": [{"from": "human", "value": "hi"}]}'],
+            r"messages\[0\] must be \{role: str, content: str\}.*ShareGPT",
+        ),
+        (
+            ['{"messages": [{"role": "assistant", "content": null}]}'],
+            "content must be a string",
+        ),
+    ],
+)
+def test_bad_records_name_the_line_and_the_fix(tmp_path, lines, match):
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(HarvestInputError, match=match):
+        _read(tmp_path / "c.jsonl")
+
+
+def test_a_bad_record_anywhere_is_found_before_any_work(tmp_path):
+    recs = [{"text": f"doc {i}"} for i in range(400)]
+    recs[300] = {"messages": [{"from": "human", "value": "hi"}]}
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    with pytest.raises(HarvestInputError, match="line 301"):
+        _read(tmp_path / "c.jsonl")
+    assert len(_read(tmp_path / "c.jsonl", max_prompts=300)) == 300  # not read past max_prompts
+
+
+def test_parquet_corpora(tmp_path):
+    table = pa.table(
+        {
+            "body": ["plain", None, None],
+            "turns": [None, CHAT, CHAT],  # a list of structs
+            "tag": ["x", "y", None],
+        }
+    )
+    pq.write_table(table, tmp_path / "c.parquet")
+    out = _read(tmp_path / "c.parquet", text_field="body", messages_field="turns", source_field="tag")
+    assert [r["text"] for r in out] == ["plain", None, None]
+    assert out[1]["messages"] == CHAT and out[2]["messages"] == CHAT
+    assert [r["source"] for r in out] == ["x", "y", "unknown"]
+    pq.write_table(pa.table({"messages": [json.dumps(CHAT)]}), tmp_path / "s.parquet")  # as a JSON string
+    assert _read(tmp_path / "s.parquet")[0]["messages"] == CHAT
+    pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "null.parquet")
+    with pytest.raises(HarvestInputError, match=r"null.parquet row 1: 'text' is null"):
+        _read(tmp_path / "null.parquet")
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(HarvestInputError, match="not a readable Parquet file"):
+        _read(tmp_path / "fake.parquet")
+
+
+# --------------------------------------------------------------------------- --set value parsing
+
+
+def _harvest_cfg(tmp_path, *sets):
+    base = tmp_path / "h.yaml"
+    base.write_text(
+        "models: [{name: a, path: x}, {name: b, path: y}]\nlayer: 1\ncorpus: {uri: c.jsonl}\nstore: s\n"
+    )
+    return load_config(HarvestConfig, base, list(sets))
+
+
+def test_set_values_keep_what_the_user_typed(tmp_path):
+    cfg = _harvest_cfg(
+        tmp_path,
+        "corpus.uri=/data/run #2/c.jsonl",  # '#' is not a YAML comment here
+        "store=2024-01-01",  # not a date
+        "corpus.id_field=no",  # not a bool
+        "corpus.source_field=1.10",  # not a float: the field wants a string
+        "context_length=512",
+        "outlier_norm_mult=None",
+    )
+    assert cfg.corpus.uri == "/data/run #2/c.jsonl" and cfg.store == "2024-01-01"
+    assert (cfg.corpus.id_field, cfg.corpus.source_field) == ("no", "1.10")
+    assert cfg.context_length == 512 and cfg.outlier_norm_mult is None
+    assert apply_overrides({}, ["a=[x, y]", "b=true", "c='quoted'", "d=1e-3"]) == {
+        "a": ["x", "y"],
+        "b": True,
+        "c": "quoted",
+        "d": "1e-3",  # YAML 1.1 reads this as a string; pydantic then reads the float
+    }
+
+
+def test_non_finite_numbers_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="outlier_norm_mult: Input should be a finite number"):
+        _harvest_cfg(tmp_path, "outlier_norm_mult=.inf")
+    with pytest.raises(ConfigError, match="context_length"):
+        _harvest_cfg(tmp_path, "context_length=lots")
