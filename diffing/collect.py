@@ -197,7 +197,7 @@ def _range_done(path: Path, latents: list[int], log) -> bool:
     """A range file counts as done when it holds exactly the range's selected latents."""
     if not path.exists():
         return False
-    have = [json.loads(line)["latent"] for line in path.read_text().splitlines() if line.strip()]
+    have = [json.loads(line)["latent"] for line in path.read_text().split("\n") if line.strip()]
     if have != latents:
         log.warning("evidence.stale", file=path.name, reason="selection changed; redoing this range")
         return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 class Frozen(BaseModel):
     """Base for all configs: immutable, unknown keys rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    @model_validator(mode="after")
+    def _no_nan(self) -> Frozen:
+        """NaN means nothing in a config (it fails every comparison); infinity stays allowed, as
+        "no limit" in the fields that are limits."""
+        for name, value in self:
+            if isinstance(value, float) and math.isnan(value):
+                raise ValueError(f"{name}: NaN is not a value; give a number")
+        return self
 
 
 T = TypeVar("T")
@@ -337,14 +347,14 @@ def validate_with_overrides(
     validate: Callable[[dict[str, Any]], T], data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 ) -> T:
     """``validate(apply_overrides(data, overrides))``; where a field wants a string and the override
-    read as a number or a bool (`--set judge.model_id=1.10`), the value is retried as typed."""
+    read as a number, a bool or null (`--set judge.model_id=1.10`), the value is retried as typed."""
     merged = apply_overrides(data, overrides)
     try:
         return validate(merged)
     except ValidationError as e:
         typed = {".".join(parts): raw for parts, raw in map(_split, overrides)}
         locs = {".".join(map(str, err["loc"])) for err in e.errors() if err["type"] == "string_type"}
-        retry = [k for k in locs if k in typed and not isinstance(_coerce(typed[k]), str | None)]
+        retry = [k for k in locs if k in typed and isinstance(_coerce(typed[k]), int | float | bool | None)]
         if not retry:
             raise
         for key in retry:

@@ -18,13 +18,21 @@ from pydantic import Field
 from diffing.config import Frozen
 from diffing.models import HarvestInputError
 
-_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
+# name suffixes fsspec decompresses by (gz, bz2, xz, lzma, zip; zstd and lz4 once their packages are in)
+_COMPRESSION = tuple(f".{suffix}" for suffix in fsspec.utils.compressions)
+_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ": "xz",
+    b"PK\x03\x04": "zip",
+}
 
 
 class CorpusSpec(Frozen):
     uri: str = Field(
         description="Corpus file: .jsonl/.json (JSON Lines, or one JSON array of records), .parquet, or .txt "
-        "(one document per line); local or s3://; .gz/.bz2/.xz/.zst compression by suffix."
+        "(one document per line); local or s3://; .gz/.bz2/.xz/.zip compression by suffix."
     )
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
         "auto", description="File format; auto uses the suffix (after any compression suffix)."
@@ -45,15 +53,17 @@ class CorpusSpec(Frozen):
 def _format(spec: CorpusSpec) -> str:
     if spec.format != "auto":
         return spec.format
-    low = spec.uri.lower()
+    low = spec.uri.lower().split("?", 1)[0]
     for suffix in _COMPRESSION:
         low = low.removesuffix(suffix)
     return "parquet" if low.endswith(".parquet") else "text" if low.endswith(".txt") else "jsonl"
 
 
 def _read_bytes(uri: str) -> bytes:
+    name = uri.split("?", 1)[0]  # s3://b/c.jsonl.gz?versionId=...: the suffix is before the query
+    compression = fsspec.utils.infer_compression(name)
     try:
-        with fsspec.open(uri, "rb", compression="infer") as f:
+        with fsspec.open(uri, "rb", compression=compression) as f:
             return f.read()
     except FileNotFoundError:
         raise HarvestInputError(f"corpus.uri: {uri} does not exist") from None
@@ -65,6 +75,12 @@ def _decode(data: bytes, uri: str) -> str:
     try:
         return data.decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as e:
+        for magic, codec in _MAGIC.items():
+            if data.startswith(magic):
+                raise HarvestInputError(
+                    f"corpus.uri: {uri} is {codec}-compressed but its name does not say so; name it with "
+                    f"its suffix ({', '.join(_COMPRESSION)} are read) or decompress it"
+                ) from None
         raise HarvestInputError(
             f"corpus.uri: {uri} is not UTF-8 (byte {e.start}: {e.reason}); re-encode it as UTF-8"
         ) from None
@@ -73,10 +89,11 @@ def _decode(data: bytes, uri: str) -> str:
 def _lines(text: str) -> list[tuple[int, str]]:
     """(1-based line number, line) of the non-blank lines. Splits on newlines only: JSON strings may
     hold U+2028 or U+0085 and prose may hold form feeds, which str.splitlines() would split on."""
-    return [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends
+    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
-def _json_rows(text: str, uri: str) -> list[tuple[str, Any]]:
+def _json_rows(text: str, uri: str, limit: int | None) -> list[tuple[str, Any]]:
     if text.lstrip().startswith("["):  # one JSON array of records (a .json export)
         try:
             rows = json.loads(text)
@@ -84,7 +101,7 @@ def _json_rows(text: str, uri: str) -> list[tuple[str, Any]]:
             raise HarvestInputError(f"corpus {uri} line {e.lineno}: {e.msg} (column {e.colno})") from None
         return [(f"item {i}", r) for i, r in enumerate(rows)]
     out = []
-    for n, line in _lines(text):
+    for n, line in _lines(text)[:limit]:
         try:
             out.append((f"line {n}", json.loads(line)))
         except json.JSONDecodeError as e:
@@ -95,7 +112,7 @@ def _json_rows(text: str, uri: str) -> list[tuple[str, Any]]:
     return out
 
 
-def _messages(value: Any, where: str, spec: CorpusSpec) -> list[dict[str, str]]:
+def _messages(value: Any, where: str, spec: CorpusSpec) -> list[dict[str, Any]]:
     field = spec.messages_field
     if isinstance(value, str):
         try:
@@ -105,11 +122,12 @@ def _messages(value: Any, where: str, spec: CorpusSpec) -> list[dict[str, str]]:
                 f"corpus {where}: {field!r} is a string that is not JSON; it must be a list of "
                 "{role, content} messages"
             ) from None
-    if not isinstance(value, list) or not value:
+    if not isinstance(value, list):
         raise HarvestInputError(
-            f"corpus {where}: {field!r} must be a non-empty list of {{role, content}} messages, "
-            f"got {type(value).__name__}"
+            f"corpus {where}: {field!r} must be a list of {{role, content}} messages, got {type(value).__name__}"
         )
+    if not value:
+        raise HarvestInputError(f"corpus {where}: {field!r} is empty (and there is no {spec.text_field!r})")
     for j, m in enumerate(value):
         if isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str):
             continue
@@ -121,7 +139,7 @@ def _messages(value: Any, where: str, spec: CorpusSpec) -> list[dict[str, str]]:
         raise HarvestInputError(
             f"corpus {where}: {field}[{j}] must be {{role: str, content: str}}, got {str(m)[:120]}{hint}"
         )
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return value  # as given: extra keys (name, ...) are the template's to use
 
 
 def _record(r: Any, i: int, where: str, spec: CorpusSpec) -> dict[str, Any]:
@@ -134,19 +152,19 @@ def _record(r: Any, i: int, where: str, spec: CorpusSpec) -> dict[str, Any]:
             "set corpus.text_field / corpus.messages_field"
         )
     text, msgs = r.get(tf), r.get(mf)
+    if isinstance(msgs, list | str) and not msgs and isinstance(text, str):
+        msgs = None  # a mixed corpus's text rows with an empty messages column
     if msgs is not None:
-        messages, text = _messages(msgs, where, spec), None
+        messages = _messages(msgs, where, spec)
     elif text is None:
         raise HarvestInputError(f"corpus {where}: {tf!r} is null (and there are no {mf!r})")
     elif not isinstance(text, str):
         raise HarvestInputError(f"corpus {where}: {tf!r} must be a string, got {type(text).__name__}")
     else:
         messages = None
-    rid = r.get(spec.id_field)
-    source = r.get(spec.source_field)
-    return {
-        "id": str(i if rid is None else rid),
-        "source": str(source) if source not in (None, "") else "unknown",
+    return {  # as the reader has always returned them: a store's config hash covers these records
+        "id": str(r.get(spec.id_field, i)),
+        "source": str(r.get(spec.source_field) or "unknown"),
         "text": text,
         "messages": messages,
     }
@@ -167,7 +185,7 @@ def read_corpus(spec: CorpusSpec) -> list[dict[str, Any]]:
     elif fmt == "text":
         rows = [(f"line {n}", {spec.text_field: line}) for n, line in _lines(_decode(data, uri))]
     else:
-        rows = _json_rows(_decode(data, uri), uri)
+        rows = _json_rows(_decode(data, uri), uri, spec.max_prompts)
     if spec.max_prompts:
         rows = rows[: spec.max_prompts]
     if not rows:

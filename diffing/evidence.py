@@ -125,7 +125,7 @@ def read_jsonl(path: str | Path, cls: type[BaseModel]) -> list:
     path = Path(path)
     if not path.exists():
         return []
-    return [cls.model_validate(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    return [cls.model_validate(json.loads(line)) for line in path.read_text().split("\n") if line.strip()]
 
 
 def iter_evidence(run_dir: str | Path) -> Iterator[LatentEvidence]:

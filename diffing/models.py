@@ -146,10 +146,10 @@ def render(record: dict[str, Any], tokenizer) -> tuple[str, bool]:
         try:
             return tokenizer.apply_chat_template(msgs, tokenize=False), False
         except Exception as e:  # jinja2's TemplateError (raise_exception in the template) and friends
+            hint = "; Gemma's, for one, has no system role and needs user/assistant turns that alternate"
             raise HarvestInputError(
                 f"record {record.get('id')!r}: the model's chat template rejects its messages "
-                f"({type(e).__name__}: {e}); e.g. Gemma's template has no system role and needs "
-                "user/assistant turns that alternate"
+                f"({type(e).__name__}: {e}){hint if 'role' in str(e).lower() else ''}"
             ) from None
     text = record.get("text")
     if not isinstance(text, str):

@@ -119,8 +119,10 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
             f"models have different hidden sizes {sorted(widths)}; a crosscoder needs one d_model"
         )
     tokenizers = [load_tokenizer(m.path) for m in cfg.models]
-    for record in records:  # every chat through the template the shards use, before any shard runs
-        render(record, tokenizers[0])
+    templates = {getattr(t, "chat_template", None): t for t in tokenizers}  # one per distinct template
+    for tok in templates.values():  # every chat through every template, before any shard runs
+        for record in records:
+            render(record, tok)
     check_tokenizers_agree(tokenizers, records[:256], names)
     d_model = widths.pop()
     w = _writer(cfg, d_model)

@@ -173,7 +173,7 @@ def read_labels_tolerant(path: Path) -> dict[int, LatentLabel]:
     if not path.exists():
         return {}
     good, out, torn = [], {}, False
-    for line in path.read_text().splitlines():
+    for line in path.read_text().split("\n"):
         if not line.strip():
             continue
         try:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffing.config import ConfigError, apply_overrides, load_config
-from diffing.corpus import CorpusSpec, read_corpus
+from diffing.corpus import CorpusSpec, _format, read_corpus
 from diffing.harvest import HarvestConfig
 from diffing.models import HarvestInputError
 
@@ -48,6 +48,29 @@ def test_compressed_corpora(tmp_path, suffix, opener):
     assert _read(path) == [{"id": "0", "source": "s", "text": "hello", "messages": None}]
 
 
+def test_line_ends_mixed_corpora_and_extra_keys(tmp_path):
+    (tmp_path / "mac.txt").write_bytes(b"first\rsecond\r")  # old Mac line ends
+    assert [r["text"] for r in _read(tmp_path / "mac.txt")] == ["first", "second"]
+    named = [{"role": "user", "content": "Hi", "name": "ann"}, CHAT[1]]
+    pq.write_table(  # a mixed corpus: text rows carry an empty messages list
+        pa.table({"text": ["plain", None], "messages": [[], named]}), tmp_path / "mixed.parquet"
+    )
+    out = _read(tmp_path / "mixed.parquet")
+    assert out[0]["text"] == "plain" and out[0]["messages"] is None
+    assert out[1]["messages"][0] == named[0]  # extra keys reach the chat template
+    assert out[1]["messages"][1] == {**CHAT[1], "name": None}  # Parquet structs share one schema
+    lines = ['{"text": "a"}', '{"text": "b"}', "not json"]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    assert len(_read(tmp_path / "c.jsonl", max_prompts=2)) == 2  # nothing past max_prompts is parsed
+
+
+def test_compressed_data_under_a_plain_name_is_named(tmp_path):
+    (tmp_path / "c.jsonl").write_bytes(gzip.compress(b'{"text": "x"}\n'))
+    with pytest.raises(HarvestInputError, match="c.jsonl is gzip-compressed but its name does not say so"):
+        _read(tmp_path / "c.jsonl")
+    assert _format(CorpusSpec(uri="s3://b/c.txt.gz?versionId=3")) == "text"
+
+
 def test_a_json_array_file_is_accepted(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps([{"text": "a"}, {"messages": CHAT}], indent=2))
     assert [r["text"] for r in _read(tmp_path / "c.json")] == ["a", None]
@@ -61,7 +84,7 @@ def test_a_json_array_file_is_accepted(tmp_path):
         (['{"text": "ok"}', '{"text": 42}'], "line 2: 'text' must be a string, got int"),
         (['{"text": null}'], "line 1: 'text' is null"),
         (['{"prompt": "hi"}'], "line 1 has neither a 'text' nor a 'messages' field.*'prompt'"),
-        (['{"messages": []}'], "line 1: 'messages' must be a non-empty list"),
+        (['{"messages": []}'], "line 1: 'messages' is empty"),
         (['{"messages": "not json"}'], "'messages' is a string that is not JSON"),
         (
             ['{"messages": [{"from": "human", "value": "hi"}]}'],
@@ -129,11 +152,12 @@ def test_set_values_keep_what_the_user_typed(tmp_path):
         "store=2024-01-01",  # not a date
         "corpus.id_field=no",  # not a bool
         "corpus.source_field=1.10",  # not a float: the field wants a string
+        "corpus.text_field=None",  # not null: the field wants a string
         "context_length=512",
         "outlier_norm_mult=None",
     )
     assert cfg.corpus.uri == "/data/run #2/c.jsonl" and cfg.store == "2024-01-01"
-    assert (cfg.corpus.id_field, cfg.corpus.source_field) == ("no", "1.10")
+    assert (cfg.corpus.id_field, cfg.corpus.source_field, cfg.corpus.text_field) == ("no", "1.10", "None")
     assert cfg.context_length == 512 and cfg.outlier_norm_mult is None
     assert apply_overrides({}, ["a=[x, y]", "b=true", "c='quoted'", "d=1e-3"]) == {
         "a": ["x", "y"],
@@ -143,8 +167,22 @@ def test_set_values_keep_what_the_user_typed(tmp_path):
     }
 
 
-def test_non_finite_numbers_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="outlier_norm_mult: Input should be a finite number"):
-        _harvest_cfg(tmp_path, "outlier_norm_mult=.inf")
+def test_nan_is_refused_infinity_is_no_limit(tmp_path):
+    with pytest.raises(ConfigError, match="outlier_norm_mult: "):
+        _harvest_cfg(tmp_path, "outlier_norm_mult=.nan")
+    assert _harvest_cfg(tmp_path, "outlier_norm_mult=.inf").outlier_norm_mult == float("inf")
     with pytest.raises(ConfigError, match="context_length"):
         _harvest_cfg(tmp_path, "context_length=lots")
+
+
+def test_evidence_files_keep_tokens_with_unicode_line_separators(tmp_path):
+    # model_dump_json writes U+2028 / U+0085 raw; str.splitlines() would cut the line there
+    from diffing.evidence import Example, LatentEvidence, read_jsonl, write_jsonl
+
+    ev = LatentEvidence(
+        latent=3, group="g", top=[Example(tokens=["a\u2028b", "c\x85"], acts=[1.0, 0.0], peak=0)]
+    )
+    write_jsonl(tmp_path / "e.jsonl", [ev, ev.model_copy(update={"latent": 4})])
+    assert [e.top[0].tokens for e in read_jsonl(tmp_path / "e.jsonl", LatentEvidence)] == [
+        ["a\u2028b", "c\x85"]
+    ] * 2
