@@ -14,6 +14,7 @@ group, dataset planning, final metrics) is reported beside them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -73,6 +74,14 @@ def main() -> None:
     ap.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     ap.add_argument(
         "--features", type=int, default=0, help="planted features (0: n_latents / 4 plus exclusives)"
+    )
+    ap.add_argument(
+        "--readers",
+        nargs="+",
+        choices=["v1", "v2"],
+        default=["v1"],
+        help="Ray Data parquet reader(s) of the Ray runs: v1 (what run_fit_ray uses) and/or v2 "
+        "(Ray's DataSourceV2 default, for comparison)",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -145,13 +154,17 @@ def main() -> None:
     )
     res["final"]["in_process"] = summary(tmp / "inproc")
     ensure_ray(num_cpus=args.ray_cpus)  # GPUs are detected
-    for w in args.workers:
+    import jobs.fit
+
+    v1_dataset = jobs.fit._store_dataset
+    for reader, w in [(r, w) for r in args.readers for w in args.workers]:
+        jobs.fit._store_dataset = functools.partial(v1_dataset, datasource_v2=reader == "v2")
+        key = f"ray_{w}_workers" + ("" if reader == "v1" else "_v2_reader")
         t0 = time.perf_counter()
-        run_fit_ray(str(tmp / "store"), cfg(w), str(tmp / f"ray{w}"))
-        res["wall_s"][f"ray_{w}_workers"] = time.perf_counter() - t0
-        key = f"ray_{w}_workers"
-        res["tokens_per_s"][key], res["steady_tokens_per_s"][key] = rates(tmp / f"ray{w}", args.batch)
-        res["final"][key] = summary(tmp / f"ray{w}")
+        run_fit_ray(str(tmp / "store"), cfg(w), str(tmp / key))
+        res["wall_s"][key] = time.perf_counter() - t0
+        res["tokens_per_s"][key], res["steady_tokens_per_s"][key] = rates(tmp / key, args.batch)
+        res["final"][key] = summary(tmp / key)
         if args.json:  # partial results survive a later run's failure
             Path(args.json).write_text(json.dumps(res, indent=2))
     for name in ("tokens_per_s", "steady_tokens_per_s"):

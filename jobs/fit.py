@@ -44,7 +44,7 @@ def dist_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     return t
 
 
-def _store_dataset(store: ActivationStore):
+def _store_dataset(store: ActivationStore, datasource_v2: bool = False):
     import pyarrow.fs as pafs
     import ray.data
 
@@ -53,7 +53,19 @@ def _store_dataset(store: ActivationStore):
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(store.fs))
     paths = [f"{store.root}/{s.path}" for s in store.manifest.shards]
     cols = [f"act_{m}" for m in range(store.n_models)]
-    return ray.data.read_parquet(paths, filesystem=fs).select_columns(cols)
+    # Ray Data's DataSourceV2 parquet read (its default in Ray 2.60) lists files by starting 32
+    # footer-reading actors on every execution, i.e. every epoch: 7-15 s per epoch on a 2-core box
+    # against 0.5-1.3 s for the V1 read of the same 6 shards (docs/benchmarks.md). The manifest
+    # already names every shard and its rows, so there is nothing to discover: read with V1.
+    ctx = ray.data.DataContext.get_current()
+    v2 = getattr(ctx, "use_datasource_v2", None)
+    if v2 is not None:
+        ctx.use_datasource_v2 = datasource_v2
+    try:
+        return ray.data.read_parquet(paths, filesystem=fs).select_columns(cols)
+    finally:
+        if v2 is not None:
+            ctx.use_datasource_v2 = v2
 
 
 def _train_loop(config: dict[str, Any]) -> None:

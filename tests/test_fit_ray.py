@@ -48,25 +48,35 @@ def _cfg(workers, **train):
     )
 
 
-def test_two_workers_match_one_worker(tmp_path, store, ray_cluster):
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory, store, ray_cluster):
+    """One 2-worker fit shared by the parity and the killed-worker tests: (result, run dir)."""
+    from jobs.fit import run_fit_ray
+
+    out = tmp_path_factory.mktemp("fitray2") / "w2"
+    return run_fit_ray(store, _cfg(2), str(out)), out
+
+
+def test_two_workers_match_one_worker(tmp_path, store, ray_cluster, two_worker_run):
     from jobs.fit import run_fit_ray
 
     one = run_fit_ray(store, _cfg(1), str(tmp_path / "w1"))
-    two = run_fit_ray(store, _cfg(2), str(tmp_path / "w2"))
+    two, w2 = two_worker_run
     assert one["steps"] == two["steps"] == 2 * (30_000 // 512)  # 2 epochs, equal batches per rank
     # same data, seed and global batch; BatchTopK selects per rank, so not bitwise equal
     for m in ("A", "B"):
         assert abs(one["fve"][m] - two["fve"][m]) < 0.05, (one, two)
 
     def late_loss(run):
-        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         tail = [r["loss"] for r in rows if r["step"] > 0.7 * rows[-1]["step"]]
         return sum(tail) / len(tail)
 
-    (tmp_path.parent / "parity.json").write_text(json.dumps([one, two, late_loss("w1"), late_loss("w2")]))
-    assert abs(late_loss("w1") - late_loss("w2")) / late_loss("w1") < 0.1
+    w1 = tmp_path / "w1"
+    (tmp_path.parent / "parity.json").write_text(json.dumps([one, two, late_loss(w1), late_loss(w2)]))
+    assert abs(late_loss(w1) - late_loss(w2)) / late_loss(w1) < 0.1
     assert two["workers"] == 2
-    lines = (tmp_path / "w2" / "metrics.jsonl").read_text().splitlines()
+    lines = (w2 / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == two["steps"]
 
 
@@ -95,10 +105,10 @@ def _worker_pids():
     return out
 
 
-def test_killed_worker_recovers_from_checkpoint(tmp_path, store, ray_cluster):
+def test_killed_worker_recovers_from_checkpoint(tmp_path, store, ray_cluster, two_worker_run):
     from jobs.fit import run_fit_ray
 
-    ref = run_fit_ray(store, _cfg(2), str(tmp_path / "ref"))
+    ref, _ = two_worker_run  # the same config run without a failure
     out = tmp_path / "chaos"
     result = {}
     th = threading.Thread(target=lambda: result.update(run_fit_ray(store, _cfg(2), str(out))))
