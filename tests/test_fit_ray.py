@@ -80,6 +80,25 @@ def test_two_workers_match_one_worker(tmp_path, store, ray_cluster, two_worker_r
     assert json.loads(lines[-1])["step"] == two["steps"]
 
 
+def test_ray_dataset_yields_the_store_rows_in_order(store, ray_cluster):
+    """The training dataset (read with Ray Data's V1 parquet reader) holds exactly the store's rows
+    in manifest order, and the caller's DataContext reader setting is left as it was."""
+    import numpy as np
+    import ray.data
+
+    from jobs.fit import _store_dataset
+
+    st = open_store(store)
+    ctx = ray.data.DataContext.get_current()
+    before = getattr(ctx, "use_datasource_v2", None)
+    ds = _store_dataset(st)
+    assert getattr(ctx, "use_datasource_v2", None) == before
+    got = np.concatenate([st.acts_of(b) for b in ds.iter_batches(batch_size=4096, batch_format="pyarrow")])
+    want = np.concatenate([st.read_shard(i)[0] for i in range(len(st.manifest.shards))])
+    assert got.shape == want.shape == (30_000, 2, 32)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_golden_loss_in_process(tmp_path, store):
     """A tiny fixed-seed run pins its loss (update GOLDEN deliberately when the math changes)."""
     cfg = _cfg(0, epochs=1, log_every=10)
