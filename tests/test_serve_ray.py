@@ -118,9 +118,9 @@ def test_choice_mode_through_the_deployment_handle(service):
     assert all(x.category in NAMES and 0 < x.confidence <= 1 for x in labels)
 
 
-async def _load(url, token, n, conc, malformed_every, deadline_s, distinct=None):
+async def _load(url, token, n, conc, malformed_every, deadline_s, distinct=None, first=1000):
     """n requests, conc at a time; every malformed_every-th malformed; the good ones carry one of
-    `distinct` latents (all different when None). Returns [(bad, status, seconds)]."""
+    `distinct` latents (all different when None) numbered from `first`. Returns [(bad, status, seconds)]."""
     out = []
     sem = asyncio.Semaphore(conc)
     async with httpx.AsyncClient(
@@ -144,7 +144,7 @@ async def _load(url, token, n, conc, malformed_every, deadline_s, distinct=None)
                     else:
                         r = await c.post("/v1/labels", json={"latents": []})
                 else:
-                    r = await c.post("/v1/labels", json=body(rand_evidence(1000 + i % (distinct or n))))
+                    r = await c.post("/v1/labels", json=body(rand_evidence(first + i % (distinct or n))))
                 out.append((bad, r.status_code, time.monotonic() - t))
 
         await asyncio.gather(*(one(i) for i in range(n)))
@@ -181,7 +181,8 @@ def test_killing_the_judge_replica_mid_load_recovers_without_a_hang(service):
 
     async def go():
         load = asyncio.ensure_future(
-            _load(service.url, service.token, n=64, conc=8, malformed_every=0, deadline_s=150)
+            # latents no earlier test labelled: every request needs the judge (none from the cache)
+            _load(service.url, service.token, n=64, conc=8, malformed_every=0, deadline_s=150, first=3000)
         )
         await asyncio.sleep(3)
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
