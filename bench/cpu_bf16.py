@@ -66,9 +66,7 @@ def harvest_forward(base, repeats: int) -> dict[str, float]:
 def finetune_steps(base, repeats: int) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from diffing.embedded.corpus import is_heldout, make_corpus
-    from diffing.embedded.finetune import (
-        FinetuneRecipe,
+    from diffing.embedded.adapter import (
         _answer_nll,
         _collate,
         _cycle,
@@ -76,6 +74,8 @@ def finetune_steps(base, repeats: int) -> dict[str, float]:
         _preservation_losses,
         add_lora,
     )
+    from diffing.embedded.corpus import is_heldout, make_corpus
+    from diffing.embedded.finetune import FinetuneRecipe
 
     tok = AutoTokenizer.from_pretrained(base)
     corpus = [r for r in make_corpus(4000, seed=0, variant="train") if not is_heldout(r)]

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-import diffing.store as store_mod
+import diffing.store.format as store_mod
 from diffing.store import open_store, write_arrays
 
 

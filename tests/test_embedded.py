@@ -30,8 +30,8 @@ from diffing.embedded import (
     read_corpus,
     write_corpus,
 )
+from diffing.embedded.adapter import add_lora, lora_disabled, merge_lora
 from diffing.embedded.corpus import CORPUS_VERSION
-from diffing.embedded.finetune import add_lora, lora_disabled, merge_lora
 
 TINY = TinyConfig(tokenizer="bytes")
 
@@ -298,7 +298,7 @@ def test_eager_and_sdpa_attention_train_the_same_adapter(tiny_pair):
     """Parity: the recipe's attention kernel changes the speed, not the math (float32, 3 steps)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from diffing.embedded.finetune import train_adapter
+    from diffing.embedded.adapter import train_adapter
 
     kw = dict(
         steps=3, batch_size=2, general_batch_size=2, corpus_size=200, lora_rank=2, preserve_layers=(1, 3),

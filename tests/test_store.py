@@ -53,7 +53,7 @@ def test_bytes_per_token_pair(tmp_path):
 
 def test_shards_hold_row_groups_and_read_back_whole(tmp_path, monkeypatch):
     """Shards are split in ~16 MiB row groups (parallel decode); a multi-group shard reads back exactly."""
-    import diffing.store as store_mod
+    import diffing.store.format as store_mod
 
     assert store_mod.row_group_rows(2 * 3584 * 2) == 1170  # Gemma-2-9b width: ~16 MiB groups
     assert store_mod.row_group_rows(2 * 576 * 2) == 7281
@@ -87,7 +87,7 @@ def test_no_manifest_no_store(tmp_path):
 def test_failed_write_leaves_nothing_visible(tmp_path, monkeypatch):
     w = StoreWriter(str(tmp_path / "s"), model_names=["a", "b"], d_model=8)
     w.write_shard("00000", _acts(10))
-    import diffing.store as store_mod
+    import diffing.store.writer as store_mod
 
     real = store_mod.pq.write_table
 

@@ -145,7 +145,7 @@ def test_working_dir_upload_stays_small(tmp_path):
     target = tmp_path / "pkg.zip"
     create_package(env["working_dir"], target, include_gitignore=True, excludes=env["excludes"])
     names = zipfile.ZipFile(target).namelist()
-    assert "jobs/cli.py" in names and "diffing/store.py" in names and "cluster/submit.py" in names
+    assert "jobs/cli.py" in names and "diffing/store/writer.py" in names and "cluster/submit.py" in names
     assert not any(n.startswith((".venv/", ".git/", "runs/")) or "__pycache__" in n for n in names)
     assert target.stat().st_size < 5 * 2**20, target.stat().st_size
 

@@ -1,0 +1,248 @@
+"""Write side: shards from any process, in any order, then the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from diffing.store.format import (
+    _NP_DTYPES,
+    META_COLUMNS,
+    Manifest,
+    ShardInfo,
+    StoreError,
+    _fixed_list,
+    _fs,
+    atomic_write,
+    row_group_rows,
+)
+from diffing.store.reader import ActivationStore, open_store
+
+
+class StoreWriter:
+    """Writes shards one at a time (any process, any order) and finalises the manifest."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        model_names: Sequence[str],
+        d_model: int,
+        dtype: str = "float16",
+        layer: int | None = None,
+        site: str | None = None,
+        extra_columns: Sequence[str] = (),
+        metadata: dict[str, Any] | None = None,
+    ):
+        if len(model_names) < 2:
+            raise StoreError(f"a store needs >= 2 models, got model_names={list(model_names)}")
+        if dtype not in _NP_DTYPES:
+            raise StoreError(f"dtype={dtype!r} is not supported; use one of {sorted(_NP_DTYPES)}")
+        self.uri = uri
+        self.fs, self.root = _fs(uri)
+        self.header = Manifest(
+            model_names=list(model_names),
+            d_model=d_model,
+            dtype=dtype,
+            layer=layer,
+            site=site,
+            extra_columns=list(extra_columns),
+            metadata=metadata or {},
+        )
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def has_manifest(self) -> bool:
+        return self.fs.exists(self._path("manifest.json"))
+
+    def clear(self) -> None:
+        """Remove an existing store's manifest and shards (for --overwrite)."""
+        for rel in ("manifest.json", "shards"):
+            if self.fs.exists(self._path(rel)):
+                self.fs.rm(self._path(rel), recursive=True)
+
+    def done_shard(self, shard_id: str) -> ShardInfo | None:
+        """The ShardInfo of a completed shard, or None (a parquet file without sidecar is incomplete)."""
+        p = self._path(f"shards/{shard_id}.json")
+        if not self.fs.exists(p):
+            return None
+        return ShardInfo.model_validate_json(self.fs.cat_file(p))
+
+    def write_shard(
+        self,
+        shard_id: str,
+        acts: np.ndarray | torch.Tensor,
+        *,
+        doc_ids: np.ndarray | None = None,
+        positions: np.ndarray | None = None,
+        token_ids: np.ndarray | None = None,
+        extra: dict[str, Sequence[Any]] | None = None,
+        producer: dict[str, Any] | None = None,
+    ) -> ShardInfo:
+        """Write one shard atomically. acts: [n_rows, n_models, d_model]; ``producer`` goes to
+        its sidecar (provenance: e.g. the dtypes the harvest's models ran in)."""
+        h = self.header
+        if isinstance(acts, torch.Tensor):
+            acts = acts.detach().cpu()
+            acts = (acts if acts.dtype in (torch.float16, torch.float32) else acts.float()).numpy()
+        acts = np.asarray(acts)
+        if acts.ndim != 3 or acts.shape[1:] != (h.n_models, h.d_model):
+            raise StoreError(
+                f"acts must have shape [n_tokens, {h.n_models}, {h.d_model}] (n_models, d_model), got {list(acts.shape)}"
+            )
+        n = acts.shape[0]
+        with np.errstate(over="ignore"):  # overflow is reported below, with the fix
+            stored = acts.astype(_NP_DTYPES[h.dtype], copy=False)  # no copy if already the store's dtype
+        step = max(1, (64 << 20) // max(1, stored[:1].nbytes))  # rows per 64 MiB: bounded temporaries
+        norms = np.zeros(h.n_models, np.float64)
+        for a in range(0, n, step):
+            chunk = stored[a : a + step].astype(np.float32)
+            if not np.isfinite(chunk).all():
+                finite = np.isfinite(acts[a : a + step]).all()
+                bad = f"values beyond {h.dtype}'s range" if finite else "NaN or inf"
+                raise StoreError(f"shard {shard_id}: acts contain {bad}; nothing was written")
+            norms += np.linalg.norm(chunk, axis=-1).sum(0)
+        cols: dict[str, pa.Array] = {
+            "doc_id": pa.array(np.zeros(n, np.int64) if doc_ids is None else np.asarray(doc_ids, np.int64)),
+            "pos": pa.array(
+                np.arange(n, dtype=np.int32) if positions is None else np.asarray(positions, np.int32)
+            ),
+            "token_id": pa.array(
+                np.full(n, -1, np.int32) if token_ids is None else np.asarray(token_ids, np.int32)
+            ),
+        }
+        for name, arr in cols.items():
+            if len(arr) != n:
+                raise StoreError(f"{name} has {len(arr)} entries but acts has {n} rows")
+        for m in range(h.n_models):
+            cols[f"act_{m}"] = _fixed_list(stored[:, m])
+        extra = extra or {}
+        if set(extra) != set(h.extra_columns):
+            raise StoreError(f"extra columns {sorted(extra)} do not match the store's {h.extra_columns}")
+        for name in h.extra_columns:
+            cols[name] = pa.array(list(extra[name]))
+        table = pa.table(cols).replace_schema_metadata({"crossdiff.model_names": json.dumps(h.model_names)})
+        buf = io.BytesIO()
+        pq.write_table(
+            table,
+            buf,
+            compression="zstd",
+            use_dictionary=list(h.extra_columns) or False,
+            # no min/max statistics for the activation columns: nothing filters on them, and
+            # for float16 they cost a third of the write (docs/benchmarks.md)
+            write_statistics=[*META_COLUMNS, *h.extra_columns],
+            row_group_size=row_group_rows(stored.shape[1] * stored.shape[2] * stored.itemsize),
+        )
+        del table, cols
+        data = buf.getbuffer()  # the Parquet bytes, not copied again
+        info = ShardInfo(
+            shard_id=shard_id,
+            path=f"shards/{shard_id}.parquet",
+            n_rows=n,
+            sha256=hashlib.sha256(data).hexdigest(),
+            norm_sums=[float(v) for v in norms],
+            producer=producer or {},
+        )
+        atomic_write(self.fs, self._path(info.path), data)
+        atomic_write(self.fs, self._path(f"shards/{shard_id}.json"), info.model_dump_json().encode())
+        return info
+
+    def finalize(
+        self, shards: Sequence[ShardInfo] | None = None, *, metadata: dict[str, Any] | None = None
+    ) -> Manifest:
+        """Write manifest.json from the given shards (default: every completed shard, sorted by id);
+        ``metadata`` is added to the header's."""
+        if shards is None:
+            shards = [
+                ShardInfo.model_validate_json(self.fs.cat_file(p))
+                for p in sorted(self.fs.glob(self._path("shards/*.json")))
+            ]
+        shards = sorted(shards, key=lambda s: s.shard_id)
+        n_rows = sum(s.n_rows for s in shards)
+        if n_rows == 0:
+            raise StoreError(f"no rows to write at {self.uri}: the input produced no tokens")
+        sums = np.sum([s.norm_sums for s in shards], axis=0)
+        manifest = self.header.model_copy(
+            update=dict(
+                shards=list(shards),
+                n_rows=n_rows,
+                mean_norms=[float(v) for v in sums / n_rows],
+                metadata={**self.header.metadata, **(metadata or {})},
+            )
+        )
+        atomic_write(self.fs, self._path("manifest.json"), manifest.model_dump_json(indent=2).encode())
+        return manifest
+
+
+def write_arrays(
+    uri: str,
+    acts: np.ndarray | torch.Tensor,
+    *,
+    model_names: Sequence[str],
+    doc_ids: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
+    token_ids: np.ndarray | None = None,
+    extra: dict[str, Sequence[Any]] | None = None,
+    dtype: str = "float16",
+    shard_rows: int = 65_536,
+    layer: int | None = None,
+    site: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> ActivationStore:
+    """Write a store from in-memory activations [n_tokens, n_models, d_model] (bring your own)."""
+    if isinstance(acts, torch.Tensor):
+        acts = acts.detach().float().cpu().numpy()
+    acts = np.asarray(acts)
+    if acts.ndim != 3:
+        raise StoreError(f"acts must be [n_tokens, n_models, d_model], got shape {list(acts.shape)}")
+    if acts.shape[0] == 0:
+        raise StoreError("acts is empty (0 tokens)")
+    if acts.shape[1] != len(model_names):
+        raise StoreError(f"acts has {acts.shape[1]} models but model_names has {len(model_names)}")
+    writer = StoreWriter(
+        uri,
+        model_names=model_names,
+        d_model=acts.shape[2],
+        dtype=dtype,
+        layer=layer,
+        site=site,
+        extra_columns=sorted(extra or {}),
+        metadata=metadata,
+    )
+    if writer.has_manifest() or writer.fs.exists(writer._path("shards")):
+        if not overwrite:
+            raise StoreError(f"a store already exists at {uri}; pass overwrite=True to replace it")
+        writer.clear()
+    n = acts.shape[0]
+    n_shards = math.ceil(n / shard_rows)
+    width = max(5, len(str(n_shards)))
+    infos = []
+
+    def cut(a, sl: slice):
+        return None if a is None else np.asarray(a)[sl]
+
+    for s in range(n_shards):
+        sl = slice(s * shard_rows, min(n, (s + 1) * shard_rows))
+        infos.append(
+            writer.write_shard(
+                f"{s:0{width}d}",
+                acts[sl],
+                doc_ids=cut(doc_ids, sl),
+                positions=cut(positions, sl),
+                token_ids=cut(token_ids, sl),
+                extra={k: list(v)[sl] for k, v in (extra or {}).items()},
+            )
+        )
+    writer.finalize(infos)
+    return open_store(uri)
