@@ -4,7 +4,9 @@ Three measurements, each a ratio against float32 run in turn with it:
 - harvest forward: SmolLM2-135M-Instruct stopped after layer 20, 16 prompts x 100 tokens, with
   float32 weights, float32 weights under bf16 autocast, and bfloat16 weights (what `auto` loads);
 - fine-tune step: the embedded recipe's training step (8 planted + 4 general records, LoRA,
-  both preservation losses) in float32 and under bf16 autocast (what `compute_dtype: auto` runs);
+  both preservation losses) in float32 and under bf16 autocast (what `compute_dtype: auto` runs),
+  the latter with the frozen weights re-cast at every use and cast once (`frozen_linears_in`, what
+  the build runs: the same adapter bit for bit);
 - AuxK step: the crosscoder's training step at the demo's shape with half the latents dead, the
   dense AuxK decode against the embedding_bag one (not a dtype, the other CPU change beside it).
 
@@ -73,6 +75,7 @@ def finetune_steps(base, repeats: int) -> dict[str, float]:
         _forward,
         _preservation_losses,
         add_lora,
+        frozen_linears_in,
     )
     from diffing.embedded.corpus import is_heldout, make_corpus
     from diffing.embedded.finetune import FinetuneRecipe
@@ -80,9 +83,14 @@ def finetune_steps(base, repeats: int) -> dict[str, float]:
     tok = AutoTokenizer.from_pretrained(base)
     corpus = [r for r in make_corpus(4000, seed=0, variant="train") if not is_heldout(r)]
     out = {}
-    for compute in ("float32", "bfloat16"):
+    variants = {"float32": ("float32", None), "bfloat16": ("bfloat16", None)}
+    variants["bfloat16, frozen weights cast once"] = ("bfloat16", torch.bfloat16)
+    for name, (compute, cast) in variants.items():
         recipe = FinetuneRecipe(compute_dtype=compute)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        attn = recipe.resolved_attn_implementation()  # as the build: eager under bf16, sdpa in float32
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=torch.float32, attn_implementation=attn
+        ).eval()
         loras = add_lora(model, recipe)
         opt = torch.optim.AdamW([p for lr in loras for p in (lr.lora_a, lr.lora_b)], lr=recipe.lr)
         rng = random.Random(0)  # the same batches for both
@@ -90,20 +98,21 @@ def finetune_steps(base, repeats: int) -> dict[str, float]:
         text = _cycle([r for r in corpus if r["source"] == "general_text"], 2, rng)
         chat = _cycle([r for r in corpus if r["source"] == "general_chat"], 2, rng)
         times = []
-        for step in range(1 + repeats):
-            b = _collate(tok, next(planted), recipe.max_len)
-            g = _collate(tok, next(text) + next(chat), recipe.max_len)
-            t = time.perf_counter()
-            with recipe.autocast():
-                loss = _answer_nll(model, _forward(model, b).last_hidden_state, b).mean()
-                preserve, kl, kl_start = _preservation_losses(model, loras, g, recipe.preserve_layers)
-                loss = loss + recipe.preserve_weight * preserve + kl + kl_start
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step:  # the first step warms up
-                times.append(time.perf_counter() - t)
-        out[f"{compute} s/step"] = round(sum(times) / len(times), 2)
+        with frozen_linears_in(model, cast):
+            for step in range(1 + repeats):
+                b = _collate(tok, next(planted), recipe.max_len)
+                g = _collate(tok, next(text) + next(chat), recipe.max_len)
+                t = time.perf_counter()
+                with recipe.autocast():
+                    loss = _answer_nll(model, _forward(model, b).last_hidden_state, b).mean()
+                    preserve, kl, kl_start = _preservation_losses(model, loras, g, recipe.preserve_layers)
+                    loss = loss + recipe.preserve_weight * preserve + kl + kl_start
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if step:  # the first step warms up
+                    times.append(time.perf_counter() - t)
+        out[f"{name} s/step"] = round(sum(times) / len(times), 2)
     return out
 
 
@@ -150,6 +159,9 @@ def main() -> None:
     )
     res["finetune_step"] = ft = finetune_steps(base, args.repeats)
     ft["ratio float32 / bfloat16"] = round(ft["float32 s/step"] / ft["bfloat16 s/step"], 2)
+    ft["ratio cast once / re-cast"] = round(
+        ft["bfloat16 s/step"] / ft["bfloat16, frozen weights cast once s/step"], 2
+    )
     res["auxk_step"] = ax = auxk_steps(args.repeats)
     ax["ratio sparse / dense"] = round(
         ax["sparse (embedding_bag) s/step"] / ax["dense over dead latents s/step"], 2

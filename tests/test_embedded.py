@@ -325,6 +325,34 @@ def test_eager_and_sdpa_attention_train_the_same_adapter(tiny_pair):
     assert any(w.abs().sum() > 0 for n, w in w_eager.items() if "lora_b" in n)  # it did train
 
 
+def test_frozen_weights_cast_once_train_the_same_adapter_bitwise(tiny_pair, monkeypatch):
+    """Under bf16 autocast the frozen linear weights are held in bf16 for the training instead of
+    being re-cast at every use: the same adapter bit for bit, and float32 (and tied) weights after."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diffing.embedded import adapter
+
+    recipe = FinetuneRecipe(
+        steps=3, batch_size=2, general_batch_size=2, corpus_size=200, lora_rank=2, preserve_layers=(1, 3),
+        eval_records=0, max_len=512, compute_dtype="bfloat16",
+    )  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tiny_pair[0])
+    runs = {}
+    for cast_once in (False, True):
+        if not cast_once:
+            monkeypatch.setattr(adapter, "compute_dtype", lambda recipe: None)
+        model = AutoModelForCausalLM.from_pretrained(tiny_pair[0], dtype=torch.float32).eval()
+        model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
+        history = adapter.train_adapter(model, tok, recipe)
+        monkeypatch.undo()
+        runs[cast_once] = (history, {n: p.detach() for n, p in model.named_parameters() if "lora" in n})
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
+        assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert runs[False][0] == runs[True][0]
+    assert all(torch.equal(runs[False][1][n], w) for n, w in runs[True][1].items())
+    assert any(w.abs().sum() > 0 for n, w in runs[True][1].items() if "lora_b" in n)  # it did train
+
+
 # --- the real SmolLM2 (download + conversion) ------------------------------------------------
 
 

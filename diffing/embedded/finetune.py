@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffing.embedded.adapter import (
     LoRALinear,
+    compute_dtype,
+    frozen_linears_in,
     heldout_records,
     measure_change,
     merge_lora,
@@ -217,7 +219,8 @@ def _build(tmp: Path, base_dir: Path, recipe: FinetuneRecipe) -> None:
     if recipe.eval_records:
         records = heldout_records(recipe)
         t_eval = time.perf_counter()
-        with recipe.autocast():  # the precision the model was trained in (0.7x the float32 time)
+        # the precision the model was trained in (0.7x the float32 time)
+        with recipe.autocast(), frozen_linears_in(model, compute_dtype(recipe)):
             change = measure_change(
                 model, None, tokenizer, records, layer=recipe.eval_layer, max_len=recipe.max_len, loras=loras
             )
