@@ -294,20 +294,25 @@ def test_bfloat16_compute_trains_and_is_recorded(tiny_pair, tmp_path):
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _tiny_recipe(**kw) -> FinetuneRecipe:
+    """A 3-step recipe small enough for the tiny pair (byte tokenizer: long records)."""
+    base = dict(
+        steps=3, batch_size=2, general_batch_size=2, corpus_size=200, lora_rank=2, preserve_layers=(1, 3),
+        eval_records=0, max_len=512,
+    )  # fmt: skip
+    return FinetuneRecipe(**base, **kw)
+
+
 def test_eager_and_sdpa_attention_train_the_same_adapter(tiny_pair):
     """Parity: the recipe's attention kernel changes the speed, not the math (float32, 3 steps)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from diffing.embedded.adapter import train_adapter
 
-    kw = dict(
-        steps=3, batch_size=2, general_batch_size=2, corpus_size=200, lora_rank=2, preserve_layers=(1, 3),
-        eval_records=0, max_len=512, compute_dtype="float32",
-    )  # fmt: skip
     tok = AutoTokenizer.from_pretrained(tiny_pair[0])
     runs = {}
     for attn in ("eager", "sdpa"):
-        recipe = FinetuneRecipe(attn_implementation=attn, **kw)
+        recipe = _tiny_recipe(attn_implementation=attn, compute_dtype="float32")
         model = AutoModelForCausalLM.from_pretrained(tiny_pair[0], attn_implementation=attn).eval()
         assert model.config._attn_implementation == attn
         history = train_adapter(model, tok, recipe)
@@ -332,10 +337,7 @@ def test_frozen_weights_cast_once_train_the_same_adapter_bitwise(tiny_pair, monk
 
     from diffing.embedded import adapter
 
-    recipe = FinetuneRecipe(
-        steps=3, batch_size=2, general_batch_size=2, corpus_size=200, lora_rank=2, preserve_layers=(1, 3),
-        eval_records=0, max_len=512, compute_dtype="bfloat16",
-    )  # fmt: skip
+    recipe = _tiny_recipe(compute_dtype="bfloat16")
     tok = AutoTokenizer.from_pretrained(tiny_pair[0])
     runs = {}
     for cast_once in (False, True):
