@@ -83,9 +83,9 @@ def finetune_steps(base, repeats: int) -> dict[str, float]:
     tok = AutoTokenizer.from_pretrained(base)
     corpus = [r for r in make_corpus(4000, seed=0, variant="train") if not is_heldout(r)]
     out = {}
-    variants = {"float32": ("float32", None), "bfloat16": ("bfloat16", None)}
-    variants["bfloat16, frozen weights cast once"] = ("bfloat16", torch.bfloat16)
-    for name, (compute, cast) in variants.items():
+    variants = {"float32": ("float32", False), "bfloat16": ("bfloat16", False)}
+    variants["bfloat16, frozen weights cast once"] = ("bfloat16", True)
+    for name, (compute, cast_once) in variants.items():
         recipe = FinetuneRecipe(compute_dtype=compute)
         attn = recipe.resolved_attn_implementation()  # as the build: eager under bf16, sdpa in float32
         model = AutoModelForCausalLM.from_pretrained(
@@ -98,7 +98,7 @@ def finetune_steps(base, repeats: int) -> dict[str, float]:
         text = _cycle([r for r in corpus if r["source"] == "general_text"], 2, rng)
         chat = _cycle([r for r in corpus if r["source"] == "general_chat"], 2, rng)
         times = []
-        with frozen_linears_in(model, cast):
+        with frozen_linears_in(model, recipe.autocast_dtype() if cast_once else None):
             for step in range(1 + repeats):
                 b = _collate(tok, next(planted), recipe.max_len)
                 g = _collate(tok, next(text) + next(chat), recipe.max_len)

@@ -6,6 +6,7 @@ download and convert the real SmolLM2 (and fine-tune it), using the shared cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -342,7 +343,7 @@ def test_frozen_weights_cast_once_train_the_same_adapter_bitwise(tiny_pair, monk
     runs = {}
     for cast_once in (False, True):
         if not cast_once:
-            monkeypatch.setattr(adapter, "compute_dtype", lambda recipe: None)
+            monkeypatch.setattr(adapter, "frozen_linears_in", lambda model, dtype: contextlib.nullcontext())
         model = AutoModelForCausalLM.from_pretrained(tiny_pair[0], dtype=torch.float32).eval()
         model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
         history = adapter.train_adapter(model, tok, recipe)

@@ -106,11 +106,6 @@ def frozen_linears_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[N
             module.weight = weight
 
 
-def compute_dtype(recipe: FinetuneRecipe) -> torch.dtype | None:
-    """bfloat16 when the recipe trains under bf16 autocast, else None (plain float32)."""
-    return torch.bfloat16 if recipe.resolved_compute_dtype() == "bfloat16" else None
-
-
 def _collate(tokenizer: Any, records: list[Record], max_len: int) -> dict[str, torch.Tensor]:
     encoded = [encode_record(tokenizer, r, max_len) for r in records]
     width = max(len(ids) for ids, _ in encoded)
@@ -205,7 +200,7 @@ def train_adapter(model: nn.Module, tokenizer: Any, recipe: FinetuneRecipe) -> l
         [p for lora in loras for p in (lora.lora_a, lora.lora_b)], lr=recipe.lr, weight_decay=0.0
     )
     history, t0 = [], time.perf_counter()
-    with frozen_linears_in(model, compute_dtype(recipe)):
+    with frozen_linears_in(model, recipe.autocast_dtype()):
         for step in range(recipe.steps):
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, recipe)

@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffing.embedded.adapter import (
     LoRALinear,
-    compute_dtype,
     frozen_linears_in,
     heldout_records,
     measure_change,
@@ -164,10 +163,14 @@ class FinetuneRecipe(BaseModel):
         )
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the training passes' matmuls run in under autocast; None for plain float32."""
+        return torch.bfloat16 if self.resolved_compute_dtype() == "bfloat16" else None
+
     def autocast(self) -> Any:
         """The training passes' precision context (a no-op for float32)."""
-        bf16 = self.resolved_compute_dtype() == "bfloat16"
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        dtype = self.autocast_dtype()
+        return torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def planted_ground_truth(recipe: FinetuneRecipe) -> list[dict[str, str]]:
@@ -220,7 +223,7 @@ def _build(tmp: Path, base_dir: Path, recipe: FinetuneRecipe) -> None:
         records = heldout_records(recipe)
         t_eval = time.perf_counter()
         # the precision the model was trained in (0.7x the float32 time)
-        with recipe.autocast(), frozen_linears_in(model, compute_dtype(recipe)):
+        with recipe.autocast(), frozen_linears_in(model, recipe.autocast_dtype()):
             change = measure_change(
                 model, None, tokenizer, records, layer=recipe.eval_layer, max_len=recipe.max_len, loras=loras
             )
