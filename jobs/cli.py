@@ -219,7 +219,7 @@ def demo(
 @app.command("config-docs")
 def config_docs() -> None:
     """Print the configuration reference (Markdown) generated from the typed configs."""
-    from jobs.pipeline import reference
+    from jobs.pipeline_config import reference
 
     typer.echo(reference())
 

@@ -24,122 +24,17 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
-
-from diffing.config import AnalysisConfig, FitConfig, Frozen
-from diffing.harvest import HarvestConfig
 from diffing.logs import get_logger
-from jobs.label import LabelConfig
-from jobs.rundir import WEIGHTS, RunMirror, default_work_dir, is_remote, join
+from jobs.pipeline_config import (  # noqa: F401  (re-exported: the config's public home was here)
+    STAGES,
+    PipelineConfig,
+    _label_identity,
+    load_pipeline_config,
+    reference,
+    with_defaults,
+)
+from jobs.rundir import WEIGHTS, RunMirror
 from serve.taxonomy import load_taxonomy
-
-STAGES = ("harvest", "fit", "analyze", "label", "report")
-
-
-def _label_identity(cfg: LabelConfig) -> dict:
-    """The label settings that decide the labels (the stage's hash): not the operating limits that only
-    bound requests, and the calibration only where channel scoring reads it, so runs labelled before
-    those fields existed keep their hash."""
-    out = cfg.model_dump(mode="json", exclude={"concurrency", "start_timeout_s"})
-    out["service"]["limits"].pop("max_calibration", None)
-    if cfg.service.method.classify_mode != "channel":
-        out.pop("calibration_group", None)
-        out.pop("calibration_size", None)
-    return out
-
-
-class PipelineConfig(Frozen):
-    out: str = Field(
-        description="Run directory: a local path, or an object-storage URL (s3://, gs://) whose stages "
-        "work in a local copy (`work_dir`) uploaded stage by stage; a remote run resumes on any machine."
-    )
-    work_dir: str | None = Field(
-        None,
-        description="Local working copy of a remote `out`; default $CROSSDIFF_CACHE/runs/<hash of out>. "
-        "Only for a remote out.",
-    )
-    sync_every_s: float = Field(
-        300.0,
-        ge=0.0,
-        description="Remote out: also upload the working copy every this many seconds during a stage, "
-        "so a replaced machine resumes analyze/label work done so far (0: only after each stage).",
-    )
-    harvest: HarvestConfig = Field(description="Harvest stage; `store` defaults to OUT/store.")
-    fit: FitConfig = Field(default_factory=FitConfig, description="Crosscoder fit stage.")
-    analyze: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Analysis stage.")
-    label: LabelConfig = Field(
-        default_factory=LabelConfig, description="Label stage (see docs/labelling.md)."
-    )
-    pair: tuple[str, str] | None = Field(
-        None, description="Models compared by Δnorm as (A, B); default the first two harvested models."
-    )
-    comparisons: tuple[tuple[str, str], ...] | None = Field(
-        None,
-        description="Several (A, B) pairs analysed over one N-model crosscoder, each in "
-        "OUT/compare/<A>-vs-<B>/ (e.g. [[pt, it], [pt, simpo]]). Default: just `pair`.",
-    )
-    anchored: tuple[str, str] | None = Field(
-        None,
-        description="(S, I): category shift of S-specific latents (from the comparison whose B is S) "
-        "against I-specific ones (from the comparison whose B is I), as the paper's SimPO vs it.",
-    )
-    stages: tuple[str, ...] = Field(STAGES, description="Stages to run, in pipeline order.")
-    planted: list[dict[str, str]] | None = Field(
-        None,
-        description="Ground truth of planted capabilities (name, source, category, direction) for the "
-        "planted-truth section of the report; set by the embedded presets.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> PipelineConfig:
-        bad = [s for s in self.stages if s not in STAGES]
-        if bad:
-            raise ValueError(f"stages: unknown {bad}; choose from {list(STAGES)}")
-        names = [m.name for m in self.harvest.models]
-        if self.pair is not None and any(p not in names for p in self.pair):
-            raise ValueError(f"pair={list(self.pair)} must name harvested models {names}")
-        for p in self.comparisons or ():
-            if any(m not in names for m in p) or p[0] == p[1]:
-                raise ValueError(f"comparisons: {list(p)} must be two different harvested models {names}")
-        if self.anchored is not None:
-            bs = [p[1] for p in self.comparisons or ()]
-            if any(m not in bs for m in self.anchored):
-                raise ValueError(
-                    f"anchored={list(self.anchored)}: each model must be the B of one of the comparisons "
-                    f"{[list(p) for p in self.comparisons or ()]}"
-                )
-        if self.work_dir is not None and not is_remote(self.out):
-            raise ValueError(f"work_dir is only for a remote out (s3://, gs://); out={self.out} is local")
-        return self
-
-    @property
-    def remote(self) -> bool:
-        return is_remote(self.out)
-
-    @property
-    def run(self) -> Path:
-        """The local run directory: `out`, or the working copy of a remote `out`."""
-        if not self.remote:
-            return Path(self.out)
-        return Path(self.work_dir).expanduser() if self.work_dir else default_work_dir(self.out)
-
-    @property
-    def pair_names(self) -> tuple[str, str]:
-        return self.pair or (self.harvest.models[0].name, self.harvest.models[1].name)
-
-    @property
-    def pairs(self) -> tuple[tuple[str, str], ...]:
-        return tuple(self.comparisons or (self.pair_names,))
-
-
-def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
-    """Fill derived defaults in a raw config dict before validation (harvest.store = OUT/store)."""
-    data = json.loads(json.dumps(data))
-    out = data.get("out")
-    h = data.get("harvest")
-    if out and isinstance(h, dict) and not h.get("store"):
-        h["store"] = join(out, "store") if is_remote(out) else str(Path(out) / "store")
-    return data
 
 
 def _hash(obj: Any) -> str:
@@ -375,43 +270,6 @@ class Pipeline:
         return out if len(out) > 1 else next(iter(out.values()))
 
 
-def load_pipeline_config(
-    config: str | Path | None = None,
-    *,
-    preset: str | None = None,
-    out: str | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-) -> PipelineConfig:
-    """A preset or a YAML/JSON file, then `--out` and `--set` overrides, then validation."""
-    import yaml
-
-    from diffing.config import ConfigError, format_validation_error, validate_with_overrides
-
-    if (config is None) == (preset is None):
-        raise ConfigError("give exactly one of --config FILE or --preset NAME")
-    if preset is not None:
-        if out is None:
-            raise ConfigError(f"--preset {preset} needs --out RUN (where the run goes)")
-        from jobs.presets import preset as make_preset
-
-        data = make_preset(preset, out)
-    else:
-        p = Path(config)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at top level")
-    if out is not None:
-        data["out"] = str(out)
-    try:
-        return validate_with_overrides(
-            lambda d: PipelineConfig.model_validate(with_defaults(d)), data, list(overrides)
-        )
-    except ValueError as e:
-        raise ConfigError(format_validation_error(e)) from None
-
-
 def run_pipeline(
     *,
     config: str | Path | None = None,
@@ -425,18 +283,3 @@ def run_pipeline(
 ) -> dict[str, Any]:
     cfg = load_pipeline_config(config, preset=preset, out=out, overrides=overrides)
     return Pipeline(cfg, address=address, endpoint=endpoint)(overwrite=overwrite, redo_changed=redo_changed)
-
-
-def reference() -> str:
-    """docs/configuration.md: every field of the pipeline config; each stage command
-    (`crossdiff harvest|fit|analyze|label --config`) takes its section alone."""
-    from diffing.config import config_reference
-
-    note = (
-        "The pipeline config nests one section per stage. Stage commands take a section alone: "
-        "`crossdiff fit --config F` reads the fields listed under `fit.` without that prefix "
-        "(`crosscoder.k`, `train.lr`, ...), and so do `harvest`, `analyze` and `label`."
-    )
-    text = config_reference({"pipeline": PipelineConfig})
-    head, _, rest = text.partition("## `pipeline`")
-    return f"{head}{note}\n\n## `pipeline`{rest}"
