@@ -232,6 +232,10 @@ async def _post_batch(
             last = f"{resp.status_code}: {resp.text[:300]}"
             if resp.status_code < 500 and resp.status_code != 429:
                 raise LabelJobError(f"the endpoint rejected latents {[e.latent for e in batch]}: {last}")
+            if (
+                resp.status_code == 502 and attempt >= 1
+            ):  # the judge failed on this input twice: it will again
+                raise LabelJobError(f"the judge failed twice on latents {[e.latent for e in batch]}: {last}")
         delay = _retry_delay(cfg, attempt, resp)
         log.warning("label.retry", attempt=attempt + 1, delay_s=round(delay, 1), error=last[:200])
         await asyncio.sleep(delay)
@@ -357,7 +361,15 @@ def label_run(
     # labels of older crossdiffs may lack these: then there is nothing to compare with
     expect = {(lab.judge_model, lab.prompt_version) for lab in have.values()}
     expect = set() if any("" in pair for pair in expect) else expect
-    todo = [e for e in evidence if e.latent not in have]
+    todo, seen = [], set()
+    for e in evidence:  # one label per latent id: a repeated id (merged evidence files) is labelled once
+        if e.latent not in have and e.latent not in seen:
+            seen.add(e.latent)
+            todo.append(e)
+    if dups := sum(e.latent not in have for e in evidence) - len(todo):
+        log.warning(
+            "label.duplicate_latents", repeated=dups, note="the first evidence of each latent id is labelled"
+        )
     (run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
     (run_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
     log.info("label.start", run=str(run_dir), total=len(evidence), done=len(have), todo=len(todo))

@@ -18,6 +18,7 @@ import json
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from ray import serve as rayserve
 
 from diffing.logs import get_logger
@@ -70,6 +71,9 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
+        root = scope.get("root_path", "")  # Ray Serve keeps its route prefix in `path`, and sets root_path
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         token = self.service.token
         if token and not path.startswith(PUBLIC_PATHS):
@@ -162,9 +166,20 @@ def create_app(service: Service) -> FastAPI:
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
             for e in exc.errors()
         ]
-        first = errs[0]["loc"] if errs else []
-        field = ".".join(str(x) for x in first if x != "body") or "body"
-        return JSONResponse({"detail": errs, "field": field}, status_code=422)
+        for e, raw in zip(errs, exc.errors(), strict=True):
+            if e["type"] == "json_invalid":  # the parser's reason and where, not just "JSON decode error"
+                reason = (raw.get("ctx") or {}).get("error")
+                e["msg"] = f"invalid JSON at character {e['loc'][-1]}" + (f": {reason}" if reason else "")
+                e["loc"] = ["body"]
+        first = errs[0] if errs else {"loc": [], "msg": "invalid request", "type": ""}
+        field = ".".join(str(x) for x in first["loc"] if x != "body") or "body"
+        detail = f"{field}: {first['msg']}"
+        if first["type"] in ("dict_type", "model_attributes_type") and field == "body":
+            ctype = request.headers.get("content-type", "(none)")
+            detail += f" (send a JSON object with Content-Type: application/json; got Content-Type: {ctype})"
+        if len(errs) > 1:
+            detail += f" (and {len(errs) - 1} more: see `errors`)"
+        return JSONResponse(ErrorBody(detail=detail, field=field, errors=errs).model_dump(), status_code=422)
 
     def svc() -> Service:
         return service
@@ -178,13 +193,18 @@ def create_app(service: Service) -> FastAPI:
             return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(retry)})
         return Health(status="ok", judge_model=sv.judge.model)
 
-    @app.get(f"/{API_VERSION}/taxonomy", response_model=TaxonomyResponse)
+    # declares the bearer scheme in the OpenAPI schema (generated clients, /docs "Authorize");
+    # Guard enforces it, before the body is read
+    bearer = [Depends(HTTPBearer(auto_error=False, description="The service token (CROSSDIFF_API_TOKEN)"))]
+
+    @app.get(f"/{API_VERSION}/taxonomy", response_model=TaxonomyResponse, dependencies=bearer)
     async def taxonomy(sv: Service = Depends(svc)):
         return TaxonomyResponse(version=sv.taxonomy.version, categories=sv.taxonomy.categories)
 
     @app.post(
         f"/{API_VERSION}/labels",
         response_model=LabelResponse,
+        dependencies=bearer,
         responses={
             401: {"model": ErrorBody},
             413: {"model": ErrorBody},
@@ -212,8 +232,8 @@ def create_app(service: Service) -> FastAPI:
             log.warning("judge.unavailable", error=str(e))
             return _error(503, f"judge unavailable: {e}", retry_after=retry)
         except JudgeError as e:
-            log.warning("judge.error", error=str(e))
-            return _error(502, f"judge failed: {e}", retry_after=retry)
+            log.warning("judge.error", error=str(e))  # no Retry-After: the same request fails the same way
+            return _error(502, f"judge failed: {e}")
         return LabelResponse(
             labels=labs,
             judge_model=sv.judge.model,

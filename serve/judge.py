@@ -101,6 +101,9 @@ def _sum_logprobs(content: Any) -> float | None:
     return float(sum(v for v in vals if v is not None and math.isfinite(v)))
 
 
+_LOGPROB_FLOOR = -100.0  # a prompt token the judge scores -inf or NaN counts this much
+
+
 def _sum_prompt_logprobs(plps: Any, ids: Any) -> float:
     """Sum of vLLM's prompt_logprobs (one dict per prompt token, keyed by token id; the first is None)."""
     if not plps:
@@ -117,7 +120,8 @@ def _sum_prompt_logprobs(plps: Any, ids: Any) -> float:
                 raise JudgeError("cannot tell the prompt token among the returned log-probabilities")
             entry = next(iter(d.values()))
         lp = entry["logprob"] if isinstance(entry, dict) else entry.logprob
-        total += float(lp)
+        lp = float(lp) if lp is not None else math.nan
+        total += lp if math.isfinite(lp) else _LOGPROB_FLOOR  # -inf / NaN: as unlikely as we count
     return total
 
 
@@ -243,7 +247,19 @@ class OpenAIJudge(JudgeClient):
             raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
         if r.status_code != 200:
             raise JudgeError(f"judge at {self.base} answered {r.status_code}: {r.text[:300]}")
-        return r.json()
+        try:
+            data = r.json()
+        except ValueError:
+            raise JudgeError(
+                f"judge at {self.base} answered 200 with a non-JSON body: {r.text[:200]!r}"
+            ) from None
+        if not isinstance(data, dict) or data.get("object") == "error" or "error" in data:
+            err = data.get("error") if isinstance(data, dict) else None
+            msg = (err.get("message") if isinstance(err, dict) else err) or (
+                data.get("message") if isinstance(data, dict) else None
+            )
+            raise JudgeError(f"judge at {self.base} answered an error: {msg or str(data)[:300]}")
+        return data
 
     async def complete(
         self,
@@ -271,9 +287,14 @@ class OpenAIJudge(JudgeClient):
             body["logprobs"] = True
         if stop:
             body["stop"] = stop
-        c = (await self._post(body))["choices"][0]
+        data = await self._post(body)
+        try:
+            c = data["choices"][0]
+            text = c["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise JudgeError(f"judge at {self.base} answered without choices: {str(data)[:300]}") from None
         lp = _sum_logprobs((c.get("logprobs") or {}).get("content")) if logprobs else None
-        return Completion(text=c["message"].get("content") or "", logprob=lp)
+        return Completion(text=text, logprob=lp)
 
     async def prompt_logprob(self, messages, prefill=None):
         body = {

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 
@@ -29,8 +31,13 @@ log = get_logger("crossdiff.serve")
 def judge_view(ev: LatentEvidence, context: str | None) -> dict:
     """Exactly what the judge may see: tokens and activations (no ids, sources, groups or stats)."""
 
-    def ex(x):
-        return {"tokens": x.tokens, "acts": [round(a, 6) for a in x.acts], "peak": x.peak, "q": x.quantile}
+    def ex(x):  # 9 significant digits: float32-exact, and small activations stay apart (not 6 decimals)
+        return {
+            "tokens": x.tokens,
+            "acts": [float(f"{a:.9g}") for a in x.acts],
+            "peak": x.peak,
+            "q": x.quantile,
+        }
 
     return {
         "top": [ex(x) for x in ev.top],
@@ -112,10 +119,14 @@ class LabelCache:
 
     def put(self, key: str, lab: LatentLabel) -> None:
         self._put_mem(key, lab)
-        if self.dir:
-            tmp = self.dir / f".{key}.tmp"
-            tmp.write_text(lab.model_dump_json())
-            tmp.replace(self.dir / f"{key}.json")
+        if self.dir:  # a unique temp name: replicas sharing the directory never collide
+            tmp = self.dir / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                tmp.write_text(lab.model_dump_json())
+                tmp.replace(self.dir / f"{key}.json")
+            except OSError as e:  # the label is good; only its disk copy is lost
+                log.warning("label_cache.write_failed", key=key[:16], error=f"{type(e).__name__}: {e}")
+                tmp.unlink(missing_ok=True)
 
 
 # What chat templates without a system role answer (through vLLM's 400): Gemma 2 "System role
@@ -123,6 +134,31 @@ class LabelCache:
 _NO_SYSTEM_ROLE = re.compile(
     r"system.{0,30}(not supported|unsupported|not allowed)|roles must alternate", re.I
 )
+
+
+# What judges answer when a prompt does not fit their context window (vLLM: "This model's maximum
+# context length is N tokens", "The decoder prompt (length N) is longer than the maximum model
+# length of M", "Input prompt (N tokens) is too long and exceeds limit of M").
+_TOO_LONG = re.compile(
+    r"maximum context length|maximum model length|prompt .{0,40}too long|too many tokens", re.I
+)
+
+
+def prompt_too_long(e: Exception) -> bool:
+    return isinstance(e, JudgeError) and bool(_TOO_LONG.search(str(e)))
+
+
+def shrink(ev: LatentEvidence) -> LatentEvidence | None:
+    """The evidence with half of each example list (at least one top or quantile example kept); None
+    when nothing is left to drop."""
+    n_top, n_q = len(ev.top), len(ev.quantiles)
+    if n_top + n_q <= 1:
+        return None
+    top = ev.top[: max(1, n_top // 2)] if n_top else []
+    quantiles = ev.quantiles[: n_q // 2] if n_top else ev.quantiles[: max(1, n_q // 2)]
+    return ev.model_copy(
+        update={"top": top, "quantiles": quantiles, "negatives": ev.negatives[: len(ev.negatives) // 2]}
+    )
 
 
 def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -222,19 +258,34 @@ class Labeller:
         return await asyncio.shield(task)
 
     async def _measure_prior(self, texts: tuple[str, ...]) -> dict[str, float]:
+        """Mean over texts of each category's score; a text longer than the judge's context window is
+        left out (all of them: the neutral text instead)."""
         cats = self.taxonomy.categories
-        calls = [
-            asyncio.ensure_future(self._score(prompts.channel_messages(c.description), t))
-            for t in texts
-            for c in cats
-        ]
+
+        async def per_text(t: str) -> list[float] | None:
+            vals = await asyncio.gather(
+                *(self._score(prompts.channel_messages(c.description), t) for c in cats),
+                return_exceptions=True,
+            )
+            errs = [v for v in vals if isinstance(v, BaseException)]
+            if any(not prompt_too_long(e) for e in errs):
+                raise next(e for e in errs if not prompt_too_long(e))
+            return None if errs else list(vals)
+
+        calls = [asyncio.ensure_future(per_text(t)) for t in texts]
         try:
-            vals = await asyncio.gather(*calls)
+            rows = [r for r in await asyncio.gather(*calls) if r is not None]
         except BaseException:
             for c in calls:  # one failure: stop the rest instead of leaving them holding judge slots
                 c.cancel()
             raise
-        per = np.asarray(vals, dtype=float).reshape(len(texts), len(cats)).mean(axis=0)
+        if len(rows) < len(texts):
+            log.warning("labelling.calibration_too_long", dropped=len(texts) - len(rows), texts=len(texts))
+        if not rows:
+            if texts == (prompts.CHANNEL_BASELINE,):
+                raise JudgeError("the neutral channel baseline does not fit the judge's context window")
+            return await self._measure_prior((prompts.CHANNEL_BASELINE,))
+        per = np.asarray(rows, dtype=float).mean(axis=0)
         return dict(zip(self.taxonomy.names, per.tolist(), strict=True))
 
     async def _score(self, messages, prefill: str | None) -> float:
@@ -253,6 +304,7 @@ class Labeller:
         )
         names = self.taxonomy.names
         ll = np.array([f - prior[n] for f, n in zip(full, names, strict=True)])
+        ll = np.nan_to_num(ll, nan=-1e9, posinf=1e9, neginf=-1e9)  # a judge's -inf never yields NaN
         p = np.exp(ll - ll.max())
         p /= p.sum()
         order = np.argsort(-p, kind="stable")
@@ -334,29 +386,33 @@ class Labeller:
         hit = self.cache.get(key)
         if hit is not None:
             return hit.model_copy(update={"latent": ev.latent}), True
-        if detection:
-            examples, pos, neg = prompts.split_for_detection(ev, self.method.detection_examples)
-        else:
-            examples, pos, neg = [*ev.top, *ev.quantiles], [], []
-        if not examples:
-            lab = LatentLabel(
-                latent=ev.latent,
-                explanation="(no activating examples)",
-                category=self._fallback(),
-                confidence=0.0,
-                judge_model=self.judge.model,
-                prompt_version=prompts.PROMPT_VERSION,
-                cache_key=key,
-            )
-            return lab, False
-        if self.method.classify_mode == "channel":  # scoring does not read the explanation: overlap them
-            explanation, (category, secondary, conf) = await asyncio.gather(
-                self.explain(ev, examples, context), self.classify_channel(ev, calibration)
-            )
-        else:
-            explanation = await self.explain(ev, examples, context)
-            category, secondary, conf = await self.classify(ev, examples, explanation)
-        score = await self.detect(explanation, pos, neg) if detection and pos and neg else None
+        if not [*ev.top, *ev.quantiles]:
+            return self._plain_label(ev, "(no activating examples)", key), False
+        cur, ctx = ev, context
+        while True:
+            try:
+                explanation, category, secondary, conf, score = await self._judge(
+                    cur, ctx, detection, calibration
+                )
+                break
+            except JudgeError as e:
+                if not prompt_too_long(e):
+                    raise
+                # the prompt does not fit the judge's context window: drop the context, then halve the
+                # examples, then give up on this latent alone (the rest of the request is labelled)
+                smaller = cur if ctx else shrink(cur)
+                if smaller is None:
+                    log.warning("judge.prompt_too_long", latent=ev.latent, error=str(e)[:200])
+                    note = "(the evidence does not fit the judge's context window even with one example)"
+                    return self._plain_label(ev, note, key), False
+                log.info(
+                    "judge.prompt_shrunk",
+                    latent=ev.latent,
+                    context=bool(ctx),
+                    top=len(smaller.top),
+                    quantiles=len(smaller.quantiles),
+                )
+                cur, ctx = smaller, None
         if self._fold != folded:  # `auto` met a judge without a system role meanwhile: folded prompts
             key = self.key(ev, context, detection, calibration)
         lab = LatentLabel(
@@ -372,6 +428,36 @@ class Labeller:
         )
         self.cache.put(key, lab)
         return lab, False
+
+    async def _judge(
+        self, ev: LatentEvidence, context: str | None, detection: bool, calibration: tuple[str, ...]
+    ) -> tuple[str, str, str | None, float, float | None]:
+        """(explanation, category, secondary, confidence, detection score) from the judge."""
+        if detection:
+            examples, pos, neg = prompts.split_for_detection(ev, self.method.detection_examples)
+        else:
+            examples, pos, neg = [*ev.top, *ev.quantiles], [], []
+        if self.method.classify_mode == "channel":  # scoring does not read the explanation: overlap them
+            explanation, (category, secondary, conf) = await asyncio.gather(
+                self.explain(ev, examples, context), self.classify_channel(ev, calibration)
+            )
+        else:
+            explanation = await self.explain(ev, examples, context)
+            category, secondary, conf = await self.classify(ev, examples, explanation)
+        score = await self.detect(explanation, pos, neg) if detection and pos and neg else None
+        return explanation, category, secondary, conf, score
+
+    def _plain_label(self, ev: LatentEvidence, explanation: str, key: str) -> LatentLabel:
+        """The fallback category at confidence 0, for a latent the judge cannot read (not cached)."""
+        return LatentLabel(
+            latent=ev.latent,
+            explanation=explanation,
+            category=self._fallback(),
+            confidence=0.0,
+            judge_model=self.judge.model,
+            prompt_version=prompts.PROMPT_VERSION,
+            cache_key=key,
+        )
 
     def _fallback(self) -> str:
         return "uninterpretable" if "uninterpretable" in self.taxonomy.names else self.taxonomy.names[-1]

@@ -94,6 +94,13 @@ class LocalService:
         if not ray.is_initialized():
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
             self._started_ray = True
+        try:
+            return self._start_app(serve, build_app)
+        except BaseException:  # a failed start (timeout, bad taxonomy, Ctrl-C) leaves no judge running
+            self.stop()
+            raise
+
+    def _start_app(self, serve, build_app) -> LocalService:
         serve.start(http_options={"host": self.host, "port": self.port})
         self.url = self._actual_url()
         settings = self.settings.model_copy(

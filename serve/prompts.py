@@ -90,8 +90,9 @@ def explain_messages(
     ev: LatentEvidence, examples: list[Example], cfg, context: str | None = None
 ) -> list[dict[str, str]]:
     thr = cfg.highlight_frac * latent_max(ev)
-    top = [x for x in examples if x.quantile is None][: cfg.explain_top]
-    quant = [x for x in examples if x.quantile is not None][: cfg.explain_quantiles]
+    in_top = {id(x) for x in ev.top}  # by the list an example came from, not by its `quantile` field
+    top = [x for x in examples if id(x) in in_top][: cfg.explain_top]
+    quant = [x for x in examples if id(x) not in in_top][: cfg.explain_quantiles]
     lines = [f"{i + 1}. {render(x, n=cfg.window_tokens, threshold=thr)}" for i, x in enumerate(top + quant)]
     note = f"Context: {defang(context.strip())}\n\n" if context else ""
     user = (
@@ -165,9 +166,11 @@ CHANNEL_BASELINE = (
 
 
 def channel_text(ev: LatentEvidence, cfg) -> str:
-    """The text scored under each category: the top examples around their peaks, one per line, unmarked."""
+    """The text scored under each category: the top examples around their peaks, one per line, unmarked
+    (the quantile samples, highest bin first, for evidence that has no top examples)."""
+    shown = ev.top or sorted(ev.quantiles, key=lambda x: -(x.quantile if x.quantile is not None else -1))
     return "\n".join(
-        render(x, n=cfg.channel_window_tokens, threshold=None) for x in ev.top[: cfg.channel_examples]
+        render(x, n=cfg.channel_window_tokens, threshold=None) for x in shown[: cfg.channel_examples]
     )
 
 

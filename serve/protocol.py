@@ -9,6 +9,8 @@ a cache key.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from diffing.evidence import LatentEvidence, LatentLabel
@@ -69,3 +71,6 @@ class Health(BaseModel):
 class ErrorBody(BaseModel):
     detail: str = Field(description="What went wrong and what to do about it.")
     field: str | None = Field(None, description="The offending request field, when there is one.")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Request validation (422): every error, as {loc, msg, type}."
+    )

@@ -33,6 +33,12 @@ class Taxonomy(BaseModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"taxonomy.categories: duplicate names {dup}")
+        spaced = [n for n in names if n != n.strip() or "\n" in n]
+        if spaced:  # judges answer names stripped: a padded name could never be matched
+            raise ValueError(
+                f"taxonomy.categories: names {spaced} have leading/trailing whitespace or a newline; "
+                "write them without"
+            )
         bad = [n for n in names if has_control(n)]
         if bad:  # names are the structured-output choices, sent verbatim: they cannot be defanged
             raise ValueError(

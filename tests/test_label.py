@@ -21,7 +21,7 @@ from jobs.label import (
     label_settings,
 )
 from serve.app import Service, create_app
-from serve.judge import JudgeUnavailable, ScriptedJudge
+from serve.judge import JudgeError, JudgeUnavailable, ScriptedJudge
 from serve.settings import LimitSettings, ServiceSettings
 from serve.taxonomy import load_taxonomy
 
@@ -275,3 +275,21 @@ def test_cli_label_against_an_endpoint(run_dir, monkeypatch):
         assert out["labelled_now"] == 26 and out["categories"]["multilingual"] == 10
         r = CliRunner().invoke(app, ["label", "--run", str(run_dir), "--set", "batch_size=0"])
         assert r.exit_code == 2 and "batch_size" in r.output
+
+
+def test_a_latent_listed_twice_is_labelled_once(run_dir, monkeypatch):
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+    write_jsonl(run_dir / "examples" / "0-20-copy.jsonl", [evidence(3, FRENCH, negatives=NEUTRAL)])
+    with Server(ScriptedJudge(by_text)) as srv:
+        res = label_run(run_dir, LabelConfig(batch_size=4), endpoint=srv.url)
+    assert res["labelled_now"] == 26 and res["missing"] == 0
+    assert (run_dir / LABELS_FILE).read_text().count("\n") == 26
+
+
+def test_a_judge_that_fails_on_the_input_is_not_retried_forever(run_dir, monkeypatch):
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+    judge = ScriptedJudge(lambda m, c, s: JudgeError("answered 400: bad request"))
+    cfg = LabelConfig(batch_size=30, max_attempts=6, backoff_s=0.01, max_backoff_s=0.02)
+    with Server(judge) as srv:
+        with pytest.raises(LabelJobError, match="failed twice"):
+            label_run(run_dir, cfg, endpoint=srv.url)

@@ -1,0 +1,219 @@
+"""Labelling service on inputs from clients we do not write: over-long evidence, quantile-only
+evidence, padded category names, tiny activations, malformed requests and judge answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from test_serve_helpers import FRENCH, REFUSALS, evidence, example, scripted
+
+from diffing.evidence import LatentEvidence
+from serve import prompts
+from serve.app import Service, create_app
+from serve.judge import JudgeError, OpenAIJudge, ScriptedJudge
+from serve.labeller import LabelCache, Labeller, prompt_too_long
+from serve.settings import MethodSettings, ServiceSettings
+from serve.taxonomy import Taxonomy, load_taxonomy
+
+TOO_LONG = "This model's maximum context length is 2048 tokens. However, you requested 4483 tokens."
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def too_long_over(limit: int):
+    """A judge whose context window holds `limit` characters of an explanation prompt (the one with
+    the context and the most examples; vLLM's 400 otherwise)."""
+    inner = scripted("multilingual")
+
+    def fn(messages, choice, schema):
+        if choice is None and schema is None and len(messages[-1]["content"]) > limit:
+            return JudgeError(f"judge at http://j answered 400: {TOO_LONG}")
+        return inner(messages, choice, schema)
+
+    return fn
+
+
+def test_over_long_evidence_is_shrunk_then_given_a_fallback_label_alone():
+    tax = load_taxonomy()
+    ev = evidence(1, FRENCH * 3)  # 6 top + 12 quantile examples
+    cfg = MethodSettings(classify_mode="choice", explain_top=6, explain_quantiles=12)
+
+    def user_len(e, ctx=None):
+        return len(prompts.explain_messages(e, [*e.top, *e.quantiles], cfg, ctx)[-1]["content"])
+
+    half = ev.model_copy(update={"top": ev.top[:3], "quantiles": ev.quantiles[:6]})
+    limit = user_len(half)
+    assert user_len(ev) > limit  # the premise: the whole evidence does not fit, half of it does
+    # fits once the context is dropped and the examples halved: a real label
+    lab = Labeller(ScriptedJudge(too_long_over(limit)), tax, cfg)
+    out, _ = run(lab.label(ev, "some context " * 50))
+    assert out.category == "multilingual" and out.confidence > 0
+    # never fits: the fallback category at confidence 0, for this latent only; the batch goes on
+    tiny = Labeller(ScriptedJudge(too_long_over(10)), tax, cfg)
+    labs, _ = run(tiny.label_many([ev, evidence(2, REFUSALS)]))
+    assert [x.latent for x in labs] == [1, 2]
+    assert all(x.category == "uninterpretable" and x.confidence == 0.0 for x in labs)
+    assert "context window" in labs[0].explanation
+    # other judge errors still fail the request (502), they are not hidden
+    assert prompt_too_long(JudgeError(TOO_LONG)) and not prompt_too_long(JudgeError("answered 500"))
+
+
+def test_channel_calibration_texts_too_long_for_the_judge_are_left_out():
+    tax = load_taxonomy("serve/taxonomies/demo.yaml")
+    seen = []
+
+    def scorer(messages, prefill):
+        seen.append(len(prefill or ""))
+        if len(prefill or "") > 1000:
+            raise JudgeError(TOO_LONG)
+        french = "French" in messages[-1]["content"] and "Bonjour" in (prefill or "")
+        return -50.0 + (5.0 if french else 0.0)
+
+    lab = Labeller(
+        ScriptedJudge(scripted(), scorer=scorer),
+        tax,
+        MethodSettings(classify_mode="channel", channel_window_tokens=2000),
+    )
+    long_text = prompts.channel_text(evidence(9, ["word " * 400]), lab.method)
+    out, _ = run(lab.label(evidence(1, FRENCH), calibration=(long_text,)))
+    assert max(seen) > 1000  # the long calibration text was tried, then left out for the neutral text
+    assert out.category == "multilingual" and 0.0 < out.confidence <= 1.0
+
+
+def test_quantile_only_evidence_is_scored_on_its_quantile_examples():
+    ev = LatentEvidence(
+        latent=3, group="g", quantiles=[example(t, act=1.0, quantile=i) for i, t in enumerate(FRENCH[:4])]
+    )
+    text = prompts.channel_text(ev, MethodSettings(channel_examples=3))
+    first = [t.split()[0] for t in FRENCH[:4]]
+    assert text.count("\n") == 2 and text.startswith(first[3])  # the highest quantile bin first
+
+
+def test_examples_are_split_by_their_list_not_by_their_quantile_field():
+    top = [example(t) for t in FRENCH[:2]]
+    quant = [example(t, act=1.0) for t in REFUSALS[:2]]  # quantile samples without a `quantile` value
+    ev = LatentEvidence(latent=1, group="g", top=top, quantiles=quant)
+    cfg = MethodSettings(explain_top=1, explain_quantiles=2)
+    user = prompts.explain_messages(ev, [*top, *quant], cfg)[-1]["content"]
+    assert REFUSALS[0].split()[0] in user and REFUSALS[1].split()[0] in user  # both quantile samples shown
+    assert FRENCH[1].split()[0] not in user  # only explain_top=1 of the top examples
+
+
+def test_padded_category_names_are_refused():
+    for name in ("French ", " French", "Fr\nench"):
+        with pytest.raises(ValueError, match="whitespace"):
+            Taxonomy(
+                version="t",
+                categories=[{"name": name, "description": "d"}, {"name": "x", "description": "d"}],
+            )
+
+
+def test_cache_keys_tell_small_activations_apart(tmp_path):
+    from diffing.evidence import Example
+
+    a = Example(tokens=["cat", " sat", " mat"], acts=[4e-7, 0.0, 5e-8], peak=0)
+    b = Example(tokens=["cat", " sat", " mat"], acts=[0.0, 0.0, 4e-7], peak=0)
+    lab = Labeller(
+        ScriptedJudge(scripted()), load_taxonomy(), MethodSettings(), cache=LabelCache(10, str(tmp_path))
+    )
+    ka = lab.key(LatentEvidence(latent=1, group="g", top=[a]), None, False)
+    kb = lab.key(LatentEvidence(latent=2, group="g", top=[b]), None, False)
+    assert ka != kb
+    # float32 noise below 9 significant digits does not split keys
+    c = Example(tokens=a.tokens, acts=[4e-7 * (1 + 1e-12), 0.0, 5e-8], peak=0)
+    assert lab.key(LatentEvidence(latent=3, group="g", top=[c]), None, False) == ka
+
+
+def _client(judge, *, root_path: str = ""):
+    app = create_app(Service(ServiceSettings(), judge, "tok"))
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    return httpx.AsyncClient(transport=transport, base_url="http://t")
+
+
+def test_malformed_requests_get_an_error_body_that_says_what_to_fix():
+    async def go():
+        async with _client(ScriptedJudge(scripted())) as c:
+            auth = {"Authorization": "Bearer tok"}
+            r = await c.post(
+                "/v1/labels", content=b'{"latents": [}', headers={**auth, "content-type": "application/json"}
+            )
+            assert r.status_code == 422 and r.json()["field"] == "body"
+            assert "invalid JSON at character" in r.json()["detail"] and isinstance(r.json()["errors"], list)
+            r = await c.post(
+                "/v1/labels", content=b'{"latents": []}', headers={**auth, "content-type": "text/plain"}
+            )
+            assert r.status_code == 422 and "Content-Type: application/json" in r.json()["detail"]
+            r = await c.post("/v1/labels", json={"latents": [{"latent": -1, "group": "g"}]}, headers=auth)
+            body = r.json()
+            assert (
+                r.status_code == 422
+                and body["field"] == "latents.0.latent"
+                and isinstance(body["detail"], str)
+            )
+            schema = (await c.get("/openapi.json")).json()
+            assert any(s.get("scheme") == "bearer" for s in schema["components"]["securitySchemes"].values())
+            err = schema["components"]["schemas"]["ErrorBody"]["properties"]
+            assert err["detail"]["type"] == "string" and "errors" in err
+
+    run(go())
+
+
+def test_public_paths_need_no_token_under_a_route_prefix():
+    async def go():
+        async with _client(ScriptedJudge(scripted()), root_path="/crossdiff") as c:
+            assert (await c.get("/crossdiff/healthz")).status_code == 200
+            assert (await c.get("/crossdiff/openapi.json")).status_code == 200
+            assert (await c.get("/crossdiff/v1/taxonomy")).status_code == 401
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(200, text="<html>proxy page</html>"),
+        httpx.Response(200, json={"object": "error", "message": "model not loaded"}),
+        httpx.Response(200, json={"id": "x", "choices": []}),
+    ],
+)
+def test_openai_judge_turns_odd_answers_into_judge_errors(answer):
+    async def go():
+        j = OpenAIJudge("http://judge/v1", "m")
+        j._client = httpx.AsyncClient(transport=httpx.MockTransport(lambda req: answer))
+        with pytest.raises(JudgeError):
+            await j.complete([{"role": "user", "content": "hi"}], max_tokens=4)
+        await j.aclose()
+
+    run(go())
+
+
+def test_non_finite_prompt_logprobs_never_make_a_nan_confidence():
+    from serve.judge import _sum_prompt_logprobs
+
+    assert (
+        _sum_prompt_logprobs([None, {"5": {"logprob": float("-inf")}}, {"6": {"logprob": -1.0}}], [0, 5, 6])
+        == -101.0
+    )
+    tax = load_taxonomy("serve/taxonomies/demo.yaml")
+    judge = ScriptedJudge(scripted(), scorer=lambda m, p: float("-inf"))
+    out, _ = run(Labeller(judge, tax, MethodSettings(classify_mode="channel")).label(evidence(1, FRENCH)))
+    assert 0.0 <= out.confidence <= 1.0 and out.category in tax.names
+
+
+def test_cache_writes_never_fail_a_label(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def full_disk(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    cache = LabelCache(10, str(tmp_path / "c"))
+    monkeypatch.setattr(Path, "write_text", full_disk)  # the disk copy is lost, the label is not
+    lab = Labeller(ScriptedJudge(scripted()), load_taxonomy(), MethodSettings(), cache=cache)
+    out, _ = run(lab.label(evidence(1, FRENCH)))
+    monkeypatch.undo()
+    assert out.category == "multilingual" and not list((tmp_path / "c").iterdir())
+    assert run(lab.label(evidence(2, FRENCH)))[1]  # still cached in memory
