@@ -362,22 +362,43 @@ def validate_with_overrides(
         return validate(merged)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML/JSON config file as a mapping; a missing file, a directory or a syntax error is a
+    ConfigError naming the file (and the line)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; give the YAML/JSON file inside it")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p}: YAML error{where}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at top level")
+    return data
+
+
 def load_config(
     cls: type[Frozen], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ):
     """Read a YAML/JSON config file (optional), apply overrides, validate. Errors name the field."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at top level")
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
     try:
         return validate_with_overrides(cls.model_validate, data, overrides)
     except (ValidationError, ValueError) as e:
-        raise ConfigError(format_validation_error(e)) from None
+        msg = format_validation_error(e)
+        stages = {"harvest", "fit", "analyze", "label"} & set(data)
+        if stages and not stages & set(cls.model_fields):  # a pipeline config given to a stage command
+            msg += (
+                f"\n(this file nests stage sections {sorted(stages)}: it is a pipeline config; run "
+                "`crossdiff pipeline --config FILE`, or give this command one section's fields)"
+            )
+        raise ConfigError(msg) from None
 
 
 class ConfigError(ValueError):

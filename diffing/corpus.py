@@ -139,7 +139,11 @@ def _messages(value: Any, where: str, spec: CorpusSpec) -> list[dict[str, Any]]:
         raise HarvestInputError(
             f"corpus {where}: {field}[{j}] must be {{role: str, content: str}}, got {str(m)[:120]}{hint}"
         )
-    return value  # as given: extra keys (name, ...) are the template's to use
+    try:  # as given: extra keys (name, ...) are the template's to use
+        json.dumps(value)
+    except (TypeError, ValueError):  # ...but JSON-safe: a Parquet turn's timestamp becomes its text
+        value = json.loads(json.dumps(value, default=str))
+    return value
 
 
 def _record(r: Any, i: int, where: str, spec: CorpusSpec) -> dict[str, Any]:
@@ -162,9 +166,10 @@ def _record(r: Any, i: int, where: str, spec: CorpusSpec) -> dict[str, Any]:
         raise HarvestInputError(f"corpus {where}: {tf!r} must be a string, got {type(text).__name__}")
     else:
         messages = None
+    rid, src = r.get(spec.id_field), r.get(spec.source_field)
     return {  # as the reader has always returned them: a store's config hash covers these records
-        "id": str(r.get(spec.id_field, i)),
-        "source": str(r.get(spec.source_field) or "unknown"),
+        "id": str(i if rid is None else rid),
+        "source": "unknown" if src is None or src == "" else str(src),
         "text": text,
         "messages": messages,
     }

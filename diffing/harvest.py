@@ -29,6 +29,7 @@ from diffing.models import (
     pad_batch,
     residual_after_layer,
     resolve_dtype,
+    share_chat_template,
     tokenize_records,
     torch_dtype,
 )
@@ -128,8 +129,11 @@ class Harvester:
             self.models = list(models)
             self.tokenizers = [tokenizer] * len(self.models)
             self.dtypes = [str(next(m.parameters()).dtype).removeprefix("torch.") for m in self.models]
+        names = [m.name for m in cfg.models]
+        share_chat_template(self.tokenizers, names)
         self.tokenizer = self.tokenizers[0]
-        widths = {m.config.hidden_size for m in self.models}
+        texts = [getattr(m.config, "text_config", None) or m.config for m in self.models]  # Gemma 3: nested
+        widths = {t.hidden_size for t in texts}
         if len(widths) != 1:
             raise HarvestInputError(
                 f"models have different widths {sorted(widths)}; a crosscoder needs one d_model"
@@ -140,8 +144,36 @@ class Harvester:
                 raise HarvestInputError(
                     f"layer={cfg.layer} is out of range for model {spec.name!r} ({n_layers(model)} decoder layers)"
                 )
+        # the smallest vocabulary: token ids past it (an added [PAD], say) would index out of range
+        self.vocab = min(m.get_input_embeddings().num_embeddings for m in self.models)
         pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        self.pad_id = pad if pad is not None and pad < self.vocab else 0  # masked: any valid id does
+
+    def _check_ids(self, docs) -> None:
+        for d in docs:
+            if d.ids and max(d.ids) >= self.vocab:
+                small = [
+                    s.name
+                    for s, m in zip(self.cfg.models, self.models, strict=True)
+                    if m.get_input_embeddings().num_embeddings == self.vocab
+                ]
+                raise HarvestInputError(
+                    f"record {d.record_id!r} has token id {max(d.ids)}, past the vocabulary of model(s) "
+                    f"{small} ({self.vocab} embeddings): the tokenizer has tokens those models lack"
+                )
+
+    def _finite(self, acts: torch.Tensor, mask: torch.Tensor, m: int) -> torch.Tensor:
+        """One model's residual [B, T, D]; inf/NaN on a real token (an overflow in the model's dtype)
+        is an error naming the model."""
+        if not bool(torch.isfinite(acts[mask.bool()]).all()):
+            spec = self.cfg.models[m]
+            raise HarvestInputError(
+                f"model {spec.name!r} produced inf/NaN activations at layer {self.cfg.layer} in "
+                f"dtype {self.dtypes[m]} (float16 overflows in Gemma-2-like models): set "
+                f"models.{m}.dtype to bfloat16 or float32"
+            )
+        return acts
 
     def _to_store_dtype(self, acts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Cast on the device; a value the store's dtype cannot hold is an error, not an inf."""
@@ -173,6 +205,7 @@ class Harvester:
             drop_first_raw_tokens=cfg.drop_first_raw_tokens,
             doc_id_start=doc_id_start,
         )
+        self._check_ids(docs)
         parts: dict[str, list] = {"acts": [], "doc_id": [], "pos": [], "token_id": [], "source": []}
         n_tokens = n_outliers = 0
         # Batches of similar length (less padding); rows are put back in document order below.
@@ -183,9 +216,11 @@ class Harvester:
                 continue
             ids, mask = pad_batch(batch, self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
-            acts = torch.stack(
-                [residual_after_layer(m, ids, mask, cfg.layer).float() for m in self.models], dim=2
-            )  # [B, T, M, D]
+            per_model = []
+            for j, m in enumerate(self.models):
+                r = residual_after_layer(m, ids, mask, cfg.layer).float()
+                per_model.append(self._finite(r, mask, j))
+            acts = torch.stack(per_model, dim=2)  # [B, T, M, D]
             keep = torch.zeros(ids.shape, dtype=torch.bool)
             for i, d in enumerate(batch):
                 keep[i, : len(d.keep)] = torch.tensor(d.keep)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,14 +46,32 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> str:
     return "bfloat16" if native_bf16(device) else "float32"
 
 
+def attention_kernel(config: Any) -> str | None:
+    """``eager`` for models that softcap attention logits (Gemma 2): transformers' sdpa kernel skips
+    the softcap, so activations would differ from the model's own; None (the default kernel) else."""
+    text = getattr(config, "text_config", None) or config
+    return "eager" if getattr(text, "attn_logit_softcapping", None) else None
+
+
 def load_model(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu") -> nn.Module:
     """``dtype``: float32, bfloat16, float16, or auto (see ``resolve_dtype``)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[resolve_dtype(dtype, device)])
+        kernel = attention_kernel(AutoConfig.from_pretrained(path))
+        extra = {"attn_implementation": kernel} if kernel else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_DTYPES[resolve_dtype(dtype, device)], **extra
+        )
     except OSError as e:
         raise HarvestInputError(f"cannot load model {path!r}: {e}") from None
+    except ValueError as e:  # "Unrecognized model ..." (a LoRA adapter directory, say)
+        hint = (
+            " (a LoRA/PEFT adapter directory? merge it into its base model first)"
+            if (Path(path) / "adapter_config.json").exists()
+            else ""
+        )
+        raise HarvestInputError(f"cannot load model {path!r}: {e}{hint}") from None
     model.eval().requires_grad_(False)
     return model.to(device)
 
@@ -62,7 +81,7 @@ def load_tokenizer(path: str):
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: no tokenizer files to build one from
         raise HarvestInputError(f"cannot load the tokenizer of {path!r}: {e}") from None
 
 
@@ -142,7 +161,10 @@ def render(record: dict[str, Any], tokenizer) -> tuple[str, bool]:
                 f"record {record.get('id')!r}: `messages` must be a list of {{role: str, content: str}}"
             )
         if getattr(tokenizer, "chat_template", None) is None:
-            raise HarvestInputError("chat records need a tokenizer with a chat template")
+            raise HarvestInputError(
+                f"record {record.get('id')!r} is a chat (`messages`) but no model's tokenizer has a chat "
+                "template; give the corpus as raw `text`, or use a model directory with one"
+            )
         try:
             return tokenizer.apply_chat_template(msgs, tokenize=False), False
         except Exception as e:  # jinja2's TemplateError (raise_exception in the template) and friends
@@ -191,23 +213,53 @@ def tokenize_records(
     return docs
 
 
+def share_chat_template(tokenizers: Sequence[Any], names: Sequence[str]) -> str | None:
+    """Chats are rendered once, with the first model's chat template, and every model reads those
+    tokens. A first model without a template (a base model ships none) borrows the first template
+    among the others; -> the name of the model whose template renders chats (None: no model has one)."""
+    if not tokenizers:
+        return None
+    for tok, name in zip(tokenizers, names, strict=True):
+        if getattr(tok, "chat_template", None) is not None:
+            if tok is not tokenizers[0] and getattr(tokenizers[0], "chat_template", None) is None:
+                tokenizers[0].chat_template = tok.chat_template
+            return name
+    return None
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def check_tokenizers_agree(
     tokenizers: Sequence[Any], records: Sequence[dict[str, Any]], names: Sequence[str]
 ) -> None:
-    """All models must see the same token ids; fail naming the first record that differs."""
+    """Every model must read the same token ids from the text the harvest feeds them (chats rendered by
+    the first model's template, raw text with special tokens); fail naming the model, the record and
+    the first position where the ids differ."""
     if len(tokenizers) < 2:
         return
+    ref_tok = tokenizers[0]
     for rec in records:
-        ref_text, _ = render(rec, tokenizers[0])
-        ref = tokenizers[0](ref_text, add_special_tokens=True)["input_ids"]
+        text, raw = render(rec, ref_tok)
+        ref = ref_tok(text, add_special_tokens=raw)["input_ids"]
         for tok, name in zip(tokenizers[1:], names[1:], strict=True):
-            text, _ = render(rec, tok)
-            ids = tok(text, add_special_tokens=True)["input_ids"]
-            if text != ref_text or ids != ref:
-                raise HarvestInputError(
-                    f"tokenizers disagree: model {name!r} tokenises record {rec.get('id')!r} differently from "
-                    f"{names[0]!r}; a crosscoder needs the same tokens in every model (use models with one tokenizer)"
-                )
+            ids = tok(text, add_special_tokens=raw)["input_ids"]
+            if ids == ref:
+                continue
+            i = _first_difference(ref, ids)
+            shown = [
+                f"{n!r} has {t.convert_ids_to_tokens(x[i : i + 3])}" if i < len(x) else f"{n!r} ends"
+                for n, t, x in ((names[0], ref_tok, ref), (name, tok, ids))
+            ]
+            why = ""
+            if i == 0 and raw and (ref[1:] == ids or ids[1:] == ref):
+                why = " (one tokenizer adds a BOS token, the other does not: check add_bos_token)"
+            raise HarvestInputError(
+                f"tokenizers disagree: model {name!r} reads record {rec.get('id')!r} as other token ids than "
+                f"{names[0]!r}: at token {i}, {' and '.join(shown)}{why}; a crosscoder needs the same tokens "
+                "in every model (use models that share one tokenizer)"
+            )
 
 
 def pad_batch(docs: Sequence[TokenizedDoc], pad_id: int) -> tuple[Tensor, Tensor]:

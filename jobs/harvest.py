@@ -18,7 +18,13 @@ from typing import Any
 from diffing.corpus import read_corpus
 from diffing.harvest import HarvestConfig, Harvester, harvest_shards, shard_ranges
 from diffing.logs import get_logger
-from diffing.models import HarvestInputError, check_tokenizers_agree, load_tokenizer, render
+from diffing.models import (
+    HarvestInputError,
+    check_tokenizers_agree,
+    load_tokenizer,
+    render,
+    share_chat_template,
+)
 from diffing.store import Manifest, ShardInfo, StoreError, StoreWriter, check_writable
 
 
@@ -114,15 +120,20 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
                 f"layer={cfg.layer} is out of range: model {spec.name!r} has {n} decoder layers (0..{n - 1})"
             )
         widths.add(mc.hidden_size)
+        positions = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+        if positions and cfg.context_length > positions:
+            raise HarvestInputError(
+                f"context_length={cfg.context_length} exceeds model {spec.name!r}'s {positions} positions; "
+                f"set context_length <= {positions}"
+            )
     if len(widths) != 1:
         raise HarvestInputError(
             f"models have different hidden sizes {sorted(widths)}; a crosscoder needs one d_model"
         )
     tokenizers = [load_tokenizer(m.path) for m in cfg.models]
-    templates = {getattr(t, "chat_template", None): t for t in tokenizers}  # one per distinct template
-    for tok in templates.values():  # every chat through every template, before any shard runs
-        for record in records:
-            render(record, tok)
+    share_chat_template(tokenizers, names)  # chats are rendered once, by the first model's template
+    for record in records:  # every chat through that template, before any shard runs
+        render(record, tokenizers[0])
     check_tokenizers_agree(tokenizers, records[:256], names)
     d_model = widths.pop()
     w = _writer(cfg, d_model)
@@ -182,6 +193,11 @@ def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | N
             from diffing.store import open_store
 
             return open_store(cfg.store).manifest
+    elif writer.has_manifest() or writer.fs.glob(f"{writer.root}/shards/*.json"):
+        raise StoreError(  # not this harvest's: resuming would adopt rows of unknown origin
+            f"store {cfg.store} already holds a store that no harvest stamped (no harvest_config.json); "
+            "pass --overwrite to replace it or pick a new store"
+        )
     writer.fs.pipe_file(
         stamp, json.dumps({"hash": h, "config": cfg.model_dump(mode="json")}, indent=2).encode()
     )

@@ -132,9 +132,7 @@ def load_pipeline_config(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> PipelineConfig:
     """A preset or a YAML/JSON file, then `--out` and `--set` overrides, then validation."""
-    import yaml
-
-    from diffing.config import ConfigError, format_validation_error, validate_with_overrides
+    from diffing.config import ConfigError, format_validation_error, read_config_file, validate_with_overrides
 
     if (config is None) == (preset is None):
         raise ConfigError("give exactly one of --config FILE or --preset NAME")
@@ -145,12 +143,7 @@ def load_pipeline_config(
 
         data = make_preset(preset, out)
     else:
-        p = Path(config)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at top level")
+        data = read_config_file(config)
     if out is not None:
         data["out"] = str(out)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -69,6 +70,18 @@ class ActivationStore:
         """[n_rows, n_models, d_model] in the stored dtype."""
         out = None
         for m in range(self.n_models):  # one copy, chunk by chunk, straight into [N, M, D]
+            name = f"act_{m}"
+            if name not in table.column_names:
+                raise StoreError(
+                    f"store {self.uri}: the manifest names {self.n_models} models but a shard has no column "
+                    f"{name!r} (it has {table.column_names}); the manifest does not match the shards"
+                )
+            width = getattr(table.schema.field(name).type, "list_size", None)
+            if width != self.d_model:
+                raise StoreError(
+                    f"store {self.uri}: column {name!r} holds vectors of {width} values but the manifest says "
+                    f"d_model={self.d_model}; the manifest does not match the shards"
+                )
             row = 0
             for part in _chunks_2d(table.column(f"act_{m}"), self.d_model):
                 if out is None:
@@ -175,11 +188,18 @@ def open_store(uri: str) -> ActivationStore:
             f"no manifest.json at {uri}: not a crossdiff store, or its harvest has not finished "
             "(rerun the harvest to complete it)"
         ) from None
-    manifest = Manifest.model_validate_json(raw)
-    if manifest.format_version != FORMAT_VERSION:
+    try:  # the version first: a newer format may hold fields this one does not know
+        version = json.loads(raw).get("format_version", FORMAT_VERSION)
+    except (ValueError, AttributeError):
         raise StoreError(
-            f"store {uri} has format_version {manifest.format_version}; this crossdiff reads {FORMAT_VERSION}"
-        )
+            f"{uri}/manifest.json is not a JSON object (truncated or not a crossdiff store)"
+        ) from None
+    if version != FORMAT_VERSION:
+        raise StoreError(f"store {uri} has format_version {version}; this crossdiff reads {FORMAT_VERSION}")
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValueError as e:
+        raise StoreError(f"{uri}/manifest.json is not a valid manifest: {e}") from None
     if manifest.n_rows == 0 or not manifest.shards:
         raise StoreError(f"store {uri} is empty (0 rows)")
     return ActivationStore(uri, manifest)
