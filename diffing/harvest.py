@@ -68,7 +68,9 @@ class HarvestConfig(Frozen):
         description="Two or more models sharing one tokenizer; the first is the reference."
     )
     layer: int = Field(
-        ge=0, description="Decoder layer L: the site is the residual stream after it (HF hidden_states[L+1])."
+        ge=0,
+        description="Decoder layer L: the site is the residual stream after it (HF hidden_states[L+1]; "
+        "at the last layer, before the final norm that HF's last hidden state includes).",
     )
     site: Literal["resid_post"] = Field("resid_post", description="Activation site.")
     corpus: CorpusSpec = Field(description="Prompt corpus.")

@@ -211,3 +211,16 @@ def test_broken_config_files_are_config_errors(tmp_path):
     nested.write_text("out: r\nharvest: {layer: 3}\nfit: {}\n")
     with pytest.raises(ConfigError, match="it is a pipeline config; run `crossdiff pipeline"):
         load_config(HC, nested)
+
+
+def test_write_arrays_refuses_columns_that_would_clash(tmp_path):
+    import numpy as np
+
+    acts = np.ones((10, 2, 4), np.float32)
+    for kw, match in (
+        ({"model_names": ["a", "a"]}, "repeat a name"),
+        ({"model_names": ["a", "b"], "extra": {"doc_id": list(range(10))}}, "would replace a store column"),
+        ({"model_names": ["a", "b"], "extra": {"source": ["x"] * 3}}, "has 3 values for 10 tokens"),
+    ):
+        with pytest.raises(StoreError, match=match):
+            write_arrays(str(tmp_path / "s"), acts, **kw)

@@ -210,6 +210,13 @@ def write_arrays(
         raise StoreError("acts is empty (0 tokens)")
     if acts.shape[1] != len(model_names):
         raise StoreError(f"acts has {acts.shape[1]} models but model_names has {len(model_names)}")
+    if len(set(model_names)) != len(model_names):
+        raise StoreError(f"model_names {list(model_names)} repeat a name; each model needs its own")
+    for name, col in (extra or {}).items():
+        if name in META_COLUMNS or name.startswith("act_"):
+            raise StoreError(f"extra column {name!r} would replace a store column; rename it")
+        if len(col) != acts.shape[0]:
+            raise StoreError(f"extra column {name!r} has {len(col)} values for {acts.shape[0]} tokens")
     writer = StoreWriter(
         uri,
         model_names=model_names,
