@@ -7,16 +7,10 @@ and the fix. Configs are saved next to every artifact they produce.
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import typing
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Frozen(BaseModel):
@@ -32,9 +26,6 @@ class Frozen(BaseModel):
             if isinstance(value, float) and math.isnan(value):
                 raise ValueError(f"{name}: NaN is not a value; give a number")
         return self
-
-
-T = TypeVar("T")
 
 
 class CrosscoderConfig(Frozen):
@@ -299,160 +290,19 @@ class FitConfig(Frozen):
         return self
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading and overrides, shared by every entrypoint.
+# Loading, overrides and errors live in diffing/config_io.py; imported from here as they always were.
+from diffing.config_io import (  # noqa: E402
+    ConfigError,
+    apply_overrides,
+    config_reference,
+    format_validation_error,
+    load_config,
+    read_config_file,
+    validate_with_overrides,
+)
 
-
-def _coerce(value: str) -> Any:
-    """`--set key=value` values: YAML scalars and flow lists (ints, floats, bools, null, [a, b]).
-    What YAML would read as a string (or a date) stays exactly as typed, so a '#' in a path is
-    not a comment; `None` means null as `null` does."""
-    if value.strip() == "None":
-        return None
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value
-    if isinstance(parsed, str | datetime.date) and value.strip()[:1] not in ("'", '"'):
-        return value.strip()
-    return parsed
-
-
-def _split(item: str) -> tuple[list[str], str]:
-    if "=" not in item:
-        raise ValueError(f"--set expects key=value, got {item!r} (e.g. --set train.lr=1e-3)")
-    key, raw = item.split("=", 1)
-    return key.strip().split("."), raw
-
-
-def _put(out: dict[str, Any], parts: list[str], value: Any) -> None:
-    node = out
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"--set {'.'.join(parts)}: {p!r} is not a section")
-    node[parts[-1]] = value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides to a nested dict (returns a new dict)."""
-    out = json.loads(json.dumps(data))
-    for item in overrides:
-        parts, raw = _split(item)
-        _put(out, parts, _coerce(raw))
-    return out
-
-
-def validate_with_overrides(
-    validate: Callable[[dict[str, Any]], T], data: dict[str, Any], overrides: list[str] | tuple[str, ...]
-) -> T:
-    """``validate(apply_overrides(data, overrides))``; where a field wants a string and the override
-    read as a number, a bool or null (`--set judge.model_id=1.10`), the value is retried as typed."""
-    merged = apply_overrides(data, overrides)
-    try:
-        return validate(merged)
-    except ValidationError as e:
-        typed = {".".join(parts): raw for parts, raw in map(_split, overrides)}
-        locs = {".".join(map(str, err["loc"])) for err in e.errors() if err["type"] == "string_type"}
-        retry = [k for k in locs if k in typed and isinstance(_coerce(typed[k]), int | float | bool | None)]
-        if not retry:
-            raise
-        for key in retry:
-            _put(merged, key.split("."), typed[key].strip())
-        return validate(merged)
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML/JSON config file as a mapping; a missing file, a directory or a syntax error is a
-    ConfigError naming the file (and the line)."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {p} does not exist")
-    if p.is_dir():
-        raise ConfigError(f"config file {p} is a directory; give the YAML/JSON file inside it")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {p}: YAML error{where}: {getattr(e, 'problem', None) or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {p} is not UTF-8 text") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at top level")
-    return data
-
-
-def load_config(
-    cls: type[Frozen], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-):
-    """Read a YAML/JSON config file (optional), apply overrides, validate. Errors name the field."""
-    data: dict[str, Any] = read_config_file(path) if path is not None else {}
-    try:
-        return validate_with_overrides(cls.model_validate, data, overrides)
-    except (ValidationError, ValueError) as e:
-        msg = format_validation_error(e)
-        stages = {"harvest", "fit", "analyze", "label"} & set(data)
-        if stages and not stages & set(cls.model_fields):  # a pipeline config given to a stage command
-            msg += (
-                f"\n(this file nests stage sections {sorted(stages)}: it is a pipeline config; run "
-                "`crossdiff pipeline --config FILE`, or give this command one section's fields)"
-            )
-        raise ConfigError(msg) from None
-
-
-class ConfigError(ValueError):
-    """A config problem with a message meant for the user (field name and fix)."""
-
-
-def format_validation_error(e: Exception) -> str:
-    if not isinstance(e, ValidationError):
-        return str(e)
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(config)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling (see docs/configuration.md)"
-        lines.append(f"{loc}: {msg}")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def config_reference(models: dict[str, type[BaseModel]] | None = None) -> str:
-    """Markdown reference of every config field (docs/configuration.md is generated from this)."""
-    models = models or {"fit": FitConfig, "analyze": AnalysisConfig}
-    out = [
-        "# Configuration reference",
-        "",
-        "Generated from the pydantic configs (`crossdiff config-docs`); do not edit by hand.",
-        "Set fields in a YAML file (`--config FILE`) or one by one (`--set section.field=value`).",
-        "",
-    ]
-
-    def walk(cls: type[BaseModel], prefix: str) -> None:
-        rows, subs = [], []
-        for name, field in cls.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                subs.append((ann, f"{prefix}{name}."))
-                continue
-            seq = typing.get_origin(ann) in (list, tuple)
-            items = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-            if seq and items:  # a list of sub-configs (harvest.models): its item's fields get a section too
-                subs.append((items[0], f"{prefix}{name}[]."))
-            default = (
-                "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            )
-            typ = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
-            cells = [f"`{prefix}{name}`", f"`{typ}`", f"`{default}`", field.description or ""]
-            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        if rows:
-            out.extend(["| field | type | default | meaning |", "|---|---|---|---|", *rows, ""])
-        for sub, p in subs:
-            out.extend([f"### `{p[:-1]}`", ""])
-            walk(sub, p)
-
-    for title, cls in models.items():
-        out.extend([f"## `{title}` ({cls.__name__})", ""])
-        walk(cls, "")
-    return "\n".join(out)
+__all__ = [
+    "AnalysisConfig", "ConfigError", "CrosscoderConfig", "DistributedConfig", "FitConfig", "Frozen",
+    "TrainConfig", "apply_overrides", "config_reference", "format_validation_error", "load_config",
+    "read_config_file", "validate_with_overrides",
+]  # fmt: skip

@@ -101,7 +101,9 @@ def embedded(out: str) -> dict[str, Any]:
     log = get_logger("preset")
     log.info("preset.build", what="SmolLM2-135M-Instruct base (one-time, ~1 min)")
     base = build_base()
-    log.info("preset.build", what="planted fine-tune (one-time: ~4-6 min on 2 cores with native bf16, ~13 without)")
+    log.info(
+        "preset.build", what="planted fine-tune (one-time: ~4-6 min on 2 cores with native bf16, ~13 without)"
+    )
     ft = build_finetune(base)
     planted = json.loads((ft / "planted.json").read_text())
     return {
