@@ -7,13 +7,7 @@ ingress, the tests and a notebook all use the same code.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import os
-import re
-import uuid
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 from pydantic import ValidationError
@@ -21,156 +15,13 @@ from pydantic import ValidationError
 from diffing.evidence import LatentEvidence, LatentLabel
 from diffing.logs import get_logger
 from serve import prompts
+from serve.cache import LabelCache, cache_key, calibration_texts, fingerprint, judge_view  # noqa: F401
 from serve.judge import JudgeClient, JudgeError
+from serve.prompts import _NO_SYSTEM_ROLE, fold_system, prompt_too_long, shrink  # noqa: F401
 from serve.settings import MethodSettings
 from serve.taxonomy import Taxonomy
 
 log = get_logger("crossdiff.serve")
-
-
-def judge_view(ev: LatentEvidence, context: str | None) -> dict:
-    """Exactly what the judge may see: tokens and activations (no ids, sources, groups or stats)."""
-
-    def ex(x):  # 9 significant digits: float32-exact, and small activations stay apart (not 6 decimals)
-        return {
-            "tokens": x.tokens,
-            "acts": [float(f"{a:.9g}") for a in x.acts],
-            "peak": x.peak,
-            "q": x.quantile,
-        }
-
-    return {
-        "top": [ex(x) for x in ev.top],
-        "quantiles": [ex(x) for x in ev.quantiles],
-        "negatives": [ex(x) for x in ev.negatives],
-        "context": context,
-    }
-
-
-def cache_key(
-    ev: LatentEvidence,
-    context: str | None,
-    *,
-    judge_model: str,
-    taxonomy: Taxonomy,
-    method: MethodSettings,
-    detection: bool,
-    calibration: str | None = None,
-    folded_system: bool = False,
-) -> str:
-    """`calibration`: fingerprint of the channel calibration texts (None: the fixed neutral text).
-    `folded_system`: the judge reads the system message folded into the first user turn."""
-    fields = {
-        "evidence": judge_view(ev, context),
-        "prompt": prompts.PROMPT_VERSION,
-        "judge": judge_model,
-        "taxonomy": taxonomy.fingerprint,
-        "method": method.model_dump(exclude={"max_concurrent_calls"}),
-        "detection": detection,
-    }
-    if calibration is not None:  # absent otherwise, so keys of uncalibrated labels stay as they were
-        fields["calibration"] = calibration
-    if folded_system:  # likewise: a different prompt, so a different label
-        fields["system"] = "folded"
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
-def calibration_texts(items, method: MethodSettings) -> tuple[str, ...]:
-    """The text channel scoring reads from each calibration latent (its top examples), empty ones
-    dropped, sorted (the mean does not depend on the order, so neither does the fingerprint)."""
-    texts = (prompts.channel_text(ev, method) for ev in items)
-    return tuple(sorted(t for t in texts if t.strip()))
-
-
-def fingerprint(texts: tuple[str, ...]) -> str:
-    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
-
-
-class LabelCache:
-    """LRU in memory, optionally mirrored to one JSON file per key in a directory."""
-
-    def __init__(self, size: int, directory: str | None = None):
-        self.size = size
-        self.mem: OrderedDict[str, LatentLabel] = OrderedDict()
-        self.dir = Path(directory) if directory else None
-        if self.dir:
-            self.dir.mkdir(parents=True, exist_ok=True)
-
-    def get(self, key: str) -> LatentLabel | None:
-        if key in self.mem:
-            self.mem.move_to_end(key)
-            return self.mem[key]
-        if self.dir and (p := self.dir / f"{key}.json").exists():
-            try:
-                lab = LatentLabel.model_validate_json(p.read_text())
-            except ValueError:
-                return None
-            self._put_mem(key, lab)
-            return lab
-        return None
-
-    def _put_mem(self, key: str, lab: LatentLabel) -> None:
-        if self.size <= 0:
-            return
-        self.mem[key] = lab
-        self.mem.move_to_end(key)
-        while len(self.mem) > self.size:
-            self.mem.popitem(last=False)
-
-    def put(self, key: str, lab: LatentLabel) -> None:
-        self._put_mem(key, lab)
-        if self.dir:  # a unique temp name: replicas sharing the directory never collide
-            tmp = self.dir / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                tmp.write_text(lab.model_dump_json())
-                tmp.replace(self.dir / f"{key}.json")
-            except OSError as e:  # the label is good; only its disk copy is lost
-                log.warning("label_cache.write_failed", key=key[:16], error=f"{type(e).__name__}: {e}")
-                tmp.unlink(missing_ok=True)
-
-
-# What chat templates without a system role answer (through vLLM's 400): Gemma 2 "System role
-# not supported", early Mistral "Conversation roles must alternate user/assistant/...".
-_NO_SYSTEM_ROLE = re.compile(
-    r"system.{0,30}(not supported|unsupported|not allowed)|roles must alternate", re.I
-)
-
-
-# What judges answer when a prompt does not fit their context window (vLLM: "This model's maximum
-# context length is N tokens", "The decoder prompt (length N) is longer than the maximum model
-# length of M", "Input prompt (N tokens) is too long and exceeds limit of M").
-_TOO_LONG = re.compile(
-    r"maximum context length|maximum model length|prompt .{0,40}too long|too many tokens", re.I
-)
-
-
-def prompt_too_long(e: Exception) -> bool:
-    return isinstance(e, JudgeError) and bool(_TOO_LONG.search(str(e)))
-
-
-def shrink(ev: LatentEvidence) -> LatentEvidence | None:
-    """The evidence with half of each example list (at least one top or quantile example kept); None
-    when nothing is left to drop."""
-    n_top, n_q = len(ev.top), len(ev.quantiles)
-    if n_top + n_q <= 1:
-        return None
-    top = ev.top[: max(1, n_top // 2)] if n_top else []
-    quantiles = ev.quantiles[: n_q // 2] if n_top else ev.quantiles[: max(1, n_q // 2)]
-    return ev.model_copy(
-        update={"top": top, "quantiles": quantiles, "negatives": ev.negatives[: len(ev.negatives) // 2]}
-    )
-
-
-def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The messages without a system message: its text leads the first user message instead."""
-    if not messages or messages[0]["role"] != "system":
-        return messages
-    system, rest = messages[0]["content"], list(messages[1:])
-    for i, m in enumerate(rest):
-        if m["role"] == "user":
-            rest[i] = {**m, "content": f"{system}\n\n{m['content']}"}
-            return rest
-    return [{"role": "user", "content": system}, *rest]
 
 
 class Labeller:
@@ -468,14 +319,28 @@ class Labeller:
         """Label concurrently (the engine batches the calls); (labels in order, cache hits).
         `calibration`: evidence of ordinary latents of the same run (only channel scoring reads it)."""
         texts = calibration_texts(calibration, self.method) if self.method.classify_mode == "channel" else ()
+        items = list(items)
+        keys = [self.key(ev, getattr(ev, "context", None), detection, texts) for ev in items]
+        first: dict[str, int] = {}  # identical evidence in one request is labelled once
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        unique = sorted(first.values())
         tasks = [
-            asyncio.ensure_future(self.label(ev, getattr(ev, "context", None), detection, texts))
-            for ev in items
+            asyncio.ensure_future(self.label(items[i], getattr(items[i], "context", None), detection, texts))
+            for i in unique
         ]
         try:
-            results = await asyncio.gather(*tasks)
+            results = dict(zip(unique, await asyncio.gather(*tasks), strict=True))
         except BaseException:
             for t in tasks:  # one failure fails the request: stop the rest instead of leaking them
                 t.cancel()
             raise
-        return [r[0] for r in results], sum(r[1] for r in results)
+        out, hits = [], 0
+        for i, ev in enumerate(items):
+            j = first[keys[i]]
+            lab, hit = results[j]
+            if j != i:  # a repeat of item j: its label under this latent id, counted as a cache hit
+                lab, hit = lab.model_copy(update={"latent": ev.latent}), True
+            out.append(lab)
+            hits += hit
+        return out, hits

@@ -19,12 +19,14 @@ Bump PROMPT_VERSION whenever a prompt or schema changes (it is part of cache key
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from diffing.evidence import Example, LatentEvidence
 from serve.control import defang, has_control
+from serve.judge import JudgeError
 from serve.taxonomy import Taxonomy
 
 PROMPT_VERSION = "delphi-v5"
@@ -218,3 +220,47 @@ class Explained(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     text: str = Field(min_length=1, max_length=400)
+
+
+# What chat templates without a system role answer (through vLLM's 400): Gemma 2 "System role
+# not supported", early Mistral "Conversation roles must alternate user/assistant/...".
+_NO_SYSTEM_ROLE = re.compile(
+    r"system.{0,30}(not supported|unsupported|not allowed)|roles must alternate", re.I
+)
+
+
+# What judges answer when a prompt does not fit their context window (vLLM: "This model's maximum
+# context length is N tokens", "The decoder prompt (length N) is longer than the maximum model
+# length of M", "Input prompt (N tokens) is too long and exceeds limit of M").
+_TOO_LONG = re.compile(
+    r"maximum context length|maximum model length|prompt .{0,40}too long|too many tokens", re.I
+)
+
+
+def prompt_too_long(e: Exception) -> bool:
+    return isinstance(e, JudgeError) and bool(_TOO_LONG.search(str(e)))
+
+
+def shrink(ev: LatentEvidence) -> LatentEvidence | None:
+    """The evidence with half of each example list (at least one top or quantile example kept); None
+    when nothing is left to drop."""
+    n_top, n_q = len(ev.top), len(ev.quantiles)
+    if n_top + n_q <= 1:
+        return None
+    top = ev.top[: max(1, n_top // 2)] if n_top else []
+    quantiles = ev.quantiles[: n_q // 2] if n_top else ev.quantiles[: max(1, n_q // 2)]
+    return ev.model_copy(
+        update={"top": top, "quantiles": quantiles, "negatives": ev.negatives[: len(ev.negatives) // 2]}
+    )
+
+
+def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages without a system message: its text leads the first user message instead."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], list(messages[1:])
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            rest[i] = {**m, "content": f"{system}\n\n{m['content']}"}
+            return rest
+    return [{"role": "user", "content": system}, *rest]

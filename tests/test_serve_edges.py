@@ -217,3 +217,14 @@ def test_cache_writes_never_fail_a_label(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert out.category == "multilingual" and not list((tmp_path / "c").iterdir())
     assert run(lab.label(evidence(2, FRENCH)))[1]  # still cached in memory
+
+
+def test_identical_latents_in_one_request_are_judged_once():
+    judge = ScriptedJudge(scripted())
+    lab = Labeller(judge, load_taxonomy(), MethodSettings())
+    run(lab.label_many([evidence(1, FRENCH)]))
+    one = judge.calls
+    lab2 = Labeller(ScriptedJudge(scripted()), load_taxonomy(), MethodSettings())
+    labs, hits = run(lab2.label_many([evidence(i, FRENCH) for i in (4, 5, 6)] + [evidence(7, REFUSALS)]))
+    assert [x.latent for x in labs] == [4, 5, 6, 7] and hits == 2
+    assert lab2.judge.calls == 2 * one and len({x.cache_key for x in labs[:3]}) == 1
