@@ -152,6 +152,8 @@ def latent_table(
     """All per-latent numbers as an Arrow table (one row per latent)."""
     names = list(model.cfg.model_names)
     a_name, b_name = pair or (names[0], names[1])
+    if a_name == b_name:
+        raise ValueError(f"analysis pair needs two different models, got {a_name!r} twice")
     for nm in (a_name, b_name):
         if nm not in names:
             raise ValueError(f"analysis pair names {nm!r}, not one of the crosscoder's models {names}")
@@ -263,6 +265,37 @@ def select_latents(
     return group
 
 
+# settings that change no result (how the work is batched or spread), left out of the rerun check
+_OPERATIONAL = {"batch_size", "evidence_workers", "latents_per_pass"}
+
+
+def check_same_analysis(path, cfg: AnalysisConfig, pair: tuple[str, str] | None) -> None:
+    """A rerun may skip a finished latents.parquet only if it asks for the same pair and analysis;
+    else it would report the old results as the new ones. Files without the metadata pass."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    old_pair = meta.get(b"pair", b"").decode().split(",")
+    if pair is not None and old_pair != [""] and list(pair) != old_pair:
+        raise ValueError(
+            f"{path} was made for the pair {old_pair}, not {list(pair)}; pass --overwrite to redo the analysis "
+            "(or analyze into another run directory)"
+        )
+    if b"config" not in meta:
+        return
+    try:
+        old = AnalysisConfig.model_validate_json(meta[b"config"]).model_dump(exclude=_OPERATIONAL)
+    except ValueError:
+        return  # written by a crossdiff whose fields this one does not know
+    new = cfg.model_dump(exclude=_OPERATIONAL)
+    changed = {k: (old[k], new[k]) for k in new if old.get(k) != new[k]}
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise ValueError(
+            f"{path} was made with other analysis settings ({diff}); pass --overwrite to redo it"
+        )
+
+
 def analyze_run(
     run_dir, store, cfg: AnalysisConfig, *, pair: tuple[str, str] | None = None, overwrite: bool = False
 ):
@@ -278,6 +311,7 @@ def analyze_run(
     out = run / "latents.parquet"
     log = get_logger("analyze", run=str(run))
     if out.exists() and not overwrite:
+        check_same_analysis(out, cfg, pair)
         log.info("analyze.skip", reason="latents.parquet exists; pass --overwrite to redo")
         return pq.read_table(out)
     if not (run / "crosscoder" / "cfg.json").exists():

@@ -97,6 +97,40 @@ class RunDir:
             old.unlink(missing_ok=True)
 
 
+def _check_same_fit(run: RunDir, cfg: FitConfig, store: ActivationStore) -> None:
+    """A finished run is returned as is only for the config and store it was fitted with (else the
+    old results would pass for the new ones). Runs without run_config.json, or written by a
+    crossdiff whose fields this one does not know, pass."""
+    p = run / "run_config.json"
+    if not p.exists():
+        return
+    old = json.loads(p.read_text())
+    try:
+        FitConfig.model_validate(old["fit"])
+    except (KeyError, ValueError):
+        return
+    skip = {
+        "distributed": True,
+        "train": {"log_every", "checkpoint_every", "device"},
+    }  # no effect on the result
+    was = FitConfig.model_validate(old["fit"]).model_dump(exclude=skip)
+    now = cfg.model_dump(exclude=skip)
+    changed = sorted(
+        f"{sec}.{k}"
+        for sec in now
+        if isinstance(now[sec], dict)
+        for k in now[sec]
+        if was[sec].get(k) != now[sec][k]
+    )
+    if old.get("store_rows") not in (None, store.n_rows):
+        changed.append(f"store rows {old['store_rows']} -> {store.n_rows}")
+    if changed:
+        raise ValueError(
+            f"{run.path} holds a finished fit with other settings or data ({', '.join(changed)}); "
+            "use a new --out or pass --overwrite"
+        )
+
+
 def fit(
     store: ActivationStore, cfg: FitConfig, out: str | Path, *, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -105,6 +139,7 @@ def fit(
     run = RunDir(out)
     log = get_logger("fit", run=str(run.path))
     if run.done and not overwrite:
+        _check_same_fit(run, resolve_config(cfg, store), store)
         log.info("fit.skip", reason="run already finished; pass --overwrite to redo")
         return json.loads((run / "metrics.json").read_text())
     if overwrite:
@@ -222,6 +257,13 @@ def final_metrics(
         ),
         max_tokens=state.cfg.eval_tokens or None,
     )
+    log = get_logger("fit")
+    if flat := [m for m, v in ev["fve"].items() if v != v]:  # NaN: no variance to explain
+        log.warning(
+            "fit.constant_model", models=flat, note="these models' activations do not vary in the store"
+        )
+    if ev["dead_fraction"] >= 1.0:
+        log.warning("fit.all_dead", note="no latent fired on the evaluation tokens; check the activations")
     return {
         "fve": ev["fve"],
         "l0": ev["l0"],

@@ -37,7 +37,11 @@ from diffing.store import StoreWriter
 
 
 class ModelSpec(Frozen):
-    name: str = Field(description="Short name used in the store and reports (e.g. 'base', 'simpo').")
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[^,]+$",
+        description="Short name used in the store and reports (e.g. 'base', 'simpo'); no commas.",
+    )
     path: str = Field(description="HF model id or local directory (must be loadable offline on the workers).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32",

@@ -237,7 +237,8 @@ def evaluate(model: Crosscoder, batches, *, max_tokens: int | None = None) -> di
         raise ValueError("evaluate() got no data")
     var_x = (sum_x2 / n - (sum_x / n).pow(2)).sum(-1)
     var_e = (sum_e2 / n - (sum_e / n).pow(2)).sum(-1)
-    fves = (1 - var_e / var_x.clamp_min(1e-12)).tolist()
+    # a model whose activations do not vary has nothing to explain: NaN, not a perfect 1.0
+    fves = torch.where(var_x > 1e-12, 1 - var_e / var_x.clamp_min(1e-12), torch.nan).tolist()
     return {
         "fve": dict(zip(model.cfg.model_names, fves, strict=True)),
         "l0": l0 / n,

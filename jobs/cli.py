@@ -156,7 +156,7 @@ def analyze(
         if workers is not None:
             sets.append(f"evidence_workers={workers}")
         cfg = load_config(AnalysisConfig, config, sets)
-        names = tuple(pair.split(",")) if pair else None
+        names = tuple(n.strip() for n in pair.split(",")) if pair else None
         if names is not None and len(names) != 2:
             raise ValueError(f"--pair expects two model names separated by a comma, got {pair!r}")
         with local_copy(run) as local:

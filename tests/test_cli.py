@@ -49,10 +49,19 @@ def test_fit_then_analyze(tmp_path, store):
     assert rc["fit"]["crosscoder"]["n_latents"] == 64 and rc["fit"]["train"]["seed"] == 3
     assert (run / "crosscoder" / "model.safetensors").exists() and (run / "metrics.jsonl").exists()
 
-    # rerun is a no-op (idempotent); --overwrite redoes it
+    # the same command again is a no-op (idempotent); other settings are refused, not answered with
+    # this run's results; --overwrite redoes it
     before = (run / "metrics.json").stat().st_mtime_ns
-    assert runner.invoke(app, ["fit", "--store", store, "--out", str(run)]).exit_code == 0
+    same = ["--set", "crosscoder.n_latents=64", "--set", "crosscoder.k=2", "--set", "train.batch_size=256"]
+    assert (
+        runner.invoke(
+            app, ["fit", "--store", store, "--out", str(run), *same, "--set", "train.seed=3"]
+        ).exit_code
+        == 0
+    )
     assert (run / "metrics.json").stat().st_mtime_ns == before
+    r = runner.invoke(app, ["fit", "--store", store, "--out", str(run), *same])
+    assert r.exit_code == 2 and "train.seed" in r.output and "--overwrite" in r.output
 
     r = runner.invoke(app, ["analyze", "--run", str(run), "--store", store])
     assert r.exit_code == 0, r.output

@@ -45,6 +45,8 @@ class StoreWriter:
     ):
         if len(model_names) < 2:
             raise StoreError(f"a store needs >= 2 models, got model_names={list(model_names)}")
+        if bad := [n for n in model_names if "," in n or not n.strip()]:  # pairs are written "a,b"
+            raise StoreError(f"model names {bad} are empty or contain ','; rename them")
         if dtype not in _NP_DTYPES:
             raise StoreError(f"dtype={dtype!r} is not supported; use one of {sorted(_NP_DTYPES)}")
         self.uri = uri
@@ -110,7 +112,8 @@ class StoreWriter:
             if not np.isfinite(chunk).all():
                 finite = np.isfinite(acts[a : a + step]).all()
                 bad = f"values beyond {h.dtype}'s range" if finite else "NaN or inf"
-                raise StoreError(f"shard {shard_id}: acts contain {bad}; nothing was written")
+                fix = '; store in float32 (dtype="float32" / store_dtype: float32)' if finite else ""
+                raise StoreError(f"shard {shard_id}: acts contain {bad}; nothing was written{fix}")
             norms += np.linalg.norm(chunk, axis=-1).sum(0)
         cols: dict[str, pa.Array] = {
             "doc_id": pa.array(np.zeros(n, np.int64) if doc_ids is None else np.asarray(doc_ids, np.int64)),
