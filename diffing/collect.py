@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from diffing.config import AnalysisConfig, CrosscoderConfig
 from diffing.crosscoder import Crosscoder
-from diffing.evidence import EXAMPLES_DIR, Example, LatentEvidence, write_jsonl
+from diffing.evidence import EXAMPLES_DIR, MAX_TOKEN_CHARS, Example, LatentEvidence, write_jsonl
 from diffing.examples import (
     Accumulator,
     Request,
@@ -105,8 +105,11 @@ def _example(frag: dict, r: Request, decode, quantile: int | None = None) -> Exa
     hit = np.flatnonzero(pos == r.pos)
     if not len(hit):
         return None
-    return Example(
-        tokens=decode(frag["token_id"].tolist()),
+    return Example(  # a token string longer than evidence allows (a run of spaces, say) is cut
+        tokens=[
+            t if len(t) <= MAX_TOKEN_CHARS else t[: MAX_TOKEN_CHARS - 1] + "…"
+            for t in decode(frag["token_id"].tolist())
+        ],
         acts=[round(float(a), 6) for a in frag["act"]],
         peak=int(hit[0]),
         doc_id=r.doc,

@@ -125,7 +125,17 @@ def read_jsonl(path: str | Path, cls: type[BaseModel]) -> list:
     path = Path(path)
     if not path.exists():
         return []
-    return [cls.model_validate(json.loads(line)) for line in path.read_text().split("\n") if line.strip()]
+    out = []
+    for i, line in enumerate(path.read_text().split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(cls.model_validate(json.loads(line)))
+        except ValueError as e:  # JSONDecodeError and pydantic's ValidationError
+            first = e.errors()[0] if hasattr(e, "errors") else None
+            what = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else str(e)
+            raise ValueError(f"{path}:{i}: {what}; fix or delete that line and rerun") from None
+    return out
 
 
 def iter_evidence(run_dir: str | Path) -> Iterator[LatentEvidence]:

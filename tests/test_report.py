@@ -245,3 +245,44 @@ def test_cli_analyze_then_report_on_s3(tmp_path, run, s3_endpoint, monkeypatch):
     # Gemma-2-9b run they are gigabytes), and are not deleted there either
     assert not list((tmp_path / "machine2").rglob("model.safetensors"))
     assert fs.exists(f"{root}/crosscoder/model.safetensors")
+
+
+def test_odd_labels_and_a_partial_splice_file(run, tmp_path):
+    """Labels of latents the run does not have are not counted; categories and explanations reach
+    the Markdown escaped (no raw HTML, no extra table columns, one line); a splice.json without
+    every number is rendered, not a KeyError; a broken labels line names the file and line."""
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    g = _groups(r)
+    bad = "x <img src=x onerror=alert(1)> | y"
+    mine = g["chat-specific"] + g["base-specific"]
+    labs = [
+        LatentLabel(latent=lat, explanation="fires\non <script>x</script>", category=bad, confidence=0.5)
+        for lat in mine
+    ]
+    labs.append(LatentLabel(latent=10_000, explanation="not in this run", category="safety", confidence=0.5))
+    write_jsonl(r / LABELS_FILE, labs)
+    (r / "splice.json").write_text(json.dumps({"n_tokens": "<b>5</b>", "layer": 3, "models": {"base": {}}}))
+    out = write_report(r)
+    data = json.loads((r / "report.json").read_text())
+    assert data["n_labels"] == len(mine)
+    md = (r / "report.md").read_text()
+    assert "<img" not in md and "<script" not in md and "&lt;img" in md and "\\|" in md
+    assert "fires on &lt;script&gt;" in md
+    html = (r / "report.html").read_text()
+    assert "<b>5</b>" not in html and out
+    (r / LABELS_FILE).write_text((r / LABELS_FILE).read_text() + '{"latent": 2, "confidence": 1.5\n')
+    with pytest.raises(ValueError, match=rf"labels.jsonl:{len(labs) + 1}: .*fix or delete that line"):
+        write_report(r)
+
+
+def test_token_strings_longer_than_evidence_allows_are_cut():
+    from diffing.collect import _example
+    from diffing.evidence import MAX_TOKEN_CHARS
+    from diffing.examples import Request
+
+    frag = {"pos": np.array([0, 1]), "token_id": np.array([1, 2]), "act": np.array([0.5, 1.0])}
+    ex = _example(
+        frag, Request(k=0, kind="top", doc=0, pos=1, shard=0, edge=0), lambda ids: ["a", " " * 5000]
+    )
+    assert len(ex.tokens[1]) == MAX_TOKEN_CHARS and ex.tokens[1].endswith("…")

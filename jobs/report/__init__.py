@@ -113,7 +113,7 @@ def gather(run_dir: str | Path, opts: ReportOptions | None = None) -> dict:
         "robust": int(np.sum(cols["robust"])),
         "groups": {g: int(n) for g, n in Counter(groups.tolist()).items() if g},
         "n_evidence": len(evidence),
-        "n_labels": len(labels),
+        "n_labels": sum(k in set(cols["latent"]) for k in labels),  # labels of this run's latents only
     }
     nu_eps, nu_r = np.asarray(cols["nu_eps"], float), np.asarray(cols["nu_r"], float)
     score = robustness(nu_eps, nu_r)
@@ -163,6 +163,12 @@ def gather(run_dir: str | Path, opts: ReportOptions | None = None) -> dict:
         "groups": groups,
     }
     return out
+
+
+def _md(text: Any) -> str:
+    """Text for one Markdown table cell or bullet: no raw HTML, no column breaks, one line."""
+    t = " ".join(str(text).split())
+    return t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
 
 
 def _metrics_rows(m: dict | None) -> list[list[Any]]:
@@ -235,7 +241,8 @@ def write_report(
             (
                 "Splice evaluation",
                 H.table_html(rows, ["model", "CE clean", "CE spliced", "ΔCE", "KL", "CE recovered"])
-                + f'<p class="muted">{d["splice"]["n_tokens"]} tokens, layer {d["splice"]["layer"]}; '
+                + f'<p class="muted">{render.esc(d["splice"].get("n_tokens"))} tokens, '
+                f"layer {render.esc(d['splice'].get('layer'))}; "
                 "shared_only zeroes the model-specific latents</p>",
             )
         )
@@ -318,10 +325,11 @@ def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:
         out += ["## Training", ""] + [f"- {k}: {fmt(v)}" for k, v in _metrics_rows(d["metrics"])] + [""]
     if d["splice"]:
         out += ["## Splice", ""]
-        for name, r in d["splice"]["models"].items():
+        for name, r in (d["splice"].get("models") or {}).items():
+            full = r.get("full") or {}
             out.append(
-                f"- {name}: ΔCE {fmt(r['full']['delta_ce'])}, KL {fmt(r['full']['kl'])}, "
-                f"CE recovered {fmt(r['full']['ce_recovered'])}"
+                f"- {_md(name)}: ΔCE {fmt(full.get('delta_ce'))}, KL {fmt(full.get('kl'))}, "
+                f"CE recovered {fmt(full.get('ce_recovered'))}"
             )
         out.append("")
     out += ["## Classes", ""] + [f"- {k}: {v}" for k, v in sorted(d["classes"].items())] + [""]
@@ -330,7 +338,7 @@ def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:
         out += ["| category | n_S/N_S | n_I/N_I | Δ_c | 95% CI | |", "|---|---|---|---|---|---|"]
         for r in d["shift"]:
             out.append(
-                f"| {r['category']} | {r['n_s']}/{r['N_s']} | {r['n_i']}/{r['N_i']} | {_pct(r['delta'])} | "
+                f"| {_md(r['category'])} | {r['n_s']}/{r['N_s']} | {r['n_i']}/{r['N_i']} | {_pct(r['delta'])} | "
                 f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] | {'small count' if r['small_count'] else ''} |"
             )
         out.append("")
@@ -338,7 +346,7 @@ def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:
         out += [f"## {g} (top {min(10, len(d['cards'].get(g, [])))})", ""]
         for c in d["cards"].get(g, [])[:10]:
             lab = c["label"]
-            desc = f"{lab['category']}: {lab['explanation']}" if lab else "(not labelled)"
+            desc = f"{_md(lab['category'])}: {_md(lab['explanation'])}" if lab else "(not labelled)"
             out.append(f"- latent {c['latent']} (Δnorm {fmt(c['stats'].get('delta_norm'))}): {desc}")
         out.append("")
     for e in extras:
