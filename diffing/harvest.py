@@ -169,17 +169,17 @@ class Harvester:
                     f"{small} ({self.vocab} embeddings): the tokenizer has tokens those models lack"
                 )
 
-    def _finite(self, acts: torch.Tensor, mask: torch.Tensor, m: int) -> torch.Tensor:
-        """One model's residual [B, T, D]; inf/NaN on a real token (an overflow in the model's dtype)
-        is an error naming the model."""
-        if not bool(torch.isfinite(acts[mask.bool()]).all()):
-            spec = self.cfg.models[m]
+    def _check_finite(self, acts: torch.Tensor, mask: torch.Tensor) -> None:
+        """acts [B, T, M, D]: inf/NaN on a real token (an overflow in a model's dtype) is an error naming
+        the model. One reduction and one device sync per batch; no copy of the activations."""
+        bad = (~torch.isfinite(acts).all(-1) & mask.bool()[..., None]).any(0).any(0)  # [M]
+        if bool(bad.any()):
+            m = int(bad.nonzero()[0])
             raise HarvestInputError(
-                f"model {spec.name!r} produced inf/NaN activations at layer {self.cfg.layer} in "
+                f"model {self.cfg.models[m].name!r} produced inf/NaN activations at layer {self.cfg.layer} in "
                 f"dtype {self.dtypes[m]} (float16 overflows in Gemma-2-like models): set "
                 f"models.{m}.dtype to bfloat16 or float32"
             )
-        return acts
 
     def _to_store_dtype(self, acts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Cast on the device; a value the store's dtype cannot hold is an error, not an inf."""
@@ -222,11 +222,10 @@ class Harvester:
                 continue
             ids, mask = pad_batch(batch, self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
-            per_model = []
-            for j, m in enumerate(self.models):
-                r = residual_after_layer(m, ids, mask, cfg.layer).float()
-                per_model.append(self._finite(r, mask, j))
-            acts = torch.stack(per_model, dim=2)  # [B, T, M, D]
+            acts = torch.stack(
+                [residual_after_layer(m, ids, mask, cfg.layer).float() for m in self.models], dim=2
+            )  # [B, T, M, D]
+            self._check_finite(acts, mask)
             keep = torch.zeros(ids.shape, dtype=torch.bool)
             for i, d in enumerate(batch):
                 keep[i, : len(d.keep)] = torch.tensor(d.keep)
