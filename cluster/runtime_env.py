@@ -56,6 +56,13 @@ PASSTHROUGH_ENV: tuple[str, ...] = (
 )
 # Prefixes passed through (minus anything that looks like a secret).
 PASSTHROUGH_PREFIXES: tuple[str, ...] = ("CROSSDIFF_",)
+# Settings of the submitting machine itself (local paths): the cluster has its own, so these are not
+# passed through (give one explicitly with `--env NAME=VALUE` where the cluster should use it).
+MACHINE_LOCAL_ENV: tuple[str, ...] = ("CROSSDIFF_CACHE", "CROSSDIFF_CLUSTER_STATE", "CROSSDIFF_JUDGE_MODEL")
+# Desktop-session variables: not credentials, although their names say SESSION.
+_NOT_SECRET = re.compile(
+    r"^(DESKTOP_SESSION|GDMSESSION|XDG_SESSION_\w+|DBUS_SESSION_BUS_ADDRESS|RAY_AUTH_MODE)$"
+)
 
 _SECRET = re.compile(
     r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|SESSION|API_?KEY|ACCESS_KEY|_KEY$|_KEY_ID$|AUTH)",
@@ -69,7 +76,7 @@ class SecretInRuntimeEnvError(ValueError):
 
 def is_secret_name(name: str) -> bool:
     """True for environment variable names that hold credentials (never shipped with a job)."""
-    return bool(_SECRET.search(name)) and name != "RAY_AUTH_MODE"
+    return bool(_SECRET.search(name)) and not _NOT_SECRET.match(name)
 
 
 def passthrough_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -77,6 +84,8 @@ def passthrough_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     out = {}
     for name, value in environ.items():
+        if name in MACHINE_LOCAL_ENV:
+            continue
         if name in PASSTHROUGH_ENV or name.startswith(PASSTHROUGH_PREFIXES):
             if not is_secret_name(name):
                 out[name] = value

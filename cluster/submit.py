@@ -164,6 +164,18 @@ def _sets(args: Sequence[str]) -> list[str]:
     return out
 
 
+def _with_sets(data: dict[str, Any] | None, sets: Sequence[str]) -> dict[str, Any] | None:
+    """The config as the stage will see it (`--set out=...` decides which run it writes)."""
+    if not sets:
+        return data
+    from diffing.config_io import apply_overrides
+
+    try:
+        return apply_overrides(dict(data or {}), list(sets))
+    except ValueError:  # a malformed --set: the CLI check names it
+        return data
+
+
 def build_submission(
     stage: str,
     config: str | Path | None = None,
@@ -197,7 +209,7 @@ def build_submission(
         parse_cli([stage, *(["--config", str(config)] if config is not None else []), *args])
     except SubmitError as e:
         raise SubmitError(f"`crossdiff {stage}` would not accept these arguments: {e}") from None
-    key = run_key(stage, data, args, name)
+    key = run_key(stage, _with_sets(data, _sets(args)), args, name)
     sid = submission_id(stage, key)
     cmd += [shlex.quote(a) for a in args]
     entry = " ".join(cmd)
@@ -230,18 +242,28 @@ def client(address: str | None = None):
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address)
+    # Ray's client prefers these variables to its argument; the address chosen above already is
+    # the variable's value where no address was given, so it goes in alone
+    saved = {v: os.environ.pop(v) for v in ADDRESS_VARS if v in os.environ}
     try:
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError) as e:
+    except (ConnectionError, RuntimeError, ValueError) as e:
         raise SubmitError(f"cannot reach the Ray job API at {address}: {e}") from None
+    finally:
+        os.environ.update(saved)
+
+
+ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
 def resolve_address(address: str | None) -> str:
+    """`address` if given, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (any form Ray takes:
+    http://HOST:8265, ray://HOST:10001, HOST:6379), else the local `crossdiff cluster up` cluster."""
     if address:
         return address
-    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
-        if os.environ.get(var, "").startswith("http"):
-            return os.environ[var]
+    for var in ADDRESS_VARS:
+        if os.environ.get(var, "").strip():
+            return os.environ[var].strip()
     from cluster.local import load_state
 
     state = load_state()
@@ -306,13 +328,14 @@ def wait(
     job_id: str,
     address: str | None = None,
     *,
-    timeout_s: float = 3600,
+    timeout_s: float | None = 3600,
     follow: Callable[[str], None] | None = None,
     jc=None,
 ) -> dict[str, Any]:
-    """Wait for a terminal status, streaming logs to `follow` when given. Returns `status(...)`."""
+    """Wait for a terminal status (at most `timeout_s`; None: no limit), streaming logs to `follow`
+    when given. Returns `status(...)`."""
     jc = jc or client(address)
-    deadline = time.monotonic() + timeout_s
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     if follow is not None:
 
         async def tail():
@@ -327,7 +350,7 @@ def wait(
         st = status(job_id, jc=jc)
         if st["status"] in TERMINAL:
             return st
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise SubmitError(f"job {job_id} still {st['status']} after {timeout_s:.0f} s")
         time.sleep(1.0)
 

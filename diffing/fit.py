@@ -97,23 +97,19 @@ class RunDir:
             old.unlink(missing_ok=True)
 
 
-def _check_same_fit(run: RunDir, cfg: FitConfig, store: ActivationStore) -> None:
-    """A finished run is returned as is only for the config and store it was fitted with (else the
-    old results would pass for the new ones). Runs without run_config.json, or written by a
-    crossdiff whose fields this one does not know, pass."""
-    p = run / "run_config.json"
-    if not p.exists():
-        return
-    old = json.loads(p.read_text())
+def fit_changes(old: dict, cfg: FitConfig, store_rows: int) -> list[str]:
+    """What differs between a run's run_config.json (``old``) and the resolved ``cfg`` on a store
+    of ``store_rows`` rows; settings without effect on the result (distributed, logging,
+    checkpointing, device) do not count. A stamp this crossdiff cannot read gives no changes."""
     try:
-        FitConfig.model_validate(old["fit"])
-    except (KeyError, ValueError):
-        return
+        was_cfg = FitConfig.model_validate(old["fit"])
+    except (KeyError, TypeError, ValueError):
+        return []
     skip = {
         "distributed": True,
         "train": {"log_every", "checkpoint_every", "device"},
     }  # no effect on the result
-    was = FitConfig.model_validate(old["fit"]).model_dump(exclude=skip)
+    was = was_cfg.model_dump(exclude=skip)
     now = cfg.model_dump(exclude=skip)
     changed = sorted(
         f"{sec}.{k}"
@@ -122,13 +118,28 @@ def _check_same_fit(run: RunDir, cfg: FitConfig, store: ActivationStore) -> None
         for k in now[sec]
         if was[sec].get(k) != now[sec][k]
     )
-    if old.get("store_rows") not in (None, store.n_rows):
-        changed.append(f"store rows {old['store_rows']} -> {store.n_rows}")
+    if old.get("store_rows") not in (None, store_rows):
+        changed.append(f"store rows {old['store_rows']} -> {store_rows}")
+    return changed
+
+
+def finished_fit_error(where: str, changed: list[str]) -> ValueError:
+    return ValueError(
+        f"{where} holds a finished fit with other settings or data ({', '.join(changed)}); "
+        "use a new --out or pass --overwrite"
+    )
+
+
+def _check_same_fit(run: RunDir, cfg: FitConfig, store: ActivationStore) -> None:
+    """A finished run is returned as is only for the config and store it was fitted with (else the
+    old results would pass for the new ones). Runs without run_config.json, or written by a
+    crossdiff whose fields this one does not know, pass."""
+    p = run / "run_config.json"
+    if not p.exists():
+        return
+    changed = fit_changes(json.loads(p.read_text()), cfg, store.n_rows)
     if changed:
-        raise ValueError(
-            f"{run.path} holds a finished fit with other settings or data ({', '.join(changed)}); "
-            "use a new --out or pass --overwrite"
-        )
+        raise finished_fit_error(str(run.path), changed)
 
 
 def fit(

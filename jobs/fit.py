@@ -20,7 +20,16 @@ import fsspec
 import torch
 
 from diffing.config import FitConfig
-from diffing.fit import RunDir, config_hash, final_metrics, init_model, resolve_config, total_steps
+from diffing.fit import (
+    RunDir,
+    config_hash,
+    final_metrics,
+    finished_fit_error,
+    fit_changes,
+    init_model,
+    resolve_config,
+    total_steps,
+)
 from diffing.logs import configure, get_logger
 from diffing.store import ActivationStore, check_writable, open_store
 from diffing.train import TrainerState, train_step
@@ -203,19 +212,26 @@ def run_fit_ray(
 
     from cluster.connect import ensure_ray
 
+    # Ray Train runs each worker in its own session directory: relative paths would resolve there
+    store_uri, out = _absolute(store_uri), _absolute(out)
     log = get_logger("fit.ray", run=out)
     fs, root = fsspec.core.url_to_fs(out)
-    if fs.exists(f"{root}/metrics.json") and not overwrite:
-        log.info("fit.skip", reason="run already finished; pass --overwrite to redo")
-        return json.loads(fs.cat_file(f"{root}/metrics.json"))
     store = open_store(store_uri)
     cfg = resolve_config(cfg, store)
+    stamp = f"{root}/run_config.json"
+    if fs.exists(f"{root}/metrics.json") and not overwrite:
+        if fs.exists(stamp):  # a finished fit stands only for the settings and data it was made with
+            changed = fit_changes(json.loads(fs.cat_file(stamp)), cfg, store.n_rows)
+            if changed:
+                raise finished_fit_error(out, changed)
+        log.info("fit.skip", reason="run already finished; pass --overwrite to redo")
+        return json.loads(fs.cat_file(f"{root}/metrics.json"))
     d = cfg.distributed
     if cfg.train.batch_size // max(1, d.workers) > store.n_rows // max(1, d.workers):
         raise ValueError(f"train.batch_size={cfg.train.batch_size} leaves no full batch per worker; lower it")
     check_writable(fs, root, f"run location {out}")  # before any worker starts
     if overwrite:
-        for rel in ("ray", "metrics.json", "metrics.jsonl", "crosscoder"):
+        for rel in ("ray", "metrics.json", "metrics.jsonl", "crosscoder", "run_config.json"):
             if fs.exists(f"{root}/{rel}"):
                 fs.rm(f"{root}/{rel}", recursive=True)
     steps = total_steps(cfg.train, store.n_rows)
@@ -223,7 +239,6 @@ def run_fit_ray(
     h = config_hash(
         cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"max_failures": 0})})
     )
-    stamp = f"{root}/run_config.json"
     if fs.exists(stamp) and json.loads(fs.cat_file(stamp)).get("config_hash") != h:
         raise ValueError(f"{out} holds a run with a different config; use a new --out or pass --overwrite")
     fs.pipe_file(
@@ -248,7 +263,6 @@ def run_fit_ray(
             cluster_gpus=gpus,
             fix="add GPU nodes (or let the autoscaler), lower distributed.workers, or set distributed.use_gpu=false",
         )
-    storage = out if "://" in out else str(Path(out).resolve())
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"fit": cfg.model_dump_json(), "store": store_uri, "out": out, "steps": steps},
@@ -259,14 +273,32 @@ def run_fit_ray(
         datasets={"train": _store_dataset(store)},
         run_config=ray.train.RunConfig(
             name="ray",
-            storage_path=storage,
+            storage_path=out,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
         ),
     )
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if "://" not in out and nodes > 1:
+        log.warning(
+            "fit.ray.local_out",
+            out=out,
+            nodes=nodes,
+            why="rank 0 writes the crosscoder and Ray Train its checkpoints on whichever node it runs",
+            fix="use an s3:// (or gs://) --out, or a path every node mounts",
+        )
     log.info("fit.ray.submit", workers=d.workers, use_gpu=d.use_gpu, steps=steps, per_epoch=per_epoch)
     trainer.fit()
+    if not fs.exists(f"{root}/metrics.json"):
+        raise FileNotFoundError(
+            f"the fit finished but {out}/metrics.json is not here: rank 0 wrote it on its own node. "
+            "Give an --out every node reaches (s3://..., gs://..., or a shared mount) and rerun"
+        )
     return json.loads(fs.cat_file(f"{root}/metrics.json"))
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
 
 
 def in_process_or_ray(

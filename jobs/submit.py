@@ -19,7 +19,8 @@ AddressOpt = Annotated[
     str | None,
     typer.Option(
         "--address",
-        help="Ray job API, http://HOST:8265 (default: RAY_ADDRESS, else the `crossdiff cluster up` one).",
+        help="Ray job API, http://HOST:8265 (or ray://HOST:10001, HOST:6379); overrides RAY_ADDRESS "
+        "(default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else the `crossdiff cluster up` cluster).",
     ),
 ]
 NameOpt = Annotated[str, typer.Option("--name", help="Local cluster name (one state file per name).")]
@@ -43,6 +44,19 @@ def _guard(fn):
         raise
     except (SubmitError, ConfigError, RuntimeError) as e:
         _fail(str(e))
+
+
+def _watch(wait, job_id: str) -> dict:
+    """Ctrl-C while following a job stops following, not the job: say so, and how to stop it."""
+    try:
+        return wait()
+    except KeyboardInterrupt:
+        typer.secho(
+            f"\nstopped following; job {job_id} goes on (`crossdiff jobs logs {job_id} --follow` to "
+            f"watch again, `crossdiff jobs stop {job_id}` to stop it)",
+            err=True,
+        )
+        raise typer.Exit(130) from None
 
 
 def submit(
@@ -84,7 +98,7 @@ def submit(
         sid = sm.submit(sub, replace=replace, jc=jc)
         typer.echo(json.dumps({"submission_id": sid, "stage": stage, "run": sub.metadata["crossdiff_run"]}))
         if wait:
-            st = sm.wait(sid, timeout_s=timeout, follow=sm.print_chunk, jc=jc)
+            st = _watch(lambda: sm.wait(sid, timeout_s=timeout, follow=sm.print_chunk, jc=jc), sid)
             if st["status"] != "SUCCEEDED":
                 _fail(sm.failure_report(sid, jc=jc), code=1)
             typer.echo(f"job {sid} SUCCEEDED")
@@ -105,13 +119,16 @@ def jobs_logs(
     job_id: str,
     address: AddressOpt = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="With --follow: give up after this many seconds.")
+    ] = None,
 ) -> None:
     """The job's driver logs."""
     from cluster import submit as sm
 
     def go():
         if follow:
-            st = sm.wait(job_id, address, follow=sm.print_chunk)
+            st = _watch(lambda: sm.wait(job_id, address, timeout_s=timeout, follow=sm.print_chunk), job_id)
             if st["status"] != "SUCCEEDED":
                 _fail(f"job {job_id} {st['status']}: {st['message']}", code=1)
         else:

@@ -1,0 +1,117 @@
+"""The Ray Train fit's driver-side decisions, without starting Ray: reruns of a finished fit,
+--overwrite after a config change, relative paths (workers run in their own session directory) and
+a run directory the driver cannot see (rank 0 on another node)."""
+
+import json
+
+import pytest
+from conftest import planted_fit_store
+
+import jobs.fit as jf
+from diffing.config import FitConfig
+from diffing.store import open_store
+
+
+class _ReachedRay(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return planted_fit_store(tmp_path_factory.mktemp("fitpaths") / "store")
+
+
+def _cfg(steps=20, workers=2):
+    return FitConfig.model_validate(
+        {
+            "crosscoder": {"n_latents": 64, "k": 3},
+            "train": {"batch_size": 256, "steps": steps},
+            "distributed": {"workers": workers, "cpus_per_worker": 0.5},
+        }
+    )
+
+
+def _no_ray(monkeypatch):
+    def stop(address=None):
+        raise _ReachedRay
+
+    monkeypatch.setattr("cluster.connect.ensure_ray", stop)
+
+
+def _finished(store, cfg, out):
+    """A run directory as a finished Ray fit leaves it (only what the driver reads)."""
+    out.mkdir(parents=True)
+    resolved = jf.resolve_config(cfg, open_store(store))
+    (out / "run_config.json").write_text(
+        json.dumps({"fit": resolved.model_dump(mode="json"), "store_rows": open_store(store).n_rows})
+    )
+    (out / "metrics.json").write_text(json.dumps({"steps": 20, "fve": 0.9}))
+
+
+def test_finished_fit_is_returned_only_for_its_own_settings(tmp_path, store, monkeypatch):
+    _no_ray(monkeypatch)
+    out = tmp_path / "run"
+    _finished(store, _cfg(steps=20), out)
+    # same settings (other worker count and logging): the finished run, Ray never started
+    assert jf.run_fit_ray(store, _cfg(steps=20, workers=4), str(out))["fve"] == 0.9
+    with pytest.raises(ValueError, match=r"other settings or data \(train.steps\).*--overwrite"):
+        jf.run_fit_ray(store, _cfg(steps=40), str(out))
+    assert (out / "metrics.json").exists()  # nothing removed by the refusal
+
+
+def test_overwrite_after_a_config_change_gets_to_training(tmp_path, store, monkeypatch):
+    _no_ray(monkeypatch)
+    out = tmp_path / "run"
+    _finished(store, _cfg(steps=20), out)
+    (out / "run_config.json").write_text(json.dumps({"config_hash": "something-else"}))
+    with pytest.raises(_ReachedRay):  # past the stamp check: the old stamp went with the old run
+        jf.run_fit_ray(store, _cfg(steps=40), str(out), overwrite=True)
+    assert not (out / "metrics.json").exists()
+    stamp = json.loads((out / "run_config.json").read_text())
+    assert stamp["fit"]["train"]["steps"] == 40
+
+
+class _FakeTrainer:
+    seen: dict = {}
+    write_metrics = True
+
+    def __init__(self, fn, *, train_loop_config, run_config, **kw):
+        _FakeTrainer.seen = {"config": train_loop_config, "storage": run_config.storage_path}
+
+    def fit(self):
+        if _FakeTrainer.write_metrics:  # rank 0's last act, where the worker resolves the path
+            out = _FakeTrainer.seen["config"]["out"]
+            from pathlib import Path
+
+            Path(out, "metrics.json").write_text(json.dumps({"steps": 20}))
+
+
+def _fake_ray(monkeypatch):
+    import ray
+    import ray.train.torch
+
+    monkeypatch.setattr("cluster.connect.ensure_ray", lambda address=None: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", _FakeTrainer)
+
+
+def test_relative_paths_reach_the_workers_absolute(tmp_path, store, monkeypatch):
+    import shutil
+
+    shutil.copytree(store, tmp_path / "st")
+    monkeypatch.chdir(tmp_path)
+    _fake_ray(monkeypatch)
+    _FakeTrainer.write_metrics = True
+    res = jf.run_fit_ray("st", _cfg(), "runs/r1")
+    cfg = _FakeTrainer.seen["config"]
+    assert cfg["store"] == str(tmp_path / "st") and cfg["out"] == str(tmp_path / "runs" / "r1")
+    assert _FakeTrainer.seen["storage"] == str(tmp_path / "runs" / "r1")
+    assert res == {"steps": 20}
+
+
+def test_outputs_written_on_another_node_name_the_fix(tmp_path, store, monkeypatch):
+    _fake_ray(monkeypatch)
+    _FakeTrainer.write_metrics = False  # rank 0 wrote metrics.json on its own node's disk
+    with pytest.raises(FileNotFoundError, match="every node reaches"):
+        jf.run_fit_ray(store, _cfg(), str(tmp_path / "run"))

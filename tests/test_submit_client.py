@@ -1,0 +1,110 @@
+"""Submitting from a user's shell: which cluster a command talks to, which run a submission names,
+what of the submitter's environment travels, and following a job (no cluster needed)."""
+
+import os
+
+import pytest
+import typer
+
+from cluster import submit as sm
+from cluster.runtime_env import build_runtime_env, find_secrets, passthrough_env
+
+
+class _FakeClient:
+    seen: list = []
+
+    def __init__(self, address):
+        # what Ray's client would use: its argument unless one of these variables is set
+        env = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+        _FakeClient.seen.append(env or address)
+
+
+@pytest.fixture
+def fake_client(monkeypatch):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeClient)
+    _FakeClient.seen = []
+    return _FakeClient
+
+
+def test_an_explicit_address_wins_over_ray_address(monkeypatch, fake_client):
+    monkeypatch.setenv("RAY_ADDRESS", "http://dev-head:8265")
+    sm.client("http://prod-head:8265")
+    assert fake_client.seen == ["http://prod-head:8265"]
+    assert os.environ["RAY_ADDRESS"] == "http://dev-head:8265"  # the user's environment is left as it was
+    sm.client(None)
+    assert fake_client.seen[-1] == "http://dev-head:8265"
+
+
+@pytest.mark.parametrize("value", ["ray://head:10001", "head:6379", "https://head.example:443"])
+def test_every_address_form_ray_takes_is_used(monkeypatch, value):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", value)
+    assert sm.resolve_address(None) == value
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://api:8265")
+    assert sm.resolve_address(None) == "http://api:8265"
+
+
+def test_set_overrides_decide_the_run_a_submission_names(tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("out: s3://b/runs/default\nharvest: {}\n")
+    a = sm.build_submission("pipeline", cfg, ["--set", "out=s3://b/runs/a"], working_dir=None, environ={})
+    b = sm.build_submission("pipeline", cfg, ["--set=out=s3://b/runs/b"], working_dir=None, environ={})
+    assert a.metadata["crossdiff_run"] == "s3://b/runs/a" and b.metadata["crossdiff_run"] == "s3://b/runs/b"
+    assert a.submission_id != b.submission_id
+    c = sm.build_submission("pipeline", None, ["--preset", "tiny", "--set", "out=/x/t"], working_dir=None)
+    assert c.metadata["crossdiff_run"] == "/x/t"
+
+
+def test_machine_local_settings_stay_home_and_desktop_sessions_are_not_secrets(tmp_path):
+    environ = {
+        "CROSSDIFF_CACHE": "/Users/me/.cache/crossdiff",
+        "CROSSDIFF_CLUSTER_STATE": "/Users/me/state",
+        "CROSSDIFF_JUDGE_MODEL": "/Users/me/judge",
+        "CROSSDIFF_LOG_JSON": "1",
+        "DESKTOP_SESSION": "ubuntu",
+        "XDG_SESSION_TYPE": "x11",
+        "AWS_SESSION_TOKEN": "a-real-session-token",
+    }
+    assert passthrough_env(environ) == {"CROSSDIFF_LOG_JSON": "1"}
+    env = build_runtime_env(
+        working_dir="/home/ubuntu/crossdiff", env_vars={"CROSSDIFF_CACHE": "/cluster/cache"}, environ=environ
+    )
+    assert env["env_vars"]["CROSSDIFF_CACHE"] == "/cluster/cache"  # explicit --env travels
+    assert find_secrets(env, environ) == []  # "ubuntu" in the path is no credential
+    env["env_vars"]["X"] = "a-real-session-token"
+    assert find_secrets(env, environ) == ["env_vars.X"]
+
+
+class _Jobs:
+    def __init__(self, statuses):
+        self.statuses = list(statuses)
+
+    def get_job_info(self, job_id):
+        s = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return type(
+            "Info",
+            (),
+            {"status": s, "message": "", "metadata": {}, "entrypoint": "", "start_time": 0, "end_time": 0},
+        )()
+
+
+def test_wait_without_a_limit_waits_for_the_end(monkeypatch):
+    monkeypatch.setattr(sm.time, "sleep", lambda s: None)
+    monkeypatch.setattr(sm, "status", lambda job_id, jc=None: {"status": jc.get_job_info(job_id).status})
+    jc = _Jobs(["RUNNING"] * 50 + ["SUCCEEDED"])
+    assert sm.wait("j", timeout_s=None, jc=jc)["status"] == "SUCCEEDED"
+
+
+def test_ctrl_c_while_following_leaves_the_job_running(capsys):
+    from jobs.submit import _watch
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as e:
+        _watch(interrupted, "crossdiff-fit-r1-abc")
+    assert e.value.exit_code == 130
+    err = capsys.readouterr().err
+    assert "goes on" in err and "crossdiff jobs stop crossdiff-fit-r1-abc" in err
