@@ -11,8 +11,10 @@ predictions at spliced positions:
 
 with CE(zero) the loss when the layer-L output is zero-ablated at the same positions. The
 "shared_only" variant zeroes the selected model-specific latents before decoding, which shows
-what they carry. The first `skip_first` tokens of each prompt (BOS / attention sinks, which
-the harvest drops) are never spliced nor scored.
+what they carry. The prompts are held-out documents as the harvest read them, and only the
+positions the harvest kept (the crosscoder's training distribution) are spliced and scored: never
+BOS, the first raw-text tokens (attention sinks) or outlier-norm tokens; nor the first
+`skip_first` tokens of any prompt.
 """
 
 from __future__ import annotations
@@ -81,15 +83,25 @@ def splice_eval(
     skip_first: int = 1,
     pad_id: int = 0,
     batch_size: int = 8,
+    keep: Sequence[Sequence[bool]] | None = None,
 ) -> dict:
     """ΔCE, KL and CE recovered per model (names from the crosscoder), for the full reconstruction
-    and, when `drop_latents` is given, for the reconstruction without those latents."""
+    and, when `drop_latents` is given, for the reconstruction without those latents. `keep`, one
+    mask per prompt: splice (and score) only there, e.g. the positions the harvest kept."""
     names = list(crosscoder.cfg.model_names)
     if len(models) != len(names):
         raise ValueError(f"splice_eval got {len(models)} models for a crosscoder of {names}")
-    prompts = [list(p) for p in prompts if len(p) > skip_first + 1]
-    if not prompts:
+    if keep is not None and [len(k) for k in keep] != [len(p) for p in prompts]:
+        raise ValueError("splice_eval: `keep` needs one mask per prompt, as long as its prompt")
+    pairs = [
+        (list(p), list(k) if keep is not None else [True] * len(p))
+        for p, k in zip(prompts, keep if keep is not None else prompts, strict=True)
+    ]
+    pairs = [(p, k) for p, k in pairs if len(p) > skip_first + 1 and any(k[skip_first:-1])]
+    if not pairs:
         raise ValueError(f"splice_eval needs prompts longer than skip_first + 1 = {skip_first + 1} tokens")
+    prompts = [p for p, _ in pairs]
+    masks = [k for _, k in pairs]
     variants = {"full": None}
     if drop_latents is not None:
         variants["shared_only"] = torch.as_tensor(list(drop_latents), dtype=torch.long)
@@ -98,9 +110,10 @@ def splice_eval(
     n_tok = 0
     for s in range(0, len(prompts), batch_size):
         ids, mask = _pad(prompts[s : s + batch_size], pad_id)
+        allowed, _ = _pad([[int(x) for x in k] for k in masks[s : s + batch_size]], 0)
         device = next(models[0].parameters()).device
         ids, mask = ids.to(device), mask.to(device)
-        where = mask.bool().clone()
+        where = mask.bool() & allowed.bool().to(device)
         where[:, :skip_first] = False
         score = where[:, :-1] & mask[:, 1:].bool()  # predictions made at spliced positions
         targets = ids[:, 1:][score]
@@ -142,10 +155,8 @@ def splice_eval(
     return out
 
 
-def heldout_prompts(store, cfg, *, bos_id: int | None = None) -> list[list[int]]:
-    """Token ids of held-out documents (cfg.heldout / heldout_frac), rebuilt from the store rows in
-    position order; BOS is put back when the harvest dropped it. Tokens the harvest dropped for
-    other reasons (first raw-text tokens, outliers) are missing."""
+def _store_docs(store, cfg) -> dict[int, dict[int, int]]:
+    """{doc_id: {pos: token_id}} of the first `splice_prompts` held-out documents' store rows."""
     from diffing.examples import heldout_mask, heldout_shards
 
     docs: dict[int, dict[int, int]] = {}
@@ -158,13 +169,81 @@ def heldout_prompts(store, cfg, *, bos_id: int | None = None) -> list[list[int]]
                 docs.setdefault(d, {})[p] = k
         if len(docs) >= cfg.splice_prompts:
             break
-    out = []
-    for rows in docs.values():
-        ids = [rows[p] for p in sorted(rows)]
-        if bos_id is not None and min(rows) > 0 and (not ids or ids[0] != bos_id):
-            ids = [bos_id, *ids]
-        out.append(ids[: cfg.splice_max_len])
+    return docs
+
+
+def _harvest_tokens(store, doc_ids, tokenizers) -> dict[int, list[int]]:
+    """The token ids the harvest read for these documents, from its corpus and settings (as the
+    harvest tokenised them: the first model's tokenizer, chat template shared)."""
+    from diffing.corpus import read_corpus
+    from diffing.harvest import HarvestConfig
+    from diffing.models import share_chat_template, tokenize_records
+
+    hcfg = HarvestConfig.model_validate(store.manifest.metadata["harvest"])
+    records = read_corpus(hcfg.corpus)
+    share_chat_template(tokenizers, [m.name for m in hcfg.models])
+    out = {}
+    for d in doc_ids:
+        if 0 <= d < len(records):
+            (doc,) = tokenize_records(
+                [records[d]],
+                tokenizers[0],
+                context_length=hcfg.context_length,
+                drop_first_raw_tokens=hcfg.drop_first_raw_tokens,
+                doc_id_start=d,
+            )
+            out[d] = doc.ids
     return out
+
+
+def heldout_prompts(
+    store, cfg, *, bos_id: int | None = None, tokenizers: Sequence | None = None
+) -> tuple[list[list[int]], list[list[bool]], str]:
+    """Held-out documents (cfg.heldout / heldout_frac) as splice prompts: (token ids, the positions
+    the harvest kept, where the ids came from).
+
+    The ids are the harvest's own, re-tokenised from its corpus with `tokenizers` (the store's
+    models, in order) and checked against every stored token; only the kept positions are spliced,
+    so tokens the harvest dropped (BOS, the first raw-text tokens, outliers) stay in the text but
+    are never replaced. Where the corpus cannot be read (or has changed), a document is rebuilt
+    from its store rows up to its first missing token (BOS put back), and documents whose start
+    the harvest dropped are left out."""
+    docs = _store_docs(store, cfg)
+    full: dict[int, list[int]] = {}
+    source = "store"
+    if tokenizers is not None and docs:
+        try:
+            full = _harvest_tokens(store, list(docs), list(tokenizers))
+            source = "corpus"
+        except Exception as e:  # unreadable corpus, older metadata: the store rows alone
+            from diffing.logs import get_logger
+
+            get_logger("splice").warning(
+                "splice.corpus_unreadable", error=f"{type(e).__name__}: {e}"[:300], fallback="store rows"
+            )
+    prompts, masks, stale = [], [], 0
+    for d, rows in docs.items():
+        ids = full.get(d)
+        if ids is not None and all(p < len(ids) and ids[p] == k for p, k in rows.items()):
+            mask = [p in rows for p in range(len(ids))]
+        else:
+            stale += ids is not None
+            first = min(rows)
+            ids = [] if first == 0 else ([bos_id] if first == 1 and bos_id is not None else None)
+            if ids is None:  # the document's first tokens are not in the store
+                continue
+            p = first
+            while p in rows:
+                ids.append(rows[p])
+                p += 1
+            mask = [False] * first + [True] * (len(ids) - first)
+        last = max((i for i, m in enumerate(mask) if m), default=-1)
+        ids, mask = ids[: last + 2], mask[: last + 2]  # nothing after the last kept token's target
+        prompts.append(ids[: cfg.splice_max_len])
+        masks.append(mask[: cfg.splice_max_len])
+    if stale:
+        source = "corpus+store" if stale < len(docs) else "store"
+    return prompts, masks, source
 
 
 def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> dict:
@@ -199,8 +278,16 @@ def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> d
         t = pq.read_table(run / "latents.parquet", columns=["latent", "group"])
         g = np.asarray(t.column("group").to_pylist(), dtype=object)
         drop = t.column("latent").to_numpy()[np.char.endswith(g.astype(str), "-specific")].tolist()
-    prompts = heldout_prompts(store, cfg, bos_id=tok.bos_token_id)
+    tokenizers = [tok, *(load_tokenizer(specs[n]["path"]) for n in store.model_names[1:])]
+    prompts, keep, source = heldout_prompts(store, cfg, bos_id=tok.bos_token_id, tokenizers=tokenizers)
+    if not prompts:
+        raise ValueError(
+            f"no held-out document of store {store.uri} can be rebuilt for the splice evaluation: the "
+            "harvest's corpus is not readable here and the store lacks each document's first tokens "
+            "(drop_first_raw_tokens); make the corpus reachable, or set splice=false"
+        )
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad if pad < min(m.get_input_embeddings().num_embeddings for m in models) else 0
     res = splice_eval(
         models,
         crosscoder,
@@ -209,8 +296,10 @@ def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> d
         drop_latents=drop,
         skip_first=cfg.splice_skip_first,
         pad_id=pad,
+        keep=keep,
     )
     res["dropped_latents"] = len(drop or [])
+    res["prompts_from"] = source
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))
     tmp.replace(out)
