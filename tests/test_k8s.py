@@ -413,3 +413,32 @@ def test_images_build_crossdiff_on_ray_2_60(variant, extra, judge):
     assert images == {tag}
     ignore = (PROJECT_ROOT / "cluster" / "images" / f"Dockerfile.{variant}.dockerignore").read_text().split()
     assert {".venv", ".git", "runs"} <= set(ignore)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gated_models_get_the_hub_token_from_an_optional_secret(overlay):
+    for label, t in pod_templates(overlay):
+        for c in t["spec"]["containers"]:
+            ref = {e["name"]: e for e in c.get("env", [])}["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "crossdiff-hf", "key": "HF_TOKEN", "optional": True}, label
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_local_run_directory_is_mounted_wherever_work_runs(overlay):
+    """A job writing a local --out needs it on every pod that runs harvest actors or Train workers
+    (they write the store and the crosscoder), not only on the head that runs the driver."""
+    clusters = dict(cluster_specs(overlay))
+    for job in (o for o in rendered(overlay) if o["kind"] == "RayJob"):
+        argv = shlex.split(job["spec"]["entrypoint"])
+        out = argv[argv.index("--out") + 1] if "--out" in argv else None
+        if out is None or "://" in out:
+            continue
+        spec = job["spec"].get("rayClusterSpec") or clusters["RayCluster/crossdiff"]
+        templates = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+        for t in templates:
+            mounts = [m["mountPath"] for c in t["spec"]["containers"] for m in c.get("volumeMounts", [])]
+            assert any(out.startswith(m.rstrip("/") + "/") for m in mounts), (
+                job["metadata"]["name"],
+                out,
+                mounts,
+            )
