@@ -194,7 +194,9 @@ class Harvester:
         return out
 
     def check_tokens(self, records: Sequence[dict[str, Any]]) -> None:
-        check_tokenizers_agree(self.tokenizers, records, [m.name for m in self.cfg.models])
+        check_tokenizers_agree(
+            self.tokenizers, records, [m.name for m in self.cfg.models], self.cfg.context_length
+        )
 
     @torch.no_grad()
     def run(self, records: Sequence[dict[str, Any]], doc_id_start: int) -> dict[str, Any]:

@@ -134,7 +134,7 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
     share_chat_template(tokenizers, names)  # chats are rendered once, by the first model's template
     for record in records:  # every chat through that template, before any shard runs
         render(record, tokenizers[0])
-    check_tokenizers_agree(tokenizers, records[:256], names)
+    check_tokenizers_agree(tokenizers, records[:256], names, cfg.context_length)
     d_model = widths.pop()
     w = _writer(cfg, d_model)
     check_writable(w.fs, w.root, f"store={cfg.store}")
