@@ -17,7 +17,11 @@ unexplained, plus this latent's own term) and the reconstruction target y^r_m = 
 reference model R, β^ε measures the direction left in R's error (the sparsity penalty shrank
 d_R,l to zero although R carries it: "complete shrinkage"), β^r the direction that other
 latents rebuild in R ("latent decoupling"). ν^ε = β^ε_R / β^ε_T and ν^r = β^r_R / β^r_T: both
-small means the latent is truly specific to T ("robust").
+small in magnitude means the latent is truly specific to T ("robust"). T is the pair's model
+with the stronger decoder, also inside a crosscoder of more models. One deviation from the
+authors' code: their reconstruction target keeps b_dec (it is `decode(f)`); here it is left out,
+so a bias along d does not count as the reference model carrying the latent (β^r differs by
+Σf⟨d, b_dec⟩ / (‖d‖² Σf²)).
 Everything here runs in one streaming pass, for every latent at once.
 """
 
@@ -50,21 +54,28 @@ def decoder_cosine(W_dec: Tensor | np.ndarray, a: int = 0, b: int = 1) -> np.nda
     return np.where(denom > 0, (da * db).sum(-1) / np.maximum(denom, 1e-24), 0.0)
 
 
-def classify(norms: Tensor | np.ndarray, model_names: list[str], cfg: AnalysisConfig) -> np.ndarray:
+def classify(
+    norms: Tensor | np.ndarray,
+    model_names: list[str],
+    cfg: AnalysisConfig,
+    pair: tuple[int, int] | None = None,
+) -> np.ndarray:
     """shared / <model>-only / other per latent, from relative decoder norms r_m = ‖d_m‖ / max_m ‖d_m‖.
 
-    For two models this is exactly the Δnorm rule (A-only: Δnorm > only_high, B-only: Δnorm <
-    only_low, shared: Δnorm in [shared_low, 1 - shared_low]); for more models, a latent is m-only
-    when every other model's relative norm is below the same cut, and shared when all are above.
+    For two models, or a `pair` (a, b) of model indices, this is exactly the Δnorm rule of that
+    pair (A-only: Δnorm > only_high, B-only: Δnorm < only_low, shared: Δnorm in [shared_low,
+    1 - shared_low]); for more models without a pair, a latent is m-only when every other model's
+    relative norm is below the same cut, and shared when all are above.
     """
     n = np.asarray(norms, dtype=np.float64)
     rel = n / np.maximum(n.max(0, keepdims=True), 1e-12)  # [M, L]
     M, L = rel.shape
-    if M == 2:  # Δnorm thresholds may be asymmetric
-        dn = delta_norm(n)
+    if M == 2 or pair is not None:  # one pair's Δnorm (the thresholds may be asymmetric)
+        a, b = pair or (0, 1)
+        dn = delta_norm(n, a, b)
         out = np.full(L, "other", dtype=object)
-        out[dn > cfg.only_high] = f"{model_names[0]}-only"
-        out[dn < cfg.only_low] = f"{model_names[1]}-only"
+        out[dn > cfg.only_high] = f"{model_names[a]}-only"
+        out[dn < cfg.only_low] = f"{model_names[b]}-only"
         out[(dn >= cfg.shared_low) & (dn <= 1 - cfg.shared_low)] = "shared"
         return out
     only_cut = 2 * cfg.only_low  # Δnorm < only_low  <=>  r_other < 2 * only_low
@@ -88,6 +99,7 @@ class LatentStats:
     )  # [M, L] β of each model on the error target, direction of the latent's strongest model
     beta_r: np.ndarray  # [M, L] same, reconstruction target
     n_tokens: int
+    target: np.ndarray | None = None  # [L] the model whose decoder direction β was measured along
 
 
 def _stat_batches(store, cfg: AnalysisConfig):
@@ -96,15 +108,30 @@ def _stat_batches(store, cfg: AnalysisConfig):
     return store.iter_batches(cfg.batch_size, shuffle=False, drop_last=False, shard_indices=order)
 
 
+def scaling_targets(norms: Tensor | np.ndarray, a: int, b: int) -> np.ndarray:
+    """[L] the model of the pair (a, b) whose decoder is stronger: Latent Scaling measures every
+    model's β along that decoder direction (ties: the lower index, as argmax over two models)."""
+    n = np.asarray(norms.detach().cpu() if isinstance(norms, Tensor) else norms, dtype=np.float64)
+    lo, hi = sorted((a, b))
+    return np.where(n[lo] >= n[hi], lo, hi)
+
+
 @torch.no_grad()
 def latent_stats(
-    model: Crosscoder, batches: Iterable[Tensor], *, max_tokens: int | None = None
+    model: Crosscoder,
+    batches: Iterable[Tensor],
+    *,
+    max_tokens: int | None = None,
+    pair: tuple[int, int] = (0, 1),
 ) -> LatentStats:
-    """One pass over raw batches [B, M, D]: firing statistics and Latent Scaling β for every latent."""
+    """One pass over raw batches [B, M, D]: firing statistics and Latent Scaling β for every latent,
+    along the decoder direction of the stronger model of `pair` (model indices; with more than two
+    models a third model's decoder must not stand in for the pair's)."""
     device = model.W_dec.device
     W = model.W_dec.float()  # [M, L, D]
     M, L, D = W.shape
-    target = model.decoder_norms().argmax(0)  # [L] model whose decoder is strongest
+    target_np = scaling_targets(model.decoder_norms(), *pair)
+    target = torch.as_tensor(target_np, device=device)  # [L]
     d = W[target, torch.arange(L, device=device)]  # [L, D] direction tested per latent
     d_sq = d.pow(2).sum(-1)  # [L]
     d_dot_own = torch.einsum("ld,mld->ml", d, W)  # [M, L] ⟨d, d_{m,l}⟩
@@ -143,6 +170,7 @@ def latent_stats(
         beta_eps=(num_eps / den).cpu().numpy(),
         beta_r=(num_r / den).cpu().numpy(),
         n_tokens=n,
+        target=target_np,
     )
 
 
@@ -161,12 +189,16 @@ def latent_table(
     norms = model.decoder_norms().detach().cpu().numpy()  # [M, L]
     L = norms.shape[1]
     dn = delta_norm(norms, a, b)
-    cls = classify(norms, names, cfg)
+    cls = classify(norms, names, cfg, pair=(a, b))
     live = stats.freq > 0
     cls = np.where(live, cls, "dead")
 
-    # ν: reference model R = the other model of the pair (target T = strongest decoder)
-    target = norms.argmax(0)
+    # ν: target T = the pair's stronger decoder (β was measured along it), reference R = the other
+    target = scaling_targets(norms, a, b)
+    if stats.target is not None and not np.array_equal(stats.target, target):
+        raise ValueError(
+            f"latent_stats measured β for another pair than {[a_name, b_name]}; pass pair=({a}, {b})"
+        )
     ref = np.where(target == a, b, a)
     idx = np.arange(L)
     bt_e, br_e = stats.beta_eps[target, idx], stats.beta_eps[ref, idx]
@@ -174,7 +206,8 @@ def latent_table(
     with np.errstate(divide="ignore", invalid="ignore"):
         nu_eps = np.where(np.abs(bt_e) > 1e-9, br_e / bt_e, np.nan)
         nu_r = np.where(np.abs(bt_r) > 1e-9, br_r / bt_r, np.nan)
-    robust = live & (nu_eps < cfg.nu_eps_max) & (nu_r < cfg.nu_r_max)
+    # |ν|: a reference model that carries the direction reversed (β_R < 0) does not lack it
+    robust = live & (np.abs(nu_eps) < cfg.nu_eps_max) & (np.abs(nu_r) < cfg.nu_r_max)
     robust = robust & np.array([c.endswith("-only") for c in cls])
 
     # rank-based tails of live latents by Δnorm (small fine-tunes have no absolute-threshold class)
@@ -211,9 +244,10 @@ def latent_table(
 
 
 def robustness(nu_eps: np.ndarray, nu_r: np.ndarray) -> np.ndarray:
-    """Ranking score for model-specific candidates: max(ν^ε, ν^r), smaller = more specific; NaN -> inf."""
+    """Ranking score for model-specific candidates: max(|ν^ε|, |ν^r|), smaller = more specific;
+    NaN -> inf."""
     with np.errstate(invalid="ignore"):
-        score = np.fmax(np.asarray(nu_eps, np.float64), np.asarray(nu_r, np.float64))
+        score = np.fmax(np.abs(np.asarray(nu_eps, np.float64)), np.abs(np.asarray(nu_r, np.float64)))
     return np.where(np.isnan(score), np.inf, score)
 
 
@@ -322,7 +356,10 @@ def analyze_run(
             f"store {store.uri} holds models {store.model_names} (d_model={store.d_model}) but the crosscoder was "
             f"fitted on {list(model.cfg.model_names)} (d_model={model.cfg.d_model}); pass the matching --store"
         )
-    stats = latent_stats(model, _stat_batches(store, cfg), max_tokens=cfg.max_tokens)
+    names = list(model.cfg.model_names)
+    a_name, b_name = pair or (names[0], names[1])
+    idx = (names.index(a_name), names.index(b_name)) if {a_name, b_name} <= set(names) else (0, 1)
+    stats = latent_stats(model, _stat_batches(store, cfg), max_tokens=cfg.max_tokens, pair=idx)
     table = latent_table(model, stats, cfg, pair)
     tmp = out.with_suffix(".tmp")
     pq.write_table(table, tmp)

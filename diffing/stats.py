@@ -6,8 +6,9 @@ categories, the shift of category c is the ratio of its shares minus one:
     Δ_c = (n_c^S / N^S) / (n_c^I / N^I) − 1
 
 A share ratio of two binomial proportions: its 95% CI comes from the Katz log method
-(log RR ± z·sqrt(1/n^S − 1/N^S + 1/n^I − 1/N^I), with a 0.5 continuity correction when a count is
-0) or from a seeded bootstrap. Small counts make these intervals wide; categories with fewer than
+(log RR ± z·sqrt(1/n^S − 1/N^S + 1/n^I − 1/N^I), with Haldane's correction, 0.5 added to every
+cell, when a cell of the 2x2 table is 0; a category absent from S has the lower bound −1, one absent
+from I (Δ undefined) the upper bound +∞) or from a seeded bootstrap. Small counts make these intervals wide; categories with fewer than
 `min_count` latents on either side are flagged, never dropped.
 """
 
@@ -40,11 +41,17 @@ class CategoryShift:
 
 
 def _katz(n_s: int, N_s: int, n_i: int, N_i: int, z: float) -> tuple[float, float]:
-    if n_s == 0 or n_i == 0:  # continuity correction
-        n_s, n_i, N_s, N_i = n_s + 0.5, n_i + 0.5, N_s + 0.5, N_i + 0.5
+    raw = (n_s, n_i)
+    if 0 in (n_s, n_i, N_s - n_s, N_i - n_i):  # Haldane: 0.5 added to every cell of the 2x2 table
+        n_s, n_i, N_s, N_i = n_s + 0.5, n_i + 0.5, N_s + 1, N_i + 1
     log_rr = math.log((n_s / N_s) / (n_i / N_i))
     se = math.sqrt(max(1 / n_s - 1 / N_s + 1 / n_i - 1 / N_i, 0.0))
-    return math.exp(log_rr - z * se) - 1, math.exp(log_rr + z * se) - 1
+    lo, hi = math.exp(log_rr - z * se) - 1, math.exp(log_rr + z * se) - 1
+    if raw[0] == 0:
+        lo = -1.0  # absent from S: Δ = −1 is the estimate, and the interval holds it
+    if raw[1] == 0:
+        hi = math.inf  # absent from I: Δ is unbounded above (only the lower bound says something)
+    return lo, hi
 
 
 def _bootstrap(

@@ -28,6 +28,16 @@ from diffing.evidence import iter_evidence, read_labels
 from diffing.stats import category_shift
 
 
+def enrichment_ratio(rate: float, ref: float) -> float:
+    """rate / ref; NaN where either is unknown, and where both are 0 (nothing is enriched), +inf
+    only for a positive rate against a reference of 0."""
+    if math.isnan(rate) or math.isnan(ref):
+        return math.nan
+    if ref > 0:
+        return rate / ref
+    return math.inf if rate > 0 else math.nan
+
+
 def _rate(masses: Sequence[Mapping[str, float]], planted: set[str], majority: float) -> float:
     if not masses:
         return math.nan
@@ -59,7 +69,7 @@ def planted_truth(
     shared = _shared_masses(Path(run_dir))
     rate_shared = _rate(shared, planted_set, majority) if shared else math.nan
     ref = rate_shared if shared else rate_baseline
-    enrichment = rate_ft / ref if ref and ref > 0 else math.inf
+    enrichment = enrichment_ratio(rate_ft, ref)
 
     # judge agreement on latents whose dominant source is planted
     matched = judged = 0

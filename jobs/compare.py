@@ -11,6 +11,7 @@ and reports
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -41,6 +42,12 @@ def specific_counts(d: Path, model: str) -> Counter:
     return Counter(labels[i].category for i in ids if i in labels)
 
 
+def _signed(x: float, nan: str = "–") -> str:
+    if math.isnan(x):
+        return nan
+    return ("+∞" if x > 0 else "−∞") if math.isinf(x) else f"{x:+.3f}"
+
+
 def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str) -> dict:
     """Report section: category shift of S's specific latents (its comparison) vs I's (its own)."""
     from jobs.report import plots, render
@@ -62,8 +69,8 @@ def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str) -> dict:
         + render.shift_table(rows)
     )
     md = "| category | n_S | n_I | Δ_c | 95% CI | small |\n|---|---|---|---|---|---|\n" + "\n".join(
-        f"| {r['category']} | {r['n_s']} | {r['n_i']} | {r['delta']:+.3f} | "
-        f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {'yes' if r['small_count'] else ''} |"
+        f"| {r['category']} | {r['n_s']} | {r['n_i']} | {_signed(r['delta'], 'only in S')} | "
+        f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | {'yes' if r['small_count'] else ''} |"
         for r in rows
     )
     data = {"S": s_name, "I": i_name, "shift": rows}

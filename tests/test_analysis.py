@@ -193,3 +193,52 @@ def test_partial_reads_start_from_the_last_shards(tmp_path):
     assert part[0, 0, 0] == 2000 and len(part) >= 1000
     whole = torch.cat(list(_stat_batches(st, AnalysisConfig(max_tokens=3000, batch_size=500))))
     assert torch.equal(whole[:, 0, 0].float(), torch.arange(3000).half().float())  # stored as fp16
+
+
+def _three_models(beta_true: float, n=20_000, seed=0):
+    """(pt, it, simpo): latent 0 is written by it (norm 2) and simpo (norm 1) along e0, not by pt,
+    which carries beta_true * f0 there (complete shrinkage); latent 1 is shared by all three."""
+    D, L = 6, 2
+    cfg = CrosscoderConfig(
+        kind="l1", n_models=3, d_model=D, n_latents=L, model_names=("pt", "it", "simpo"), aux_k=1
+    )
+    cc = Crosscoder(cfg, seed=None)
+    with torch.no_grad():
+        for p in cc.parameters():
+            p.zero_()
+        e = torch.eye(D)
+        cc.W_enc[2, :, 0] = e[0]  # latent 0 reads simpo's e0
+        cc.W_dec[1, 0] = 2 * e[0]
+        cc.W_dec[2, 0] = e[0]
+        for m in range(3):
+            cc.W_enc[m, :, 1] = e[1] / 3
+            cc.W_dec[m, 1] = e[1]
+    rng = np.random.default_rng(seed)
+    f0 = rng.exponential(1.0, n) * (rng.random(n) < 0.3)
+    f1 = rng.exponential(1.0, n) * (rng.random(n) < 0.5)
+    x = np.zeros((n, 3, D), np.float32)
+    x[:, 0, 0], x[:, 1, 0], x[:, 2, 0] = beta_true * f0, 2 * f0, f0
+    x[:, :, 1] = f1[:, None]
+    return cc, torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.6])
+def test_a_pair_inside_three_models_is_measured_on_the_pair(beta):
+    """Pair (pt, simpo) of a 3-model crosscoder: Latent Scaling along simpo's decoder (not it's,
+    the strongest overall), ν = β_pt / β_simpo, and the class from the pair's own Δnorm."""
+    cc, x = _three_models(beta)
+    stats = latent_stats(cc, x.split(4096), pair=(0, 2))
+    t = latent_table(cc, stats, AnalysisConfig(), ("pt", "simpo")).to_pydict()
+    assert t["scaling_target"][0] == "simpo" and t["class"][0] == "simpo-only"
+    assert abs(t["nu_eps"][0] - beta) < 0.01 and abs(t["nu_r"][0]) < 0.01
+    assert t["robust"][0] == (beta < AnalysisConfig().nu_eps_max)
+    assert t["class"][1] == "shared" and abs(t["nu_eps"][1] - 1) < 0.01
+    # β measured for one pair is not silently reused for another
+    with pytest.raises(ValueError, match="another pair"):
+        latent_table(cc, latent_stats(cc, x.split(4096), pair=(0, 1)), AnalysisConfig(), ("pt", "simpo"))
+
+
+def test_a_reference_that_carries_the_direction_reversed_is_not_specific():
+    cc, x = _constructed(-0.6, decoupled=False)
+    t = latent_table(cc, latent_stats(cc, x.split(4096)), AnalysisConfig()).to_pydict()
+    assert abs(t["nu_eps"][0] + 0.6) < 0.01 and not t["robust"][0]

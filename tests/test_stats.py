@@ -58,7 +58,15 @@ def test_bootstrap_agrees_with_katz_on_large_counts():
 
 def test_absent_categories_and_errors():
     rows = {r.category: r for r in category_shift({"a": 3, "b": 2}, {"a": 5}, N_s=10, N_i=10)}
-    assert math.isnan(rows["b"].delta) and rows["b"].small_count and math.isfinite(rows["b"].ci_high)
+    # absent from I: Δ undefined, only a lower bound (Haldane-corrected Katz) says something
+    assert math.isnan(rows["b"].delta) and rows["b"].small_count and rows["b"].ci_high == math.inf
+    assert -1 < rows["b"].ci_low < 0.5
+    # absent from S: Δ = −1 lies in its own interval
+    a0 = category_shift({"a": 0, "b": 10}, {"a": 5, "b": 5})[1]
+    assert a0.category == "a" and a0.delta == -1 and a0.ci_low == -1 and 0 < a0.ci_high < 1
+    # every latent in one category on both sides: an interval of some width, around 0
+    one = category_shift({"a": 10}, {"a": 10})[0]
+    assert one.delta == 0 and one.ci_low < 0 < one.ci_high
     with pytest.raises(ValueError, match="at least one latent"):
         category_shift({}, {"a": 1})
     with pytest.raises(ValueError, match="exceeds"):

@@ -87,3 +87,14 @@ def test_enrichment_is_over_all_live_shared_latents(tmp_path):
     assert r["n_shared"] == 4 and r["mass_rate_shared"] == 0.25
     assert r["mass_rate_baseline"] == 1.0  # the sampled group is still reported
     assert r["enrichment"] == 4.0 and r["enrichment_vs"] == "all shared latents"
+
+
+def test_enrichment_is_never_a_pass_by_default():
+    import math
+
+    from diffing.validation import enrichment_ratio
+
+    assert abs(enrichment_ratio(0.9, 0.3) - 3.0) < 1e-12
+    assert enrichment_ratio(0.5, 0.0) == math.inf
+    assert math.isnan(enrichment_ratio(0.0, 0.0)) and math.isnan(enrichment_ratio(math.nan, math.nan))
+    assert math.isnan(enrichment_ratio(0.5, math.nan))

@@ -31,7 +31,9 @@ def esc(x: Any) -> str:
 
 
 def fmt(x: Any, nd: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    if isinstance(x, float) and math.isinf(x):
+        return "+∞" if x > 0 else "−∞"
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     if isinstance(x, float):
         return f"{x:.{nd}g}" if abs(x) < 1e4 else f"{x:,.0f}"
