@@ -45,6 +45,18 @@ def ray_data_map(concurrency: int, *, num_cpus: float = 0.5, address: str | None
     return map_fn
 
 
+def _clear_outputs(run: Path) -> None:
+    """Remove an analysis: latents, evidence, source masses, splice (a redo with splice or evidence
+    off must not leave the old ones for the report and the label stage to read)."""
+    import shutil
+
+    from diffing.evidence import EXAMPLES_DIR
+
+    for name in ("latents.parquet", "analysis_config.json", "source_mass.parquet", "splice.json"):
+        (run / name).unlink(missing_ok=True)
+    shutil.rmtree(run / EXAMPLES_DIR, ignore_errors=True)
+
+
 def run_analyze(
     run: str | Path,
     store: str,
@@ -64,6 +76,8 @@ def run_analyze(
     run = Path(run)
     st = open_store(store) if isinstance(store, str) else store
     log = get_logger("analyze", run=str(run))
+    if overwrite:  # every output of an earlier analysis goes, also those this one does not write
+        _clear_outputs(run)
     table = analyze_run(run, st, cfg, pair=pair, overwrite=overwrite)
     classes = table.column("class").to_pylist()
     groups = table.column("group").to_pylist() if "group" in table.column_names else []

@@ -50,6 +50,10 @@ def _run(fn):
         if os.environ.get("CROSSDIFF_DEBUG"):
             raise
         _fail(f"{e}\n(set CROSSDIFF_DEBUG=1 for a traceback)")
+    except ImportError as e:  # an optional package a URL needs (fsspec: "Please install gcsfs ...")
+        if "install" not in str(e).lower() or os.environ.get("CROSSDIFF_DEBUG"):
+            raise
+        _fail(f"{e} (into this environment and every Ray node's: `pip install gcsfs` for gs://)")
 
 
 @app.command()

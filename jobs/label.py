@@ -172,8 +172,10 @@ def read_labels_tolerant(path: Path) -> dict[int, LatentLabel]:
     """Labels already written; a torn last line (killed mid-append) is dropped from the file."""
     if not path.exists():
         return {}
-    good, out, torn = [], {}, False
-    for line in path.read_text().split("\n"):
+    good, out = [], {}
+    raw = path.read_text()
+    torn = bool(raw) and not raw.endswith("\n")  # killed before the newline: the next append would glue
+    for line in raw.split("\n"):
         if not line.strip():
             continue
         try:
@@ -385,6 +387,10 @@ def label_run(
                 new = asyncio.run(_label_all(svc.url, svc.token, todo, cfg, out, calibration, expect))
     labels = read_labels_tolerant(out)
     wanted = {e.latent for e in evidence}
+    if missing := len(wanted - set(labels)):  # the stage is not done: its marker must not say so
+        raise LabelJobError(
+            f"{missing} of {len(wanted)} latents of {run_dir} have no label; rerun to label them"
+        )
     cats = Counter(lab.category for k, lab in labels.items() if k in wanted)
     return {
         "run": str(run_dir),
@@ -392,6 +398,6 @@ def label_run(
         "total": len(evidence),
         "labelled_now": new,
         "skipped": len(evidence) - len(todo),
-        "missing": len(wanted - set(labels)),
+        "missing": 0,
         "categories": dict(sorted(cats.items())),
     }

@@ -62,45 +62,105 @@ class Pipeline:
         }
 
     # -- stage configs and markers -------------------------------------------------------
-    def stage_config(self, stage: str) -> Any:
+    def _own(self, stage: str, legacy: bool = False) -> Any:
+        """What decides a stage's outputs: its config minus how it runs (workers, logging, request
+        limits) and the run's own location. `legacy`: the identity before 2026-12-06, still accepted
+        so runs finished then are not redone."""
         c = self.cfg
-        own = {
-            "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
-            "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
-            "analyze": {"analyze": c.analyze.model_dump(mode="json"), "pairs": c.pairs},
-            "label": {
-                **_label_identity(c.label),
-                # the taxonomy file's content, not just its path: an edited taxonomy relabels
-                "taxonomy": load_taxonomy(c.label.service.taxonomy).fingerprint,
-            },
-            "report": {"planted": c.planted, "anchored": c.anchored},
-        }[stage]
+        if legacy:
+            return {
+                "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
+                "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
+                "analyze": {"analyze": c.analyze.model_dump(mode="json"), "pairs": c.pairs},
+                "label": {
+                    **_label_identity(c.label),
+                    "taxonomy": load_taxonomy(c.label.service.taxonomy).fingerprint,
+                },
+                "report": {"planted": c.planted, "anchored": c.anchored},
+            }[stage]
+        if stage == "harvest":
+            h = c.harvest.model_dump(mode="json", exclude={"ray", "device"})
+            if not c.remote and h["store"] == str(Path(c.out) / "store"):
+                h["store"] = "OUT/store"  # the default: the same run moved or named relatively
+            return h
+        if stage == "fit":
+            return c.fit.model_dump(
+                mode="json",
+                exclude={"distributed": True, "train": {"log_every", "checkpoint_every", "device"}},
+            )
+        if stage == "analyze":
+            from diffing.analysis import _OPERATIONAL
+
+            return {"analyze": c.analyze.model_dump(mode="json", exclude=_OPERATIONAL), "pairs": c.pairs}
+        if stage == "label":
+            from jobs.label import label_settings
+
+            return {**label_settings(c.label), "groups": list(c.label.groups or [])}
+        return {"planted": c.planted, "anchored": c.anchored}
+
+    def stage_config(self, stage: str, legacy: bool = False) -> Any:
+        own = self._own(stage, legacy)
         i = STAGES.index(stage)
-        upstream = self.stage_config(STAGES[i - 1])["hash"] if i else ""
+        upstream = self.stage_config(STAGES[i - 1], legacy)["hash"] if i else ""
         return {"own": own, "hash": _hash([own, upstream])}
+
+    def _hashes(self, stage: str) -> tuple[str, str]:
+        return self.stage_config(stage)["hash"], self.stage_config(stage, legacy=True)["hash"]
 
     def marker(self, stage: str) -> Path:
         return self.run / "stages" / f"{stage}.json"
 
-    def is_done(self, stage: str, redo_changed: bool = False) -> bool:
+    def _saved(self, stage: str) -> dict | None:
         m = self.marker(stage)
-        if not m.exists():
+        try:
+            return json.loads(m.read_text()) if m.exists() else None
+        except ValueError:
+            return {"stale": True}  # a torn marker vouches for nothing
+
+    def _changed(self, stage: str) -> ValueError:
+        return ValueError(
+            f"{self.run} ran stage {stage!r} with a different config; rerun with --redo-changed to redo "
+            "that stage and the ones after it (keeping the ones before), --overwrite to redo every stage, "
+            "or choose a new --out"
+        )
+
+    def is_done(self, stage: str, redo_changed: bool = False) -> bool:
+        """Finished with this config. A marker is `done` ({hash}), `running` (started, not finished)
+        or `stale` (an earlier stage was redone since: its outputs must be redone too)."""
+        saved = self._saved(stage)
+        if saved is None or saved.get("stale") or saved.get("running"):
             return False
-        saved = json.loads(m.read_text())
-        if saved.get("hash") != self.stage_config(stage)["hash"]:
+        if saved.get("hash") not in self._hashes(stage):
             if redo_changed:
                 self.log.info("pipeline.changed", stage=stage, action="redo this stage and the later ones")
                 return False
-            raise ValueError(
-                f"{self.run} finished stage {stage!r} with a different config; rerun with --overwrite "
-                "to redo it (and the stages after it) or choose a new --out"
-            )
+            raise self._changed(stage)
         return True
 
-    def _unmark(self, stage: str) -> None:
-        self.marker(stage).unlink(missing_ok=True)
+    def _overwrite(self, stage: str, overwrite: bool, redo_changed: bool) -> bool:
+        """Whether a stage that is not done runs from scratch or resumes: it resumes only what a run
+        of this same config started without --overwrite; a stale stage, a changed one, and one whose
+        interrupted run was itself a redo (some old outputs may be left) start over."""
+        saved = self._saved(stage)
+        if overwrite or (saved is not None and saved.get("stale")):
+            return True
+        if saved is None:
+            return False
+        if saved.get("hash") not in self._hashes(stage):
+            if not redo_changed:
+                raise self._changed(stage)
+            return True
+        return bool(saved.get("running") and saved.get("overwrite"))
+
+    def _write_marker(self, stage: str, body: dict) -> None:
+        """Atomically, and at once on a remote run: a replaced machine must see it."""
+        m = self.marker(stage)
+        m.parent.mkdir(parents=True, exist_ok=True)
+        tmp = m.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body, indent=2))
+        tmp.replace(m)
         if self.mirror is not None:
-            self.mirror.delete(f"stages/{stage}.json")
+            self.mirror.put(f"stages/{stage}.json")
 
     def _mark(self, stage: str, summary: dict, seconds: float) -> None:
         m = self.marker(stage)
@@ -115,12 +175,14 @@ class Pipeline:
 
     def stages_to_run(self, overwrite: bool = False, redo_changed: bool = False) -> list[str]:
         """The configured stages this call will run: from the first unfinished one on (a stage
-        that runs unmarks the later ones), or all of them with `overwrite`."""
+        that runs makes the later ones stale), or all of them with `overwrite`. Raises on a changed
+        config without `redo_changed`."""
         todo = [s for s in STAGES if s in self.cfg.stages]
         if overwrite:
             return todo
         for i, stage in enumerate(todo):
             if not self.is_done(stage, redo_changed):
+                self._overwrite(stage, overwrite, redo_changed)  # refuses a changed, unfinished stage
                 return todo[i:]
         return []
 
@@ -134,7 +196,8 @@ class Pipeline:
         if self.mirror is not None:
             self.mirror.check_writable()
             self.mirror.pull()
-            to_run = self.stages_to_run(overwrite, redo_changed)
+        to_run = self.stages_to_run(overwrite, redo_changed)  # refuses before anything is written
+        if self.mirror is not None:
             if {"fit", "analyze"} & set(to_run):  # they write or read the weights: sync those too
                 self.mirror = RunMirror(self.cfg.out, self.run)
                 if not (overwrite and "fit" in to_run):  # a refit from scratch never reads the old ones
@@ -142,29 +205,30 @@ class Pipeline:
             else:  # label and report read the analysis: a Gemma-sized crosscoder stays in the bucket
                 self.log.info("pipeline.weights_left_remote", stages=to_run, skipped=list(WEIGHTS))
         (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))
-        if overwrite:
+        if overwrite:  # kept on disk (and remote): a killed --overwrite run still redoes every stage
             for s in STAGES:
-                self._unmark(s)
+                self._write_marker(s, {"stale": True})
         results: dict[str, Any] = {}
         self._redo_changed = redo_changed  # labels resumed under other settings: relabel, not refuse
-        redo = False
         for i, stage in enumerate(s for s in STAGES if s in self.cfg.stages):
             if self.is_done(stage, redo_changed):
                 self.log.info("pipeline.skip", stage=stage, reason="finished with this config")
                 results[stage] = json.loads(self.marker(stage).read_text())["summary"]
                 continue
-            # a marker that is not "done" means the config changed: this stage's old outputs, and those
-            # of every later stage, are redone, not resumed
-            redo = redo or self.marker(stage).exists()
-            if redo:  # its old marker must not vouch for outputs being rewritten
-                self._unmark(stage)
-            # a stage that reruns invalidates everything after it
+            ow = self._overwrite(stage, overwrite, redo_changed)
+            # whatever later stages made (each writes its marker before its first output) came from
+            # this stage's old outputs: stale, on disk, so a killed run redoes them too; then this
+            # stage is marked running (resumable only if it started with nothing to replace)
             for later in STAGES[STAGES.index(stage) + 1 :]:
-                self._unmark(later)
-            self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}")
+                if self._saved(later) not in (None, {"stale": True}):
+                    self._write_marker(later, {"stale": True})
+            self._write_marker(
+                stage, {"running": True, "overwrite": ow, "hash": self.stage_config(stage)["hash"]}
+            )
+            self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}", overwrite=ow)
             t0 = time.perf_counter()
             with self.mirror.syncing(self.cfg.sync_every_s) if self.mirror else nullcontext():
-                summary = self.stage_fns[stage](overwrite=overwrite or redo)
+                summary = self.stage_fns[stage](overwrite=ow)
             if self.mirror is not None:  # outputs first, then the marker that vouches for them
                 self.mirror.push()
             self._mark(stage, summary, round(time.perf_counter() - t0, 1))

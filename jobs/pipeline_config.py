@@ -84,12 +84,21 @@ class PipelineConfig(Frozen):
             if any(m not in names for m in p) or p[0] == p[1]:
                 raise ValueError(f"comparisons: {list(p)} must be two different harvested models {names}")
         if self.anchored is not None:
-            bs = [p[1] for p in self.comparisons or ()]
-            if any(m not in bs for m in self.anchored):
+            s_model, i_model = self.anchored
+            if s_model == i_model:
+                raise ValueError(f"anchored={list(self.anchored)}: S and I must be two different models")
+            if not self.comparisons:
                 raise ValueError(
-                    f"anchored={list(self.anchored)}: each model must be the B of one of the comparisons "
-                    f"{[list(p) for p in self.comparisons or ()]}"
+                    f"anchored={list(self.anchored)} needs `comparisons` with a pair for each, e.g. "
+                    f"[[BASE, {s_model}], [BASE, {i_model}]] (`pair` names a single comparison)"
                 )
+            bs = [p[1] for p in self.comparisons]
+            for m in self.anchored:
+                if bs.count(m) != 1:
+                    raise ValueError(
+                        f"anchored={list(self.anchored)}: {m!r} must be the B (second model) of exactly one "
+                        f"of the comparisons {[list(p) for p in self.comparisons]}, found {bs.count(m)}"
+                    )
         if self.work_dir is not None and not is_remote(self.out):
             raise ValueError(f"work_dir is only for a remote out (s3://, gs://); out={self.out} is local")
         return self

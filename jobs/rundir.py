@@ -211,6 +211,14 @@ class RunMirror:
             stop.set()
             thread.join()
 
+    def put(self, rel: str) -> None:
+        """Upload one file now (a stage marker: a replaced machine must see it at once)."""
+        with self._lock:
+            dst = f"{self.root}/{rel}"
+            self.fs.put_file(str(self.local / rel), dst)
+            self._synced[rel] = {"local": self._stamp(rel), "remote": _version(self.fs.info(dst))}
+            self._save()
+
     def delete(self, rel: str) -> None:
         """Remove one file from the remote (a marker that no longer holds, a file deleted locally)."""
         with self._lock:

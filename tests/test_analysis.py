@@ -242,3 +242,21 @@ def test_a_reference_that_carries_the_direction_reversed_is_not_specific():
     cc, x = _constructed(-0.6, decoupled=False)
     t = latent_table(cc, latent_stats(cc, x.split(4096)), AnalysisConfig()).to_pydict()
     assert abs(t["nu_eps"][0] + 0.6) < 0.01 and not t["robust"][0]
+
+
+def test_a_redone_analysis_leaves_none_of_the_old_one(tmp_path):
+    """Redone with evidence and splice off, the old evidence, source masses and splice numbers go
+    (the report and the label stage would read them as this analysis')."""
+    from diffing.store import write_arrays
+    from jobs.analyze import run_analyze
+
+    cc, x = _constructed(0.5, False, n=3000)
+    run = tmp_path / "run"
+    cc.save(run / "crosscoder")
+    st = write_arrays(str(tmp_path / "s"), x, model_names=["A", "B"])
+    (run / "examples").mkdir()
+    for name in ("examples/latents-00000.jsonl", "splice.json", "source_mass.parquet"):
+        (run / name).write_text("old")
+    run_analyze(run, st, AnalysisConfig(evidence=False), overwrite=True)
+    assert (run / "latents.parquet").exists() and (run / "crosscoder" / "cfg.json").exists()
+    assert not any((run / n).exists() for n in ("examples", "splice.json", "source_mass.parquet"))

@@ -199,3 +199,8 @@ def test_shipped_job_configs_validate():
             continue
         cls = HarvestConfig if ".harvest." in f.name else FitConfig
         load_config(cls, f)
+
+
+def test_a_url_without_its_filesystem_package_is_one_line(tmp_path):
+    r = runner.invoke(app, ["fit", "--store", "gs://bucket/acts", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "gcsfs" in r.output and "Traceback" not in r.output

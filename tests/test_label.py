@@ -293,3 +293,19 @@ def test_a_judge_that_fails_on_the_input_is_not_retried_forever(run_dir, monkeyp
     with Server(judge) as srv:
         with pytest.raises(LabelJobError, match="failed twice"):
             label_run(run_dir, cfg, endpoint=srv.url)
+
+
+def test_a_last_line_without_its_newline_is_kept_and_closed(tmp_path):
+    """Killed after a whole line but before its newline: the label stays, and the next append
+    starts on a line of its own (before, it was glued on and both labels were lost)."""
+    from diffing.evidence import LatentLabel
+    from jobs.label import _append, read_labels_tolerant
+
+    def lab(i):
+        return LatentLabel(latent=i, category="other", explanation="x", confidence=0.5)
+
+    path = tmp_path / "labels.jsonl"
+    path.write_text(lab(1).model_dump_json() + "\n" + lab(2).model_dump_json())
+    assert set(read_labels_tolerant(path)) == {1, 2}
+    _append(path, [lab(3)])
+    assert set(read_labels_tolerant(path)) == {1, 2, 3}

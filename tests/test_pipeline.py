@@ -138,7 +138,7 @@ def test_unfinished_label_stage_under_a_changed_config_is_relabelled_not_mixed(t
     }
     with pytest.raises(ConfigError, match="--redo-changed"):
         p()
-    assert calls == [False] and not p.marker("label").exists()
+    assert calls == [False] and not p.is_done("label")
     p(redo_changed=True)
     assert calls == [False, False, True] and p.marker("label").exists()
 
@@ -224,6 +224,13 @@ def test_anchored_needs_matching_comparisons(tmp_path):
         load_pipeline_config(p, overrides=["comparisons=[[a,b]]", "anchored=[c,b]"])
     with pytest.raises(ConfigError, match="comparisons"):
         load_pipeline_config(p, overrides=["comparisons=[[a,a]]"])
+    for sets, needle in [
+        (["comparisons=[[a,b],[c,b]]", "anchored=[c,b]"], "exactly one"),  # b is the B of two pairs
+        (["comparisons=[[a,b],[a,c]]", "anchored=[b,b]"], "two different"),
+        (["pair=[a,b]", "anchored=[c,b]"], "needs `comparisons`"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_pipeline_config(p, overrides=sets)
 
 
 def test_anchored_section_counts(tmp_path):

@@ -1,0 +1,113 @@
+"""Pipeline resume across kills (stages stubbed, no Ray): a redo survives the kill of the run
+that started it, a first run resumes where it stopped, settings that change no result redo
+nothing, and finished runs keep their markers across the change of the stage identity."""
+
+import json
+
+import pytest
+
+from jobs.pipeline import STAGES, Pipeline, PipelineConfig, with_defaults
+
+
+class Killed(Exception):
+    pass
+
+
+def _pipeline(out, calls, kill_at=None, **kw):
+    from conftest import pipeline_dict
+
+    p = Pipeline(PipelineConfig.model_validate(with_defaults(pipeline_dict(str(out), **kw))))
+
+    def fn(stage):
+        def run(overwrite):
+            calls.append((stage, overwrite))
+            if stage == kill_at:
+                raise Killed(stage)
+            return {"stage": stage}
+
+        return run
+
+    p.stage_fns = {s: fn(s) for s in STAGES}
+    return p
+
+
+def _run(out, kill_at=None, flags=None, **kw):
+    calls: list = []
+    try:
+        _pipeline(out, calls, kill_at, **kw)(**(flags or {}))
+    except Killed:
+        pass
+    return calls
+
+
+def test_a_first_run_killed_resumes_the_stage_it_reached(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, kill_at="label") == [(s, False) for s in STAGES[:4]]
+    assert _run(out) == [("label", False), ("report", False)]  # resumed, not redone
+    assert _run(out) == []
+
+
+def test_a_redo_killed_midway_is_still_a_redo(tmp_path):
+    out = tmp_path / "run"
+    _run(out)
+    lr = {"fit": {"train": {"lr": 5e-3}}}
+    assert _run(out, kill_at="fit", flags={"redo_changed": True}, **lr) == [("fit", True)]
+    # rerun without the flag: the refit starts over, and analyze, label and report are redone
+    # (before, they were resumed on the old crosscoder's outputs)
+    assert _run(out, **lr) == [(s, True) for s in ("fit", "analyze", "label", "report")]
+    assert _run(out, **lr) == []
+
+
+def test_an_overwrite_killed_midway_redoes_every_stage(tmp_path):
+    out = tmp_path / "run"
+    _run(out)
+    assert _run(out, kill_at="harvest", flags={"overwrite": True}) == [("harvest", True)]
+    assert _run(out) == [(s, True) for s in STAGES]
+
+
+def test_a_changed_unfinished_stage_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    _run(out, kill_at="analyze")
+    before = (out / "pipeline.json").read_text()
+    with pytest.raises(ValueError, match="--redo-changed"):
+        _run(out, analyze={"tail_frac": 0.05})
+    assert (out / "pipeline.json").read_text() == before  # the refused config was not recorded
+    # analyze starts over; label and report never started, so they have nothing to replace
+    assert _run(out, flags={"redo_changed": True}, analyze={"tail_frac": 0.05}) == [
+        ("analyze", True),
+        ("label", False),
+        ("report", False),
+    ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fit": {"train": {"log_every": 7, "checkpoint_every": 99, "device": "cpu"}}},
+        {"fit": {"distributed": {"workers": 2}, "train": {"batch_size": 1024}}},
+        {"analyze": {"evidence_workers": 3, "latents_per_pass": 64, "batch_size": 2048}},
+        {"label": {"request_timeout_s": 999, "max_attempts": 9, "concurrency": 1, "batch_size": 3}},
+    ],
+)
+def test_settings_that_change_no_result_redo_nothing(tmp_path, change):
+    out = tmp_path / "run"
+    fit = {"fit": {"train": {"batch_size": 1024}}} if "distributed" in change.get("fit", {}) else {}
+    _run(out, **fit)
+    assert _run(out, **change) == []
+
+
+def test_the_same_run_named_relatively_or_absolutely_is_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _run("run")
+    assert _run(tmp_path / "run") == []
+
+
+def test_runs_finished_before_the_identity_change_are_not_redone(tmp_path):
+    out = tmp_path / "run"
+    _run(out)
+    p = _pipeline(out, [])
+    for s in STAGES:  # markers as the previous crossdiff wrote them
+        m = json.loads(p.marker(s).read_text())
+        m["hash"] = p.stage_config(s, legacy=True)["hash"]
+        p.marker(s).write_text(json.dumps(m))
+    assert _run(out) == []
