@@ -124,8 +124,10 @@ def test_remote_run_resumes_on_another_machine(tmp_path, s3_endpoint):
     fs, root = fsspec.core.url_to_fs(url)
     fs.invalidate_cache()
     assert sorted(fs.ls(f"{root}/stages", detail=False)) == [
-        f"{root}/stages/{s}.json" for s in ("analyze", "fit", "harvest")
+        f"{root}/stages/{s}.json" for s in ("analyze", "fit", "harvest", "label")
     ]
+    # the killed stage's marker went up when it started: it says running, never done
+    assert json.loads(_remote_text(url, "stages/label.json"))["running"] is True
     assert _remote_text(url, "analyze.out") == "analyze"  # outputs went up with their stage
 
     cfg2 = _stub_cfg(tmp_path / "m2", url)  # a second machine: nothing local
@@ -256,7 +258,7 @@ def test_work_inside_a_stage_reaches_the_bucket_before_the_stage_ends(tmp_path, 
     p.stage_fns = {"harvest": lambda overwrite: {}, "label": label}
     with pytest.raises(RuntimeError, match="killed after the first label"):
         p()
-    assert not fs.exists(f"{root}/stages/label.json")
+    assert json.loads(fs.cat_file(f"{root}/stages/label.json")).get("running") is True  # not done
     p2 = Pipeline(_stub_cfg(tmp_path / "m2", url, sync_every_s=0.2, stages=["harvest", "label"]))
     p2.stage_fns = {
         "harvest": lambda overwrite: seen.append("harvest") or {},
