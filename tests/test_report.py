@@ -286,3 +286,13 @@ def test_token_strings_longer_than_evidence_allows_are_cut():
         frag, Request(k=0, kind="top", doc=0, pos=1, shard=0, edge=0), lambda ids: ["a", " " * 5000]
     )
     assert len(ex.tokens[1]) == MAX_TOKEN_CHARS and ex.tokens[1].endswith("…")
+
+
+def test_report_of_a_multi_comparison_run_points_to_its_comparisons(tmp_path):
+    from jobs.report import write_report
+
+    for pair in ("pt-vs-it", "pt-vs-simpo"):
+        (tmp_path / "compare" / pair).mkdir(parents=True)
+        (tmp_path / "compare" / pair / "latents.parquet").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"2 comparisons \(pt-vs-it, pt-vs-simpo\).*compare/<A-vs-B>"):
+        write_report(tmp_path)

@@ -88,6 +88,12 @@ def gather(run_dir: str | Path, opts: ReportOptions | None = None) -> dict:
     run = Path(run_dir)
     lp = run / "latents.parquet"
     if not lp.exists():
+        pairs = sorted(p.parent.name for p in (run / "compare").glob("*/latents.parquet"))
+        if pairs:  # a pipeline run of several comparisons: one report per comparison
+            raise FileNotFoundError(
+                f"{run} holds {len(pairs)} comparisons ({', '.join(pairs)}): pass --run {run}/compare/<A-vs-B>, "
+                "or rerun `crossdiff pipeline` (its report stage adds the anchored and planted sections)"
+            )
         raise FileNotFoundError(f"{lp} is missing; run `crossdiff analyze --run {run} --store STORE` first")
     t = pq.read_table(lp)
     meta = {k.decode(): v.decode() for k, v in (t.schema.metadata or {}).items()}
