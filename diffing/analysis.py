@@ -54,6 +54,19 @@ def decoder_cosine(W_dec: Tensor | np.ndarray, a: int = 0, b: int = 1) -> np.nda
     return np.where(denom > 0, (da * db).sum(-1) / np.maximum(denom, 1e-24), 0.0)
 
 
+def pair_writes(norms: np.ndarray, a: int, b: int, cfg: AnalysisConfig) -> np.ndarray:
+    """[L] whether the pair (a, b) writes the latent at all: its stronger decoder is not below the
+    only-cut relative to the strongest model's (always, for two models). A latent of a third model
+    only is neither pair model's, whatever the ratio of their two tiny norms."""
+    n = np.asarray(norms, dtype=np.float64)
+    rel = n / np.maximum(n.max(0, keepdims=True), 1e-12)
+    return (
+        np.maximum(rel[a], rel[b]) >= min(2 * cfg.only_low, 1.0)
+        if n.shape[0] > 2
+        else np.ones(n.shape[1], bool)
+    )
+
+
 def classify(
     norms: Tensor | np.ndarray,
     model_names: list[str],
@@ -77,6 +90,7 @@ def classify(
         out[dn > cfg.only_high] = f"{model_names[a]}-only"
         out[dn < cfg.only_low] = f"{model_names[b]}-only"
         out[(dn >= cfg.shared_low) & (dn <= 1 - cfg.shared_low)] = "shared"
+        out[~pair_writes(n, a, b, cfg)] = "other"  # another model's latent: the pair barely writes it
         return out
     only_cut = 2 * cfg.only_low  # Δnorm < only_low  <=>  r_other < 2 * only_low
     shared_cut = 1 - 2 * (0.5 - cfg.shared_low)
@@ -212,14 +226,15 @@ def latent_table(
 
     # rank-based tails of live latents by Δnorm (small fine-tunes have no absolute-threshold class)
     tail = np.full(L, "", dtype=object)
-    live_idx = np.flatnonzero(live)
+    live_pair = live & pair_writes(norms, a, b, cfg)  # Δnorm ranks (and samples) the pair's latents
+    live_idx = np.flatnonzero(live_pair)
     n_tail = int(round(cfg.tail_frac * len(live_idx)))
     if n_tail:
         order = live_idx[np.argsort(dn[live_idx], kind="stable")]
         tail[order[:n_tail]] = "low"
         tail[order[-n_tail:]] = "high"
 
-    group = select_latents(dn, cls, robust, tail, nu_eps, nu_r, live, cfg, (a_name, b_name))
+    group = select_latents(dn, cls, robust, tail, nu_eps, nu_r, live_pair, cfg, (a_name, b_name))
     cols = {
         "latent": pa.array(idx.astype(np.int64)),
         "delta_norm": pa.array(dn),

@@ -185,7 +185,7 @@ def encode_truncated(tokenizer, text: str, *, add_special_tokens: bool, max_leng
     growing prefixes are tokenised until one holds ``max_length`` tokens with a margin to spare,
     since cutting a text changes only the tokens next to the cut."""
     n = max(4096, 32 * max_length)
-    while n < len(text):
+    while n < len(text) and getattr(tokenizer, "truncation_side", "right") == "right":
         head = text[:n]
         if len(tokenizer(head, add_special_tokens=False)["input_ids"]) >= max_length + 64:
             text = head

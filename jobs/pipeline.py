@@ -150,7 +150,17 @@ class Pipeline:
             if not redo_changed:
                 raise self._changed(stage)
             return True
+        if saved.get("running") and saved.get("exact", self._exact(stage)) != self._exact(stage):
+            # resuming needs the stage's whole config (a fit checkpoint is tied to every field)
+            if not redo_changed:
+                raise self._changed(stage)
+            return True
         return bool(saved.get("running") and saved.get("overwrite"))
+
+    def _exact(self, stage: str) -> str:
+        """The fit's whole config: its checkpoints resume only under it (log/checkpoint intervals,
+        device and workers included), although a finished fit stands for any of those."""
+        return _hash(self.cfg.fit.model_dump(mode="json")) if stage == "fit" else ""
 
     def _write_marker(self, stage: str, body: dict) -> None:
         """Atomically, and at once on a remote run: a replaced machine must see it."""
@@ -178,6 +188,14 @@ class Pipeline:
         that runs makes the later ones stale), or all of them with `overwrite`. Raises on a changed
         config without `redo_changed`."""
         todo = [s for s in STAGES if s in self.cfg.stages]
+        for before in STAGES[: STAGES.index(todo[0])] if todo else ():
+            saved = self._saved(before)
+            if saved is not None and (saved.get("running") or saved.get("stale")):
+                state = "unfinished" if saved.get("running") else "stale (an earlier stage ran again)"
+                raise ValueError(
+                    f"{self.run}: stage {before!r} is {state}, and `stages` {list(todo)} would build on it; "
+                    f"run it first (add it to `stages`)"
+                )
         if overwrite:
             return todo
         for i, stage in enumerate(todo):
@@ -205,8 +223,8 @@ class Pipeline:
             else:  # label and report read the analysis: a Gemma-sized crosscoder stays in the bucket
                 self.log.info("pipeline.weights_left_remote", stages=to_run, skipped=list(WEIGHTS))
         (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))
-        if overwrite:  # kept on disk (and remote): a killed --overwrite run still redoes every stage
-            for s in STAGES:
+        if overwrite and to_run:  # kept on disk (and remote): a killed --overwrite run still redoes
+            for s in STAGES[STAGES.index(to_run[0]) :]:  # the stages it redoes and those after them
                 self._write_marker(s, {"stale": True})
         results: dict[str, Any] = {}
         self._redo_changed = redo_changed  # labels resumed under other settings: relabel, not refuse
@@ -223,7 +241,13 @@ class Pipeline:
                 if self._saved(later) not in (None, {"stale": True}):
                     self._write_marker(later, {"stale": True})
             self._write_marker(
-                stage, {"running": True, "overwrite": ow, "hash": self.stage_config(stage)["hash"]}
+                stage,
+                {
+                    "running": True,
+                    "overwrite": ow,
+                    "hash": self.stage_config(stage)["hash"],
+                    "exact": self._exact(stage),
+                },
             )
             self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}", overwrite=ow)
             t0 = time.perf_counter()

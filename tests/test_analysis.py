@@ -260,3 +260,20 @@ def test_a_redone_analysis_leaves_none_of_the_old_one(tmp_path):
     run_analyze(run, st, AnalysisConfig(evidence=False), overwrite=True)
     assert (run / "latents.parquet").exists() and (run / "crosscoder" / "cfg.json").exists()
     assert not any((run / n).exists() for n in ("examples", "splice.json", "source_mass.parquet"))
+
+
+def test_a_third_models_latent_is_not_the_pairs():
+    """(pt, it) inside (pt, it, simpo): a SimPO-only latent, which pt and it barely write, is no
+    pair class and stays out of the pair's Δnorm tails, whatever the ratio of its tiny norms."""
+    from diffing.analysis import pair_writes
+
+    cfg = AnalysisConfig()
+    norms = np.array([[0.0, 1e-3, 1.0, 1.0], [0.0, 1e-4, 1.0, 0.02], [1.0, 1.0, 1.0, 0.1]])
+    assert classify(norms, ["pt", "it", "simpo"], cfg, pair=(0, 1)).tolist() == [
+        "other",
+        "other",
+        "shared",
+        "pt-only",
+    ]
+    assert pair_writes(norms, 0, 1, cfg).tolist() == [False, False, True, True]
+    assert pair_writes(norms[:2], 0, 1, cfg).all()  # two models: every latent is the pair's

@@ -82,3 +82,13 @@ def test_a_book_length_document_costs_what_its_kept_tokens_cost(tokenizer):
     assert len(doc.ids) == 128
     assert doc.ids == tokenizer(text, truncation=True, max_length=128)["input_ids"]
     assert time.perf_counter() - t0 < 30  # a generous bound; tokenising it whole is the reference above
+
+
+def test_left_truncation_keeps_the_end_as_before(tokenizer):
+    import copy
+
+    left = copy.deepcopy(tokenizer)
+    left.truncation_side = "left"
+    text = _text(random.Random(3), 20_000)
+    want = left(text, truncation=True, max_length=64)["input_ids"]
+    assert encode_truncated(left, text, add_special_tokens=True, max_length=64) == want

@@ -111,3 +111,30 @@ def test_runs_finished_before_the_identity_change_are_not_redone(tmp_path):
         m["hash"] = p.stage_config(s, legacy=True)["hash"]
         p.marker(s).write_text(json.dumps(m))
     assert _run(out) == []
+
+
+def test_an_overwrite_of_some_stages_leaves_the_earlier_ones_done(tmp_path):
+    out = tmp_path / "run"
+    _run(out)
+    assert _run(out, flags={"overwrite": True}, stages=["report"]) == [("report", True)]
+    assert _run(out) == []  # harvest..label were not touched: nothing to redo
+
+
+def test_a_fit_killed_midway_resumes_only_under_its_whole_config(tmp_path):
+    """Logging and checkpoint intervals do not change a finished fit, but its checkpoints are
+    tied to every field: a resume under other ones is a change (refused, or refit with the flag)."""
+    out = tmp_path / "run"
+    _run(out, kill_at="fit")
+    log = {"fit": {"train": {"log_every": 7}}}
+    with pytest.raises(ValueError, match="--redo-changed"):
+        _run(out, **log)
+    assert _run(out, flags={"redo_changed": True}, **log)[0] == ("fit", True)
+    assert _run(out, fit={"train": {"log_every": 9}}) == []  # finished: stands for any interval
+
+
+def test_a_stage_subset_does_not_build_on_an_unfinished_stage(tmp_path):
+    out = tmp_path / "run"
+    _run(out)
+    _run(out, kill_at="fit", flags={"redo_changed": True}, fit={"train": {"lr": 5e-3}})
+    with pytest.raises(ValueError, match="stage 'fit' is unfinished"):
+        _run(out, stages=["analyze", "label", "report"], fit={"train": {"lr": 5e-3}})
