@@ -45,7 +45,7 @@ def ray_data_map(concurrency: int, *, num_cpus: float = 0.5, address: str | None
     return map_fn
 
 
-def _clear_outputs(run: Path) -> None:
+def clear_outputs(run: Path) -> None:
     """Remove an analysis: latents, evidence, source masses, splice (a redo with splice or evidence
     off must not leave the old ones for the report and the label stage to read)."""
     import shutil
@@ -77,7 +77,7 @@ def run_analyze(
     st = open_store(store) if isinstance(store, str) else store
     log = get_logger("analyze", run=str(run))
     if overwrite:  # every output of an earlier analysis goes, also those this one does not write
-        _clear_outputs(run)
+        clear_outputs(run)
     table = analyze_run(run, st, cfg, pair=pair, overwrite=overwrite)
     classes = table.column("class").to_pylist()
     groups = table.column("group").to_pylist() if "group" in table.column_names else []

@@ -34,6 +34,7 @@ from jobs.pipeline_config import (  # noqa: F401  (re-exported: the config's pub
     with_defaults,
 )
 from jobs.rundir import WEIGHTS, RunMirror
+from jobs.stage_outputs import clear as clear_stage
 from serve.taxonomy import load_taxonomy
 
 
@@ -240,15 +241,13 @@ class Pipeline:
             for later in STAGES[STAGES.index(stage) + 1 :]:
                 if self._saved(later) not in (None, {"stale": True}):
                     self._write_marker(later, {"stale": True})
-            self._write_marker(
-                stage,
-                {
-                    "running": True,
-                    "overwrite": ow,
-                    "hash": self.stage_config(stage)["hash"],
-                    "exact": self._exact(stage),
-                },
-            )
+            running = {"running": True, "hash": self.stage_config(stage)["hash"], "exact": self._exact(stage)}
+            self._write_marker(stage, {**running, "overwrite": ow})
+            if ow:  # cleared here, then a fresh start: a kill from now on resumes this attempt
+                clear_stage(stage, self)
+                if self.mirror is not None:  # the deletions reach the bucket before the marker does
+                    self.mirror.push()
+                self._write_marker(stage, {**running, "overwrite": False})
             self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}", overwrite=ow)
             t0 = time.perf_counter()
             with self.mirror.syncing(self.cfg.sync_every_s) if self.mirror else nullcontext():

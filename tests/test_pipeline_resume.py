@@ -52,9 +52,9 @@ def test_a_redo_killed_midway_is_still_a_redo(tmp_path):
     _run(out)
     lr = {"fit": {"train": {"lr": 5e-3}}}
     assert _run(out, kill_at="fit", flags={"redo_changed": True}, **lr) == [("fit", True)]
-    # rerun without the flag: the refit starts over, and analyze, label and report are redone
-    # (before, they were resumed on the old crosscoder's outputs)
-    assert _run(out, **lr) == [(s, True) for s in ("fit", "analyze", "label", "report")]
+    # rerun without the flag: the refit resumes (its old outputs were cleared before it started),
+    # and analyze, label and report are redone (before, they resumed on the old crosscoder's outputs)
+    assert _run(out, **lr) == [("fit", False), *((s, True) for s in ("analyze", "label", "report"))]
     assert _run(out, **lr) == []
 
 
@@ -62,7 +62,7 @@ def test_an_overwrite_killed_midway_redoes_every_stage(tmp_path):
     out = tmp_path / "run"
     _run(out)
     assert _run(out, kill_at="harvest", flags={"overwrite": True}) == [("harvest", True)]
-    assert _run(out) == [(s, True) for s in STAGES]
+    assert _run(out) == [("harvest", False), *((s, True) for s in STAGES[1:])]
 
 
 def test_a_changed_unfinished_stage_is_refused_before_anything_is_written(tmp_path):
@@ -138,3 +138,31 @@ def test_a_stage_subset_does_not_build_on_an_unfinished_stage(tmp_path):
     _run(out, kill_at="fit", flags={"redo_changed": True}, fit={"train": {"lr": 5e-3}})
     with pytest.raises(ValueError, match="stage 'fit' is unfinished"):
         _run(out, stages=["analyze", "label", "report"], fit={"train": {"lr": 5e-3}})
+
+
+def test_a_redo_clears_the_old_outputs_before_it_starts(tmp_path):
+    """What makes resuming a killed redo safe: the stage's old outputs are gone before it runs."""
+    out = tmp_path / "run"
+    _run(out)
+    old = {
+        "checkpoints/step_00000100.pt": "old",
+        "metrics.json": "{}",
+        "crosscoder/cfg.json": "{}",
+        "latents.parquet": "old",
+        "examples/latents-00000.jsonl": "old",
+        "splice.json": "old",
+        "labels.jsonl": "old",
+        "store/manifest.json": "old",
+    }
+    for rel, text in old.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    _run(out, kill_at="fit", flags={"redo_changed": True}, fit={"train": {"lr": 5e-3}})
+    assert (out / "store" / "manifest.json").exists()  # harvest was not redone
+    for rel in ("checkpoints/step_00000100.pt", "metrics.json", "crosscoder/cfg.json"):
+        assert not (out / rel).exists(), rel  # the fit's: cleared before the refit started
+    p = _pipeline(out, [], fit={"train": {"lr": 5e-3}})
+    assert all(p._saved(s) == {"stale": True} for s in ("analyze", "label", "report"))
+    _run(out, kill_at="label", fit={"train": {"lr": 5e-3}})  # analyze and label cleared as they start
+    for rel in ("latents.parquet", "examples/latents-00000.jsonl", "splice.json", "labels.jsonl"):
+        assert not (out / rel).exists(), rel

@@ -266,3 +266,29 @@ def test_work_inside_a_stage_reaches_the_bucket_before_the_stage_ends(tmp_path, 
     }
     p2()
     assert seen == ['{"latent": 1}\n']  # harvest skipped; label resumed from the partial file
+
+
+@pytest.mark.timeout(120)
+def test_a_remote_redo_killed_midway_resumes_elsewhere_without_the_old_outputs(tmp_path, s3_endpoint):
+    """The refit's clear reaches the bucket before its fresh-start marker: a second machine that
+    resumes the killed refit finds no old crosscoder or metrics to take for the new ones."""
+    url = _url()
+    calls: list = []
+    _stubbed(Pipeline(_stub_cfg(tmp_path / "m1", url)), calls)()
+    assert _remote_text(url, "crosscoder/model.safetensors") == "weights"
+    lr = {"fit": {"train": {"lr": 5e-3}}}
+    with pytest.raises(RuntimeError, match="killed in fit"):
+        _stubbed(Pipeline(_stub_cfg(tmp_path / "m1", url, **lr)), calls, fail_at="fit")(redo_changed=True)
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{root}/crosscoder/model.safetensors")
+    assert json.loads(_remote_text(url, "stages/fit.json"))["overwrite"] is False  # cleared: resumable
+    cfg2 = _stub_cfg(tmp_path / "m2", url, **lr)
+    seen: list = []
+    p2 = _stubbed(Pipeline(cfg2), [])
+    fns = dict(p2.stage_fns)
+    p2.stage_fns = {
+        s: (lambda overwrite, s=s: seen.append((s, overwrite)) or fns[s](overwrite)) for s in STAGES
+    }
+    p2()
+    assert seen == [("fit", False), ("analyze", True), ("label", True), ("report", True)]

@@ -1,0 +1,50 @@
+"""What each pipeline stage writes, and clearing it.
+
+A stage that is redone from scratch (its config changed, `--overwrite`, or an earlier stage ran
+again) is cleared by the pipeline before it runs and only then marked as a fresh start: from
+that point every output present is this attempt's own, so a kill resumes it (a refit at its
+last checkpoint, a re-harvest at its shard) instead of starting it over once more.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import fsspec
+
+if TYPE_CHECKING:
+    from jobs.pipeline import Pipeline
+
+HARVEST_OUTPUTS = ("manifest.json", "shards", "harvest_config.json")
+FIT_OUTPUTS = ("checkpoints", "ray", "metrics.json", "metrics.jsonl", "crosscoder", "run_config.json")
+
+
+def _rm(uri: str, names: tuple[str, ...]) -> None:
+    fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
+    for name in names:
+        path = f"{root}/{name}"
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def clear(stage: str, p: Pipeline) -> None:
+    """Remove what `stage` of the pipeline `p` wrote (the report is rewritten whole: nothing)."""
+    if stage == "harvest":
+        _rm(p.cfg.harvest.store, HARVEST_OUTPUTS)
+    elif stage == "fit":
+        _rm(str(p.run), FIT_OUTPUTS)
+        if p.cfg.remote and p.cfg.fit.distributed.workers > 0:  # a Ray Train fit writes the bucket
+            _rm(p.cfg.out, FIT_OUTPUTS)
+    elif stage == "analyze":
+        from jobs.analyze import clear_outputs
+
+        for d in p.dirs().values():
+            clear_outputs(d)
+    elif stage == "label":
+        from diffing.evidence import LABELS_FILE
+        from jobs.label import CONFIG_FILE, SETTINGS_FILE
+
+        for d in p.dirs().values():
+            for name in (LABELS_FILE, CONFIG_FILE, SETTINGS_FILE):
+                (d / name).unlink(missing_ok=True)
