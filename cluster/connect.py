@@ -18,6 +18,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         ray.init(address=address, log_to_driver=True)
         return
     ray.init(
+        address="local",  # a new Ray of our own: never another program's `ray start` on this host
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),
         include_dashboard=False,
         log_to_driver=True,

@@ -175,7 +175,7 @@ def fit(
     h = config_hash(cfg)
     ckpts = run.checkpoints()
     if ckpts:
-        blob = torch.load(ckpts[-1], weights_only=False)
+        blob = torch.load(ckpts[-1], weights_only=False, map_location="cpu")  # a GPU run's, on any device
         if blob["config_hash"] != h:
             raise ValueError(
                 f"{run.path} holds checkpoints of a different config; use a new --out or pass --overwrite"

@@ -38,10 +38,13 @@ def _user_errors():
     from diffing.store import StoreError
     from jobs.label import LabelJobError
 
-    return (ConfigError, StoreError, LabelJobError, ValueError, FileNotFoundError, PermissionError)
+    # OSError: a full or read-only disk, an unreachable host (ConnectionError), a missing file;
+    # TimeoutError (an OSError) too: a service that did not come up
+    return (ConfigError, StoreError, LabelJobError, ValueError, OSError)
 
 
 def _run(fn):
+    import errno
     import os
 
     try:
@@ -49,7 +52,12 @@ def _run(fn):
     except _user_errors() as e:  # noqa: B030 - tuple built at call time
         if os.environ.get("CROSSDIFF_DEBUG"):
             raise
-        _fail(f"{e}\n(set CROSSDIFF_DEBUG=1 for a traceback)")
+        hint = ""
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
+            hint = (
+                "\n(models and runs need a writable disk with space; CROSSDIFF_CACHE moves the model cache)"
+            )
+        _fail(f"{e}{hint}\n(set CROSSDIFF_DEBUG=1 for a traceback)")
     except ImportError as e:  # an optional package a URL needs (fsspec: "Please install gcsfs ...")
         if "install" not in str(e).lower() or os.environ.get("CROSSDIFF_DEBUG"):
             raise
@@ -212,6 +220,9 @@ def demo(
     harvest, fit, analyze, label with the vLLM judge on Ray Serve, report with planted-truth checks)."""
     if planted_dictionary:
         from jobs.demo import run_planted_demo
+
+        if set_:
+            _fail("--set configures the embedded demo's pipeline; --planted-dictionary takes no settings")
 
         _run(lambda: run_planted_demo(out))
         return

