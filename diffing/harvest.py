@@ -128,7 +128,7 @@ class Harvester:
             self.tokenizers = [load_tokenizer(m.path) for m in cfg.models]
             self.dtypes = [resolve_dtype(m.dtype, self.device) for m in cfg.models]
             self.models = [
-                load_model(m.path, dtype=dt, device=self.device)
+                load_model(m.path, dtype=dt, device=self.device, keep_layers=cfg.layer + 1)
                 for m, dt in zip(cfg.models, self.dtypes, strict=True)
             ]
         else:

@@ -395,3 +395,15 @@ def test_config_validation():
             corpus=CorpusSpec(uri="c"),
             store="s",
         )
+
+
+def test_harvest_models_keep_only_the_layers_up_to_the_site(tmp_path, tiny_pair):
+    """The layers past the harvested one are never run: they are not loaded onto the device either
+    (and the activations are those of the whole model, test_activations_equal_a_direct_forward)."""
+    from diffing.models import load_model, n_layers
+
+    full = n_layers(load_model(str(tiny_pair[0])))
+    h = Harvester(_cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s", device="cpu"))
+    assert all(n_layers(m) == h.cfg.layer + 1 < full for m in h.models)
+    with pytest.raises(HarvestInputError, match="out of range"):
+        Harvester(_cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s2", device="cpu", layer=full))
