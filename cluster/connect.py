@@ -14,6 +14,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise ValueError(
+            f"Ray address {address!r} is the job API (for `crossdiff submit`); this command joins the "
+            "cluster itself: give its GCS address, HEAD:6379 or ray://HEAD:10001 (--address or RAY_ADDRESS)"
+        )
     if address:
         ray.init(address=address, log_to_driver=True)
         return

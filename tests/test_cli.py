@@ -222,3 +222,9 @@ def test_planted_dictionary_demo_takes_no_settings(tmp_path):
         app, ["demo", "--planted-dictionary", "--out", str(tmp_path), "--set", "fit.train.lr=1"]
     )
     assert r.exit_code == 2 and "takes no settings" in r.output
+
+
+def test_a_job_api_address_for_a_stage_command_names_the_right_one(tmp_path, store, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    r = runner.invoke(app, ["fit", "--store", store, "--out", str(tmp_path / "r"), "--workers", "1"])
+    assert r.exit_code == 2 and "HEAD:6379" in r.output and "crossdiff submit" in r.output
