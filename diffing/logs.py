@@ -11,8 +11,23 @@ import structlog
 _configured = False
 
 
+class _LineLogger:
+    """structlog's PrintLogger, but `file=None` means the sys.stderr of the moment of each line: a
+    module-level logger made while a test runner or notebook had swapped the stream in must not
+    keep writing to it once it is closed (and a logger without a stream object pickles, as Ray
+    Serve does with deployment code)."""
+
+    def __init__(self, file=None):
+        self._file = file
+
+    def msg(self, message: str) -> None:
+        print(message, file=self._file or sys.stderr, flush=True)
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = failure = msg
+
+
 def configure(json: bool | None = None, level: int = logging.INFO, file=None) -> None:
-    """file: where lines go (default: the current sys.stderr, looked up per logger)."""
+    """file: where lines go (default: sys.stderr, looked up per line)."""
     global _configured
     if json is None:
         json = os.environ.get("CROSSDIFF_LOG_JSON", "") not in ("", "0", "false")
@@ -24,7 +39,7 @@ def configure(json: bool | None = None, level: int = logging.INFO, file=None) ->
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=lambda *args: structlog.PrintLogger(file=file or sys.stderr),  # resolved per logger
+        logger_factory=lambda *args: _LineLogger(file),
         cache_logger_on_first_use=False,
     )
     _configured = True

@@ -228,3 +228,23 @@ def test_a_job_api_address_for_a_stage_command_names_the_right_one(tmp_path, sto
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
     r = runner.invoke(app, ["fit", "--store", store, "--out", str(tmp_path / "r"), "--workers", "1"])
     assert r.exit_code == 2 and "HEAD:6379" in r.output and "crossdiff submit" in r.output
+
+
+def test_a_logger_made_under_a_swapped_stderr_outlives_it(capsys):
+    """Module loggers created inside a CliRunner call (its stderr, closed afterwards) kept writing
+    to it: every later log line in the process raised 'I/O operation on closed file'."""
+    import io
+    import pickle
+    import sys
+
+    from diffing.logs import get_logger
+
+    real, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        log = get_logger("swapped", run="r")
+    finally:
+        swapped, sys.stderr = sys.stderr, real
+        swapped.close()
+    log.info("still.writes")
+    assert "still.writes" in capsys.readouterr().err
+    pickle.dumps(log._logger)  # Ray Serve pickles deployment code that holds loggers
