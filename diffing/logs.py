@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 import structlog
 
 _configured = False
+_WRITE_LOCK = threading.Lock()  # module-level: a logger holding a lock would not pickle
 
 
 class _LineLogger:
@@ -21,7 +23,10 @@ class _LineLogger:
         self._file = file
 
     def msg(self, message: str) -> None:
-        print(message, file=self._file or sys.stderr, flush=True)
+        f = self._file or sys.stderr
+        with _WRITE_LOCK:  # one write per line: threads (the background sync) never interleave
+            f.write(message + "\n")
+            f.flush()
 
     log = debug = info = warn = warning = error = err = critical = exception = fatal = failure = msg
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +163,15 @@ def _absolute(cfg: HarvestConfig) -> HarvestConfig:
     return cfg.model_copy(update={"models": type(cfg.models)(models), "store": store})
 
 
-def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | None = None) -> Manifest:
-    """Harvest the corpus into cfg.store with Ray Data; resumable and idempotent."""
+def run_harvest(
+    cfg: HarvestConfig,
+    *,
+    overwrite: bool = False,
+    address: str | None = None,
+    on_cleared: Callable[[], None] | None = None,
+) -> Manifest:
+    """Harvest the corpus into cfg.store with Ray Data; resumable and idempotent. `on_cleared`: called
+    once an overwrite has removed the old store (after every check passed)."""
     import ray
 
     from cluster.connect import ensure_ray
@@ -179,6 +187,8 @@ def run_harvest(cfg: HarvestConfig, *, overwrite: bool = False, address: str | N
         writer.clear()
         if writer.fs.exists(stamp):
             writer.fs.rm(stamp)
+        if on_cleared is not None:
+            on_cleared()
     elif writer.fs.exists(stamp):
         old = json.loads(writer.fs.cat_file(stamp))
         legacy = hashlib.sha256(  # stamps written before the hash left paths out (2026-11-26)

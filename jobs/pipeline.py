@@ -51,6 +51,7 @@ class Pipeline:
         self.address = address
         self.endpoint = endpoint
         self._redo_changed = False  # set per call; the label stage reads it
+        self._on_cleared: Callable[[], None] | None = None  # the running stage's "old outputs are gone"
         self.log = get_logger("pipeline", run=cfg.out)
         # the crosscoder's weights come down only if fit or analyze will run (see __call__)
         self.mirror = RunMirror(cfg.out, self.run, skip=WEIGHTS) if cfg.remote else None
@@ -243,11 +244,16 @@ class Pipeline:
                     self._write_marker(later, {"stale": True})
             running = {"running": True, "hash": self.stage_config(stage)["hash"], "exact": self._exact(stage)}
             self._write_marker(stage, {**running, "overwrite": ow})
-            if ow:  # cleared here, then a fresh start: a kill from now on resumes this attempt
-                clear_stage(stage, self)
+
+            def fresh_start(stage=stage, running=running) -> None:  # old outputs gone: resumable from here
                 if self.mirror is not None:  # the deletions reach the bucket before the marker does
                     self.mirror.push()
                 self._write_marker(stage, {**running, "overwrite": False})
+
+            self._on_cleared = fresh_start  # the harvest calls it once its checks passed and it cleared
+            if ow and stage != "harvest":
+                clear_stage(stage, self)
+                fresh_start()
             self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}", overwrite=ow)
             t0 = time.perf_counter()
             with self.mirror.syncing(self.cfg.sync_every_s) if self.mirror else nullcontext():
@@ -267,7 +273,9 @@ class Pipeline:
     def _harvest(self, overwrite: bool) -> dict:
         from jobs.harvest import run_harvest
 
-        m = run_harvest(self.cfg.harvest, overwrite=overwrite, address=self.address)
+        m = run_harvest(
+            self.cfg.harvest, overwrite=overwrite, address=self.address, on_cleared=self._on_cleared
+        )
         return {"store": self.cfg.harvest.store, "rows": m.n_rows, "shards": len(m.shards)}
 
     def _fit(self, overwrite: bool) -> dict:

@@ -30,12 +30,12 @@ def _rm(uri: str, names: tuple[str, ...]) -> None:
 
 def clear(stage: str, p: Pipeline) -> None:
     """Remove what `stage` of the pipeline `p` wrote (the report is rewritten whole: nothing)."""
-    if stage == "harvest":
-        _rm(p.cfg.harvest.store, HARVEST_OUTPUTS)
-    elif stage == "fit":
+    if stage == "harvest":  # run_harvest clears its store itself, after its checks: a (maybe shared)
+        return  # store goes only for a harvest that can run; it then calls the pipeline's on_cleared
+    if stage == "fit":
         _rm(str(p.run), FIT_OUTPUTS)
-        if p.cfg.remote and p.cfg.fit.distributed.workers > 0:  # a Ray Train fit writes the bucket
-            _rm(p.cfg.out, FIT_OUTPUTS)
+        if p.cfg.remote:  # a Ray Train fit writes the bucket; weights this machine never synced stay there
+            _rm(p.cfg.out, FIT_OUTPUTS if p.cfg.fit.distributed.workers > 0 else ("crosscoder",))
     elif stage == "analyze":
         from jobs.analyze import clear_outputs
 

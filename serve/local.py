@@ -11,6 +11,7 @@ runtime environment.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import socket
@@ -26,14 +27,18 @@ APP_NAME = "crossdiff-labelling"
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Fail at once on a taken port (Serve's proxy would retry it until the start timeout)."""
-    with socket.socket() as s:
+    """Fail at once on a taken port (Serve's proxy would retry it until the start timeout). Binds as
+    Serve does (IPv6 hosts, SO_REUSEADDR); anything but "in use" is left for Serve to report."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
-            raise OSError(
-                e.errno, f"cannot serve on {host}:{port}: {e.strerror}; pass another --port"
-            ) from None
+            if e.errno == errno.EADDRINUSE:
+                raise OSError(
+                    e.errno, f"cannot serve on {host}:{port}: port in use; pass another --port"
+                ) from None
 
 
 def free_port() -> int:
@@ -89,7 +94,8 @@ class LocalService:
         self.start_timeout_s = start_timeout_s
         self.num_cpus = num_cpus
         self.url = f"http://127.0.0.1:{self.port}"
-        self._started_ray = False
+        self._started_ray = False  # our own Ray: Serve and Ray end with the service
+        self._joined_ray = False  # a cluster's: only this driver's connection ends
 
     def start(self) -> LocalService:
         check_bind(self.host, self.token, self.settings.auth.allow_unauthenticated)
@@ -104,8 +110,15 @@ class LocalService:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if not ray.is_initialized():
-            ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
-            self._started_ray = True
+            cluster = os.environ.get("RAY_ADDRESS")  # a Ray job's driver: the judge goes on that cluster
+            if cluster:
+                ray.init(address=cluster, log_to_driver=False)
+                self._joined_ray = True
+            else:  # a Ray of our own (never another program's `ray start` on this host)
+                ray.init(
+                    address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False
+                )
+                self._started_ray = True
         try:
             return self._start_app(serve, build_app)
         except BaseException:  # a failed start (timeout, bad taxonomy, Ctrl-C) leaves no judge running
@@ -154,6 +167,8 @@ class LocalService:
             log.warning("labelling.stop_failed", error=str(e))
         if self._started_ray:
             serve.shutdown()
+            ray.shutdown()
+        elif self._joined_ray:
             ray.shutdown()
 
     def __enter__(self) -> LocalService:

@@ -248,3 +248,17 @@ def test_a_logger_made_under_a_swapped_stderr_outlives_it(capsys):
     log.info("still.writes")
     assert "still.writes" in capsys.readouterr().err
     pickle.dumps(log._logger)  # Ray Serve pickles deployment code that holds loggers
+
+
+def test_the_port_check_binds_as_serve_does():
+    import socket
+
+    from serve.local import _check_port_free, free_port
+
+    _check_port_free("127.0.0.1", free_port())
+    _check_port_free("::1", free_port())  # an IPv6 host is no "address family" error
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(OSError, match="port in use"):
+            _check_port_free("127.0.0.1", s.getsockname()[1])

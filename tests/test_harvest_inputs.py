@@ -224,3 +224,39 @@ def test_write_arrays_refuses_columns_that_would_clash(tmp_path):
     ):
         with pytest.raises(StoreError, match=match):
             write_arrays(str(tmp_path / "s"), acts, **kw)
+
+
+def test_an_overwrite_clears_the_store_only_for_a_harvest_that_can_run(tmp_path, tiny_pair, monkeypatch):
+    """A redo whose new config is broken leaves a (maybe shared) store alone; a valid one clears
+    it and then says so (the pipeline marks the re-harvest resumable from there)."""
+    import json
+
+    from diffing.harvest import HarvestConfig
+    from jobs.harvest import run_harvest
+
+    class ReachedRay(Exception):
+        pass
+
+    def stop(address=None):
+        raise ReachedRay
+
+    monkeypatch.setattr("cluster.connect.ensure_ray", stop)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text("{}")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": "hello there, a short document"}))
+    models = [{"name": "base", "path": str(tiny_pair[0])}, {"name": "ft", "path": str(tiny_pair[1])}]
+    cleared: list = []
+
+    def cfg(**kw):
+        return HarvestConfig.model_validate(
+            {"models": models, "layer": 1, "corpus": {"uri": str(corpus)}, "store": str(store), **kw}
+        )
+
+    with pytest.raises(Exception, match="out of range"):
+        run_harvest(cfg(layer=99), overwrite=True, on_cleared=lambda: cleared.append(1))
+    assert (store / "manifest.json").exists() and not cleared
+    with pytest.raises(ReachedRay):
+        run_harvest(cfg(), overwrite=True, on_cleared=lambda: cleared.append(1))
+    assert not (store / "manifest.json").exists() and cleared == [1]

@@ -62,6 +62,27 @@ def test_an_overwrite_killed_midway_redoes_every_stage(tmp_path):
     out = tmp_path / "run"
     _run(out)
     assert _run(out, kill_at="harvest", flags={"overwrite": True}) == [("harvest", True)]
+    # the stub harvest never said it cleared its store: it starts over, and so does all after it
+    assert _run(out) == [(s, True) for s in STAGES]
+
+
+def test_a_re_harvest_killed_after_clearing_resumes_its_own_shards(tmp_path):
+    """run_harvest calls on_cleared once its checks passed and the old store is gone: from then on
+    a kill resumes the new harvest (it does not clear a shared store for a harvest that cannot run)."""
+    out = tmp_path / "run"
+    _run(out)
+    calls: list = []
+    p = _pipeline(out, calls)
+
+    def harvest(overwrite):
+        calls.append(("harvest", overwrite))
+        if overwrite:
+            p._on_cleared()
+        raise Killed("harvest")
+
+    p.stage_fns["harvest"] = harvest
+    with pytest.raises(Killed):
+        p(overwrite=True)
     assert _run(out) == [("harvest", False), *((s, True) for s in STAGES[1:])]
 
 
