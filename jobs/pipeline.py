@@ -175,15 +175,10 @@ class Pipeline:
             self.mirror.put(f"stages/{stage}.json")
 
     def _mark(self, stage: str, summary: dict, seconds: float) -> None:
-        m = self.marker(stage)
-        m.parent.mkdir(parents=True, exist_ok=True)
-        tmp = m.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {"hash": self.stage_config(stage)["hash"], "seconds": seconds, "summary": summary}, indent=2
-            )
+        """`done`: written after the stage's outputs were pushed, so it vouches for them."""
+        self._write_marker(
+            stage, {"hash": self.stage_config(stage)["hash"], "seconds": seconds, "summary": summary}
         )
-        tmp.replace(m)
 
     def stages_to_run(self, overwrite: bool = False, redo_changed: bool = False) -> list[str]:
         """The configured stages this call will run: from the first unfinished one on (a stage
