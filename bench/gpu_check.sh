@@ -9,6 +9,7 @@
 #     SECTIONS="tests" bash bench/gpu_check.sh
 #     SECTIONS="fit prefetch9b prefetch2b" bash bench/gpu_check.sh   # the in-process read-ahead
 #     SECTIONS="harvest9b" bash bench/gpu_check.sh    # harvest actor: forward vs store write
+#     SECTIONS="layers9b" bash bench/gpu_check.sh     # harvest actor's GPU memory: layers 0-20 vs all
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/crossdiff-gpu-check}
@@ -61,6 +62,14 @@ for s in $SECTIONS; do
         --prompts 64 --doc-tokens 1024 --batch-prompts 16 --shards 5 --write-threads 0,4 \
         --json "$OUT/harvest9b.json" >"$OUT/harvest9b.log" 2>&1
       echo "== harvest9b rc=$? ($(($(date +%s) - t0)) s)"; grep '^{"write_threads' "$OUT/harvest9b.log" ;;
+    layers9b)  # GPU memory of a harvest actor that keeps layers 0-20 of three Gemma-2-9b models, then all 42
+      for f in "" --all-layers; do
+        timeout 170 python3 bench/harvest_shard.py --arch gemma2-9b --models 3 --layer 20 --device cuda \
+          --prompts 64 --doc-tokens 1024 --batch-prompts 16 --shards 2 --write-threads 4 $f \
+          --json "$OUT/layers9b${f}.json" >"$OUT/layers9b${f}.log" 2>&1
+        echo "== layers9b $f rc=$? ($(($(date +%s) - t0)) s)"
+        grep -E '^\{"write_threads|"(layers_kept|weights_gb|build_s)"' "$OUT/layers9b${f}.log"
+      done ;;
     prefetch2b)  # and at a Gemma-2-2b-like width
       timeout 180 python3 bench/fit_prefetch.py --device cuda --threads 8 --repeat 1 --d-model 2304 \
         --n-latents 32768 --k 64 --batch 4096 --features 2048 --tokens 262144 \

@@ -75,8 +75,12 @@ class PeakRSS:
         return self.peak - self.start
 
 
-def build_models(arch: str, n: int, dtype: torch.dtype, device: str):
+def build_models(arch: str, n: int, dtype: torch.dtype, device: str, keep_layers: int | None = None):
+    """Random-weight models; ``keep_layers``: drop the layers past the first ones, as the harvest's
+    load_model does (each model is trimmed before the next is built)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from diffing.models import keep_first_layers
 
     fields = dict(ARCHS[arch])
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -85,6 +89,10 @@ def build_models(arch: str, n: int, dtype: torch.dtype, device: str):
         torch.manual_seed(i)
         with torch.device(device):
             m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        if keep_layers is not None:
+            keep_first_layers(m, keep_layers)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
         models.append(m.eval().requires_grad_(False))
     return models
 
@@ -114,6 +122,9 @@ def main() -> None:
     ap.add_argument("--batch-prompts", type=int, default=16)
     ap.add_argument("--shards", type=int, default=4, help="timed shards (after one small warm-up)")
     ap.add_argument("--write-threads", default="0,2", help="settings to compare, comma-separated")
+    ap.add_argument(
+        "--all-layers", action="store_true", help="keep every layer (the harvest before 2026-12-06)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -122,7 +133,12 @@ def main() -> None:
     from diffing.store import StoreWriter
 
     t0 = time.perf_counter()
-    models = build_models(args.arch, args.models, getattr(torch, args.dtype), args.device)
+    keep = None if args.all_layers else args.layer + 1
+    models = build_models(args.arch, args.models, getattr(torch, args.dtype), args.device, keep)
+    if args.device.startswith("cuda"):
+        weights_gb = torch.cuda.memory_allocated() / 1e9
+    else:
+        weights_gb = sum(p.numel() * p.element_size() for m in models for p in m.parameters()) / 1e9
     t_build = time.perf_counter() - t0
     tok = byte_tokenizer()
     tmp = tempfile.mkdtemp()
@@ -179,7 +195,8 @@ def main() -> None:
     report = dict(
         arch=args.arch, models=args.models, layer=args.layer, device=args.device, dtype=args.dtype,
         prompts=args.prompts, doc_tokens=args.doc_tokens, batch_prompts=args.batch_prompts,
-        build_s=round(t_build, 1), runs=[], torch=torch.__version__, machine=platform.machine(),
+        build_s=round(t_build, 1), layers_kept=keep, weights_gb=round(weights_gb, 2), runs=[],
+        torch=torch.__version__, machine=platform.machine(),
         gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None, cpus=os.cpu_count(),
     )  # fmt: skip
     for wt in [int(x) for x in args.write_threads.split(",")]:

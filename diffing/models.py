@@ -77,10 +77,18 @@ def load_model(
         )
         raise HarvestInputError(f"cannot load model {path!r}: {e}{hint}") from None
     model.eval().requires_grad_(False)
-    layers = _named_layers(model)
-    if keep_layers is not None and layers is not None and keep_layers < len(layers):
-        del layers[keep_layers:]
+    if keep_layers is not None:
+        keep_first_layers(model, keep_layers)
     return model.to(device)
+
+
+def keep_first_layers(model: nn.Module, n: int) -> nn.Module:
+    """Drops the decoder layers past the first ``n``, in place (a harvest at layer L needs L + 1).
+    Models whose layer list has none of the known names keep all of them."""
+    layers = _named_layers(model)
+    if layers is not None and n < len(layers):
+        del layers[n:]
+    return model
 
 
 def load_tokenizer(path: str):
