@@ -139,6 +139,9 @@ def _messages(value: Any, where: str, spec: CorpusSpec) -> list[dict[str, Any]]:
         raise HarvestInputError(
             f"corpus {where}: {field}[{j}] must be {{role: str, content: str}}, got {str(m)[:120]}{hint}"
         )
+    # A Parquet list<struct> column gives every turn every key of any turn (tool_calls: None on a
+    # plain user turn); templates test `'tool_calls' in message`, so absent keys stay absent.
+    value = [{k: v for k, v in m.items() if v is not None} for m in value]
     try:  # as given: extra keys (name, ...) are the template's to use
         json.dumps(value)
     except (TypeError, ValueError):  # ...but JSON-safe: a Parquet turn's timestamp becomes its text

@@ -236,7 +236,12 @@ class Crosscoder(nn.Module):
             "b_dec": self.b_dec / c[:, None],
         }
         if self.cfg.kind == "batchtopk":
-            out["act_threshold"] = self.threshold.clamp_min(0) / self.decoder_norms().sum(0).clamp_min(1e-12)
+            if self.threshold.item() < 0:  # clamped to 0 it would keep every positive latent
+                raise ValueError(
+                    "this BatchTopK crosscoder has no inference threshold yet (no training step ran); "
+                    "fit it before exporting"
+                )
+            out["act_threshold"] = self.threshold / self.decoder_norms().sum(0).clamp_min(1e-12)
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     # -- persistence ------------------------------------------------------------------------

@@ -88,13 +88,18 @@ class SubsetEncoder:
             self.norm_sum = model.decoder_norms().detach().sum(0)[self.latents].float()
         self.threshold = float(model.threshold)
         self.kind = model.cfg.kind
+        if self.kind == "batchtopk" and self.threshold < 0:
+            # batch top-k would make a latent's activation depend on the rows encoded with it, so
+            # the scan and the window passes (different rows) would disagree
+            raise ValueError(
+                "the crosscoder has no BatchTopK inference threshold (saved before any training "
+                "step): fit it before collecting evidence"
+            )
 
     @torch.no_grad()
     def __call__(self, x_raw: torch.Tensor | np.ndarray) -> np.ndarray:
         x = torch.as_tensor(np.asarray(x_raw)) if isinstance(x_raw, np.ndarray) else x_raw
         x = self.model.normalise(x)
-        if self.kind == "batchtopk" and self.threshold < 0:
-            return self.model.encode(x)[:, self.latents].numpy()
         act = torch.relu(x.reshape(x.shape[0], -1) @ self.W + self.b)
         if self.kind == "batchtopk":
             act = act * (act * self.norm_sum > self.threshold)
@@ -145,6 +150,9 @@ class Accumulator:
     top: dict[str, np.ndarray] = None  # type: ignore[assignment]
     res: dict[str, np.ndarray] = None  # type: ignore[assignment]
     neg: dict[str, np.ndarray] = None  # type: ignore[assignment]
+    # (latent index, doc) of docs at a shard's edge where the latent fired: such a doc may continue
+    # in the neighbouring shard, where it is a negative candidate it must not become
+    fired_edge: set[tuple[int, int]] = field(default_factory=set)
 
     def __post_init__(self):
         K = len(self.latents)
@@ -193,6 +201,9 @@ class Accumulator:
         }
         peak_pos = pos[np.minimum(peak, n - 1)].T.astype(np.int64)
         on = vals > 0
+        at_edge = np.flatnonzero(edge[starts] != 0)
+        ks, js = np.nonzero(on[:, at_edge])
+        self.fired_edge.update(zip(ks.tolist(), d[at_edge[js]].tolist(), strict=True))
         cand = {**base, "val": np.where(on, vals, -np.inf), "pos": peak_pos}
         self.top = _keep(self.top, cand, "val", self.top["val"].shape[1], largest=True)
         seed = self.cfg.evidence_seed
@@ -220,6 +231,7 @@ class Accumulator:
         self.top = _keep(self.top, other.top, "val", self.top["val"].shape[1], largest=True)
         self.res = _keep(self.res, other.res, "key", self.res["key"].shape[1], largest=False)
         self.neg = _keep(self.neg, other.neg, "key", self.neg["key"].shape[1], largest=False)
+        self.fired_edge |= other.fired_edge
         return self
 
 
@@ -228,7 +240,10 @@ def _doc_sorted(table, cfg: AnalysisConfig, store) -> dict[str, np.ndarray]:
     shard's first row, 2 = its last row (docs that may continue in the neighbouring shard)."""
     doc = table.column("doc_id").to_numpy()
     pos = table.column("pos").to_numpy()
-    edge = (doc == doc[0]).astype(np.int64) | 2 * (doc == doc[-1]).astype(np.int64)
+    if len(doc) == 0:  # a shard whose records kept no tokens
+        edge = np.zeros(0, np.int64)
+    else:
+        edge = (doc == doc[0]).astype(np.int64) | 2 * (doc == doc[-1]).astype(np.int64)
     keep = heldout_mask(doc, cfg)
     order = np.flatnonzero(keep)
     order = order[np.lexsort((pos[order], doc[order]))]
@@ -343,7 +358,12 @@ def plan_requests(acc: Accumulator) -> list[Request]:
             for q in range(cfg.n_quantiles):
                 for j in idx[bins == q][: cfg.per_quantile]:
                     out.append(req(res, k, j, "quantile", q))
-        for j in _unique_docs(acc.neg, k, np.isfinite(acc.neg["key"]))[: 2 * cfg.n_negatives + 2]:
+        negs = [
+            j
+            for j in _unique_docs(acc.neg, k, np.isfinite(acc.neg["key"]))
+            if (k, int(acc.neg["doc"][k, j])) not in acc.fired_edge  # it fired in its other part
+        ]
+        for j in negs[: 2 * cfg.n_negatives + 2]:
             out.append(req(acc.neg, k, j, "neg"))
     return out
 

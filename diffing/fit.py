@@ -42,7 +42,21 @@ def total_steps(tcfg: TrainConfig, n_rows: int) -> int:
     return tcfg.steps or max(1, int(math.floor(tcfg.epochs * (n_rows // tcfg.batch_size))))
 
 
-def config_hash(cfg: FitConfig) -> str:
+NO_EFFECT_TRAIN = {"log_every", "checkpoint_every", "device"}  # the weights do not depend on them
+
+
+def config_hash(cfg: FitConfig, *, distributed: bool = False) -> str:
+    """What a checkpoint must match to be resumed: every setting with an effect on the weights.
+    Logging, checkpointing and the device are left out (a GPU fit resumes on a CPU), and so is the
+    ``distributed`` section unless ``distributed`` (Ray Train: workers shard the data; its
+    max_failures never counts)."""
+    exclude: dict = {"train": NO_EFFECT_TRAIN}
+    exclude["distributed"] = {"max_failures"} if distributed else True
+    return hashlib.sha256(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
+
+
+def legacy_config_hash(cfg: FitConfig) -> str:
+    """The hash of every setting, as checkpoints before 2026-12-06 carry."""
     return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
 
 
@@ -105,10 +119,7 @@ def fit_changes(old: dict, cfg: FitConfig, store_rows: int) -> list[str]:
         was_cfg = FitConfig.model_validate(old["fit"])
     except (KeyError, TypeError, ValueError):
         return []
-    skip = {
-        "distributed": True,
-        "train": {"log_every", "checkpoint_every", "device"},
-    }  # no effect on the result
+    skip = {"distributed": True, "train": NO_EFFECT_TRAIN}  # no effect on the result
     was = was_cfg.model_dump(exclude=skip)
     now = cfg.model_dump(exclude=skip)
     changed = sorted(
@@ -176,7 +187,7 @@ def fit(
     ckpts = run.checkpoints()
     if ckpts:
         blob = torch.load(ckpts[-1], weights_only=False, map_location="cpu")  # a GPU run's, on any device
-        if blob["config_hash"] != h:
+        if blob["config_hash"] not in (h, legacy_config_hash(cfg)):
             raise ValueError(
                 f"{run.path} holds checkpoints of a different config; use a new --out or pass --overwrite"
             )

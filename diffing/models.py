@@ -7,6 +7,7 @@ above L never run.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +96,14 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # ValueError: no tokenizer files to build one from
         raise HarvestInputError(f"cannot load the tokenizer of {path!r}: {e}") from None
+    # a document longer than context_length keeps its beginning whatever the model's own default
+    # (some chat fine-tunes ship truncation_side="left"): its first tokens are the ones dropped as
+    # attention sinks, and every model must cut it at the same place
+    tok.truncation_side = "right"
+    return tok
 
 
 def _named_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -171,6 +177,15 @@ class TokenizedDoc:
     record_id: str
 
 
+CHAT_DATE = datetime.date(2024, 1, 1)
+
+
+def _chat_date(fmt: str) -> str:
+    """Templates that print today's date (Llama 3.2/3.3: ``strftime_now("%d %b %Y")``) get a fixed
+    one, so a harvest resumed on another day renders the same tokens."""
+    return CHAT_DATE.strftime(fmt)
+
+
 def render(record: dict[str, Any], tokenizer) -> tuple[str, bool]:
     """Text to tokenise and whether it is raw text (True) or a chat transcript (False)."""
     if record.get("messages") is not None:
@@ -188,7 +203,7 @@ def render(record: dict[str, Any], tokenizer) -> tuple[str, bool]:
                 "template; give the corpus as raw `text`, or use a model directory with one"
             )
         try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False), False
+            return tokenizer.apply_chat_template(msgs, tokenize=False, strftime_now=_chat_date), False
         except Exception as e:  # jinja2's TemplateError (raise_exception in the template) and friends
             hint = "; Gemma's, for one, has no system role and needs user/assistant turns that alternate"
             raise HarvestInputError(
@@ -227,7 +242,9 @@ def tokenize_records(
     doc_id_start: int,
 ) -> list[TokenizedDoc]:
     """Tokenise records; chat transcripts keep their template tokens, raw text loses its first
-    `drop_first_raw_tokens` tokens (attention-sink outliers), and BOS is never kept."""
+    `drop_first_raw_tokens` tokens (attention-sink outliers), and BOS is never kept. A chat's first
+    token is never kept either: BOS, or the template's opening token where there is no BOS
+    (Qwen's ``<|im_start|>``), the attention sink of the transcript."""
     docs = []
     bos = tokenizer.bos_token_id
     for i, rec in enumerate(records):
@@ -236,7 +253,7 @@ def tokenize_records(
         ids = encode_truncated(tokenizer, text, add_special_tokens=add_special, max_length=context_length)
         keep = [True] * len(ids)
         first = 0
-        if ids and bos is not None and ids[0] == bos:
+        if ids and ((bos is not None and ids[0] == bos) or not raw):
             keep[0] = False
             first = 1
         if raw:

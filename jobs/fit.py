@@ -27,6 +27,7 @@ from diffing.fit import (
     finished_fit_error,
     fit_changes,
     init_model,
+    legacy_config_hash,
     resolve_config,
     total_steps,
 )
@@ -236,10 +237,11 @@ def run_fit_ray(
                 fs.rm(f"{root}/{rel}", recursive=True)
     steps = total_steps(cfg.train, store.n_rows)
     per_epoch = (store.n_rows // d.workers) // (cfg.train.batch_size // d.workers)
-    h = config_hash(
+    h = config_hash(cfg, distributed=True)
+    legacy = legacy_config_hash(
         cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"max_failures": 0})})
     )
-    if fs.exists(stamp) and json.loads(fs.cat_file(stamp)).get("config_hash") != h:
+    if fs.exists(stamp) and json.loads(fs.cat_file(stamp)).get("config_hash") not in (h, legacy):
         raise ValueError(f"{out} holds a run with a different config; use a new --out or pass --overwrite")
     fs.pipe_file(
         stamp,

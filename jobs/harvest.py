@@ -135,11 +135,20 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
     share_chat_template(tokenizers, names)  # chats are rendered once, by the first model's template
     for record in records:  # every chat through that template, before any shard runs
         render(record, tokenizers[0])
-    check_tokenizers_agree(tokenizers, records[:256], names, cfg.context_length)
+    check_tokenizers_agree(tokenizers, agreement_sample(records), names, cfg.context_length)
     d_model = widths.pop()
     w = _writer(cfg, d_model)
     check_writable(w.fs, w.root, f"store={cfg.store}")
     return d_model
+
+
+def agreement_sample(records: list[dict[str, Any]], n: int = 4096) -> list[dict[str, Any]]:
+    """The records whose tokens every model must agree on before any shard runs: all of a corpus of
+    up to ``n``, else ``n`` spread evenly over it (each shard checks its own records again)."""
+    if len(records) <= n:
+        return records
+    step = len(records) / n
+    return [records[int(i * step)] for i in range(n)]
 
 
 def _config_hash(cfg: HarvestConfig, records: list[dict[str, Any]]) -> str:

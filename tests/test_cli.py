@@ -164,7 +164,13 @@ def test_interrupted_fit_resumes_from_checkpoint(tmp_path, store):
         fit_mod.train_step = real
     assert not (tmp_path / "cut" / "metrics.json").exists()
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_000000008.pt"]
-    fit(st, cfg, tmp_path / "cut")
+    other_lr = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": cfg.train.lr / 2})})
+    with pytest.raises(ValueError, match="checkpoints of a different config"):
+        fit(st, other_lr, tmp_path / "cut")
+    # logging and the device have no effect on the weights: the resume takes them as given
+    # (a fit cut short on a GPU goes on on a CPU)
+    moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"log_every": 3, "device": "cpu"})})
+    fit(st, moved, tmp_path / "cut")
     from diffing.crosscoder import Crosscoder
 
     a, b = Crosscoder.load(tmp_path / "full" / "crosscoder"), Crosscoder.load(tmp_path / "cut" / "crosscoder")

@@ -100,6 +100,9 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_export_raw_acts_on_raw_activations():
     cc, _ = _pair(seed=6)
+    if cc.cfg.kind == "batchtopk":  # untrained: no threshold to export (0 would keep everything)
+        with pytest.raises(ValueError, match="no inference threshold"):
+            cc.export_raw()
     cc.norm_scale.copy_(torch.tensor([0.5, 4.0]))
     cc.threshold.fill_(0.05)
     x_raw = torch.randn(7, 2, 16) * 3

@@ -133,7 +133,10 @@ class StoreWriter:
         if set(extra) != set(h.extra_columns):
             raise StoreError(f"extra columns {sorted(extra)} do not match the store's {h.extra_columns}")
         for name in h.extra_columns:
-            cols[name] = pa.array(list(extra[name]))
+            arr = pa.array(list(extra[name]))
+            # an empty shard infers type null, which no other shard has: a dataset of the shards
+            # would not read ("Unsupported cast from string to null")
+            cols[name] = arr.cast(pa.string()) if pa.types.is_null(arr.type) else arr
         table = pa.table(cols).replace_schema_metadata({"crossdiff.model_names": json.dumps(h.model_names)})
         buf = io.BytesIO()
         pq.write_table(
