@@ -147,3 +147,22 @@ def iter_evidence(run_dir: str | Path) -> Iterator[LatentEvidence]:
 
 def read_labels(run_dir: str | Path) -> dict[int, LatentLabel]:
     return {lab.latent: lab for lab in read_jsonl(Path(run_dir) / LABELS_FILE, LatentLabel)}
+
+
+def fit_to_limits(ev: LatentEvidence, max_examples: int, max_window: int) -> LatentEvidence:
+    """The evidence cut to what a labelling service accepts (its ``limits``): the first
+    ``max_examples`` of each list, every window at most ``max_window`` tokens around its peak (an
+    analysis with a wide ``window`` or a large ``n_top`` is labelled from what fits, not refused)."""
+
+    def cut(ex: Example) -> Example:
+        n = len(ex.tokens)
+        if n <= max_window:
+            return ex
+        lo = max(0, min(ex.peak - max_window // 2, n - max_window))  # as the judge's prompt centres it
+        sl = slice(lo, lo + max_window)
+        return ex.model_copy(update={"tokens": ex.tokens[sl], "acts": ex.acts[sl], "peak": ex.peak - lo})
+
+    lists = {name: getattr(ev, name) for name in ("top", "quantiles", "negatives")}
+    if all(len(v) <= max_examples and all(len(x.tokens) <= max_window for x in v) for v in lists.values()):
+        return ev
+    return ev.model_copy(update={k: [cut(x) for x in v[:max_examples]] for k, v in lists.items()})

@@ -334,6 +334,9 @@ def serve_cmd(
         sets = list(set_ or [])
         if judge_model:
             sets.append(f"judge.model_source={judge_model}")
+            if not any(x.split("=", 1)[0].strip() == "judge.model_id" for x in sets):
+                # named after its source, so its labels never pass for the config's default judge's
+                sets.append(f"judge.model_id={judge_model.rstrip('/').rsplit('/', 1)[-1]}")
         settings = load_config(ServiceSettings, config, sets)
         svc = LocalService(settings, host=host, port=port, generate_token=False).start()
         typer.echo(json.dumps({"url": svc.url, "docs": f"{svc.url}/docs", "auth": bool(svc.token)}))

@@ -24,7 +24,7 @@ import httpx
 from pydantic import Field, model_validator
 
 from diffing.config import ConfigError, Frozen
-from diffing.evidence import LABELS_FILE, LatentEvidence, LatentLabel, iter_evidence
+from diffing.evidence import LABELS_FILE, LatentEvidence, LatentLabel, fit_to_limits, iter_evidence
 from diffing.logs import get_logger
 from serve.settings import ServiceSettings
 
@@ -354,7 +354,8 @@ def label_run(
     out = run_dir / LABELS_FILE
     if overwrite and out.exists():
         out.unlink()
-    every = list(iter_evidence(run_dir))
+    lim = cfg.service.limits  # the local service's, or the defaults a remote one is assumed to keep
+    every = [fit_to_limits(e, lim.max_examples, lim.max_window) for e in iter_evidence(run_dir)]
     evidence = [e for e in every if cfg.groups is None or e.group in cfg.groups]
     calibration = calibration_set(every, cfg)
     have = read_labels_tolerant(out)

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from ray import serve as rayserve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffing.logs import get_logger
 from serve import prompts
@@ -48,6 +49,7 @@ class Service:
             temperature=settings.judge.temperature,
             cache=LabelCache(settings.cache_size, settings.cache_dir),
             system_role=settings.judge.system_role,
+            judge_setup=settings.judge.setup(),
         )
 
 
@@ -79,7 +81,9 @@ class Guard:
         if token and not path.startswith(PUBLIC_PATHS):
             got = headers.get("authorization", "")
             scheme, _, cred = got.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(cred.strip().encode(), token.encode()):
+            # header bytes came in as latin-1: back to those bytes, compared with the token's UTF-8
+            cred_bytes = cred.strip().encode("latin-1")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(cred_bytes, token.encode()):
                 resp = _error(
                     401, "missing or wrong bearer token (Authorization: Bearer <token>)", "Authorization"
                 )
@@ -159,6 +163,20 @@ def create_app(service: Service) -> FastAPI:
     )
     app.add_middleware(Guard, service=service)
     retry = s.limits.retry_after_s
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        """FastAPI's own 4xx (a body that is not UTF-8: "There was an error parsing the body") in
+        the service's error shape, with the field and the fix."""
+        detail = str(exc.detail)
+        field = None
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "body: not valid UTF-8 JSON (send a JSON object encoded as UTF-8)"
+            field = "body"
+        resp = _error(exc.status_code, detail, field)
+        for k, v in (getattr(exc, "headers", None) or {}).items():
+            resp.headers[k] = v
+        return resp
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

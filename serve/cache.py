@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -48,9 +49,11 @@ def cache_key(
     detection: bool,
     calibration: str | None = None,
     folded_system: bool = False,
+    judge_setup: dict | None = None,
 ) -> str:
     """`calibration`: fingerprint of the channel calibration texts (None: the fixed neutral text).
-    `folded_system`: the judge reads the system message folded into the first user turn."""
+    `folded_system`: the judge reads the system message folded into the first user turn.
+    `judge_setup`: the judge's configuration beside its name (JudgeSettings.setup)."""
     fields = {
         "evidence": judge_view(ev, context),
         "prompt": prompts.PROMPT_VERSION,
@@ -63,6 +66,8 @@ def cache_key(
         fields["calibration"] = calibration
     if folded_system:  # likewise: a different prompt, so a different label
         fields["system"] = "folded"
+    if judge_setup is not None:  # the model behind the name, its engine, the temperature
+        fields["judge_setup"] = judge_setup
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -91,13 +96,32 @@ class LabelCache:
         if key in self.mem:
             self.mem.move_to_end(key)
             return self.mem[key]
+        lab = self._read(key)
+        if lab is not None:
+            self._put_mem(key, lab)
+        return lab
+
+    async def aget(self, key: str) -> LatentLabel | None:
+        """``get`` for an event loop: the disk copy is read on a worker thread (a shared cache_dir
+        on NFS must not stall every request of the replica)."""
+        if key in self.mem or not self.dir:
+            return self.get(key)
+        lab = await asyncio.to_thread(self._read, key)
+        if lab is not None:
+            self._put_mem(key, lab)  # the memory LRU is only touched on the loop
+        return lab
+
+    async def aput(self, key: str, lab: LatentLabel) -> None:
+        self._put_mem(key, lab)
+        if self.dir:
+            await asyncio.to_thread(self._write, key, lab)
+
+    def _read(self, key: str) -> LatentLabel | None:
         if self.dir and (p := self.dir / f"{key}.json").exists():
             try:
-                lab = LatentLabel.model_validate_json(p.read_text())
-            except ValueError:
+                return LatentLabel.model_validate_json(p.read_text())
+            except (ValueError, OSError):
                 return None
-            self._put_mem(key, lab)
-            return lab
         return None
 
     def _put_mem(self, key: str, lab: LatentLabel) -> None:
@@ -110,6 +134,10 @@ class LabelCache:
 
     def put(self, key: str, lab: LatentLabel) -> None:
         self._put_mem(key, lab)
+        if self.dir:
+            self._write(key, lab)
+
+    def _write(self, key: str, lab: LatentLabel) -> None:
         if self.dir:  # a unique temp name: replicas sharing the directory never collide
             tmp = self.dir / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
             try:

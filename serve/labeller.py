@@ -34,10 +34,14 @@ class Labeller:
         temperature: float = 0.0,
         cache: LabelCache | None = None,
         system_role: str = "auto",
+        judge_setup: dict | None = None,
     ):
+        """``judge_setup``: what beside its name decides the judge's answers (JudgeSettings.setup),
+        part of every cache key."""
         if system_role not in ("auto", "message", "fold"):
             raise ValueError(f"system_role must be 'auto', 'message' or 'fold', got {system_role!r}")
         self.system_role = system_role
+        self.judge_setup = judge_setup
         self._fold = system_role == "fold"
         self.judge = judge
         self.taxonomy = taxonomy
@@ -49,6 +53,11 @@ class Labeller:
         self._channel_priors: OrderedDict[str | None, dict[str, float]] = OrderedDict()
         self._channel_pending: dict[str | None, asyncio.Task] = {}
         self.schema = prompts.classification_schema(taxonomy)
+        # output budgets that hold the longest category name (a byte-level tokenizer spends at most
+        # a token per UTF-8 byte: a 25-character Chinese name is ~47 tokens, over the old 24)
+        longest = max(len(n.encode()) for n in taxonomy.names)
+        self._choice_tokens = max(24, longest + 8)
+        self._json_tokens = max(method.classify_max_tokens, 2 * longest + 64)
         self.model_cls = prompts.classification_model(taxonomy)
 
     async def _send(self, fn, messages, *args, **kw):
@@ -171,9 +180,7 @@ class Labeller:
         if self.method.classify_mode == "json":
             msgs = prompts.classify_messages(ev, examples, explanation, self.taxonomy, self.method, "json")
             for attempt in range(self.method.max_retries + 1):
-                out = await self._call(
-                    msgs, max_tokens=self.method.classify_max_tokens, json_schema=self.schema
-                )
+                out = await self._call(msgs, max_tokens=self._json_tokens, json_schema=self.schema)
                 try:
                     c = self.model_cls.model_validate_json(out.text)
                 except (ValidationError, ValueError):
@@ -185,7 +192,7 @@ class Labeller:
         for _ in range(self.method.max_retries + 1):
             out = await self._call(
                 msgs,
-                max_tokens=24,
+                max_tokens=self._choice_tokens,
                 choice=[f" {n}" for n in names],
                 logprobs=True,
                 prefill=prompts.CLASSIFY_PREFILL,
@@ -221,6 +228,7 @@ class Labeller:
             detection=detection,
             calibration=fingerprint(calibration) if channel and calibration else None,
             folded_system=self._fold,
+            judge_setup=self.judge_setup,
         )
 
     async def label(
@@ -234,11 +242,14 @@ class Labeller:
         (`calibration_texts`); channel classification measures each category against them."""
         folded = self._fold
         key = self.key(ev, context, detection, calibration)
-        hit = self.cache.get(key)
+        hit = await self.cache.aget(key)
         if hit is not None:
             return hit.model_copy(update={"latent": ev.latent}), True
         if not [*ev.top, *ev.quantiles]:
             return self._plain_label(ev, "(no activating examples)", key), False
+        if self.method.classify_mode == "channel" and not prompts.channel_text(ev, self.method).strip():
+            # nothing to score: the category would be the calibration prior's alone
+            return self._plain_label(ev, "(the activating examples hold no visible text)", key), False
         cur, ctx = ev, context
         while True:
             try:
@@ -277,7 +288,7 @@ class Labeller:
             prompt_version=prompts.PROMPT_VERSION,
             cache_key=key,
         )
-        self.cache.put(key, lab)
+        await self.cache.aput(key, lab)
         return lab, False
 
     async def _judge(

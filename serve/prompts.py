@@ -20,6 +20,7 @@ Bump PROMPT_VERSION whenever a prompt or schema changes (it is part of cache key
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -44,7 +45,13 @@ _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use sentinels for the << >> marks
 
 
 def _clean(tok: str) -> str:
-    return "".join(ch if ch.isprintable() or ch == " " else " " for ch in tok.replace("\n", " "))
+    """Printable text: control characters become spaces, format characters (ZWJ, ZWNJ: Persian
+    words, emoji sequences) stay; a token's own << >> (C++, shell) are split so they never read as
+    the activation marks."""
+    tok = tok.replace("\n", " ").replace("<<", "< <").replace(">>", "> >")
+    return "".join(
+        ch if ch.isprintable() or ch == " " or unicodedata.category(ch) == "Cf" else " " for ch in tok
+    )
 
 
 def window(ex: Example, n: int) -> tuple[list[str], list[float]]:
@@ -170,10 +177,15 @@ CHANNEL_BASELINE = (
 def channel_text(ev: LatentEvidence, cfg) -> str:
     """The text scored under each category: the top examples around their peaks, one per line, unmarked
     (the quantile samples, highest bin first, for evidence that has no top examples)."""
-    shown = ev.top or sorted(ev.quantiles, key=lambda x: -(x.quantile if x.quantile is not None else -1))
-    return "\n".join(
-        render(x, n=cfg.channel_window_tokens, threshold=None) for x in shown[: cfg.channel_examples]
-    )
+    by_bin = sorted(ev.quantiles, key=lambda x: -(x.quantile if x.quantile is not None else -1))
+    for shown in (ev.top, by_bin):  # top examples of whitespace alone: the quantile samples
+        lines = [
+            render(x, n=cfg.channel_window_tokens, threshold=None) for x in shown[: cfg.channel_examples]
+        ]
+        text = "\n".join(lines)
+        if text.strip():
+            return text
+    return ""
 
 
 def classification_model(taxonomy: Taxonomy) -> type[BaseModel]:

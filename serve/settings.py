@@ -78,6 +78,32 @@ class JudgeSettings(Frozen):
         "early Mistral); auto: a system message until the judge rejects the role, then fold (logged once).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_source(cls, data: Any) -> Any:
+        """A judge given by its source alone (``--judge-model Qwen/Qwen2.5-7B-Instruct``) is named
+        after it, so its labels and cache keys never pass for the default judge's."""
+        if isinstance(data, dict) and "model_id" not in data and data.get("kind", "serve_llm") == "serve_llm":
+            source = data.get("model_source") or os.environ.get(JUDGE_MODEL_ENV)
+            if isinstance(source, str) and source.strip("/"):
+                data = {**data, "model_id": source.rstrip("/").rsplit("/", 1)[-1]}
+        return data
+
+    def setup(self) -> dict[str, Any]:
+        """What, beside its name, decides the judge's answers (part of every cache key): the model
+        it loads, its engine settings and dtype, or the external server; and the temperature."""
+        out: dict[str, Any] = {"kind": self.kind, "temperature": self.temperature}
+        if self.kind == "openai":
+            return {**out, "endpoint": self.endpoint}
+        try:
+            source = self.resolved_source()
+        except FileNotFoundError:  # the embedded judge, not built where this runs
+            source = None
+        out.update(source=source, accelerator=self.accelerator, engine_kwargs=self.engine_kwargs)
+        if self.accelerator == "cpu":
+            out["cpu_dtype"] = self.cpu_dtype
+        return out
+
     @model_validator(mode="after")
     def _check(self) -> JudgeSettings:
         if self.kind == "openai" and not self.endpoint:
@@ -172,7 +198,7 @@ class AuthSettings(Frozen):
             if not p.exists():
                 raise FileNotFoundError(f"auth.token_file={p} does not exist (mount the secret there)")
             return p.read_text().strip() or None
-        return os.environ.get(self.token_env) or None
+        return (os.environ.get(self.token_env) or "").strip() or None  # a secret made --from-file ends in \n
 
 
 class ServiceSettings(Frozen):
