@@ -150,9 +150,9 @@ class Accumulator:
     top: dict[str, np.ndarray] = None  # type: ignore[assignment]
     res: dict[str, np.ndarray] = None  # type: ignore[assignment]
     neg: dict[str, np.ndarray] = None  # type: ignore[assignment]
-    # (latent index, doc) of docs at a shard's edge where the latent fired: such a doc may continue
-    # in the neighbouring shard, where it is a negative candidate it must not become
-    fired_edge: set[tuple[int, int]] = field(default_factory=set)
+    # k * 2**40 + doc for docs at a shard's edge where latent k fired (sorted, int64): such a doc
+    # may continue in the neighbouring shard, where it is a negative candidate it must not become
+    fired_edge: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self):
         K = len(self.latents)
@@ -203,7 +203,7 @@ class Accumulator:
         on = vals > 0
         at_edge = np.flatnonzero(edge[starts] != 0)
         ks, js = np.nonzero(on[:, at_edge])
-        self.fired_edge.update(zip(ks.tolist(), d[at_edge[js]].tolist(), strict=True))
+        self.fired_edge = np.union1d(self.fired_edge, _edge_key(ks, d[at_edge[js]]))
         cand = {**base, "val": np.where(on, vals, -np.inf), "pos": peak_pos}
         self.top = _keep(self.top, cand, "val", self.top["val"].shape[1], largest=True)
         seed = self.cfg.evidence_seed
@@ -231,7 +231,7 @@ class Accumulator:
         self.top = _keep(self.top, other.top, "val", self.top["val"].shape[1], largest=True)
         self.res = _keep(self.res, other.res, "key", self.res["key"].shape[1], largest=False)
         self.neg = _keep(self.neg, other.neg, "key", self.neg["key"].shape[1], largest=False)
-        self.fired_edge |= other.fired_edge
+        self.fired_edge = np.union1d(self.fired_edge, other.fired_edge)
         return self
 
 
@@ -318,6 +318,11 @@ class Request:
     quantile: int | None = None
 
 
+def _edge_key(k, doc) -> np.ndarray:
+    """One int64 per (latent index, doc id) pair (doc ids below 2**40)."""
+    return np.asarray(k, np.int64) * (1 << 40) + np.asarray(doc, np.int64)
+
+
 def _unique_docs(lst: dict[str, np.ndarray], k: int, valid: np.ndarray) -> np.ndarray:
     """Column indices of latent k's list, in list order, one per doc (the first, i.e. best)."""
     idx = np.flatnonzero(valid[k])
@@ -358,11 +363,8 @@ def plan_requests(acc: Accumulator) -> list[Request]:
             for q in range(cfg.n_quantiles):
                 for j in idx[bins == q][: cfg.per_quantile]:
                     out.append(req(res, k, j, "quantile", q))
-        negs = [
-            j
-            for j in _unique_docs(acc.neg, k, np.isfinite(acc.neg["key"]))
-            if (k, int(acc.neg["doc"][k, j])) not in acc.fired_edge  # it fired in its other part
-        ]
+        negs = _unique_docs(acc.neg, k, np.isfinite(acc.neg["key"]))
+        negs = negs[~np.isin(_edge_key(k, acc.neg["doc"][k, negs]), acc.fired_edge)]  # fired elsewhere
         for j in negs[: 2 * cfg.n_negatives + 2]:
             out.append(req(acc.neg, k, j, "neg"))
     return out

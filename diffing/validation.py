@@ -39,6 +39,7 @@ def enrichment_ratio(rate: float, ref: float) -> float:
 
 
 def _rate(masses: Sequence[Mapping[str, float]], planted: set[str], majority: float) -> float:
+    masses = [m for m in masses if m]  # no source column (or a latent that never fired): unknown
     if not masses:
         return math.nan
     return float(np.mean([sum(v for k, v in m.items() if k in planted) > majority for m in masses]))

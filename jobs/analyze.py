@@ -47,12 +47,21 @@ def ray_data_map(concurrency: int, *, num_cpus: float = 0.5, address: str | None
 
 def clear_outputs(run: Path) -> None:
     """Remove an analysis: latents, evidence, source masses, splice (a redo with splice or evidence
-    off must not leave the old ones for the report and the label stage to read)."""
+    off must not leave the old ones for the report and the label stage to read), and the labels of
+    its latents (they describe the old evidence: `crossdiff label` would skip those latent ids and
+    the report would count them in the new groups)."""
     import shutil
 
-    from diffing.evidence import EXAMPLES_DIR
+    from diffing.evidence import EXAMPLES_DIR, LABELS_FILE
+    from jobs.label import CONFIG_FILE, SETTINGS_FILE
 
+    if (run / LABELS_FILE).exists():
+        get_logger("analyze", run=str(run)).warning(
+            "analyze.labels_removed", detail=f"{LABELS_FILE} described the old analysis; relabel the new one"
+        )
     for name in ("latents.parquet", "analysis_config.json", "source_mass.parquet", "splice.json"):
+        (run / name).unlink(missing_ok=True)
+    for name in (LABELS_FILE, CONFIG_FILE, SETTINGS_FILE):
         (run / name).unlink(missing_ok=True)
     shutil.rmtree(run / EXAMPLES_DIR, ignore_errors=True)
 

@@ -328,16 +328,21 @@ def serve_cmd(
 
     from diffing.config import load_config
     from serve.local import LocalService
-    from serve.settings import ServiceSettings
+    from serve.settings import DEFAULT_JUDGE_ID, ServiceSettings, name_from_source
 
     def go():
         sets = list(set_ or [])
         if judge_model:
             sets.append(f"judge.model_source={judge_model}")
-            if not any(x.split("=", 1)[0].strip() == "judge.model_id" for x in sets):
-                # named after its source, so its labels never pass for the config's default judge's
-                sets.append(f"judge.model_id={judge_model.rstrip('/').rsplit('/', 1)[-1]}")
         settings = load_config(ServiceSettings, config, sets)
+        name = name_from_source(judge_model)
+        named = any(x.split("=", 1)[0].strip() == "judge.model_id" for x in sets)
+        if name and not named and settings.judge.model_id == DEFAULT_JUDGE_ID:
+            # a config that names the embedded judge (serve/config/cpu.yaml) would label another
+            # model's answers with its name; a config's own name (model_id: judge) stays
+            settings = settings.model_copy(
+                update={"judge": settings.judge.model_copy(update={"model_id": name})}
+            )
         svc = LocalService(settings, host=host, port=port, generate_token=False).start()
         typer.echo(json.dumps({"url": svc.url, "docs": f"{svc.url}/docs", "auth": bool(svc.token)}))
         try:

@@ -36,8 +36,18 @@ def pair_dir(run: Path, pair: tuple[str, str], n_pairs: int) -> Path:
 
 
 def specific_counts(d: Path, model: str) -> Counter:
-    """Judge categories of the latents selected as <model>-specific in one comparison directory."""
-    ids = {e.latent for e in iter_evidence(d) if e.group == f"{model}-specific"}
+    """Judge categories of the latents selected as <model>-specific in one comparison directory
+    (the groups of its latents.parquet, as the report's main shift reads them; the evidence files
+    where there is none)."""
+    group = f"{model}-specific"
+    lp = d / "latents.parquet"
+    if lp.exists():
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(lp, columns=["latent", "group"])
+        ids = {i for i, g in zip(t["latent"].to_pylist(), t["group"].to_pylist(), strict=True) if g == group}
+    else:
+        ids = {e.latent for e in iter_evidence(d) if e.group == group}
     labels = read_labels(d)
     return Counter(labels[i].category for i in ids if i in labels)
 
@@ -68,8 +78,10 @@ def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str) -> dict:
         f'<img alt="anchored category shift" src="{plots.shift_bars(rows, s_name, i_name)}">'
         + render.shift_table(rows)
     )
+    from jobs.report import _md
+
     md = "| category | n_S | n_I | Δ_c | 95% CI | small |\n|---|---|---|---|---|---|\n" + "\n".join(
-        f"| {r['category']} | {r['n_s']} | {r['n_i']} | {_signed(r['delta'], 'only in S')} | "
+        f"| {_md(r['category'])} | {r['n_s']} | {r['n_i']} | {_signed(r['delta'], 'only in S')} | "
         f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | {'yes' if r['small_count'] else ''} |"
         for r in rows
     )

@@ -51,7 +51,7 @@ def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair:
         f"<tr><td>{html.escape(n)}</td><td>{_fmt(v)}</td><td>{html.escape(t)}</td></tr>" for n, v, t in rows
     )
     drows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{html.escape(d['category'])}</td><td>{d['expected']}</td>"
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(d['category'])}</td><td>{html.escape(d['expected'])}</td>"
         f"<td>{_fmt(d['delta'])}</td><td>{'✓' if d['ok'] else '✗'}</td></tr>"
         for name, d in direction.items()
     )
@@ -68,12 +68,16 @@ def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair:
         )
     else:
         body += '<p class="muted">No labels yet: the shift direction is checked after labelling.</p>'
+    from jobs.report import _md
+
     md = "\n".join(
-        ["| measure | value | target |", "|---|---|---|"] + [f"| {n} | {_fmt(v)} | {t} |" for n, v, t in rows]
+        ["| measure | value | target |", "|---|---|---|"]
+        + [f"| {_md(n)} | {_fmt(v)} | {t} |" for n, v, t in rows]
     )
     if direction:
         md += "\n\n| capability | category | planted as | Δ_c | ok |\n|---|---|---|---|---|\n" + "\n".join(
-            f"| {n} | {d['category']} | {d['expected']} | {_fmt(d['delta'])} | {'yes' if d['ok'] else 'no'} |"
+            f"| {_md(n)} | {_md(d['category'])} | {_md(d['expected'])} | {_fmt(d['delta'])} | "
+            f"{'yes' if d['ok'] else 'no'} |"
             for n, d in direction.items()
         )
     data = {k: v for k, v in r.items() if k != "latents"} | {"checks": checks, "targets": TARGETS}

@@ -82,7 +82,7 @@ class Guard:
             got = headers.get("authorization", "")
             scheme, _, cred = got.partition(" ")
             # header bytes came in as latin-1: back to those bytes, compared with the token's UTF-8
-            cred_bytes = cred.strip().encode("latin-1")
+            cred_bytes = cred.strip(" \t").encode("latin-1")  # str.strip() would eat UTF-8 bytes (\xa0)
             if scheme.lower() != "bearer" or not hmac.compare_digest(cred_bytes, token.encode()):
                 resp = _error(
                     401, "missing or wrong bearer token (Authorization: Bearer <token>)", "Authorization"

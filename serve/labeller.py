@@ -57,7 +57,7 @@ class Labeller:
         # a token per UTF-8 byte: a 25-character Chinese name is ~47 tokens, over the old 24)
         longest = max(len(n.encode()) for n in taxonomy.names)
         self._choice_tokens = max(24, longest + 8)
-        self._json_tokens = max(method.classify_max_tokens, 2 * longest + 64)
+        self._json_tokens = max(method.classify_max_tokens, 2 * longest + 32)
         self.model_cls = prompts.classification_model(taxonomy)
 
     async def _send(self, fn, messages, *args, **kw):

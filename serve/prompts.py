@@ -20,7 +20,6 @@ Bump PROMPT_VERSION whenever a prompt or schema changes (it is part of cache key
 from __future__ import annotations
 
 import re
-import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -44,14 +43,16 @@ CONFIDENCE_LEVELS = (1, 2, 3, 4, 5)  # 1: a guess ... 5: certain; confidence = l
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use sentinels for the << >> marks
 
 
+_JOINERS = ("\u200c", "\u200d")  # ZWNJ, ZWJ: part of Persian words and emoji sequences
+_MARK_RUN = re.compile(r"([<>])(?=[<>])")
+
+
 def _clean(tok: str) -> str:
-    """Printable text: control characters become spaces, format characters (ZWJ, ZWNJ: Persian
-    words, emoji sequences) stay; a token's own << >> (C++, shell) are split so they never read as
-    the activation marks."""
-    tok = tok.replace("\n", " ").replace("<<", "< <").replace(">>", "> >")
-    return "".join(
-        ch if ch.isprintable() or ch == " " or unicodedata.category(ch) == "Cf" else " " for ch in tok
-    )
+    """Printable text: control and other invisible characters become spaces (bidi overrides and
+    tag characters could hide text from a reader), the joiners ZWNJ/ZWJ stay; a token's own runs of
+    < or > (C++ ``<<``, CUDA ``<<<``) are spaced so they never read as the activation marks."""
+    tok = _MARK_RUN.sub(r"\1 ", tok.replace("\n", " "))
+    return "".join(ch if ch.isprintable() or ch == " " or ch in _JOINERS else " " for ch in tok)
 
 
 def window(ex: Example, n: int) -> tuple[list[str], list[float]]:
@@ -176,7 +177,8 @@ CHANNEL_BASELINE = (
 
 def channel_text(ev: LatentEvidence, cfg) -> str:
     """The text scored under each category: the top examples around their peaks, one per line, unmarked
-    (the quantile samples, highest bin first, for evidence that has no top examples)."""
+    (the quantile samples, highest bin first, for evidence whose top examples are missing or show
+    nothing but whitespace); "" when neither shows any text."""
     by_bin = sorted(ev.quantiles, key=lambda x: -(x.quantile if x.quantile is not None else -1))
     for shown in (ev.top, by_bin):  # top examples of whitespace alone: the quantile samples
         lines = [

@@ -21,6 +21,18 @@ JUDGE_MODEL_ENV = "CROSSDIFF_JUDGE_MODEL"
 DEFAULT_JUDGE_ID = "smollm2-135m-instruct"
 
 
+def name_from_source(source: Any) -> str | None:
+    """The last part of a hub id or path (``Qwen/Qwen2.5-7B-Instruct/`` -> ``Qwen2.5-7B-Instruct``,
+    ``.`` -> the current directory's name); None when there is none."""
+    if not isinstance(source, str) or not source.strip():
+        return None
+    s = source.strip().rstrip("/")
+    name = s.rsplit("/", 1)[-1] if s else ""
+    if name in ("", ".", ".."):
+        name = Path(s or "/").resolve().name
+    return name or None
+
+
 class JudgeSettings(Frozen):
     kind: Literal["serve_llm", "openai"] = Field(
         "serve_llm",
@@ -81,12 +93,13 @@ class JudgeSettings(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _name_from_source(cls, data: Any) -> Any:
-        """A judge given by its source alone (``--judge-model Qwen/Qwen2.5-7B-Instruct``) is named
-        after it, so its labels and cache keys never pass for the default judge's."""
+        """A judge given by its source alone (``model_source: Qwen/Qwen2.5-7B-Instruct``) is named
+        after it, so its labels and cache keys never pass for the default judge's. Only an explicit
+        model_source: $CROSSDIFF_JUDGE_MODEL is machine-local (set judge.model_id with it)."""
         if isinstance(data, dict) and "model_id" not in data and data.get("kind", "serve_llm") == "serve_llm":
-            source = data.get("model_source") or os.environ.get(JUDGE_MODEL_ENV)
-            if isinstance(source, str) and source.strip("/"):
-                data = {**data, "model_id": source.rstrip("/").rsplit("/", 1)[-1]}
+            name = name_from_source(data.get("model_source"))
+            if name:
+                data = {**data, "model_id": name}
         return data
 
     def setup(self) -> dict[str, Any]:
@@ -153,7 +166,12 @@ class MethodSettings(Frozen):
         description="Tokens at >= this fraction of the latent's max activation are <<marked>>.",
     )
     explain_max_tokens: int = Field(64, ge=8, description="Token budget of the explanation.")
-    classify_max_tokens: int = Field(96, ge=16, description="Token budget of the JSON classification.")
+    classify_max_tokens: int = Field(
+        96,
+        ge=16,
+        description="Token budget of the JSON classification (raised where the taxonomy's longest "
+        "category name needs more: 2 tokens per UTF-8 byte of it + 32).",
+    )
     detection_examples: int = Field(
         4, ge=1, description="Held-out activating and non-activating examples each for detection scoring."
     )

@@ -27,8 +27,10 @@ def test_a_judge_given_by_its_source_is_named_after_it_and_keys_its_own_labels(m
     monkeypatch.delenv("CROSSDIFF_JUDGE_MODEL", raising=False)
     assert JudgeSettings(model_source="Qwen/Qwen2.5-7B-Instruct").model_id == "Qwen2.5-7B-Instruct"
     assert JudgeSettings(model_source="/models/llama/", model_id="judge").model_id == "judge"  # explicit wins
+    assert JudgeSettings(model_source="./").model_id not in ("", ".")
+    # the machine-local variable does not rename: label settings must not differ between machines
     monkeypatch.setenv("CROSSDIFF_JUDGE_MODEL", "/models/gemma-2-9b-it")
-    assert JudgeSettings().model_id == "gemma-2-9b-it"
+    assert JudgeSettings().model_id == "smollm2-135m-instruct"
     monkeypatch.delenv("CROSSDIFF_JUDGE_MODEL")
     # the same name over other models, engines or temperatures: other cache keys
     setups = [
@@ -98,9 +100,13 @@ def test_long_non_english_category_names_get_the_output_budget_they_need():
 def test_tokens_are_shown_as_written_and_never_as_marks():
     persian = Example(tokens=["می\u200cخواهم"], acts=[2.0], peak=0)
     assert "\u200c" in prompts.render(persian, n=8, threshold=None)  # ZWNJ is part of the word
-    cpp = Example(tokens=["std::cout", " <<", " x", " >>", " y"], acts=[0, 0, 2.0, 0, 0], peak=2)
+    cpp = Example(
+        tokens=["std::cout", " <<", " x", " >>", " y", "<<<", "grid>>>"], acts=[0, 0, 2.0, 0, 0, 0, 0], peak=2
+    )
     shown = prompts.render(cpp, n=8, threshold=1.0)
     assert shown.count("<<") == 1 and shown.count(">>") == 1  # only the mark around " x"
+    hidden = Example(tokens=["a\u202eb", "c\U000e0041d"], acts=[1.0, 0.0], peak=0)  # bidi override, tag char
+    assert prompts.render(hidden, n=8, threshold=None) == "a bc d"
     assert "<< x>>" in shown or "<<x>>" in shown
 
 

@@ -312,7 +312,16 @@ def _atomic(path: Path, text: str) -> None:
 
 
 def _pct(x) -> str:
+    if x is not None and math.isinf(x):
+        return "+∞" if x > 0 else "−∞"
     return "–" if x is None or not math.isfinite(x) else f"{x * 100:+.1f}%"
+
+
+def _delta(r: dict) -> str:
+    """Δ_c of a shift row; a category with no I latents has none: it is only in S."""
+    if r["n_i"] == 0 and r["n_s"] > 0 and (r["delta"] is None or not math.isfinite(r["delta"])):
+        return "only in S"
+    return _pct(r["delta"])
 
 
 def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:
@@ -344,7 +353,7 @@ def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:
         out += ["| category | n_S/N_S | n_I/N_I | Δ_c | 95% CI | |", "|---|---|---|---|---|---|"]
         for r in d["shift"]:
             out.append(
-                f"| {_md(r['category'])} | {r['n_s']}/{r['N_s']} | {r['n_i']}/{r['N_i']} | {_pct(r['delta'])} | "
+                f"| {_md(r['category'])} | {r['n_s']}/{r['N_s']} | {r['n_i']}/{r['N_i']} | {_delta(r)} | "
                 f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] | {'small count' if r['small_count'] else ''} |"
             )
         out.append("")

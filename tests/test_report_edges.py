@@ -1,0 +1,73 @@
+"""The report on runs the demo never makes: taxonomies whose names hold markup, `|` or `$`,
+categories only one side has, shifts past the chart's edge, comparisons without evidence files,
+stores without sources, and labels left over from an older analysis."""
+
+import json
+import math
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from test_report import _groups, run  # noqa: F401 - the module's small run fixture
+
+from diffing.evidence import LABELS_FILE, LatentLabel, write_jsonl
+from diffing.validation import _rate
+from jobs.analyze import clear_outputs
+from jobs.compare import anchored_section, specific_counts
+from jobs.report import write_report
+
+ODD = ["a|b <script>alert(1)</script>", r"cost $\frac$ b", "plain"]
+
+
+def _label_all(run_dir, cats_for):
+    g = _groups(run_dir)
+    labels = [
+        LatentLabel(latent=lat, explanation=f"latent {lat}", category=cats_for(grp, j), confidence=0.5)
+        for grp in ("chat-specific", "base-specific")
+        for j, lat in enumerate(g[grp])
+    ]
+    write_jsonl(run_dir / LABELS_FILE, labels)
+    return g
+
+
+def test_odd_category_names_keep_tables_whole_and_markup_inert(run, tmp_path):  # noqa: F811
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    # chat-specific (S) has all three; base-specific (I) never has ODD[0]: only in S, with n_I = 0
+    _label_all(r, lambda grp, j: ODD[j % 3] if grp == "chat-specific" else ODD[1 + j % 2])
+    write_report(r)  # `$\frac$` is bad TeX for matplotlib: the chart must still be drawn
+    md = (r / "report.md").read_text()
+    assert "<script" not in md and "<script" not in (r / "report.html").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("| ") and "/" in ln and "category" not in ln]
+    assert table and all(ln.replace("\\|", "").count("|") == 7 for ln in table), table
+    only = next(ln for ln in table if "alert" in ln)
+    assert "only in S" in only and "+∞" in only  # not "–", which reads as missing
+    rep = json.loads((r / "report.json").read_text())
+    assert {x["category"] for x in rep["shift"]} == set(ODD)
+    # the anchored section (N-model runs) writes the same names into its own table
+    sec = anchored_section({"chat": r, "base": r}, "chat", "base")
+    rows = [ln for ln in sec["markdown"].splitlines() if ln.startswith("| ") and "category" not in ln]
+    assert len(rows) == 3 and all(ln.replace("\\|", "").count("|") == 7 for ln in rows), rows
+    assert "<script" not in sec["markdown"]
+
+
+def test_anchored_counts_come_from_the_latents_table(run, tmp_path):  # noqa: F811
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    g = _label_all(r, lambda grp, j: "plain")
+    shutil.rmtree(r / "examples")  # evidence not (yet) collected: the groups are still known
+    assert specific_counts(r, "chat") == {"plain": len(g["chat-specific"])}
+
+
+def test_a_store_without_sources_gives_unknown_mass_rates_not_failures():
+    assert math.isnan(_rate([{}, {}], {"refusal"}, 0.5))
+    assert _rate([{}, {"refusal": 0.9}, {"web": 1.0}], {"refusal"}, 0.5) == 0.5
+
+
+def test_an_analysis_redone_takes_its_labels_with_it(tmp_path):
+    pq.write_table(pa.table({"latent": [0], "group": ["a-specific"]}), tmp_path / "latents.parquet")
+    write_jsonl(
+        tmp_path / LABELS_FILE, [LatentLabel(latent=0, explanation="old", category="x", confidence=1)]
+    )
+    clear_outputs(tmp_path)
+    assert not (tmp_path / LABELS_FILE).exists() and not (tmp_path / "latents.parquet").exists()
