@@ -40,6 +40,8 @@ CONFIG_CLASSES = {
     "harvest": "diffing.harvest:HarvestConfig",
     "fit": "diffing.config:FitConfig",
     "analyze": "diffing.config:AnalysisConfig",
+    "label": "jobs.label:LabelConfig",
+    "pipeline": "jobs.pipeline_config:PipelineConfig",
 }
 # Where a stage's run lives, in order of preference: CLI options, then config fields.
 _RUN_OPTIONS = ("--out", "--run", "--store")
@@ -105,8 +107,13 @@ def _validate_config(stage: str, data: dict[str, Any], sets: Sequence[str]) -> N
 
     mod, attr = spec.split(":")
     cls = getattr(importlib.import_module(mod), attr)
+    check = cls.model_validate
+    if stage == "pipeline":  # harvest.store defaults to OUT/store, as `crossdiff pipeline` fills it
+        from jobs.pipeline_config import with_defaults
+
+        check = lambda d: cls.model_validate(with_defaults(d))  # noqa: E731
     try:
-        validate_with_overrides(cls.model_validate, dict(data), list(sets))
+        validate_with_overrides(check, dict(data), list(sets))
     except Exception as e:  # pydantic ValidationError or ValueError from overrides
         raise ConfigError(f"{stage} config: {format_validation_error(e)}") from None
 
@@ -202,7 +209,13 @@ def build_submission(
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise SubmitError(f"config file {p} must hold a mapping at top level")
-        _validate_config(stage, data, _sets(args))
+        checked = dict(data)
+        for i, a in enumerate(args):  # `crossdiff pipeline --out RUN` fills the config's out
+            if stage == "pipeline" and a == "--out" and i + 1 < len(args):
+                checked["out"] = args[i + 1]
+            elif stage == "pipeline" and a.startswith("--out="):
+                checked["out"] = a.split("=", 1)[1]
+        _validate_config(stage, checked, _sets(args))
         env_vars[CONFIG_ENV] = text
         cmd += ["--config", '"$cfg"']
     try:

@@ -376,6 +376,10 @@ def label_run(
     (run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
     (run_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
     log.info("label.start", run=str(run_dir), total=len(evidence), done=len(have), todo=len(todo))
+    if endpoint is None and (why := cfg.service.weak_judge()):
+        log.warning("label.weak_judge", detail=why)
+    if missing_groups := sorted(set(cfg.groups or ()) - {e.group for e in every}):
+        log.warning("label.empty_groups", groups=missing_groups, have=sorted({e.group for e in every}))
     new = 0
     if todo:
         if endpoint:
@@ -384,7 +388,10 @@ def label_run(
         else:
             from serve.local import LocalService
 
-            with LocalService(cfg.service, start_timeout_s=cfg.start_timeout_s) as svc:
+            service = cfg.service
+            if service.taxonomy and not Path(service.taxonomy).is_absolute():  # replicas have their own cwd
+                service = service.model_copy(update={"taxonomy": str(Path(service.taxonomy).resolve())})
+            with LocalService(service, start_timeout_s=cfg.start_timeout_s) as svc:
                 new = asyncio.run(_label_all(svc.url, svc.token, todo, cfg, out, calibration, expect))
     labels = read_labels_tolerant(out)
     wanted = {e.latent for e in evidence}

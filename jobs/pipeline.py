@@ -212,6 +212,10 @@ class Pipeline:
             self.mirror.check_writable()
             self.mirror.pull()
         to_run = self.stages_to_run(overwrite, redo_changed)  # refuses before anything is written
+        if "label" in to_run and self.cfg.label.service.taxonomy:  # before hours of harvest and fit
+            from serve.taxonomy import load_taxonomy
+
+            load_taxonomy(self.cfg.label.service.taxonomy)
         if self.mirror is not None:
             if {"fit", "analyze"} & set(to_run):  # they write or read the weights: sync those too
                 self.mirror = RunMirror(self.cfg.out, self.run)

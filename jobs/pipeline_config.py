@@ -101,6 +101,13 @@ class PipelineConfig(Frozen):
                     )
         if self.work_dir is not None and not is_remote(self.out):
             raise ValueError(f"work_dir is only for a remote out (s3://, gs://); out={self.out} is local")
+        if self.label.groups is not None:  # a group named after no model would go unlabelled, silently
+            known = {f"{m}-specific" for p in self.pairs for m in p} | {"baseline"}
+            if unknown := sorted(set(self.label.groups) - known):
+                raise ValueError(
+                    f"label.groups: {unknown} name no group of this run; its groups are {sorted(known)} "
+                    "(<model>-specific for each model of a compared pair, and baseline)"
+                )
         return self
 
     @property
@@ -160,7 +167,23 @@ def load_pipeline_config(
             lambda d: PipelineConfig.model_validate(with_defaults(d)), data, list(overrides)
         )
     except ValueError as e:
-        raise ConfigError(format_validation_error(e)) from None
+        raise ConfigError(format_validation_error(e) + _stage_hint(data)) from None
+
+
+def _stage_hint(data: Any) -> str:
+    """A stage's own config given to `crossdiff pipeline`: say where its fields go."""
+    if not isinstance(data, dict) or "harvest" in data:
+        return ""
+    keys = set(data) - {"out"}
+    for name, field in PipelineConfig.model_fields.items():
+        sub = getattr(field.annotation, "model_fields", None)
+        if sub and keys and keys <= set(sub):
+            return (
+                f"\n(this looks like a `{name}` stage config: a pipeline config nests it under `{name}:` "
+                "beside the other stages, e.g. jobs/configs/gemma2-9b-pt-it-simpo.pipeline.yaml; or run "
+                f"`crossdiff {name} --config` with it)"
+            )
+    return ""
 
 
 def reference() -> str:
@@ -171,7 +194,10 @@ def reference() -> str:
     note = (
         "The pipeline config nests one section per stage. Stage commands take a section alone: "
         "`crossdiff fit --config F` reads the fields listed under `fit.` without that prefix "
-        "(`crosscoder.k`, `train.lr`, ...), and so do `harvest`, `analyze` and `label`."
+        "(`crosscoder.k`, `train.lr`, ...), and so do `harvest`, `analyze` and `label`. Relative "
+        "paths (`out`, `harvest.store`, `harvest.corpus.uri`, model paths, `label.service.taxonomy`) "
+        "are resolved against the directory crossdiff runs in, not the config file's; on a cluster "
+        "job that is the job's working directory, so give absolute or object-storage paths there."
     )
     text = config_reference({"pipeline": PipelineConfig})
     head, _, rest = text.partition("## `pipeline`")

@@ -237,6 +237,19 @@ class ServiceSettings(Frozen):
         "ray_actor_options); the Serve config's `deployments:` section overrides these too.",
     )
 
+    def weak_judge(self) -> str | None:
+        """Why these labels will be poor, or None: the embedded 135M judge asked for JSON or a choice
+        files nearly everything under one category (docs/labelling.md); it needs channel scoring."""
+        j = self.judge
+        embedded = j.kind == "serve_llm" and not j.model_source and not os.environ.get(JUDGE_MODEL_ENV)
+        if embedded and self.method.classify_mode != "channel":
+            return (
+                f"the judge is the embedded SmolLM2-135M with classify_mode={self.method.classify_mode}: it "
+                "answers one category for nearly everything. Set judge.model_source to a bigger judge "
+                "(a GPU cluster: serve/config/gpu.yaml) or method.classify_mode: channel"
+            )
+        return None
+
 
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):

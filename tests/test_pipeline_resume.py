@@ -187,3 +187,40 @@ def test_a_redo_clears_the_old_outputs_before_it_starts(tmp_path):
     _run(out, kill_at="label", fit={"train": {"lr": 5e-3}})  # analyze and label cleared as they start
     for rel in ("latents.parquet", "examples/latents-00000.jsonl", "splice.json", "labels.jsonl"):
         assert not (out / rel).exists(), rel
+
+
+def test_a_missing_taxonomy_is_refused_before_the_first_stage(tmp_path):
+    calls: list = []
+    p = _pipeline(tmp_path / "r", calls, label={"service": {"taxonomy": str(tmp_path / "nope.yaml")}})
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        p()
+    assert calls == []  # not after hours of harvest and fit
+
+
+def test_label_groups_must_name_groups_of_the_run(tmp_path):
+    from conftest import pipeline_dict
+
+    from diffing.config import ConfigError
+    from jobs.pipeline_config import load_pipeline_config
+
+    d = pipeline_dict(str(tmp_path / "r"), label={"groups": ["base-specific", "ft-specific"]})
+    with pytest.raises(ValueError, match=r"label.groups: \['base-specific', 'ft-specific'\] name no group"):
+        PipelineConfig.model_validate(with_defaults(d))
+    ok = pipeline_dict(str(tmp_path / "r"), label={"groups": ["b-specific", "baseline"]})
+    assert set(PipelineConfig.model_validate(with_defaults(ok)).label.groups) == {"b-specific", "baseline"}
+    # a stage's own config given to the pipeline says where its fields go
+    (tmp_path / "h.yaml").write_text("models: [{name: a, path: /m/a}, {name: b, path: /m/b}]\nlayer: 1\n")
+    with pytest.raises(ConfigError, match="looks like a `harvest` stage config"):
+        load_pipeline_config(tmp_path / "h.yaml", out=str(tmp_path / "r"))
+
+
+def test_the_embedded_judge_in_json_mode_is_called_weak(monkeypatch):
+    from serve.settings import ServiceSettings
+
+    monkeypatch.delenv("CROSSDIFF_JUDGE_MODEL", raising=False)
+    assert "one category" in ServiceSettings().weak_judge()
+    assert ServiceSettings.model_validate({"method": {"classify_mode": "channel"}}).weak_judge() is None
+    assert (
+        ServiceSettings.model_validate({"judge": {"model_source": "Qwen/Qwen2.5-7B-Instruct"}}).weak_judge()
+        is None
+    )

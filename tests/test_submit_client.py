@@ -48,13 +48,33 @@ def test_every_address_form_ray_takes_is_used(monkeypatch, value):
 
 def test_set_overrides_decide_the_run_a_submission_names(tmp_path):
     cfg = tmp_path / "p.yaml"
-    cfg.write_text("out: s3://b/runs/default\nharvest: {}\n")
+    cfg.write_text(
+        "out: s3://b/runs/default\nharvest:\n  models: [{name: a, path: /m/a}, {name: b, path: /m/b}]\n"
+        "  layer: 1\n  corpus: {uri: s3://b/c.jsonl}\n"
+    )
     a = sm.build_submission("pipeline", cfg, ["--set", "out=s3://b/runs/a"], working_dir=None, environ={})
     b = sm.build_submission("pipeline", cfg, ["--set=out=s3://b/runs/b"], working_dir=None, environ={})
     assert a.metadata["crossdiff_run"] == "s3://b/runs/a" and b.metadata["crossdiff_run"] == "s3://b/runs/b"
     assert a.submission_id != b.submission_id
     c = sm.build_submission("pipeline", None, ["--preset", "tiny", "--set", "out=/x/t"], working_dir=None)
     assert c.metadata["crossdiff_run"] == "/x/t"
+
+
+def test_pipeline_and_label_configs_are_checked_before_they_are_sent(tmp_path):
+    from diffing.config import ConfigError
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(
+        "harvest:\n  models: [{name: a, path: /m/a}, {name: b, path: /m/b}]\n  layer: 1\n"
+        "  corpus: {uri: s3://b/c.jsonl}\nfit: {crosscoder: {kk: 3}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"fit\.crosscoder\.kk"):
+        sm.build_submission("pipeline", cfg, ["--out", "s3://b/r"], working_dir=None, environ={})
+    cfg.write_text(cfg.read_text().replace("kk: 3", "k: 3"))
+    ok = sm.build_submission("pipeline", cfg, ["--out", "s3://b/r"], working_dir=None, environ={})
+    assert ok.metadata["crossdiff_run"] == "s3://b/r"  # out from the command line, as the CLI takes it
+    with pytest.raises(ConfigError, match="label config"):  # a pipeline config handed to `label`
+        sm.build_submission("label", cfg, ["--run", "s3://b/r"], working_dir=None, environ={})
 
 
 def test_machine_local_settings_stay_home_and_desktop_sessions_are_not_secrets(tmp_path):
