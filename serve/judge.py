@@ -125,6 +125,24 @@ def _sum_prompt_logprobs(plps: Any, ids: Any) -> float:
     return total
 
 
+_RETRYABLE = {429, 500, 502, 503, 504}  # the engine is busy, restarting or dead: another try may do
+
+
+def _error_response(resp: Any, fallback: str) -> RuntimeError:
+    """The exception for a vLLM ErrorResponse (``message``/``code`` on it or under ``error``): an
+    overloaded or failed engine is JudgeUnavailable (503, retried), a refused request JudgeError."""
+    err = getattr(resp, "error", None) or resp
+    msg = getattr(resp, "message", None) or getattr(err, "message", None) or fallback
+    code = getattr(resp, "code", None) or getattr(err, "code", None)
+    try:
+        code = int(code) if code is not None else None
+    except (TypeError, ValueError):
+        code = None
+    if code in _RETRYABLE:
+        return JudgeUnavailable(f"judge unavailable ({code}): {msg}")
+    return JudgeError(f"judge error: {msg}")
+
+
 class ServeLLMJudge(JudgeClient):
     """A `ray.serve.llm` LLMServer deployment, through a DeploymentHandle."""
 
@@ -184,8 +202,7 @@ class ServeLLMJudge(JudgeClient):
         resp = await self._request(req)
         choices = getattr(resp, "choices", None)
         if not choices:
-            msg = getattr(resp, "message", None) or getattr(getattr(resp, "error", None), "message", None)
-            raise JudgeError(f"judge error: {msg or type(resp).__name__}")
+            raise _error_response(resp, type(resp).__name__)
         c = choices[0]
         lp = _sum_logprobs(getattr(c.logprobs, "content", None)) if logprobs and c.logprobs else None
         return Completion(text=c.message.content or "", logprob=lp)
@@ -204,8 +221,7 @@ class ServeLLMJudge(JudgeClient):
         resp = await self._request(req)
         plps = getattr(resp, "prompt_logprobs", None)
         if plps is None:
-            msg = getattr(resp, "message", None) or getattr(getattr(resp, "error", None), "message", None)
-            raise JudgeError(f"judge error: {msg or 'no prompt log-probabilities in the answer'}")
+            raise _error_response(resp, "no prompt log-probabilities in the answer")
         return _sum_prompt_logprobs(plps, getattr(resp, "prompt_token_ids", None))
 
     async def health(self) -> None:

@@ -158,3 +158,20 @@ def test_evidence_wider_than_the_service_limits_is_cut_to_fit(n_top, width):
         )
     small = LatentEvidence(latent=2, group="g", top=[ex(0)] if width <= 512 else [])
     assert fit_to_limits(small, 100, 512) is small  # within the limits: untouched
+
+
+def test_an_engine_that_is_busy_or_down_is_unavailable_not_a_judge_error():
+    from types import SimpleNamespace
+
+    from serve.judge import JudgeError, JudgeUnavailable, _error_response
+    from serve.labeller import prompt_too_long
+
+    busy = _error_response(SimpleNamespace(message="The engine is overloaded", code=503), "x")
+    assert isinstance(busy, JudgeUnavailable)  # 503 with Retry-After: the label job retries
+    nested = SimpleNamespace(error=SimpleNamespace(message="EngineDeadError", code="500"))
+    assert isinstance(_error_response(nested, "x"), JudgeUnavailable)
+    refused = _error_response(
+        SimpleNamespace(message="This model's maximum context length is 2048 tokens.", code=400), "x"
+    )
+    assert isinstance(refused, JudgeError) and prompt_too_long(refused)
+    assert str(_error_response(SimpleNamespace(), "no answer")) == "judge error: no answer"
