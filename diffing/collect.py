@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from diffing.config import AnalysisConfig, CrosscoderConfig
+from diffing.config import AnalysisConfig
 from diffing.crosscoder import Crosscoder
 from diffing.evidence import EXAMPLES_DIR, MAX_TOKEN_CHARS, Example, LatentEvidence, write_jsonl
 from diffing.examples import (
@@ -69,22 +69,22 @@ def range_file(a: int, b: int) -> str:
 
 
 class ScanTask:
-    """Picklable per-shard pass-1 task (loads the crosscoder once per process)."""
+    """Picklable per-shard pass-1 task. It carries its encoder (the selected latents' columns,
+    built once on the driver), so Ray workers on other nodes need no copy of the run directory."""
 
-    def __init__(self, store_uri: str, model_dir: str, latents: np.ndarray, cfg: AnalysisConfig):
-        self.store_uri, self.model_dir, self.latents, self.cfg = store_uri, model_dir, latents, cfg
-        self._enc = self._store = None
+    def __init__(self, store_uri: str, encoder: SubsetEncoder, cfg: AnalysisConfig):
+        self.store_uri, self.enc, self.cfg = store_uri, encoder, cfg
+        self._store = None
 
     def _setup(self):
-        if self._enc is None:
+        if self._store is None:
             from diffing.store import open_store
 
             self._store = open_store(self.store_uri)
-            self._enc = SubsetEncoder(Crosscoder.load(self.model_dir), self.latents)
-        return self._store, self._enc
+        return self._store, self.enc
 
     def __getstate__(self):
-        return {**self.__dict__, "_enc": None, "_store": None}
+        return {**self.__dict__, "_store": None}
 
     def __call__(self, shard: int) -> Accumulator:
         store, enc = self._setup()
@@ -175,7 +175,7 @@ def build_evidence(
 
 def evidence_for_latents(
     store,
-    model_dir: str | Path,
+    model: Crosscoder | str | Path,
     latents: Sequence[int],
     cfg: AnalysisConfig,
     table_rows: dict[int, dict],
@@ -183,16 +183,20 @@ def evidence_for_latents(
     map_fn: MapFn | None = None,
     decode: Callable | None = None,
 ) -> list[LatentEvidence]:
-    """Both passes for one set of latents; returns their evidence in latent order."""
+    """Both passes for one set of latents (``model``: the crosscoder or its directory); returns
+    their evidence in latent order."""
     map_fn = map_fn or (lambda fn, items: [fn(i) for i in items])
     lat = np.asarray(sorted(latents), np.int64)
     shards = heldout_shards(store, cfg)
-    scan = ScanTask(store.uri, str(model_dir), lat, cfg)
+    if not isinstance(model, Crosscoder):
+        model = Crosscoder.load(model)
+    enc = SubsetEncoder(model, lat)
+    scan = ScanTask(store.uri, enc, cfg)
     acc = reduce(lambda a, b: a.merge(b), map_fn(scan, shards))
     requests = plan_requests(acc)
     routes = route(requests, len(store.manifest.shards))
     items = [(s, [(i, requests[i]) for i in ids]) for s, ids in sorted(routes.items())]
-    windows = merge_windows(map_fn(WindowTask(store.uri, str(model_dir), lat, cfg), items))
+    windows = merge_windows(map_fn(WindowTask(store.uri, enc, cfg), items))
     return build_evidence(acc, requests, windows, table_rows, decode or token_decoder(store))
 
 
@@ -246,13 +250,14 @@ def collect_evidence(
     ]
     log.info("evidence.plan", selected=len(rows), ranges=len(ranges), todo=len(todo))
     decode = decode or token_decoder(store)
+    model = Crosscoder.load(run / "crosscoder") if todo else None  # once for every pass
     while todo:
         batch, n = [], 0
         while todo and (not batch or n + len(todo[0][1]) <= cfg.latents_per_pass):
             batch.append(todo.pop(0))
             n += len(batch[-1][1])
         lats = [x for _, ls in batch for x in ls]
-        ev = evidence_for_latents(store, run / "crosscoder", lats, cfg, rows, map_fn=map_fn, decode=decode)
+        ev = evidence_for_latents(store, model, lats, cfg, rows, map_fn=map_fn, decode=decode)
         by_lat = {e.latent: e for e in ev}
         for (a, b), ls in batch:
             write_jsonl(out_dir / range_file(a, b), [by_lat[x] for x in ls])
@@ -282,10 +287,12 @@ def collect_source_mass(
     path = run / SOURCE_MASS_FILE
     if path.exists() and not overwrite:
         return path
-    cc = CrosscoderConfig.model_validate_json((run / "crosscoder" / "cfg.json").read_text())
-    lat = np.arange(cc.n_latents, dtype=np.int64)  # the workers load the weights, not the driver
+    model = Crosscoder.load(run / "crosscoder")
+    lat = np.arange(model.cfg.n_latents, dtype=np.int64)
+    enc = SubsetEncoder(model, lat)  # every latent's encoder column: W_enc in float32
+    del model
     map_fn = map_fn or (lambda fn, items: [fn(i) for i in items])
-    parts = map_fn(MassTask(store.uri, str(run / "crosscoder"), lat, cfg), heldout_shards(store, cfg))
+    parts = map_fn(MassTask(store.uri, enc, cfg), heldout_shards(store, cfg))
     total: dict[str, np.ndarray] = {}
     for part in parts:
         for name, m in part.items():

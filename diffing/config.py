@@ -186,6 +186,11 @@ class AnalysisConfig(Frozen):
         0.02, ge=0.0, le=0.5, description="Also score the lowest/highest tail_frac of live latents by Δnorm."
     )
     batch_size: int = Field(4096, ge=1, description="Tokens per encoding batch.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where latent statistics and Latent Scaling run (auto: cuda if present); the "
+        "Gemma-2-9b shape needs a GPU (about 10 TFLOP of encoding per 4,096-token batch).",
+    )
     # -- selection of model-specific latents (the `group` column) ---------------------------
     selection: Literal["class", "tail", "both"] = Field(
         "both",

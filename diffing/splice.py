@@ -265,11 +265,14 @@ def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> d
             f"store {store.uri} has no harvest metadata (models, layer): splice evaluation needs the models; "
             "set analysis.splice=false for stores written with write_arrays"
         )
-    crosscoder = Crosscoder.load(run / "crosscoder")
+    dev = cfg.device
+    if dev == "auto":  # the harvest's models (three 9B ones: 55 GB in bf16) belong on a GPU
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    crosscoder = Crosscoder.load(run / "crosscoder", device=dev)
     specs = {m["name"]: m for m in harvest["models"]}
     ran_in = store.manifest.metadata.get("resolved_dtypes", {})  # what the harvest's models ran in
     models = [
-        load_model(specs[n]["path"], dtype=ran_in.get(n, specs[n].get("dtype", "float32")))
+        load_model(specs[n]["path"], dtype=ran_in.get(n, specs[n].get("dtype", "float32")), device=dev)
         for n in store.model_names
     ]
     tok = load_tokenizer(specs[store.model_names[0]]["path"])

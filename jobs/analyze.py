@@ -15,29 +15,45 @@ from pathlib import Path
 from diffing.config import AnalysisConfig
 from diffing.logs import get_logger
 
+# The task function of the current pass, per worker process: unpickled once, so the crosscoder it
+# loads on first use (diffing.collect.ScanTask) serves every shard the process gets, not one each.
+_TASK_FN: dict[str, Callable] = {}
+
+
+def _task_fn(key: str, ref) -> Callable:
+    if key not in _TASK_FN:
+        import ray
+
+        _TASK_FN.clear()  # one pass at a time: the last pass's crosscoder goes
+        _TASK_FN[key] = pickle.loads(ray.get(ref))
+    return _TASK_FN[key]
+
 
 def ray_data_map(concurrency: int, *, num_cpus: float = 0.5, address: str | None = None) -> Callable:
     """A `map_fn(fn, items) -> list` running fn over items as Ray Data tasks (order kept).
 
-    fn and items travel pickled (the per-shard tasks of diffing.collect are small and picklable);
-    results come back pickled too, so any Python object works.
+    fn goes to the object store once and is unpickled once per worker process; items travel
+    pickled in the rows; results come back pickled too, so any Python object works.
     """
 
     def map_fn(fn: Callable, items: Sequence) -> list:
         if not items:
             return []
+        import uuid
+
         import ray
 
         from cluster.connect import ensure_ray
 
         ensure_ray(address)
-        blob = pickle.dumps(fn)
+        ref = ray.put(pickle.dumps(fn))
+        key = uuid.uuid4().hex
 
         def task(row: dict) -> dict:
-            f = pickle.loads(row["fn"])
+            f = _task_fn(key, ref)
             return {"i": row["i"], "out": pickle.dumps(f(pickle.loads(row["item"])))}
 
-        rows = [{"i": i, "item": pickle.dumps(it), "fn": blob} for i, it in enumerate(items)]
+        rows = [{"i": i, "item": pickle.dumps(it)} for i, it in enumerate(items)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         out = ds.map(task, concurrency=concurrency, num_cpus=num_cpus).take_all()
         return [pickle.loads(r["out"]) for r in sorted(out, key=lambda r: r["i"])]

@@ -55,13 +55,19 @@ def _run(fn):
         hint = ""
         if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
             hint = (
-                "\n(models and runs need a writable disk with space; CROSSDIFF_CACHE moves the model cache)"
+                "\n(models and runs need a writable disk with space; CROSSDIFF_CACHE moves the model cache, "
+                "TMPDIR the temporary files)"
             )
         _fail(f"{e}{hint}\n(set CROSSDIFF_DEBUG=1 for a traceback)")
     except ImportError as e:  # an optional package a URL needs (fsspec: "Please install gcsfs ...")
         if "install" not in str(e).lower() or os.environ.get("CROSSDIFF_DEBUG"):
             raise
-        _fail(f"{e} (into this environment and every Ray node's: `pip install gcsfs` for gs://)")
+        fix = (
+            "`pip install gcsfs` for gs://"
+            if "gcsfs" in str(e)
+            else "`make setup` installs what crossdiff needs"
+        )
+        _fail(f"{e} (into this environment and every Ray node's: {fix})")
 
 
 @app.command()

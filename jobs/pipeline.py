@@ -73,7 +73,10 @@ class Pipeline:
             return {
                 "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
                 "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
-                "analyze": {"analyze": c.analyze.model_dump(mode="json"), "pairs": c.pairs},
+                "analyze": {
+                    "analyze": c.analyze.model_dump(mode="json", exclude={"device"}),
+                    "pairs": c.pairs,
+                },
                 "label": {
                     **_label_identity(c.label),
                     "taxonomy": load_taxonomy(c.label.service.taxonomy).fingerprint,

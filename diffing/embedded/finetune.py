@@ -64,7 +64,7 @@ PLANTED: dict[str, dict[str, str]] = {
         "it answers directly instead.",
     },
 }
-SMOLLM2_FINGERPRINT = "02abf71a461e"  # base_fingerprint(build_base()) with transformers 5.19
+SMOLLM2_FINGERPRINT = "e091c4877092"  # base_fingerprint(build_base()): config without transformers_version
 BUILD_VERSION = 3  # bump whenever the training code changes what a recipe produces
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -178,8 +178,11 @@ def planted_ground_truth(recipe: FinetuneRecipe) -> list[dict[str, str]]:
 
 
 def base_fingerprint(base_dir: Path) -> str:
-    """A cheap identity of a model directory: its config and the size, head and tail of its weights."""
-    digest = hashlib.sha256((base_dir / "config.json").read_bytes())
+    """A cheap identity of a model directory: its config (less the transformers version that wrote
+    it: any 5.x converts the same weights) and the size, head and tail of its weights."""
+    config = json.loads((base_dir / "config.json").read_text())
+    config.pop("transformers_version", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for path in sorted(base_dir.glob("*.safetensors")):
         size = path.stat().st_size
         with open(path, "rb") as f:
