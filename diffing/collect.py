@@ -287,9 +287,11 @@ def collect_source_mass(
     path = run / SOURCE_MASS_FILE
     if path.exists() and not overwrite:
         return path
+    if "source" not in store.manifest.extra_columns:  # nothing to attribute: load nothing
+        return None
     model = Crosscoder.load(run / "crosscoder")
     lat = np.arange(model.cfg.n_latents, dtype=np.int64)
-    enc = SubsetEncoder(model, lat)  # every latent's encoder column: W_enc in float32
+    enc = SubsetEncoder(model, lat)  # every latent's encoder column: W_enc itself (no copy)
     del model
     map_fn = map_fn or (lambda fn, items: [fn(i) for i in items])
     parts = map_fn(MassTask(store.uri, enc, cfg), heldout_shards(store, cfg))

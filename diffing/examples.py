@@ -85,7 +85,9 @@ class SubsetEncoder:
         self.latents = torch.as_tensor(np.asarray(latents, np.int64))
         M, D, L = model.W_enc.shape
         with torch.no_grad():
-            self.W = model.W_enc.detach().reshape(M * D, L)[:, self.latents].float().cpu().contiguous()
+            W = model.W_enc.detach().reshape(M * D, L)
+            every = len(self.latents) == L and bool((self.latents == torch.arange(L)).all())
+            self.W = (W if every else W[:, self.latents]).float().cpu().contiguous()  # all: a view
             self.b = model.b_enc.detach()[self.latents].float().cpu()
             self.norm_sum = model.decoder_norms().detach().sum(0)[self.latents].float().cpu()
         self.threshold = float(model.threshold)

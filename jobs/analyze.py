@@ -15,9 +15,14 @@ from pathlib import Path
 from diffing.config import AnalysisConfig
 from diffing.logs import get_logger
 
-# The task function of the current pass, per worker process: unpickled once, so the crosscoder it
-# loads on first use (diffing.collect.ScanTask) serves every shard the process gets, not one each.
+# The task function of the current pass, per worker process: unpickled once, so the encoder it
+# carries and the store it opens (diffing.collect.ScanTask) serve every shard the process gets.
 _TASK_FN: dict[str, Callable] = {}
+
+
+def _drop_task(row: dict) -> dict:
+    _TASK_FN.clear()
+    return row
 
 
 def _task_fn(key: str, ref) -> Callable:
@@ -56,6 +61,10 @@ def ray_data_map(concurrency: int, *, num_cpus: float = 0.5, address: str | None
         rows = [{"i": i, "item": pickle.dumps(it)} for i, it in enumerate(items)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         out = ds.map(task, concurrency=concurrency, num_cpus=num_cpus).take_all()
+        # best effort: idle workers would hold the pass's encoder (all of W_enc for the source
+        # mass) until the next pass; a pass of no-ops reaches the same reused worker processes
+        n = 2 * concurrency
+        ray.data.range(n, override_num_blocks=n).map(_drop_task, num_cpus=num_cpus).take_all()
         return [pickle.loads(r["out"]) for r in sorted(out, key=lambda r: r["i"])]
 
     return map_fn

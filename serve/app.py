@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +28,7 @@ from serve import prompts
 from serve.judge import JudgeClient, JudgeError, JudgeUnavailable, OpenAIJudge, ServeLLMJudge
 from serve.labeller import LabelCache, Labeller
 from serve.protocol import API_VERSION, ErrorBody, Health, LabelRequest, LabelResponse, TaxonomyResponse
-from serve.settings import JudgeSettings, ServiceSettings, check_bind
+from serve.settings import DEFAULT_JUDGE_ID, JUDGE_MODEL_ENV, JudgeSettings, ServiceSettings, check_bind
 from serve.taxonomy import load_taxonomy
 
 log = get_logger("crossdiff.serve")
@@ -42,6 +43,13 @@ class Service:
         self.judge = judge
         self.token = token
         self.taxonomy = load_taxonomy(settings.taxonomy)
+        j = settings.judge
+        if os.environ.get(JUDGE_MODEL_ENV) and not j.model_source and j.model_id == DEFAULT_JUDGE_ID:
+            log.warning(
+                "labelling.judge_name",
+                detail=f"${JUDGE_MODEL_ENV} picks the judge but its labels say {DEFAULT_JUDGE_ID}: "
+                "set judge.model_id",
+            )
         self.labeller = Labeller(
             judge,
             self.taxonomy,

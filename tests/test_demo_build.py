@@ -41,13 +41,20 @@ def test_one_process_builds_a_model_and_the_other_waits_for_it(tmp_path):
 
 def test_what_killed_builds_left_behind_is_removed_by_the_next_build(tmp_path):
     models = tmp_path / "models"
+    import os
+
+    old = time.time() - 3600
     for i in range(2):  # as a SIGKILLed or OOM-killed build leaves them
-        orphan = models / f".tmp-m-killed{i}"
+        orphan = models / f".tmp-m-kill{i}abc"
         orphan.mkdir(parents=True)
         (orphan / "model.safetensors").write_bytes(b"0" * 1000)
-    (models / ".tmp-other-x").mkdir()  # another model's build: not ours to remove
+        os.utime(orphan, (old, old))
+    for name in (".tmp-m-base1234-abcdefgh", ".tmp-m-fresh123"):  # another target's; a live build
+        (models / name).mkdir()
+    os.utime(models / ".tmp-m-base1234-abcdefgh", (old, old))
     build_atomically(models / "m", _fake_model)
-    assert sorted(p.name for p in models.iterdir()) == [".m.lock", ".tmp-other-x", "m"]
+    left = sorted(p.name for p in models.iterdir())
+    assert left == [".m.lock", ".tmp-m-base1234-abcdefgh", ".tmp-m-fresh123", "m"]
 
 
 def test_a_runs_corpus_from_an_older_crossdiff_is_not_paired_with_a_new_fine_tune(tmp_path):

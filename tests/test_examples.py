@@ -277,7 +277,7 @@ def test_source_mass_of_every_latent_matches_naive_reference(world, tmp_path):
 
 
 def test_a_ray_pass_unpickles_its_task_once_per_worker_process(monkeypatch):
-    """The task (and the crosscoder it loads on first use) serves every shard a process gets."""
+    """The task (the encoder it carries, the store it opens) serves every shard a process gets."""
     import pickle
 
     import ray

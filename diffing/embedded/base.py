@@ -11,10 +11,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,7 +58,9 @@ def build_atomically(
     if is_done(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
+    # read-only and world-writable: any user of a shared cache can lock it (flock needs no write)
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    with os.fdopen(fd) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -64,8 +68,13 @@ def build_atomically(
             fcntl.flock(lock, fcntl.LOCK_EX)
         if is_done(target):  # built by the process we waited for
             return target
-        for orphan in target.parent.glob(f".tmp-{target.name}-*"):  # killed builds (we hold the lock)
-            shutil.rmtree(orphan, ignore_errors=True)
+        # killed builds of this target (we hold its lock): exactly mkdtemp's names for it (not another
+        # target whose name starts with this one's), idle for 10 minutes (not an unlocked older
+        # crossdiff's live build)
+        own = re.compile(rf"\.tmp-{re.escape(target.name)}-[a-z0-9_]{{8}}")
+        for orphan in target.parent.glob(f".tmp-{target.name}-*"):
+            if own.fullmatch(orphan.name) and time.time() - orphan.stat().st_mtime > 600:
+                shutil.rmtree(orphan, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         try:
             tmp.chmod(0o755)
