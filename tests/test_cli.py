@@ -231,7 +231,10 @@ def test_planted_dictionary_demo_takes_no_settings(tmp_path):
 
 
 def test_a_job_api_address_for_a_stage_command_names_the_right_one(tmp_path, store, monkeypatch):
+    import ray
+
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever Ray earlier tests left up
     r = runner.invoke(app, ["fit", "--store", store, "--out", str(tmp_path / "r"), "--workers", "1"])
     assert r.exit_code == 2 and "HEAD:6379" in r.output and "crossdiff submit" in r.output
 

@@ -1,0 +1,118 @@
+"""Latent Scaling (Minder et al. 2025) in one streaming pass, for every latent at once: the
+firing statistics and the β fits that diffing.analysis turns into ν (the formulas are in its
+module docstring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffing.crosscoder import Crosscoder, SparseActs
+
+
+@dataclass
+class LatentStats:
+    freq: np.ndarray  # [L] fraction of tokens where the latent fires
+    mean_act: np.ndarray  # [L] mean activation when firing
+    max_act: np.ndarray  # [L]
+    beta_eps: (
+        np.ndarray
+    )  # [M, L] β of each model on the error target, direction of the latent's strongest model
+    beta_r: np.ndarray  # [M, L] same, reconstruction target
+    n_tokens: int
+    target: np.ndarray | None = None  # [L] the model whose decoder direction β was measured along
+
+
+def scaling_targets(norms: Tensor | np.ndarray, a: int, b: int) -> np.ndarray:
+    """[L] the model of the pair (a, b) whose decoder is stronger: Latent Scaling measures every
+    model's β along that decoder direction (ties: the lower index, as argmax over two models)."""
+    n = np.asarray(norms.detach().cpu() if isinstance(norms, Tensor) else norms, dtype=np.float64)
+    lo, hi = sorted((a, b))
+    return np.where(n[lo] >= n[hi], lo, hi)
+
+
+@torch.no_grad()
+def latent_stats(
+    model: Crosscoder,
+    batches: Iterable[Tensor],
+    *,
+    max_tokens: int | None = None,
+    pair: tuple[int, int] = (0, 1),
+    sparse: bool | None = None,
+) -> LatentStats:
+    """One pass over raw batches [B, M, D]: firing statistics and Latent Scaling β for every latent,
+    along the decoder direction of the stronger model of `pair` (model indices; with more than two
+    models a third model's decoder must not stand in for the pair's).
+
+    ``sparse``: decode and project only the kept (token, latent) entries, O(B k M D), instead of
+    every latent, O(B L M D): 20 TFLOP a batch at the Gemma-2-9b shape, where a GPU gathers the
+    kept entries far faster; on a CPU the dense matmuls win at the demo's shape (17 s against 37 s
+    for its store on 2 cores), so None means sparse on CUDA only. Both compute the same sums
+    (tested)."""
+    device = model.W_dec.device
+    W = model.W_dec.float()  # [M, L, D]
+    M, L, D = W.shape
+    target_np = scaling_targets(model.decoder_norms(), *pair)
+    target = torch.as_tensor(target_np, device=device)  # [L]
+    d = W[target, torch.arange(L, device=device)]  # [L, D] direction tested per latent
+    d_sq = d.pow(2).sum(-1)  # [L]
+    d_dot_own = torch.einsum("ld,mld->ml", d, W)  # [M, L] ⟨d, d_{m,l}⟩
+    n_fire = torch.zeros(L, dtype=torch.float64, device=device)
+    s_act = torch.zeros_like(n_fire)
+    s_f2 = torch.zeros_like(n_fire)
+    max_act = torch.zeros(L, device=device)
+    num_eps = torch.zeros(M, L, dtype=torch.float64, device=device)
+    num_r = torch.zeros_like(num_eps)
+    n = 0
+    sparse = device.type == "cuda" if sparse is None else sparse
+    chunk = max(1, (128 << 20) // (4 * D))  # kept entries per gather: [chunk, D] float32 <= 128 MiB
+    for xb in batches:
+        x = model.normalise(xb.to(device))
+        f = model.encode(x)  # [B, L]
+        if sparse:  # f multiplies every term: the kept entries alone count
+            rows, cols = f.nonzero(as_tuple=True)  # row-major: sorted by token
+            vals = f[rows, cols]
+            counts = torch.bincount(rows, minlength=f.shape[0])
+            offsets = torch.cumsum(counts, 0) - counts
+            x_hat = model.decode_sparse(SparseActs(rows, cols, vals, offsets, f.shape[0]))
+        else:
+            x_hat = model.decode(f)
+        err = x - x_hat
+        recon = x_hat - model.b_dec
+        f2 = f.pow(2).sum(0).double()
+        n_fire += (f > 0).sum(0).double()
+        s_act += f.sum(0).double()
+        s_f2 += f2
+        max_act = torch.maximum(max_act, f.max(0).values)
+        for m in range(M):
+            own = f2 * d_dot_own[m].double()  # Σ f² ⟨d, d_m⟩
+            if not sparse:
+                num_eps[m] += (f * (err[:, m] @ d.T)).sum(0).double() + own
+                num_r[m] += (f * (recon[:, m] @ d.T)).sum(0).double()
+                continue
+            num_eps[m] += own
+            for lo in range(0, len(vals), chunk):  # Σ_tokens f ⟨e_m, d⟩ and f ⟨x̂_m - b_dec, d⟩
+                r, c, v = rows[lo : lo + chunk], cols[lo : lo + chunk], vals[lo : lo + chunk]
+                dc = d[c]
+                num_eps[m].index_add_(0, c, (v * (err[r, m] * dc).sum(-1)).double())
+                num_r[m].index_add_(0, c, (v * (recon[r, m] * dc).sum(-1)).double())
+        n += x.shape[0]
+        if max_tokens and n >= max_tokens:
+            break
+    if n == 0:
+        raise ValueError("latent_stats() got no data")
+    den = (d_sq.double() * s_f2).clamp_min(1e-12)
+    return LatentStats(
+        freq=(n_fire / n).cpu().numpy(),
+        mean_act=(s_act / n_fire.clamp_min(1)).cpu().numpy(),
+        max_act=max_act.cpu().numpy(),
+        beta_eps=(num_eps / den).cpu().numpy(),
+        beta_r=(num_r / den).cpu().numpy(),
+        n_tokens=n,
+        target=target_np,
+    )
