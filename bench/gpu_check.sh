@@ -3,7 +3,8 @@
 # (cuda vs cpu parity, Ray Train over NCCL, harvest on a GPU actor) and the Ray glue benchmark on
 # the GPU at two crosscoder shapes (Gemma-2-2b-like and the Gemma-2-9b target). Results go to
 # $OUT (default /tmp/crossdiff-gpu-check). Python packages missing from the node's image may be
-# given as wheels in .whl/ (installed into /tmp/site, nothing else touched).
+# given as wheels in .whl/ (installed into /tmp/site, nothing else touched): `bash bench/gpu_wheels.sh`
+# makes them here (Ray's wheel stripped to fit a 64 MiB transfer).
 #
 #     bash bench/gpu_check.sh            # every section; each has its own time limit
 #     SECTIONS="tests" bash bench/gpu_check.sh

@@ -119,7 +119,7 @@ def gather(run_dir: str | Path, opts: ReportOptions | None = None) -> dict:
         "robust": int(np.sum(cols["robust"])),
         "groups": {g: int(n) for g, n in Counter(groups.tolist()).items() if g},
         "n_evidence": len(evidence),
-        "n_labels": sum(k in set(cols["latent"]) for k in labels),  # labels of this run's latents only
+        "n_labels": len(set(labels) & set(cols["latent"])),  # labels of this run's latents only
     }
     nu_eps, nu_r = np.asarray(cols["nu_eps"], float), np.asarray(cols["nu_r"], float)
     score = robustness(nu_eps, nu_r)
