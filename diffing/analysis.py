@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import torch
 from torch import Tensor
 
 from diffing.config import AnalysisConfig
 from diffing.crosscoder import Crosscoder
+from diffing.models import resolve_device
 from diffing.scaling import LatentStats, latent_stats, scaling_targets
 
 
@@ -289,10 +289,7 @@ def analyze_run(
         return pq.read_table(out)
     if not (run / "crosscoder" / "cfg.json").exists():
         raise FileNotFoundError(f"{run} has no fitted crosscoder (run `crossdiff fit --out {run}` first)")
-    dev = cfg.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Crosscoder.load(run / "crosscoder", device=dev)
+    model = Crosscoder.load(run / "crosscoder", device=resolve_device(cfg.device, "analyze.device"))
     if list(model.cfg.model_names) != list(store.model_names) or model.cfg.d_model != store.d_model:
         raise ValueError(
             f"store {store.uri} holds models {store.model_names} (d_model={store.d_model}) but the crosscoder was "

@@ -22,6 +22,7 @@ import torch
 from diffing.config import CrosscoderConfig, FitConfig, TrainConfig
 from diffing.crosscoder import Crosscoder, norm_scale_from_mean_norms
 from diffing.logs import get_logger
+from diffing.models import resolve_device
 from diffing.prefetch import prefetch
 from diffing.store import ActivationStore, StoreError
 from diffing.train import TrainerState, evaluate, train_step
@@ -70,11 +71,7 @@ def init_model(cc: CrosscoderConfig, store: ActivationStore, seed: int, device: 
 
 
 def pick_device(tcfg: TrainConfig) -> torch.device:
-    if tcfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if tcfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no GPU is visible; use train.device=auto or cpu")
-    return torch.device(tcfg.device)
+    return resolve_device(tcfg.device, "train.device")
 
 
 class RunDir:

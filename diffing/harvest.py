@@ -28,6 +28,7 @@ from diffing.models import (
     n_layers,
     pad_batch,
     residual_after_layer,
+    resolve_device,
     resolve_dtype,
     share_chat_template,
     tokenize_records,
@@ -120,10 +121,7 @@ class Harvester:
         """``models`` and ``tokenizer``: already loaded, on the device (a notebook, a benchmark with
         random weights); by default every ``cfg.models`` entry is loaded from its path."""
         self.cfg = cfg
-        dev = cfg.device
-        self.device = torch.device(
-            "cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev)
-        )
+        self.device = resolve_device(cfg.device)
         if models is None:
             self.tokenizers = [load_tokenizer(m.path) for m in cfg.models]
             self.dtypes = [resolve_dtype(m.dtype, self.device) for m in cfg.models]

@@ -27,6 +27,16 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_device(name: str, field: str = "device") -> torch.device:
+    """``auto``: cuda where a GPU is visible, else cpu; a cuda device asked for without a GPU is
+    an error naming ``field`` (the config field that asked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{field}={name} but no GPU is visible; use {field}=auto or cpu")
+    return torch.device(name)
+
+
 def native_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bf16, or a CPU with
     AVX512-BF16 or AMX. Elsewhere (AVX2-only CPUs) bfloat16 is emulated and ~4x slower than

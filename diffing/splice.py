@@ -251,7 +251,7 @@ def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> d
     import pyarrow.parquet as pq
 
     from diffing.logs import get_logger
-    from diffing.models import load_model, load_tokenizer
+    from diffing.models import load_model, load_tokenizer, resolve_device
 
     run = Path(run_dir)
     out = run / "splice.json"
@@ -265,9 +265,7 @@ def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> d
             f"store {store.uri} has no harvest metadata (models, layer): splice evaluation needs the models; "
             "set analysis.splice=false for stores written with write_arrays"
         )
-    dev = cfg.device
-    if dev == "auto":  # the harvest's models (three 9B ones: 55 GB in bf16) belong on a GPU
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device(cfg.device, "analyze.device")  # three 9B models: 55 GB in bf16, a GPU's
     crosscoder = Crosscoder.load(run / "crosscoder", device=dev)
     specs = {m["name"]: m for m in harvest["models"]}
     ran_in = store.manifest.metadata.get("resolved_dtypes", {})  # what the harvest's models ran in

@@ -318,10 +318,7 @@ def _pct(x) -> str:
 
 
 def _delta(r: dict) -> str:
-    """Δ_c of a shift row; a category with no I latents has none: it is only in S."""
-    if r["n_i"] == 0 and r["n_s"] > 0 and (r["delta"] is None or not math.isfinite(r["delta"])):
-        return "only in S"
-    return _pct(r["delta"])
+    return "only in S" if plots.only_in_s(r) else _pct(r["delta"])
 
 
 def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:

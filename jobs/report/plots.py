@@ -122,6 +122,11 @@ def count_bars(counts: dict[str, int], title: str) -> str:
     return to_data_uri(fig)
 
 
+def only_in_s(r: dict) -> bool:
+    """A shift row whose category no I latent has: Δ is undefined, the category is S's alone."""
+    return r["n_i"] == 0 and r["n_s"] > 0 and (r["delta"] is None or not math.isfinite(r["delta"]))
+
+
 def _no_math(text: str) -> str:
     """Names as written: matplotlib reads text between two $ as math (and fails on bad TeX)."""
     return text.replace("$", r"\$")
@@ -131,10 +136,6 @@ def shift_bars(rows: list[dict], s_name: str, i_name: str) -> str:
     """Δ_c per category with its 95% CI (percent); small-count categories hatched."""
     plt = _plt()
     cap = 400.0  # percent: longer bars end here, with their value written at the end
-
-    def only_in_s(r: dict) -> bool:
-        return r["n_i"] == 0 and r["n_s"] > 0 and (r["delta"] is None or not math.isfinite(r["delta"]))
-
     rows = [r for r in rows if (r["delta"] is not None and math.isfinite(r["delta"])) or only_in_s(r)]
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * max(len(rows), 2) + 1.0))
     if not rows:
