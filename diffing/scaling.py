@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffing.crosscoder import Crosscoder, SparseActs
+from diffing.crosscoder import Crosscoder
 
 
 @dataclass
@@ -43,17 +43,10 @@ def latent_stats(
     *,
     max_tokens: int | None = None,
     pair: tuple[int, int] = (0, 1),
-    sparse: bool | None = None,
 ) -> LatentStats:
     """One pass over raw batches [B, M, D]: firing statistics and Latent Scaling β for every latent,
     along the decoder direction of the stronger model of `pair` (model indices; with more than two
-    models a third model's decoder must not stand in for the pair's).
-
-    ``sparse``: decode and project only the kept (token, latent) entries, O(B k M D), instead of
-    every latent, O(B L M D): 20 TFLOP a batch at the Gemma-2-9b shape, where a GPU gathers the
-    kept entries far faster; on a CPU the dense matmuls win at the demo's shape (17 s against 37 s
-    for its store on 2 cores), so None means sparse on CUDA only. Both compute the same sums
-    (tested)."""
+    models a third model's decoder must not stand in for the pair's)."""
     device = model.W_dec.device
     W = model.W_dec.float()  # [M, L, D]
     M, L, D = W.shape
@@ -69,19 +62,10 @@ def latent_stats(
     num_eps = torch.zeros(M, L, dtype=torch.float64, device=device)
     num_r = torch.zeros_like(num_eps)
     n = 0
-    sparse = device.type == "cuda" if sparse is None else sparse
-    chunk = max(1, (128 << 20) // (4 * D))  # kept entries per gather: [chunk, D] float32 <= 128 MiB
     for xb in batches:
         x = model.normalise(xb.to(device))
         f = model.encode(x)  # [B, L]
-        if sparse:  # f multiplies every term: the kept entries alone count
-            rows, cols = f.nonzero(as_tuple=True)  # row-major: sorted by token
-            vals = f[rows, cols]
-            counts = torch.bincount(rows, minlength=f.shape[0])
-            offsets = torch.cumsum(counts, 0) - counts
-            x_hat = model.decode_sparse(SparseActs(rows, cols, vals, offsets, f.shape[0]))
-        else:
-            x_hat = model.decode(f)
+        x_hat = model.decode(f)
         err = x - x_hat
         recon = x_hat - model.b_dec
         f2 = f.pow(2).sum(0).double()
@@ -91,16 +75,8 @@ def latent_stats(
         max_act = torch.maximum(max_act, f.max(0).values)
         for m in range(M):
             own = f2 * d_dot_own[m].double()  # Σ f² ⟨d, d_m⟩
-            if not sparse:
-                num_eps[m] += (f * (err[:, m] @ d.T)).sum(0).double() + own
-                num_r[m] += (f * (recon[:, m] @ d.T)).sum(0).double()
-                continue
-            num_eps[m] += own
-            for lo in range(0, len(vals), chunk):  # Σ_tokens f ⟨e_m, d⟩ and f ⟨x̂_m - b_dec, d⟩
-                r, c, v = rows[lo : lo + chunk], cols[lo : lo + chunk], vals[lo : lo + chunk]
-                dc = d[c]
-                num_eps[m].index_add_(0, c, (v * (err[r, m] * dc).sum(-1)).double())
-                num_r[m].index_add_(0, c, (v * (recon[r, m] * dc).sum(-1)).double())
+            num_eps[m] += (f * (err[:, m] @ d.T)).sum(0).double() + own
+            num_r[m] += (f * (recon[:, m] @ d.T)).sum(0).double()
         n += x.shape[0]
         if max_tokens and n >= max_tokens:
             break
