@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -160,10 +161,12 @@ def config_reference(models: dict[str, type[BaseModel]] | None = None) -> str:
             items = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
             if seq and items:  # a list of sub-configs (harvest.models): its item's fields get a section too
                 subs.append((items[0], f"{prefix}{name}[]."))
+            elif items:  # an optional sub-config (`analyze_task`): its row, and its fields below
+                subs.append((items[0], f"{prefix}{name}."))
             default = (
                 "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             )
-            typ = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+            typ = ann.__name__ if isinstance(ann, type) else re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(ann))
             cells = [f"`{prefix}{name}`", f"`{typ}`", f"`{default}`", field.description or ""]
             rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         if rows:

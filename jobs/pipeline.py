@@ -220,7 +220,9 @@ class Pipeline:
 
             load_taxonomy(self.cfg.label.service.taxonomy)
         if self.mirror is not None:
-            if {"fit", "analyze"} & set(to_run):  # they write or read the weights: sync those too
+            # fit writes the weights, analyze in this process reads them: sync those too (a placed
+            # analysis copies them to its own node)
+            if "fit" in to_run or ("analyze" in to_run and self.cfg.analyze_task is None):
                 self.mirror = RunMirror(self.cfg.out, self.run)
                 if not (overwrite and "fit" in to_run):  # a refit from scratch never reads the old ones
                     self.mirror.pull()
@@ -300,13 +302,15 @@ class Pipeline:
         return {p: pair_dir(self.run, p, len(self.cfg.pairs)) for p in self.cfg.pairs}
 
     def _analyze(self, overwrite: bool) -> dict:
-        from jobs.analyze import run_analyze
+        from jobs.analyze_task import analyze_in_task, analyze_pairs
 
-        out = {}
-        for pair, d in self.dirs().items():
-            store = self.cfg.harvest.store
-            out["-vs-".join(pair)] = run_analyze(
-                d, store, self.cfg.analyze, pair=pair, overwrite=overwrite, address=self.address
+        if self.cfg.analyze_task is not None:  # on a node with the resources, e.g. a GPU worker
+            out = analyze_in_task(self.cfg, self.run, overwrite=overwrite, address=self.address)
+            if self.mirror is not None:  # the task uploaded its outputs: label and report read them here
+                self.mirror.pull()
+        else:
+            out = analyze_pairs(
+                self.run, self.cfg, self.cfg.harvest.store, overwrite=overwrite, address=self.address
             )
         return out if len(out) > 1 else next(iter(out.values()))
 

@@ -30,6 +30,23 @@ def _label_identity(cfg: LabelConfig) -> dict:
     return out
 
 
+class TaskPlacement(Frozen):
+    """Where a stage runs when the pipeline's driver (on a cluster: the head pod) is the wrong place."""
+
+    num_gpus: float = Field(
+        1.0,
+        ge=0.0,
+        description="GPUs the task holds; under `analyze.device: auto` the analysis runs on cuda.",
+    )
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs the task holds.")
+    memory_gb: float | None = Field(
+        None, gt=0.0, description="Host memory the task reserves, in GiB (Ray `memory`); None reserves none."
+    )
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type the node must have (e.g. H100, A100-80G); None: any."
+    )
+
+
 class PipelineConfig(Frozen):
     out: str = Field(
         description="Run directory: a local path, or an object-storage URL (s3://, gs://) whose stages "
@@ -49,6 +66,14 @@ class PipelineConfig(Frozen):
     harvest: HarvestConfig = Field(description="Harvest stage; `store` defaults to OUT/store.")
     fit: FitConfig = Field(default_factory=FitConfig, description="Crosscoder fit stage.")
     analyze: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Analysis stage.")
+    analyze_task: TaskPlacement | None = Field(
+        None,
+        description="Run the analyze stage as one Ray task holding these resources, e.g. {num_gpus: 1} "
+        "(the driver of a cluster job sits on the head pod, which has no GPU; the Gemma-2-9b shape "
+        "needs one). The task works on the run through `out`: a remote out is copied to "
+        "$CROSSDIFF_CACHE on the task's node; a local out must be on a filesystem that node sees. "
+        "None: in the driver process.",
+    )
     label: LabelConfig = Field(
         default_factory=LabelConfig, description="Label stage (see docs/labelling.md)."
     )

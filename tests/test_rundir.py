@@ -2,6 +2,7 @@
 resumes on a machine with an empty working copy, and the tiny pipeline end to end with `out=s3://`."""
 
 import json
+import shutil
 import uuid
 
 import fsspec
@@ -162,6 +163,48 @@ def test_remote_run_resumed_at_analyze_copies_the_weights_down(tmp_path, s3_endp
 
 
 @pytest.mark.timeout(120)
+def test_placed_analysis_leaves_the_weights_in_the_bucket(tmp_path, s3_endpoint):
+    """With `analyze_task` the driver resuming at analyze does not copy the weights down (the task
+    copies them to its own node); the stage's outputs, which the task pushed, are pulled back."""
+    url = _url()
+    calls: list = []
+    with pytest.raises(RuntimeError, match="killed in analyze"):
+        _stubbed(Pipeline(_stub_cfg(tmp_path / "m1", url)), calls, fail_at="analyze")()
+    cfg2 = _stub_cfg(tmp_path / "m2", url, analyze_task={"num_gpus": 1})
+    p = _stubbed(Pipeline(cfg2), calls)
+    other = RunMirror(url, tmp_path / "task")  # the task's node
+
+    def placed(overwrite):
+        other.pull()
+        assert (other.local / "crosscoder" / "model.safetensors").read_text() == "weights"
+        (other.local / "latents.parquet").write_text("from the task")
+        other.push()
+        p.mirror.pull()  # as Pipeline._analyze does after the task
+        return {"task": True}
+
+    p.stage_fns["analyze"] = placed
+    calls.clear()
+    p()
+    assert calls == ["label", "report"]
+    assert not (cfg2.run / "crosscoder").exists()
+    assert (cfg2.run / "latents.parquet").read_text() == "from the task"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_placed_analysis_of_a_run_the_node_cannot_see(tmp_path, ray_cluster):
+    """A local out the task's node does not see fails with the fix, not a Ray traceback."""
+    from jobs.analyze_task import analyze_in_task
+
+    cfg = PipelineConfig.model_validate(
+        with_defaults(pipeline_dict(str(tmp_path / "run"), analyze_task={"num_gpus": 0, "num_cpus": 0.25}))
+    )
+    with pytest.raises(FileNotFoundError, match="object-storage URL") as e:
+        analyze_in_task(cfg, cfg.run, overwrite=False)
+    assert "RayTaskError" not in type(e.value).__name__
+
+
+@pytest.mark.timeout(120)
 def test_remote_overwrite_does_not_fetch_the_weights_it_replaces(tmp_path, s3_endpoint):
     url = _url()
     calls: list = []
@@ -197,7 +240,14 @@ def test_unwritable_remote_fails_before_any_stage(tmp_path, s3_endpoint):
 @pytest.mark.timeout(900)
 def test_tiny_pipeline_on_s3(tmp_path, s3_endpoint, ray_cluster):
     """The tiny preset with out=s3://: the corpus, the store, Ray Train's checkpoints and every stage's
-    outputs land in the bucket; a second machine (empty work dir) finds the run finished."""
+    outputs land in the bucket; the analysis runs as a placed Ray task (`analyze_task`, as on a GPU
+    worker) and gives what the driver gives; a second machine (empty work dir) finds the run finished."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from jobs.analyze import run_analyze
+    from jobs.analyze_task import task_work_dir
     from jobs.pipeline import run_pipeline
 
     url = _url()
@@ -205,9 +255,31 @@ def test_tiny_pipeline_on_s3(tmp_path, s3_endpoint, ray_cluster):
         "stages=[harvest,fit,analyze,report]",
         "fit.distributed.workers=1",
         "fit.distributed.cpus_per_worker=1",
+        "analyze_task={num_gpus: 0, num_cpus: 0.5}",
     ]
-    res = run_pipeline(preset="tiny", out=url, overrides=[*sets, f"work_dir={tmp_path / 'w1'}"])
+    try:
+        res = run_pipeline(preset="tiny", out=url, overrides=[*sets, f"work_dir={tmp_path / 'w1'}"])
+        assert (task_work_dir(url) / "latents.parquet").exists()
+    finally:  # the task's working copy is in the shared cache
+        shutil.rmtree(task_work_dir(url), ignore_errors=True)
     assert res["harvest"]["rows"] > 1000 and res["fit"]["fve"]["base"] > 0.5
+    task = res["analyze"]["task"]
+    assert task["pid"] != os.getpid()  # it ran in a Ray worker, on its own copy of the run
+    assert res["analyze"]["out"] == str(tmp_path / "w1" / "latents.parquet")  # as the driver sees it
+    # the driver's copy holds the task's outputs, and they are what an analysis here gives
+    cfg = load_pipeline_config(preset="tiny", out=url, overrides=[*sets, f"work_dir={tmp_path / 'w1'}"])
+    here = tmp_path / "here"
+    shutil.copytree(tmp_path / "w1" / "crosscoder", here / "crosscoder")
+    shutil.copyfile(tmp_path / "w1" / "metrics.json", here / "metrics.json")
+    run_analyze(here, cfg.harvest.store, cfg.analyze, pair=cfg.pair_names)
+    placed, local = (
+        pq.read_table(tmp_path / "w1" / "latents.parquet"),
+        pq.read_table(here / "latents.parquet"),
+    )
+    assert placed.num_rows > 0 and placed.to_pandas().equals(local.to_pandas())  # NaN ν of dead latents alike
+    assert sorted(p.name for p in (tmp_path / "w1" / "examples").iterdir()) == sorted(
+        p.name for p in (here / "examples").iterdir()
+    )
     fs, root = fsspec.core.url_to_fs(url)
     fs.invalidate_cache()
     have = {p[len(root) + 1 :] for p in fs.find(root)}

@@ -1,0 +1,138 @@
+"""The analyze stage as one Ray task placed by `pipeline.analyze_task` (e.g. on a GPU worker).
+
+A cluster job's driver runs on the head pod, which has no GPU; at the Gemma-2-9b shape the latent
+statistics, the evidence encoding and the splice need one (docs/gemma.md). The task reaches the run
+the way any node can:
+
+- a remote `out` (s3://, gs://): the task copies the run down to its node's cache
+  ($CROSSDIFF_CACHE/runs/<hash of out>-analyze, kept for a resumed task on the same node), analyses
+  every comparison there, uploads as it goes (`sync_every_s`) and at the end, also when it fails,
+  so finished evidence ranges survive; the driver then copies the outputs down.
+- a local `out`: the task works in it, so it must be on a filesystem the task's node sees (one
+  machine, or a volume every node mounts); a node that does not see it fails with that fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from diffing.logs import get_logger
+from jobs.rundir import RunMirror, default_work_dir, is_remote
+
+_USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+
+
+def analyze_pairs(run: Path, cfg, store: str, *, overwrite: bool, address: str | None = None) -> dict:
+    """Every comparison of a pipeline config analysed in `run`: {"A-vs-B": summary}."""
+    from jobs.analyze import run_analyze
+    from jobs.compare import pair_dir
+
+    return {
+        "-vs-".join(pair): run_analyze(
+            pair_dir(run, pair, len(cfg.pairs)),
+            store,
+            cfg.analyze,
+            pair=pair,
+            overwrite=overwrite,
+            address=address,
+        )
+        for pair in cfg.pairs
+    }
+
+
+def task_work_dir(out: str) -> Path:
+    """The task's own working copy of a remote run (never the driver's, even on the same node)."""
+    d = default_work_dir(out)
+    return d.with_name(f"{d.name}-analyze")
+
+
+def _rebase(obj: Any, old: str, new: str) -> Any:
+    """Paths in a summary as the driver sees them."""
+    if isinstance(obj, str):
+        return new + obj[len(old) :] if obj.startswith(old) else obj
+    if isinstance(obj, list):
+        return [_rebase(v, old, new) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _rebase(v, old, new) for k, v in obj.items()}
+    return obj
+
+
+def _node() -> dict:
+    import ray
+
+    return {
+        "node_ip": ray.util.get_node_ip_address(),
+        "pid": os.getpid(),
+        "gpus": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else [],
+    }
+
+
+def in_task(cfg, run: str, store: str, overwrite: bool) -> dict:
+    """The task's body: analyse every comparison of `cfg` (see the module docstring)."""
+    node = _node()
+    log = get_logger("analyze.task", **node)
+    if not cfg.remote:
+        local = Path(run)
+        if not (local / "crosscoder").is_dir():
+            raise FileNotFoundError(
+                f"analyze_task: the run directory {run} (with its fitted crosscoder/) is not on the "
+                f"node the task was placed on ({node['node_ip']}); give `out` as an object-storage URL "
+                "(s3://, gs://) or a path on a volume every node mounts, or set analyze_task: null"
+            )
+        out = analyze_pairs(local, cfg, store, overwrite=overwrite)
+    else:
+        local = task_work_dir(cfg.out)
+        mirror = RunMirror(cfg.out, local)
+        mirror.pull()
+        log.info("analyze.task_start", local=str(local))
+        try:
+            with mirror.syncing(cfg.sync_every_s):
+                out = analyze_pairs(local, cfg, store, overwrite=overwrite)
+        except BaseException:
+            try:  # evidence ranges finished so far reach the bucket; the stage's own error is raised
+                mirror.push()
+            except Exception as e:
+                log.warning("pipeline.push_failed", error=f"{type(e).__name__}: {e}")
+            raise
+        mirror.push()
+    out = _rebase(out, str(local), run)
+    for summary in out.values():
+        summary["task"] = node
+    return out
+
+
+def analyze_in_task(cfg, run: Path, *, overwrite: bool, address: str | None = None) -> dict:
+    """Run `in_task` as a Ray task holding `cfg.analyze_task`'s resources; returns its summaries."""
+    import ray
+
+    from cluster.connect import ensure_ray
+
+    ensure_ray(address)
+    p = cfg.analyze_task
+    opts: dict[str, Any] = {"num_gpus": p.num_gpus, "num_cpus": p.num_cpus, "max_retries": 0}
+    if p.memory_gb is not None:
+        opts["memory"] = int(p.memory_gb * 2**30)
+    if p.accelerator_type is not None:
+        opts["accelerator_type"] = p.accelerator_type
+    store = cfg.harvest.store
+    if not is_remote(store):  # the task's working directory is not the driver's
+        store = str(Path(store).resolve())
+    log = get_logger("analyze", run=cfg.out)
+    have = ray.cluster_resources()
+    if have.get("GPU", 0.0) < p.num_gpus:  # an autoscaler may add the node: wait, but say so
+        log.warning(
+            "analyze.task_waits",
+            detail=f"no node offers {p.num_gpus} GPU(s) now (cluster: {have.get('GPU', 0.0)}); the task "
+            "waits until one joins (an autoscaler's GPU group, or lower analyze_task.num_gpus)",
+        )
+    log.info("analyze.task", **{k: v for k, v in opts.items() if k != "max_retries"})
+    ref = ray.remote(**opts)(in_task).remote(cfg, str(run.resolve()), store, overwrite)
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:  # an expected condition keeps its own message
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, _USER_ERRORS):
+            raise cause from None
+        raise
