@@ -111,7 +111,8 @@ def analyze_in_task(cfg, run: Path, *, overwrite: bool, address: str | None = No
 
     ensure_ray(address)
     p = cfg.analyze_task
-    opts: dict[str, Any] = {"num_gpus": p.num_gpus, "num_cpus": p.num_cpus, "max_retries": 0}
+    # a lost node (preempted GPU) restarts the task elsewhere, resuming at the ranges it uploaded
+    opts: dict[str, Any] = {"num_gpus": p.num_gpus, "num_cpus": p.num_cpus, "max_retries": 2}
     if p.memory_gb is not None:
         opts["memory"] = int(p.memory_gb * 2**30)
     if p.accelerator_type is not None:
