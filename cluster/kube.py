@@ -12,7 +12,8 @@ A small subset of kustomize, exactly what k8s/ uses, with kustomize's semantics:
 
 Anything else in a kustomization is refused rather than silently ignored.
 
-`python -m cluster.kube render OVERLAY` prints the rendered YAML; `python -m cluster.kube sync` rewrites
+`python -m cluster.kube render OVERLAY` prints the rendered YAML (OVERLAY: gpu, cpu-dev, or a path under
+k8s/ such as on-cluster/gpu); `python -m cluster.kube sync` rewrites
 each overlay's serve-config patch from serve/config/ (the RayService's serveConfigV2 is that file).
 """
 
@@ -29,6 +30,8 @@ from cluster.runtime_env import PROJECT_ROOT
 
 K8S_DIR = PROJECT_ROOT / "k8s"
 OVERLAYS = ("gpu", "cpu-dev")
+# the pipeline RayJob on each overlay's RayCluster: created on demand, not with the overlay
+ON_CLUSTER = {o: f"on-cluster/{o}" for o in OVERLAYS}
 SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "labels", "images", "patches"}
 SERVE_SOURCE_ANNOTATION = "crossdiff.dev/serve-config-source"
 
@@ -100,6 +103,8 @@ def render(path: str | Path) -> list[dict[str, Any]]:
     d = Path(path)
     if not d.is_absolute() and not (d / "kustomization.yaml").exists():
         d = K8S_DIR / "overlays" / str(path)
+        if not (d / "kustomization.yaml").exists():  # e.g. on-cluster/gpu
+            d = K8S_DIR / str(path)
     k = yaml.safe_load((d / "kustomization.yaml").read_text()) or {}
     unknown = set(k) - SUPPORTED
     if unknown:

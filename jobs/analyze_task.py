@@ -21,8 +21,6 @@ from typing import Any
 from diffing.logs import get_logger
 from jobs.rundir import RunMirror, default_work_dir, is_remote
 
-_USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
-
 
 def analyze_pairs(run: Path, cfg, store: str, *, overwrite: bool, address: str | None = None) -> dict:
     """Every comparison of a pipeline config analysed in `run`: {"A-vs-B": summary}."""
@@ -85,7 +83,7 @@ def in_task(cfg, run: str, store: str, overwrite: bool) -> dict:
     else:
         local = task_work_dir(cfg.out)
         mirror = RunMirror(cfg.out, local)
-        mirror.pull()
+        mirror.pull(prune=True)  # exactly the bucket's run: nothing a killed attempt left unsynced
         log.info("analyze.task_start", local=str(local))
         try:
             with mirror.syncing(cfg.sync_every_s):
@@ -103,12 +101,38 @@ def in_task(cfg, run: str, store: str, overwrite: bool) -> dict:
     return out
 
 
+def unmet(p, nodes: list[dict]) -> list[str]:
+    """Why no live node of `nodes` (ray.nodes()) can hold placement `p`: one line per node
+    kind that falls short, empty when one can."""
+    want = {"CPU": p.num_cpus, "GPU": p.num_gpus}
+    if p.memory_gb is not None:
+        want["memory"] = p.memory_gb * 2**30
+    if p.accelerator_type is not None:
+        want[f"accelerator_type:{p.accelerator_type}"] = 1e-3
+
+    def say(k: str, have: float, v: float) -> str:
+        if k == "memory":
+            return f"memory {have / 2**30:.1f} GiB < {v / 2**30:g} GiB"
+        return f"no {k}" if k.startswith("accelerator_type") else f"{k} {have:g} < {v:g}"
+
+    short = []
+    for n in (n for n in nodes if n.get("Alive", True)):
+        have = n.get("Resources", {})
+        lacks = [say(k, have.get(k, 0), v) for k, v in want.items() if v > 0 and have.get(k, 0) < v]
+        if not lacks:
+            return []
+        short.append(", ".join(lacks))
+    return sorted(set(short)) or ["no live node"]
+
+
 def analyze_in_task(cfg, run: Path, *, overwrite: bool, address: str | None = None) -> dict:
     """Run `in_task` as a Ray task holding `cfg.analyze_task`'s resources; returns its summaries."""
     import ray
 
     from cluster.connect import ensure_ray
+    from jobs.cli import _user_errors
 
+    own_ray = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
     ensure_ray(address)
     p = cfg.analyze_task
     # a lost node (preempted GPU) restarts the task elsewhere, resuming at the ranges it uploaded
@@ -121,19 +145,20 @@ def analyze_in_task(cfg, run: Path, *, overwrite: bool, address: str | None = No
     if not is_remote(store):  # the task's working directory is not the driver's
         store = str(Path(store).resolve())
     log = get_logger("analyze", run=cfg.out)
-    have = ray.cluster_resources()
-    if have.get("GPU", 0.0) < p.num_gpus:  # an autoscaler may add the node: wait, but say so
-        log.warning(
-            "analyze.task_waits",
-            detail=f"no node offers {p.num_gpus} GPU(s) now (cluster: {have.get('GPU', 0.0)}); the task "
-            "waits until one joins (an autoscaler's GPU group, or lower analyze_task.num_gpus)",
-        )
+    if why := unmet(p, ray.nodes()):
+        detail = f"no node can hold analyze_task {p.model_dump(exclude_none=True)} ({'; '.join(why)})"
+        if own_ray:  # the Ray this process started on this machine: nothing will ever join it
+            raise ValueError(f"{detail}; lower analyze_task's resources or set analyze_task: null")
+        log.warning("analyze.task_waits", detail=f"{detail}; the task waits until one joins (an autoscaler)")
     log.info("analyze.task", **{k: v for k, v in opts.items() if k != "max_retries"})
     ref = ray.remote(**opts)(in_task).remote(cfg, str(run.resolve()), store, overwrite)
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:  # an expected condition keeps its own message
         cause = getattr(e, "cause", None)
-        if isinstance(cause, _USER_ERRORS):
+        if isinstance(cause, _user_errors()) and not os.environ.get("CROSSDIFF_DEBUG"):
             raise cause from None
+        raise
+    except BaseException:  # Ctrl-C, a killed driver's exception: the task must not go on writing
+        ray.cancel(ref, force=True)
         raise

@@ -220,9 +220,11 @@ class Pipeline:
 
             load_taxonomy(self.cfg.label.service.taxonomy)
         if self.mirror is not None:
-            # fit writes the weights, analyze in this process reads them: sync those too (a placed
-            # analysis copies them to its own node)
-            if "fit" in to_run or ("analyze" in to_run and self.cfg.analyze_task is None):
+            # an in-process fit writes the weights here, analyze in this process reads them: sync
+            # those too (a Ray Train fit writes the bucket; a placed analysis copies them to its node)
+            if ("fit" in to_run and self.cfg.fit.distributed.workers == 0) or (
+                "analyze" in to_run and self.cfg.analyze_task is None
+            ):
                 self.mirror = RunMirror(self.cfg.out, self.run)
                 if not (overwrite and "fit" in to_run):  # a refit from scratch never reads the old ones
                     self.mirror.pull()
@@ -260,7 +262,9 @@ class Pipeline:
                 fresh_start()
             self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}", overwrite=ow)
             t0 = time.perf_counter()
-            with self.mirror.syncing(self.cfg.sync_every_s) if self.mirror else nullcontext():
+            # a placed analysis uploads its own work; this copy has nothing to add meanwhile
+            placed = stage == "analyze" and self.cfg.analyze_task is not None
+            with self.mirror.syncing(self.cfg.sync_every_s) if self.mirror and not placed else nullcontext():
                 summary = self.stage_fns[stage](overwrite=ow)
             if self.mirror is not None:  # outputs first, then the marker that vouches for them
                 self.mirror.push()
@@ -305,7 +309,11 @@ class Pipeline:
         from jobs.analyze_task import analyze_in_task, analyze_pairs
 
         if self.cfg.analyze_task is not None:  # on a node with the resources, e.g. a GPU worker
-            out = analyze_in_task(self.cfg, self.run, overwrite=overwrite, address=self.address)
+            if self.mirror is not None:  # the task starts from the bucket: it holds all this copy has
+                self.mirror.push()
+            # a redo was cleared before this stage started (clear_stage), so the task resumes, also
+            # when Ray retries it after a lost node, instead of clearing what an attempt uploaded
+            out = analyze_in_task(self.cfg, self.run, overwrite=False, address=self.address)
             if self.mirror is not None:  # the task uploaded its outputs: label and report read them here
                 self.mirror.pull()
         else:

@@ -119,15 +119,23 @@ class RunMirror:
             "; check the bucket, credentials and AWS_ENDPOINT_URL (or use a local out)",
         )
 
-    def pull(self) -> int:
+    def pull(self, *, prune: bool = False) -> int:
         """Copy the remote run down; returns how many files were fetched. The remote is the truth:
-        a file synced before and gone from the remote is deleted here too."""
+        a file synced before and gone from the remote is deleted here too. `prune`: so is every
+        other local file the remote lacks (a copy only its owner writes, e.g. a placed analysis's:
+        what a killed attempt left unsynced must not be resumed or uploaded)."""
         with self._lock:
-            return self._pull()
+            return self._pull(prune)
 
-    def _pull(self) -> int:
+    def _pull(self, prune: bool = False) -> int:
         remote = self.remote_files()
         fetched = 0
+        if prune and self.local.is_dir():
+            for path in [q for q in self.local.rglob("*") if q.is_file() or q.is_symlink()]:
+                rel = path.relative_to(self.local).as_posix()
+                if rel not in remote and not self._skip(rel) and not self._linked(path):
+                    path.unlink()
+                    self._synced.pop(rel, None)
         for rel in [r for r in self._synced if r not in remote and not self._skip(r)]:
             (self.local / rel).unlink(missing_ok=True)
             del self._synced[rel]

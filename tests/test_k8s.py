@@ -28,9 +28,15 @@ def rendered(overlay: str) -> tuple:
     return tuple(kube.render(overlay))
 
 
+@cache
+def everything(overlay: str) -> tuple:
+    """The overlay and the on-demand pipeline RayJob on its RayCluster (k8s/on-cluster/<overlay>)."""
+    return rendered(overlay) + tuple(kube.render(kube.ON_CLUSTER[overlay]))
+
+
 def one(overlay: str, kind: str, name: str) -> dict:
-    hits = [o for o in rendered(overlay) if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(hits) == 1, (kind, name, [(o["kind"], o["metadata"]["name"]) for o in rendered(overlay)])
+    hits = [o for o in everything(overlay) if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(hits) == 1, (kind, name, [(o["kind"], o["metadata"]["name"]) for o in everything(overlay)])
     return hits[0]
 
 
@@ -88,12 +94,20 @@ def test_overlay_renders_the_expected_objects(overlay):
         ("PersistentVolumeClaim", "crossdiff-runs"),
         ("RayCluster", "crossdiff"),
         ("RayJob", "crossdiff-pipeline"),
-        ("RayJob", "crossdiff-pipeline-on-cluster"),
         ("RayService", "crossdiff-labeller"),
     ]
+    # the pipeline on the long-lived RayCluster is created on demand: applied with the overlay, it
+    # and crossdiff-pipeline would run one pipeline config on one run at once
+    extra = kube.render(kube.ON_CLUSTER[overlay])
+    assert [(o["kind"], o["metadata"]["name"]) for o in extra] == [
+        ("RayJob", "crossdiff-pipeline-on-cluster")
+    ]
     ns = {"gpu": "crossdiff", "cpu-dev": "crossdiff-dev"}[overlay]
-    assert {o["metadata"]["namespace"] for o in objs} == {ns}
-    assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "crossdiff" for o in objs)
+    assert {o["metadata"]["namespace"] for o in (*objs, *extra)} == {ns}
+    assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "crossdiff" for o in (*objs, *extra))
+    assert (
+        extra[0]["spec"]["entrypoint"] == one(overlay, "RayJob", "crossdiff-pipeline")["spec"]["entrypoint"]
+    )
     images = {c["image"] for _, t in pod_templates(overlay) for c in t["spec"]["containers"]}
     assert (
         images
@@ -136,7 +150,7 @@ needs_crds = pytest.mark.skipif(
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_custom_resources_validate_against_kuberay_v1_7_crds(overlay):
     n = 0
-    for o in rendered(overlay):
+    for o in everything(overlay):
         if o["kind"] in CRD_FILES:
             assert o["apiVersion"] == "ray.io/v1"
             errors = [
@@ -295,7 +309,7 @@ def test_credentials_come_from_secrets_only(overlay):
             for name, e in env.items():
                 if is_secret_name(name):
                     assert "value" not in e, (label, name)
-    for o in rendered(overlay):
+    for o in everything(overlay):
         if o["kind"] == "ConfigMap":
             assert not any(is_secret_name(k) for k in o["data"]), o["metadata"]["name"]
         if o["kind"] == "RayJob":
@@ -347,7 +361,7 @@ def test_rayservice_serves_the_projects_serve_config(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_entrypoint_parses_with_the_crossdiff_cli(overlay):
-    jobs = [o for o in rendered(overlay) if o["kind"] == "RayJob"]
+    jobs = [o for o in everything(overlay) if o["kind"] == "RayJob"]
     assert len(jobs) == 2
     for job in jobs:
         argv = shlex.split(job["spec"]["entrypoint"])
@@ -428,7 +442,7 @@ def test_a_local_run_directory_is_mounted_wherever_work_runs(overlay):
     """A job writing a local --out needs it on every pod that runs harvest actors or Train workers
     (they write the store and the crosscoder), not only on the head that runs the driver."""
     clusters = dict(cluster_specs(overlay))
-    for job in (o for o in rendered(overlay) if o["kind"] == "RayJob"):
+    for job in (o for o in everything(overlay) if o["kind"] == "RayJob"):
         argv = shlex.split(job["spec"]["entrypoint"])
         out = argv[argv.index("--out") + 1] if "--out" in argv else None
         if out is None or "://" in out:

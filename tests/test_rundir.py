@@ -190,6 +190,54 @@ def test_placed_analysis_leaves_the_weights_in_the_bucket(tmp_path, s3_endpoint)
     assert (cfg2.run / "latents.parquet").read_text() == "from the task"
 
 
+def test_placement_feasibility_names_what_every_node_lacks():
+    from jobs.analyze_task import unmet
+    from jobs.pipeline_config import TaskPlacement
+
+    cpu = {"Alive": True, "Resources": {"CPU": 4.0, "memory": 8 * 2**30}}
+    gpu = {
+        "Alive": True,
+        "Resources": {"CPU": 8.0, "GPU": 1.0, "memory": 40 * 2**30, "accelerator_type:A10G": 1.0},
+    }
+    assert unmet(TaskPlacement(num_gpus=0), [cpu]) == []
+    assert unmet(TaskPlacement(), [cpu]) == ["GPU 0 < 1"]
+    assert unmet(TaskPlacement(num_cpus=4), [cpu, gpu]) == []  # one node that fits is enough
+    why = unmet(TaskPlacement(memory_gb=64, accelerator_type="H100"), [cpu, gpu])
+    assert why == [
+        "GPU 0 < 1, memory 8.0 GiB < 64 GiB, no accelerator_type:H100",
+        "memory 40.0 GiB < 64 GiB, no accelerator_type:H100",
+    ]
+    assert unmet(TaskPlacement(), [{**gpu, "Alive": False}]) == ["no live node"]
+
+
+@pytest.mark.timeout(120)
+def test_pruning_pull_drops_what_the_remote_lacks(tmp_path, s3_endpoint):
+    """A placed analysis's own copy: files a killed attempt left unsynced go on pull(prune=True);
+    symlinks (compare/ links to the shared crosscoder) and what the mirror skips stay."""
+    url = _url()
+    a = RunMirror(url, tmp_path / "a")
+    (a.local / "examples").mkdir(parents=True)
+    (a.local / "examples" / "0-8.jsonl").write_text("{}")
+    a.push()
+    t = RunMirror(url, tmp_path / "task")
+    t.pull()
+    (t.local / "latents.parquet").write_text("from a killed attempt")  # never pushed
+    (t.local / "examples" / "8-16.jsonl").write_text("{}")
+    (t.local / "crosscoder").mkdir()
+    (t.local / "compare" / "p").mkdir(parents=True)
+    (t.local / "compare" / "p" / "crosscoder").symlink_to(t.local / "crosscoder")
+    (t.local / "store").mkdir()
+    (t.local / "store" / "x").write_text("remote only: skipped")
+    t.pull()  # a plain pull keeps local work
+    assert (t.local / "latents.parquet").exists()
+    t.pull(prune=True)
+    assert not (t.local / "latents.parquet").exists() and not (t.local / "examples" / "8-16.jsonl").exists()
+    assert (t.local / "examples" / "0-8.jsonl").exists() and (
+        t.local / "compare" / "p" / "crosscoder"
+    ).is_symlink()
+    assert (t.local / "store" / "x").exists()
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(180)
 def test_placed_analysis_of_a_run_the_node_cannot_see(tmp_path, ray_cluster):
@@ -269,8 +317,9 @@ def test_tiny_pipeline_on_s3(tmp_path, s3_endpoint, ray_cluster):
     # the driver's copy holds the task's outputs, and they are what an analysis here gives
     cfg = load_pipeline_config(preset="tiny", out=url, overrides=[*sets, f"work_dir={tmp_path / 'w1'}"])
     here = tmp_path / "here"
-    shutil.copytree(tmp_path / "w1" / "crosscoder", here / "crosscoder")
-    shutil.copyfile(tmp_path / "w1" / "metrics.json", here / "metrics.json")
+    assert not (tmp_path / "w1" / "crosscoder").exists()  # fit on Ray Train, analysis placed: never here
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.get(f"{root}/crosscoder", str(here / "crosscoder"), recursive=True)
     run_analyze(here, cfg.harvest.store, cfg.analyze, pair=cfg.pair_names)
     placed, local = (
         pq.read_table(tmp_path / "w1" / "latents.parquet"),
@@ -295,7 +344,6 @@ def test_tiny_pipeline_on_s3(tmp_path, s3_endpoint, ray_cluster):
     ):
         assert rel in have, rel
     assert any(p.startswith("ray/") for p in have)  # Ray Train checkpointed to the bucket
-    assert (tmp_path / "w1" / "crosscoder" / "model.safetensors").exists()  # copied down for analyze
 
     cfg = load_pipeline_config(preset="tiny", out=url, overrides=[*sets, f"work_dir={tmp_path / 'w2'}"])
     again = Pipeline(cfg)
