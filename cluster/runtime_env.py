@@ -17,6 +17,16 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The upload a job runs: the project of a source checkout. An installed crossdiff (the images'
+# `pip install .`, a wheel) has none: PROJECT_ROOT is then site-packages, gigabytes of other
+# packages, and the cluster's image already holds the code, so nothing is uploaded.
+
+
+def checkout(root: Path = PROJECT_ROOT) -> Path | None:
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+CHECKOUT = checkout()
 
 # Ray also honours the project's .gitignore and a .rayignore; these are excluded on top of them.
 WORKING_DIR_EXCLUDES: tuple[str, ...] = (
@@ -94,7 +104,7 @@ def passthrough_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def build_runtime_env(
     *,
-    working_dir: str | Path | None = PROJECT_ROOT,
+    working_dir: str | Path | None = CHECKOUT,
     env_vars: Mapping[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
     extra_excludes: tuple[str, ...] = (),

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from cluster.runtime_env import PROJECT_ROOT, SecretInRuntimeEnvError, build_runtime_env, find_secrets
+from cluster.runtime_env import CHECKOUT, SecretInRuntimeEnvError, build_runtime_env, find_secrets
 
 STAGES = ("harvest", "fit", "analyze", "label", "report", "pipeline")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -190,7 +190,7 @@ def build_submission(
     *,
     name: str | None = None,
     env: Mapping[str, str] | None = None,
-    working_dir: str | Path | None = PROJECT_ROOT,
+    working_dir: str | Path | None = CHECKOUT,
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     environ: Mapping[str, str] | None = None,

@@ -70,12 +70,19 @@ DEMO_WEIGHTS = {
 }
 
 
-def tiny(out: str) -> dict[str, Any]:
+def tiny_models() -> tuple[Path, Path, Path]:
+    """The tiny preset's base, fine-tune and judge, built once into the cache (cluster/images/
+    Dockerfile.cpu bakes them: Serve replicas and harvest actors on other pods find them there)."""
     from diffing.embedded import TinyConfig, build_tiny_pair
 
     base, ft = build_tiny_pair(config=TinyConfig(tokenizer="bytes"))
     # the judge: a tiny random model with a long context (byte tokens make labelling prompts long)
     judge, _ = build_tiny_pair(config=TinyConfig(tokenizer="bytes", max_position_embeddings=8192))
+    return base, ft, judge
+
+
+def tiny(out: str) -> dict[str, Any]:
+    base, ft, judge = tiny_models()
     return {
         "out": str(out),
         "harvest": {

@@ -425,6 +425,8 @@ def test_images_build_crossdiff_on_ray_2_60(variant, extra, judge):
     tag = re.search(r"-t (\S+) \.", text).group(1)
     images = {c["image"] for _, t in pod_templates(overlay) for c in t["spec"]["containers"]}
     assert images == {tag}
+    if variant == "cpu":  # cpu-dev runs the tiny preset: its models (judge included) are in the image,
+        assert "tiny_models()" in text  # not only on the head pod that resolves the preset
     ignore = (PROJECT_ROOT / "cluster" / "images" / f"Dockerfile.{variant}.dockerignore").read_text().split()
     assert {".venv", ".git", "runs"} <= set(ignore)
 

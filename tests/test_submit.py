@@ -95,6 +95,11 @@ def test_runtime_env_passes_settings_and_never_secrets(tmp_path, tiny_pair):
     assert yaml.safe_load(env[sm.CONFIG_ENV])["store"] == str(tmp_path / "store")
     assert sub.metadata["crossdiff_run"] == str(tmp_path / "store")
     assert sub.runtime_env["working_dir"] == str(PROJECT_ROOT)
+    # an installed crossdiff (the images, a wheel) uploads nothing: its "project" is site-packages
+    from cluster.runtime_env import checkout
+
+    assert checkout(PROJECT_ROOT) == PROJECT_ROOT and checkout(tmp_path) is None
+    assert "working_dir" not in build_runtime_env(working_dir=checkout(tmp_path), environ={})
     assert {".venv", ".git", "runs"} <= set(sub.runtime_env["excludes"])
     with pytest.raises(sm.SubmitError, match="AWS_SECRET_ACCESS_KEY.*Secret"):
         sm.build_submission("harvest", cfg, [], env={"AWS_SECRET_ACCESS_KEY": "x"}, environ={})
