@@ -121,12 +121,19 @@ class Crosscoder(nn.Module):
         return torch.einsum("bl,mld->bmd", f, self.W_dec) + self.b_dec
 
     def decode_sparse(self, acts: SparseActs, *, bias: bool = True) -> Tensor:
-        """Sparse decode of kept entries -> [B, M, D]; cost O(K * M * D) instead of O(B * L * M * D)."""
-        parts = [
-            F.embedding_bag(acts.cols, self.W_dec[m], acts.offsets, mode="sum", per_sample_weights=acts.vals)
-            for m in range(self.cfg.n_models)
-        ]
-        out = torch.stack(parts, dim=1)
+        """Sparse decode of kept entries -> [B, M, D]; cost O(K * M * D) instead of O(B * L * M * D).
+
+        One embedding_bag over W_dec viewed as [M * L, D] (model m's rows at m * L): per-model calls
+        on W_dec[m] would each allocate a zero [M, L, D] gradient in the backward (5 GB per call at
+        the Gemma-2-9b shape)."""
+        M, L, D = self.W_dec.shape
+        K, B = acts.cols.numel(), acts.batch
+        shift = torch.arange(M, device=acts.cols.device)
+        cols = (acts.cols[None, :] + shift[:, None] * L).flatten()  # [M * K]
+        offsets = (acts.offsets[None, :] + shift[:, None] * K).flatten()  # [M * B]
+        vals = acts.vals.repeat(M)  # [M * K]
+        out = F.embedding_bag(cols, self.W_dec.view(M * L, D), offsets, mode="sum", per_sample_weights=vals)
+        out = out.view(M, B, D).transpose(0, 1)  # [B, M, D]
         return out + self.b_dec if bias else out
 
     def batch_topk(self, pre: Tensor, k: int, norm_sum: Tensor) -> tuple[SparseActs, Tensor]:
@@ -155,7 +162,6 @@ class Crosscoder(nn.Module):
     ) -> Output:
         """Training forward on normalised x [B, M, D] (DDP-safe: everything goes through here)."""
         cfg = self.cfg
-        x.shape[0]
         pre = self.encode_pre(x)
         norm_sum = self.decoder_norms().sum(0)  # [L]
         zero = pre.new_zeros(())

@@ -56,6 +56,12 @@ def config_hash(cfg: FitConfig, *, distributed: bool = False) -> str:
     return hashlib.sha256(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
 
 
+def store_fingerprint(store: ActivationStore) -> str:
+    """The store's content (its shards' sha256 in order): a fit resumes only on the data it began
+    on (another store of the same shape and size would otherwise be mixed in silently)."""
+    return hashlib.sha256("\n".join(s.sha256 for s in store.manifest.shards).encode()).hexdigest()[:16]
+
+
 def legacy_config_hash(cfg: FitConfig) -> str:
     """The hash of every setting, as checkpoints before 2026-12-06 carry."""
     return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
@@ -97,12 +103,12 @@ class RunDir:
     def checkpoints(self) -> list[Path]:
         return sorted((self.path / "checkpoints").glob("step_*.pt"))
 
-    def save_checkpoint(self, state: TrainerState, cfg_hash: str, keep: int = 2) -> None:
+    def save_checkpoint(self, state: TrainerState, cfg_hash: str, keep: int = 2, store: str = "") -> None:
         d = self.path / "checkpoints"
         d.mkdir(parents=True, exist_ok=True)
         p = d / f"step_{state.step:09d}.pt"
         tmp = p.with_suffix(".tmp")
-        torch.save({"state": state.state_dict(), "config_hash": cfg_hash}, tmp)
+        torch.save({"state": state.state_dict(), "config_hash": cfg_hash, "store": store}, tmp)
         tmp.replace(p)
         for old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
@@ -180,7 +186,7 @@ def fit(
     model = init_model(cfg.crosscoder, store, tcfg.seed, device)
     steps = total_steps(tcfg, store.n_rows)
     state = TrainerState(model, tcfg, steps)
-    h = config_hash(cfg)
+    h, fp = config_hash(cfg), store_fingerprint(store)
     ckpts = run.checkpoints()
     if ckpts:
         blob = torch.load(ckpts[-1], weights_only=False, map_location="cpu")  # a GPU run's, on any device
@@ -188,7 +194,13 @@ def fit(
             raise ValueError(
                 f"{run.path} holds checkpoints of a different config; use a new --out or pass --overwrite"
             )
+        if blob.get("store") not in (None, "", fp):
+            raise ValueError(
+                f"{run.path} holds checkpoints of a fit on another store ({store.uri} has other shards); "
+                "use a new --out or pass --overwrite"
+            )
         state.load_state_dict(blob["state"])
+        del blob  # the loaded copy must not stay beside the model's for the rest of the run
         log.info("fit.resume", step=state.step, of=steps)
     run.write_json(
         "run_config.json",
@@ -245,7 +257,7 @@ def fit(
                         eta_s=round(eta),
                     )
                 if state.step % tcfg.checkpoint_every == 0 and state.step < steps:
-                    run.save_checkpoint(state, h)
+                    run.save_checkpoint(state, h, store=fp)
                 if state.step >= steps:
                     break
             read_ahead.close()  # stops the reader thread now, not when garbage-collected

@@ -8,6 +8,7 @@ checkpoint is restored; a crashed worker group restarts from it (FailureConfig.m
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ from diffing.fit import (
     init_model,
     legacy_config_hash,
     resolve_config,
+    store_fingerprint,
     total_steps,
 )
 from diffing.logs import configure, get_logger
@@ -54,7 +56,10 @@ def dist_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     return t
 
 
-def _store_dataset(store: ActivationStore, datasource_v2: bool = False):
+def _store_dataset(store: ActivationStore, datasource_v2: bool = False, seed: int | None = None):
+    """The store's shards as one Ray dataset; `seed`: in a seeded random order (the same every epoch
+    and on a resume), so a corpus sorted by source or topic is not trained on in that order (the
+    local shuffle buffer only mixes about one shard's rows); None: manifest order."""
     import pyarrow.fs as pafs
     import ray.data
 
@@ -62,6 +67,10 @@ def _store_dataset(store: ActivationStore, datasource_v2: bool = False):
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(store.fs))
     paths = [f"{store.root}/{s.path}" for s in store.manifest.shards]
+    if seed is not None:
+        import numpy as np
+
+        paths = [paths[i] for i in np.random.default_rng([seed, 7]).permutation(len(paths))]
     cols = [f"act_{m}" for m in range(store.n_models)]
     # Ray Data's DataSourceV2 parquet read (its default in Ray 2.60) lists files by starting 32
     # footer-reading actors on every execution, i.e. every epoch: 7-15 s per epoch on a 2-core box
@@ -106,6 +115,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             blob = torch.load(Path(d) / "state.pt", weights_only=False, map_location="cpu")
         state.load_state_dict(blob["state"])
         history = blob.get("history", [])
+        # the loaded copy (weights and Adam moments: 28 GiB at the Gemma-2-9b shape) must not stay
+        # beside the device's for the rest of the run: rank 0 snapshots another at its next checkpoint
+        del blob
+        gc.collect()
     log = get_logger("fit.ray", rank=rank, world=world)
     if rank == 0:
         log.info(
@@ -241,8 +254,16 @@ def run_fit_ray(
     legacy = legacy_config_hash(
         cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"max_failures": 0})})
     )
-    if fs.exists(stamp) and json.loads(fs.cat_file(stamp)).get("config_hash") not in (h, legacy):
-        raise ValueError(f"{out} holds a run with a different config; use a new --out or pass --overwrite")
+    fp = store_fingerprint(store)
+    if fs.exists(stamp):
+        old = json.loads(fs.cat_file(stamp))
+        if old.get("config_hash") not in (h, legacy):
+            raise ValueError(f"{out} holds a run with a different config; use a new --out or pass --overwrite")
+        if old.get("store_fingerprint") not in (None, fp):
+            raise ValueError(
+                f"{out} holds a run fitted on another store ({store_uri} has other shards); use a new "
+                "--out or pass --overwrite"
+            )
     fs.pipe_file(
         stamp,
         json.dumps(
@@ -252,6 +273,7 @@ def run_fit_ray(
                 "store_rows": store.n_rows,
                 "total_steps": steps,
                 "config_hash": h,
+                "store_fingerprint": fp,
             },
             indent=2,
         ).encode(),
@@ -272,7 +294,7 @@ def run_fit_ray(
             num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
-        datasets={"train": _store_dataset(store)},
+        datasets={"train": _store_dataset(store, seed=cfg.train.seed)},
         run_config=ray.train.RunConfig(
             name="ray",
             storage_path=out,

@@ -155,17 +155,25 @@ class Pipeline:
             if not redo_changed:
                 raise self._changed(stage)
             return True
-        if saved.get("running") and saved.get("exact", self._exact(stage)) != self._exact(stage):
+        exact = (self._exact(stage), self._exact(stage, legacy=True))
+        if saved.get("running") and saved.get("exact", exact[0]) not in exact:
             # resuming needs the stage's whole config (a fit checkpoint is tied to every field)
             if not redo_changed:
                 raise self._changed(stage)
             return True
         return bool(saved.get("running") and saved.get("overwrite"))
 
-    def _exact(self, stage: str) -> str:
-        """The fit's whole config: its checkpoints resume only under it (log/checkpoint intervals,
-        device and workers included), although a finished fit stands for any of those."""
-        return _hash(self.cfg.fit.model_dump(mode="json")) if stage == "fit" else ""
+    def _exact(self, stage: str, legacy: bool = False) -> str:
+        """What the fit's checkpoints resume under: the fit's own checkpoint hash (workers included
+        for a Ray Train fit; not logging, checkpoint interval or device), although a finished fit
+        stands for any of those. `legacy`: the whole config, as markers before 2026-12-06 hold."""
+        if stage != "fit":
+            return ""
+        if legacy:
+            return _hash(self.cfg.fit.model_dump(mode="json"))
+        from diffing.fit import config_hash
+
+        return config_hash(self.cfg.fit, distributed=self.cfg.fit.distributed.workers > 0)
 
     def _write_marker(self, stage: str, body: dict) -> None:
         """Atomically, and at once on a remote run: a replaced machine must see it."""

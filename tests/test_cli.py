@@ -167,6 +167,11 @@ def test_interrupted_fit_resumes_from_checkpoint(tmp_path, store):
     other_lr = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": cfg.train.lr / 2})})
     with pytest.raises(ValueError, match="checkpoints of a different config"):
         fit(st, other_lr, tmp_path / "cut")
+    # another store of the same shape and size (other rows): not mixed into the resumed fit
+    planted = make_planted(16, n_shared=16, n_only=(4, 4), mean_active=2, seed=0)
+    write_arrays(str(tmp_path / "other"), planted.sample(8192, seed=2), model_names=["base", "ft"])
+    with pytest.raises(ValueError, match="another store"):
+        fit(open_store(str(tmp_path / "other")), cfg, tmp_path / "cut")
     # logging and the device have no effect on the weights: the resume takes them as given
     # (a fit cut short on a GPU goes on on a CPU)
     moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"log_every": 3, "device": "cpu"})})

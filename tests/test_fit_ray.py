@@ -82,7 +82,8 @@ def test_two_workers_match_one_worker(tmp_path, store, ray_cluster, two_worker_r
 
 def test_ray_dataset_yields_the_store_rows_in_order(store, ray_cluster):
     """The training dataset (read with Ray Data's V1 parquet reader) holds exactly the store's rows
-    in manifest order, and the caller's DataContext reader setting is left as it was."""
+    in manifest order (seeded: in a fixed permutation of its shards), and the caller's DataContext
+    reader setting is left as it was."""
     import numpy as np
     import ray.data
 
@@ -97,6 +98,15 @@ def test_ray_dataset_yields_the_store_rows_in_order(store, ray_cluster):
     want = np.concatenate([st.read_shard(i)[0] for i in range(len(st.manifest.shards))])
     assert got.shape == want.shape == (30_000, 2, 32)
     np.testing.assert_array_equal(got, want)
+    # the fit's order: its shards in a seeded permutation, the same on every call (epoch, resume)
+    order = np.random.default_rng([0, 7]).permutation(len(st.manifest.shards))
+    assert list(order) != sorted(order)
+    for _ in range(2):
+        ds = _store_dataset(st, seed=0)
+        got = np.concatenate(
+            [st.acts_of(b) for b in ds.iter_batches(batch_size=4096, batch_format="pyarrow")]
+        )
+        np.testing.assert_array_equal(got, np.concatenate([st.read_shard(int(i))[0] for i in order]))
 
 
 def test_golden_loss_in_process(tmp_path, store):

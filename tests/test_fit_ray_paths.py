@@ -71,6 +71,23 @@ def test_overwrite_after_a_config_change_gets_to_training(tmp_path, store, monke
     assert stamp["fit"]["train"]["steps"] == 40
 
 
+def test_unfinished_fit_on_another_store_is_refused(tmp_path, store, monkeypatch):
+    """A killed Ray fit rerun on another store of the same shape: refused before Ray starts (its
+    checkpoints would resume on other rows); on its own store it goes on to training."""
+    _no_ray(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(_ReachedRay):  # a first start: the stamp names the store's shards
+        jf.run_fit_ray(store, _cfg(), str(out))
+    stamp = json.loads((out / "run_config.json").read_text())
+    assert stamp["store_fingerprint"] == jf.store_fingerprint(open_store(store))
+    other = planted_fit_store(tmp_path / "other")  # same rows and shape: the same sample
+    with pytest.raises(_ReachedRay):
+        jf.run_fit_ray(other, _cfg(), str(out))
+    (out / "run_config.json").write_text(json.dumps({**stamp, "store_fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match="another store"):
+        jf.run_fit_ray(store, _cfg(), str(out))
+
+
 class _FakeTrainer:
     seen: dict = {}
     write_metrics = True

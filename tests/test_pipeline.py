@@ -114,6 +114,47 @@ def test_rerun_skips_changed_config_is_refused_or_redone_from_that_stage(tmp_pat
     assert calls == []
 
 
+def test_killed_fit_resumes_under_other_logging_and_refuses_other_math(tmp_path):
+    """A fit killed mid-stage resumes (no overwrite) when only what its checkpoints ignore changed
+    (log and checkpoint intervals, device), also from a marker written before 2026-12-06; a change
+    to the math is refused, or with redo_changed starts the fit over."""
+    import json
+
+    from jobs.pipeline import PipelineConfig, with_defaults
+
+    def cfg(**train):
+        return PipelineConfig.model_validate(with_defaults(_cfg_dict(tmp_path, fit={"train": train})))
+
+    calls: list = []
+    p = _recording(Pipeline(cfg()), calls)
+    fit = p.stage_fns["fit"]
+
+    def killed(overwrite):
+        fit(overwrite)
+        raise RuntimeError("killed in fit")
+
+    p.stage_fns["fit"] = killed
+    with pytest.raises(RuntimeError, match="killed"):
+        p()
+    calls.clear()
+    _recording(Pipeline(cfg(log_every=7, checkpoint_every=11, device="cpu")), calls)(redo_changed=False)
+    assert calls[0] == ("fit", False)  # resumed
+    # a marker of the older kind (its "exact" hashed the whole fit config) resumes the same way
+    marker = tmp_path / "run" / "stages" / "fit.json"
+    old = Pipeline(cfg())
+    body = {"running": True, "hash": old.stage_config("fit")["hash"], "exact": old._exact("fit", legacy=True)}
+    marker.write_text(json.dumps({**body, "overwrite": False}))
+    calls.clear()
+    _recording(Pipeline(cfg()), calls)()
+    assert calls[0] == ("fit", False)
+    marker.write_text(json.dumps({**body, "overwrite": False}))
+    with pytest.raises(ValueError, match="different config"):
+        _recording(Pipeline(cfg(lr=0.01)), calls)()
+    calls.clear()
+    _recording(Pipeline(cfg(lr=0.01)), calls)(redo_changed=True)
+    assert calls[0] == ("fit", True)
+
+
 def test_unfinished_label_stage_under_a_changed_config_is_relabelled_not_mixed(tmp_path, monkeypatch):
     """A label stage killed before its marker, rerun after a label config change: the job refuses to
     mix; the pipeline names --redo-changed, and with it relabels every latent (overwrite)."""
