@@ -40,6 +40,20 @@ def test_roundtrip_and_plain_pyarrow(tmp_path):
     np.testing.assert_allclose(col.flatten().to_numpy().reshape(-1, 8), acts[:300, 1], atol=2e-3, rtol=1e-3)
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert m["model_names"] == ["base", "ft"] and m["d_model"] == 8
+    # the README's recipe for the whole store, verbatim but for the path
+    import pyarrow.dataset as ds
+
+    STORE = tmp_path / "s"
+    t = ds.dataset([f"{STORE}/{s['path']}" for s in m["shards"]], format="parquet").to_table()
+    whole = np.stack(
+        [
+            t[f"act_{i}"].combine_chunks().flatten().to_numpy().reshape(-1, m["d_model"])
+            for i in range(len(m["model_names"]))
+        ],
+        axis=1,
+    )
+    assert whole.dtype == np.float16 and whole.shape == (1000, 2, 8)
+    np.testing.assert_array_equal(whole, got.numpy())
     want = np.linalg.norm(acts.astype(np.float16).astype(np.float32), axis=-1).mean(0)
     np.testing.assert_allclose(m["mean_norms"], want, rtol=1e-4)
 
@@ -121,13 +135,17 @@ def test_refuses_to_overwrite_without_flag(tmp_path):
         (dict(acts=np.zeros((10, 8)), model_names=["a", "b"]), "n_tokens, n_models, d_model"),
         (dict(acts=np.full((10, 2, 8), np.nan), model_names=["a", "b"]), "NaN"),
         (dict(acts=np.full((10, 2, 8), 1e5, np.float32), model_names=["a", "b"]), "beyond float16's range"),
+        # metadata of the wrong length: refused before the first shard (else truncated, or a half store)
+        (dict(acts=np.zeros((700, 2, 8)), model_names=["a", "b"], doc_ids=np.arange(10_000)), "doc_ids"),
+        (dict(acts=np.zeros((700, 2, 8)), model_names=["a", "b"], positions=np.arange(400)), "positions"),
     ],
 )
 def test_bad_input(tmp_path, kwargs, match):
     acts = kwargs.pop("acts")
     with pytest.raises(StoreError, match=match):
-        write_arrays(str(tmp_path / "s"), acts, **kwargs)
+        write_arrays(str(tmp_path / "s"), acts, shard_rows=300, **kwargs)
     assert not (tmp_path / "s" / "manifest.json").exists()
+    assert not list((tmp_path / "s").rglob("*.parquet"))
 
 
 def test_iter_batches_covers_each_row_once_and_is_deterministic(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -89,8 +90,10 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes | memoryv
         parent = path.rsplit("/", 1)[0]
         fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with fs.open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves no empty shard behind
         fs.mv(tmp, path)
     else:  # object stores: one PUT is atomic (their clients take bytes, not buffers)
         fs.pipe_file(path, bytes(data))

@@ -218,6 +218,9 @@ def write_arrays(
         raise StoreError(f"acts has {acts.shape[1]} models but model_names has {len(model_names)}")
     if len(set(model_names)) != len(model_names):
         raise StoreError(f"model_names {list(model_names)} repeat a name; each model needs its own")
+    for name, col in (("doc_ids", doc_ids), ("positions", positions), ("token_ids", token_ids)):
+        if col is not None and len(col) != acts.shape[0]:  # before any shard is written
+            raise StoreError(f"{name} has {len(col)} values for {acts.shape[0]} tokens; give one per token")
     for name, col in (extra or {}).items():
         if name in META_COLUMNS or name.startswith("act_"):
             raise StoreError(f"extra column {name!r} would replace a store column; rename it")
