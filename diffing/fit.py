@@ -46,14 +46,33 @@ def total_steps(tcfg: TrainConfig, n_rows: int) -> int:
 NO_EFFECT_TRAIN = {"log_every", "checkpoint_every", "device"}  # the weights do not depend on them
 
 
-def config_hash(cfg: FitConfig, *, distributed: bool = False) -> str:
+# Ray Train settings without an effect on the weights: restarts, CPUs per worker, checkpoints kept,
+# read-ahead (workers and the shuffle buffer decide which rows a rank sees: they count)
+NO_EFFECT_DISTRIBUTED = {"max_failures", "cpus_per_worker", "num_to_keep", "prefetch_batches"}
+
+
+def config_hash(cfg: FitConfig, *, distributed: bool = False, _ignore: set | None = None) -> str:
     """What a checkpoint must match to be resumed: every setting with an effect on the weights.
     Logging, checkpointing and the device are left out (a GPU fit resumes on a CPU), and so is the
-    ``distributed`` section unless ``distributed`` (Ray Train: workers shard the data; its
-    max_failures never counts)."""
+    ``distributed`` section unless ``distributed`` (Ray Train: workers shard the data), and then
+    its settings without an effect (NO_EFFECT_DISTRIBUTED)."""
     exclude: dict = {"train": NO_EFFECT_TRAIN}
-    exclude["distributed"] = {"max_failures"} if distributed else True
+    exclude["distributed"] = (NO_EFFECT_DISTRIBUTED if _ignore is None else _ignore) if distributed else True
     return hashlib.sha256(cfg.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
+
+
+def accepted_hashes(cfg: FitConfig, *, distributed: bool = False) -> tuple[str, ...]:
+    """Checkpoint hashes a resume accepts: today's, and those of checkpoints written before
+    2026-12-06 (every setting) and on that day (only max_failures left out of `distributed`)."""
+    older = config_hash(cfg, distributed=True, _ignore={"max_failures"}) if distributed else None
+    legacy = cfg
+    if distributed:  # the stamp of a Ray fit hashed its config with max_failures set to 0
+        legacy = cfg.model_copy(
+            update={"distributed": cfg.distributed.model_copy(update={"max_failures": 0})}
+        )
+    return tuple(
+        h for h in (config_hash(cfg, distributed=distributed), older, legacy_config_hash(legacy)) if h
+    )
 
 
 def store_fingerprint(store: ActivationStore) -> str:
@@ -190,7 +209,7 @@ def fit(
     ckpts = run.checkpoints()
     if ckpts:
         blob = torch.load(ckpts[-1], weights_only=False, map_location="cpu")  # a GPU run's, on any device
-        if blob["config_hash"] not in (h, legacy_config_hash(cfg)):
+        if blob["config_hash"] not in accepted_hashes(cfg):
             raise ValueError(
                 f"{run.path} holds checkpoints of a different config; use a new --out or pass --overwrite"
             )

@@ -18,17 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import torch
 
 from diffing.config import FitConfig
 from diffing.fit import (
     RunDir,
+    accepted_hashes,
     config_hash,
     final_metrics,
     finished_fit_error,
     fit_changes,
     init_model,
-    legacy_config_hash,
     resolve_config,
     store_fingerprint,
     total_steps,
@@ -68,8 +69,6 @@ def _store_dataset(store: ActivationStore, datasource_v2: bool = False, seed: in
     fs = pafs.PyFileSystem(pafs.FSSpecHandler(store.fs))
     paths = [f"{store.root}/{s.path}" for s in store.manifest.shards]
     if seed is not None:
-        import numpy as np
-
         paths = [paths[i] for i in np.random.default_rng([seed, 7]).permutation(len(paths))]
     cols = [f"act_{m}" for m in range(store.n_models)]
     # Ray Data's DataSourceV2 parquet read (its default in Ray 2.60) lists files by starting 32
@@ -133,7 +132,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     def report(final: bool, metrics: dict | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0:
+            # the final report needs none (the weights and metrics.json are written): at the Gemma
+            # shape one is 28 GiB uploaded, and it would push a useful one out of num_to_keep
+            if rank == 0 and not final:
                 torch.save({"state": state.state_dict(), "history": history}, Path(tmp) / "state.pt")
                 checkpoint = train.Checkpoint.from_directory(tmp)
             train.report({"final": final, **(metrics or {}), "step": state.step}, checkpoint=checkpoint)
@@ -150,7 +151,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 prefetch_batches=cfg.distributed.prefetch_batches,
                 drop_last=True,
                 local_shuffle_buffer_size=cfg.distributed.shuffle_buffer_rows or None,
-                local_shuffle_seed=tcfg.seed * 1000 + epoch * 10 + rank
+                local_shuffle_seed=int(np.random.SeedSequence([tcfg.seed, epoch, rank]).generate_state(1)[0])
                 if cfg.distributed.shuffle_buffer_rows
                 else None,
             )
@@ -251,14 +252,13 @@ def run_fit_ray(
     steps = total_steps(cfg.train, store.n_rows)
     per_epoch = (store.n_rows // d.workers) // (cfg.train.batch_size // d.workers)
     h = config_hash(cfg, distributed=True)
-    legacy = legacy_config_hash(
-        cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"max_failures": 0})})
-    )
     fp = store_fingerprint(store)
     if fs.exists(stamp):
         old = json.loads(fs.cat_file(stamp))
-        if old.get("config_hash") not in (h, legacy):
-            raise ValueError(f"{out} holds a run with a different config; use a new --out or pass --overwrite")
+        if old.get("config_hash") not in accepted_hashes(cfg, distributed=True):
+            raise ValueError(
+                f"{out} holds a run with a different config; use a new --out or pass --overwrite"
+            )
         if old.get("store_fingerprint") not in (None, fp):
             raise ValueError(
                 f"{out} holds a run fitted on another store ({store_uri} has other shards); use a new "

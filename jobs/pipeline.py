@@ -155,7 +155,7 @@ class Pipeline:
             if not redo_changed:
                 raise self._changed(stage)
             return True
-        exact = (self._exact(stage), self._exact(stage, legacy=True))
+        exact = self._exacts(stage)
         if saved.get("running") and saved.get("exact", exact[0]) not in exact:
             # resuming needs the stage's whole config (a fit checkpoint is tied to every field)
             if not redo_changed:
@@ -163,17 +163,23 @@ class Pipeline:
             return True
         return bool(saved.get("running") and saved.get("overwrite"))
 
-    def _exact(self, stage: str, legacy: bool = False) -> str:
+    def _exacts(self, stage: str) -> tuple[str, ...]:
         """What the fit's checkpoints resume under: the fit's own checkpoint hash (workers included
         for a Ray Train fit; not logging, checkpoint interval or device), although a finished fit
-        stands for any of those. `legacy`: the whole config, as markers before 2026-12-06 hold."""
+        stands for any of those; then the older spellings a running marker may hold (the whole
+        config, before 2026-12-06). The first is written."""
         if stage != "fit":
-            return ""
-        if legacy:
-            return _hash(self.cfg.fit.model_dump(mode="json"))
-        from diffing.fit import config_hash
+            return ("",)
+        from diffing.fit import accepted_hashes
 
-        return config_hash(self.cfg.fit, distributed=self.cfg.fit.distributed.workers > 0)
+        fit = self.cfg.fit
+        return (
+            *accepted_hashes(fit, distributed=fit.distributed.workers > 0),
+            _hash(fit.model_dump(mode="json")),
+        )
+
+    def _exact(self, stage: str) -> str:
+        return self._exacts(stage)[0]
 
     def _write_marker(self, stage: str, body: dict) -> None:
         """Atomically, and at once on a remote run: a replaced machine must see it."""

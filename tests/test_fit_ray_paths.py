@@ -86,6 +86,34 @@ def test_unfinished_fit_on_another_store_is_refused(tmp_path, store, monkeypatch
     (out / "run_config.json").write_text(json.dumps({**stamp, "store_fingerprint": "0" * 16}))
     with pytest.raises(ValueError, match="another store"):
         jf.run_fit_ray(store, _cfg(), str(out))
+    (out / "run_config.json").write_text(json.dumps(stamp))
+
+
+def test_unfinished_fit_resumes_under_other_operational_settings(tmp_path, store, monkeypatch):
+    """CPUs per worker, checkpoints kept, read-ahead and restarts do not change the weights: a killed
+    Ray fit resumes under others (also from a stamp of 2026-12-06, which hashed all but restarts);
+    the shuffle buffer decides which rows a rank sees: refused."""
+    from diffing.fit import config_hash
+
+    _no_ray(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(_ReachedRay):
+        jf.run_fit_ray(store, _cfg(), str(out))
+
+    def with_dist(**kw):
+        c = _cfg()
+        return c.model_copy(update={"distributed": c.distributed.model_copy(update=kw)})
+
+    with pytest.raises(_ReachedRay):
+        jf.run_fit_ray(store, with_dist(cpus_per_worker=2.0, num_to_keep=5, prefetch_batches=0), str(out))
+    stamp = json.loads((out / "run_config.json").read_text())
+    resolved = jf.resolve_config(_cfg(), open_store(store))
+    older = config_hash(resolved, distributed=True, _ignore={"max_failures"})
+    (out / "run_config.json").write_text(json.dumps({**stamp, "config_hash": older}))
+    with pytest.raises(_ReachedRay):
+        jf.run_fit_ray(store, _cfg(), str(out))
+    with pytest.raises(ValueError, match="different config"):
+        jf.run_fit_ray(store, with_dist(shuffle_buffer_rows=1024), str(out))
 
 
 class _FakeTrainer:

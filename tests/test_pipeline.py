@@ -142,7 +142,7 @@ def test_killed_fit_resumes_under_other_logging_and_refuses_other_math(tmp_path)
     # a marker of the older kind (its "exact" hashed the whole fit config) resumes the same way
     marker = tmp_path / "run" / "stages" / "fit.json"
     old = Pipeline(cfg())
-    body = {"running": True, "hash": old.stage_config("fit")["hash"], "exact": old._exact("fit", legacy=True)}
+    body = {"running": True, "hash": old.stage_config("fit")["hash"], "exact": old._exacts("fit")[-1]}
     marker.write_text(json.dumps({**body, "overwrite": False}))
     calls.clear()
     _recording(Pipeline(cfg()), calls)()
