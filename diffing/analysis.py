@@ -185,8 +185,8 @@ def latent_table(
 def robustness(nu_eps: np.ndarray, nu_r: np.ndarray) -> np.ndarray:
     """Ranking score for model-specific candidates: max(|ν^ε|, |ν^r|), smaller = more specific;
     NaN -> inf."""
-    with np.errstate(invalid="ignore"):
-        score = np.fmax(np.abs(np.asarray(nu_eps, np.float64)), np.abs(np.asarray(nu_r, np.float64)))
+    with np.errstate(invalid="ignore"):  # np.maximum keeps a NaN of either (np.fmax dropped it)
+        score = np.maximum(np.abs(np.asarray(nu_eps, np.float64)), np.abs(np.asarray(nu_r, np.float64)))
     return np.where(np.isnan(score), np.inf, score)
 
 
@@ -207,7 +207,8 @@ def select_latents(
     the high Δnorm tail (selection "tail"), or both; B likewise with "B-only" and the low tail.
     Candidates are re-ranked by Latent Scaling (smallest max(ν^ε, ν^r) first) and cut to
     `max_per_group`. The baseline is a seeded random sample of live latents with mid Δnorm
-    (in [shared_low, 1 - shared_low]) outside both groups, as large as the larger group.
+    (in [shared_low, 1 - shared_low]) that are no candidate of either side (also not one cut by
+    `max_per_group` or left out by `selection`), as large as the larger group.
     """
     a, b = pair
     L = len(delta_norm)
@@ -217,9 +218,11 @@ def select_latents(
     score = robustness(nu_eps, nu_r)
     group = np.full(L, "", dtype=object)
     sizes = []
+    candidates = np.zeros(L, bool)  # of either side, kept or cut: never "random shared" latents
     for name, side in ((a, "high"), (b, "low")):
         by_class = live & np.asarray(robust, bool) & (classes == f"{name}-only")
         by_tail = live & (tail == side)
+        candidates |= by_class | by_tail
         cand = {"class": by_class, "tail": by_tail, "both": by_class | by_tail}[cfg.selection]
         cand = cand & (group == "")
         idx = np.flatnonzero(cand)
@@ -230,7 +233,7 @@ def select_latents(
         sizes.append(len(idx))
     lo = cfg.shared_low
     dn = np.asarray(delta_norm, np.float64)
-    pool = np.flatnonzero(live & (group == "") & (dn >= lo) & (dn <= 1 - lo))
+    pool = np.flatnonzero(live & (group == "") & ~candidates & (dn >= lo) & (dn <= 1 - lo))
     n_base = min(max(sizes, default=0), len(pool))
     if n_base:
         rng = np.random.default_rng(cfg.baseline_seed)

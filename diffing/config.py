@@ -255,6 +255,17 @@ class AnalysisConfig(Frozen):
         1, ge=0, description="Leave the first tokens of each prompt unspliced (BOS / attention sinks)."
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> AnalysisConfig:
+        # the shared band must lie between the model-only bands, or it silently takes their latents
+        if self.shared_low < self.only_low or 1 - self.shared_low > self.only_high:
+            raise ValueError(
+                f"shared_low={self.shared_low} puts the shared band [{self.shared_low}, "
+                f"{1 - self.shared_low:g}] over the model-only ones (below only_low={self.only_low}, above "
+                f"only_high={self.only_high}); keep only_low <= shared_low and 1 - shared_low <= only_high"
+            )
+        return self
+
 
 class DistributedConfig(Frozen):
     workers: int = Field(0, ge=0, description="Ray Train DDP workers; 0 trains in-process without Ray.")

@@ -57,14 +57,15 @@ def _katz(n_s: int, N_s: int, n_i: int, N_i: int, z: float) -> tuple[float, floa
 def _bootstrap(
     n_s: int, N_s: int, n_i: int, N_i: int, alpha: float, reps: int, seed: int
 ) -> tuple[float, float]:
+    if 0 in (n_s, n_i):  # a parametric bootstrap from p = 0 never moves: Katz with Haldane's 0.5
+        return _katz(n_s, N_s, n_i, N_i, NormalDist().inv_cdf(1 - alpha / 2))
     rng = np.random.default_rng(seed)
     s = rng.binomial(N_s, n_s / N_s, reps) / N_s
     i = rng.binomial(N_i, n_i / N_i, reps) / N_i
-    ok = i > 0
-    r = s[ok] / i[ok] - 1
-    if r.size == 0:
-        return math.nan, math.nan
-    return float(np.quantile(r, alpha / 2)), float(np.quantile(r, 1 - alpha / 2))
+    with np.errstate(divide="ignore"):  # a replicate with none in I is Δ = +∞: kept, not dropped
+        r = np.where(i > 0, s / np.where(i > 0, i, 1.0) - 1, np.inf)
+    q = np.quantile(r, [alpha / 2, 1 - alpha / 2], method="inverted_cdf")  # no interpolation with +∞
+    return float(q[0]), float(q[1])
 
 
 def category_shift(

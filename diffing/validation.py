@@ -115,7 +115,7 @@ def planted_truth(
         "n_shared": len(shared),
         "mass_rate_shared": rate_shared,
         "enrichment": enrichment,
-        "enrichment_vs": "all shared latents" if shared else "sampled baseline",
+        "enrichment_vs": "shared latents outside the groups" if shared else "sampled baseline",
         "judge_agreement": matched / judged if judged else math.nan,
         "judged": judged,
         "direction": direction,
@@ -131,7 +131,9 @@ def _counts(cats: Sequence[str]) -> dict[str, int]:
 
 
 def _shared_masses(run: Path) -> list[dict[str, float]]:
-    """Source-mass shares of every live shared latent, or [] without RUN/source_mass.parquet."""
+    """Source-mass shares of every live shared latent outside the model-specific groups (on small
+    fine-tunes the Δnorm tails lie inside the shared band: counting them would put the selected
+    latents into their own reference), or [] without RUN/source_mass.parquet."""
     import pyarrow.parquet as pq
 
     from diffing.collect import SOURCE_MASS_FILE
@@ -139,8 +141,15 @@ def _shared_masses(run: Path) -> list[dict[str, float]]:
     path = run / SOURCE_MASS_FILE
     if not path.exists() or not (run / "latents.parquet").exists():
         return []
-    classes = pq.read_table(run / "latents.parquet", columns=["latent", "class"]).to_pydict()
-    shared = {lat for lat, c in zip(classes["latent"], classes["class"], strict=True) if c == "shared"}
+    t = pq.read_table(run / "latents.parquet")
+    groups = t.column("group").to_pylist() if "group" in t.column_names else [""] * t.num_rows
+    shared = {
+        lat
+        for lat, c, g in zip(
+            t.column("latent").to_pylist(), t.column("class").to_pylist(), groups, strict=True
+        )
+        if c == "shared" and not (g or "").endswith("-specific")
+    }
     t = pq.read_table(path).to_pydict()
     names = [k for k in t if k.startswith("mass/")]
     out = []

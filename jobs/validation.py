@@ -35,7 +35,11 @@ def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair:
             r["mass_rate_ft_specific"],
             f"≥ {TARGETS['mass_rate_ft_specific']:.2f}",
         ),
-        (f"same, all {r['n_shared']} live shared latents", r["mass_rate_shared"], ""),
+        (
+            f"same, the {r['n_shared']} live shared latents outside the selected groups",
+            r["mass_rate_shared"],
+            "",
+        ),
         (f"same, the {r['n_baseline']} sampled baseline latents", r["mass_rate_baseline"], ""),
         (f"enrichment over {r['enrichment_vs']}", r["enrichment"], f"≥ {TARGETS['enrichment']:.1f}×"),
         (f"{a}-specific latents with most mass on planted prompts", r["mass_rate_base_specific"], ""),

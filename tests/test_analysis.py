@@ -156,11 +156,39 @@ def test_select_latents_groups(selection, a_want, b_want):
     assert set(np.flatnonzero(g3 == "A-specific")) == a_want
 
 
+def test_baseline_never_holds_a_candidate_and_a_nan_ranks_last():
+    """Candidates cut by max_per_group or left out by `selection` stay out of the random shared
+    baseline; a latent with one ν NaN ranks after every measured one."""
+    from diffing.analysis import robustness, select_latents
+
+    assert robustness(np.array([np.nan, 0.9]), np.array([0.1, 0.2])).tolist() == [np.inf, 0.9]
+    dn, cls, robust, tail, nu_eps, nu_r, live = _selection_inputs()
+    tail, dn = tail.copy(), dn.copy()
+    tail[[4, 5]] = ["low", "high"]  # tail latents inside the shared band (as on small fine-tunes)
+    for cfg in (AnalysisConfig(selection="class"), AnalysisConfig(selection="both", max_per_group=1)):
+        for seed in range(20):
+            g = select_latents(
+                dn,
+                cls,
+                robust,
+                tail,
+                nu_eps,
+                nu_r,
+                live,
+                cfg.model_copy(update={"baseline_seed": seed}),
+                ("A", "B"),
+            )
+            assert not ({4, 5, 1, 10} & set(np.flatnonzero(g == "baseline"))), (cfg, g)
+    with pytest.raises(ValueError, match="shared band"):
+        AnalysisConfig(only_low=0.3, shared_low=0.2)
+
+
 def test_select_latents_reranks_by_latent_scaling():
     from diffing.analysis import robustness, select_latents
 
     dn, cls, robust, tail, nu_eps, nu_r, live = _selection_inputs()
-    np.testing.assert_allclose(robustness(nu_eps, nu_r)[[0, 1, 2, 10]], [0.1, 0.6, 0.1, 0.3])
+    # latent 2's ν^r is NaN (nothing to scale): it ranks after every measured latent
+    np.testing.assert_allclose(robustness(nu_eps, nu_r)[[0, 1, 2, 10]], [0.1, 0.6, np.inf, 0.3])
     cfg = AnalysisConfig(selection="both", max_per_group=2)
     g = select_latents(dn, cls, robust, tail, nu_eps, nu_r, live, cfg, ("A", "B"))
     assert set(np.flatnonzero(g == "A-specific")) == {0, 10}  # latent 1 (ν^ε = 0.6) is cut

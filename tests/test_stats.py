@@ -56,6 +56,17 @@ def test_bootstrap_agrees_with_katz_on_large_counts():
     assert abs(k.ci_low - b.ci_low) < 0.06 and abs(k.ci_high - b.ci_high) < 0.08
 
 
+def test_bootstrap_at_small_and_zero_counts():
+    """Replicates with none in I are Δ = +∞ (kept, not dropped: the upper bound is then ∞); a zero
+    count, where a bootstrap from p = 0 cannot move, falls back to Katz with Haldane's correction."""
+    from diffing.stats import _bootstrap, _katz
+
+    assert _bootstrap(2, 35, 1, 35, 0.05, 10_000, 0)[1] == math.inf
+    assert _bootstrap(0, 10, 3, 10, 0.05, 10_000, 0) == pytest.approx(_katz(0, 10, 3, 10, 1.959963984540054))
+    lo, hi = _bootstrap(3, 10, 0, 10, 0.05, 10_000, 0)
+    assert -1 < lo < 0 and hi == math.inf
+
+
 def test_absent_categories_and_errors():
     rows = {r.category: r for r in category_shift({"a": 3, "b": 2}, {"a": 5}, N_s=10, N_i=10)}
     # absent from I: Δ undefined, only a lower bound (Haldane-corrected Katz) says something

@@ -67,26 +67,30 @@ def test_planted_truth_without_labels(tmp_path):
     assert r["judged"] == 0 and math.isnan(r["judge_agreement"]) and r["direction"] == {}
 
 
-def test_enrichment_is_over_all_live_shared_latents(tmp_path):
+def test_enrichment_is_over_the_live_shared_latents_outside_the_groups(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     ev = [_ev(0, "ft-specific", {"refusal": 0.9, "general_text": 0.1}), _ev(1, "baseline", {"french": 1.0})]
     write_jsonl(tmp_path / "examples" / "0-2.jsonl", ev)
-    # latents 1-5 shared (latent 5 never fires: not live), 6 dead, 0 ft-only
-    classes = ["ft-only", "shared", "shared", "shared", "shared", "shared", "dead"]
-    pq.write_table(pa.table({"latent": list(range(7)), "class": classes}), tmp_path / "latents.parquet")
+    # latents 1-5 shared (latent 5 never fires: not live), 6 dead, 0 ft-only; 7 shared by class
+    # but selected (a Δnorm tail inside the shared band): not its own reference
+    classes = ["ft-only", "shared", "shared", "shared", "shared", "shared", "dead", "shared"]
+    groups = ["ft-specific", "baseline", "", "", "", "", "", "ft-specific"]
+    pq.write_table(
+        pa.table({"latent": list(range(8)), "class": classes, "group": groups}), tmp_path / "latents.parquet"
+    )
     mass = {
-        "latent": list(range(7)),
-        "mass/refusal": [9.0, 3.0, 0.0, 1.0, 0.0, 0.0, 5.0],
-        "mass/general_text": [1.0, 1.0, 2.0, 3.0, 4.0, 0.0, 0.0],
+        "latent": list(range(8)),
+        "mass/refusal": [9.0, 3.0, 0.0, 1.0, 0.0, 0.0, 5.0, 7.0],
+        "mass/general_text": [1.0, 1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 1.0],
     }
     pq.write_table(pa.table(mass), tmp_path / "source_mass.parquet")
     r = planted_truth(tmp_path, PLANTED, ("base", "ft"))
     # shared and live: 1 (0.75 planted), 2 (0), 3 (0.25), 4 (0) -> 1 of 4 mostly planted
     assert r["n_shared"] == 4 and r["mass_rate_shared"] == 0.25
     assert r["mass_rate_baseline"] == 1.0  # the sampled group is still reported
-    assert r["enrichment"] == 4.0 and r["enrichment_vs"] == "all shared latents"
+    assert r["enrichment"] == 4.0 and r["enrichment_vs"] == "shared latents outside the groups"
 
 
 def test_enrichment_is_never_a_pass_by_default():
