@@ -67,21 +67,47 @@ def state_path(name: str = "local", state_dir: Path | None = None) -> Path:
     return Path(state_dir or STATE_DIR) / f"{name}.json"
 
 
-def load_state(name: str = "local", state_dir: Path | None = None) -> dict[str, Any] | None:
+def read_state(name: str = "local", state_dir: Path | None = None) -> dict[str, Any] | None:
+    """The recorded state, live or not; None without a state file."""
     p = state_path(name, state_dir)
     if not p.exists():
         return None
-    state = json.loads(p.read_text())
-    return state if _alive(state["pid"]) else None
-
-
-def _alive(pid: int) -> bool:
     try:
-        import psutil
+        state = json.loads(p.read_text())
+        for key in ("pid", "temp_dir", "dashboard", "address"):
+            state[key]  # noqa: B018 - every reader needs them
+        return state
+    except (ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(
+            f"the cluster state file {p} is corrupt or incomplete ({type(e).__name__}: {e}); stop "
+            f"what it started, if anything (processes naming /tmp/cdr-*), then delete the file"
+        ) from None
 
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return False
+
+def load_state(name: str = "local", state_dir: Path | None = None) -> dict[str, Any] | None:
+    """The state of a cluster that is up: its `ray start` process is still the one `up` started."""
+    state = read_state(name, state_dir)
+    return state if state is not None and _root(state) is not None else None
+
+
+def _root(state: dict[str, Any]):
+    """The `ray start` process `up` started, or None: a pid alone is not enough (pids are reused
+    after a reboot or a crash), so its start time and its own temp dir on its command line must
+    match too."""
+    import psutil
+
+    try:
+        p = psutil.Process(int(state["pid"]))
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        created = state.get("pid_create_time")
+        if created is not None and abs(p.create_time() - float(created)) > 1.0:
+            return None
+        if not any(f"--temp-dir={state['temp_dir']}" == a for a in p.cmdline()):
+            return None
+        return p
+    except (psutil.Error, ValueError, TypeError):
+        return None
 
 
 def _dashboard_up(url: str) -> bool:
@@ -102,12 +128,29 @@ def up(
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Start a head node and wait until its job API answers. Returns the recorded state."""
+    import fcntl
+
+    sp = state_path(name, state_dir)
+    sp.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(sp.with_suffix(".lock"), "w")  # two `up`s of one name: the second waits, then sees it
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        return _up_locked(name, num_cpus, num_gpus, state_dir, timeout_s, env)
+    finally:
+        lock.close()
+
+
+def _up_locked(
+    name: str, num_cpus: int, num_gpus: int, state_dir: Path | None, timeout_s: float, env: dict | None
+) -> dict[str, Any]:
     existing = load_state(name, state_dir)
     if existing is not None:
         raise RuntimeError(
             f"cluster {name!r} is already up (dashboard {existing['dashboard']}); "
             f"`crossdiff cluster down --name {name}` first"
         )
+    if read_state(name, state_dir) is not None:  # a cluster that died: its leftovers go first
+        down(name, state_dir=state_dir)
     # Short path: Ray's unix socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="cdr-", dir="/tmp")
     gcs, dash, node_mgr, obj_mgr, client_port, agent, agent_grpc, rt_agent, metrics = _free_ports(9)
@@ -153,9 +196,16 @@ def up(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
         )
     dashboard = f"http://127.0.0.1:{dash}"
+    import psutil
+
+    try:
+        created = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        created = None
     state = {
         "name": name,
         "pid": proc.pid,
+        "pid_create_time": created,
         "temp_dir": temp_dir,
         "address": f"127.0.0.1:{gcs}",
         "dashboard": dashboard,
@@ -163,7 +213,6 @@ def up(
         "num_cpus": num_cpus,
     }
     sp = state_path(name, state_dir)
-    sp.parent.mkdir(parents=True, exist_ok=True)
     tmp = sp.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
     tmp.replace(sp)
@@ -190,13 +239,14 @@ def _our_processes(state: dict[str, Any]) -> list:
     import psutil
 
     procs: dict[int, Any] = {}
-    try:
-        root = psutil.Process(state["pid"])
+    root = _root(state)  # only the process `up` started: a reused pid is someone else's
+    if root is not None:
         procs[root.pid] = root
-        for c in root.children(recursive=True):
-            procs[c.pid] = c
-    except psutil.Error:
-        pass
+        try:
+            for c in root.children(recursive=True):
+                procs[c.pid] = c
+        except psutil.Error:
+            pass
     marker = state["temp_dir"]
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
@@ -209,19 +259,22 @@ def _our_processes(state: dict[str, Any]) -> list:
 
 
 def down(name: str = "local", *, state_dir: Path | None = None, grace_s: float = 20) -> bool:
-    """Stop the cluster `up` started (only its processes). False when there was nothing to stop."""
+    """Stop the cluster `up` started (only its processes) and forget it. False when none of its
+    processes was running (a stale state file is removed all the same)."""
     import psutil
 
     sp = state_path(name, state_dir)
-    if not sp.exists():
+    state = read_state(name, state_dir)
+    if state is None:
         return False
-    state = json.loads(sp.read_text())
+    root = _root(state)
     procs = _our_processes(state)
     # `ray start --block` shuts its node down on SIGTERM; then whatever is left gets SIGKILL.
-    try:
-        os.kill(state["pid"], signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+    if root is not None:
+        try:
+            root.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
     for p in alive:
         try:
@@ -235,6 +288,7 @@ def down(name: str = "local", *, state_dir: Path | None = None, grace_s: float =
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
-    shutil.rmtree(state["temp_dir"], ignore_errors=True)
+    if str(state["temp_dir"]).startswith("/tmp/cdr-"):  # only a temp dir `up` made
+        shutil.rmtree(state["temp_dir"], ignore_errors=True)
     sp.unlink(missing_ok=True)
-    return True
+    return bool(procs)

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cluster.runtime_env import CHECKOUT, SecretInRuntimeEnvError, build_runtime_env, find_secrets
 
 STAGES = ("harvest", "fit", "analyze", "label", "report", "pipeline")
@@ -118,6 +116,40 @@ def _validate_config(stage: str, data: dict[str, Any], sets: Sequence[str]) -> N
         raise ConfigError(f"{stage} config: {format_validation_error(e)}") from None
 
 
+def _unknown_set_keys(stage: str, sets: Sequence[str]) -> list[str]:
+    """`--set` keys naming no field of the stage's config (checked without a config file, whose
+    required fields the command line may supply another way)."""
+    import importlib
+    import typing
+
+    from pydantic import BaseModel
+
+    spec = CONFIG_CLASSES.get(stage)
+    if spec is None:
+        return []
+    mod, attr = spec.split(":")
+    root = getattr(importlib.import_module(mod), attr)
+
+    def sub(ann):  # the sub-config inside `X`, `X | None`, else None (a leaf, list or dict)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+        models = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 and typing.get_origin(ann) not in (list, tuple, dict) else None
+
+    bad = []
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        model = root
+        for part in key.split("."):
+            if part not in model.model_fields:
+                bad.append(key)
+                break
+            model = sub(model.model_fields[part].annotation)
+            if model is None:
+                break
+    return bad
+
+
 def parse_cli(argv: Sequence[str]) -> str:
     """Parse `crossdiff ARGV...` with the real CLI without running anything. Returns the command
     name; raises SubmitError with the CLI's own message (unknown command or option, missing value)."""
@@ -201,14 +233,18 @@ def build_submission(
     data: dict[str, Any] | None = None
     env_vars = dict(env or {})
     cmd = ["crossdiff", stage]
+    if config is None and (bad := _unknown_set_keys(stage, _sets(args))):
+        from diffing.config import ConfigError
+
+        raise ConfigError(
+            f"{stage} config: --set {', '.join(bad)}: unknown field; check the spelling (docs/configuration.md)"
+        )
     if config is not None:
+        from diffing.config_io import read_config_file
+
         p = Path(config)
-        if not p.exists():
-            raise SubmitError(f"config file {p} does not exist")
+        data = read_config_file(p)  # missing, a directory, not UTF-8, a YAML error: one line each
         text = p.read_text()
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise SubmitError(f"config file {p} must hold a mapping at top level")
         checked = dict(data)
         for i, a in enumerate(args):  # `crossdiff pipeline --out RUN` fills the config's out
             if stage == "pipeline" and a == "--out" and i + 1 < len(args):

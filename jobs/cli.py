@@ -21,7 +21,12 @@ app = typer.Typer(
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config field: --set train.lr=1e-3 (repeatable).")
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a config field by its dotted path in this command's config (repeatable), e.g. "
+        "train.lr=1e-3 for fit, fit.train.lr=1e-3 for pipeline (docs/configuration.md).",
+    ),
 ]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Redo the stage even if its output is complete.")
@@ -40,7 +45,14 @@ def _user_errors():
 
     # OSError: a full or read-only disk, an unreachable host (ConnectionError), a missing file;
     # TimeoutError (an OSError) too: a service that did not come up
-    return (ConfigError, StoreError, LabelJobError, ValueError, OSError)
+    errors: tuple = (ConfigError, StoreError, LabelJobError, ValueError, OSError)
+    try:  # s3:// without credentials, or an endpoint that does not answer
+        from botocore.exceptions import BotoCoreError
+
+        errors += (BotoCoreError,)
+    except ImportError:
+        pass
+    return errors
 
 
 def _run(fn):
@@ -53,6 +65,11 @@ def _run(fn):
         if os.environ.get("CROSSDIFF_DEBUG"):
             raise
         hint = ""
+        if type(e).__module__.startswith("botocore"):
+            hint = (
+                "\n(s3:// needs credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
+                "AWS_ENDPOINT_URL for MinIO or another S3-compatible store)"
+            )
         if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
             hint = (
                 "\n(models and runs need a writable disk with space; CROSSDIFF_CACHE moves the model cache, "
@@ -321,7 +338,7 @@ def serve_cmd(
     host: Annotated[
         str, typer.Option("--host", help="Bind address (non-loopback needs a token).")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="HTTP port.")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="HTTP port.")] = 8000,
     judge_model: Annotated[
         str | None,
         typer.Option(

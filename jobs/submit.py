@@ -42,7 +42,7 @@ def _guard(fn):
         return fn()
     except typer.Exit:
         raise
-    except (SubmitError, ConfigError, RuntimeError) as e:
+    except (SubmitError, ConfigError, RuntimeError, OSError) as e:  # OSError: a connection dropped
         _fail(str(e))
 
 
@@ -178,7 +178,7 @@ def cluster_down(name: NameOpt = "local") -> None:
     """Stop the local cluster `cluster up` started (only its own processes)."""
     from cluster.local import down
 
-    typer.echo(json.dumps({"name": name, "stopped": down(name)}))
+    _guard(lambda: typer.echo(json.dumps({"name": name, "stopped": down(name)})))
 
 
 def register(app: typer.Typer) -> None:

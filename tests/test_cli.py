@@ -276,3 +276,20 @@ def test_the_port_check_binds_as_serve_does():
         s.listen()
         with pytest.raises(OSError, match="port in use"):
             _check_port_free("127.0.0.1", s.getsockname()[1])
+
+
+def test_s3_without_credentials_is_one_line_with_the_fix(capsys):
+    """botocore's NoCredentialsError (s3:// with no credentials) is an expected condition."""
+    import typer
+    from botocore.exceptions import NoCredentialsError
+
+    from jobs.cli import _run
+
+    def fails():
+        raise NoCredentialsError()
+
+    with pytest.raises(typer.Exit) as e:
+        _run(fails)
+    assert e.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert "Unable to locate credentials" in err and "AWS_ACCESS_KEY_ID" in err and "Traceback" not in err

@@ -115,8 +115,26 @@ def test_bad_config_is_refused_before_submitting(tmp_path, tiny_pair):
 
     with pytest.raises(ConfigError, match="layr"):
         sm.build_submission("harvest", cfg, [], environ={})
-    with pytest.raises(sm.SubmitError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         sm.build_submission("harvest", tmp_path / "missing.yaml", [], environ={})
+    # a broken file is one line naming it, as the stage commands say it (no parser traceback)
+    (tmp_path / "broken.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="broken.yaml: YAML error at line"):
+        sm.build_submission("fit", tmp_path / "broken.yaml", ["--store", "s", "--out", "r"], environ={})
+    with pytest.raises(ConfigError, match="is a directory"):
+        sm.build_submission("fit", tmp_path, ["--store", "s", "--out", "r"], environ={})
+    # without a config file, a misspelt --set key is still caught here, before the cluster sees it
+    with pytest.raises(ConfigError, match=r"crosscoder\.kk: unknown field"):
+        sm.build_submission(
+            "fit", None, ["--store", "s", "--out", "r", "--set", "crosscoder.kk=1"], environ={}
+        )
+    with pytest.raises(ConfigError, match=r"fit\.trian\.lr"):
+        sm.build_submission(
+            "pipeline", None, ["--preset", "tiny", "--out", "r", "--set", "fit.trian.lr=1"], environ={}
+        )
+    sm.build_submission(
+        "pipeline", None, ["--preset", "tiny", "--out", "r", "--set", "analyze_task.num_gpus=1"], environ={}
+    )
 
 
 def test_entrypoints_parse_with_the_cli(tmp_path, tiny_pair):
@@ -304,6 +322,38 @@ def test_cluster_up_and_down_from_the_cli(tmp_path):
         and not psutil.pid_exists(state["pid"])
         or psutil.Process(state["pid"]).status() == "zombie"
     )
+
+
+def test_a_stale_state_never_touches_the_process_that_reused_its_pid(tmp_path):
+    """The recorded `ray start` died and its pid went to another program: the cluster is not up,
+    `down` leaves that program alone (and removes the stale file), and a corrupt state file is a
+    one-line error, not a traceback."""
+    import cluster.local as local
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for created in (None, 12.0):  # a state without, and one with the wrong, start time
+            state = {
+                "name": "x",
+                "pid": other.pid,
+                "temp_dir": str(tmp_path / "cdr-gone"),
+                "dashboard": "http://127.0.0.1:1",
+                "address": "127.0.0.1:1",
+            }
+            if created is not None:
+                state["pid_create_time"] = created
+            local.state_path("x", tmp_path).write_text(json.dumps(state))
+            assert local.load_state("x", tmp_path) is None
+            assert local.down("x", state_dir=tmp_path) is False
+            assert other.poll() is None  # still running
+            assert not local.state_path("x", tmp_path).exists()
+        local.state_path("x", tmp_path).write_text('{"name": "x", "pid":')
+        with pytest.raises(RuntimeError, match="corrupt or incomplete"):
+            local.load_state("x", tmp_path)
+        r = _cli("cluster", "down", "--name", "x", env={"CROSSDIFF_CLUSTER_STATE": str(tmp_path)}, timeout=60)
+        assert r.returncode == 2 and "corrupt or incomplete" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        other.kill()
 
 
 def test_worker_port_range_avoids_the_ports_picked_for_other_components(monkeypatch):
