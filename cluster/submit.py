@@ -120,34 +120,14 @@ def _unknown_set_keys(stage: str, sets: Sequence[str]) -> list[str]:
     """`--set` keys naming no field of the stage's config (checked without a config file, whose
     required fields the command line may supply another way)."""
     import importlib
-    import typing
 
-    from pydantic import BaseModel
+    from diffing.config_io import unknown_override_keys
 
     spec = CONFIG_CLASSES.get(stage)
     if spec is None:
         return []
     mod, attr = spec.split(":")
-    root = getattr(importlib.import_module(mod), attr)
-
-    def sub(ann):  # the sub-config inside `X`, `X | None`, else None (a leaf, list or dict)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            return ann
-        models = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-        return models[0] if len(models) == 1 and typing.get_origin(ann) not in (list, tuple, dict) else None
-
-    bad = []
-    for item in sets:
-        key = item.split("=", 1)[0].strip()
-        model = root
-        for part in key.split("."):
-            if part not in model.model_fields:
-                bad.append(key)
-                break
-            model = sub(model.model_fields[part].annotation)
-            if model is None:
-                break
-    return bad
+    return unknown_override_keys(getattr(importlib.import_module(mod), attr), sets)
 
 
 def parse_cli(argv: Sequence[str]) -> str:

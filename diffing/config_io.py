@@ -7,7 +7,7 @@ import datetime
 import json
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,6 +78,31 @@ def validate_with_overrides(
         for key in retry:
             _put(merged, key.split("."), typed[key].strip())
         return validate(merged)
+
+
+def unknown_override_keys(cls: type[BaseModel], overrides: Sequence[str]) -> list[str]:
+    """Keys of `--set KEY=VALUE` overrides that name no field of `cls`, walking sub-configs (also
+    optional ones); a key reaching a leaf, list or mapping is not checked further. For a check
+    before anything expensive runs (a preset's model builds, a cluster job)."""
+
+    def sub(ann):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+        models = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 and typing.get_origin(ann) not in (list, tuple, dict) else None
+
+    bad = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        model = cls
+        for part in key.split("."):
+            if part not in model.model_fields:
+                bad.append(key)
+                break
+            model = sub(model.model_fields[part].annotation)
+            if model is None:
+                break
+    return bad
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

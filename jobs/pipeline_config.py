@@ -180,6 +180,12 @@ def load_pipeline_config(
     if preset is not None:
         if out is None:
             raise ConfigError(f"--preset {preset} needs --out RUN (where the run goes)")
+        from diffing.config_io import unknown_override_keys
+
+        if bad := unknown_override_keys(PipelineConfig, overrides):  # before the preset builds models
+            raise ConfigError(
+                f"invalid config:\n  {', '.join(bad)}: unknown field; check the spelling (see docs/configuration.md)"
+            )
         from jobs.presets import preset as make_preset
 
         data = make_preset(preset, out)

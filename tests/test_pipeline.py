@@ -42,6 +42,16 @@ def test_config_defaults_and_errors(tmp_path):
         load_pipeline_config(None, preset="tiny")
 
 
+def test_a_misspelt_override_of_a_preset_fails_before_its_models_are_built(tmp_path, monkeypatch):
+    import jobs.presets
+
+    built = []
+    monkeypatch.setattr(jobs.presets, "preset", lambda name, out: built.append(name) or {})
+    with pytest.raises(ConfigError, match=r"train\.lr: unknown field"):
+        load_pipeline_config(preset="embedded", out=str(tmp_path / "r"), overrides=["train.lr=1e-3"])
+    assert built == []
+
+
 def test_stage_hashes_chain(tmp_path):
     from jobs.pipeline import PipelineConfig, with_defaults
 
