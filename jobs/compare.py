@@ -35,21 +35,23 @@ def pair_dir(run: Path, pair: tuple[str, str], n_pairs: int) -> Path:
     return d
 
 
-def specific_counts(d: Path, model: str) -> Counter:
-    """Judge categories of the latents selected as <model>-specific in one comparison directory
-    (the groups of its latents.parquet, as the report's main shift reads them; the evidence files
-    where there is none)."""
+def specific_ids(d: Path, model: str) -> set[int]:
+    """The latents selected as <model>-specific in one comparison directory (the groups of its
+    latents.parquet, as the report's main shift reads them; the evidence files where there is none)."""
     group = f"{model}-specific"
     lp = d / "latents.parquet"
     if lp.exists():
         import pyarrow.parquet as pq
 
         t = pq.read_table(lp, columns=["latent", "group"])
-        ids = {i for i, g in zip(t["latent"].to_pylist(), t["group"].to_pylist(), strict=True) if g == group}
-    else:
-        ids = {e.latent for e in iter_evidence(d) if e.group == group}
+        return {i for i, g in zip(t["latent"].to_pylist(), t["group"].to_pylist(), strict=True) if g == group}
+    return {e.latent for e in iter_evidence(d) if e.group == group}
+
+
+def specific_counts(d: Path, model: str) -> Counter:
+    """Judge categories of the latents selected as <model>-specific in one comparison directory."""
     labels = read_labels(d)
-    return Counter(labels[i].category for i in ids if i in labels)
+    return Counter(labels[i].category for i in specific_ids(d, model) if i in labels)
 
 
 def _signed(x: float, nan: str = "–") -> str:
@@ -72,9 +74,13 @@ def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str) -> dict:
         f"{s_model}-specific ({dirs[s_model].name})",
         f"{i_model}-specific ({dirs[i_model].name})",
     )
+    # over one N-model crosscoder a latent both fine-tunes write can be in S and in I: the two
+    # samples are then not independent (the CIs assume they are), and shared ones pull Δ to 0
+    both = len(specific_ids(dirs[s_model], s_model) & specific_ids(dirs[i_model], i_model))
+    overlap = f"; {both} latents are in both groups (the intervals assume none)" if both else ""
     html = (
         f'<p class="muted">S = {render.esc(s_name)} (N={sum(cs.values())}), '
-        f"I = {render.esc(i_name)} (N={sum(ci.values())})</p>"
+        f"I = {render.esc(i_name)} (N={sum(ci.values())}){render.esc(overlap)}</p>"
         f'<img alt="anchored category shift" src="{plots.shift_bars(rows, s_name, i_name)}">'
         + render.shift_table(rows)
     )
@@ -85,5 +91,7 @@ def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str) -> dict:
         f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | {'yes' if r['small_count'] else ''} |"
         for r in rows
     )
-    data = {"S": s_name, "I": i_name, "shift": rows}
+    data = {"S": s_name, "I": i_name, "shift": rows, "overlap": both}
+    if both:
+        md = f"S and I share {both} latents (the intervals assume independent groups).\n\n" + md
     return {"title": title, "html": html, "markdown": md, "data": data, "key": "anchored"}

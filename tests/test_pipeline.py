@@ -315,3 +315,5 @@ def test_anchored_section_counts(tmp_path):
         rows["math"]["n_s"] == 0 and rows["math"]["n_i"] == 2 and rows["math"]["delta"] == pytest.approx(-1.0)
     )
     assert "<img" in sec["html"] and sec["key"] == "anchored"
+    # one N-model crosscoder: latents 0-2 were selected in both comparisons, and the report says so
+    assert sec["data"]["overlap"] == 3 and "3 latents are in both groups" in sec["html"]
