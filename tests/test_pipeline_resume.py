@@ -141,16 +141,17 @@ def test_an_overwrite_of_some_stages_leaves_the_earlier_ones_done(tmp_path):
     assert _run(out) == []  # harvest..label were not touched: nothing to redo
 
 
-def test_a_fit_killed_midway_resumes_only_under_its_whole_config(tmp_path):
-    """Logging and checkpoint intervals do not change a finished fit, but its checkpoints are
-    tied to every field: a resume under other ones is a change (refused, or refit with the flag)."""
+def test_a_fit_killed_midway_resumes_under_its_checkpoint_hash(tmp_path):
+    """A killed fit's checkpoints resume under the fit's own checkpoint hash: other logging and
+    checkpoint intervals resume it; a change to the math is refused (or refit with the flag)."""
     out = tmp_path / "run"
     _run(out, kill_at="fit")
-    log = {"fit": {"train": {"log_every": 7}}}
+    _run(out, kill_at="fit", fit={"train": {"log_every": 7, "checkpoint_every": 3}})
+    assert _pipeline(out, [])._saved("fit")["overwrite"] is False  # resumed, not redone
     with pytest.raises(ValueError, match="--redo-changed"):
-        _run(out, **log)
-    assert _run(out, flags={"redo_changed": True}, **log)[0] == ("fit", True)
-    assert _run(out, fit={"train": {"log_every": 9}}) == []  # finished: stands for any interval
+        _run(out, fit={"train": {"lr": 5e-3}})
+    assert _run(out, flags={"redo_changed": True}, fit={"train": {"lr": 5e-3}})[0] == ("fit", True)
+    assert _run(out, fit={"train": {"lr": 5e-3, "log_every": 9}}) == []  # finished: any interval
 
 
 def test_a_stage_subset_does_not_build_on_an_unfinished_stage(tmp_path):
