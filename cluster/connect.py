@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+# True once ensure_ray started a Ray of its own on this machine (no autoscaler: nothing joins it)
+STARTED_LOCAL = False
+
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect once. With no address and no RAY_ADDRESS, start a local Ray with at least 4 logical
@@ -22,6 +25,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    global STARTED_LOCAL
+    STARTED_LOCAL = True
     ray.init(
         address="local",  # a new Ray of our own: never another program's `ray start` on this host
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),

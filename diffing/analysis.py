@@ -259,10 +259,16 @@ def check_same_analysis(path, cfg: AnalysisConfig, pair: tuple[str, str] | None)
         )
     if b"config" not in meta:
         return
+    import json
+
     try:
-        old = AnalysisConfig.model_validate_json(meta[b"config"]).model_dump(exclude=_OPERATIONAL)
+        raw = json.loads(meta[b"config"])
     except ValueError:
+        return
+    if not isinstance(raw, dict) or set(raw) - set(AnalysisConfig.model_fields):
         return  # written by a crossdiff whose fields this one does not know
+    # not validated: settings valid then may fail a check added since (and still differ from these)
+    old = AnalysisConfig.model_construct(**raw).model_dump(exclude=_OPERATIONAL)
     new = cfg.model_dump(exclude=_OPERATIONAL)
     changed = {k: (old[k], new[k]) for k in new if old.get(k) != new[k]}
     if changed:

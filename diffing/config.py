@@ -140,7 +140,7 @@ class TrainConfig(Frozen):
     )
     grad_clip: float | None = Field(1.0, gt=0.0, description="Global grad-norm clip (None disables).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam (beta1, beta2).")
-    seed: int = Field(0, description="Seed for initialisation, data order and AuxK tie-breaks.")
+    seed: int = Field(0, ge=0, description="Seed for initialisation, data order and AuxK tie-breaks.")
     shuffle_buffer_rows: int = Field(
         262_144,
         ge=1,

@@ -1,8 +1,9 @@
 """The analyze stage as one Ray task placed by `pipeline.analyze_task` (e.g. on a GPU worker).
 
 A cluster job's driver runs on the head pod, which has no GPU; at the Gemma-2-9b shape the latent
-statistics, the evidence encoding and the splice need one (docs/gemma.md). The task reaches the run
-the way any node can:
+statistics and the splice need one (docs/gemma.md; with `analyze.evidence_workers > 0` the evidence
+passes are CPU tasks Ray places on any node, else they run in the task too). The task reaches the
+run the way any node can:
 
 - a remote `out` (s3://, gs://): the task copies the run down to its node's cache
   ($CROSSDIFF_CACHE/runs/<hash of out>-analyze, kept for a resumed task on the same node), analyses
@@ -129,11 +130,12 @@ def analyze_in_task(cfg, run: Path, *, overwrite: bool, address: str | None = No
     """Run `in_task` as a Ray task holding `cfg.analyze_task`'s resources; returns its summaries."""
     import ray
 
+    from cluster import connect
     from cluster.connect import ensure_ray
     from jobs.cli import _user_errors
 
-    own_ray = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
     ensure_ray(address)
+    own_ray = connect.STARTED_LOCAL  # this process's Ray on this machine (the harvest may have begun it)
     p = cfg.analyze_task
     # a lost node (preempted GPU) restarts the task elsewhere, resuming at the ranges it uploaded
     opts: dict[str, Any] = {"num_gpus": p.num_gpus, "num_cpus": p.num_cpus, "max_retries": 2}

@@ -57,6 +57,17 @@ def dist_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     return t
 
 
+# How a Ray fit orders its data: 1 = shards in manifest order, buffer seed seed*1000 + epoch*10 + rank
+# (collides from 10 ranks on); 2 (2026-12-06) = shards in a seeded permutation, SeedSequence seeds.
+DATA_ORDER = 2
+
+
+def _shuffle_seed(seed: int, epoch: int, rank: int, data_order: int) -> int:
+    if data_order < 2:
+        return seed * 1000 + epoch * 10 + rank
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 def _store_dataset(store: ActivationStore, datasource_v2: bool = False, seed: int | None = None):
     """The store's shards as one Ray dataset; `seed`: in a seeded random order (the same every epoch
     and on a resume), so a corpus sorted by source or topic is not trained on in that order (the
@@ -151,7 +162,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 prefetch_batches=cfg.distributed.prefetch_batches,
                 drop_last=True,
                 local_shuffle_buffer_size=cfg.distributed.shuffle_buffer_rows or None,
-                local_shuffle_seed=int(np.random.SeedSequence([tcfg.seed, epoch, rank]).generate_state(1)[0])
+                local_shuffle_seed=_shuffle_seed(tcfg.seed, epoch, rank, config.get("data_order", 1))
                 if cfg.distributed.shuffle_buffer_rows
                 else None,
             )
@@ -253,8 +264,12 @@ def run_fit_ray(
     per_epoch = (store.n_rows // d.workers) // (cfg.train.batch_size // d.workers)
     h = config_hash(cfg, distributed=True)
     fp = store_fingerprint(store)
+    data_order = DATA_ORDER
     if fs.exists(stamp):
         old = json.loads(fs.cat_file(stamp))
+        # a run begun before the data order changed resumes in its own order (it skips the batches
+        # it used by position: in another order it would see some rows twice and others never)
+        data_order = int(old.get("data_order", 1))
         if old.get("config_hash") not in accepted_hashes(cfg, distributed=True):
             raise ValueError(
                 f"{out} holds a run with a different config; use a new --out or pass --overwrite"
@@ -274,6 +289,7 @@ def run_fit_ray(
                 "total_steps": steps,
                 "config_hash": h,
                 "store_fingerprint": fp,
+                "data_order": data_order,
             },
             indent=2,
         ).encode(),
@@ -289,12 +305,18 @@ def run_fit_ray(
         )
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"fit": cfg.model_dump_json(), "store": store_uri, "out": out, "steps": steps},
+        train_loop_config={
+            "fit": cfg.model_dump_json(),
+            "store": store_uri,
+            "out": out,
+            "steps": steps,
+            "data_order": data_order,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=d.workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
-        datasets={"train": _store_dataset(store, seed=cfg.train.seed)},
+        datasets={"train": _store_dataset(store, seed=cfg.train.seed if data_order >= 2 else None)},
         run_config=ray.train.RunConfig(
             name="ray",
             storage_path=out,

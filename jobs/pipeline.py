@@ -304,7 +304,8 @@ class Pipeline:
         from jobs.fit import in_process_or_ray
 
         # a Ray Train fit of a remote run checkpoints to the remote itself (shared by every node) and
-        # is copied down for analyze; an in-process fit writes the local copy, pushed after the stage
+        # is copied down for an analysis in this process (not for a placed one: the mirror skips the
+        # weights then); an in-process fit writes the local copy, pushed after the stage
         remote_fit = self.mirror is not None and self.cfg.fit.distributed.workers > 0
         out = self.cfg.out if remote_fit else str(self.run)
         res = in_process_or_ray(

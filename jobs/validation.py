@@ -36,7 +36,7 @@ def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair:
             f"≥ {TARGETS['mass_rate_ft_specific']:.2f}",
         ),
         (
-            f"same, the {r['n_shared']} live shared latents outside the selected groups",
+            f"same, the {r['n_shared']} live shared latents outside the model-specific groups",
             r["mass_rate_shared"],
             "",
         ),

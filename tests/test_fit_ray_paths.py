@@ -160,3 +160,29 @@ def test_outputs_written_on_another_node_name_the_fix(tmp_path, store, monkeypat
     _FakeTrainer.write_metrics = False  # rank 0 wrote metrics.json on its own node's disk
     with pytest.raises(FileNotFoundError, match="every node reaches"):
         jf.run_fit_ray(store, _cfg(), str(tmp_path / "run"))
+
+
+def test_a_run_begun_before_the_data_order_changed_resumes_in_its_own_order(tmp_path, store, monkeypatch):
+    """Resuming skips the batches a run used by position: a run whose stamp predates the seeded
+    shard order (data_order 2) keeps manifest order and the old buffer seeds; new runs get 2."""
+    _fake_ray(monkeypatch)
+    seen = []
+    monkeypatch.setattr(jf, "_store_dataset", lambda st, seed=None: seen.append(seed) or object())
+    _FakeTrainer.write_metrics = False
+    out = tmp_path / "new"
+    with pytest.raises(FileNotFoundError):  # the fake trainer writes no metrics
+        jf.run_fit_ray(store, _cfg(), str(out))
+    assert _FakeTrainer.seen["config"]["data_order"] == 2 and seen == [0]
+    stamp = json.loads((out / "run_config.json").read_text())
+    assert stamp["data_order"] == 2
+    del stamp["data_order"]  # as a stamp written before 2026-12-06 (late) reads
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run_config.json").write_text(json.dumps(stamp))
+    with pytest.raises(FileNotFoundError):
+        jf.run_fit_ray(store, _cfg(), str(old))
+    assert _FakeTrainer.seen["config"]["data_order"] == 1 and seen == [0, None]
+    assert json.loads((old / "run_config.json").read_text())["data_order"] == 1
+    assert jf._shuffle_seed(3, 1, 2, 1) == 3012 and jf._shuffle_seed(0, 1, 0, 2) != jf._shuffle_seed(
+        0, 0, 10, 2
+    )

@@ -146,8 +146,10 @@ def test_a_fit_killed_midway_resumes_under_its_checkpoint_hash(tmp_path):
     checkpoint intervals resume it; a change to the math is refused (or refit with the flag)."""
     out = tmp_path / "run"
     _run(out, kill_at="fit")
-    _run(out, kill_at="fit", fit={"train": {"log_every": 7, "checkpoint_every": 3}})
-    assert _pipeline(out, [])._saved("fit")["overwrite"] is False  # resumed, not redone
+    # resumed (the stage runs without overwrite), not refused and not redone
+    assert _run(out, kill_at="fit", fit={"train": {"log_every": 7, "checkpoint_every": 3}}) == [
+        ("fit", False)
+    ]
     with pytest.raises(ValueError, match="--redo-changed"):
         _run(out, fit={"train": {"lr": 5e-3}})
     assert _run(out, flags={"redo_changed": True}, fit={"train": {"lr": 5e-3}})[0] == ("fit", True)
@@ -225,3 +227,18 @@ def test_the_embedded_judge_in_json_mode_is_called_weak(monkeypatch):
         ServiceSettings.model_validate({"judge": {"model_source": "Qwen/Qwen2.5-7B-Instruct"}}).weak_judge()
         is None
     )
+
+
+def test_a_ray_fit_killed_midway_refuses_another_data_split(tmp_path):
+    """A Ray Train fit's checkpoints are tied to how its workers split the data (the shuffle
+    buffer is not part of the stage's own hash, only of the checkpoints'): refused, or refit with
+    the flag; its CPUs per worker are not (resumed)."""
+    out = tmp_path / "run"
+    ray_fit = {"distributed": {"workers": 2}}
+    _run(out, kill_at="fit", fit=ray_fit)
+    again = {"distributed": {"workers": 2, "cpus_per_worker": 2.0}}
+    assert _run(out, kill_at="fit", fit=again) == [("fit", False)]
+    other = {"distributed": {"workers": 2, "shuffle_buffer_rows": 1024}}
+    with pytest.raises(ValueError, match="--redo-changed"):
+        _run(out, fit=other)
+    assert _run(out, flags={"redo_changed": True}, fit=other)[0] == ("fit", True)

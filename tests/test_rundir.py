@@ -210,6 +210,22 @@ def test_placement_feasibility_names_what_every_node_lacks():
     assert unmet(TaskPlacement(), [{**gpu, "Alive": False}]) == ["no live node"]
 
 
+def test_a_placement_no_node_of_our_own_ray_can_hold_is_refused(tmp_path, monkeypatch):
+    """On the Ray this process started on this machine (by any earlier stage: nothing joins it),
+    a placement no node can hold fails at once instead of waiting forever."""
+    import ray
+
+    from cluster import connect
+    from jobs.analyze_task import analyze_in_task
+
+    monkeypatch.setattr(connect, "ensure_ray", lambda address=None: None)
+    monkeypatch.setattr(connect, "STARTED_LOCAL", True)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])
+    cfg = PipelineConfig.model_validate(with_defaults(pipeline_dict(str(tmp_path / "run"), analyze_task={})))
+    with pytest.raises(ValueError, match=r"GPU 0 < 1.*set analyze_task: null"):
+        analyze_in_task(cfg, cfg.run, overwrite=False)
+
+
 @pytest.mark.timeout(120)
 def test_pruning_pull_drops_what_the_remote_lacks(tmp_path, s3_endpoint):
     """A placed analysis's own copy: files a killed attempt left unsynced go on pull(prune=True);
