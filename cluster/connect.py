@@ -8,6 +8,31 @@ import os
 STARTED_LOCAL = False
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the address, when nothing listens at a Ray address (HOST:PORT,
+    ray://HOST:PORT, http://HOST:PORT): Ray's own connect retries for a long time before it says
+    anything. "auto", "local" and addresses without a port are left to Ray."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    try:
+        parts = urlsplit(address if "://" in address else f"tcp://{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"cannot reach Ray at {address} ({e.strerror or type(e).__name__}); check the address and "
+            "that the cluster is up (a head's GCS is HOST:6379, its client server ray://HOST:10001)"
+        ) from None
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect once. With no address and no RAY_ADDRESS, start a local Ray with at least 4 logical
     CPUs (on 2-core machines 1-CPU actors would otherwise starve Ray Data's read tasks)."""
@@ -23,6 +48,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
             "cluster itself: give its GCS address, HEAD:6379 or ray://HEAD:10001 (--address or RAY_ADDRESS)"
         )
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         return
     global STARTED_LOCAL

@@ -275,6 +275,9 @@ def client(address: str | None = None):
     # the variable's value where no address was given, so it goes in alone
     saved = {v: os.environ.pop(v) for v in ADDRESS_VARS if v in os.environ}
     try:
+        from cluster.connect import check_reachable
+
+        check_reachable(address)
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise SubmitError(f"cannot reach the Ray job API at {address}: {e}") from None

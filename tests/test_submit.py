@@ -380,3 +380,24 @@ def test_port_probe_sees_a_bound_port():
         s.bind(("127.0.0.1", 0))
         s.listen()
         assert not _port_free(s.getsockname()[1])
+
+
+def test_an_address_nothing_listens_at_fails_fast_naming_it():
+    """Ray's own connect retries for a long time; a Ray address with nothing behind it fails at once."""
+    import socket
+
+    from cluster.connect import check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        for form in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
+            check_reachable(form)
+    t = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"cannot reach Ray at ray://127.0.0.1:{port}"):
+        check_reachable(f"ray://127.0.0.1:{port}")
+    assert time.monotonic() - t < 5
+    check_reachable("auto")  # left to Ray
+    with pytest.raises(sm.SubmitError, match="cannot reach"):
+        sm.client(f"127.0.0.1:{port}")
