@@ -24,6 +24,8 @@ def fake_client(monkeypatch):
     import ray.job_submission
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeClient)
+    # the hosts here are names only: nothing listens there (tests/test_submit.py covers the check)
+    monkeypatch.setattr("cluster.connect.check_reachable", lambda address, timeout_s=5.0: None)
     _FakeClient.seen = []
     return _FakeClient
 
