@@ -95,16 +95,23 @@ def submission_id(stage: str, key: str) -> str:
     return f"crossdiff-{stage}-{_slug(Path(key.rstrip('/')).name or key)}-{digest}"
 
 
-def _validate_config(stage: str, data: dict[str, Any], sets: Sequence[str]) -> None:
-    spec = CONFIG_CLASSES.get(stage)
-    if spec is None:
-        return
+def _config_class(stage: str):
+    """The config class a stage's --config and --set describe (None: the stage takes none)."""
     import importlib
 
+    spec = CONFIG_CLASSES.get(stage)
+    if spec is None:
+        return None
+    mod, attr = spec.split(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def _validate_config(stage: str, data: dict[str, Any], sets: Sequence[str]) -> None:
+    cls = _config_class(stage)
+    if cls is None:
+        return
     from diffing.config import ConfigError, format_validation_error, validate_with_overrides
 
-    mod, attr = spec.split(":")
-    cls = getattr(importlib.import_module(mod), attr)
     check = cls.model_validate
     if stage == "pipeline":  # harvest.store defaults to OUT/store, as `crossdiff pipeline` fills it
         from jobs.pipeline_config import with_defaults
@@ -119,15 +126,10 @@ def _validate_config(stage: str, data: dict[str, Any], sets: Sequence[str]) -> N
 def _unknown_set_keys(stage: str, sets: Sequence[str]) -> list[str]:
     """`--set` keys naming no field of the stage's config (checked without a config file, whose
     required fields the command line may supply another way)."""
-    import importlib
-
     from diffing.config_io import unknown_override_keys
 
-    spec = CONFIG_CLASSES.get(stage)
-    if spec is None:
-        return []
-    mod, attr = spec.split(":")
-    return unknown_override_keys(getattr(importlib.import_module(mod), attr), sets)
+    cls = _config_class(stage)
+    return [] if cls is None else unknown_override_keys(cls, sets)
 
 
 def parse_cli(argv: Sequence[str]) -> str:

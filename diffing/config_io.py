@@ -80,16 +80,18 @@ def validate_with_overrides(
         return validate(merged)
 
 
+def _sub_config(ann) -> type[BaseModel] | None:
+    """The sub-config a field holds: `X` or `X | None`; None for a leaf, a list or a mapping."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    models = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 and typing.get_origin(ann) not in (list, tuple, dict) else None
+
+
 def unknown_override_keys(cls: type[BaseModel], overrides: Sequence[str]) -> list[str]:
     """Keys of `--set KEY=VALUE` overrides that name no field of `cls`, walking sub-configs (also
     optional ones); a key reaching a leaf, list or mapping is not checked further. For a check
     before anything expensive runs (a preset's model builds, a cluster job)."""
-
-    def sub(ann):
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            return ann
-        models = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-        return models[0] if len(models) == 1 and typing.get_origin(ann) not in (list, tuple, dict) else None
 
     bad = []
     for item in overrides:
@@ -99,7 +101,7 @@ def unknown_override_keys(cls: type[BaseModel], overrides: Sequence[str]) -> lis
             if part not in model.model_fields:
                 bad.append(key)
                 break
-            model = sub(model.model_fields[part].annotation)
+            model = _sub_config(model.model_fields[part].annotation)
             if model is None:
                 break
     return bad
@@ -182,12 +184,11 @@ def config_reference(models: dict[str, type[BaseModel]] | None = None) -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 subs.append((ann, f"{prefix}{name}."))
                 continue
-            seq = typing.get_origin(ann) in (list, tuple)
             items = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-            if seq and items:  # a list of sub-configs (harvest.models): its item's fields get a section too
+            if typing.get_origin(ann) in (list, tuple) and items:  # a list of sub-configs (harvest.models)
                 subs.append((items[0], f"{prefix}{name}[]."))
-            elif items:  # an optional sub-config (`analyze_task`): its row, and its fields below
-                subs.append((items[0], f"{prefix}{name}."))
+            elif (opt := _sub_config(ann)) is not None:  # an optional one (`analyze_task`): row and section
+                subs.append((opt, f"{prefix}{name}."))
             default = (
                 "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from diffing.logs import get_logger
-from jobs.rundir import RunMirror, default_work_dir, is_remote
+from jobs.rundir import default_work_dir, is_remote, local_copy
 
 
 def analyze_pairs(run: Path, cfg, store: str, *, overwrite: bool, address: str | None = None) -> dict:
@@ -72,30 +72,18 @@ def in_task(cfg, run: str, store: str, overwrite: bool) -> dict:
     """The task's body: analyse every comparison of `cfg` (see the module docstring)."""
     node = _node()
     log = get_logger("analyze.task", **node)
-    if not cfg.remote:
-        local = Path(run)
-        if not (local / "crosscoder").is_dir():
+    # a remote run: exactly the bucket's (nothing a killed attempt left unsynced), uploaded as it
+    # goes and at the end, also on failure; a local one: in place, where this node must see it
+    remote = (cfg.out, task_work_dir(cfg.out)) if cfg.remote else (run, None)
+    with local_copy(*remote, prune=True, sync_every_s=cfg.sync_every_s) as local:
+        if not cfg.remote and not (local / "crosscoder").is_dir():
             raise FileNotFoundError(
                 f"analyze_task: the run directory {run} (with its fitted crosscoder/) is not on the "
                 f"node the task was placed on ({node['node_ip']}); give `out` as an object-storage URL "
                 "(s3://, gs://) or a path on a volume every node mounts, or set analyze_task: null"
             )
-        out = analyze_pairs(local, cfg, store, overwrite=overwrite)
-    else:
-        local = task_work_dir(cfg.out)
-        mirror = RunMirror(cfg.out, local)
-        mirror.pull(prune=True)  # exactly the bucket's run: nothing a killed attempt left unsynced
         log.info("analyze.task_start", local=str(local))
-        try:
-            with mirror.syncing(cfg.sync_every_s):
-                out = analyze_pairs(local, cfg, store, overwrite=overwrite)
-        except BaseException:
-            try:  # evidence ranges finished so far reach the bucket; the stage's own error is raised
-                mirror.push()
-            except Exception as e:
-                log.warning("pipeline.push_failed", error=f"{type(e).__name__}: {e}")
-            raise
-        mirror.push()
+        out = analyze_pairs(local, cfg, store, overwrite=overwrite)
     out = _rebase(out, str(local), run)
     for summary in out.values():
         summary["task"] = node

@@ -239,21 +239,28 @@ class RunMirror:
 
 @contextmanager
 def local_copy(
-    run: str | Path, work_dir: str | Path | None = None, skip: tuple[str, ...] = ()
+    run: str | Path,
+    work_dir: str | Path | None = None,
+    skip: tuple[str, ...] = (),
+    *,
+    prune: bool = False,
+    sync_every_s: float = 0.0,
 ) -> Iterator[Path]:
-    """A local directory for the standalone commands (`analyze`, `label`, `report`): `run` itself,
-    or for a remote run a pulled working copy that is pushed back when the command ends (also when
-    it fails, so resumable work such as labels already written is kept). `skip`: top-level entries
-    the command does not read (`label` and `report` leave the crosscoder's weights in the bucket)."""
+    """A local directory for the standalone commands (`analyze`, `label`, `report`) and a placed
+    analysis: `run` itself, or for a remote run a pulled working copy that is pushed back when the
+    body ends (also when it fails, so resumable work such as labels already written is kept).
+    `skip`: top-level entries the body does not read (`label` and `report` leave the crosscoder's
+    weights in the bucket); `prune`: see RunMirror.pull; `sync_every_s`: also push meanwhile."""
     run = str(run)
     if not is_remote(run):
         yield Path(run)
         return
     mirror = RunMirror(run, Path(work_dir) if work_dir else default_work_dir(run), skip=skip)
     mirror.check_writable()
-    mirror.pull()
+    mirror.pull(prune=prune)
     try:
-        yield mirror.local
+        with mirror.syncing(sync_every_s):
+            yield mirror.local
     except BaseException:
         try:  # keep what the failed command wrote; its own error is the one raised
             mirror.push()
