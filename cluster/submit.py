@@ -89,6 +89,30 @@ def run_key(stage: str, config: Mapping[str, Any] | None, args: Sequence[str], n
     )
 
 
+def _is_relative_local(path: str) -> bool:
+    return bool(path) and "://" not in path and not path.startswith(("/", "~"))
+
+
+def relative_outputs(stage: str, config: Mapping[str, Any] | None, args: Sequence[str]) -> list[str]:
+    """Local relative paths among the run's outputs and inputs (`--out/--run/--store`, the config's
+    `out`/`store`/`harvest.store`): on the cluster they resolve against the job's working directory,
+    a temporary directory of Ray's, not the directory `submit` ran in."""
+    found, args = [], list(args)
+    for opt in _RUN_OPTIONS:
+        for i, a in enumerate(args):
+            if a == opt and i + 1 < len(args):
+                found.append((opt, args[i + 1]))
+            elif a.startswith(opt + "="):
+                found.append((opt, a.split("=", 1)[1]))
+    for f in _RUN_FIELDS:
+        if config and isinstance(config.get(f), str):
+            found.append((f, config[f]))
+    harvest = (config or {}).get("harvest")
+    if stage == "pipeline" and isinstance(harvest, Mapping) and isinstance(harvest.get("store"), str):
+        found.append(("harvest.store", harvest["store"]))
+    return [f"{k} {v}" for k, v in found if _is_relative_local(v)]
+
+
 def submission_id(stage: str, key: str) -> str:
     """Deterministic id per run and stage: resubmitting the same run gives the same id."""
     digest = hashlib.sha1(f"{stage}\0{key}".encode()).hexdigest()[:8]
@@ -257,7 +281,9 @@ def build_submission(
         "crossdiff_config": Path(config).name if config else "",
         "crossdiff_config_sha256": hashlib.sha256(env_vars.get(CONFIG_ENV, "").encode()).hexdigest()[:16],
     }
-    sub = Submission(sid, stage, entry, runtime_env, metadata, num_cpus, num_gpus)
+    relative = relative_outputs(stage, _with_sets(data, _sets(args)), args)
+    extra = {"relative_paths": relative} if relative else {}
+    sub = Submission(sid, stage, entry, runtime_env, metadata, num_cpus, num_gpus, extra)
     leaked = find_secrets(
         {"entrypoint": sub.entrypoint, "runtime_env": sub.runtime_env, "metadata": sub.metadata}, environ
     )

@@ -94,6 +94,13 @@ def submit(
         sub = sm.build_submission(
             stage, config, list(ctx.args), name=name, env=pairs, num_cpus=num_cpus, num_gpus=num_gpus
         )
+        if rel := sub.extra.get("relative_paths"):
+            typer.echo(
+                f"warning: relative path(s) {'; '.join(rel)}: on the cluster they resolve against the "
+                "job's working directory (a temporary directory of Ray's), not this one; pass an "
+                "absolute path on the cluster's shared disk or a URI (s3://, gs://) to find the run later",
+                err=True,
+            )
         jc = sm.client(address)
         sid = sm.submit(sub, replace=replace, jc=jc)
         typer.echo(json.dumps({"submission_id": sid, "stage": stage, "run": sub.metadata["crossdiff_run"]}))

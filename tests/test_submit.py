@@ -76,6 +76,18 @@ def test_submission_id_is_deterministic_per_run_and_stage():
     assert sm.run_key("report", {"out": "runs/a"}, [], "mine") == "mine"
 
 
+def test_relative_run_paths_are_flagged_before_submitting():
+    """A relative --out lands in Ray's temporary job directory on the cluster: `submit` warns."""
+    absolute = sm.build_submission("fit", None, ["--store", "s3://b/acts", "--out", "/data/runs/r1"], environ={})
+    assert "relative_paths" not in absolute.extra
+    rel = sm.build_submission("fit", None, ["--store", "s3://b/acts", "--out", "runs/r1"], environ={})
+    assert rel.extra["relative_paths"] == ["--out runs/r1"]
+    assert sm.relative_outputs("pipeline", {"out": "gs://b/r", "harvest": {"store": "acts"}}, []) == [
+        "harvest.store acts"
+    ]
+    assert sm.relative_outputs("report", {"out": "runs/a"}, ["--out=~/x"]) == ["out runs/a"]
+
+
 def test_runtime_env_passes_settings_and_never_secrets(tmp_path, tiny_pair):
     cfg = _harvest_cfg(tmp_path / "h.yaml", tiny_pair, tmp_path / "c.jsonl", tmp_path / "store")
     sub = sm.build_submission("harvest", cfg, ["--set", "layer=1"], environ=ENV)
