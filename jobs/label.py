@@ -23,14 +23,21 @@ from pathlib import Path
 import httpx
 from pydantic import Field, model_validator
 
-from diffing.config import ConfigError, Frozen
+from diffing.config import Frozen
 from diffing.evidence import LABELS_FILE, LatentEvidence, LatentLabel, fit_to_limits, iter_evidence
 from diffing.logs import get_logger
+from jobs.label_state import (  # noqa: F401  (re-exported: the labels file's state lives there)
+    CONFIG_FILE,
+    SETTINGS_FILE,
+    LabelSettingsChanged,
+    _append,
+    _check_resumable,
+    label_settings,
+    read_labels_tolerant,
+)
 from serve.settings import ServiceSettings
 
 log = get_logger("crossdiff.label")
-CONFIG_FILE = "label_config.json"
-SETTINGS_FILE = "label_settings.json"  # label_settings() of the run's labels: what a resume must match
 
 
 class LabelConfig(Frozen):
@@ -83,124 +90,6 @@ class LabelConfig(Frozen):
 
 class LabelJobError(RuntimeError):
     """The endpoint kept failing; labels written so far are kept, rerun to resume."""
-
-
-class LabelSettingsChanged(ConfigError):
-    """labels.jsonl was started with other label-deciding settings: resuming would mix labels."""
-
-
-# settings that only bound, route or authorise requests: changing them between runs still resumes
-_JOB_OPERATIONAL = {
-    "groups", "batch_size", "concurrency", "max_attempts", "backoff_s", "max_backoff_s",
-    "request_timeout_s", "token_env", "start_timeout_s",
-}  # fmt: skip
-_SERVICE_OPERATIONAL = {"limits", "auth", "cache_size", "cache_dir", "ingress_options"}
-_JUDGE_OPERATIONAL = {"endpoint", "api_key_env", "cpu_reserved_cores", "deployment_config", "timeout_s"}
-
-
-def label_settings(cfg: LabelConfig | dict) -> dict:
-    """The settings that decide a latent's label besides its evidence, flattened: the judge, the
-    taxonomy, the method, detection, and the calibration where channel scoring reads it. A dict is a
-    saved config as written (an older crossdiff's lacks the fields added since: they count as changed)."""
-    d = json.loads(json.dumps(cfg if isinstance(cfg, dict) else cfg.model_dump(mode="json")))
-    for k in _JOB_OPERATIONAL:
-        d.pop(k, None)
-    service = d.get("service") if isinstance(d.get("service"), dict) else {}
-    for k in _SERVICE_OPERATIONAL:
-        service.pop(k, None)
-    judge = service.get("judge")
-    for k in _JUDGE_OPERATIONAL:
-        if isinstance(judge, dict):
-            judge.pop(k, None)
-    method = service.get("method") or {}
-    if not isinstance(method, dict):
-        method = {}
-    method.pop("max_concurrent_calls", None)
-    if method.get("classify_mode", "json") != "channel":
-        d.pop("calibration_group", None)
-        d.pop("calibration_size", None)
-    out = _flatten(d)
-    if not isinstance(cfg, dict):  # what a path or a version name alone does not pin down
-        from serve.prompts import PROMPT_VERSION
-        from serve.taxonomy import load_taxonomy
-
-        out["taxonomy_fingerprint"] = load_taxonomy(cfg.service.taxonomy).fingerprint
-        out["prompt_version"] = PROMPT_VERSION
-    return out
-
-
-_DERIVED = ("taxonomy_fingerprint", "prompt_version")  # in label_settings.json, not label_config.json
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except ValueError:
-        return {}
-    return d if isinstance(d, dict) else {}
-
-
-def _check_resumable(run_dir: Path, now: dict, have: dict[int, LatentLabel]) -> None:
-    """Refuse to append to labels made with other label-deciding settings (``now``, from
-    ``label_settings``): compared with RUN/label_settings.json, or for runs from before it with
-    RUN/label_config.json."""
-    if not have:
-        return
-    if (path := run_dir / SETTINGS_FILE).exists():
-        before = _read_json(path)
-    elif (path := run_dir / CONFIG_FILE).exists():
-        before = label_settings(_read_json(path))
-        now = {k: v for k, v in now.items() if k not in _DERIVED}
-    else:
-        return
-    changed = sorted(
-        k for k in before.keys() | now.keys() if before.get(k, "<absent>") != now.get(k, "<absent>")
-    )
-    if changed:
-        shown = "; ".join(
-            f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed[:5]
-        )
-        more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
-        raise LabelSettingsChanged(
-            f"{run_dir / LABELS_FILE} holds {len(have)} labels made with other label settings "
-            f"({shown}{more}; saved in {path.name}); resuming would mix them. Rerun with --overwrite "
-            f"to relabel every latent, or restore those settings to resume."
-        )
-
-
-def read_labels_tolerant(path: Path) -> dict[int, LatentLabel]:
-    """Labels already written; a torn last line (killed mid-append) is dropped from the file."""
-    if not path.exists():
-        return {}
-    good, out = [], {}
-    raw = path.read_text()
-    torn = bool(raw) and not raw.endswith("\n")  # killed before the newline: the next append would glue
-    for line in raw.split("\n"):
-        if not line.strip():
-            continue
-        try:
-            lab = LatentLabel.model_validate_json(line)
-        except ValueError:
-            torn = True
-            continue
-        good.append(line)
-        out[lab.latent] = lab
-    if torn:
-        log.warning("label.torn_line_dropped", path=str(path))
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(x + "\n" for x in good))
-        tmp.replace(path)
-    return out
-
-
-def _append(path: Path, labels: list[LatentLabel]) -> None:
-    data = "".join(lab.model_dump_json() + "\n" for lab in labels).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _retry_delay(cfg: LabelConfig, attempt: int, resp: httpx.Response | None) -> float:
@@ -291,16 +180,6 @@ async def _label_all(
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
     return done
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def calibration_set(evidence: list[LatentEvidence], cfg: LabelConfig) -> list[dict]:
