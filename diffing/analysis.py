@@ -241,8 +241,9 @@ def select_latents(
     return group
 
 
-# settings that change no result (how the work is batched or spread), left out of the rerun check
-_OPERATIONAL = {"batch_size", "evidence_workers", "latents_per_pass", "device"}
+# settings that change no result (how the work is batched or spread, where the harvest's tokenizer
+# is read from), left out of the rerun check
+_OPERATIONAL = {"batch_size", "evidence_workers", "latents_per_pass", "device", "tokenizer"}
 
 
 def check_same_analysis(path, cfg: AnalysisConfig, pair: tuple[str, str] | None) -> None:

@@ -40,26 +40,70 @@ SOURCE_MASS_FILE = "source_mass.parquet"
 _STATS_FROM_TABLE = ("delta_norm", "cosine", "nu_eps", "nu_r")
 
 
-def token_decoder(store) -> Callable[[Sequence[int]], list[str]]:
-    """Token id -> string through the first harvested model's tokenizer; "<id>" when there is none."""
-    cache: dict[int, str] = {}
-    tok = None
-    try:
-        path = store.manifest.metadata["harvest"]["models"][0]["path"]
-        from diffing.models import load_tokenizer
+def _window_pieces(tok, ids: list[int]) -> list[str]:
+    """One string per token of a window whose per-token decodes do not join to the window's text
+    (byte-level BPE splitting a character over tokens, SentencePiece's word-boundary markers): each
+    token gets the text its id adds to the decode of the few tokens before it, and a token that ends
+    inside a character adds nothing until the character is complete (vLLM's incremental detokenizer)."""
+    out, prefix, read = [], 0, 0  # ids[prefix:read]: already shown, the context of the next piece
+    for j, i in enumerate(ids):
+        if i < 0:  # not a token: shown as its id, and no context across it
+            out.append(f"<{i}>")
+            prefix = read = j + 1
+            continue
+        before = tok.decode(ids[prefix:read]) if read > prefix else ""
+        text = tok.decode(ids[prefix : j + 1])
+        if text.endswith("\ufffd") and j + 1 < len(ids) and ids[j + 1] >= 0:
+            out.append("")  # inside a character: its bytes are shown with the token that completes it
+            continue
+        out.append(text[len(before) :] if text.startswith(before) else text)
+        prefix, read = read, j + 1
+    return out
 
-        tok = load_tokenizer(path)
-    except Exception:  # no harvest metadata / tokenizer not reachable: ids only
-        tok = None
+
+def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int]], list[str]]:
+    """A context window's token ids -> one string per token, joining to the window's text, through
+    `tokenizer` (analyze.tokenizer) or the first harvested model's; "<id>" strings when the store
+    names no model (a synthetic store). A named tokenizer that cannot be loaded here is an error:
+    evidence of bare ids would be labelled without a word of text."""
+    path = tokenizer
+    if path is None:
+        try:
+            path = store.manifest.metadata["harvest"]["models"][0]["path"]
+        except (AttributeError, KeyError, IndexError, TypeError):
+            path = None
+    tok = None
+    if path is not None:
+        from diffing.models import HarvestInputError, load_tokenizer
+
+        try:
+            tok = load_tokenizer(path)
+        except HarvestInputError as e:
+            field = "analyze.tokenizer" if tokenizer else "the harvested model's path"
+            raise HarvestInputError(
+                f"{e} ({field}); the evidence's text needs it: set analyze.tokenizer to a copy of that "
+                "tokenizer this machine can read (a local directory or a cached hub id)"
+            ) from None
+    else:
+        get_logger("crossdiff.evidence").warning(
+            "evidence.no_tokenizer", store=str(getattr(store, "uri", "")), shown="token ids"
+        )
+    cache: dict[int, str] = {}
+
+    def piece(i: int) -> str:
+        if i not in cache:
+            cache[i] = tok.decode([i]) if i >= 0 else f"<{i}>"
+        return cache[i]
 
     def decode(ids: Sequence[int]) -> list[str]:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i not in cache:
-                cache[i] = tok.decode([i]) if (tok is not None and i >= 0) else f"<{i}>"
-            out.append(cache[i])
-        return out
+        ids = [int(i) for i in ids]
+        if tok is None:
+            return [f"<{i}>" for i in ids]
+        pieces = [piece(i) for i in ids]
+        real = [i for i in ids if i >= 0]
+        if "".join(p for i, p in zip(ids, pieces, strict=True) if i >= 0) == tok.decode(real):
+            return pieces  # the common case: per-token strings already join to the text
+        return _window_pieces(tok, ids)
 
     return decode
 
@@ -197,7 +241,7 @@ def evidence_for_latents(
     routes = route(requests, len(store.manifest.shards))
     items = [(s, [(i, requests[i]) for i in ids]) for s, ids in sorted(routes.items())]
     windows = merge_windows(map_fn(WindowTask(store.uri, enc, cfg), items))
-    return build_evidence(acc, requests, windows, table_rows, decode or token_decoder(store))
+    return build_evidence(acc, requests, windows, table_rows, decode or token_decoder(store, cfg.tokenizer))
 
 
 def _range_done(path: Path, latents: list[int], log) -> bool:
@@ -249,7 +293,7 @@ def collect_evidence(
         (ab, lats) for ab, lats in ranges.items() if not _range_done(out_dir / range_file(*ab), lats, log)
     ]
     log.info("evidence.plan", selected=len(rows), ranges=len(ranges), todo=len(todo))
-    decode = decode or token_decoder(store)
+    decode = decode or token_decoder(store, cfg.tokenizer)
     model = Crosscoder.load(run / "crosscoder") if todo else None  # once for every pass
     while todo:
         batch, n = [], 0

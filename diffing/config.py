@@ -235,6 +235,12 @@ class AnalysisConfig(Frozen):
         description="Activating documents kept per latent (uniform sample) to estimate quantile bins.",
     )
     n_negatives: int = Field(10, ge=0, description="Random contexts where the latent does not fire.")
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer (local directory or cached hub id) that turns the evidence's token ids "
+        "into text. Default: the first harvested model's path, as the harvest saw it; set this when "
+        "the analysis runs where that path does not exist.",
+    )
     evidence_seed: int = Field(0, description="Seed of the held-out hash and all evidence sampling.")
     latents_per_file: int = Field(
         1024, ge=1, description="Latent-index range per RUN/examples/<a>-<b>.jsonl file (the unit of resume)."

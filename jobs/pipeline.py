@@ -74,7 +74,7 @@ class Pipeline:
                 "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
                 "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
                 "analyze": {
-                    "analyze": c.analyze.model_dump(mode="json", exclude={"device"}),
+                    "analyze": c.analyze.model_dump(mode="json", exclude={"device", "tokenizer"}),
                     "pairs": c.pairs,
                 },
                 "label": {

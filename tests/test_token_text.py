@@ -1,0 +1,103 @@
+"""Evidence text: a window's token ids -> one string per token that joins to the window's text, for
+byte-level BPE that splits characters over tokens and SentencePiece-style word-boundary markers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from diffing.collect import token_decoder
+from diffing.config import AnalysisConfig
+from diffing.models import HarvestInputError
+
+
+def _store(path=None):
+    meta = {} if path is None else {"harvest": {"models": [{"path": str(path)}]}}
+    return SimpleNamespace(manifest=SimpleNamespace(metadata=meta), uri="mem://store")
+
+
+@pytest.fixture(scope="module")
+def byte_tok_dir(tmp_path_factory):
+    from diffing.embedded.tiny import byte_tokenizer
+
+    d = tmp_path_factory.mktemp("bytes")
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def metaspace_tok_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁The": 1, "▁cat": 2, "▁sat": 3, "▁on": 4, "▁the": 5, "▁mat": 6}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    d = tmp_path_factory.mktemp("metaspace")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(d)
+    return d
+
+
+def test_characters_split_over_byte_tokens_are_shown_whole(byte_tok_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(byte_tok_dir)
+    text = "Le café coûte 3 €, 日本語 🙂 !"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    decode = token_decoder(_store(byte_tok_dir))
+    pieces = decode(ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces)
+    # each character is shown on the token that completes it; the tokens before it show nothing
+    n_e = len("é".encode())
+    at = ids.index(tok.encode("é", add_special_tokens=False)[-1])
+    assert pieces[at] == "é" and pieces[at - n_e + 1 : at] == [""] * (n_e - 1)
+    # a window cut inside a character keeps all of its text (the broken bytes as U+FFFD)
+    start = ids.index(tok.encode("🙂", add_special_tokens=False)[1])
+    window = ids[start:]
+    assert "".join(decode(window)) == tok.decode(window)
+    # a window ending inside a character shows what it has on its last token
+    end = ids.index(tok.encode("日", add_special_tokens=False)[1]) + 1
+    assert "".join(decode(ids[:end])) == tok.decode(ids[:end])
+
+
+def test_word_boundary_markers_become_spaces(metaspace_tok_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(metaspace_tok_dir)
+    ids = tok.encode("The cat sat on the mat", add_special_tokens=False)
+    assert [tok.decode([i]) for i in ids][:3] == ["The", "cat", "sat"]  # per id: spaces lost
+    pieces = token_decoder(_store(), tokenizer=str(metaspace_tok_dir))(ids)
+    assert pieces == ["The", " cat", " sat", " on", " the", " mat"]
+    assert token_decoder(_store(), tokenizer=str(metaspace_tok_dir))(ids[2:]) == [
+        "sat",
+        " on",
+        " the",
+        " mat",
+    ]
+
+
+def test_ascii_windows_keep_one_string_per_token_id(byte_tok_dir):
+    decode = token_decoder(_store(byte_tok_dir))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(byte_tok_dir)
+    ids = tok.encode("plain text, no surprises", add_special_tokens=False)
+    assert decode(ids) == [tok.decode([i]) for i in ids]
+
+
+def test_a_tokenizer_this_machine_cannot_read_is_an_error_naming_the_fix(tmp_path):
+    with pytest.raises(HarvestInputError, match="analyze.tokenizer"):
+        token_decoder(_store(tmp_path / "gone" / "llama-3-8b"))
+    with pytest.raises(HarvestInputError, match=r"analyze\.tokenizer\)"):
+        token_decoder(_store(), tokenizer=str(tmp_path / "nowhere"))
+    assert token_decoder(_store())([5, 7]) == ["<5>", "<7>"]  # a synthetic store names no model
+
+
+def test_the_tokenizer_setting_is_operational():
+    from diffing.analysis import _OPERATIONAL
+
+    assert "tokenizer" in _OPERATIONAL and "tokenizer" in AnalysisConfig.model_fields
