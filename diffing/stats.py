@@ -5,11 +5,18 @@ categories, the shift of category c is the ratio of its shares minus one:
 
     Δ_c = (n_c^S / N^S) / (n_c^I / N^I) − 1
 
-A share ratio of two binomial proportions: its 95% CI comes from the Katz log method
-(log RR ± z·sqrt(1/n^S − 1/N^S + 1/n^I − 1/N^I), with Haldane's correction, 0.5 added to every
-cell, when a cell of the 2x2 table is 0; a category absent from S has the lower bound −1, one absent
-from I (Δ undefined) the upper bound +∞) or from a seeded bootstrap. Small counts make these intervals wide; categories with fewer than
-`min_count` latents on either side are flagged, never dropped.
+A share ratio of two binomial proportions. Its CI (95% by default) comes from
+* `katz`: the log method, log RR ± z·sqrt(1/n^S − 1/N^S + 1/n^I − 1/N^I), with Haldane's
+  correction (0.5 added to every cell) when a cell of the 2x2 table is 0. Conservative at small
+  counts; with sets of very different sizes most of its error falls on one side;
+* `score`: the Miettinen–Nurminen score interval, whose two tails stay near α/2 each also when the
+  sets differ in size (closer to nominal, hence less conservative, at small equal counts);
+* `bootstrap`: a seeded parametric bootstrap (Katz where a count is 0 or the whole set).
+A category absent from S has the lower bound −1, one absent from I (Δ undefined) the upper bound +∞.
+`adjust="bonferroni"` widens every interval to level 1 − α/K over the K categories, so that the
+whole table holds at 1 − α (each row's `ci_level` says which level it has). Small counts make these
+intervals wide; categories with fewer than `min_count` latents on either side are flagged, never
+dropped.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ class CategoryShift:
     ci_low: float
     ci_high: float
     small_count: bool
+    ci_level: float = 0.95  # the level of this interval (1 − α/K under a Bonferroni adjustment)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,10 +62,51 @@ def _katz(n_s: int, N_s: int, n_i: int, N_i: int, z: float) -> tuple[float, floa
     return lo, hi
 
 
+def _mn_z(theta: float, n_s: int, N_s: int, n_i: int, N_i: int) -> float:
+    """Miettinen–Nurminen score statistic of H0: p_S / p_I = theta (p under the constrained MLE)."""
+    N = N_s + N_i
+    a, b, c = theta * N, -(theta * N_s + n_s + N_i + theta * n_i), n_s + n_i
+    p_i = (-b - math.sqrt(max(b * b - 4 * a * c, 0.0))) / (2 * a)
+    p_s = theta * p_i
+    num = n_s / N_s - theta * n_i / N_i
+    var = (p_s * (1 - p_s) / N_s + theta**2 * p_i * (1 - p_i) / N_i) * N / (N - 1)
+    if var <= 0:
+        return math.copysign(math.inf, num) if num else 0.0
+    return num / math.sqrt(var)
+
+
+def _score(n_s: int, N_s: int, n_i: int, N_i: int, z: float) -> tuple[float, float]:
+    """Miettinen–Nurminen score interval for the share ratio, as Δ = ratio − 1: the ratios the score
+    test does not reject. Unlike Katz's log interval it keeps each tail near α/2 when the two sets
+    differ in size. A category absent from S has the lower bound −1, one absent from I the upper +∞."""
+
+    def root(target: float, lo: float, hi: float) -> float:  # Z decreases in log θ
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if _mn_z(math.exp(mid), n_s, N_s, n_i, N_i) > target:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-10:
+                break
+        return math.exp((lo + hi) / 2)
+
+    lim = 40.0  # θ in [e^-40, e^40]
+    if n_s == 0 or _mn_z(math.exp(-lim), n_s, N_s, n_i, N_i) <= z:
+        low = 0.0
+    else:
+        low = root(z, -lim, lim)
+    if n_i == 0 or _mn_z(math.exp(lim), n_s, N_s, n_i, N_i) >= -z:
+        high = math.inf
+    else:
+        high = root(-z, -lim, lim)
+    return low - 1, high - 1
+
+
 def _bootstrap(
     n_s: int, N_s: int, n_i: int, N_i: int, alpha: float, reps: int, seed: int
 ) -> tuple[float, float]:
-    if 0 in (n_s, n_i):  # a parametric bootstrap from p = 0 never moves: Katz with Haldane's 0.5
+    if 0 in (n_s, n_i) or n_s == N_s or n_i == N_i:  # from p = 0 or 1 it never moves: Katz
         return _katz(n_s, N_s, n_i, N_i, NormalDist().inv_cdf(1 - alpha / 2))
     rng = np.random.default_rng(seed)
     s = rng.binomial(N_s, n_s / N_s, reps) / N_s
@@ -79,18 +128,27 @@ def category_shift(
     min_count: int = 5,
     bootstrap_reps: int = 10_000,
     seed: int = 0,
+    adjust: str = "none",
 ) -> list[CategoryShift]:
     """Δ_c per category (union of both sides), sorted by Δ_c descending. N defaults to the sum of
-    counts; pass it when the sets hold latents outside the listed categories."""
+    counts; pass it when the sets hold latents outside the listed categories. `method`: katz,
+    score or bootstrap; `adjust`: none or bonferroni (over the categories of the union)."""
     N_s = sum(counts_s.values()) if N_s is None else N_s
     N_i = sum(counts_i.values()) if N_i is None else N_i
     if N_s <= 0 or N_i <= 0:
         raise ValueError(f"both latent sets need at least one latent (N_s={N_s}, N_i={N_i})")
-    if method not in ("katz", "bootstrap"):
-        raise ValueError(f"method must be 'katz' or 'bootstrap', got {method!r}")
+    if method not in ("katz", "score", "bootstrap"):
+        raise ValueError(f"method must be 'katz', 'score' or 'bootstrap', got {method!r}")
+    if adjust not in ("none", "bonferroni"):
+        raise ValueError(f"adjust must be 'none' or 'bonferroni', got {adjust!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    cats = sorted(set(counts_s) | set(counts_i))
+    if adjust == "bonferroni":
+        alpha = alpha / max(len(cats), 1)
     z = NormalDist().inv_cdf(1 - alpha / 2)
     out = []
-    for c in sorted(set(counts_s) | set(counts_i)):
+    for c in cats:
         n_s, n_i = int(counts_s.get(c, 0)), int(counts_i.get(c, 0))
         if n_s > N_s or n_i > N_i:
             raise ValueError(f"category {c!r}: count exceeds its set size")
@@ -98,9 +156,10 @@ def category_shift(
         delta = share_s / share_i - 1 if n_i else math.nan
         if method == "katz":
             lo, hi = _katz(n_s, N_s, n_i, N_i, z)
+        elif method == "score":
+            lo, hi = _score(n_s, N_s, n_i, N_i, z)
         else:
             lo, hi = _bootstrap(n_s, N_s, n_i, N_i, alpha, bootstrap_reps, seed)
-        out.append(
-            CategoryShift(c, n_s, n_i, N_s, N_i, share_s, share_i, delta, lo, hi, min(n_s, n_i) < min_count)
-        )
+        small = min(n_s, n_i) < min_count
+        out.append(CategoryShift(c, n_s, n_i, N_s, N_i, share_s, share_i, delta, lo, hi, small, 1 - alpha))
     return sorted(out, key=lambda r: (-(r.delta if not math.isnan(r.delta) else math.inf), r.category))

@@ -82,3 +82,65 @@ def test_absent_categories_and_errors():
         category_shift({}, {"a": 1})
     with pytest.raises(ValueError, match="exceeds"):
         category_shift({"a": 5}, {"a": 1}, N_s=3, N_i=3)
+
+
+# Miettinen–Nurminen score bounds of the share ratio (θ = Δ + 1), from statsmodels 0.15's
+# confint_proportions_2indep(method="score", compare="ratio", correction=True), computed offline
+SCORE_REFERENCE = {
+    (5, 35, 3, 35): (0.47022423719, 6.02376791442),
+    (0, 10, 3, 10): (0.0, 1.13539976449),
+    (3, 10, 0, 10): (0.88074705604, math.inf),
+    (19, 89, 18, 112): (0.74587176721, 2.36086529986),
+    (2, 5, 10, 300): (3.15721402871, 31.8440179252),
+    (7, 40, 1, 500): (14.2390901538, 536.243071208),
+}
+
+
+def test_score_interval_matches_an_independent_implementation():
+    for (n_s, N_s, n_i, N_i), (lo, hi) in SCORE_REFERENCE.items():
+        r = category_shift({"c": n_s, "o": N_s - n_s}, {"c": n_i, "o": N_i - n_i}, method="score")
+        r = {x.category: x for x in r}["c"]
+        assert r.ci_low + 1 == pytest.approx(lo, rel=1e-6, abs=1e-9)
+        assert r.ci_high + 1 == pytest.approx(hi, rel=1e-6) if math.isfinite(hi) else r.ci_high == math.inf
+    # all of both sets in one category: an interval around Δ = 0 (the ratio 1 is not its edge)
+    one = category_shift({"a": 10}, {"a": 10}, method="score")[0]
+    assert one.ci_low < 0 < one.ci_high
+
+
+def test_score_interval_keeps_both_tails_near_nominal_when_sets_differ_in_size():
+    """Under equal shares, with a small S and a larger I, Katz's interval lies wholly above the
+    truth far more often than the 2.5% per side it promises; the score interval does not."""
+    rng = np.random.default_rng(1)
+    N_s, N_i, p, reps = 6, 40, 0.25, 1500
+    above = {"katz": 0, "score": 0}
+    for _ in range(reps):
+        n_s, n_i = int(rng.binomial(N_s, p)), int(rng.binomial(N_i, p))
+        for m in above:
+            r = category_shift({"c": n_s, "o": N_s - n_s}, {"c": n_i, "o": N_i - n_i}, method=m)
+            above[m] += {x.category: x for x in r}["c"].ci_low > 0
+    assert above["katz"] / reps > 0.045  # measured 0.05-0.06
+    assert above["score"] / reps < 0.04
+
+
+def test_bonferroni_widens_every_interval_to_a_family_level():
+    counts_s, counts_i = {"a": 12, "b": 8, "c": 5, "d": 10}, {"a": 6, "b": 9, "c": 7, "d": 13}
+    plain = {r.category: r for r in category_shift(counts_s, counts_i)}
+    adj = {r.category: r for r in category_shift(counts_s, counts_i, adjust="bonferroni")}
+    for c in counts_s:
+        assert adj[c].delta == plain[c].delta
+        assert adj[c].ci_low < plain[c].ci_low and adj[c].ci_high > plain[c].ci_high
+        assert plain[c].ci_level == pytest.approx(0.95) and adj[c].ci_level == pytest.approx(1 - 0.05 / 4)
+    # the same as asking each interval for that level directly
+    direct = {r.category: r for r in category_shift(counts_s, counts_i, alpha=0.05 / 4)}
+    assert adj["a"].ci_low == pytest.approx(direct["a"].ci_low)
+    with pytest.raises(ValueError, match="adjust"):
+        category_shift(counts_s, counts_i, adjust="holm")
+
+
+def test_bootstrap_from_a_whole_set_falls_back_to_katz():
+    from diffing.stats import _bootstrap, _katz
+
+    z = 1.959963984540054
+    assert _bootstrap(5, 5, 3, 3, 0.05, 2000, 0) == pytest.approx(_katz(5, 5, 3, 3, z))
+    lo, hi = _bootstrap(6, 6, 10, 35, 0.05, 2000, 0)
+    assert hi - lo > 0 and (lo, hi) == pytest.approx(_katz(6, 6, 10, 35, z))
