@@ -33,6 +33,7 @@ CONFIG_CLASSES = {
     "analyze": "diffing.config:AnalysisConfig",
     "label": "jobs.label:LabelConfig",
     "pipeline": "jobs.pipeline_config:PipelineConfig",
+    "report": "jobs.report.config:ReportConfig",
 }
 # Where a stage's run lives, in order of preference: CLI options, then config fields.
 _RUN_OPTIONS = ("--out", "--run", "--store")

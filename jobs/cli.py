@@ -319,14 +319,19 @@ def report(
         str,
         typer.Option("--run", help="Run directory (after analyze; labels optional; local, s3://, gs://)."),
     ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ) -> None:
     """Write RUN/report.html (self-contained), RUN/report.json and RUN/report.md."""
+    from diffing.config import load_config
     from jobs.report import write_report
+    from jobs.report.config import ReportConfig
     from jobs.rundir import WEIGHTS, local_copy
 
     def go():
+        cfg = load_config(ReportConfig, config, set_ or [])
         with local_copy(run, skip=WEIGHTS) as local:
-            typer.echo(json.dumps(write_report(local), indent=2))
+            typer.echo(json.dumps(write_report(local, opts=cfg), indent=2))
 
     _run(go)
 

@@ -11,7 +11,6 @@ and reports
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -54,22 +53,20 @@ def specific_counts(d: Path, model: str) -> Counter:
     return Counter(labels[i].category for i in specific_ids(d, model) if i in labels)
 
 
-def _signed(x: float, nan: str = "–") -> str:
-    if math.isnan(x):
-        return nan
-    return ("+∞" if x > 0 else "−∞") if math.isinf(x) else f"{x:+.3f}"
+def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str, opts=None) -> dict:
+    """Report section: category shift of S's specific latents (its comparison) vs I's (its own),
+    with the intervals `opts` (a ReportConfig) chooses."""
+    from jobs.report import _delta, _pct, plots, render
+    from jobs.report.config import ReportConfig
 
-
-def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str) -> dict:
-    """Report section: category shift of S's specific latents (its comparison) vs I's (its own)."""
-    from jobs.report import plots, render
+    opts = opts or ReportConfig()
 
     cs, ci = specific_counts(dirs[s_model], s_model), specific_counts(dirs[i_model], i_model)
     title = f"Anchored category shift: {s_model}-specific vs {i_model}-specific"
     if not cs or not ci:
         msg = f"not enough labels yet ({s_model}: {sum(cs.values())}, {i_model}: {sum(ci.values())})"
         return {"title": title, "html": f'<p class="muted">{msg}</p>', "markdown": msg, "key": "anchored"}
-    rows = [r.as_dict() for r in category_shift(cs, ci)]
+    rows = [r.as_dict() for r in category_shift(cs, ci, **opts.shift_kwargs())]
     s_name, i_name = (
         f"{s_model}-specific ({dirs[s_model].name})",
         f"{i_model}-specific ({dirs[i_model].name})",
@@ -81,15 +78,18 @@ def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str) -> dict:
     html = (
         f'<p class="muted">S = {render.esc(s_name)} (N={sum(cs.values())}), '
         f"I = {render.esc(i_name)} (N={sum(ci.values())}){render.esc(overlap)}</p>"
-        f'<img alt="anchored category shift" src="{plots.shift_bars(rows, s_name, i_name)}">'
-        + render.shift_table(rows)
+        f'<img alt="anchored category shift" src="{plots.shift_bars(rows, s_name, i_name, opts.ci_label())}">'
+        + render.shift_table(rows, opts.ci_label())
     )
     from jobs.report import _md
 
-    md = "| category | n_S | n_I | Δ_c | 95% CI | small |\n|---|---|---|---|---|---|\n" + "\n".join(
-        f"| {_md(r['category'])} | {r['n_s']} | {r['n_i']} | {_signed(r['delta'], 'only in S')} | "
-        f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}] | {'yes' if r['small_count'] else ''} |"
-        for r in rows
+    md = (
+        f"| category | n_S | n_I | Δ_c | {opts.ci_label()} | small |\n|---|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {_md(r['category'])} | {r['n_s']} | {r['n_i']} | {_delta(r)} | "
+            f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] | {'yes' if r['small_count'] else ''} |"
+            for r in rows
+        )
     )
     data = {"S": s_name, "I": i_name, "shift": rows, "overlap": both}
     if both:

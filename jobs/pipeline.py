@@ -81,7 +81,7 @@ class Pipeline:
                     **_label_identity(c.label),
                     "taxonomy": load_taxonomy(c.label.service.taxonomy).fingerprint,
                 },
-                "report": {"planted": c.planted, "anchored": c.anchored},
+                "report": self._report_identity(),
             }[stage]
         if stage == "harvest":
             h = c.harvest.model_dump(mode="json", exclude={"ray", "device"})
@@ -101,7 +101,18 @@ class Pipeline:
             from jobs.label import label_settings
 
             return {**label_settings(c.label), "groups": list(c.label.groups or [])}
-        return {"planted": c.planted, "anchored": c.anchored}
+        return self._report_identity()
+
+    def _report_identity(self) -> dict:
+        """The report's settings count only where they differ from the defaults, so reports made
+        before they existed stay done (also under the legacy identity)."""
+        from jobs.report.config import ReportConfig
+
+        c = self.cfg
+        own = {"planted": c.planted, "anchored": c.anchored}
+        if c.report != ReportConfig():
+            own["report"] = c.report.model_dump(mode="json")
+        return own
 
     def stage_config(self, stage: str, legacy: bool = False) -> Any:
         own = self._own(stage, legacy)
@@ -385,8 +396,8 @@ class Pipeline:
             if self.cfg.anchored:
                 from jobs.compare import anchored_section
 
-                sections.append(anchored_section(by_b, *self.cfg.anchored))
-            out["-vs-".join(pair)] = write_report(d, extra_sections=sections)
+                sections.append(anchored_section(by_b, *self.cfg.anchored, opts=self.cfg.report))
+            out["-vs-".join(pair)] = write_report(d, extra_sections=sections, opts=self.cfg.report)
         if len(dirs) > 1:  # RUN/report.* = the report of the anchored S comparison (or the first)
             main = by_b[self.cfg.anchored[0]] if self.cfg.anchored else next(iter(dirs.values()))
             for name in (REPORT_HTML, REPORT_JSON, REPORT_MD):

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from diffing.config import AnalysisConfig, FitConfig, Frozen
 from diffing.harvest import HarvestConfig
 from jobs.label import LabelConfig
+from jobs.report.config import ReportConfig
 from jobs.rundir import default_work_dir, is_remote, join
 
 STAGES = ("harvest", "fit", "analyze", "label", "report")
@@ -76,6 +77,10 @@ class PipelineConfig(Frozen):
     )
     label: LabelConfig = Field(
         default_factory=LabelConfig, description="Label stage (see docs/labelling.md)."
+    )
+    report: ReportConfig = Field(
+        default_factory=ReportConfig,
+        description="Report stage: cards shown, and the category shift's confidence intervals.",
     )
     pair: tuple[str, str] | None = Field(
         None, description="Models compared by Δnorm as (A, B); default the first two harvested models."

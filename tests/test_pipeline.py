@@ -70,6 +70,15 @@ def test_stage_hashes_chain(tmp_path):
     )
     # how a stage is distributed is not part of its identity
     assert a.stage_config("report")["hash"] == c.stage_config("report")["hash"]
+    # the report's settings: the defaults keep the identity reports had before they existed; a
+    # changed interval redoes the report alone
+    assert a.stage_config("report")["own"] == {"planted": None, "anchored": None}
+    d = Pipeline(
+        PipelineConfig.model_validate(with_defaults(_cfg_dict(tmp_path, report={"ci_adjust": "bonferroni"})))
+    )
+    same = [s for s in STAGES if a.stage_config(s)["hash"] == d.stage_config(s)["hash"]]
+    assert same == ["harvest", "fit", "analyze", "label"]
+    assert d.stage_config("report", legacy=True)["hash"] != a.stage_config("report", legacy=True)["hash"]
 
 
 def test_edited_taxonomy_file_relabels(tmp_path):

@@ -49,6 +49,19 @@ def test_odd_category_names_keep_tables_whole_and_markup_inert(run, tmp_path):  
     rows = [ln for ln in sec["markdown"].splitlines() if ln.startswith("| ") and "category" not in ln]
     assert len(rows) == 3 and all(ln.replace("\\|", "").count("|") == 7 for ln in rows), rows
     assert "<script" not in sec["markdown"]
+    # in the same units as the main table (percent), "only in S" where no I latent has the category
+    by_cat = {x["category"]: x for x in sec["data"]["shift"]}
+    plain = next(ln for ln in rows if ln.startswith("| plain "))
+    assert f"{by_cat['plain']['delta'] * 100:+.1f}%" in plain
+    assert "only in S" in next(ln for ln in rows if "alert" in ln)
+    assert "only in S" in sec["html"] and "95% CI %" in sec["html"]
+    # and with the intervals the report config asks for
+    from jobs.report.config import ReportConfig
+
+    adj = anchored_section({"chat": r, "base": r}, "chat", "base", opts=ReportConfig(ci_adjust="bonferroni"))
+    assert "95% CI (Bonferroni)" in adj["markdown"]
+    lo = {x["category"]: x["ci_low"] for x in adj["data"]["shift"]}
+    assert lo["plain"] < by_cat["plain"]["ci_low"]
 
 
 def test_anchored_counts_come_from_the_latents_table(run, tmp_path):  # noqa: F811

@@ -3,8 +3,9 @@
 Reads what the earlier stages left in RUN (all optional except latents.parquet): metrics.json
 (fit), latents.parquet (analyze), examples/*.jsonl (evidence), labels.jsonl (label), splice.json.
 Before labelling the cards carry no labels and there is no category shift; after labelling the
-shift Δ_c of S = "<B>-specific" against I = "<A>-specific" comes with counts and 95% CIs
-(diffing.stats.category_shift), beside the category counts of the random shared baseline.
+shift Δ_c of S = "<B>-specific" against I = "<A>-specific" comes with counts and confidence
+intervals (diffing.stats.category_shift, as `ReportConfig` chooses: 95% Katz by default), beside the
+category counts of the random shared baseline.
 
 Other stages add sections through `write_report(run, extra_sections=[...])`: each item is a
 `ReportSection`, a dict with the same keys, or a callable taking the run directory and
@@ -17,13 +18,14 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jobs.report import plots, render
+from jobs.report.config import ReportConfig
 
 REPORT_HTML, REPORT_JSON, REPORT_MD = "report.html", "report.json", "report.md"
 
@@ -42,13 +44,7 @@ class ReportSection:
 SectionLike = ReportSection | dict | Callable[[Path], "ReportSection | dict"]
 
 
-@dataclass
-class ReportOptions:
-    max_cards: int = 40  # per model-specific group, most robust first
-    baseline_cards: int = 12
-    contexts_per_card: int = 5
-    min_count: int = 5  # categories with fewer latents on either side are flagged
-    extra: dict = field(default_factory=dict)
+ReportOptions = ReportConfig  # the name before ReportConfig became a config
 
 
 def _clean(x: Any) -> Any:
@@ -76,7 +72,7 @@ def _section(s: SectionLike, run: Path) -> ReportSection:
     return s
 
 
-def gather(run_dir: str | Path, opts: ReportOptions | None = None) -> dict:
+def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
     """Everything the report shows, as JSON-able data."""
     import pyarrow.parquet as pq
 
@@ -84,7 +80,7 @@ def gather(run_dir: str | Path, opts: ReportOptions | None = None) -> dict:
     from diffing.evidence import iter_evidence, read_labels
     from diffing.stats import category_shift
 
-    opts = opts or ReportOptions()
+    opts = opts or ReportConfig()
     run = Path(run_dir)
     lp = run / "latents.parquet"
     if not lp.exists():
@@ -120,6 +116,8 @@ def gather(run_dir: str | Path, opts: ReportOptions | None = None) -> dict:
         "groups": {g: int(n) for g, n in Counter(groups.tolist()).items() if g},
         "n_evidence": len(evidence),
         "n_labels": len(set(labels) & set(cols["latent"])),  # labels of this run's latents only
+        "report_config": opts.model_dump(mode="json"),
+        "ci_label": opts.ci_label(),
     }
     nu_eps, nu_r = np.asarray(cols["nu_eps"], float), np.asarray(cols["nu_r"], float)
     score = robustness(nu_eps, nu_r)
@@ -156,7 +154,7 @@ def gather(run_dir: str | Path, opts: ReportOptions | None = None) -> dict:
     if labels:
         N_s, N_i = sum(cats[s_name].values()), sum(cats[i_name].values())
         if N_s and N_i:
-            rows = category_shift(cats[s_name], cats[i_name], min_count=opts.min_count)
+            rows = category_shift(cats[s_name], cats[i_name], **opts.shift_kwargs())
             out["shift"] = [r.as_dict() for r in rows]
             out["shift_note"] = f"S = {s_name} ({N_s} labelled), I = {i_name} ({N_i} labelled)"
         else:
@@ -191,14 +189,14 @@ def write_report(
     run_dir: str | Path,
     *,
     extra_sections: Sequence[SectionLike] = (),
-    opts: ReportOptions | None = None,
+    opts: ReportConfig | None = None,
     title: str | None = None,
 ) -> dict:
     """Write RUN/report.html, RUN/report.json, RUN/report.md; returns their paths and a summary."""
     from diffing.logs import get_logger
 
     run = Path(run_dir)
-    opts = opts or ReportOptions()
+    opts = opts or ReportConfig()
     d = gather(run, opts)
     arr = d.pop("_arrays")
     extras = [_section(s, run) for s in extra_sections]
@@ -263,8 +261,10 @@ def write_report(
     cc = d["category_counts"]
     shift_html = f'<p class="muted">{R(d["shift_note"])}</p>'
     if d["shift"]:
-        shift_html += f'<img alt="category shift" src="{plots.shift_bars(d["shift"], s_name, i_name)}">'
-        shift_html += H.shift_table(d["shift"])
+        shift_html += (
+            f'<img alt="category shift" src="{plots.shift_bars(d["shift"], s_name, i_name, d["ci_label"])}">'
+        )
+        shift_html += H.shift_table(d["shift"], d["ci_label"])
     if any(cc.values()):
         allc = sorted(set().union(*[set(c) for c in cc.values()]))
         shift_html += "<h3>Category counts per group</h3>" + H.table_html(
@@ -347,7 +347,7 @@ def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:
     out += ["## Classes", ""] + [f"- {k}: {v}" for k, v in sorted(d["classes"].items())] + [""]
     out += ["## Category shift", "", d["shift_note"], ""]
     if d["shift"]:
-        out += ["| category | n_S/N_S | n_I/N_I | Δ_c | 95% CI | |", "|---|---|---|---|---|---|"]
+        out += [f"| category | n_S/N_S | n_I/N_I | Δ_c | {d['ci_label']} | |", "|---|---|---|---|---|---|"]
         for r in d["shift"]:
             out.append(
                 f"| {_md(r['category'])} | {r['n_s']}/{r['N_s']} | {r['n_i']}/{r['N_i']} | {_delta(r)} | "

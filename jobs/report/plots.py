@@ -132,8 +132,8 @@ def _no_math(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def shift_bars(rows: list[dict], s_name: str, i_name: str) -> str:
-    """Δ_c per category with its 95% CI (percent); small-count categories hatched."""
+def shift_bars(rows: list[dict], s_name: str, i_name: str, ci_label: str = "95% CI") -> str:
+    """Δ_c per category with its CI (percent); small-count categories hatched."""
     plt = _plt()
     cap = 400.0  # percent: longer bars end here, with their value written at the end
     rows = [r for r in rows if (r["delta"] is not None and math.isfinite(r["delta"])) or only_in_s(r)]
@@ -177,5 +177,7 @@ def shift_bars(rows: list[dict], s_name: str, i_name: str) -> str:
     ax.axvline(0, color="#212529", lw=0.8)
     right = min(max(float(np.max(hi)), float(np.max(d))), cap)
     ax.set_xlim(-105, right + (60 if (only.any() or right >= cap) else 15))  # room for the end notes
-    ax.set_xlabel(_no_math(f"Δ_c (%) of {s_name} vs {i_name} latents, 95% CI; labels: category (n_S:n_I)"))
+    ax.set_xlabel(
+        _no_math(f"Δ_c (%) of {s_name} vs {i_name} latents, {ci_label}; labels: category (n_S:n_I)")
+    )
     return to_data_uri(fig)

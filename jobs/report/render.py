@@ -99,16 +99,19 @@ def table_html(rows: list[list[Any]], header: list[str]) -> str:
     return f"<table><tr>{th}</tr>{trs}</table>"
 
 
-def shift_table(shift: list[dict]) -> str:
+def shift_table(shift: list[dict], ci_label: str = "95% CI") -> str:
+    from jobs.report.plots import only_in_s
+
+    def pct(x):
+        return x * 100 if x is not None else None
+
     rows = []
     for r in shift:
-        ci = f"[{fmt(r['ci_low'] * 100 if r['ci_low'] is not None else None)}, " + (
-            f"{fmt(r['ci_high'] * 100 if r['ci_high'] is not None else None)}]"
-        )
-        d = r["delta"] * 100 if r["delta"] is not None else None
+        ci = f"[{fmt(pct(r['ci_low']))}, {fmt(pct(r['ci_high']))}]"
+        d = "only in S" if only_in_s(r) else pct(r["delta"])
         flag = "small count" if r["small_count"] else ""
         rows.append([r["category"], r["n_s"], r["N_s"], r["n_i"], r["N_i"], d, ci, flag])
-    return table_html(rows, ["category", "n_S", "N_S", "n_I", "N_I", "Δ_c %", "95% CI %", ""])
+    return table_html(rows, ["category", "n_S", "N_S", "n_I", "N_I", "Δ_c %", f"{ci_label} %", ""])
 
 
 def page(title: str, sections: list[tuple[str, str]]) -> str:

@@ -1,0 +1,51 @@
+"""What the report shows and how its category shift is estimated (`crossdiff report --config`,
+the pipeline's `report:` section). Saved in report.json beside what it produced."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from diffing.config import Frozen
+
+
+class ReportConfig(Frozen):
+    max_cards: int = Field(40, ge=0, description="Latent cards per model-specific group, most robust first.")
+    baseline_cards: int = Field(12, ge=0, description="Cards of the random shared baseline.")
+    contexts_per_card: int = Field(5, ge=0, description="Max-activating contexts shown on each card.")
+    min_count: int = Field(
+        5,
+        ge=0,
+        description="Categories with fewer latents than this on either side are flagged (never dropped).",
+    )
+    ci_method: Literal["katz", "score", "bootstrap"] = Field(
+        "katz",
+        description="Confidence interval of each category's shift: 'katz' (log method; conservative at "
+        "small counts, lopsided when the two groups differ much in size), 'score' (Miettinen–Nurminen; "
+        "both tails near nominal also for groups of different sizes) or 'bootstrap' (seeded, parametric).",
+    )
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the intervals.")
+    ci_adjust: Literal["none", "bonferroni"] = Field(
+        "none",
+        description="'bonferroni': each interval at level 1 − (1 − ci_level)/K over the K categories, so the "
+        "whole table holds at ci_level (reading many categories at once); 'none': each on its own.",
+    )
+    bootstrap_reps: int = Field(10_000, ge=100, description="Replicates of ci_method='bootstrap'.")
+    bootstrap_seed: int = Field(0, ge=0, description="Seed of ci_method='bootstrap'.")
+
+    def shift_kwargs(self) -> dict:
+        """The arguments of diffing.stats.category_shift these settings choose."""
+        return {
+            "alpha": 1 - self.ci_level,
+            "method": self.ci_method,
+            "adjust": self.ci_adjust,
+            "min_count": self.min_count,
+            "bootstrap_reps": self.bootstrap_reps,
+            "seed": self.bootstrap_seed,
+        }
+
+    def ci_label(self) -> str:
+        """How the tables and plots name the interval, e.g. '95% CI' or '95% CI (Bonferroni, per row 99.2%)'."""
+        pct = f"{100 * self.ci_level:g}%"
+        return f"{pct} CI" + (" (Bonferroni)" if self.ci_adjust == "bonferroni" else "")
