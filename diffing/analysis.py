@@ -152,7 +152,8 @@ def latent_table(
     tail = np.full(L, "", dtype=object)
     live_pair = live & pair_writes(norms, a, b, cfg)  # Δnorm ranks (and samples) the pair's latents
     live_idx = np.flatnonzero(live_pair)
-    n_tail = int(round(cfg.tail_frac * len(live_idx)))
+    # at most half each (tail_frac may be 0.5): a latent is never in both tails
+    n_tail = min(int(round(cfg.tail_frac * len(live_idx))), len(live_idx) // 2)
     if n_tail:
         order = live_idx[np.argsort(dn[live_idx], kind="stable")]
         tail[order[:n_tail]] = "low"

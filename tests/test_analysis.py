@@ -102,6 +102,9 @@ def test_tail_selection_ranks_live_latents(tmp_path):
     cfg = AnalysisConfig(tail_frac=0.34)
     t = latent_table(cc, latent_stats(cc, x.split(4096)), cfg).to_pydict()
     assert t["tail"] == ["low", "", "high"]  # latent 0 lowest Δnorm (B-only), latent 2 highest (A-only)
+    # half of 3 rounds to 2 a side: the tails would overlap, so each keeps at most half
+    t = latent_table(cc, latent_stats(cc, x.split(4096)), AnalysisConfig(tail_frac=0.5)).to_pydict()
+    assert t["tail"] == ["low", "", "high"]
 
 
 def test_analyze_run_writes_parquet_and_checks_store(tmp_path):
