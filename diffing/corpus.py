@@ -1,7 +1,7 @@
 """Prompt corpora: where they are, how they are read, and what a record must look like.
 
 A corpus is JSON Lines (or one JSON array), Parquet, or plain text with one document per line,
-local or on object storage, optionally compressed (.gz, .bz2, .xz, .zst by suffix). Every record
+local or on object storage, optionally compressed (.gz, .bz2, .xz, .zip, .zst by suffix). Every record
 is checked here, before any model loads or any shard is written, and a bad one is an error that
 names the record (file line or row), the field and the fix.
 """
@@ -32,7 +32,7 @@ _MAGIC = {
 class CorpusSpec(Frozen):
     uri: str = Field(
         description="Corpus file: .jsonl/.json (JSON Lines, or one JSON array of records), .parquet, or .txt "
-        "(one document per line); local or s3://; .gz/.bz2/.xz/.zip compression by suffix."
+        "(one document per line); local or s3://; .gz/.bz2/.xz/.zip/.zst compression by suffix."
     )
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
         "auto", description="File format; auto uses the suffix (after any compression suffix)."
@@ -50,18 +50,35 @@ class CorpusSpec(Frozen):
     id_field: str = Field("id", description="Column with a record id (default: the row number).")
 
 
+# compression suffixes fsspec knows only once an optional package is installed
+_NEEDS_PACKAGE = {".zst": "zstandard", ".zstd": "zstandard", ".lz4": "lz4", ".sz": "python-snappy"}
+_UNREAD = (".csv", ".tsv", ".xlsx", ".arrow", ".feather", ".avro")
+
+
 def _format(spec: CorpusSpec) -> str:
     if spec.format != "auto":
         return spec.format
     low = spec.uri.lower().split("?", 1)[0]
     for suffix in _COMPRESSION:
         low = low.removesuffix(suffix)
+    if low.endswith(_UNREAD):
+        raise HarvestInputError(
+            f"corpus.uri: {spec.uri} is a .{low.rsplit('.', 1)[-1]} file, which is not read; a corpus is "
+            "JSON Lines (.jsonl/.json), Parquet (.parquet) or text (.txt, one document per line): convert "
+            "it (e.g. pandas.read_csv(...).to_parquet(...)), or set corpus.format if it is one of those"
+        )
     return "parquet" if low.endswith(".parquet") else "text" if low.endswith(".txt") else "jsonl"
 
 
 def _read_bytes(uri: str) -> bytes:
     name = uri.split("?", 1)[0]  # s3://b/c.jsonl.gz?versionId=...: the suffix is before the query
     compression = fsspec.utils.infer_compression(name)
+    for suffix, package in _NEEDS_PACKAGE.items():
+        if compression is None and name.lower().endswith(suffix):
+            raise HarvestInputError(
+                f"corpus.uri: {uri} is {suffix}-compressed and reading it needs the `{package}` package: "
+                f"pip install {package}, or decompress the file"
+            )
     try:
         with fsspec.open(uri, "rb", compression=compression) as f:
             return f.read()

@@ -48,6 +48,27 @@ def test_compressed_corpora(tmp_path, suffix, opener):
     assert _read(path) == [{"id": "0", "source": "s", "text": "hello", "messages": None}]
 
 
+def test_zstd_corpora_and_formats_that_are_not_read(tmp_path):
+    import zstandard
+
+    path = tmp_path / "c.jsonl.zst"  # the common form of large public corpora
+    path.write_bytes(zstandard.ZstdCompressor().compress(json.dumps({"text": "zstd"}).encode() + b"\n"))
+    assert [r["text"] for r in _read(path)] == ["zstd"]
+    (tmp_path / "c.csv").write_text("text\nhello\n")
+    with pytest.raises(HarvestInputError, match=r"c.csv is a .csv file, which is not read.*Parquet"):
+        _read(tmp_path / "c.csv")
+    assert [r["text"] for r in _read(tmp_path / "c.csv", format="text")] == ["text", "hello"]  # as asked
+
+
+def test_a_suffix_whose_codec_is_not_installed_names_the_package(tmp_path, monkeypatch):
+    import fsspec.utils
+
+    monkeypatch.setattr(fsspec.utils, "infer_compression", lambda name: None)  # as without lz4/zstandard
+    (tmp_path / "c.jsonl.lz4").write_bytes(b"\x04\x22\x4d\x18")
+    with pytest.raises(HarvestInputError, match="needs the `lz4` package: pip install lz4"):
+        _read(tmp_path / "c.jsonl.lz4")
+
+
 def test_line_ends_mixed_corpora_and_extra_keys(tmp_path):
     (tmp_path / "mac.txt").write_bytes(b"first\rsecond\r")  # old Mac line ends
     assert [r["text"] for r in _read(tmp_path / "mac.txt")] == ["first", "second"]
