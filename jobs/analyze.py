@@ -78,7 +78,7 @@ def clear_outputs(run: Path) -> None:
     import shutil
 
     from diffing.evidence import EXAMPLES_DIR, LABELS_FILE
-    from jobs.label import CONFIG_FILE, SETTINGS_FILE
+    from jobs.label import CONFIG_FILE, ENDPOINT_FILE, SETTINGS_FILE
 
     if (run / LABELS_FILE).exists():
         get_logger("analyze", run=str(run)).warning(
@@ -86,7 +86,7 @@ def clear_outputs(run: Path) -> None:
         )
     for name in ("latents.parquet", "analysis_config.json", "source_mass.parquet", "splice.json"):
         (run / name).unlink(missing_ok=True)
-    for name in (LABELS_FILE, CONFIG_FILE, SETTINGS_FILE):
+    for name in (LABELS_FILE, CONFIG_FILE, SETTINGS_FILE, ENDPOINT_FILE):
         (run / name).unlink(missing_ok=True)
     shutil.rmtree(run / EXAMPLES_DIR, ignore_errors=True)
 

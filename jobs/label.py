@@ -28,10 +28,13 @@ from diffing.evidence import LABELS_FILE, LatentEvidence, LatentLabel, fit_to_li
 from diffing.logs import get_logger
 from jobs.label_state import (  # noqa: F401  (re-exported: the labels file's state lives there)
     CONFIG_FILE,
+    ENDPOINT_FILE,
     SETTINGS_FILE,
     LabelSettingsChanged,
     _append,
     _check_resumable,
+    _read_endpoint_fingerprint,
+    _write_endpoint_fingerprint,
     label_settings,
     read_labels_tolerant,
 )
@@ -100,7 +103,8 @@ def _retry_delay(cfg: LabelConfig, attempt: int, resp: httpx.Response | None) ->
 
 async def _post_batch(
     client: httpx.AsyncClient, batch: list[LatentEvidence], cfg: LabelConfig, calibration: list[dict]
-) -> list[LatentLabel]:
+) -> list[tuple[LatentLabel, str]]:
+    """The batch's labels, each with the endpoint's settings fingerprint ("" from an older service)."""
     body = {"latents": [json.loads(e.model_dump_json()) for e in batch], "detection": cfg.detection}
     if calibration:
         body["calibration"] = calibration
@@ -113,7 +117,9 @@ async def _post_batch(
             last = f"{type(e).__name__}: {e}"
         else:
             if resp.status_code == 200:
-                return [LatentLabel.model_validate(x) for x in resp.json()["labels"]]
+                body = resp.json()
+                fp = str(body.get("settings_fingerprint") or "")
+                return [(LatentLabel.model_validate(x), fp) for x in body["labels"]]
             if resp.status_code == 413 and len(batch) > 1:  # too big: split
                 half = len(batch) // 2
                 return [
@@ -143,9 +149,12 @@ async def _label_all(
     out: Path,
     calibration: list[dict],
     expect: set[tuple[str, str]] = frozenset(),
+    endpoint_fp: str | None = None,
 ) -> int:
     """`expect`: (judge_model, prompt_version) of the labels already in `out` (resume); a response
-    from another judge or prompt version stops the run before it appends anything."""
+    from another judge or prompt version stops the run before it appends anything. `endpoint_fp`:
+    the settings fingerprint the endpoint answered with when `out` was begun (None: not known); a
+    response with another one (another taxonomy or method behind the same URL) stops it too."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     sem = asyncio.Semaphore(cfg.concurrency)
@@ -156,8 +165,10 @@ async def _label_all(
 
         async def run(batch):
             nonlocal done
+            nonlocal endpoint_fp
             async with sem:
-                labels = await _post_batch(client, batch, cfg, calibration)
+                pairs = await _post_batch(client, batch, cfg, calibration)
+            labels = [lab for lab, _ in pairs]
             got = {(lab.judge_model, lab.prompt_version) for lab in labels}
             if expect and not got <= expect:  # checked before anything is appended
                 raise LabelSettingsChanged(
@@ -165,6 +176,17 @@ async def _label_all(
                     f"answers as {sorted(got - expect)}; resuming would mix them. Rerun with --overwrite "
                     f"to relabel every latent with this judge, or point at the judge that made them."
                 )
+            fps = {fp for _, fp in pairs if fp}
+            if endpoint_fp and fps - {endpoint_fp}:  # checked before anything is appended
+                raise LabelSettingsChanged(
+                    f"{out} holds labels made by an endpoint whose settings (taxonomy, method, judge, prompt) "
+                    f"had the fingerprint {endpoint_fp}; it now answers with {sorted(fps - {endpoint_fp})}, so "
+                    "resuming would mix two labellings. Rerun with --overwrite to relabel every latent with "
+                    "the endpoint as it is, or restore its settings to resume."
+                )
+            if fps and not endpoint_fp:
+                endpoint_fp = sorted(fps)[0]
+                _write_endpoint_fingerprint(out.parent, endpoint_fp)
             _append(out, labels)  # single-threaded event loop: appends never interleave
             done += len(labels)
             log.info(
@@ -233,6 +255,8 @@ def label_run(
     out = run_dir / LABELS_FILE
     if overwrite and out.exists():
         out.unlink()
+    if not out.exists():  # a fresh labels file: the endpoint's settings are recorded anew
+        (run_dir / ENDPOINT_FILE).unlink(missing_ok=True)
     lim = cfg.service.limits  # the local service's, or the defaults a remote one is assumed to keep
     every = [fit_to_limits(e, lim.max_examples, lim.max_window) for e in iter_evidence(run_dir)]
     evidence = [e for e in every if cfg.groups is None or e.group in cfg.groups]
@@ -243,6 +267,7 @@ def label_run(
     # labels of older crossdiffs may lack these: then there is nothing to compare with
     expect = {(lab.judge_model, lab.prompt_version) for lab in have.values()}
     expect = set() if any("" in pair for pair in expect) else expect
+    endpoint_fp = _read_endpoint_fingerprint(run_dir) if have else None
     todo, seen = [], set()
     for e in evidence:  # one label per latent id: a repeated id (merged evidence files) is labelled once
         if e.latent not in have and e.latent not in seen:
@@ -263,7 +288,7 @@ def label_run(
     if todo:
         if endpoint:
             token = os.environ.get(cfg.token_env)
-            new = asyncio.run(_label_all(endpoint, token, todo, cfg, out, calibration, expect))
+            new = asyncio.run(_label_all(endpoint, token, todo, cfg, out, calibration, expect, endpoint_fp))
         else:
             from serve.local import LocalService
 
@@ -271,7 +296,9 @@ def label_run(
             if service.taxonomy and not Path(service.taxonomy).is_absolute():  # replicas have their own cwd
                 service = service.model_copy(update={"taxonomy": str(Path(service.taxonomy).resolve())})
             with LocalService(service, start_timeout_s=cfg.start_timeout_s) as svc:
-                new = asyncio.run(_label_all(svc.url, svc.token, todo, cfg, out, calibration, expect))
+                new = asyncio.run(
+                    _label_all(svc.url, svc.token, todo, cfg, out, calibration, expect, endpoint_fp)
+                )
     labels = read_labels_tolerant(out)
     wanted = {e.latent for e in evidence}
     if missing := len(wanted - set(labels)):  # the stage is not done: its marker must not say so

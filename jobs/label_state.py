@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 log = get_logger("crossdiff.label")
 CONFIG_FILE = "label_config.json"
 SETTINGS_FILE = "label_settings.json"  # label_settings() of the run's labels: what a resume must match
+# the endpoint's own settings fingerprint (LabelResponse.settings_fingerprint) when labels.jsonl was
+# begun: a remote endpoint's taxonomy and method are not in this job's config
+ENDPOINT_FILE = "label_endpoint.json"
 
 
 class LabelSettingsChanged(ConfigError):
@@ -147,3 +150,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _read_endpoint_fingerprint(run_dir: Path) -> str | None:
+    return _read_json(run_dir / ENDPOINT_FILE).get("settings_fingerprint") or None
+
+
+def _write_endpoint_fingerprint(run_dir: Path, fp: str) -> None:
+    tmp = run_dir / f".{ENDPOINT_FILE}.tmp"
+    tmp.write_text(json.dumps({"settings_fingerprint": fp}))
+    tmp.replace(run_dir / ENDPOINT_FILE)

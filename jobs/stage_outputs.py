@@ -43,8 +43,8 @@ def clear(stage: str, p: Pipeline) -> None:
             clear_outputs(d)
     elif stage == "label":
         from diffing.evidence import LABELS_FILE
-        from jobs.label import CONFIG_FILE, SETTINGS_FILE
+        from jobs.label import CONFIG_FILE, ENDPOINT_FILE, SETTINGS_FILE
 
         for d in p.dirs().values():
-            for name in (LABELS_FILE, CONFIG_FILE, SETTINGS_FILE):
+            for name in (LABELS_FILE, CONFIG_FILE, SETTINGS_FILE, ENDPOINT_FILE):
                 (d / name).unlink(missing_ok=True)

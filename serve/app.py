@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffing.logs import get_logger
 from serve import prompts
+from serve.cache import settings_fingerprint
 from serve.judge import JudgeClient, JudgeError, JudgeUnavailable, OpenAIJudge, ServeLLMJudge
 from serve.labeller import LabelCache, Labeller
 from serve.protocol import API_VERSION, ErrorBody, Health, LabelRequest, LabelResponse, TaxonomyResponse
@@ -57,6 +58,12 @@ class Service:
             temperature=settings.judge.temperature,
             cache=LabelCache(settings.cache_size, settings.cache_dir),
             system_role=settings.judge.system_role,
+            judge_setup=settings.judge.setup(),
+        )
+        self.settings_fingerprint = settings_fingerprint(
+            judge_model=judge.model,
+            taxonomy=self.taxonomy,
+            method=settings.method,
             judge_setup=settings.judge.setup(),
         )
 
@@ -162,6 +169,18 @@ def _check_limits(req: LabelRequest, settings: ServiceSettings) -> JSONResponse 
     return None
 
 
+def _parse_error(cause: BaseException | None) -> str:
+    """What was wrong with a body FastAPI could not parse (its own 400 says only that it could not)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"body: not valid UTF-8 (byte {cause.start}: {cause.reason}); send a JSON object encoded as UTF-8"
+        )
+    if isinstance(cause, RecursionError):
+        return "body: JSON nested too deeply to parse; send a JSON object of the documented shape"
+    reason = f"{type(cause).__name__}: {str(cause)[:200]}" if cause is not None else "unknown error"
+    return f"body: could not be parsed as JSON ({reason}); send a JSON object encoded as UTF-8"
+
+
 def create_app(service: Service) -> FastAPI:
     s = service.settings
     app = FastAPI(
@@ -174,13 +193,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        """FastAPI's own 4xx (a body that is not UTF-8: "There was an error parsing the body") in
-        the service's error shape, with the field and the fix."""
+        """FastAPI's own 4xx (a body it cannot parse: "There was an error parsing the body") in
+        the service's error shape, with the field, the reason and the fix."""
         detail = str(exc.detail)
         field = None
         if exc.status_code == 400 and "parsing the body" in detail:
-            detail = "body: not valid UTF-8 JSON (send a JSON object encoded as UTF-8)"
-            field = "body"
+            detail, field = _parse_error(exc.__cause__), "body"
         resp = _error(exc.status_code, detail, field)
         for k, v in (getattr(exc, "headers", None) or {}).items():
             resp.headers[k] = v
@@ -265,6 +283,7 @@ def create_app(service: Service) -> FastAPI:
             judge_model=sv.judge.model,
             prompt_version=prompts.PROMPT_VERSION,
             taxonomy_version=sv.taxonomy.version,
+            settings_fingerprint=sv.settings_fingerprint,
             cached=cached,
         )
 

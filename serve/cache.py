@@ -78,6 +78,23 @@ def calibration_texts(items, method: MethodSettings) -> tuple[str, ...]:
     return tuple(sorted(t for t in texts if t.strip()))
 
 
+def settings_fingerprint(
+    *, judge_model: str, taxonomy: Taxonomy, method: MethodSettings, judge_setup: dict | None = None
+) -> str:
+    """What decides every label a service gives besides the request itself (evidence, context,
+    detection, calibration): sent with each response, so a client resuming a labels file can tell
+    that the endpoint now labels differently (another taxonomy, method, judge or prompt version)."""
+    fields = {
+        "prompt": prompts.PROMPT_VERSION,
+        "judge": judge_model,
+        "taxonomy": taxonomy.fingerprint,
+        "method": method.model_dump(exclude={"max_concurrent_calls"}),
+    }
+    if judge_setup is not None:
+        fields["judge_setup"] = judge_setup
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def fingerprint(texts: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
 

@@ -15,12 +15,12 @@ import re
 # full-width "<｜name｜>", lower_snake tags (Gemma's "<start_of_turn>", SmolLM2's "<file_sep>",
 # Qwen's "<tool_call>"), SentencePiece "<s>" / "</s>" / "<unk>", SmolLM2's "<filename>",
 # "<think>", and Mistral's all-caps "[INST]" / "[TOOL_CALLS]" / "[IMG]".
-_CONTROL = re.compile(
+_ANGLE = (
     r"<\|([^|<>\s]{1,40})\|>"
     r"|<\uff5c([^\uff5c<>]{1,40})\uff5c>"
     r"|<(/?[a-z][a-z0-9]*(?:_[a-z0-9]+)+|/?(?:s|bos|eos|pad|unk|mask|think|reponame|filename))>"
-    r"|\[(/?[A-Z][A-Z_]{1,30})\]"
 )
+_CONTROL = re.compile(_ANGLE + r"|\[(/?[A-Z][A-Z_]{1,30})\]")
 
 
 def _defang_match(m: re.Match) -> str:
@@ -41,5 +41,15 @@ def defang(text: str) -> str:
     return text
 
 
+# What `has_control` refuses in category names (sent verbatim, never defanged): every spelling above
+# except bracketed all-caps words, of which only the real ones - Mistral's "[INST]", "[IMG]",
+# "[THINK]", "[PREFIX]", "[TOOL_CALLS]" (any with an underscore), closing "[/...]" tags, BERT-style
+# "[SEP]" / "[MASK]" - count; an acronym in a name ("PII leakage [PII]", "[EN] English") is fine.
+# `defang` still rewrites every bracketed all-caps word in data: a space costs nothing there.
+_BRACKET_WORDS = "INST|IMG|THINK|ARGS|PREFIX|MIDDLE|SUFFIX|SYS|CLS|SEP|MASK|PAD|UNK|BOS|EOS"
+_STRICT = re.compile(_ANGLE + rf"|\[(?:/[A-Z][A-Z_]{{0,30}}|[A-Z]+_[A-Z_]+|{_BRACKET_WORDS})\]")
+
+
 def has_control(text: str) -> bool:
-    return _CONTROL.search(text) is not None
+    """Whether `text` spells a chat control token (bracketed acronyms such as "[PII]" do not)."""
+    return _STRICT.search(text) is not None

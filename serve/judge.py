@@ -250,7 +250,8 @@ class OpenAIJudge(JudgeClient):
         return cls(s.endpoint, s.model_id, api_key=os.environ.get(s.api_key_env), timeout_s=s.timeout_s)
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST /chat/completions; transport failures and 429/5xx -> JudgeUnavailable, others -> JudgeError."""
+        """POST /chat/completions; transport failures and _RETRYABLE codes (429, 500, 502-504) ->
+        JudgeUnavailable, others -> JudgeError."""
         import httpx
 
         try:
@@ -259,7 +260,7 @@ class OpenAIJudge(JudgeClient):
             )
         except (TimeoutError, httpx.TransportError) as e:
             raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
-        if r.status_code in (429, 502, 503, 504):
+        if r.status_code in _RETRYABLE:
             raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
         if r.status_code != 200:
             raise JudgeError(f"judge at {self.base} answered {r.status_code}: {r.text[:300]}")
@@ -333,6 +334,15 @@ class OpenAIJudge(JudgeClient):
             raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
         if r.status_code != 200:
             raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
+        try:  # a server up but serving another model answers every label request with 404
+            served = [m["id"] for m in r.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise JudgeUnavailable(f"judge at {self.base}: GET /models listed no models") from None
+        if self.model not in served:
+            raise JudgeUnavailable(
+                f"judge at {self.base} does not serve the model {self.model!r} (judge.model_id); it "
+                f"serves {served[:10]}"
+            )
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -9,22 +9,26 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
-import numpy as np
 from pydantic import ValidationError
 
 from diffing.evidence import LatentEvidence, LatentLabel
 from diffing.logs import get_logger
 from serve import prompts
 from serve.cache import LabelCache, cache_key, calibration_texts, fingerprint, judge_view  # noqa: F401
+from serve.channel import ChannelScoring, gather_all
 from serve.judge import JudgeClient, JudgeError
-from serve.prompts import _NO_SYSTEM_ROLE, fold_system, prompt_too_long, shrink  # noqa: F401
+from serve.prompts import _NO_SYSTEM_ROLE, TaxonomyTooLong, fold_system, prompt_too_long, shrink  # noqa: F401
 from serve.settings import MethodSettings
 from serve.taxonomy import Taxonomy
 
 log = get_logger("crossdiff.serve")
 
 
-class Labeller:
+class _NoFit(Exception):
+    """Internal: the explanation prompt overflows the judge's context window even with one example."""
+
+
+class Labeller(ChannelScoring):
     def __init__(
         self,
         judge: JudgeClient,
@@ -90,86 +94,6 @@ class Labeller:
                 return prompts.clean_explanation(f"{prompts.EXPLAIN_PREFILL} {text}")
         return "(the judge gave no explanation)"
 
-    async def _channel_prior(self, calibration: tuple[str, ...] = ()) -> dict[str, float]:
-        """Each category's baseline: log p(request for c + text) for the fixed neutral English text, or
-        averaged over the calibration texts (ordinary latents of the same run) when there are some.
-        Measured once per calibration set per labeller (the 16 most recently used sets are kept);
-        concurrent requests share one measurement, which survives their cancellation."""
-        key = fingerprint(calibration) if calibration else None
-        if key in self._channel_priors:
-            self._channel_priors.move_to_end(key)
-            return self._channel_priors[key]
-        task = self._channel_pending.get(key)
-        if task is None:  # no await between the check and the insert: one measurement per set
-            task = asyncio.ensure_future(self._measure_prior(calibration or (prompts.CHANNEL_BASELINE,)))
-            self._channel_pending[key] = task
-
-            def done(t: asyncio.Task, key=key) -> None:
-                self._channel_pending.pop(key, None)
-                if t.cancelled() or t.exception() is not None:
-                    return  # not kept: the next request measures again
-                self._channel_priors[key] = t.result()
-                while len(self._channel_priors) > 16:
-                    self._channel_priors.popitem(last=False)
-                if key is not None:
-                    log.info("labelling.channel_calibrated", texts=len(calibration), calibration=key)
-
-            task.add_done_callback(done)
-        return await asyncio.shield(task)
-
-    async def _measure_prior(self, texts: tuple[str, ...]) -> dict[str, float]:
-        """Mean over texts of each category's score; a text longer than the judge's context window is
-        left out (all of them: the neutral text instead)."""
-        cats = self.taxonomy.categories
-
-        async def per_text(t: str) -> list[float] | None:
-            vals = await asyncio.gather(
-                *(self._score(prompts.channel_messages(c.description), t) for c in cats),
-                return_exceptions=True,
-            )
-            errs = [v for v in vals if isinstance(v, BaseException)]
-            if any(not prompt_too_long(e) for e in errs):
-                raise next(e for e in errs if not prompt_too_long(e))
-            return None if errs else list(vals)
-
-        calls = [asyncio.ensure_future(per_text(t)) for t in texts]
-        try:
-            rows = [r for r in await asyncio.gather(*calls) if r is not None]
-        except BaseException:
-            for c in calls:  # one failure: stop the rest instead of leaving them holding judge slots
-                c.cancel()
-            raise
-        if len(rows) < len(texts):
-            log.warning("labelling.calibration_too_long", dropped=len(texts) - len(rows), texts=len(texts))
-        if not rows:
-            if texts == (prompts.CHANNEL_BASELINE,):
-                raise JudgeError("the neutral channel baseline does not fit the judge's context window")
-            return await self._measure_prior((prompts.CHANNEL_BASELINE,))
-        per = np.asarray(rows, dtype=float).mean(axis=0)
-        return dict(zip(self.taxonomy.names, per.tolist(), strict=True))
-
-    async def _score(self, messages, prefill: str | None) -> float:
-        async with self.sem:
-            return await self._send(self.judge.prompt_logprob, messages, prefill)
-
-    async def classify_channel(
-        self, ev: LatentEvidence, calibration: tuple[str, ...] = ()
-    ) -> tuple[str, str | None, float]:
-        """argmax_c log p(examples | c's request) - log p(baseline text | c's request), the baseline
-        being the calibration texts (mean) or the neutral text; confidence: the softmax of those scores."""
-        text = prompts.channel_text(ev, self.method)
-        prior = await self._channel_prior(calibration)
-        full = await asyncio.gather(
-            *(self._score(prompts.channel_messages(c.description), text) for c in self.taxonomy.categories)
-        )
-        names = self.taxonomy.names
-        ll = np.array([f - prior[n] for f, n in zip(full, names, strict=True)])
-        ll = np.nan_to_num(ll, nan=-1e9, posinf=1e9, neginf=-1e9)  # a judge's -inf never yields NaN
-        p = np.exp(ll - ll.max())
-        p /= p.sum()
-        order = np.argsort(-p, kind="stable")
-        return names[order[0]], names[order[1]] if len(names) > 1 else None, float(p[order[0]])
-
     async def classify(
         self, ev: LatentEvidence, examples, explanation: str, calibration: tuple[str, ...] = ()
     ) -> tuple[str, str | None, float]:
@@ -204,16 +128,28 @@ class Labeller:
         raise JudgeError(f"the judge answered no taxonomy member after {self.method.max_retries + 1} tries")
 
     async def detect(self, explanation: str, positives, negatives) -> float | None:
-        async def says_yes(ex) -> bool:
-            out = await self._call(
-                prompts.detect_messages(explanation, ex, self.method),
-                max_tokens=4,
-                choice=prompts.DETECT_CHOICES,
-            )
+        """Balanced accuracy of the judge's yes/no over the held-out examples; an example whose prompt
+        does not fit the judge's context window is left out (None when one side is left empty)."""
+
+        async def says_yes(ex) -> bool | None:
+            try:
+                out = await self._call(
+                    prompts.detect_messages(explanation, ex, self.method),
+                    max_tokens=4,
+                    choice=prompts.DETECT_CHOICES,
+                )
+            except JudgeError as e:
+                if not prompt_too_long(e):
+                    raise
+                return None
             return out.text.strip() == "yes"
 
-        preds = await asyncio.gather(*(says_yes(x) for x in (*positives, *negatives)))
-        return prompts.balanced_accuracy(list(preds[: len(positives)]), list(preds[len(positives) :]))
+        preds = await gather_all(*(says_yes(x) for x in (*positives, *negatives)))
+        pos = [p for p in preds[: len(positives)] if p is not None]
+        neg = [p for p in preds[len(positives) :] if p is not None]
+        if len(pos) + len(neg) < len(preds):
+            log.warning("judge.detection_example_too_long", dropped=len(preds) - len(pos) - len(neg))
+        return prompts.balanced_accuracy(pos, neg)
 
     def key(
         self, ev: LatentEvidence, context: str | None, detection: bool, calibration: tuple[str, ...] = ()
@@ -250,31 +186,14 @@ class Labeller:
         if self.method.classify_mode == "channel" and not prompts.channel_text(ev, self.method).strip():
             # nothing to score: the category would be the calibration prior's alone
             return self._plain_label(ev, "(the activating examples hold no visible text)", key), False
-        cur, ctx = ev, context
-        while True:
-            try:
-                explanation, category, secondary, conf, score = await self._judge(
-                    cur, ctx, detection, calibration
-                )
-                break
-            except JudgeError as e:
-                if not prompt_too_long(e):
-                    raise
-                # the prompt does not fit the judge's context window: drop the context, then halve the
-                # examples, then give up on this latent alone (the rest of the request is labelled)
-                smaller = cur if ctx else shrink(cur)
-                if smaller is None:
-                    log.warning("judge.prompt_too_long", latent=ev.latent, error=str(e)[:200])
-                    note = "(the evidence does not fit the judge's context window even with one example)"
-                    return self._plain_label(ev, note, key), False
-                log.info(
-                    "judge.prompt_shrunk",
-                    latent=ev.latent,
-                    context=bool(ctx),
-                    top=len(smaller.top),
-                    quantiles=len(smaller.quantiles),
-                )
-                cur, ctx = smaller, None
+        try:
+            explanation, category, secondary, conf, score = await self._judge(
+                ev, context, detection, calibration
+            )
+        except _NoFit as e:
+            log.warning("judge.prompt_too_long", latent=ev.latent, error=str(e.__cause__)[:200])
+            note = "(the evidence does not fit the judge's context window even with one example)"
+            return self._plain_label(ev, note, key), False
         if self._fold != folded:  # `auto` met a judge without a system role meanwhile: folded prompts
             key = self.key(ev, context, detection, calibration)
         lab = LatentLabel(
@@ -294,20 +213,70 @@ class Labeller:
     async def _judge(
         self, ev: LatentEvidence, context: str | None, detection: bool, calibration: tuple[str, ...]
     ) -> tuple[str, str, str | None, float, float | None]:
-        """(explanation, category, secondary, confidence, detection score) from the judge."""
-        if detection:
-            examples, pos, neg = prompts.split_for_detection(ev, self.method.detection_examples)
-        else:
-            examples, pos, neg = [*ev.top, *ev.quantiles], [], []
-        if self.method.classify_mode == "channel":  # scoring does not read the explanation: overlap them
-            explanation, (category, secondary, conf) = await asyncio.gather(
-                self.explain(ev, examples, context), self.classify_channel(ev, calibration)
-            )
-        else:
-            explanation = await self.explain(ev, examples, context)
-            category, secondary, conf = await self.classify(ev, examples, explanation)
-        score = await self.detect(explanation, pos, neg) if detection and pos and neg else None
+        """(explanation, category, secondary, confidence, detection score) from the judge.
+
+        A prompt longer than the judge's context window is retried with less: the explanation (and
+        channel scoring) without the context, then with half the examples, down to one (then _NoFit:
+        the latent alone gets the fallback label); the classification, keeping the explanation, with
+        half the examples down to one (then TaxonomyTooLong: the category block is what does not fit,
+        every latent would fail alike); detection leaves an example that does not fit out."""
+        held: set[int] = set()
+        pos, neg = [], []
+        if detection:  # held out once, from the whole evidence: shrinking never moves them
+            _, pos, neg = prompts.split_for_detection(ev, self.method.detection_examples)
+            held = {id(x) for x in pos}
+
+        def shown(e: LatentEvidence) -> list:
+            return [x for x in (*e.top, *e.quantiles) if id(x) not in held]
+
+        channel = self.method.classify_mode == "channel"
+
+        async def first(e: LatentEvidence, ctx: str | None):
+            if channel:  # scoring does not read the explanation: overlap them
+                return await gather_all(self.explain(e, shown(e), ctx), self.classify_channel(e, calibration))
+            return await self.explain(e, shown(e), ctx), None
+
+        cur, ctx = ev, context
+        while True:
+            try:
+                explanation, scored = await first(cur, ctx)
+                break
+            except JudgeError as e:
+                if not prompt_too_long(e):
+                    raise
+                smaller = cur if ctx else shrink(cur)
+                if smaller is None or not shown(smaller):
+                    raise _NoFit() from e
+                self._log_shrunk(ev, ctx, smaller, "explain")
+                cur, ctx = smaller, None
+        while scored is None:
+            try:
+                scored = await self.classify(cur, shown(cur), explanation)
+            except JudgeError as e:
+                if not prompt_too_long(e):
+                    raise
+                smaller = shrink(cur)
+                if smaller is None or not shown(smaller):
+                    log.error(
+                        "judge.taxonomy_too_long", categories=len(self.taxonomy.names), error=str(e)[:200]
+                    )
+                    raise TaxonomyTooLong(self.taxonomy) from e
+                self._log_shrunk(ev, None, smaller, "classify")
+                cur = smaller
+        category, secondary, conf = scored
+        score = await self.detect(explanation, pos, neg) if pos and neg else None
         return explanation, category, secondary, conf, score
+
+    @staticmethod
+    def _log_shrunk(ev: LatentEvidence, ctx: str | None, smaller: LatentEvidence, step: str) -> None:
+        log.info(
+            "judge.prompt_shrunk",
+            latent=ev.latent,
+            step=step,
+            context=bool(ctx),
+            top=len(smaller.top),
+            quantiles=len(smaller.quantiles),
+        )
 
     def _plain_label(self, ev: LatentEvidence, explanation: str, key: str) -> LatentLabel:
         """The fallback category at confidence 0, for a latent the judge cannot read (not cached)."""

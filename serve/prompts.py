@@ -255,6 +255,21 @@ def prompt_too_long(e: Exception) -> bool:
     return isinstance(e, JudgeError) and bool(_TOO_LONG.search(str(e)))
 
 
+class TaxonomyTooLong(JudgeError):
+    """The classification prompt overflows the judge's context window even with the least evidence:
+    the taxonomy's category block is what does not fit, so every latent would fail the same way (the
+    request fails, 502, instead of labelling every latent with the fallback category)."""
+
+    def __init__(self, taxonomy: Taxonomy):
+        chars = sum(len(c.name) + len(c.description) for c in taxonomy.categories)
+        super().__init__(
+            f"the taxonomy's {len(taxonomy.categories)} categories ({chars} characters of names and "
+            "descriptions) do not fit the judge's context window: the classification prompt overflows "
+            "it even with a single example; shorten the category descriptions (or use fewer categories) "
+            "or serve the judge with a larger max_model_len"
+        )
+
+
 def shrink(ev: LatentEvidence) -> LatentEvidence | None:
     """The evidence with half of each example list (at least one top or quantile example kept); None
     when nothing is left to drop."""

@@ -53,6 +53,12 @@ class LabelResponse(BaseModel):
     judge_model: str
     prompt_version: str
     taxonomy_version: str
+    settings_fingerprint: str = Field(
+        "",
+        description="Hash of what decides every label of this service besides the request: judge and "
+        "its setup, prompt version, the exact taxonomy, the method. A client resuming a labels file "
+        "compares it to tell that the endpoint now labels differently.",
+    )
     cached: int = Field(0, description="How many labels came from the cache.")
 
 

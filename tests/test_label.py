@@ -309,3 +309,32 @@ def test_a_last_line_without_its_newline_is_kept_and_closed(tmp_path):
     assert set(read_labels_tolerant(path)) == {1, 2}
     _append(path, [lab(3)])
     assert set(read_labels_tolerant(path)) == {1, 2, 3}
+
+
+def test_a_remote_endpoint_that_changed_its_taxonomy_is_not_resumed_into_the_same_file(run_dir, monkeypatch):
+    """The taxonomy and method of a remote endpoint are its own settings, not the job's: a resume
+    against the same URL after the service was redeployed with another taxonomy is refused before
+    anything is appended (its settings fingerprint comes with every response)."""
+    from pathlib import Path
+
+    from jobs.label import ENDPOINT_FILE
+
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+    p = run_dir / LABELS_FILE
+    demo = str(Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "demo.yaml")
+    cfg = LabelConfig(batch_size=4)
+    with Server(ScriptedJudge(by_text)) as srv:
+        label_run(run_dir, cfg, endpoint=srv.url)
+    assert (run_dir / ENDPOINT_FILE).exists()
+    p.write_text("".join(p.read_text().splitlines(keepends=True)[:8]))  # "killed" after 8 labels
+    before = p.read_text()
+    other = ServiceSettings(taxonomy=demo, limits=LimitSettings(retry_after_s=1))
+    with Server(ScriptedJudge(by_text), settings=other) as srv:
+        with pytest.raises(LabelSettingsChanged, match="fingerprint.*--overwrite"):
+            label_run(run_dir, cfg, endpoint=srv.url)
+        assert p.read_text() == before
+        assert label_run(run_dir, cfg, endpoint=srv.url, overwrite=True)["labelled_now"] == 26
+    # the same service as before, restarted: resumes
+    p.write_text("".join(p.read_text().splitlines(keepends=True)[:8]))
+    with Server(ScriptedJudge(by_text), settings=other) as srv:
+        assert label_run(run_dir, cfg, endpoint=srv.url)["labelled_now"] == 18
