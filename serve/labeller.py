@@ -56,6 +56,7 @@ class Labeller(ChannelScoring):
         # per calibration set (None: the neutral text): log p(request_c + text) averaged over its texts
         self._channel_priors: OrderedDict[str | None, dict[str, float]] = OrderedDict()
         self._channel_pending: dict[str | None, asyncio.Task] = {}
+        self._inflight: dict[str, asyncio.Future] = {}  # cache key -> the label being made
         self.schema = prompts.classification_schema(taxonomy)
         # output budgets that hold the longest category name (a byte-level tokenizer spends at most
         # a token per UTF-8 byte: a 25-character Chinese name is ~47 tokens, over the old 24)
@@ -181,11 +182,37 @@ class Labeller(ChannelScoring):
         hit = await self.cache.aget(key)
         if hit is not None:
             return hit.model_copy(update={"latent": ev.latent}), True
+        # the same label already being made for another request (a client retrying after a timeout,
+        # two clients of one run): wait for it instead of asking the judge twice. The shared task
+        # outlives a cancelled waiter, so a retry finds its label finished or in the cache.
+        task = self._inflight.get(key)
+        if task is not None:
+            lab = await asyncio.shield(task)
+            return lab.model_copy(update={"latent": ev.latent}), True
+        task = asyncio.ensure_future(self._make(ev, context, detection, calibration, key, folded))
+        self._inflight[key] = task
+        task.add_done_callback(lambda t, k=key: self._made(k, t))
+        return await asyncio.shield(task), False
+
+    def _made(self, key: str, task: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have gone (its error was theirs to see)
+
+    async def _make(
+        self,
+        ev: LatentEvidence,
+        context: str | None,
+        detection: bool,
+        calibration: tuple[str, ...],
+        key: str,
+        folded: bool,
+    ) -> LatentLabel:
         if not [*ev.top, *ev.quantiles]:
-            return self._plain_label(ev, "(no activating examples)", key), False
+            return self._plain_label(ev, "(no activating examples)", key)
         if self.method.classify_mode == "channel" and not prompts.channel_text(ev, self.method).strip():
             # nothing to score: the category would be the calibration prior's alone
-            return self._plain_label(ev, "(the activating examples hold no visible text)", key), False
+            return self._plain_label(ev, "(the activating examples hold no visible text)", key)
         try:
             explanation, category, secondary, conf, score = await self._judge(
                 ev, context, detection, calibration
@@ -193,7 +220,7 @@ class Labeller(ChannelScoring):
         except _NoFit as e:
             log.warning("judge.prompt_too_long", latent=ev.latent, error=str(e.__cause__)[:200])
             note = "(the evidence does not fit the judge's context window even with one example)"
-            return self._plain_label(ev, note, key), False
+            return self._plain_label(ev, note, key)
         if self._fold != folded:  # `auto` met a judge without a system role meanwhile: folded prompts
             key = self.key(ev, context, detection, calibration)
         lab = LatentLabel(
@@ -208,7 +235,7 @@ class Labeller(ChannelScoring):
             cache_key=key,
         )
         await self.cache.aput(key, lab)
-        return lab, False
+        return lab
 
     async def _judge(
         self, ev: LatentEvidence, context: str | None, detection: bool, calibration: tuple[str, ...]

@@ -268,3 +268,40 @@ def test_real_control_tokens_in_category_names_are_still_refused(name):
         Taxonomy(
             version="x", categories=[{"name": name, "description": "d"}, {"name": "b", "description": "d"}]
         )
+
+
+def test_identical_concurrent_requests_share_one_labelling():
+    """Clients retrying after a timeout, or two clients of one run, ask for the same label at once:
+    the judge labels it once; the other requests wait for it and count it as cached."""
+
+    async def go():
+        judge = ScriptedJudge(scripted(), delay_s=0.05)
+        async with _client(judge) as c:
+            one = await c.post("/v1/labels", json=_body(evidence(7, NEUTRAL)))
+            calls_for_one = judge.calls
+            rs = await asyncio.gather(
+                *(c.post("/v1/labels", json=_body(evidence(1, FRENCH))) for _ in range(4))
+            )
+        return one, calls_for_one, rs, judge.calls
+
+    one, calls_for_one, rs, calls = run(go())
+    assert one.status_code == 200 and all(r.status_code == 200 for r in rs)
+    assert calls - calls_for_one == calls_for_one  # four requests, one labelling
+    assert sorted(r.json()["cached"] for r in rs) == [0, 1, 1, 1]
+    assert len({json.dumps(r.json()["labels"]) for r in rs}) == 1
+
+
+def test_a_cancelled_request_leaves_its_labelling_to_finish_for_the_retry():
+    async def go():
+        judge = ScriptedJudge(scripted(), delay_s=0.05)
+        lab = Labeller(judge, load_taxonomy(), MethodSettings())
+        first = asyncio.ensure_future(lab.label(evidence(3, FRENCH)))
+        await asyncio.sleep(0.01)
+        first.cancel()  # the client gave up
+        again, cached = await lab.label(evidence(3, FRENCH))  # its retry
+        calls = judge.calls
+        third, cached3 = await lab.label(evidence(3, FRENCH))
+        return cached, cached3, calls, judge.calls, again, third
+
+    cached, cached3, calls, calls_after, again, third = run(go())
+    assert cached and cached3 and calls == calls_after and again.category == third.category
