@@ -63,7 +63,9 @@ class CrosscoderConfig(Frozen):
         1 / 32, ge=0.0, description="Weight of the AuxK loss on dead latents (0 disables)."
     )
     aux_k: int | None = Field(
-        None, ge=1, description="AuxK: dead latents used per token. Default: n_models * d_model // 2."
+        None,
+        ge=1,
+        description="AuxK: dead latents used per token. Default: n_models * d_model // 2, at most n_latents // 2.",
     )
     dead_after_tokens: int = Field(
         1_000_000, ge=1, description="A latent that has not fired for this many tokens counts as dead."

@@ -79,7 +79,9 @@ class HarvestConfig(Frozen):
     )
     site: Literal["resid_post"] = Field("resid_post", description="Activation site.")
     corpus: CorpusSpec = Field(description="Prompt corpus.")
-    store: str = Field(description="Output store URI (local path or s3://...).")
+    store: str = Field(
+        description="Output store URI (local path or s3://...); in a pipeline config it defaults to OUT/store."
+    )
     store_dtype: Literal["float16", "float32"] = Field("float16", description="Stored activation dtype.")
     context_length: int = Field(256, ge=8, description="Tokens per document (longer ones are truncated).")
     prompts_per_shard: int = Field(64, ge=1, description="Records per store shard (the unit of resume).")

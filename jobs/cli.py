@@ -229,7 +229,12 @@ def planted_store(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Where the demo run goes.")] = Path("runs/demo"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Where the demo run goes (runs/demo; runs/planted-dictionary for that check)."
+        ),
+    ] = None,
     planted_dictionary: Annotated[
         bool,
         typer.Option(
@@ -247,11 +252,11 @@ def demo(
         if set_:
             _fail("--set configures the embedded demo's pipeline; --planted-dictionary takes no settings")
 
-        _run(lambda: run_planted_demo(out))
+        _run(lambda: run_planted_demo(out or Path("runs/planted-dictionary")))
         return
     from jobs.demo import run_demo
 
-    _run(lambda: run_demo(out, overrides=set_ or []))
+    _run(lambda: run_demo(out or Path("runs/demo"), overrides=set_ or []))
 
 
 @app.command("config-docs")
@@ -331,9 +336,34 @@ def report(
     def go():
         cfg = load_config(ReportConfig, config, set_ or [])
         with local_copy(run, skip=WEIGHTS) as local:
+            _not_a_pipeline_report(Path(local), run)
             typer.echo(json.dumps(write_report(local, opts=cfg), indent=2))
 
     _run(go)
+
+
+def _not_a_pipeline_report(local: Path, run: str) -> None:
+    """A pipeline run's report has sections (planted truth, the anchored shift) only the pipeline
+    makes: rewriting it here would drop them, and the pipeline would still call its report done."""
+    for root in (local, local.parent.parent):  # RUN, or RUN/compare/<A-vs-B>
+        saved = root / "pipeline.json"
+        if not saved.exists():
+            continue
+        try:
+            pipe = json.loads(saved.read_text())
+        except ValueError:
+            return
+        if pipe.get("planted") or pipe.get("anchored"):
+            from jobs.rundir import is_remote
+
+            if is_remote(run):  # `saved` is this command's temporary copy
+                saved = f"{pipe.get('out', run)}/pipeline.json (a local copy of it)"
+            _fail(
+                f"{run} belongs to a pipeline run whose report has sections this command does not make "
+                "(planted-truth validation, the anchored shift); redo its report with `crossdiff pipeline "
+                f"--config {saved} --set report.FIELD=VALUE --redo-changed` (only the report stage reruns)"
+            )
+        return
 
 
 @app.command("serve")

@@ -26,6 +26,12 @@ def run_planted_demo(out: Path, *, tokens: int = 300_000, seed: int = 0) -> dict
     store_uri = str(out / "store")
     try:
         store = open_store(store_uri)
+        if store.model_names != list(planted.model_names) or store.d_model != planted.directions.shape[2]:
+            raise ValueError(
+                f"{store_uri} holds another store (models {store.model_names}, d_model {store.d_model}), "
+                f"not the planted dictionary's ({list(planted.model_names)}, d_model {planted.directions.shape[2]}); "
+                "pass another --out"
+            )
     except StoreError:
         log.info("demo.store", tokens=tokens, features=planted.n_features)
         store = write_arrays(

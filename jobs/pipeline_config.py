@@ -230,7 +230,8 @@ def reference() -> str:
     note = (
         "The pipeline config nests one section per stage. Stage commands take a section alone: "
         "`crossdiff fit --config F` reads the fields listed under `fit.` without that prefix "
-        "(`crosscoder.k`, `train.lr`, ...), and so do `harvest`, `analyze` and `label`. Relative "
+        "(`crosscoder.k`, `train.lr`, ...), and so do `harvest`, `analyze`, `label` and `report`, and "
+        "`crossdiff serve` reads `label.service`. Relative "
         "paths (`out`, `harvest.store`, `harvest.corpus.uri`, model paths, `label.service.taxonomy`) "
         "are resolved against the directory crossdiff runs in, not the config file's; on a cluster "
         "job that is the job's working directory, so give absolute or object-storage paths there."

@@ -1,6 +1,7 @@
 """The command line: fit and analyze end to end, and clear errors before any work."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -235,6 +236,26 @@ def test_planted_dictionary_demo_takes_no_settings(tmp_path):
     assert r.exit_code == 2 and "takes no settings" in r.output
 
 
+def test_planted_dictionary_demo_keeps_out_of_the_embedded_demos_run(tmp_path, monkeypatch):
+    """Its default run is its own (runs/demo holds the embedded demo's SmolLM2 store), and a store
+    of other models in its --out is refused instead of fitted."""
+    import numpy as np
+
+    import jobs.demo
+    from diffing.store import write_arrays
+
+    seen = []
+    monkeypatch.setattr(jobs.demo, "run_planted_demo", lambda out: seen.append(out) or {})
+    assert runner.invoke(app, ["demo", "--planted-dictionary"]).exit_code == 0
+    assert seen == [Path("runs/planted-dictionary")]
+    monkeypatch.undo()
+    x = np.zeros((64, 2, 8), np.float32)
+    write_arrays(str(tmp_path / "store"), x, model_names=["base", "ft"])
+    r = runner.invoke(app, ["demo", "--planted-dictionary", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "holds another store" in r.output and "another --out" in r.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_job_api_address_for_a_stage_command_names_the_right_one(tmp_path, store, monkeypatch):
     import ray
 
@@ -293,3 +314,20 @@ def test_s3_without_credentials_is_one_line_with_the_fix(capsys):
     assert e.value.exit_code == 2
     err = capsys.readouterr().err
     assert "Unable to locate credentials" in err and "AWS_ACCESS_KEY_ID" in err and "Traceback" not in err
+
+
+def test_report_of_a_pipeline_run_with_planted_sections_points_to_the_pipeline(tmp_path, monkeypatch):
+    import jobs.report
+
+    (tmp_path / "compare" / "pt-vs-it").mkdir(parents=True)
+    (tmp_path / "pipeline.json").write_text(json.dumps({"out": str(tmp_path), "anchored": ["it", "simpo"]}))
+    called = []
+    monkeypatch.setattr(jobs.report, "write_report", lambda *a, **k: called.append(a) or {})
+    for run in (tmp_path, tmp_path / "compare" / "pt-vs-it"):
+        r = runner.invoke(app, ["report", "--run", str(run), "--set", "ci_method=score"])
+        assert (
+            r.exit_code == 2 and "--redo-changed" in r.output and str(tmp_path / "pipeline.json") in r.output
+        )
+    assert not called
+    (tmp_path / "pipeline.json").write_text(json.dumps({"out": str(tmp_path), "anchored": None}))
+    assert runner.invoke(app, ["report", "--run", str(tmp_path)]).exit_code == 0 and called

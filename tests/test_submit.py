@@ -78,7 +78,9 @@ def test_submission_id_is_deterministic_per_run_and_stage():
 
 def test_relative_run_paths_are_flagged_before_submitting():
     """A relative --out lands in Ray's temporary job directory on the cluster: `submit` warns."""
-    absolute = sm.build_submission("fit", None, ["--store", "s3://b/acts", "--out", "/data/runs/r1"], environ={})
+    absolute = sm.build_submission(
+        "fit", None, ["--store", "s3://b/acts", "--out", "/data/runs/r1"], environ={}
+    )
     assert "relative_paths" not in absolute.extra
     rel = sm.build_submission("fit", None, ["--store", "s3://b/acts", "--out", "runs/r1"], environ={})
     assert rel.extra["relative_paths"] == ["--out runs/r1"]
