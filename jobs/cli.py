@@ -329,41 +329,25 @@ def report(
 ) -> None:
     """Write RUN/report.html (self-contained), RUN/report.json and RUN/report.md."""
     from diffing.config import load_config
-    from jobs.report import write_report
+    from jobs.report import owning_pipeline, write_report
     from jobs.report.config import ReportConfig
     from jobs.rundir import WEIGHTS, local_copy
 
     def go():
         cfg = load_config(ReportConfig, config, set_ or [])
         with local_copy(run, skip=WEIGHTS) as local:
-            _not_a_pipeline_report(Path(local), run)
+            if (saved := owning_pipeline(Path(local))) is not None:
+                where = (
+                    saved if saved.is_relative_to(Path(run)) else f"{run}/pipeline.json (a local copy of it)"
+                )
+                _fail(
+                    f"{run} belongs to a pipeline run whose report has sections this command does not make "
+                    "(planted-truth validation, the anchored shift); redo its report with `crossdiff pipeline "
+                    f"--config {where} --set report.FIELD=VALUE --redo-changed` (only the report stage reruns)"
+                )
             typer.echo(json.dumps(write_report(local, opts=cfg), indent=2))
 
     _run(go)
-
-
-def _not_a_pipeline_report(local: Path, run: str) -> None:
-    """A pipeline run's report has sections (planted truth, the anchored shift) only the pipeline
-    makes: rewriting it here would drop them, and the pipeline would still call its report done."""
-    for root in (local, local.parent.parent):  # RUN, or RUN/compare/<A-vs-B>
-        saved = root / "pipeline.json"
-        if not saved.exists():
-            continue
-        try:
-            pipe = json.loads(saved.read_text())
-        except ValueError:
-            return
-        if pipe.get("planted") or pipe.get("anchored"):
-            from jobs.rundir import is_remote
-
-            if is_remote(run):  # `saved` is this command's temporary copy
-                saved = f"{pipe.get('out', run)}/pipeline.json (a local copy of it)"
-            _fail(
-                f"{run} belongs to a pipeline run whose report has sections this command does not make "
-                "(planted-truth validation, the anchored shift); redo its report with `crossdiff pipeline "
-                f"--config {saved} --set report.FIELD=VALUE --redo-changed` (only the report stage reruns)"
-            )
-        return
 
 
 @app.command("serve")

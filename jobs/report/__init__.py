@@ -169,6 +169,20 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
     return out
 
 
+def owning_pipeline(run: Path) -> Path | None:
+    """The pipeline.json of the pipeline run RUN (or RUN/compare/<A-vs-B>) belongs to, when its report
+    has sections only the pipeline makes (planted truth, the anchored shift); else None."""
+    for root in (run, run.parent.parent):
+        saved = root / "pipeline.json"
+        if saved.exists():
+            try:
+                pipe = json.loads(saved.read_text())
+            except ValueError:
+                return None
+            return saved if isinstance(pipe, dict) and (pipe.get("planted") or pipe.get("anchored")) else None
+    return None
+
+
 def _md(text: Any) -> str:
     """Text for one Markdown table cell or bullet: no raw HTML, no column breaks, one line."""
     t = " ".join(str(text).split())
