@@ -337,9 +337,9 @@ def report(
         cfg = load_config(ReportConfig, config, set_ or [])
         with local_copy(run, skip=WEIGHTS) as local:
             if (saved := owning_pipeline(Path(local))) is not None:
-                where = (
-                    saved if saved.is_relative_to(Path(run)) else f"{run}/pipeline.json (a local copy of it)"
-                )
+                from jobs.rundir import is_remote
+
+                where = f"{run}/pipeline.json (a local copy of it)" if is_remote(run) else saved
                 _fail(
                     f"{run} belongs to a pipeline run whose report has sections this command does not make "
                     "(planted-truth validation, the anchored shift); redo its report with `crossdiff pipeline "
