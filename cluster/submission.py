@@ -84,7 +84,8 @@ def run_key(stage: str, config: Mapping[str, Any] | None, args: Sequence[str], n
 
 
 def _is_relative_local(path: str) -> bool:
-    return bool(path) and "://" not in path and not path.startswith(("/", "~"))
+    # "~" too: nothing expands it on the cluster, where it is a folder named "~" in the job's directory
+    return bool(path) and "://" not in path and not path.startswith("/")
 
 
 def relative_outputs(stage: str, config: Mapping[str, Any] | None, args: Sequence[str]) -> list[str]:

@@ -11,6 +11,7 @@ Data job in jobs/analyze.py passes a distributed one).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from functools import reduce
 from pathlib import Path
@@ -40,6 +41,12 @@ SOURCE_MASS_FILE = "source_mass.parquet"
 _STATS_FROM_TABLE = ("delta_norm", "cosine", "nu_eps", "nu_r")
 
 
+def _text(tok, ids) -> str:
+    """The tokens' text as they are: no special tokens dropped, no legacy space clean-up (which
+    turns " 's" into "'s" in some tokenizers' configs, and would differ from token to token)."""
+    return tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 def _window_pieces(tok, ids: list[int]) -> list[str]:
     """One string per token of a window whose per-token decodes do not join to the window's text
     (byte-level BPE splitting a character over tokens, SentencePiece's word-boundary markers): each
@@ -51,12 +58,14 @@ def _window_pieces(tok, ids: list[int]) -> list[str]:
             out.append(f"<{i}>")
             prefix = read = j + 1
             continue
-        before = tok.decode(ids[prefix:read]) if read > prefix else ""
-        text = tok.decode(ids[prefix : j + 1])
+        before = _text(tok, ids[prefix:read]) if read > prefix else ""
+        text = _text(tok, ids[prefix : j + 1])
         if text.endswith("\ufffd") and j + 1 < len(ids) and ids[j + 1] >= 0:
             out.append("")  # inside a character: its bytes are shown with the token that completes it
             continue
-        out.append(text[len(before) :] if text.startswith(before) else text)
+        # a decode that rewrites its context (byte fallback turning a finished byte into U+FFFD
+        # once an unfinished one follows) shows only what differs, never the context again
+        out.append(text[len(os.path.commonprefix([before, text])) :])
         prefix, read = read, j + 1
     return out
 
@@ -92,7 +101,7 @@ def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int
 
     def piece(i: int) -> str:
         if i not in cache:
-            cache[i] = tok.decode([i]) if i >= 0 else f"<{i}>"
+            cache[i] = _text(tok, [i]) if i >= 0 else f"<{i}>"
         return cache[i]
 
     def decode(ids: Sequence[int]) -> list[str]:
@@ -101,7 +110,7 @@ def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int
             return [f"<{i}>" for i in ids]
         pieces = [piece(i) for i in ids]
         real = [i for i in ids if i >= 0]
-        if "".join(p for i, p in zip(ids, pieces, strict=True) if i >= 0) == tok.decode(real):
+        if "".join(p for i, p in zip(ids, pieces, strict=True) if i >= 0) == _text(tok, real):
             return pieces  # the common case: per-token strings already join to the text
         return _window_pieces(tok, ids)
 

@@ -50,8 +50,14 @@ class CorpusSpec(Frozen):
     id_field: str = Field("id", description="Column with a record id (default: the row number).")
 
 
-# compression suffixes fsspec knows only once an optional package is installed
-_NEEDS_PACKAGE = {".zst": "zstandard", ".zstd": "zstandard", ".lz4": "lz4", ".sz": "python-snappy"}
+# compression suffixes fsspec reads once an optional package is installed (some under another
+# suffix than it infers): suffix -> (fsspec codec, module, pip package)
+_NEEDS_PACKAGE = {
+    ".zst": ("zstd", "zstandard", "zstandard"),
+    ".zstd": ("zstd", "zstandard", "zstandard"),
+    ".lz4": ("lz4", "lz4", "lz4"),
+    ".sz": ("snappy", "snappy", "python-snappy"),
+}
 _UNREAD = (".csv", ".tsv", ".xlsx", ".arrow", ".feather", ".avro")
 
 
@@ -59,7 +65,7 @@ def _format(spec: CorpusSpec) -> str:
     if spec.format != "auto":
         return spec.format
     low = spec.uri.lower().split("?", 1)[0]
-    for suffix in _COMPRESSION:
+    for suffix in (*_COMPRESSION, *_NEEDS_PACKAGE):
         low = low.removesuffix(suffix)
     if low.endswith(_UNREAD):
         raise HarvestInputError(
@@ -73,12 +79,16 @@ def _format(spec: CorpusSpec) -> str:
 def _read_bytes(uri: str) -> bytes:
     name = uri.split("?", 1)[0]  # s3://b/c.jsonl.gz?versionId=...: the suffix is before the query
     compression = fsspec.utils.infer_compression(name)
-    for suffix, package in _NEEDS_PACKAGE.items():
+    for suffix, (codec, module, package) in _NEEDS_PACKAGE.items():
         if compression is None and name.lower().endswith(suffix):
-            raise HarvestInputError(
-                f"corpus.uri: {uri} is {suffix}-compressed and reading it needs the `{package}` package: "
-                f"pip install {package}, or decompress the file"
-            )
+            import importlib.util
+
+            if importlib.util.find_spec(module) is None or codec not in fsspec.utils.compressions.values():
+                raise HarvestInputError(
+                    f"corpus.uri: {uri} is {suffix}-compressed and reading it needs the `{package}` "
+                    f"package: pip install {package}, or decompress the file"
+                )
+            compression = codec
     try:
         with fsspec.open(uri, "rb", compression=compression) as f:
             return f.read()

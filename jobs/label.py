@@ -150,11 +150,14 @@ async def _label_all(
     calibration: list[dict],
     expect: set[tuple[str, str]] = frozenset(),
     endpoint_fp: str | None = None,
+    record_fp: bool = True,
 ) -> int:
     """`expect`: (judge_model, prompt_version) of the labels already in `out` (resume); a response
     from another judge or prompt version stops the run before it appends anything. `endpoint_fp`:
     the settings fingerprint the endpoint answered with when `out` was begun (None: not known); a
-    response with another one (another taxonomy or method behind the same URL) stops it too."""
+    response with another one (another taxonomy or method behind the same URL) stops it too.
+    `record_fp`: record the first fingerprint seen (False for a file begun without one: the current
+    endpoint's would not describe its labels)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     sem = asyncio.Semaphore(cfg.concurrency)
@@ -177,6 +180,12 @@ async def _label_all(
                     f"to relabel every latent with this judge, or point at the judge that made them."
                 )
             fps = {fp for _, fp in pairs if fp}
+            if len(fps) > 1:
+                raise LabelSettingsChanged(
+                    f"the endpoint's replicas answer with different settings fingerprints {sorted(fps)} "
+                    "(another taxonomy, method or judge on some of them); labelling through it would mix "
+                    f"two labellings in {out}. Deploy one configuration and rerun."
+                )
             if endpoint_fp and fps - {endpoint_fp}:  # checked before anything is appended
                 raise LabelSettingsChanged(
                     f"{out} holds labels made by an endpoint whose settings (taxonomy, method, judge, prompt) "
@@ -184,8 +193,8 @@ async def _label_all(
                     "resuming would mix two labellings. Rerun with --overwrite to relabel every latent with "
                     "the endpoint as it is, or restore its settings to resume."
                 )
-            if fps and not endpoint_fp:
-                endpoint_fp = sorted(fps)[0]
+            if fps and not endpoint_fp and record_fp:
+                endpoint_fp = next(iter(fps))
                 _write_endpoint_fingerprint(out.parent, endpoint_fp)
             _append(out, labels)  # single-threaded event loop: appends never interleave
             done += len(labels)
@@ -268,6 +277,7 @@ def label_run(
     expect = {(lab.judge_model, lab.prompt_version) for lab in have.values()}
     expect = set() if any("" in pair for pair in expect) else expect
     endpoint_fp = _read_endpoint_fingerprint(run_dir) if have else None
+    record_fp = not have or endpoint_fp is not None  # a file begun without one stays without
     todo, seen = [], set()
     for e in evidence:  # one label per latent id: a repeated id (merged evidence files) is labelled once
         if e.latent not in have and e.latent not in seen:
@@ -288,7 +298,9 @@ def label_run(
     if todo:
         if endpoint:
             token = os.environ.get(cfg.token_env)
-            new = asyncio.run(_label_all(endpoint, token, todo, cfg, out, calibration, expect, endpoint_fp))
+            new = asyncio.run(
+                _label_all(endpoint, token, todo, cfg, out, calibration, expect, endpoint_fp, record_fp)
+            )
         else:
             from serve.local import LocalService
 
@@ -297,7 +309,9 @@ def label_run(
                 service = service.model_copy(update={"taxonomy": str(Path(service.taxonomy).resolve())})
             with LocalService(service, start_timeout_s=cfg.start_timeout_s) as svc:
                 new = asyncio.run(
-                    _label_all(svc.url, svc.token, todo, cfg, out, calibration, expect, endpoint_fp)
+                    _label_all(
+                        svc.url, svc.token, todo, cfg, out, calibration, expect, endpoint_fp, record_fp
+                    )
                 )
     labels = read_labels_tolerant(out)
     wanted = {e.latent for e in evidence}

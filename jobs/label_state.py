@@ -153,7 +153,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _read_endpoint_fingerprint(run_dir: Path) -> str | None:
-    return _read_json(run_dir / ENDPOINT_FILE).get("settings_fingerprint") or None
+    path = run_dir / ENDPOINT_FILE
+    return (_read_json(path).get("settings_fingerprint") or None) if path.exists() else None
 
 
 def _write_endpoint_fingerprint(run_dir: Path, fp: str) -> None:

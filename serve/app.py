@@ -64,7 +64,7 @@ class Service:
             judge_model=judge.model,
             taxonomy=self.taxonomy,
             method=settings.method,
-            judge_setup=settings.judge.setup(),
+            judge_setup=settings.judge.identity(),
         )
 
 
@@ -231,11 +231,13 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     async def healthz(sv: Service = Depends(svc)):
         try:
-            await asyncio.wait_for(sv.judge.health(), timeout=min(10.0, s.judge.timeout_s))
+            note = await asyncio.wait_for(sv.judge.health(), timeout=min(10.0, s.judge.timeout_s))
         except (TimeoutError, JudgeUnavailable, JudgeError) as e:
             body = Health(status="unavailable", judge_model=sv.judge.model, detail=str(e) or "timeout")
             return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(retry)})
-        return Health(status="ok", judge_model=sv.judge.model)
+        if note:
+            log.warning("judge.health_note", detail=note)
+        return Health(status="ok", judge_model=sv.judge.model, detail=note or None)
 
     # declares the bearer scheme in the OpenAPI schema (generated clients, /docs "Authorize");
     # Guard enforces it, before the body is read

@@ -81,6 +81,7 @@ def calibration_texts(items, method: MethodSettings) -> tuple[str, ...]:
 def settings_fingerprint(
     *, judge_model: str, taxonomy: Taxonomy, method: MethodSettings, judge_setup: dict | None = None
 ) -> str:
+    # `judge_setup`: JudgeSettings.identity() (not setup(): no server address, no machine-local path)
     """What decides every label a service gives besides the request itself (evidence, context,
     detection, calibration): sent with each response, so a client resuming a labels file can tell
     that the endpoint now labels differently (another taxonomy, method, judge or prompt version)."""

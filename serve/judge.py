@@ -87,8 +87,9 @@ class JudgeClient(ABC):
         raise JudgeError(f"{type(self).__name__} cannot score prompts (needs vLLM's prompt_logprobs)")
 
     @abstractmethod
-    async def health(self) -> None:
-        """Return if the judge answers; raise JudgeUnavailable otherwise."""
+    async def health(self) -> str | None:
+        """Return if the judge answers (optionally a note for /healthz's `detail`); raise
+        JudgeUnavailable otherwise."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -334,15 +335,19 @@ class OpenAIJudge(JudgeClient):
             raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
         if r.status_code != 200:
             raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
-        try:  # a server up but serving another model answers every label request with 404
+        # vLLM answers a request for a model it does not list with 404 (every label request fails);
+        # other OpenAI-compatible servers (llama.cpp, TGI, Ollama, LiteLLM) answer to names they list
+        # differently: a note for /healthz, not an outage
+        try:
             served = [m["id"] for m in r.json()["data"]]
         except (ValueError, KeyError, TypeError):
-            raise JudgeUnavailable(f"judge at {self.base}: GET /models listed no models") from None
+            return f"judge at {self.base}: GET /models lists no models"
         if self.model not in served:
-            raise JudgeUnavailable(
-                f"judge at {self.base} does not serve the model {self.model!r} (judge.model_id); it "
-                f"serves {served[:10]}"
+            return (
+                f"judge at {self.base} lists {served[:10]}, not {self.model!r} (judge.model_id): if it "
+                "does not answer to that name, every label request fails; set judge.model_id to a listed id"
             )
+        return None
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -28,6 +28,13 @@ class _NoFit(Exception):
     """Internal: the explanation prompt overflows the judge's context window even with one example."""
 
 
+class _Shared:
+    """A label being made, and how many requests wait for it."""
+
+    def __init__(self, task: asyncio.Future):
+        self.task, self.waiters = task, 0
+
+
 class Labeller(ChannelScoring):
     def __init__(
         self,
@@ -56,7 +63,7 @@ class Labeller(ChannelScoring):
         # per calibration set (None: the neutral text): log p(request_c + text) averaged over its texts
         self._channel_priors: OrderedDict[str | None, dict[str, float]] = OrderedDict()
         self._channel_pending: dict[str | None, asyncio.Task] = {}
-        self._inflight: dict[str, asyncio.Future] = {}  # cache key -> the label being made
+        self._inflight: dict[str, _Shared] = {}  # cache key -> the label being made
         self.schema = prompts.classification_schema(taxonomy)
         # output budgets that hold the longest category name (a byte-level tokenizer spends at most
         # a token per UTF-8 byte: a 25-character Chinese name is ~47 tokens, over the old 24)
@@ -183,21 +190,30 @@ class Labeller(ChannelScoring):
         if hit is not None:
             return hit.model_copy(update={"latent": ev.latent}), True
         # the same label already being made for another request (a client retrying after a timeout,
-        # two clients of one run): wait for it instead of asking the judge twice. The shared task
-        # outlives a cancelled waiter, so a retry finds its label finished or in the cache.
-        task = self._inflight.get(key)
-        if task is not None:
-            lab = await asyncio.shield(task)
-            return lab.model_copy(update={"latent": ev.latent}), True
-        task = asyncio.ensure_future(self._make(ev, context, detection, calibration, key, folded))
-        self._inflight[key] = task
-        task.add_done_callback(lambda t, k=key: self._made(k, t))
-        return await asyncio.shield(task), False
+        # two clients of one run): wait for it instead of asking the judge twice. The work stops when
+        # its last waiter is cancelled (its request failed or went away), as if it were not shared.
+        shared = self._inflight.get(key)
+        joined = shared is not None
+        if shared is None:
+            task = asyncio.ensure_future(self._make(ev, context, detection, calibration, key, folded))
+            shared = self._inflight[key] = _Shared(task)
+            task.add_done_callback(lambda t, k=key, sh=shared: self._made(k, sh))
+        shared.waiters += 1
+        try:
+            lab = await asyncio.shield(shared.task)
+        except asyncio.CancelledError:
+            if shared.waiters == 1 and not shared.task.done():
+                shared.task.cancel()
+            raise
+        finally:
+            shared.waiters -= 1
+        return (lab.model_copy(update={"latent": ev.latent}), True) if joined else (lab, False)
 
-    def _made(self, key: str, task: asyncio.Future) -> None:
-        self._inflight.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved: every waiter may have gone (its error was theirs to see)
+    def _made(self, key: str, shared: _Shared) -> None:
+        if self._inflight.get(key) is shared:
+            del self._inflight[key]
+        if not shared.task.cancelled():
+            shared.task.exception()  # retrieved: its waiters saw it, or all were cancelled
 
     async def _make(
         self,

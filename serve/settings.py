@@ -117,6 +117,24 @@ class JudgeSettings(Frozen):
             out["cpu_dtype"] = self.cpu_dtype
         return out
 
+    def identity(self) -> dict[str, Any]:
+        """What decides the judge's answers as configured, the same on every replica and host (the
+        service's settings fingerprint): `setup()` without the external server's address, with the
+        configured source rather than the path it resolves to here, and the system-role handling."""
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "model_id": self.model_id,
+            "temperature": self.temperature,
+            "system_role": self.system_role,
+        }
+        if self.kind != "openai":
+            out.update(
+                model_source=self.model_source, accelerator=self.accelerator, engine_kwargs=self.engine_kwargs
+            )
+            if self.accelerator == "cpu":
+                out["cpu_dtype"] = self.cpu_dtype
+        return out
+
     @model_validator(mode="after")
     def _check(self) -> JudgeSettings:
         if self.kind == "openai" and not self.endpoint:

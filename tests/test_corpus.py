@@ -54,6 +54,8 @@ def test_zstd_corpora_and_formats_that_are_not_read(tmp_path):
     path = tmp_path / "c.jsonl.zst"  # the common form of large public corpora
     path.write_bytes(zstandard.ZstdCompressor().compress(json.dumps({"text": "zstd"}).encode() + b"\n"))
     assert [r["text"] for r in _read(path)] == ["zstd"]
+    (tmp_path / "c.jsonl.zstd").write_bytes(path.read_bytes())  # the long suffix fsspec does not infer
+    assert [r["text"] for r in _read(tmp_path / "c.jsonl.zstd")] == ["zstd"]
     (tmp_path / "c.csv").write_text("text\nhello\n")
     with pytest.raises(HarvestInputError, match=r"c.csv is a .csv file, which is not read.*Parquet"):
         _read(tmp_path / "c.csv")
@@ -61,9 +63,12 @@ def test_zstd_corpora_and_formats_that_are_not_read(tmp_path):
 
 
 def test_a_suffix_whose_codec_is_not_installed_names_the_package(tmp_path, monkeypatch):
+    import importlib.util
+
     import fsspec.utils
 
     monkeypatch.setattr(fsspec.utils, "infer_compression", lambda name: None)  # as without lz4/zstandard
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     (tmp_path / "c.jsonl.lz4").write_bytes(b"\x04\x22\x4d\x18")
     with pytest.raises(HarvestInputError, match="needs the `lz4` package: pip install lz4"):
         _read(tmp_path / "c.jsonl.lz4")

@@ -338,3 +338,23 @@ def test_a_remote_endpoint_that_changed_its_taxonomy_is_not_resumed_into_the_sam
     p.write_text("".join(p.read_text().splitlines(keepends=True)[:8]))
     with Server(ScriptedJudge(by_text), settings=other) as srv:
         assert label_run(run_dir, cfg, endpoint=srv.url)["labelled_now"] == 18
+    # a file begun before fingerprints existed: nothing to compare with, and the endpoint's present
+    # fingerprint is not recorded as if it described the labels already there
+    p.write_text("".join(p.read_text().splitlines(keepends=True)[:8]))
+    (run_dir / ENDPOINT_FILE).unlink()
+    with Server(ScriptedJudge(by_text)) as srv:
+        assert label_run(run_dir, cfg, endpoint=srv.url)["labelled_now"] == 18
+    assert not (run_dir / ENDPOINT_FILE).exists()
+
+
+def test_the_settings_fingerprint_ignores_where_the_judge_is_and_counts_how_it_is_asked():
+    from serve.app import Service
+
+    def fp(**judge):
+        base = {"kind": "openai", "endpoint": "http://a:8000/v1", "model_id": "m"}
+        return Service(
+            ServiceSettings(judge={**base, **judge}), ScriptedJudge(by_text, model="m"), "t"
+        ).settings_fingerprint
+
+    assert fp() == fp(endpoint="http://b:9000/v1") == fp(timeout_s=5)
+    assert fp() != fp(system_role="fold") and fp() != fp(temperature=0.7)

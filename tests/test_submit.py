@@ -87,7 +87,7 @@ def test_relative_run_paths_are_flagged_before_submitting():
     assert sm.relative_outputs("pipeline", {"out": "gs://b/r", "harvest": {"store": "acts"}}, []) == [
         "harvest.store acts"
     ]
-    assert sm.relative_outputs("report", {"out": "runs/a"}, ["--out=~/x"]) == ["out runs/a"]
+    assert sm.relative_outputs("report", {"out": "/abs/a"}, ["--out=~/x"]) == ["--out ~/x"]
 
 
 def test_runtime_env_passes_settings_and_never_secrets(tmp_path, tiny_pair):

@@ -101,3 +101,19 @@ def test_the_tokenizer_setting_is_operational():
     from diffing.analysis import _OPERATIONAL
 
     assert "tokenizer" in _OPERATIONAL and "tokenizer" in AnalysisConfig.model_fields
+
+
+def test_legacy_space_clean_up_is_not_applied_token_by_token(tmp_path):
+    """A tokenizer config with clean_up_tokenization_spaces (older Llama-3 configs) would rewrite
+    " 'm" and " ." differently per token and per window: the tokens are shown as they are."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁I": 1, "▁'m": 2, "▁here": 3, "▁.": 4}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", clean_up_tokenization_spaces=True)
+    fast.save_pretrained(tmp_path)
+    assert fast.decode([1, 2, 3, 4]) == "I'm here."  # what the clean-up does
+    pieces = token_decoder(_store(), tokenizer=str(tmp_path))([1, 2, 3, 4])
+    assert pieces == ["I", " 'm", " here", " ."]
