@@ -273,6 +273,25 @@ class Labeller(ChannelScoring):
             return [x for x in (*e.top, *e.quantiles) if id(x) not in held]
 
         channel = self.method.classify_mode == "channel"
+        m = self.method
+
+        def less(e: LatentEvidence, view) -> LatentEvidence | None:
+            """Smaller evidence whose prompt differs: halving may drop only held-out examples, or
+            ones past what the prompt shows (explain_top, classify_examples), and the same prompt
+            would fail the same way."""
+            v, s = view(e), shrink(e)
+            while s is not None and shown(s) and view(s) == v:
+                s = shrink(s)
+            return s
+
+        def explain_view(e: LatentEvidence):
+            return str(prompts.explain_messages(e, shown(e), m)), prompts.channel_text(
+                e, m
+            ) if channel else ""
+
+        def classify_view(e: LatentEvidence):
+            mode = "json" if m.classify_mode == "json" else "choice"
+            return str(prompts.classify_messages(e, shown(e), explanation, self.taxonomy, m, mode))
 
         async def first(e: LatentEvidence, ctx: str | None):
             if channel:  # scoring does not read the explanation: overlap them
@@ -287,7 +306,7 @@ class Labeller(ChannelScoring):
             except JudgeError as e:
                 if not prompt_too_long(e):
                     raise
-                smaller = cur if ctx else shrink(cur)
+                smaller = cur if ctx else less(cur, explain_view)
                 if smaller is None or not shown(smaller):
                     raise _NoFit() from e
                 self._log_shrunk(ev, ctx, smaller, "explain")
@@ -298,7 +317,7 @@ class Labeller(ChannelScoring):
             except JudgeError as e:
                 if not prompt_too_long(e):
                     raise
-                smaller = shrink(cur)
+                smaller = less(cur, classify_view)
                 if smaller is None or not shown(smaller):
                     log.error(
                         "judge.taxonomy_too_long", categories=len(self.taxonomy.names), error=str(e)[:200]

@@ -329,3 +329,25 @@ def test_a_failing_latent_stops_the_judge_work_of_its_whole_request():
 
     judge, lab = run(go())
     assert judge.finished == 0 and judge.cancelled >= 6 and not lab._inflight
+
+
+def test_shrinking_never_resends_the_same_prompt():
+    """Halving 24 top examples to 12 still shows the first explain_top=8: the same prompt would fail
+    the same way, so the shrink goes on until the prompt shows fewer."""
+    base = evidence(1, FRENCH)
+    ev = base.model_copy(update={"top": [x.model_copy() for x in base.top * 4][:24], "quantiles": []})
+    m = MethodSettings(classify_mode="choice")
+    size = lambda n: sum(len(x["content"]) for x in prompts.explain_messages(ev, ev.top[:n], m))  # noqa: E731
+    limit = (size(8) + size(6)) // 2
+    sent: list[int] = []
+
+    def explain_limited(messages, choice, schema):  # only explanation prompts are measured
+        if not (choice or schema):
+            sent.append(n := sum(len(x["content"]) for x in messages))
+            if n > limit:
+                return JudgeError(f"judge at http://j answered 400: {TOO_LONG}")
+        return scripted()(messages, choice, schema)
+
+    lab, _ = run(Labeller(ScriptedJudge(explain_limited), load_taxonomy(), m).label(ev))
+    assert lab.category != "uninterpretable"
+    assert sent == [size(8), size(6)]  # one refused, the next one shorter (not 8 of 12 again)
