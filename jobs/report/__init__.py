@@ -98,10 +98,21 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
     acfg = json.loads(meta.get("config", "{}"))
     L = t.num_rows
     groups = np.asarray(cols.get("group", [""] * L), dtype=object)
-    evidence = {e.latent: e.model_dump() for e in iter_evidence(run)}
-    labels = {k: v.model_dump() for k, v in read_labels(run).items()}
     a, b = pair
     s_name, i_name = f"{b}-specific", f"{a}-specific"
+    nu_eps, nu_r = np.asarray(cols["nu_eps"], float), np.asarray(cols["nu_r"], float)
+    score = robustness(nu_eps, nu_r)
+    shown: dict[str, list[int]] = {}  # the latents that get a card: only their evidence is kept
+    for g, cap in ((i_name, opts.max_cards), (s_name, opts.max_cards), ("baseline", opts.baseline_cards)):
+        idx = np.flatnonzero(groups == g)
+        shown[g] = (idx[np.lexsort((idx, score[idx]))][:cap] if g != "baseline" else idx[:cap]).tolist()
+    wanted = {i for ids in shown.values() for i in ids}
+    evidence, n_evidence = {}, 0  # at the Gemma shape all evidence is ~7,000 latents x 40 contexts
+    for e in iter_evidence(run):
+        n_evidence += 1
+        if e.latent in wanted:
+            evidence[e.latent] = e.model_dump()
+    labels = {k: v.model_dump() for k, v in read_labels(run).items()}
     out: dict[str, Any] = {
         "run": str(run),
         "pair": list(pair),
@@ -114,19 +125,15 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
         "classes": dict(Counter(cols["class"])),
         "robust": int(np.sum(cols["robust"])),
         "groups": {g: int(n) for g, n in Counter(groups.tolist()).items() if g},
-        "n_evidence": len(evidence),
+        "n_evidence": n_evidence,
         "n_labels": len(set(labels) & set(cols["latent"])),  # labels of this run's latents only
         "report_config": opts.model_dump(mode="json"),
         "ci_label": opts.ci_label(),
     }
-    nu_eps, nu_r = np.asarray(cols["nu_eps"], float), np.asarray(cols["nu_r"], float)
-    score = robustness(nu_eps, nu_r)
     cards = {}
-    for g, cap in ((i_name, opts.max_cards), (s_name, opts.max_cards), ("baseline", opts.baseline_cards)):
-        idx = np.flatnonzero(groups == g)
-        idx = idx[np.lexsort((idx, score[idx]))][:cap] if g != "baseline" else idx[:cap]
+    for g, ids in shown.items():
         lst = []
-        for i in idx.tolist():
+        for i in ids:
             ev = evidence.get(i, {})
             stats = dict(ev.get("stats") or {})
             for k in ("delta_norm", "nu_eps", "nu_r", "freq", "mean_act", "max_act"):
