@@ -127,7 +127,8 @@ async def _post_batch(
                     *await _post_batch(client, batch[half:], cfg, calibration),
                 ]
             last = f"{resp.status_code}: {resp.text[:300]}"
-            if resp.status_code < 500 and resp.status_code != 429:
+            # 408: a proxy's request timeout (Serve's x-request-timeout-seconds), worth another try
+            if resp.status_code < 500 and resp.status_code not in (408, 429):
                 raise LabelJobError(f"the endpoint rejected latents {[e.latent for e in batch]}: {last}")
             if (
                 resp.status_code == 502 and attempt >= 1

@@ -3,7 +3,8 @@ which calls the judge (a `ray.serve.llm` deployment) through a DeploymentHandle.
 
     POST /v1/labels     label a batch of latents        (bearer token)
     GET  /v1/taxonomy   the categories                  (bearer token)
-    GET  /healthz       200 when the judge answers, else 503
+    GET  /healthz       200 when the judge answers, else 503 (readiness)
+    GET  /livez         200 while the ingress runs (liveness)
     GET  /docs, /openapi.json
 
 Serve config entrypoint: `import_path: serve.app:build_app` with `args:` = ServiceSettings.
@@ -33,7 +34,7 @@ from serve.settings import DEFAULT_JUDGE_ID, JUDGE_MODEL_ENV, JudgeSettings, Ser
 from serve.taxonomy import load_taxonomy
 
 log = get_logger("crossdiff.serve")
-PUBLIC_PATHS = ("/healthz", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect")
+PUBLIC_PATHS = ("/healthz", "/livez", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect")
 
 
 class Service:
@@ -228,6 +229,11 @@ def create_app(service: Service) -> FastAPI:
     def svc() -> Service:
         return service
 
+    @app.get("/livez")
+    async def livez():
+        """The ingress process answers (a liveness probe: never restart it for the judge's sake)."""
+        return {"status": "ok"}
+
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     async def healthz(sv: Service = Depends(svc)):
         try:
@@ -346,6 +352,8 @@ def llm_config(j: JudgeSettings):
         if j.cpu_reserved_cores is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(j.cpu_reserved_cores)
     engine.update(j.engine_kwargs)
+    # a replica stopped by a rollout or a downscale finishes the calls it holds (each within timeout_s)
+    dep["graceful_shutdown_timeout_s"] = j.timeout_s + 30
     dep.update(j.deployment_config)
     kw: dict = dict(
         model_loading_config={"model_id": j.model_id, "model_source": j.resolved_source()},
@@ -368,7 +376,9 @@ def build_app(args: dict | None = None):
     judge = None
     if st.judge.kind == "serve_llm":
         judge = build_llm_deployment(llm_config(st.judge), override_serve_options={"name": "JudgeLLM"})
-    ingress = LabellingAPI
+    # a replica stopped by a rollout or a downscale finishes its requests (each within
+    # limits.request_timeout_s) instead of Serve's default 20 s; the config's `deployments:` overrides
+    ingress = LabellingAPI.options(graceful_shutdown_timeout_s=st.limits.request_timeout_s + 30)
     if st.ingress_options:
         ingress = ingress.options(**st.ingress_options)
     return ingress.bind(judge, json.loads(st.model_dump_json()))

@@ -358,3 +358,31 @@ def test_the_settings_fingerprint_ignores_where_the_judge_is_and_counts_how_it_i
 
     assert fp() == fp(endpoint="http://b:9000/v1") == fp(timeout_s=5)
     assert fp() != fp(system_role="fold") and fp() != fp(temperature=0.7)
+
+
+def test_a_proxy_request_timeout_is_retried_not_fatal():
+    import asyncio
+
+    import httpx
+
+    from jobs.label import _post_batch
+
+    ev = evidence(5, FRENCH)
+    answers = [httpx.Response(408, json={"detail": "request timed out"})]
+    ok = {
+        "labels": [{"latent": 5, "explanation": "x.", "category": "multilingual", "confidence": 0.5}],
+        "judge_model": "j",
+        "prompt_version": "p",
+        "taxonomy_version": "t",
+        "settings_fingerprint": "f",
+    }
+
+    def handler(req):
+        return answers.pop(0) if answers else httpx.Response(200, json=ok)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as c:
+            return await _post_batch(c, [ev], LabelConfig(backoff_s=0.01, max_backoff_s=0.02), [])
+
+    ((lab, fp),) = asyncio.run(go())
+    assert lab.latent == 5 and fp == "f" and not answers

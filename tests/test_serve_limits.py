@@ -351,3 +351,27 @@ def test_shrinking_never_resends_the_same_prompt():
     lab, _ = run(Labeller(ScriptedJudge(explain_limited), load_taxonomy(), m).label(ev))
     assert lab.category != "uninterpretable"
     assert sent == [size(8), size(6)]  # one refused, the next one shorter (not 8 of 12 again)
+
+
+def test_liveness_needs_no_judge_and_no_token():
+    """/livez is for the liveness probe (the ingress runs); /healthz, which asks the judge, is readiness."""
+    judge = ScriptedJudge(scripted())
+    judge.healthy = False
+
+    async def go():
+        async with _client(judge) as c:
+            c.headers.pop("Authorization")
+            return await c.get("/livez"), await c.get("/healthz")
+
+    live, ready = run(go())
+    assert live.status_code == 200 and ready.status_code == 503
+
+
+def test_replicas_get_time_to_finish_what_they_hold():
+    from serve.app import llm_config
+    from serve.settings import JudgeSettings
+
+    dep = llm_config(JudgeSettings(model_source="/models/judge", timeout_s=60)).deployment_config
+    assert dep["graceful_shutdown_timeout_s"] == 90
+    own = JudgeSettings(model_source="/m", deployment_config={"graceful_shutdown_timeout_s": 5})
+    assert llm_config(own).deployment_config["graceful_shutdown_timeout_s"] == 5
