@@ -33,6 +33,19 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def local_env(environ=None) -> dict[str, str]:
+    """The settings a Ray started here passes its workers: AWS_/CROSSDIFF_/HF_ variables that are
+    not credentials (endpoint, region, offline mode, cache paths)."""
+    from cluster.runtime_env import is_secret_name
+
+    environ = os.environ if environ is None else environ
+    return {
+        k: v
+        for k, v in environ.items()
+        if k.startswith(("AWS_", "CROSSDIFF_", "HF_")) and not is_secret_name(k)
+    }
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect once. With no address and no RAY_ADDRESS, start a local Ray with at least 4 logical
     CPUs (on 2-core machines 1-CPU actors would otherwise starve Ray Data's read tasks)."""
@@ -58,7 +71,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),
         include_dashboard=False,
         log_to_driver=True,
-        runtime_env={
-            "env_vars": {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "CROSSDIFF_", "HF_"))}
-        },
+        # settings only: a runtime_env is logged in clear by Ray's runtime-env agent and kept in its
+        # job table, and the workers of a Ray started here inherit this process's credentials anyway
+        runtime_env={"env_vars": local_env()},
     )

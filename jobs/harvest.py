@@ -42,11 +42,32 @@ def _writer(cfg: HarvestConfig, d_model: int) -> StoreWriter:
     )
 
 
+def check_assigned_gpu(cfg: HarvestConfig, gpu_ids: list | None = None) -> None:
+    """An actor that Ray gave no GPU still sees every GPU of its node (Ray 2.60 leaves
+    CUDA_VISIBLE_DEVICES alone at num_gpus=0): with device auto or cuda all such actors would load
+    their models onto cuda:0 together."""
+    import torch
+
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return
+    if gpu_ids is None:
+        import ray
+
+        gpu_ids = ray.get_gpu_ids()
+    if not gpu_ids:
+        raise HarvestInputError(
+            f"harvest.ray.num_gpus_per_actor={cfg.ray.num_gpus_per_actor}: this actor has no GPU of its "
+            f"own but sees {torch.cuda.device_count()} (harvest.device={cfg.device}); set "
+            "harvest.ray.num_gpus_per_actor: 1 (or a fraction to share one), or harvest.device: cpu"
+        )
+
+
 class HarvestActor:
     """Ray Data callable class: loads the models once, then harvests whole shards."""
 
     def __init__(self, cfg_json: str, d_model: int):
         self.cfg = HarvestConfig.model_validate_json(cfg_json)
+        check_assigned_gpu(self.cfg)
         self.harvester = Harvester(self.cfg)
         self.producer = {
             "device": self.harvester.device.type,
@@ -236,14 +257,15 @@ def run_harvest(
         from ray.data import ActorPoolStrategy
 
         items = [{"shard_id": sid, "start": a, "records": json.dumps(records[a:b])} for sid, a, b in todo]
+        actors = min(cfg.ray.num_actors, len(todo))  # a resume with few shards left loads fewer models
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         out = ds.map_batches(
             HarvestActor,
             fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "d_model": d_model},
-            batch_size=shards_per_call(len(todo), cfg.ray.num_actors, cfg.ray.write_threads),
+            batch_size=shards_per_call(len(todo), actors, cfg.ray.write_threads),
             # one call queued per actor: a call holds several shards, so the actors that load
             # their models first must not take the calls the slower ones would get
-            compute=ActorPoolStrategy(size=cfg.ray.num_actors, max_tasks_in_flight_per_actor=1),
+            compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
             num_cpus=cfg.ray.num_cpus_per_actor,
             num_gpus=cfg.ray.num_gpus_per_actor,
         )
@@ -263,10 +285,11 @@ def run_harvest(
                 tokens_per_s=round(toks / max(el, 1e-9)),
                 eta_s=round(el / done * (len(todo) - done)),
             )
-    missing = [sid for sid, _, _ in shards if writer.done_shard(sid) is None]
+    found = {sid: writer.done_shard(sid) for sid, _, _ in shards}
+    missing = [sid for sid, info in found.items() if info is None]
     if missing:
         raise StoreError(f"{len(missing)} shards did not finish (first: {missing[0]}); rerun to resume")
-    infos = [writer.done_shard(sid) for sid, _, _ in shards]
+    infos = list(found.values())
     dtypes = resolved_dtypes(infos)
     manifest = writer.finalize(infos, metadata={"resolved_dtypes": dtypes} if dtypes else None)
     log.info(

@@ -104,3 +104,28 @@ def test_the_prelaunch_tokenizer_check_covers_the_whole_corpus():
     assert len(sample) == 4096 and sample[0]["id"] == "0" and int(sample[-1]["id"]) > 9_990
     small = recs[:300]
     assert agreement_sample(small) == small
+
+
+def test_an_actor_without_a_gpu_of_its_own_is_refused_where_gpus_are_visible(monkeypatch):
+    """At num_gpus_per_actor=0 Ray leaves the node's GPUs visible: every actor would load its models
+    onto cuda:0. Refused with the fix, unless the harvest runs on CPU."""
+    import pytest
+    import torch
+
+    from diffing.corpus import CorpusSpec
+    from diffing.harvest import HarvestConfig, ModelSpec
+    from diffing.models import HarvestInputError
+    from jobs.harvest import check_assigned_gpu
+
+    def cfg(**kw):
+        models = [ModelSpec(name="a", path="x"), ModelSpec(name="b", path="y")]
+        return HarvestConfig(models=models, layer=0, corpus=CorpusSpec(uri="c"), store="s", **kw)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(HarvestInputError, match="num_gpus_per_actor: 1"):
+        check_assigned_gpu(cfg(), gpu_ids=[])
+    check_assigned_gpu(cfg(), gpu_ids=[3])
+    check_assigned_gpu(cfg(device="cpu"), gpu_ids=[])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_assigned_gpu(cfg(), gpu_ids=[])  # a CPU node: nothing to share

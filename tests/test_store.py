@@ -200,3 +200,19 @@ def test_half_precision_input_is_stored_as_given(tmp_path):
     want = np.linalg.norm(acts.astype(np.float32), axis=-1).sum(0)
     np.testing.assert_allclose(info_np.norm_sums, want, rtol=1e-6)
     assert info_np.norm_sums == info_t.norm_sums
+
+
+@pytest.mark.timeout(120)
+def test_shards_written_by_other_processes_are_seen_through_a_cached_listing(s3_endpoint):
+    """The pipeline lists the run on S3 (s3fs caches that listing) before the harvest's actors, other
+    processes, write their shards: the driver must still see them when it checks what is done."""
+    import s3fs
+
+    uri = "s3://crossdiff-test/stores/listed"
+    mine = StoreWriter(uri, model_names=["a", "b"], d_model=8)
+    mine.write_shard("00000", _acts(50))
+    mine.fs.find(uri)  # the listing s3fs keeps: shards/ holds 00000 only
+    other = StoreWriter(uri, model_names=["a", "b"], d_model=8)
+    other.fs = s3fs.S3FileSystem(skip_instance_cache=True)  # another process's own client
+    other.write_shard("00001", _acts(50))
+    assert mine.done_shard("00001") is not None and mine.done_shard("00002") is None

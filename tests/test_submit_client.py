@@ -130,3 +130,28 @@ def test_ctrl_c_while_following_leaves_the_job_running(capsys):
     assert e.value.exit_code == 130
     err = capsys.readouterr().err
     assert "goes on" in err and "crossdiff jobs stop crossdiff-fit-r1-abc" in err
+
+
+def test_a_ray_started_here_passes_settings_not_credentials():
+    """Ray's runtime-env agent logs the env_vars it is given; the workers of a Ray started by this
+    process inherit its credentials without them."""
+    from cluster.connect import local_env
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_SESSION_TOKEN": "t",
+        "HF_TOKEN": "h",
+        "CROSSDIFF_API_TOKEN": "x",
+        "AWS_ENDPOINT_URL": "http://s3",
+        "AWS_DEFAULT_REGION": "r",
+        "HF_HUB_OFFLINE": "1",
+        "CROSSDIFF_CACHE": "/c",
+        "PATH": "/bin",
+    }
+    assert local_env(env) == {
+        "AWS_ENDPOINT_URL": "http://s3",
+        "AWS_DEFAULT_REGION": "r",
+        "HF_HUB_OFFLINE": "1",
+        "CROSSDIFF_CACHE": "/c",
+    }

@@ -75,10 +75,14 @@ class StoreWriter:
 
     def done_shard(self, shard_id: str) -> ShardInfo | None:
         """The ShardInfo of a completed shard, or None (a parquet file without sidecar is incomplete)."""
-        p = self._path(f"shards/{shard_id}.json")
-        if not self.fs.exists(p):
+        # s3fs answers exists() and even cat_file() from a cached listing of the folder: one made
+        # before other processes (the harvest's actors) wrote their shards would call them missing
+        self.fs.invalidate_cache(self._path("shards"))
+        try:
+            data = self.fs.cat_file(self._path(f"shards/{shard_id}.json"))
+        except FileNotFoundError:
             return None
-        return ShardInfo.model_validate_json(self.fs.cat_file(p))
+        return ShardInfo.model_validate_json(data)
 
     def write_shard(
         self,
