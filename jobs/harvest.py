@@ -69,10 +69,18 @@ class HarvestActor:
         self.cfg = HarvestConfig.model_validate_json(cfg_json)
         check_assigned_gpu(self.cfg)
         self.harvester = Harvester(self.cfg)
+        names = [m.name for m in self.cfg.models]
         self.producer = {
             "device": self.harvester.device.type,
-            "dtypes": dict(zip([m.name for m in self.cfg.models], self.harvester.dtypes, strict=True)),
+            "dtypes": dict(zip(names, self.harvester.dtypes, strict=True)),
         }
+        revisions = {  # the hub snapshot each model was loaded from (none for a local directory)
+            n: rev
+            for n, m in zip(names, self.harvester.models, strict=True)
+            if (rev := getattr(m.config, "_commit_hash", None))
+        }
+        if revisions:
+            self.producer["revisions"] = revisions
         get_logger("harvest").info("harvest.actor.ready", **self.producer)
         self.writer = _writer(self.cfg, d_model)
 
@@ -122,6 +130,27 @@ def resolved_dtypes(shards: list[ShardInfo]) -> dict[str, str]:
             "rerun with --overwrite"
         )
     return json.loads(next(iter(seen))) if seen else {}
+
+
+def resolved_revisions(shards: list[ShardInfo]) -> dict[str, str]:
+    """The hub revision each model's shards were computed from; fails if a model's differ (pods
+    that downloaded the current snapshot beside others with an older one in their cache)."""
+    seen: dict[str, dict[str, list[str]]] = {}
+    for info in shards:
+        for name, rev in (info.producer.get("revisions") or {}).items():
+            seen.setdefault(name, {}).setdefault(rev, []).append(info.shard_id)
+    mixed = {n: revs for n, revs in seen.items() if len(revs) > 1}
+    if mixed:
+        what = "; ".join(
+            f"{n}: " + ", ".join(f"{r[:12]} in {len(ids)} shards (e.g. {ids[0]})" for r, ids in revs.items())
+            for n, revs in mixed.items()
+        )
+        raise StoreError(
+            f"the store's shards were computed from different revisions of a model ({what}); point "
+            "harvest.models[].path at one snapshot (a local directory, or a hub id every node resolves "
+            "alike) and rerun with --overwrite"
+        )
+    return {n: next(iter(revs)) for n, revs in seen.items()}
 
 
 def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
@@ -290,8 +319,12 @@ def run_harvest(
     if missing:
         raise StoreError(f"{len(missing)} shards did not finish (first: {missing[0]}); rerun to resume")
     infos = list(found.values())
-    dtypes = resolved_dtypes(infos)
-    manifest = writer.finalize(infos, metadata={"resolved_dtypes": dtypes} if dtypes else None)
+    dtypes, revisions = resolved_dtypes(infos), resolved_revisions(infos)
+    meta = {
+        **({"resolved_dtypes": dtypes} if dtypes else {}),
+        **({"revisions": revisions} if revisions else {}),
+    }
+    manifest = writer.finalize(infos, metadata=meta or None)
     log.info(
         "harvest.done",
         rows=manifest.n_rows,

@@ -235,6 +235,26 @@ def test_shards_computed_in_different_dtypes_are_refused():
         resolved_dtypes([shard(0, bf16), shard(1, fp32)])
 
 
+def test_shards_computed_from_different_hub_revisions_are_refused():
+    """Pods that downloaded today's snapshot of a hub model beside pods with last month's in their
+    cache would mix two models' rows in one store."""
+    from diffing.store import ShardInfo
+    from jobs.harvest import resolved_revisions
+
+    def shard(i, revisions):
+        producer = {"device": "cuda", "revisions": revisions} if revisions is not None else {}
+        return ShardInfo(
+            shard_id=f"{i:02d}", path="p", n_rows=1, sha256="x", norm_sums=[1.0], producer=producer
+        )
+
+    a, b = "a" * 40, "b" * 40
+    assert resolved_revisions([shard(0, {"it": a}), shard(1, {"it": a}), shard(2, None), shard(3, {})]) == {
+        "it": a
+    }
+    with pytest.raises(StoreError, match=r"different revisions of a model \(it: aaaaaaaaaaaa in 1 shards"):
+        resolved_revisions([shard(0, {"it": a, "pt": a}), shard(1, {"it": b, "pt": a})])
+
+
 @pytest.mark.ray
 def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, monkeypatch):
     from jobs.harvest import run_harvest
