@@ -134,8 +134,11 @@ class Pipeline:
             return {"stale": True}  # a torn marker vouches for nothing
 
     def _changed(self, stage: str) -> ValueError:
+        what = "a different config"
+        if stage == "harvest" and (saved := self._saved(stage)) and self._corpus_changed(stage, saved):
+            what = f"another version of its corpus {self.cfg.harvest.corpus.uri} (the file changed since)"
         return ValueError(
-            f"{self.run} ran stage {stage!r} with a different config; rerun with --redo-changed to redo "
+            f"{self.run} ran stage {stage!r} with {what}; rerun with --redo-changed to redo "
             "that stage and the ones after it (keeping the ones before), --overwrite to redo every stage, "
             "or choose a new --out"
         )
@@ -146,12 +149,22 @@ class Pipeline:
         saved = self._saved(stage)
         if saved is None or saved.get("stale") or saved.get("running"):
             return False
-        if saved.get("hash") not in self._hashes(stage):
+        if saved.get("hash") not in self._hashes(stage) or self._corpus_changed(stage, saved):
             if redo_changed:
                 self.log.info("pipeline.changed", stage=stage, action="redo this stage and the later ones")
                 return False
             raise self._changed(stage)
         return True
+
+    def _corpus_changed(self, stage: str, saved: dict) -> bool:
+        """The harvest's corpus file is not the one it read (prompts appended or edited in place;
+        its URI, all the config names, is the same). Markers from before the stamp say nothing."""
+        if stage != "harvest" or not saved.get("corpus"):
+            return False
+        from jobs.rundir import file_stamp
+
+        now = file_stamp(self.cfg.harvest.corpus.uri)
+        return now is not None and now != saved["corpus"]
 
     def _overwrite(self, stage: str, overwrite: bool, redo_changed: bool) -> bool:
         """Whether a stage that is not done runs from scratch or resumes: it resumes only what a run
@@ -162,7 +175,7 @@ class Pipeline:
             return True
         if saved is None:
             return False
-        if saved.get("hash") not in self._hashes(stage):
+        if saved.get("hash") not in self._hashes(stage) or self._corpus_changed(stage, saved):
             if not redo_changed:
                 raise self._changed(stage)
             return True
@@ -204,9 +217,12 @@ class Pipeline:
 
     def _mark(self, stage: str, summary: dict, seconds: float) -> None:
         """`done`: written after the stage's outputs were pushed, so it vouches for them."""
-        self._write_marker(
-            stage, {"hash": self.stage_config(stage)["hash"], "seconds": seconds, "summary": summary}
-        )
+        body = {"hash": self.stage_config(stage)["hash"], "seconds": seconds, "summary": summary}
+        if stage == "harvest":
+            from jobs.rundir import file_stamp
+
+            body["corpus"] = file_stamp(self.cfg.harvest.corpus.uri)
+        self._write_marker(stage, body)
 
     def stages_to_run(self, overwrite: bool = False, redo_changed: bool = False) -> list[str]:
         """The configured stages this call will run: from the first unfinished one on (a stage

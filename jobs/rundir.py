@@ -42,6 +42,25 @@ def _version(info: dict) -> str:
     return f"size={info.get('size')}"
 
 
+def file_stamp(uri: str) -> str | None:
+    """One version of a file, to tell later whether it changed: size and ETag/md5 of a remote
+    object, size and sha256 of a local file; None where it cannot be read."""
+    name = uri.split("?", 1)[0] if is_remote(uri) else uri
+    try:
+        fs, path = fsspec.core.url_to_fs(name)
+        fs.invalidate_cache()
+        info = fs.info(path)
+        if is_remote(uri):
+            return f"{info.get('size')}:{_version(info)}"
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        return f"{info.get('size')}:{digest.hexdigest()[:16]}"
+    except Exception:  # noqa: BLE001 - unreadable here: nothing to compare
+        return None
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 

@@ -242,3 +242,21 @@ def test_a_ray_fit_killed_midway_refuses_another_data_split(tmp_path):
     with pytest.raises(ValueError, match="--redo-changed"):
         _run(out, fit=other)
     assert _run(out, flags={"redo_changed": True}, fit=other)[0] == ("fit", True)
+
+
+def test_a_corpus_changed_in_place_is_not_taken_for_the_one_harvested(tmp_path):
+    """The harvest stage is named by its config, whose corpus is a URI: prompts appended to that
+    file would otherwise leave every stage 'finished with this config' and report the old results."""
+    out, corpus = tmp_path / "run", tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "one"}\n')
+    harvest = {"models": [{"name": "a", "path": "/m/a"}, {"name": "b", "path": "/m/b"}], "layer": 1}
+    harvest["corpus"] = {"uri": str(corpus)}
+    assert len(_run(out, harvest=harvest)) == len(STAGES)
+    corpus.write_text('{"text": "one"}\n')  # rewritten with the same content: still the same corpus
+    assert _run(out, harvest=harvest) == []
+    corpus.write_text('{"text": "one"}\n{"text": "two"}\n')
+    with pytest.raises(ValueError, match=r"another version of its corpus .*--redo-changed"):
+        _run(out, harvest=harvest)
+    redo = _run(out, harvest=harvest, flags={"redo_changed": True})
+    assert redo[0] == ("harvest", True) and [s for s, _ in redo] == list(STAGES)  # from scratch
+    assert _run(out, harvest=harvest) == []  # the new version is the harvested one now
