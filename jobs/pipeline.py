@@ -34,8 +34,8 @@ from jobs.pipeline_config import (  # noqa: F401  (re-exported: the config's pub
     with_defaults,
 )
 from jobs.rundir import WEIGHTS, RunMirror
+from jobs.stage_identity import stage_own
 from jobs.stage_outputs import clear as clear_stage
-from serve.taxonomy import load_taxonomy
 
 
 def _hash(obj: Any) -> str:
@@ -64,58 +64,8 @@ class Pipeline:
         }
 
     # -- stage configs and markers -------------------------------------------------------
-    def _own(self, stage: str, legacy: bool = False) -> Any:
-        """What decides a stage's outputs: its config minus how it runs (workers, logging, request
-        limits) and the run's own location. `legacy`: the identity before 2026-12-06, still accepted
-        so runs finished then are not redone."""
-        c = self.cfg
-        if legacy:
-            return {
-                "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
-                "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
-                "analyze": {
-                    "analyze": c.analyze.model_dump(mode="json", exclude={"device", "tokenizer"}),
-                    "pairs": c.pairs,
-                },
-                "label": {
-                    **_label_identity(c.label),
-                    "taxonomy": load_taxonomy(c.label.service.taxonomy).fingerprint,
-                },
-                "report": self._report_identity(),
-            }[stage]
-        if stage == "harvest":
-            h = c.harvest.model_dump(mode="json", exclude={"ray", "device"})
-            if not c.remote and h["store"] == str(Path(c.out) / "store"):
-                h["store"] = "OUT/store"  # the default: the same run moved or named relatively
-            return h
-        if stage == "fit":
-            return c.fit.model_dump(
-                mode="json",
-                exclude={"distributed": True, "train": {"log_every", "checkpoint_every", "device"}},
-            )
-        if stage == "analyze":
-            from diffing.analysis import _OPERATIONAL
-
-            return {"analyze": c.analyze.model_dump(mode="json", exclude=_OPERATIONAL), "pairs": c.pairs}
-        if stage == "label":
-            from jobs.label import label_settings
-
-            return {**label_settings(c.label), "groups": list(c.label.groups or [])}
-        return self._report_identity()
-
-    def _report_identity(self) -> dict:
-        """The report's settings count only where they differ from the defaults, so reports made
-        before they existed stay done (also under the legacy identity)."""
-        from jobs.report.config import ReportConfig
-
-        c = self.cfg
-        own = {"planted": c.planted, "anchored": c.anchored}
-        if c.report != ReportConfig():
-            own["report"] = c.report.model_dump(mode="json")
-        return own
-
     def stage_config(self, stage: str, legacy: bool = False) -> Any:
-        own = self._own(stage, legacy)
+        own = stage_own(self.cfg, stage, legacy)
         i = STAGES.index(stage)
         upstream = self.stage_config(STAGES[i - 1], legacy)["hash"] if i else ""
         return {"own": own, "hash": _hash([own, upstream])}

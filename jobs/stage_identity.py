@@ -1,0 +1,63 @@
+"""What names each pipeline stage's outputs (the stage hash in RUN/stages/<stage>.json): its
+config minus how it runs, chained with the stages before it by jobs.pipeline.Pipeline.stage_config.
+`legacy` gives the identity before 2026-12-06, still accepted so runs finished then are not redone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jobs.pipeline_config import PipelineConfig, _label_identity
+from serve.taxonomy import load_taxonomy
+
+
+def stage_own(cfg: PipelineConfig, stage: str, legacy: bool = False) -> Any:
+    """What decides a stage's outputs: its config minus how it runs (workers, logging, request
+    limits) and the run's own location. `legacy`: the identity before 2026-12-06, still accepted
+    so runs finished then are not redone."""
+    c = cfg
+    if legacy:
+        return {
+            "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
+            "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
+            "analyze": {
+                "analyze": c.analyze.model_dump(mode="json", exclude={"device", "tokenizer"}),
+                "pairs": c.pairs,
+            },
+            "label": {
+                **_label_identity(c.label),
+                "taxonomy": load_taxonomy(c.label.service.taxonomy).fingerprint,
+            },
+            "report": report_identity(cfg),
+        }[stage]
+    if stage == "harvest":
+        h = c.harvest.model_dump(mode="json", exclude={"ray", "device"})
+        if not c.remote and h["store"] == str(Path(c.out) / "store"):
+            h["store"] = "OUT/store"  # the default: the same run moved or named relatively
+        return h
+    if stage == "fit":
+        return c.fit.model_dump(
+            mode="json",
+            exclude={"distributed": True, "train": {"log_every", "checkpoint_every", "device"}},
+        )
+    if stage == "analyze":
+        from diffing.analysis import _OPERATIONAL
+
+        return {"analyze": c.analyze.model_dump(mode="json", exclude=_OPERATIONAL), "pairs": c.pairs}
+    if stage == "label":
+        from jobs.label import label_settings
+
+        return {**label_settings(c.label), "groups": list(c.label.groups or [])}
+    return report_identity(cfg)
+
+
+def report_identity(cfg: PipelineConfig) -> dict:
+    """The report's settings count only where they differ from the defaults, so reports made
+    before they existed stay done (also under the legacy identity)."""
+    from jobs.report.config import ReportConfig
+
+    c = cfg
+    own = {"planted": c.planted, "anchored": c.anchored}
+    if c.report != ReportConfig():
+        own["report"] = c.report.model_dump(mode="json")
+    return own
