@@ -297,10 +297,17 @@ def harvest_shards(
             positions=rows["pos"],
             token_ids=rows["token_id"],
             extra={"source": rows["source"]},
-            producer=producer,
+            # the shard's own token counts: how many kept tokens the outlier rule dropped
+            producer={**(producer or {}), "n_tokens": rows["n_tokens"], "n_outliers": rows["n_outliers"]},
         )
         seconds = t_run + time.perf_counter() - t0
-        return {"shard_id": sid, "n_rows": info.n_rows, "n_tokens": rows["n_tokens"], "seconds": seconds}
+        return {
+            "shard_id": sid,
+            "n_rows": info.n_rows,
+            "n_tokens": rows["n_tokens"],
+            "n_outliers": rows["n_outliers"],
+            "seconds": seconds,
+        }
 
     pending: deque[Future] = deque()
     # leaving the pool waits for every write started, also on an error (each write is atomic)

@@ -85,14 +85,16 @@ class HarvestActor:
         self.writer = _writer(self.cfg, d_model)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        out: dict[str, list] = {"shard_id": [], "n_rows": [], "n_tokens": [], "seconds": [], "skipped": []}
+        out: dict[str, list] = {
+            "shard_id": [], "n_rows": [], "n_tokens": [], "n_outliers": [], "seconds": [], "skipped": []
+        }  # fmt: skip
         todo = []
         for sid, start, recs in zip(batch["shard_id"], batch["start"], batch["records"], strict=True):
             done = self.writer.done_shard(sid)
             if done is None:
                 todo.append((sid, int(start), json.loads(recs)))
             else:
-                for k, v in zip(out, (sid, done.n_rows, 0, 0.0, True), strict=True):
+                for k, v in zip(out, (sid, done.n_rows, 0, 0, 0.0, True), strict=True):
                     out[k].append(v)
         # the batch's shards: each written in the background while the models compute the next
         for r in harvest_shards(
@@ -102,7 +104,7 @@ class HarvestActor:
             write_threads=self.cfg.ray.write_threads,
             producer=self.producer,
         ):
-            for k in ("shard_id", "n_rows", "n_tokens", "seconds"):
+            for k in ("shard_id", "n_rows", "n_tokens", "n_outliers", "seconds"):
                 out[k].append(r[k])
             out["skipped"].append(False)
         return out
@@ -130,6 +132,24 @@ def resolved_dtypes(shards: list[ShardInfo]) -> dict[str, str]:
             "rerun with --overwrite"
         )
     return json.loads(next(iter(seen))) if seen else {}
+
+
+def outlier_totals(shards: list[ShardInfo], log=None) -> dict[str, int]:
+    """Tokens seen and dropped by the outlier rule over the shards that recorded them; a warning
+    when more than 2% were dropped (a template token every document has, say, in one model)."""
+    seen = [s.producer for s in shards if "n_outliers" in s.producer]
+    if not seen:
+        return {}
+    tokens, dropped = sum(int(p["n_tokens"]) for p in seen), sum(int(p["n_outliers"]) for p in seen)
+    if log is not None and tokens and dropped / tokens > 0.02:
+        log.warning(
+            "harvest.many_outliers",
+            dropped=dropped,
+            tokens=tokens,
+            detail="harvest.outlier_norm_mult drops a token from every model when it is an outlier in "
+            "one; check which tokens (a chat-template token?) or raise it",
+        )
+    return {"tokens_seen": tokens, "outliers_dropped": dropped}
 
 
 def resolved_revisions(shards: list[ShardInfo]) -> dict[str, str]:
@@ -309,6 +329,7 @@ def run_harvest(
                 shard=r["shard_id"],
                 done=f"{done}/{len(todo)}",
                 rows=int(r["n_rows"]),
+                outliers_dropped=int(r["n_outliers"]),
                 # this shard on its actor (steady state) / all shards so far over wall time (incl. start-up)
                 shard_tokens_per_s=round(int(r["n_tokens"]) / max(float(r["seconds"]), 1e-9)),
                 tokens_per_s=round(toks / max(el, 1e-9)),
@@ -323,6 +344,7 @@ def run_harvest(
     meta = {
         **({"resolved_dtypes": dtypes} if dtypes else {}),
         **({"revisions": revisions} if revisions else {}),
+        **outlier_totals(infos, log),
     }
     manifest = writer.finalize(infos, metadata=meta or None)
     log.info(

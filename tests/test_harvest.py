@@ -266,6 +266,9 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, mon
     # what the models ran in, per shard and for the store (splice evaluation reloads them so)
     assert all(s.producer["dtypes"] == {"base": "float32", "ft": "float32"} for s in m.shards)
     assert m.metadata["resolved_dtypes"] == {"base": "float32", "ft": "float32"}
+    # tokens seen and dropped as outliers: per shard, and in total for the store
+    assert m.metadata["tokens_seen"] == sum(s.producer["n_tokens"] for s in m.shards) > 0
+    assert m.metadata["outliers_dropped"] == sum(s.producer["n_outliers"] for s in m.shards)
     st = open_store(str(tmp_path / "s"))
     acts, meta = st.load()
     assert acts.shape[1:] == (2, 64) and len(acts) == m.n_rows
@@ -427,3 +430,27 @@ def test_harvest_models_keep_only_the_layers_up_to_the_site(tmp_path, tiny_pair)
     assert all(n_layers(m) == h.cfg.layer + 1 < full for m in h.models)
     with pytest.raises(HarvestInputError, match="out of range"):
         Harvester(_cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s2", device="cpu", layer=full))
+
+
+def test_a_store_that_drops_many_outliers_says_so():
+    from diffing.store import ShardInfo
+    from jobs.harvest import outlier_totals
+
+    warned = []
+
+    class Log:
+        def warning(self, event, **kw):
+            warned.append((event, kw))
+
+    def shard(i, n, dropped):
+        producer = {"n_tokens": n, "n_outliers": dropped}
+        return ShardInfo(shard_id=f"{i}", path="p", n_rows=1, sha256="x", norm_sums=[1.0], producer=producer)
+
+    assert outlier_totals([shard(0, 1000, 5), shard(1, 1000, 5)], Log()) == {
+        "tokens_seen": 2000,
+        "outliers_dropped": 10,
+    }
+    assert not warned
+    outlier_totals([shard(0, 1000, 100)], Log())
+    assert warned and warned[0][0] == "harvest.many_outliers"
+    assert outlier_totals([ShardInfo(shard_id="0", path="p", n_rows=1, sha256="x", norm_sums=[1.0])]) == {}
