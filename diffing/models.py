@@ -301,6 +301,30 @@ def _ids(tok, text: str, add_special: bool, max_length: int | None) -> list[int]
     return encode_truncated(tok, text, add_special_tokens=add_special, max_length=max_length)
 
 
+def check_vocab(
+    tok, records: Sequence[dict[str, Any]], vocab_sizes: dict[str, int | None], max_length: int | None = None
+) -> None:
+    """Every token id the harvest feeds (the records as `tok` reads them) must have a row in every
+    model's embedding: a tokenizer with tokens its model lacks (a special token added for a chat
+    template, say) fails mid-harvest, on a GPU as a device-side assert. Fail here, naming both."""
+    limits = {n: v for n, v in vocab_sizes.items() if v}
+    if not limits:
+        return
+    smallest = min(limits.values())
+    for rec in records:
+        text, raw = render(rec, tok)
+        ids = _ids(tok, text, raw, max_length)
+        if ids and max(ids) >= smallest:
+            bad = max(ids)
+            lacking = sorted(n for n, v in limits.items() if bad >= v)
+            raise HarvestInputError(
+                f"record {rec.get('id')!r} has the token {tok.convert_ids_to_tokens(bad)!r} (id {bad}), but "
+                f"model(s) {lacking} embed only {min(limits[n] for n in lacking)} tokens (config vocab_size): "
+                "the tokenizer has tokens the model lacks (one added for a chat template?); use a tokenizer "
+                "and chat template every model was trained with"
+            )
+
+
 def check_tokenizers_agree(
     tokenizers: Sequence[Any],
     records: Sequence[dict[str, Any]],

@@ -22,6 +22,7 @@ from diffing.logs import get_logger
 from diffing.models import (
     HarvestInputError,
     check_tokenizers_agree,
+    check_vocab,
     load_tokenizer,
     render,
     share_chat_template,
@@ -178,7 +179,7 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
     tokenizers agree, store writable. -> d_model."""
     from transformers import AutoConfig
 
-    widths, names = set(), [m.name for m in cfg.models]
+    widths, names, vocab = set(), [m.name for m in cfg.models], {}
     for spec in cfg.models:
         try:
             mc = AutoConfig.from_pretrained(spec.path)
@@ -191,6 +192,7 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
                 f"layer={cfg.layer} is out of range: model {spec.name!r} has {n} decoder layers (0..{n - 1})"
             )
         widths.add(mc.hidden_size)
+        vocab[spec.name] = getattr(mc, "vocab_size", None)
         positions = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
         if positions and cfg.context_length > positions:
             raise HarvestInputError(
@@ -205,7 +207,9 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
     share_chat_template(tokenizers, names)  # chats are rendered once, by the first model's template
     for record in records:  # every chat through that template, before any shard runs
         render(record, tokenizers[0])
-    check_tokenizers_agree(tokenizers, agreement_sample(records), names, cfg.context_length)
+    sample = agreement_sample(records)
+    check_tokenizers_agree(tokenizers, sample, names, cfg.context_length)
+    check_vocab(tokenizers[0], sample, vocab, cfg.context_length)
     d_model = widths.pop()
     w = _writer(cfg, d_model)
     check_writable(w.fs, w.root, f"store={cfg.store}")

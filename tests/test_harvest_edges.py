@@ -129,3 +129,22 @@ def test_an_actor_without_a_gpu_of_its_own_is_refused_where_gpus_are_visible(mon
     check_assigned_gpu(cfg(device="cpu"), gpu_ids=[])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     check_assigned_gpu(cfg(), gpu_ids=[])  # a CPU node: nothing to share
+
+
+def test_tokens_a_model_has_no_embedding_for_are_found_before_the_harvest():
+    """A fine-tune's tokenizer with tokens its base model lacks would stop the harvest mid-way (on a
+    GPU as a device-side assert): preflight names the record, the token and the model."""
+    import pytest
+
+    from diffing.embedded.tiny import byte_tokenizer
+    from diffing.models import HarvestInputError, check_vocab
+
+    tok = byte_tokenizer()
+    recs = [{"id": "r1", "text": "plain text", "messages": None}]
+    top = max(tok("plain text", add_special_tokens=False)["input_ids"])
+    check_vocab(tok, recs, {"base": len(tok), "ft": len(tok)}, 64)
+    check_vocab(tok, recs, {"base": None, "ft": None}, 64)  # configs without vocab_size: nothing to check
+    with pytest.raises(
+        HarvestInputError, match=r"record 'r1' has the token .* model\(s\) \['ft'\] embed only"
+    ):
+        check_vocab(tok, recs, {"base": len(tok), "ft": top}, 64)
