@@ -63,20 +63,29 @@ def _slug(text: str, n: int = 24) -> str:
     return s[-n:].strip("-") or "run"
 
 
+def _option_values(args: Sequence[str], opt: str) -> list[str]:
+    """The values given to `opt` (`--opt VALUE` or `--opt=VALUE`), in order."""
+    out, args = [], list(args)
+    for i, a in enumerate(args):
+        if a == opt and i + 1 < len(args):
+            out.append(args[i + 1])
+        elif a.startswith(opt + "="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
+def _run_paths(config: Mapping[str, Any] | None, args: Sequence[str]) -> list[tuple[str, str]]:
+    """(where, path) of the run's locations, most telling first: the CLI options, then the config."""
+    found = [(opt, v) for opt in _RUN_OPTIONS for v in _option_values(args, opt)]
+    return found + [(f, config[f]) for f in _RUN_FIELDS if config and isinstance(config.get(f), str)]
+
+
 def run_key(stage: str, config: Mapping[str, Any] | None, args: Sequence[str], name: str | None) -> str:
     """The run a stage writes: `--name`, else its output option, else the config's output field."""
     if name:
         return name
-    args = list(args)
-    for opt in _RUN_OPTIONS:
-        for i, a in enumerate(args):
-            if a == opt and i + 1 < len(args):
-                return args[i + 1]
-            if a.startswith(opt + "="):
-                return a.split("=", 1)[1]
-    for f in _RUN_FIELDS:
-        if config and isinstance(config.get(f), str):
-            return config[f]
+    if found := _run_paths(config, args):
+        return found[0][1]
     raise SubmitError(
         f"cannot tell which run this {stage} job writes: pass --name NAME (or an --out/--run/--store "
         "option, or a config with an `out`/`store` field) so the submission id is stable"
@@ -92,16 +101,7 @@ def relative_outputs(stage: str, config: Mapping[str, Any] | None, args: Sequenc
     """Local relative paths among the run's outputs and inputs (`--out/--run/--store`, the config's
     `out`/`store`/`harvest.store`): on the cluster they resolve against the job's working directory,
     a temporary directory of Ray's, not the directory `submit` ran in."""
-    found, args = [], list(args)
-    for opt in _RUN_OPTIONS:
-        for i, a in enumerate(args):
-            if a == opt and i + 1 < len(args):
-                found.append((opt, args[i + 1]))
-            elif a.startswith(opt + "="):
-                found.append((opt, a.split("=", 1)[1]))
-    for f in _RUN_FIELDS:
-        if config and isinstance(config.get(f), str):
-            found.append((f, config[f]))
+    found = _run_paths(config, args)
     harvest = (config or {}).get("harvest")
     if stage == "pipeline" and isinstance(harvest, Mapping) and isinstance(harvest.get("store"), str):
         found.append(("harvest.store", harvest["store"]))
@@ -195,13 +195,7 @@ def entrypoint_argv(entrypoint: str, config_path: str = "config.yaml") -> list[s
 
 
 def _sets(args: Sequence[str]) -> list[str]:
-    out, args = [], list(args)
-    for i, a in enumerate(args):
-        if a == "--set" and i + 1 < len(args):
-            out.append(args[i + 1])
-        elif a.startswith("--set="):
-            out.append(a.split("=", 1)[1])
-    return out
+    return _option_values(args, "--set")
 
 
 def _with_sets(data: dict[str, Any] | None, sets: Sequence[str]) -> dict[str, Any] | None:
@@ -247,11 +241,8 @@ def build_submission(
         data = read_config_file(p)  # missing, a directory, not UTF-8, a YAML error: one line each
         text = p.read_text()
         checked = dict(data)
-        for i, a in enumerate(args):  # `crossdiff pipeline --out RUN` fills the config's out
-            if stage == "pipeline" and a == "--out" and i + 1 < len(args):
-                checked["out"] = args[i + 1]
-            elif stage == "pipeline" and a.startswith("--out="):
-                checked["out"] = a.split("=", 1)[1]
+        if stage == "pipeline" and (outs := _option_values(args, "--out")):
+            checked["out"] = outs[-1]  # `crossdiff pipeline --out RUN` fills the config's out
         _validate_config(stage, checked, _sets(args))
         env_vars[CONFIG_ENV] = text
         cmd += ["--config", '"$cfg"']

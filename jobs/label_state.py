@@ -74,7 +74,7 @@ _DERIVED = ("taxonomy_fingerprint", "prompt_version")  # in label_settings.json,
 def _read_json(path: Path) -> dict:
     try:
         d = json.loads(path.read_text())
-    except ValueError:
+    except (ValueError, FileNotFoundError):
         return {}
     return d if isinstance(d, dict) else {}
 
@@ -153,8 +153,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _read_endpoint_fingerprint(run_dir: Path) -> str | None:
-    path = run_dir / ENDPOINT_FILE
-    return (_read_json(path).get("settings_fingerprint") or None) if path.exists() else None
+    return _read_json(run_dir / ENDPOINT_FILE).get("settings_fingerprint") or None
 
 
 def _write_endpoint_fingerprint(run_dir: Path, fp: str) -> None:

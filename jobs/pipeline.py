@@ -111,10 +111,16 @@ class Pipeline:
         its URI, all the config names, is the same). Markers from before the stamp say nothing."""
         if stage != "harvest" or not saved.get("corpus"):
             return False
-        from jobs.rundir import file_stamp
-
-        now = file_stamp(self.cfg.harvest.corpus.uri)
+        now = self._corpus_stamp()
         return now is not None and now != saved["corpus"]
+
+    def _corpus_stamp(self) -> str | None:
+        """The corpus file's version, read once per pipeline call (hashing a large local corpus)."""
+        if not hasattr(self, "_corpus_version"):
+            from jobs.rundir import file_stamp
+
+            self._corpus_version = file_stamp(self.cfg.harvest.corpus.uri)
+        return self._corpus_version
 
     def _overwrite(self, stage: str, overwrite: bool, redo_changed: bool) -> bool:
         """Whether a stage that is not done runs from scratch or resumes: it resumes only what a run
@@ -169,9 +175,7 @@ class Pipeline:
         """`done`: written after the stage's outputs were pushed, so it vouches for them."""
         body = {"hash": self.stage_config(stage)["hash"], "seconds": seconds, "summary": summary}
         if stage == "harvest":
-            from jobs.rundir import file_stamp
-
-            body["corpus"] = file_stamp(self.cfg.harvest.corpus.uri)
+            body["corpus"] = self._corpus_stamp()
         self._write_marker(stage, body)
 
     def stages_to_run(self, overwrite: bool = False, redo_changed: bool = False) -> list[str]:

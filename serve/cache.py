@@ -39,6 +39,16 @@ def judge_view(ev: LatentEvidence, context: str | None) -> dict:
     }
 
 
+def _service_fields(judge_model: str, taxonomy: Taxonomy, method: MethodSettings) -> dict:
+    """What every label of a service depends on besides its request and the judge's setup."""
+    return {
+        "prompt": prompts.PROMPT_VERSION,
+        "judge": judge_model,
+        "taxonomy": taxonomy.fingerprint,
+        "method": method.model_dump(exclude={"max_concurrent_calls"}),
+    }
+
+
 def cache_key(
     ev: LatentEvidence,
     context: str | None,
@@ -56,10 +66,7 @@ def cache_key(
     `judge_setup`: the judge's configuration beside its name (JudgeSettings.setup)."""
     fields = {
         "evidence": judge_view(ev, context),
-        "prompt": prompts.PROMPT_VERSION,
-        "judge": judge_model,
-        "taxonomy": taxonomy.fingerprint,
-        "method": method.model_dump(exclude={"max_concurrent_calls"}),
+        **_service_fields(judge_model, taxonomy, method),
         "detection": detection,
     }
     if calibration is not None:  # absent otherwise, so keys of uncalibrated labels stay as they were
@@ -85,12 +92,7 @@ def settings_fingerprint(
     """What decides every label a service gives besides the request itself (evidence, context,
     detection, calibration): sent with each response, so a client resuming a labels file can tell
     that the endpoint now labels differently (another taxonomy, method, judge or prompt version)."""
-    fields = {
-        "prompt": prompts.PROMPT_VERSION,
-        "judge": judge_model,
-        "taxonomy": taxonomy.fingerprint,
-        "method": method.model_dump(exclude={"max_concurrent_calls"}),
-    }
+    fields = _service_fields(judge_model, taxonomy, method)
     if judge_setup is not None:
         fields["judge_setup"] = judge_setup
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
