@@ -81,7 +81,7 @@ def classify(
     For two models, or a `pair` (a, b) of model indices, this is exactly the Δnorm rule of that
     pair (A-only: Δnorm > only_high, B-only: Δnorm < only_low, shared: Δnorm in [shared_low,
     1 - shared_low]); for more models without a pair, a latent is m-only when every other model's
-    relative norm is below the same cut, and shared when all are above.
+    relative norm is below the stricter of the pair rule's two cuts, and shared when all are above.
     """
     n = np.asarray(norms, dtype=np.float64)
     rel = n / np.maximum(n.max(0, keepdims=True), 1e-12)  # [M, L]
@@ -95,7 +95,9 @@ def classify(
         out[(dn >= cfg.shared_low) & (dn <= 1 - cfg.shared_low)] = "shared"
         out[~pair_writes(n, a, b, cfg)] = "other"  # another model's latent: the pair barely writes it
         return out
-    only_cut = 2 * cfg.only_low  # Δnorm < only_low  <=>  r_other < 2 * only_low
+    # Δnorm < only_low (or > only_high)  <=>  the other norm < 2 * only_low (2 * (1 - only_high)) of
+    # the largest; without a pair both sides are "the other", so the stricter cut applies
+    only_cut = 2 * min(cfg.only_low, 1 - cfg.only_high)
     shared_cut = 1 - 2 * (0.5 - cfg.shared_low)
     out = np.full(L, "other", dtype=object)
     top = rel.argmax(0)
@@ -132,11 +134,17 @@ def latent_table(
     cls = np.where(live, cls, "dead")
 
     # ν: target T = the pair's stronger decoder (β was measured along it), reference R = the other
-    target = scaling_targets(norms, a, b)
-    if stats.target is not None and not np.array_equal(stats.target, target):
+    # the targets β was measured along. They are taken from the stats, not recomputed: a latent whose
+    # two decoder norms tie to float32 rounding (one that never trained) can pick the other model
+    # when its norms are summed in another order, on another device
+    if stats.target is None:
+        target = scaling_targets(norms, a, b)
+    elif (stats.pair is not None and set(stats.pair) != {a, b}) or not np.isin(stats.target, (a, b)).all():
         raise ValueError(
             f"latent_stats measured β for another pair than {[a_name, b_name]}; pass pair=({a}, {b})"
         )
+    else:
+        target = np.asarray(stats.target)
     ref = np.where(target == a, b, a)
     idx = np.arange(L)
     bt_e, br_e = stats.beta_eps[target, idx], stats.beta_eps[ref, idx]

@@ -9,7 +9,7 @@ For M models with activations x_m in R^D at the same token, a crosscoder with L 
 Shapes: W_enc [M, D, L], W_dec [M, L, D], b_enc [L], b_dec [M, D]. Latent l has one decoder
 row per model, d_{m,l} = W_dec[m, l]; a latent whose row is ~0 in model A but not in B exists
 only in B. The model works in *normalised* units (x_m * c_m with c_m = sqrt(D) / E||x_m||, stored
-in `norm_scale`); `fold_normalisation()` exports weights that act on raw activations.
+in `norm_scale`); `export_raw()` exports weights that act on raw activations.
 
 BatchTopK (Bussmann et al. 2024, crosscoder form of Minder et al. 2025): per batch keep the
 k * B largest entries of relu(pre) * sum_m ||d_{m,l}|| and zero the rest. After training,

@@ -26,6 +26,7 @@ class LatentStats:
     beta_r: np.ndarray  # [M, L] same, reconstruction target
     n_tokens: int
     target: np.ndarray | None = None  # [L] the model whose decoder direction β was measured along
+    pair: tuple[int, int] | None = None  # the model indices (a, b) the targets were chosen from
 
 
 def scaling_targets(norms: Tensor | np.ndarray, a: int, b: int) -> np.ndarray:
@@ -91,4 +92,5 @@ def latent_stats(
         beta_r=(num_r / den).cpu().numpy(),
         n_tokens=n,
         target=target_np,
+        pair=(int(pair[0]), int(pair[1])),
     )

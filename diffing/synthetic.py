@@ -74,7 +74,9 @@ def match_features(planted: PlantedDictionary, W_dec: np.ndarray) -> tuple[np.nd
     """For each planted feature, the latent whose decoder best matches it and that cosine.
 
     Cosine is taken over the models where the feature exists (concatenated rows), so a
-    model-specific feature is matched on its own model's decoder. W_dec: [M, L, D].
+    model-specific feature is matched on its own model's decoder. W_dec: [M, L, D] acting on raw
+    activations (``Crosscoder.export_raw()["W_dec"]``): the normalised-unit decoder scales each
+    model's rows by its own factor, which tilts the concatenated cosine of a shared feature.
     Returns (best_latent [F], best_cos [F]).
     """
     F, M, D = planted.directions.shape

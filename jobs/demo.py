@@ -50,7 +50,9 @@ def run_planted_demo(out: Path, *, tokens: int = 300_000, seed: int = 0) -> dict
     table = analyze_run(out / "run", store, AnalysisConfig())
     model = Crosscoder.load(out / "run" / "crosscoder")
     report = recovery_report(
-        planted, model.W_dec.detach().numpy(), np.asarray(table.column("class").to_pylist(), dtype=object)
+        planted,
+        model.export_raw()["W_dec"].numpy(),
+        np.asarray(table.column("class").to_pylist(), dtype=object),
     )
     summary = {
         "fit": {"fve": metrics["fve"], "l0": metrics["l0"]},

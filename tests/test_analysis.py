@@ -269,6 +269,37 @@ def test_a_pair_inside_three_models_is_measured_on_the_pair(beta):
         latent_table(cc, latent_stats(cc, x.split(4096), pair=(0, 1)), AnalysisConfig(), ("pt", "simpo"))
 
 
+def test_the_table_uses_the_targets_beta_was_measured_along():
+    """A latent whose two decoder norms tie to rounding (never trained) may pick the other model
+    when its norms are summed on another device: the table takes the measured targets rather than
+    failing the whole analysis on a recomputation; stats of another pair are still refused."""
+    cc, x = _three_models(0.3)
+    stats = latent_stats(cc, x.split(4096), pair=(0, 2))
+    want = latent_table(cc, stats, AnalysisConfig(), ("pt", "simpo")).to_pydict()
+    flipped = stats.target.copy()
+    flipped[1] = 2 if flipped[1] == 0 else 0  # the shared latent: as if the norms rounded the other way
+    stats.target = flipped
+    got = latent_table(cc, stats, AnalysisConfig(), ("pt", "simpo")).to_pydict()
+    assert got["scaling_target"][1] != want["scaling_target"][1]
+    assert got["scaling_target"][0] == want["scaling_target"][0] and got["nu_eps"][0] == want["nu_eps"][0]
+    stats.pair = (0, 1)
+    with pytest.raises(ValueError, match="another pair"):
+        latent_table(cc, stats, AnalysisConfig(), ("pt", "simpo"))
+    stats.pair, stats.target = None, np.where(flipped == 2, 1, flipped)  # a target outside the pair
+    with pytest.raises(ValueError, match="another pair"):
+        latent_table(cc, stats, AnalysisConfig(), ("pt", "simpo"))
+
+
+def test_without_a_pair_both_only_cuts_apply():
+    """The many-model rule uses the stricter of only_low and only_high: a latent the pair rule calls
+    'other' (Δnorm 0.925 < only_high 0.95) is not a-only there either."""
+    norms = np.array([[1.0], [0.15], [0.15]])
+    cfg = AnalysisConfig(only_low=0.1, only_high=0.95)
+    assert classify(norms, ["a", "b", "c"], cfg).tolist() == ["other"]
+    assert classify(norms, ["a", "b", "c"], cfg, pair=(0, 1)).tolist() == ["other"]
+    assert classify(norms, ["a", "b", "c"], AnalysisConfig()).tolist() == ["a-only"]
+
+
 def test_a_reference_that_carries_the_direction_reversed_is_not_specific():
     cc, x = _constructed(-0.6, decoupled=False)
     t = latent_table(cc, latent_stats(cc, x.split(4096)), AnalysisConfig()).to_pydict()
