@@ -34,6 +34,22 @@ def pair_dir(run: Path, pair: tuple[str, str], n_pairs: int) -> Path:
     return d
 
 
+def stale_dirs(run: Path, pairs: tuple[tuple[str, str], ...]) -> list[Path]:
+    """Analyses the current comparisons do not use: RUN/compare/<A>-vs-<B>/ of a pair no longer
+    compared, all of RUN/compare/ for a single pair, and RUN's own analysis for several pairs
+    (their report would otherwise sit beside the new ones and read as this run's)."""
+    compare = run / "compare"
+    if len(pairs) == 1:
+        return [compare] if compare.is_dir() else []
+    keep = {f"{a}-vs-{b}" for a, b in pairs}
+    out = (
+        [d for d in sorted(compare.iterdir()) if d.is_dir() and d.name not in keep]
+        if compare.is_dir()
+        else []
+    )
+    return out + ([run] if (run / "latents.parquet").exists() else [])
+
+
 def specific_ids(d: Path, model: str) -> set[int]:
     """The latents selected as <model>-specific in one comparison directory (the groups of its
     latents.parquet, as the report's main shift reads them; the evidence files where there is none)."""
@@ -91,6 +107,7 @@ def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str, opts=Non
             for r in rows
         )
     )
+    md = f"S = {s_name} (N={sum(cs.values())}), I = {i_name} (N={sum(ci.values())})\n\n" + md
     data = {"S": s_name, "I": i_name, "shift": rows, "overlap": both}
     if both:
         md = f"S and I share {both} latents (the intervals assume independent groups).\n\n" + md

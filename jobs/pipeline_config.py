@@ -113,6 +113,11 @@ class PipelineConfig(Frozen):
         for p in self.comparisons or ():
             if any(m not in names for m in p) or p[0] == p[1]:
                 raise ValueError(f"comparisons: {list(p)} must be two different harvested models {names}")
+        if self.comparisons and self.pair is not None:  # `pairs` reads comparisons: pair would go unused
+            raise ValueError(
+                f"pair={list(self.pair)} and comparisons={[list(p) for p in self.comparisons]} are both set; "
+                "set one (add the pair to comparisons to analyse it too)"
+            )
         if self.anchored is not None:
             s_model, i_model = self.anchored
             if s_model == i_model:
@@ -129,6 +134,13 @@ class PipelineConfig(Frozen):
                         f"anchored={list(self.anchored)}: {m!r} must be the B (second model) of exactly one "
                         f"of the comparisons {[list(p) for p in self.comparisons]}, found {bs.count(m)}"
                     )
+            base_of = {b: a for a, b in self.comparisons}
+            if base_of[s_model] != base_of[i_model]:  # Δ_c compares two fine-tunes against one base
+                raise ValueError(
+                    f"anchored={list(self.anchored)}: S and I must come from comparisons with the same base A, "
+                    f"got [{base_of[s_model]}, {s_model}] and [{base_of[i_model]}, {i_model}]; e.g. "
+                    f"comparisons: [[{base_of[i_model]}, {s_model}], [{base_of[i_model]}, {i_model}]]"
+                )
         if self.work_dir is not None and not is_remote(self.out):
             raise ValueError(f"work_dir is only for a remote out (s3://, gs://); out={self.out} is local")
         if self.label.groups is not None:  # a group named after no model would go unlabelled, silently
@@ -137,6 +149,12 @@ class PipelineConfig(Frozen):
                 raise ValueError(
                     f"label.groups: {unknown} name no group of this run; its groups are {sorted(known)} "
                     "(<model>-specific for each model of a compared pair, and baseline)"
+                )
+            need = [f"{m}-specific" for m in self.anchored or ()]
+            if missing := [g for g in need if g not in self.label.groups]:  # the section could never fill
+                raise ValueError(
+                    f"label.groups leaves out {missing}, which the anchored shift {list(self.anchored)} "
+                    f"compares; add them to label.groups"
                 )
         return self
 

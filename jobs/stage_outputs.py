@@ -37,8 +37,20 @@ def clear(stage: str, p: Pipeline) -> None:
         if p.cfg.remote:  # a Ray Train fit writes the bucket; weights this machine never synced stay there
             _rm(p.cfg.out, FIT_OUTPUTS if p.cfg.fit.distributed.workers > 0 else ("crosscoder",))
     elif stage == "analyze":
-        from jobs.analyze import clear_outputs
+        import shutil
 
+        from diffing.logs import get_logger
+        from jobs.analyze import clear_outputs
+        from jobs.compare import stale_dirs
+
+        for d in stale_dirs(p.run, p.cfg.pairs):  # a changed `comparisons` (or pair vs comparisons)
+            get_logger("pipeline", run=str(p.run)).warning(
+                "pipeline.stale_comparison", removed=str(d), detail="not one of this config's comparisons"
+            )
+            if d == p.run:
+                clear_outputs(d)
+            else:
+                shutil.rmtree(d)
         for d in p.dirs().values():
             clear_outputs(d)
     elif stage == "label":

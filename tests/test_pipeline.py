@@ -288,6 +288,11 @@ def test_anchored_needs_matching_comparisons(tmp_path):
         (["comparisons=[[a,b],[c,b]]", "anchored=[c,b]"], "exactly one"),  # b is the B of two pairs
         (["comparisons=[[a,b],[a,c]]", "anchored=[b,b]"], "two different"),
         (["pair=[a,b]", "anchored=[c,b]"], "needs `comparisons`"),
+        # S measured against b, I against a: two different bases, no anchored shift
+        (["comparisons=[[a,b],[b,c]]", "anchored=[c,b]"], "same base A"),
+        (["comparisons=[[b,a],[a,c]]", "anchored=[c,a]"], "same base A"),
+        (["comparisons=[[a,b],[a,c]]", "pair=[b,c]"], "both set"),  # pair would go unused
+        (["comparisons=[[a,b],[a,c]]", "anchored=[c,b]", "label.groups=[c-specific]"], r"b-specific"),
     ]:
         with pytest.raises(ConfigError, match=needle):
             load_pipeline_config(p, overrides=sets)
@@ -324,5 +329,41 @@ def test_anchored_section_counts(tmp_path):
         rows["math"]["n_s"] == 0 and rows["math"]["n_i"] == 2 and rows["math"]["delta"] == pytest.approx(-1.0)
     )
     assert "<img" in sec["html"] and sec["key"] == "anchored"
+    assert "S = simpo-specific (pt-vs-simpo) (N=3), I = it-specific (pt-vs-it) (N=4)" in sec["markdown"]
     # one N-model crosscoder: latents 0-2 were selected in both comparisons, and the report says so
     assert sec["data"]["overlap"] == 3 and "3 latents are in both groups" in sec["html"]
+
+
+def test_an_analyze_redo_removes_comparisons_no_longer_made(tmp_path):
+    """Changed comparisons (or one pair after several, and back) leave no old analysis, labels or
+    report beside the new ones; the shared crosscoder they link is kept."""
+    from types import SimpleNamespace
+
+    from jobs.compare import pair_dir
+    from jobs.stage_outputs import clear
+
+    run = tmp_path / "run"
+    (run / "crosscoder").mkdir(parents=True)
+    (run / "crosscoder" / "cfg.json").write_text("{}")
+    old = [pair_dir(run, p, 2) for p in (("a", "b"), ("a", "c"))]
+    for d in old:
+        (d / "latents.parquet").write_text("x")
+        (d / "report.html").write_text("old")
+
+    def pipe(pairs):
+        cfg = SimpleNamespace(pairs=pairs)
+        return SimpleNamespace(
+            run=run, cfg=cfg, dirs=lambda: {p: pair_dir(run, p, len(pairs)) for p in pairs}
+        )
+
+    clear("analyze", pipe((("a", "b"), ("b", "c"))))
+    assert not old[1].exists() and (old[0] / "report.html").exists()
+    assert not (old[0] / "latents.parquet").exists()  # redone: cleared as before
+    assert (run / "crosscoder" / "cfg.json").exists()
+    clear("analyze", pipe((("a", "b"),)))  # one pair: its analysis lives in RUN itself
+    assert not (run / "compare").exists() and (run / "crosscoder" / "cfg.json").exists()
+    (run / "latents.parquet").write_text("x")
+    (run / "labels.jsonl").write_text("{}")
+    clear("analyze", pipe((("a", "b"), ("a", "c"))))
+    assert not (run / "latents.parquet").exists() and not (run / "labels.jsonl").exists()
+    assert (run / "compare" / "a-vs-b" / "crosscoder").is_symlink()
