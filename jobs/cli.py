@@ -313,41 +313,11 @@ def pipeline(
 
 
 # Ray jobs on a cluster: `crossdiff submit`, `crossdiff jobs`, `crossdiff cluster` (jobs/submit.py).
+from jobs.cli_report import register as _register_report_commands  # noqa: E402
 from jobs.submit import register as _register_cluster_commands  # noqa: E402
 
+_register_report_commands(app)
 _register_cluster_commands(app)
-
-
-@app.command()
-def report(
-    run: Annotated[
-        str,
-        typer.Option("--run", help="Run directory (after analyze; labels optional; local, s3://, gs://)."),
-    ],
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Write RUN/report.html (self-contained), RUN/report.json and RUN/report.md."""
-    from diffing.config import load_config
-    from jobs.report import owning_pipeline, write_report
-    from jobs.report.config import ReportConfig
-    from jobs.rundir import WEIGHTS, local_copy
-
-    def go():
-        cfg = load_config(ReportConfig, config, set_ or [])
-        with local_copy(run, skip=WEIGHTS) as local:
-            if (saved := owning_pipeline(Path(local))) is not None:
-                from jobs.rundir import is_remote
-
-                where = f"{run}/pipeline.json (a local copy of it)" if is_remote(run) else saved
-                _fail(
-                    f"{run} belongs to a pipeline run whose report has sections this command does not make "
-                    "(planted-truth validation, the anchored shift); redo its report with `crossdiff pipeline "
-                    f"--config {where} --set report.FIELD=VALUE --redo-changed` (only the report stage reruns)"
-                )
-            typer.echo(json.dumps(write_report(local, opts=cfg), indent=2))
-
-    _run(go)
 
 
 @app.command("serve")

@@ -71,25 +71,32 @@ def specific_counts(d: Path, model: str) -> Counter:
 
 def anchored_section(dirs: dict[str, Path], s_model: str, i_model: str, opts=None) -> dict:
     """Report section: category shift of S's specific latents (its comparison) vs I's (its own),
-    with the intervals `opts` (a ReportConfig) chooses."""
+    with the intervals `opts` (a ReportConfig) chooses; all comparisons share one crosscoder."""
+    s, i = (dirs[s_model], s_model, dirs[s_model].name), (dirs[i_model], i_model, dirs[i_model].name)
+    return anchored_between(s, i, opts=opts, shared_dictionary=True)
+
+
+def anchored_between(
+    s: tuple[Path, str, str], i: tuple[Path, str, str], *, opts=None, shared_dictionary: bool = True
+) -> dict:
+    """The anchored section from S = (directory, model, where) and I = (directory, model, where):
+    the directories' <model>-specific latents. `shared_dictionary`: both read one crosscoder, so a
+    latent id in both groups is one latent (counted as the overlap); two crosscoders share no ids."""
     from jobs.report import _delta, _pct, plots, render
     from jobs.report.config import ReportConfig
 
     opts = opts or ReportConfig()
-
-    cs, ci = specific_counts(dirs[s_model], s_model), specific_counts(dirs[i_model], i_model)
+    (s_dir, s_model, s_where), (i_dir, i_model, i_where) = s, i
+    cs, ci = specific_counts(s_dir, s_model), specific_counts(i_dir, i_model)
     title = f"Anchored category shift: {s_model}-specific vs {i_model}-specific"
     if not cs or not ci:
         msg = f"not enough labels yet ({s_model}: {sum(cs.values())}, {i_model}: {sum(ci.values())})"
         return {"title": title, "html": f'<p class="muted">{msg}</p>', "markdown": msg, "key": "anchored"}
     rows = [r.as_dict() for r in category_shift(cs, ci, **opts.shift_kwargs())]
-    s_name, i_name = (
-        f"{s_model}-specific ({dirs[s_model].name})",
-        f"{i_model}-specific ({dirs[i_model].name})",
-    )
+    s_name, i_name = f"{s_model}-specific ({s_where})", f"{i_model}-specific ({i_where})"
     # over one N-model crosscoder a latent both fine-tunes write can be in S and in I: the two
     # samples are then not independent (the CIs assume they are), and shared ones pull Δ to 0
-    both = len(specific_ids(dirs[s_model], s_model) & specific_ids(dirs[i_model], i_model))
+    both = len(specific_ids(s_dir, s_model) & specific_ids(i_dir, i_model)) if shared_dictionary else 0
     overlap = f"; {both} latents are in both groups (the intervals assume none)" if both else ""
     html = (
         f'<p class="muted">S = {render.esc(s_name)} (N={sum(cs.values())}), '

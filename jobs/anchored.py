@@ -1,0 +1,179 @@
+"""`crossdiff anchored`: the anchored category shift between two runs.
+
+The paper's route with two pairwise crosscoders: (pt, SimPO) and (pt, it) harvested, fitted, analysed
+and labelled as two runs, then SimPO-specific latents of the first against it-specific latents of the
+second (jobs/compare.py has the statistic; a pipeline with `comparisons` and `anchored` makes the same
+section over one N-model crosscoder). The two runs must describe one base, at one site, labelled by
+one judge with one taxonomy; what cannot be checked is said in the output's `warnings`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from diffing.logs import get_logger
+
+OUT_FILES = ("anchored.json", "anchored.md", "anchored.html")
+
+
+class AnchoredError(ValueError):
+    """Two runs whose specific latents cannot be compared (the message names the fix)."""
+
+
+def run_pair(run: Path) -> tuple[str, str]:
+    """(A, B) of a pairwise analysis, from its latents.parquet."""
+    import pyarrow.parquet as pq
+
+    path = run / "latents.parquet"
+    if not path.exists():
+        raise AnchoredError(f"{run} has no latents.parquet; analyse and label it first (`crossdiff analyze`)")
+    meta = pq.read_schema(path).metadata or {}
+    pair = meta.get(b"pair", b"").decode().split(",")
+    if len(pair) != 2 or not all(pair):
+        raise AnchoredError(
+            f"{path} does not record its pair (written by an older crossdiff); redo its analysis"
+        )
+    return pair[0], pair[1]
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _harvest(run: Path) -> dict | None:
+    """The harvest config the run's store was written with (its manifest), or None where unreadable."""
+    import fsspec
+
+    cfg = _json(run / "analysis_config.json") or {}
+    store = cfg.get("store")
+    if not store:
+        return None
+    try:
+        with fsspec.open(f"{str(store).rstrip('/')}/manifest.json", "r") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return (manifest.get("metadata") or {}).get("harvest") or {
+        "layer": manifest.get("layer"),
+        "site": manifest.get("site"),
+    }
+
+
+def check_comparable(s_run: Path, i_run: Path) -> list[str]:
+    """Refuse two runs that do not share the base, the site or the labelling; returns warnings for
+    what could not be checked or differs without making the comparison wrong."""
+    (sa, sb), (ia, ib) = run_pair(s_run), run_pair(i_run)
+    warnings: list[str] = []
+    hs, hi = _harvest(s_run), _harvest(i_run)
+    if hs is None or hi is None:
+        warnings.append("a run's store manifest could not be read: the shared base and site are unchecked")
+    else:
+        for key in ("layer", "site"):
+            if hs.get(key) != hi.get(key):
+                raise AnchoredError(
+                    f"the runs read different {key}s ({s_run}: {hs.get(key)}, {i_run}: {hi.get(key)}); "
+                    "the anchored shift compares latents of one site"
+                )
+        paths = [{m.get("name"): m.get("path") for m in h.get("models") or []} for h in (hs, hi)]
+        base_s, base_i = paths[0].get(sa), paths[1].get(ia)
+        if base_s is None or base_i is None:
+            warnings.append("a run's manifest does not name its base model: the shared base is unchecked")
+        elif base_s != base_i:
+            raise AnchoredError(
+                f"the two runs have different bases: {sa}={base_s} in {s_run}, {ia}={base_i} in {i_run}; the "
+                "anchored shift compares two fine-tunes of one base (harvest both against the same base path)"
+            )
+        if (hs.get("corpus") or {}).get("uri") != (hi.get("corpus") or {}).get("uri"):
+            warnings.append(
+                "the runs were harvested from different corpora: category shares also move with the prompts"
+            )
+    ls, li = (_json(r / "label_settings.json") for r in (s_run, i_run))
+    if ls is None or li is None:
+        warnings.append("a run has no label_settings.json: that both were labelled alike is unchecked")
+    else:
+        ls.pop("service.taxonomy", None), li.pop("service.taxonomy", None)  # paths; the fingerprint stays
+        if diff := sorted(k for k in set(ls) | set(li) if ls.get(k) != li.get(k)):
+            raise AnchoredError(
+                f"the two runs were labelled differently ({', '.join(diff)}); relabel one with the other's "
+                "label settings (a category share means something only under one judge and taxonomy)"
+            )
+    if sb == ib:
+        warnings.append(f"both runs call their fine-tune {sb!r}: the output names them by run directory")
+    return warnings
+
+
+def _one_dictionary(s_run: Path, i_run: Path) -> bool:
+    """Whether both are comparisons of one pipeline run (one crosscoder: latent ids are shared)."""
+
+    def root(d: Path) -> Path:
+        return d.parent.parent if d.parent.name == "compare" else d
+
+    return root(s_run.resolve()) == root(i_run.resolve())
+
+
+def write_anchored(s_run: str, i_run: str, out: str, opts: Any = None) -> dict:
+    """OUT/anchored.{json,md,html}: the category shift of S_RUN's B-specific latents against
+    I_RUN's B-specific ones. Runs and OUT may be local or remote (s3://, gs://)."""
+    from jobs.compare import anchored_between
+    from jobs.report import render
+    from jobs.report.config import ReportConfig
+    from jobs.rundir import WEIGHTS, local_copy
+
+    opts = opts or ReportConfig()
+    log = get_logger("anchored", out=str(out))
+    with (
+        local_copy(s_run, skip=WEIGHTS) as s_local,
+        local_copy(i_run, skip=WEIGHTS) as i_local,
+        local_copy(out) as o_local,
+    ):
+        s_dir, i_dir = Path(s_local), Path(i_local)
+        warnings = check_comparable(s_dir, i_dir)
+        s_model, i_model = run_pair(s_dir)[1], run_pair(i_dir)[1]
+        sec = anchored_between(
+            (s_dir, s_model, str(s_run)),
+            (i_dir, i_model, str(i_run)),
+            opts=opts,
+            shared_dictionary=_one_dictionary(s_dir, i_dir),
+        )
+        if "data" not in sec:
+            raise AnchoredError(f"{sec['markdown']}: label both runs first (`crossdiff label --run RUN`)")
+        for w in warnings:
+            log.warning("anchored.unchecked", detail=w)
+        body = {
+            "title": sec["title"],
+            "s_run": str(s_run),
+            "i_run": str(i_run),
+            **sec["data"],
+            "warnings": warnings,
+            "report_config": opts.model_dump(mode="json"),
+        }
+        notes = "".join(f'<p class="muted">note: {render.esc(w)}</p>' for w in warnings)
+        md = (
+            f"# {sec['title']}\n\n"
+            + "".join(f"- note: {w}\n" for w in warnings)
+            + "\n"
+            + sec["markdown"]
+            + "\n"
+        )
+        o = Path(o_local)
+        o.mkdir(parents=True, exist_ok=True)
+        for name, text in zip(
+            OUT_FILES,
+            (
+                json.dumps(body, indent=2),
+                md,
+                render.page(sec["title"], [(sec["title"], notes + sec["html"])]),
+            ),
+            strict=True,
+        ):
+            tmp = o / f"{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(o / name)
+    log.info("anchored.done", s=str(s_run), i=str(i_run))
+    return {"out": {n: f"{str(out).rstrip('/')}/{n}" for n in OUT_FILES}, "warnings": warnings}

@@ -1,0 +1,83 @@
+"""`crossdiff report` and `crossdiff anchored`: the commands that write reports from finished runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jobs.cli import ConfigOpt, SetOpt, _fail, _run
+
+
+def report(
+    run: Annotated[
+        str,
+        typer.Option("--run", help="Run directory (after analyze; labels optional; local, s3://, gs://)."),
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write RUN/report.html (self-contained), RUN/report.json and RUN/report.md."""
+    from diffing.config import load_config
+    from jobs.report import owning_pipeline, write_report
+    from jobs.report.config import ReportConfig
+    from jobs.rundir import WEIGHTS, local_copy
+
+    def go():
+        cfg = load_config(ReportConfig, config, set_ or [])
+        with local_copy(run, skip=WEIGHTS) as local:
+            if (saved := owning_pipeline(Path(local))) is not None:
+                from jobs.rundir import is_remote
+
+                where = f"{run}/pipeline.json (a local copy of it)" if is_remote(run) else saved
+                _fail(
+                    f"{run} belongs to a pipeline run whose report has sections this command does not make "
+                    "(planted-truth validation, the anchored shift); redo its report with `crossdiff pipeline "
+                    f"--config {where} --set report.FIELD=VALUE --redo-changed` (only the report stage reruns)"
+                )
+            typer.echo(json.dumps(write_report(local, opts=cfg), indent=2))
+
+    _run(go)
+
+
+def anchored(
+    s_run: Annotated[
+        str,
+        typer.Option(
+            "--s",
+            help="Labelled pairwise run (A, S) whose S-specific latents are compared, e.g. pt vs SimPO.",
+        ),
+    ],
+    i_run: Annotated[
+        str,
+        typer.Option(
+            "--i", help="Labelled pairwise run (A, I) of the same base A whose I-specific latents anchor it."
+        ),
+    ],
+    out: Annotated[
+        str, typer.Option("--out", help="Directory for anchored.{json,md,html} (local, s3://, gs://).")
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Anchored category shift between two runs (two pairwise crosscoders of one base): S-specific vs
+    I-specific latents, with the report's intervals (--config/--set: report fields, e.g. ci_method=score)."""
+    from diffing.config import load_config
+    from jobs.anchored import write_anchored
+    from jobs.report.config import ReportConfig
+
+    _run(
+        lambda: typer.echo(
+            json.dumps(
+                write_anchored(s_run, i_run, out, load_config(ReportConfig, config, set_ or [])), indent=2
+            )
+        )
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the commands to the `crossdiff` app."""
+    app.command("report")(report)
+    app.command("anchored")(anchored)

@@ -1,0 +1,97 @@
+"""`crossdiff anchored`: the anchored category shift between two runs (two pairwise crosscoders of one
+base), refused where the runs do not share base, site or labelling."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from diffing.evidence import LABELS_FILE, LatentLabel, write_jsonl
+from jobs.anchored import AnchoredError, write_anchored
+from jobs.cli import app
+
+SETTINGS = {
+    "prompt_version": "v",
+    "service.judge.model_id": "j",
+    "service.taxonomy": "/a/t.yaml",
+    "taxonomy_fingerprint": "f",
+}
+
+
+def _run(root, name, pair, cats, *, base="/m/pt", layer=20, settings=None, corpus="c.jsonl"):
+    """A labelled pairwise run: latents 0.. are <B>-specific with the given categories, two more A-specific."""
+    store = root / f"{name}-store"
+    store.mkdir(parents=True)
+    models = [{"name": pair[0], "path": base}, {"name": pair[1], "path": f"/m/{name}"}]
+    harvest = {"models": models, "layer": layer, "site": "resid_post", "corpus": {"uri": corpus}}
+    (store / "manifest.json").write_text(json.dumps({"layer": layer, "metadata": {"harvest": harvest}}))
+    run = root / name
+    run.mkdir()
+    n = len(cats)
+    groups = [f"{pair[1]}-specific"] * n + [f"{pair[0]}-specific"] * 2
+    table = pa.table({"latent": list(range(n + 2)), "group": groups})
+    pq.write_table(table.replace_schema_metadata({"pair": ",".join(pair)}), run / "latents.parquet")
+    labs = [
+        LatentLabel(latent=i, explanation="", category=c, confidence=1)
+        for i, c in enumerate([*cats, "math", "math"])
+    ]
+    write_jsonl(run / LABELS_FILE, labs)
+    (run / "label_settings.json").write_text(
+        json.dumps(settings or {**SETTINGS, "service.taxonomy": f"/{name}/t.yaml"})
+    )
+    (run / "analysis_config.json").write_text(json.dumps({"analysis": {}, "store": str(store)}))
+    return run
+
+
+def test_two_runs_give_the_anchored_shift(tmp_path):
+    s = _run(tmp_path, "simpo", ("pt", "simpo"), ["safety"] * 3)
+    i = _run(tmp_path, "it", ("pt", "it"), ["safety", "math", "math", "other"])
+    res = write_anchored(str(s), str(i), str(tmp_path / "out"))
+    assert res["warnings"] == []  # taxonomy paths differ; their fingerprints do not
+    body = json.loads((tmp_path / "out" / "anchored.json").read_text())
+    rows = {r["category"]: r for r in body["shift"]}
+    assert rows["safety"]["delta"] == pytest.approx(3.0)  # (3/3) / (1/4) - 1
+    assert (
+        rows["math"]["n_s"] == 0 and rows["math"]["n_i"] == 2
+    )  # the A-specific "math" latents are not counted
+    assert body["S"] == f"simpo-specific ({s})" and body["I"] == f"it-specific ({i})"
+    assert body["overlap"] == 0  # ids 0-2 in both, but of two dictionaries
+    md = (tmp_path / "out" / "anchored.md").read_text()
+    assert (
+        md.startswith("# Anchored category shift: simpo-specific vs it-specific")
+        and "| safety | 3 | 1 |" in md
+    )
+    assert "<img" in (tmp_path / "out" / "anchored.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"base": "/m/other-pt"}, "different bases"),
+        ({"layer": 30}, "different layers"),
+        ({"settings": {**SETTINGS, "service.judge.model_id": "k"}}, "labelled differently .*model_id"),
+    ],
+)
+def test_runs_that_do_not_share_base_site_or_judge_are_refused(tmp_path, change, needle):
+    s = _run(tmp_path, "simpo", ("pt", "simpo"), ["safety"])
+    i = _run(tmp_path, "it", ("pt", "it"), ["math"], **change)
+    with pytest.raises(AnchoredError, match=needle):
+        write_anchored(str(s), str(i), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "anchored.json").exists()
+
+
+def test_unchecked_or_unlabelled_runs(tmp_path):
+    s = _run(tmp_path, "simpo", ("pt", "simpo"), ["safety"], corpus="a.jsonl")
+    i = _run(tmp_path, "it", ("pt", "it"), ["math"], corpus="b.jsonl")
+    (i / "label_settings.json").unlink()
+    warnings = write_anchored(str(s), str(i), str(tmp_path / "out"))["warnings"]
+    assert any("different corpora" in w for w in warnings) and any("labelled alike" in w for w in warnings)
+    (i / LABELS_FILE).unlink()
+    r = CliRunner().invoke(app, ["anchored", "--s", str(s), "--i", str(i), "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "label both runs first" in r.output
+    r = CliRunner().invoke(
+        app, ["anchored", "--s", str(s), "--i", str(tmp_path / "nope"), "--out", str(tmp_path / "o3")]
+    )
+    assert r.exit_code == 2 and "no latents.parquet" in r.output
