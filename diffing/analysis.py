@@ -84,6 +84,8 @@ def classify(
     relative norm is below the stricter of the pair rule's two cuts, and shared when all are above.
     """
     n = np.asarray(norms, dtype=np.float64)
+    if n.ndim != 2 or n.shape[0] != len(model_names):
+        raise ValueError(f"norms must be [n_models={len(model_names)}, n_latents], got {list(n.shape)}")
     rel = n / np.maximum(n.max(0, keepdims=True), 1e-12)  # [M, L]
     M, L = rel.shape
     if M == 2 or pair is not None:  # one pair's Δnorm (the thresholds may be asymmetric)
@@ -214,7 +216,7 @@ def select_latents(
 
     Candidates for A (the pair's first model) are the robust "A-only" latents (selection "class"),
     the high Δnorm tail (selection "tail"), or both; B likewise with "B-only" and the low tail.
-    Candidates are re-ranked by Latent Scaling (smallest max(ν^ε, ν^r) first) and cut to
+    Candidates are re-ranked by Latent Scaling (smallest max(|ν^ε|, |ν^r|) first) and cut to
     `max_per_group`. The baseline is a seeded random sample of live latents with mid Δnorm
     (in [shared_low, 1 - shared_low]) that are no candidate of either side (also not one cut by
     `max_per_group` or left out by `selection`), as large as the larger group.

@@ -246,6 +246,13 @@ def evidence_for_latents(
     enc = SubsetEncoder(model, lat)
     scan = ScanTask(store.uri, enc, cfg)
     acc = reduce(lambda a, b: a.merge(b), map_fn(scan, shards))
+    if acc.n_rows == 0:  # every latent would get empty evidence, and the judge nothing to read
+        raise ValueError(
+            f"no held-out rows for the evidence (analyze.heldout={cfg.heldout}, heldout_frac={cfg.heldout_frac}, "
+            f"{len(shards)} shards read): 'hash' keeps whole documents, and a store whose rows share one "
+            "doc_id (written without doc_ids) may keep none; set analyze.heldout to 'all' or 'last_shards', "
+            "or write the store with doc_ids"
+        )
     requests = plan_requests(acc)
     routes = route(requests, len(store.manifest.shards))
     items = [(s, [(i, requests[i]) for i in ids]) for s, ids in sorted(routes.items())]

@@ -203,7 +203,7 @@ class AnalysisConfig(Frozen):
         None,
         ge=1,
         description="Keep at most this many latents per model-specific group, most robust "
-        "(smallest max(ν^ε, ν^r)) first. None keeps all.",
+        "(smallest max(|ν^ε|, |ν^r|)) first. None keeps all.",
     )
     baseline_seed: int = Field(
         0, description="Seed of the random shared baseline (same size as the largest group)."

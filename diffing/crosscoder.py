@@ -206,11 +206,25 @@ class Crosscoder(nn.Module):
         return (e_hat - err).pow(2).sum((1, 2)).mean() / denom
 
     # -- inference --------------------------------------------------------------------------
+    def _inference_input(self, x: Tensor, normalised: bool) -> Tensor:
+        """x [B, M, D] of any float dtype (numpy too) on this model's device, in normalised units."""
+        x = torch.as_tensor(x, device=self.W_enc.device)
+        M, D = self.cfg.n_models, self.cfg.d_model
+        if x.ndim != 3 or tuple(x.shape[1:]) != (M, D):
+            raise ValueError(
+                f"x must be [batch, n_models={M}, d_model={D}] (models {list(self.cfg.model_names or ())}), "
+                f"got {list(x.shape)}"
+            )
+        return x.float() if normalised else self.normalise(x)
+
     @torch.no_grad()
     def encode(self, x: Tensor, *, normalised: bool = True) -> Tensor:
-        """Latent activations [B, L]; batch-independent once the BatchTopK threshold is set."""
-        if not normalised:
-            x = self.normalise(x)
+        """Latent activations [B, L]; batch-independent once the BatchTopK threshold is set.
+
+        x [B, M, D]: by default in normalised units (raw activations times ``norm_scale``, what
+        ``normalise`` returns); pass ``normalised=False`` for raw activations, such as a store's
+        batches or a model's hidden states."""
+        x = self._inference_input(x, normalised)
         pre = self.encode_pre(x)
         if self.cfg.kind == "l1":
             return F.relu(pre)
@@ -221,8 +235,8 @@ class Crosscoder(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, *, normalised: bool = True) -> Tensor:
-        if not normalised:
-            x = self.normalise(x)
+        """x̂ [B, M, D] in the units of x (see ``encode`` for ``normalised``)."""
+        x = self._inference_input(x, normalised)
         x_hat = self.decode(self.encode(x))
         return x_hat if normalised else x_hat / self.norm_scale[None, :, None]
 

@@ -43,14 +43,23 @@ def latent_stats(
     batches: Iterable[Tensor],
     *,
     max_tokens: int | None = None,
-    pair: tuple[int, int] = (0, 1),
+    pair: tuple[int, int] | tuple[str, str] = (0, 1),
 ) -> LatentStats:
     """One pass over raw batches [B, M, D]: firing statistics and Latent Scaling β for every latent,
-    along the decoder direction of the stronger model of `pair` (model indices; with more than two
-    models a third model's decoder must not stand in for the pair's)."""
+    along the decoder direction of the stronger model of `pair` (model indices or names; with more
+    than two models a third model's decoder must not stand in for the pair's)."""
     device = model.W_dec.device
     W = model.W_dec.float()  # [M, L, D]
     M, L, D = W.shape
+    names = list(model.cfg.model_names or ())
+    if any(isinstance(p, str) for p in pair):  # names, as latent_table takes them
+        if unknown := [p for p in pair if isinstance(p, str) and p not in names]:
+            raise ValueError(f"pair names {unknown}, not one of the crosscoder's models {names}")
+        pair = tuple(names.index(p) if isinstance(p, str) else int(p) for p in pair)
+    if len(pair) != 2 or not all(0 <= int(p) < M for p in pair) or pair[0] == pair[1]:
+        raise ValueError(
+            f"pair must be two different models: indices in 0..{M - 1} or names {names}; got {pair}"
+        )
     target_np = scaling_targets(model.decoder_norms(), *pair)
     target = torch.as_tensor(target_np, device=device)  # [L]
     d = W[target, torch.arange(L, device=device)]  # [L, D] direction tested per latent

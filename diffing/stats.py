@@ -117,6 +117,14 @@ def _bootstrap(
     return float(q[0]), float(q[1])
 
 
+def _whole(v) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f >= 0 and f.is_integer()
+
+
 def category_shift(
     counts_s: Mapping[str, int],
     counts_i: Mapping[str, int],
@@ -133,8 +141,19 @@ def category_shift(
     """Δ_c per category (union of both sides), sorted by Δ_c descending. N defaults to the sum of
     counts; pass it when the sets hold latents outside the listed categories. `method`: katz,
     score or bootstrap; `adjust`: none or bonferroni (over the categories of the union)."""
-    N_s = sum(counts_s.values()) if N_s is None else N_s
-    N_i = sum(counts_i.values()) if N_i is None else N_i
+    for side, counts in (("counts_s", counts_s), ("counts_i", counts_i)):
+        for c, v in counts.items():  # shares or weights would be truncated below, silently
+            if not _whole(v):
+                raise ValueError(
+                    f"{side}[{c!r}] = {v!r}: counts must be whole numbers >= 0 (latents per category), not shares"
+                )
+    for name, v in (("N_s", N_s), ("N_i", N_i)):
+        if v is not None and not _whole(v):
+            raise ValueError(f"{name} = {v!r} must be a whole number of latents")
+    if method == "bootstrap" and bootstrap_reps < 1:
+        raise ValueError(f"bootstrap_reps must be >= 1, got {bootstrap_reps}")
+    N_s = int(sum(counts_s.values()) if N_s is None else N_s)
+    N_i = int(sum(counts_i.values()) if N_i is None else N_i)
     if N_s <= 0 or N_i <= 0:
         raise ValueError(f"both latent sets need at least one latent (N_s={N_s}, N_i={N_i})")
     if method not in ("katz", "score", "bootstrap"):

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli import ConfigOpt, SetOpt, _fail, _run
+from jobs.cli_common import ConfigOpt, SetOpt, _fail, _run
 
 
 def report(

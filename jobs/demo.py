@@ -38,6 +38,7 @@ def run_planted_demo(out: Path, *, tokens: int = 300_000, seed: int = 0) -> dict
             store_uri,
             planted.sample(tokens, seed=seed + 1),
             model_names=list(planted.model_names),
+            doc_ids=np.arange(tokens),  # i.i.d. tokens: each its own document
             overwrite=True,
         )
     cfg = FitConfig.model_validate(

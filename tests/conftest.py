@@ -54,7 +54,10 @@ def planted_fit_store(path) -> str:
     from diffing.synthetic import make_planted
 
     planted = make_planted(32, n_shared=48, n_only=(16, 16), mean_active=3, seed=0)
-    write_arrays(str(path), planted.sample(30_000, seed=1), model_names=["A", "B"], shard_rows=5000)
+    import numpy as np
+
+    rows = planted.sample(30_000, seed=1)
+    write_arrays(str(path), rows, model_names=["A", "B"], doc_ids=np.arange(30_000) // 100, shard_rows=5000)
     return str(path)
 
 

@@ -377,3 +377,16 @@ def test_latent_scaling_of_a_pair_in_three_models_matches_the_formula():
         want_eps, want_r = (num_eps / den).numpy()[:, live], (num_r / den).numpy()[:, live]
         np.testing.assert_allclose(st.beta_eps[:, live], want_eps, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(st.beta_r[:, live], want_r, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_stats_takes_the_pair_by_name_too():
+    cc, x = _three_models(0.3)
+    by_index = latent_stats(cc, x.split(4096), pair=(0, 2))
+    by_name = latent_stats(cc, x.split(4096), pair=("pt", "simpo"))
+    assert by_name.pair == (0, 2) and np.array_equal(by_name.beta_eps, by_index.beta_eps)
+    with pytest.raises(ValueError, match="not one of the crosscoder's models"):
+        latent_stats(cc, x.split(4096), pair=("pt", "sft"))
+    with pytest.raises(ValueError, match="two different models: indices"):
+        latent_stats(cc, x.split(4096), pair=(0, 3))
+    with pytest.raises(ValueError, match=r"norms must be \[n_models=2"):
+        classify(np.ones((3, 4)), ["a", "b"], AnalysisConfig())

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -17,7 +18,10 @@ runner = CliRunner()
 def store(tmp_path_factory):
     p = tmp_path_factory.mktemp("cli") / "store"
     planted = make_planted(16, n_shared=16, n_only=(4, 4), mean_active=2, seed=0)
-    write_arrays(str(p), planted.sample(8192, seed=1), model_names=["base", "ft"])
+    # documents of 32 tokens: the analysis holds out whole documents for evidence
+    write_arrays(
+        str(p), planted.sample(8192, seed=1), model_names=["base", "ft"], doc_ids=np.arange(8192) // 32
+    )
     return str(p)
 
 

@@ -218,3 +218,23 @@ def test_a_snapshot_is_a_copy_on_the_cpu():
     assert all(torch.equal(before[k], v) for k, v in snap["model"].items())  # later steps leave it alone
     assert snap["optimizer"]["param_groups"][0]["lr"] == lr
     assert all(v.device.type == "cpu" for v in snap["model"].values())
+
+
+def test_inference_takes_any_float_dtype_and_names_a_wrong_shape():
+    """Store batches are float16, user arrays float64 or numpy: encode casts them; a batch of the
+    wrong models or width is refused naming the expected shape, not deep inside a matmul."""
+    import numpy as np
+
+    cc = Crosscoder(make_cfg(kind="l1"), seed=0)
+    with torch.no_grad():
+        cc.norm_scale.copy_(torch.tensor([0.5, 2.0]))
+    x = torch.randn(32, 2, 16).half()
+    want = cc.encode(x.float(), normalised=False)
+    for xi in (x, x.double(), x.float().numpy(), x.bfloat16().float()):
+        got = cc.encode(xi, normalised=False)
+        assert torch.allclose(got, want, atol=5e-2 if xi is not x else 0)
+    assert torch.equal(cc.encode(x.float() * cc.norm_scale[None, :, None]), cc.encode(x, normalised=False))
+    assert cc.reconstruct(np.asarray(x.float()), normalised=False).shape == (32, 2, 16)
+    for bad in (torch.randn(4, 3, 16), torch.randn(4, 2, 8), torch.randn(2, 16)):
+        with pytest.raises(ValueError, match=r"x must be \[batch, n_models=2, d_model=16\]"):
+            cc.encode(bad)

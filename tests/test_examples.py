@@ -290,3 +290,25 @@ def test_a_ray_pass_unpickles_its_task_once_per_worker_process(monkeypatch):
     assert analyze._task_fn("pass-2", pickle.dumps({"w": [3]})) == {"w": [3]} and list(analyze._TASK_FN) == [
         "pass-2"
     ]
+
+
+def test_a_store_without_doc_ids_is_one_document_and_the_hashed_evidence_says_so(tmp_path, world):
+    """write_arrays without doc_ids warns (every row is document 0), numbers positions over the whole
+    input so no two shards share (doc, pos), and evidence with nothing held out is an error, not
+    latents with empty contexts for the judge."""
+    x, *_ = _data()
+    with pytest.warns(UserWarning, match="no doc_ids"):
+        store = write_arrays(str(tmp_path / "s"), x, model_names=["A", "B"], shard_rows=333, dtype="float32")
+    import pyarrow.dataset as ds
+
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    cols = ds.dataset([str(tmp_path / "s" / s["path"]) for s in m["shards"]], format="parquet").to_table(
+        columns=["doc_id", "pos"]
+    )
+    assert cols["pos"].to_pylist() == list(range(len(x))) and set(cols["doc_id"].to_pylist()) == {0}
+    # doc 0 hashes out of the held-out set under these settings: nothing to show
+    cfg = AnalysisConfig(heldout="hash", heldout_frac=0.2, batch_size=64)
+    assert not heldout_mask(np.zeros(1, np.int64), cfg)[0]
+    rows = {0: {"group": "B-specific", "latent": 0}}
+    with pytest.raises(ValueError, match="no held-out rows.*doc_ids"):
+        evidence_for_latents(store, world["run"] / "crosscoder", [0], cfg, rows)

@@ -144,3 +144,18 @@ def test_bootstrap_from_a_whole_set_falls_back_to_katz():
     assert _bootstrap(5, 5, 3, 3, 0.05, 2000, 0) == pytest.approx(_katz(5, 5, 3, 3, z))
     lo, hi = _bootstrap(6, 6, 10, 35, 0.05, 2000, 0)
     assert hi - lo > 0 and (lo, hi) == pytest.approx(_katz(6, 6, 10, 35, z))
+
+
+def test_counts_must_be_whole_latent_counts():
+    """Shares or weights would be truncated to ints against an N summed from the floats."""
+    with pytest.raises(ValueError, match=r"counts_s\['a'\] = 0.6: counts must be whole numbers"):
+        category_shift({"a": 0.6, "b": 0.4}, {"a": 0.5, "b": 0.5})
+    with pytest.raises(ValueError, match=r"counts_i\['a'\] = -1"):
+        category_shift({"a": 1, "b": 5}, {"a": -1, "b": 4})
+    with pytest.raises(ValueError, match="N_s = 7.5"):
+        category_shift({"a": 2}, {"a": 1}, N_s=7.5, N_i=4)
+    with pytest.raises(ValueError, match="bootstrap_reps must be >= 1"):
+        category_shift({"a": 2, "b": 3}, {"a": 1, "b": 4}, method="bootstrap", bootstrap_reps=0)
+    floats = category_shift({"a": 2.0, "b": 3.0}, {"a": 1.0, "b": 4.0})  # whole floats (pandas) are fine
+    ints = category_shift({"a": 2, "b": 3}, {"a": 1, "b": 4})
+    assert [r.as_dict() for r in floats] == [r.as_dict() for r in ints]

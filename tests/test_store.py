@@ -216,3 +216,16 @@ def test_shards_written_by_other_processes_are_seen_through_a_cached_listing(s3_
     other.fs = s3fs.S3FileSystem(skip_instance_cache=True)  # another process's own client
     other.write_shard("00001", _acts(50))
     assert mine.done_shard("00001") is not None and mine.done_shard("00002") is None
+
+
+def test_write_arrays_and_iter_batches_refuse_plausible_mistakes(tmp_path):
+    x = np.random.default_rng(0).standard_normal((100, 2, 4)).astype(np.float32)
+    with pytest.raises(StoreError, match="list of names"):
+        write_arrays(str(tmp_path / "a"), x, model_names="AB", doc_ids=np.arange(100))
+    with pytest.raises(StoreError, match="shard_rows must be >= 1"):
+        write_arrays(str(tmp_path / "b"), x, model_names=["A", "B"], doc_ids=np.arange(100), shard_rows=0)
+    st = write_arrays(str(tmp_path / "c"), x, model_names=["A", "B"], doc_ids=np.arange(100), shard_rows=40)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        next(st.iter_batches(0))
+    with pytest.raises(ValueError, match=r"shard_indices \[9\] out of range: the store has 3 shards"):
+        next(st.iter_batches(8, shard_indices=[0, 9]))

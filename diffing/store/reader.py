@@ -130,8 +130,15 @@ class ActivationStore:
     ) -> Iterator[torch.Tensor]:
         """Stream batches [B, M, D] (stored dtype). Shuffled: shard order and a row buffer, both
         seeded by (seed, epoch), so a run can resume by skipping the batches it already used."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n_shards = len(self.manifest.shards)
+        if shard_indices is not None and (bad := [i for i in shard_indices if not 0 <= int(i) < n_shards]):
+            raise ValueError(
+                f"shard_indices {bad[:5]} out of range: the store has {n_shards} shards (0..{n_shards - 1})"
+            )
         rng = np.random.default_rng([seed, epoch])
-        order = list(shard_indices if shard_indices is not None else range(len(self.manifest.shards)))
+        order = list(shard_indices if shard_indices is not None else range(n_shards))
         if shuffle:
             rng.shuffle(order)
         buf: list[np.ndarray] = []

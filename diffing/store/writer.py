@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -218,8 +219,12 @@ def write_arrays(
         raise StoreError(f"acts must be [n_tokens, n_models, d_model], got shape {list(acts.shape)}")
     if acts.shape[0] == 0:
         raise StoreError("acts is empty (0 tokens)")
+    if isinstance(model_names, str):  # "ab" would pass as the models "a" and "b"
+        raise StoreError(f"model_names must be a list of names, got the string {model_names!r}")
     if acts.shape[1] != len(model_names):
         raise StoreError(f"acts has {acts.shape[1]} models but model_names has {len(model_names)}")
+    if shard_rows < 1:
+        raise StoreError(f"shard_rows must be >= 1, got {shard_rows}")
     if len(set(model_names)) != len(model_names):
         raise StoreError(f"model_names {list(model_names)} repeat a name; each model needs its own")
     for name, col in (("doc_ids", doc_ids), ("positions", positions), ("token_ids", token_ids)):
@@ -245,6 +250,15 @@ def write_arrays(
             raise StoreError(f"a store already exists at {uri}; pass overwrite=True to replace it")
         writer.clear()
     n = acts.shape[0]
+    if positions is None:  # one count over the whole input: (doc_id, pos) stays unique across shards
+        positions = np.arange(n, dtype=np.int64)
+    if doc_ids is None and n > 1:
+        warnings.warn(
+            "write_arrays: no doc_ids, so all rows are one document (doc_id 0): evidence contexts run "
+            "across unrelated tokens and the analysis' hashed held-out split may hold none of them; pass "
+            "doc_ids (one per token) for real documents",
+            stacklevel=2,
+        )
     n_shards = math.ceil(n / shard_rows)
     width = max(5, len(str(n_shards)))
     infos = []
