@@ -108,13 +108,18 @@ def check_comparable(s_run: Path, i_run: Path) -> list[str]:
     return warnings
 
 
-def _one_dictionary(s_run: Path, i_run: Path) -> bool:
+def _one_dictionary(s_run: str, i_run: str) -> bool:
     """Whether both are comparisons of one pipeline run (one crosscoder: latent ids are shared)."""
+    import posixpath
 
-    def root(d: Path) -> Path:
-        return d.parent.parent if d.parent.name == "compare" else d
+    from jobs.rundir import is_remote
 
-    return root(s_run.resolve()) == root(i_run.resolve())
+    def root(u: str) -> str:
+        u = u.rstrip("/") if is_remote(u) else Path(u).resolve().as_posix()
+        parent = posixpath.dirname(u)
+        return posixpath.dirname(parent) if posixpath.basename(parent) == "compare" else u
+
+    return root(str(s_run)) == root(str(i_run))
 
 
 def write_anchored(s_run: str, i_run: str, out: str, opts: Any = None) -> dict:
@@ -139,7 +144,7 @@ def write_anchored(s_run: str, i_run: str, out: str, opts: Any = None) -> dict:
             (s_dir, s_model, str(s_run)),
             (i_dir, i_model, str(i_run)),
             opts=opts,
-            shared_dictionary=_one_dictionary(s_dir, i_dir),
+            shared_dictionary=_one_dictionary(str(s_run), str(i_run)),
         )
         if "data" not in sec:
             raise AnchoredError(f"{sec['markdown']}: label both runs first (`crossdiff label --run RUN`)")

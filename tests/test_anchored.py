@@ -95,3 +95,38 @@ def test_unchecked_or_unlabelled_runs(tmp_path):
         app, ["anchored", "--s", str(s), "--i", str(tmp_path / "nope"), "--out", str(tmp_path / "o3")]
     )
     assert r.exit_code == 2 and "no latents.parquet" in r.output
+
+
+def test_runs_and_output_on_object_storage(tmp_path, s3_endpoint, monkeypatch):
+    """Both runs in a bucket and the output too: each is read through a local copy, the output uploaded."""
+    import uuid
+
+    import fsspec
+
+    monkeypatch.setenv("CROSSDIFF_CACHE", str(tmp_path / "cache"))
+    s = _run(tmp_path, "simpo", ("pt", "simpo"), ["safety"] * 3)
+    i = _run(tmp_path, "it", ("pt", "it"), ["safety", "math"])
+    root = f"s3://crossdiff-test/anchored-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("s3")
+    for d in (s, i):
+        fs.put(str(d), f"{root}/{d.name}", recursive=True)
+    res = write_anchored(f"{root}/simpo", f"{root}/it", f"{root}/out")
+    fs.invalidate_cache()
+    assert res["out"]["anchored.json"] == f"{root}/out/anchored.json"
+    body = json.loads(fs.cat_file(f"{root}/out/anchored.json"))
+    assert body["S"] == f"simpo-specific ({root}/simpo)" and body["overlap"] == 0
+    assert fs.exists(f"{root}/out/anchored.html") and fs.exists(f"{root}/out/anchored.md")
+
+
+def test_two_comparisons_of_one_run_count_their_overlap(tmp_path):
+    """--s/--i naming RUN/compare/<A>-vs-<B> of one pipeline run: one dictionary, ids are shared."""
+    from jobs.anchored import _one_dictionary
+
+    run = tmp_path / "run" / "compare"
+    run.mkdir(parents=True)
+    s = _run(run, "pt-vs-simpo", ("pt", "simpo"), ["safety"] * 3)
+    i = _run(run, "pt-vs-it", ("pt", "it"), ["safety", "math"])
+    assert _one_dictionary(str(s), str(i)) and not _one_dictionary(str(s), str(tmp_path / "other"))
+    assert _one_dictionary("s3://b/r/compare/a-vs-b/", "s3://b/r/compare/a-vs-c")
+    assert json.loads(json.dumps(write_anchored(str(s), str(i), str(tmp_path / "out"))))
+    assert json.loads((tmp_path / "out" / "anchored.json").read_text())["overlap"] == 2  # ids 0 and 1
