@@ -110,7 +110,10 @@ class RunDir:
 
     @property
     def done(self) -> bool:
-        return (self.path / "metrics.json").exists() and (self.path / "crosscoder" / "cfg.json").exists()
+        cc = self.path / "crosscoder"
+        return all(
+            q.exists() for q in (self.path / "metrics.json", cc / "cfg.json", cc / "model.safetensors")
+        )
 
     def write_json(self, rel: str, obj: Any) -> None:
         p = self.path / rel
@@ -175,6 +178,40 @@ def _check_same_fit(run: RunDir, cfg: FitConfig, store: ActivationStore) -> None
         raise finished_fit_error(str(run.path), changed)
 
 
+def _latest_checkpoint(run: RunDir, log) -> dict | None:
+    """The newest checkpoint that loads; one that does not (cut short, corrupted) is reported and
+    the one before it used. None: no checkpoints."""
+    ckpts = run.checkpoints()
+    for path in reversed(ckpts):
+        try:
+            return torch.load(path, weights_only=False, map_location="cpu")  # a GPU run's, on any device
+        except Exception as e:  # torch raises RuntimeError, EOFError, pickle or zip errors
+            log.warning("fit.checkpoint_unreadable", file=str(path), error=f"{type(e).__name__}: {e}"[:200])
+    if ckpts:
+        raise StoreError(
+            f"no checkpoint in {run.path / 'checkpoints'} can be read ({', '.join(p.name for p in ckpts)}); "
+            "delete that folder to refit from the start, or pass --overwrite"
+        )
+    return None
+
+
+def _trim_metrics_log(path: Path, step: int) -> None:
+    """Keep the training log's lines up to `step` (where the fit resumes); a torn last line goes."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 def fit(
     store: ActivationStore, cfg: FitConfig, out: str | Path, *, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -206,9 +243,10 @@ def fit(
     steps = total_steps(tcfg, store.n_rows)
     state = TrainerState(model, tcfg, steps)
     h, fp = config_hash(cfg), store_fingerprint(store)
-    ckpts = run.checkpoints()
-    if ckpts:
-        blob = torch.load(ckpts[-1], weights_only=False, map_location="cpu")  # a GPU run's, on any device
+    for tmp in (run / "checkpoints").glob("*.tmp"):  # a save a kill cut short
+        tmp.unlink(missing_ok=True)
+    blob = _latest_checkpoint(run, log)
+    if blob is not None:
         if blob["config_hash"] not in accepted_hashes(cfg):
             raise ValueError(
                 f"{run.path} holds checkpoints of a different config; use a new --out or pass --overwrite"
@@ -221,6 +259,7 @@ def fit(
         state.load_state_dict(blob["state"])
         del blob  # the loaded copy must not stay beside the model's for the rest of the run
         log.info("fit.resume", step=state.step, of=steps)
+    _trim_metrics_log(run / "metrics.jsonl", state.step)  # lines past the resumed step come again
     run.write_json(
         "run_config.json",
         {

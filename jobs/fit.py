@@ -245,7 +245,8 @@ def run_fit_ray(
     store = open_store(store_uri)
     cfg = resolve_config(cfg, store)
     stamp = f"{root}/run_config.json"
-    if fs.exists(f"{root}/metrics.json") and not overwrite:
+    finished = fs.exists(f"{root}/metrics.json") and fs.exists(f"{root}/crosscoder/model.safetensors")
+    if finished and not overwrite:  # weights deleted since: resumed (or refitted) below
         if fs.exists(stamp):  # a finished fit stands only for the settings and data it was made with
             changed = fit_changes(json.loads(fs.cat_file(stamp)), cfg, store.n_rows)
             if changed:

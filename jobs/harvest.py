@@ -28,6 +28,7 @@ from diffing.models import (
     share_chat_template,
 )
 from diffing.store import Manifest, ShardInfo, StoreError, StoreWriter, check_writable
+from diffing.store.format import atomic_write
 
 
 def _writer(cfg: HarvestConfig, d_model: int) -> StoreWriter:
@@ -273,7 +274,14 @@ def run_harvest(
         if on_cleared is not None:
             on_cleared()
     elif writer.fs.exists(stamp):
-        old = json.loads(writer.fs.cat_file(stamp))
+        try:
+            old = json.loads(writer.fs.cat_file(stamp))
+        except ValueError:
+            raise StoreError(
+                f"{stamp} is unreadable (cut short by a kill?); it names the config the store's shards were "
+                "made with: rerun with --overwrite to redo the store (or delete the file only if you know "
+                "the shards come from this same config)"
+            ) from None
         legacy = hashlib.sha256(  # stamps written before the hash left paths out (2026-11-26)
             json.dumps(cfg.model_dump(mode="json", exclude={"ray", "device"}), sort_keys=True).encode()
         ).hexdigest()[:16]
@@ -291,9 +299,12 @@ def run_harvest(
             f"store {cfg.store} already holds a store that no harvest stamped (no harvest_config.json); "
             "pass --overwrite to replace it or pick a new store"
         )
-    writer.fs.pipe_file(
-        stamp, json.dumps({"hash": h, "config": cfg.model_dump(mode="json")}, indent=2).encode()
+    # whole or not at all: a kill mid-write must not leave a stamp no rerun can read
+    atomic_write(
+        writer.fs, stamp, json.dumps({"hash": h, "config": cfg.model_dump(mode="json")}, indent=2).encode()
     )
+    if removed := writer.remove_temp_files():  # shard writes a killed run left unfinished
+        log.info("harvest.temp_removed", files=removed)
 
     shards = shard_ranges(len(records), cfg.prompts_per_shard)
     todo = [(sid, a, b) for sid, a, b in shards if writer.done_shard(sid) is None]

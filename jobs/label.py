@@ -37,6 +37,7 @@ from jobs.label_state import (  # noqa: F401  (re-exported: the labels file's st
     _write_endpoint_fingerprint,
     label_settings,
     read_labels_tolerant,
+    write_atomic,
 )
 from serve.settings import ServiceSettings
 
@@ -288,8 +289,8 @@ def label_run(
         log.warning(
             "label.duplicate_latents", repeated=dups, note="the first evidence of each latent id is labelled"
         )
-    (run_dir / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
-    (run_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
+    write_atomic(run_dir / CONFIG_FILE, cfg.model_dump_json(indent=2))
+    write_atomic(run_dir / SETTINGS_FILE, json.dumps(settings, indent=1, sort_keys=True))
     log.info("label.start", run=str(run_dir), total=len(evidence), done=len(have), todo=len(todo))
     if endpoint is None and (why := cfg.service.weak_judge()):
         log.warning("label.weak_judge", detail=why)

@@ -156,7 +156,12 @@ def _read_endpoint_fingerprint(run_dir: Path) -> str | None:
     return _read_json(run_dir / ENDPOINT_FILE).get("settings_fingerprint") or None
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Whole or not at all: a state file cut short by a kill would refuse the resume it describes."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _write_endpoint_fingerprint(run_dir: Path, fp: str) -> None:
-    tmp = run_dir / f".{ENDPOINT_FILE}.tmp"
-    tmp.write_text(json.dumps({"settings_fingerprint": fp}))
-    tmp.replace(run_dir / ENDPOINT_FILE)
+    write_atomic(run_dir / ENDPOINT_FILE, json.dumps({"settings_fingerprint": fp}))

@@ -52,6 +52,7 @@ class Pipeline:
         self.endpoint = endpoint
         self._redo_changed = False  # set per call; the label stage reads it
         self._on_cleared: Callable[[], None] | None = None  # the running stage's "old outputs are gone"
+        self._warned_missing: set[str] = set()
         self.log = get_logger("pipeline", run=cfg.out)
         # the crosscoder's weights come down only if fit or analyze will run (see __call__)
         self.mirror = RunMirror(cfg.out, self.run, skip=WEIGHTS) if cfg.remote else None
@@ -64,14 +65,17 @@ class Pipeline:
         }
 
     # -- stage configs and markers -------------------------------------------------------
-    def stage_config(self, stage: str, legacy: bool = False) -> Any:
-        own = stage_own(self.cfg, stage, legacy)
+    def stage_config(self, stage: str, legacy: bool = False, raw_paths: bool = False) -> Any:
+        own = stage_own(self.cfg, stage, legacy, raw_paths)
         i = STAGES.index(stage)
-        upstream = self.stage_config(STAGES[i - 1], legacy)["hash"] if i else ""
+        upstream = self.stage_config(STAGES[i - 1], legacy, raw_paths)["hash"] if i else ""
         return {"own": own, "hash": _hash([own, upstream])}
 
-    def _hashes(self, stage: str) -> tuple[str, str]:
-        return self.stage_config(stage)["hash"], self.stage_config(stage, legacy=True)["hash"]
+    def _hashes(self, stage: str) -> tuple[str, ...]:
+        """The identity written, then the older ones still accepted (see jobs/stage_identity.py)."""
+        return tuple(
+            self.stage_config(stage, **kw)["hash"] for kw in ({}, {"raw_paths": True}, {"legacy": True})
+        )
 
     def marker(self, stage: str) -> Path:
         return self.run / "stages" / f"{stage}.json"
@@ -104,7 +108,17 @@ class Pipeline:
                 self.log.info("pipeline.changed", stage=stage, action="redo this stage and the later ones")
                 return False
             raise self._changed(stage)
+        if gone := self.missing_outputs(stage):  # deleted since: redo (resume) it and the ones after
+            if stage not in self._warned_missing:
+                self._warned_missing.add(stage)
+                self.log.warning("pipeline.output_missing", stage=stage, missing=gone[:3], action="redo")
+            return False
         return True
+
+    def missing_outputs(self, stage: str) -> list[str]:
+        from jobs.stage_outputs import missing
+
+        return missing(stage, self)
 
     def _corpus_changed(self, stage: str, saved: dict) -> bool:
         """The harvest's corpus file is not the one it read (prompts appended or edited in place;

@@ -11,10 +11,11 @@ from jobs.pipeline_config import PipelineConfig, _label_identity
 from serve.taxonomy import load_taxonomy
 
 
-def stage_own(cfg: PipelineConfig, stage: str, legacy: bool = False) -> Any:
+def stage_own(cfg: PipelineConfig, stage: str, legacy: bool = False, raw_paths: bool = False) -> Any:
     """What decides a stage's outputs: its config minus how it runs (workers, logging, request
     limits) and the run's own location. `legacy`: the identity before 2026-12-06, still accepted
-    so runs finished then are not redone."""
+    so runs finished then are not redone; `raw_paths`: a corpus inside the run named as typed (the
+    identity until the seventh session of 2026-12-06), likewise accepted."""
     c = cfg
     if legacy:
         return {
@@ -34,6 +35,10 @@ def stage_own(cfg: PipelineConfig, stage: str, legacy: bool = False) -> Any:
         h = c.harvest.model_dump(mode="json", exclude={"ray", "device"})
         if not c.remote and h["store"] == str(Path(c.out) / "store"):
             h["store"] = "OUT/store"  # the default: the same run moved or named relatively
+        if not raw_paths and (inside := _inside_out(c, h["corpus"]["uri"])) is not None:
+            h["corpus"]["uri"] = (
+                f"OUT/{inside}"  # the presets' corpus lives in the run (its content is stamped)
+            )
         return h
     if stage == "fit":
         return c.fit.model_dump(
@@ -49,6 +54,19 @@ def stage_own(cfg: PipelineConfig, stage: str, legacy: bool = False) -> Any:
 
         return {**label_settings(c.label), "groups": list(c.label.groups or [])}
     return report_identity(cfg)
+
+
+def _inside_out(cfg: PipelineConfig, uri: str) -> str | None:
+    """`uri` relative to the run's `out`, when it lies inside it; else None."""
+    from jobs.rundir import is_remote
+
+    if cfg.remote or is_remote(uri):
+        root = cfg.out.rstrip("/") + "/"
+        return uri[len(root) :] if cfg.remote and uri.startswith(root) else None
+    try:
+        return Path(uri).relative_to(Path(cfg.out)).as_posix()
+    except ValueError:
+        return None
 
 
 def report_identity(cfg: PipelineConfig) -> dict:

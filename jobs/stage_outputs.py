@@ -60,3 +60,39 @@ def clear(stage: str, p: Pipeline) -> None:
         for d in p.dirs().values():
             for name in (LABELS_FILE, CONFIG_FILE, SETTINGS_FILE, ENDPOINT_FILE):
                 (d / name).unlink(missing_ok=True)
+
+
+def missing(stage: str, p: Pipeline) -> list[str]:
+    """Outputs a `done` stage must still have (a marker vouches for files someone may have deleted
+    since): the store's manifest, the crosscoder's weights (in the bucket for a remote run) and
+    metrics, each comparison's latents table, its labels where it has evidence, and its report."""
+    from diffing.evidence import EXAMPLES_DIR, LABELS_FILE
+    from jobs.report import REPORT_HTML, REPORT_JSON
+    from jobs.rundir import join
+
+    pairs = p.cfg.pairs
+    dirs = [p.run] if len(pairs) == 1 else [p.run / "compare" / f"{a}-vs-{b}" for a, b in pairs]
+    if stage == "harvest":
+        uri = join(p.cfg.harvest.store, "manifest.json")
+        fs, path = fsspec.core.url_to_fs(uri)
+        return [] if fs.exists(path) else [uri]
+    if stage == "fit":
+        out = [str(p.run / "metrics.json")] if not (p.run / "metrics.json").exists() else []
+        weights = join(p.cfg.out, "crosscoder/model.safetensors") if p.cfg.remote else None
+        if weights is None:
+            local = p.run / "crosscoder" / "model.safetensors"
+            return out + ([] if local.exists() else [str(local)])
+        fs, path = fsspec.core.url_to_fs(weights)
+        return out + ([] if fs.exists(path) else [weights])
+    if stage == "analyze":
+        return [str(d / "latents.parquet") for d in dirs if not (d / "latents.parquet").exists()]
+    if stage == "label":  # a comparison with nothing selected has no evidence and no labels
+        return [
+            str(d / LABELS_FILE)
+            for d in dirs
+            if any((d / EXAMPLES_DIR).glob("*.jsonl")) and not (d / LABELS_FILE).exists()
+        ]
+    if stage == "report":
+        roots = dirs if len(dirs) == 1 else [*dirs, p.run]
+        return [str(d / n) for d in roots for n in (REPORT_JSON, REPORT_HTML) if not (d / n).exists()]
+    return []

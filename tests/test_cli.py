@@ -335,3 +335,57 @@ def test_report_of_a_pipeline_run_with_planted_sections_points_to_the_pipeline(t
     assert not called
     (tmp_path / "pipeline.json").write_text(json.dumps({"out": str(tmp_path), "anchored": None}))
     assert runner.invoke(app, ["report", "--run", str(tmp_path)]).exit_code == 0 and called
+
+
+def test_a_corrupt_checkpoint_falls_back_and_the_log_is_not_repeated(tmp_path, store):
+    """A kill while the newest checkpoint was written (or a damaged file): the resume warns and takes
+    the one before, ends like an uninterrupted fit, and metrics.jsonl lists each step once."""
+    import torch
+
+    from diffing.config import FitConfig
+    from diffing.crosscoder import Crosscoder
+    from diffing.fit import fit
+    from diffing.store import StoreError, open_store
+
+    st = open_store(store)
+    cfg = FitConfig.model_validate(
+        {
+            "crosscoder": {"n_latents": 32, "k": 2},
+            "train": {"steps": 24, "batch_size": 256, "checkpoint_every": 8, "log_every": 4},
+        }
+    )
+    fit(st, cfg, tmp_path / "full")
+    cut = tmp_path / "cut"
+    import diffing.fit as fit_mod
+
+    real, calls = fit_mod.train_step, {"n": 0}
+
+    def dying(state, xb, **kw):
+        calls["n"] += 1
+        if calls["n"] == 22:  # after step 16's checkpoint and step 20's log line
+            raise KeyboardInterrupt
+        return real(state, xb, **kw)
+
+    fit_mod.train_step = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(st, cfg, cut)
+    finally:
+        fit_mod.train_step = real
+    ckpts = sorted((cut / "checkpoints").glob("step_*.pt"))
+    assert [p.name for p in ckpts] == ["step_000000008.pt", "step_000000016.pt"]
+    ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])  # cut short
+    (cut / "checkpoints" / "step_000000024.tmp").write_bytes(b"partial")
+    fit(st, cfg, cut)
+    assert not (cut / "checkpoints" / "step_000000024.tmp").exists()
+    steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12, 16, 20, 24]
+    a, b = Crosscoder.load(tmp_path / "full" / "crosscoder"), Crosscoder.load(cut / "crosscoder")
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, b.state_dict()[k], atol=1e-6), k
+    # nothing readable: a clear error with the fix, not a torch traceback
+    (cut / "metrics.json").unlink()
+    (cut / "checkpoints").mkdir(exist_ok=True)
+    (cut / "checkpoints" / "step_000000008.pt").write_bytes(b"garbage")
+    with pytest.raises(StoreError, match="no checkpoint .* can be read.*--overwrite"):
+        fit(st, cfg, cut)

@@ -260,3 +260,23 @@ def test_an_overwrite_clears_the_store_only_for_a_harvest_that_can_run(tmp_path,
     with pytest.raises(ReachedRay):
         run_harvest(cfg(), overwrite=True, on_cleared=lambda: cleared.append(1))
     assert not (store / "manifest.json").exists() and cleared == [1]
+
+
+def test_a_stamp_cut_short_is_named_and_temp_files_of_killed_writes_go(tmp_path, tiny_pair):
+    """harvest_config.json is written whole (atomic); one cut short anyway (an older crossdiff, a
+    full disk) is an error naming the file, not 'Expecting value'. A store writer's `.tmp-*` files
+    left by a killed process are removed when a harvest starts."""
+    from diffing.store import StoreWriter
+    from jobs.harvest import run_harvest
+
+    store = tmp_path / "s"
+    (store / "shards").mkdir(parents=True)
+    (store / "harvest_config.json").write_text("")
+    recs = [{"id": f"t{i}", "text": f"doc {i}"} for i in range(3)]
+    with pytest.raises(StoreError, match="harvest_config.json is unreadable.*--overwrite"):
+        run_harvest(_cfg(list(tiny_pair), store, recs, tmp_path))
+    (store / "shards" / ".tmp-0a1b").write_bytes(b"half a shard")
+    (store / ".tmp-9f").write_bytes(b"half a manifest")
+    w = StoreWriter(str(store), model_names=["a", "b"], d_model=4)
+    assert w.remove_temp_files() == 2 and not list(store.rglob(".tmp-*"))
+    assert (store / "harvest_config.json").exists()  # only temporaries go

@@ -27,6 +27,7 @@ def _pipeline(out, calls, kill_at=None, **kw):
 
         return run
 
+    p.missing_outputs = lambda stage: []  # stubbed stages write no outputs
     p.stage_fns = {s: fn(s) for s in STAGES}
     return p
 
@@ -260,3 +261,93 @@ def test_a_corpus_changed_in_place_is_not_taken_for_the_one_harvested(tmp_path):
     redo = _run(out, harvest=harvest, flags={"redo_changed": True})
     assert redo[0] == ("harvest", True) and [s for s, _ in redo] == list(STAGES)  # from scratch
     assert _run(out, harvest=harvest) == []  # the new version is the harvested one now
+
+
+def _writing(out, calls, **kw):
+    """Stubs that write each stage's key outputs, with the real check of them."""
+    from conftest import pipeline_dict
+
+    p = Pipeline(PipelineConfig.model_validate(with_defaults(pipeline_dict(str(out), **kw))))
+    files = {
+        "harvest": ["store/manifest.json"],
+        "fit": ["metrics.json", "crosscoder/model.safetensors"],
+        "analyze": ["latents.parquet", "examples/0.jsonl"],
+        "label": ["labels.jsonl"],
+        "report": ["report.json", "report.html"],
+    }
+
+    def fn(stage):
+        def run(overwrite):
+            calls.append((stage, overwrite))
+            for rel in files[stage]:
+                (p.run / rel).parent.mkdir(parents=True, exist_ok=True)
+                (p.run / rel).write_text("x")
+            return {"stage": stage}
+
+        return run
+
+    p.stage_fns = {s: fn(s) for s in STAGES}
+    return p
+
+
+@pytest.mark.parametrize(
+    "gone, redone",
+    [
+        ("report.html", ["report"]),
+        ("labels.jsonl", ["label", "report"]),
+        ("latents.parquet", ["analyze", "label", "report"]),
+        ("crosscoder/model.safetensors", ["fit", "analyze", "label", "report"]),
+        ("store/manifest.json", list(STAGES)),
+    ],
+)
+def test_a_deleted_output_is_redone_not_vouched_for_by_its_marker(tmp_path, gone, redone):
+    """A `done` marker whose stage's output was deleted since: that stage resumes, the later ones
+    (built on it) are redone; before, every stage said finished and the file stayed missing."""
+    out = tmp_path / "run"
+    calls: list = []
+    _writing(out, calls)()
+    (out / gone).unlink()
+    calls.clear()
+    _writing(out, calls)()
+    assert [s for s, _ in calls] == redone
+    assert calls[0] == (redone[0], False)  # resumed, not cleared
+    assert all(ow for _, ow in calls[1:])  # the later ones redone from scratch
+    calls.clear()
+    _writing(out, calls)()
+    assert calls == []
+
+
+def test_a_corpus_inside_the_run_moves_with_it(tmp_path, monkeypatch):
+    """The presets write their corpus into the run: the run named relatively, absolutely or moved
+    is the same run (its corpus content is stamped); markers written with the path as typed (before
+    this) are still accepted."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+
+    def corpus(out):
+        return {"harvest": {**_harvest(), "corpus": {"uri": f"{out}/corpus.jsonl"}}}
+
+    def _harvest():
+        from conftest import pipeline_dict
+
+        return pipeline_dict("x")["harvest"]
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "corpus.jsonl").write_text('{"text": "a"}\n')
+    assert len(_run("run", **corpus("run"))) == len(STAGES)
+    assert _run(tmp_path / "run", **corpus(tmp_path / "run")) == []
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert _run("../run", **corpus("../run")) == []
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree("run", "moved")
+    assert _run("moved", **corpus("moved")) == []
+    # a marker as the previous crossdiff wrote it: the corpus path as typed
+    p = _pipeline("run", [], **corpus("run"))
+    for s in STAGES:
+        m = json.loads(p.marker(s).read_text())
+        m["hash"] = p.stage_config(s, raw_paths=True)["hash"]
+        p.marker(s).write_text(json.dumps(m))
+    assert p.stage_config("harvest", raw_paths=True)["hash"] != p.stage_config("harvest")["hash"]
+    assert _run("run", **corpus("run")) == []

@@ -107,6 +107,7 @@ def _stubbed(p: Pipeline, calls: list, fail_at: str | None = None) -> Pipeline:
 
         return fn
 
+    p.missing_outputs = lambda stage: []  # stubbed stages write no outputs
     p.stage_fns = {s: stage(s) for s in STAGES}
     return p
 
@@ -364,6 +365,7 @@ def test_tiny_pipeline_on_s3(tmp_path, s3_endpoint, ray_cluster):
     cfg = load_pipeline_config(preset="tiny", out=url, overrides=[*sets, f"work_dir={tmp_path / 'w2'}"])
     again = Pipeline(cfg)
     ran: list = []
+    again.missing_outputs = lambda stage: []  # stubbed stages write no outputs
     again.stage_fns = {s: (lambda overwrite, s=s: ran.append(s) or {}) for s in STAGES}
     again()
     assert ran == [] and (tmp_path / "w2" / "report.html").exists()
@@ -391,11 +393,13 @@ def test_work_inside_a_stage_reaches_the_bucket_before_the_stage_ends(tmp_path, 
             time.sleep(0.1)
         raise AssertionError("labels.jsonl never reached the bucket during the stage")
 
+    p.missing_outputs = lambda stage: []  # stubbed stages write no outputs
     p.stage_fns = {"harvest": lambda overwrite: {}, "label": label}
     with pytest.raises(RuntimeError, match="killed after the first label"):
         p()
     assert json.loads(fs.cat_file(f"{root}/stages/label.json")).get("running") is True  # not done
     p2 = Pipeline(_stub_cfg(tmp_path / "m2", url, sync_every_s=0.2, stages=["harvest", "label"]))
+    p2.missing_outputs = lambda stage: []  # stubbed stages write no outputs
     p2.stage_fns = {
         "harvest": lambda overwrite: seen.append("harvest") or {},
         "label": lambda overwrite: seen.append((p2.run / "labels.jsonl").read_text()) or {},
@@ -423,6 +427,7 @@ def test_a_remote_redo_killed_midway_resumes_elsewhere_without_the_old_outputs(t
     seen: list = []
     p2 = _stubbed(Pipeline(cfg2), [])
     fns = dict(p2.stage_fns)
+    p2.missing_outputs = lambda stage: []  # stubbed stages write no outputs
     p2.stage_fns = {
         s: (lambda overwrite, s=s: seen.append((s, overwrite)) or fns[s](overwrite)) for s in STAGES
     }

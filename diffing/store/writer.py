@@ -23,6 +23,7 @@ from diffing.store.format import (
     StoreError,
     _fixed_list,
     _fs,
+    _is_local,
     atomic_write,
     row_group_rows,
 )
@@ -73,6 +74,17 @@ class StoreWriter:
         for rel in ("manifest.json", "shards"):
             if self.fs.exists(self._path(rel)):
                 self.fs.rm(self._path(rel), recursive=True)
+
+    def remove_temp_files(self) -> int:
+        """Delete the temporary files of local writes a killed process left (``.tmp-*`` beside the
+        shards; each is up to a shard's size). Call only when no writer of this store is running.
+        Object stores have none: an upload is one request."""
+        if not _is_local(self.fs):
+            return 0
+        stale = self.fs.glob(self._path(".tmp-*")) + self.fs.glob(self._path("shards/.tmp-*"))
+        for path in stale:
+            self.fs.rm(path)
+        return len(stale)
 
     def done_shard(self, shard_id: str) -> ShardInfo | None:
         """The ShardInfo of a completed shard, or None (a parquet file without sidecar is incomplete)."""
