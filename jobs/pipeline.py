@@ -120,6 +120,14 @@ class Pipeline:
 
         return missing(stage, self)
 
+    def done_by_marker(self, stage: str) -> bool:
+        saved = self._saved(stage)
+        return (
+            bool(saved)
+            and not (saved.get("stale") or saved.get("running"))
+            and (saved.get("hash") in self._hashes(stage))
+        )
+
     def _corpus_changed(self, stage: str, saved: dict) -> bool:
         """The harvest's corpus file is not the one it read (prompts appended or edited in place;
         its URI, all the config names, is the same). Markers from before the stamp say nothing."""

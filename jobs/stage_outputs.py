@@ -75,7 +75,12 @@ def missing(stage: str, p: Pipeline) -> list[str]:
     if stage == "harvest":
         uri = join(p.cfg.harvest.store, "manifest.json")
         fs, path = fsspec.core.url_to_fs(uri)
-        return [] if fs.exists(path) else [uri]
+        if fs.exists(path):
+            return []
+        # a store deleted to save space once the stages that read it (fit, analyze) were done: those
+        # stand, and label and report do not read it
+        readers_done = all(p.done_by_marker(s) and not missing(s, p) for s in ("fit", "analyze"))
+        return [] if readers_done else [uri]
     if stage == "fit":
         out = [str(p.run / "metrics.json")] if not (p.run / "metrics.json").exists() else []
         weights = join(p.cfg.out, "crosscoder/model.safetensors") if p.cfg.remote else None

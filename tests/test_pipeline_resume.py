@@ -297,7 +297,9 @@ def _writing(out, calls, **kw):
         ("labels.jsonl", ["label", "report"]),
         ("latents.parquet", ["analyze", "label", "report"]),
         ("crosscoder/model.safetensors", ["fit", "analyze", "label", "report"]),
-        ("store/manifest.json", list(STAGES)),
+        # a store deleted to save space after fit and analyze: label and report do not read it
+        ("store/manifest.json", []),
+        ("store/manifest.json latents.parquet", list(STAGES)),  # analyze must run: it needs the store
     ],
 )
 def test_a_deleted_output_is_redone_not_vouched_for_by_its_marker(tmp_path, gone, redone):
@@ -306,12 +308,14 @@ def test_a_deleted_output_is_redone_not_vouched_for_by_its_marker(tmp_path, gone
     out = tmp_path / "run"
     calls: list = []
     _writing(out, calls)()
-    (out / gone).unlink()
+    for rel in gone.split():
+        (out / rel).unlink()
     calls.clear()
     _writing(out, calls)()
     assert [s for s, _ in calls] == redone
-    assert calls[0] == (redone[0], False)  # resumed, not cleared
-    assert all(ow for _, ow in calls[1:])  # the later ones redone from scratch
+    if redone:
+        assert calls[0] == (redone[0], False)  # resumed, not cleared
+        assert all(ow for _, ow in calls[1:])  # the later ones redone from scratch
     calls.clear()
     _writing(out, calls)()
     assert calls == []
