@@ -47,22 +47,23 @@ def _json(path: Path) -> dict | None:
 
 
 def _harvest(run: Path) -> dict | None:
-    """The harvest config the run's store was written with (its manifest), or None where unreadable."""
+    """The harvest config the run's store was written with (its manifest), else the one a pipeline
+    run saved (the store may be deleted to save space); None where neither can be read."""
     import fsspec
 
-    cfg = _json(run / "analysis_config.json") or {}
-    store = cfg.get("store")
-    if not store:
-        return None
+    store = (_json(run / "analysis_config.json") or {}).get("store")
     try:
         with fsspec.open(f"{str(store).rstrip('/')}/manifest.json", "r") as f:
             manifest = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return (manifest.get("metadata") or {}).get("harvest") or {
-        "layer": manifest.get("layer"),
-        "site": manifest.get("site"),
-    }
+        harvest = (manifest.get("metadata") or {}).get("harvest")
+        return harvest or {"layer": manifest.get("layer"), "site": manifest.get("site")}
+    except (OSError, ValueError, TypeError, ImportError):  # no store, no access, or no fsspec backend
+        pass
+    for root in (run, run.parent.parent):  # a pipeline run, or one of its comparisons
+        harvest = (_json(root / "pipeline.json") or {}).get("harvest")
+        if isinstance(harvest, dict):
+            return harvest
+    return None
 
 
 def check_comparable(s_run: Path, i_run: Path) -> list[str]:
@@ -93,19 +94,53 @@ def check_comparable(s_run: Path, i_run: Path) -> list[str]:
             warnings.append(
                 "the runs were harvested from different corpora: category shares also move with the prompts"
             )
-    ls, li = (_json(r / "label_settings.json") for r in (s_run, i_run))
-    if ls is None or li is None:
-        warnings.append("a run has no label_settings.json: that both were labelled alike is unchecked")
-    else:
-        ls.pop("service.taxonomy", None), li.pop("service.taxonomy", None)  # paths; the fingerprint stays
-        if diff := sorted(k for k in set(ls) | set(li) if ls.get(k) != li.get(k)):
-            raise AnchoredError(
-                f"the two runs were labelled differently ({', '.join(diff)}); relabel one with the other's "
-                "label settings (a category share means something only under one judge and taxonomy)"
-            )
+    warnings += _check_same_labelling(s_run, i_run)
     if sb == ib:
         warnings.append(f"both runs call their fine-tune {sb!r}: the output names them by run directory")
     return warnings
+
+
+def _check_same_labelling(s_run: Path, i_run: Path) -> list[str]:
+    """One judge, taxonomy, prompt and method on both sides: the endpoint's settings fingerprint where
+    both were labelled through one (`crossdiff label --endpoint`), else the local label settings less
+    machine-local paths; and the judge model and prompt version every label records."""
+    from diffing.evidence import read_labels
+
+    def judged(run: Path) -> set[tuple[str, str]]:
+        return {(lab.judge_model, lab.prompt_version) for lab in read_labels(run).values()}
+
+    js, ji = judged(s_run), judged(i_run)
+    if js and ji and js != ji:
+        raise AnchoredError(
+            f"the two runs were labelled by different judges or prompts ({sorted(js)} vs {sorted(ji)}); relabel "
+            "one like the other (a category share means something only under one judge and taxonomy)"
+        )
+    es, ei = (_json(r / "label_endpoint.json") for r in (s_run, i_run))
+    if es and ei:
+        if es.get("settings_fingerprint") != ei.get("settings_fingerprint"):
+            raise AnchoredError(
+                "the two runs were labelled by endpoints with different settings (settings_fingerprint "
+                f"{es.get('settings_fingerprint')} vs {ei.get('settings_fingerprint')}: taxonomy, method or "
+                "judge); relabel one through the other's endpoint"
+            )
+        return []
+    if es or ei:
+        return [
+            "one run was labelled through an endpoint, the other locally: that their taxonomy and method "
+            "agree is unchecked (the judge model and prompt version agree)"
+        ]
+    ls, li = (_json(r / "label_settings.json") for r in (s_run, i_run))
+    if ls is None or li is None:
+        return ["a run has no label_settings.json: that both were labelled alike is unchecked"]
+    for d in (ls, li):  # machine-local paths; the taxonomy's fingerprint and the judge's id stay
+        d.pop("service.taxonomy", None)
+        d.pop("service.judge.model_source", None)
+    if diff := sorted(k for k in set(ls) | set(li) if ls.get(k) != li.get(k)):
+        raise AnchoredError(
+            f"the two runs were labelled differently ({', '.join(diff)}); relabel one with the other's "
+            "label settings (a category share means something only under one judge and taxonomy)"
+        )
+    return []
 
 
 def _one_dictionary(s_run: str, i_run: str) -> bool:
@@ -126,6 +161,7 @@ def write_anchored(s_run: str, i_run: str, out: str, opts: Any = None) -> dict:
     """OUT/anchored.{json,md,html}: the category shift of S_RUN's B-specific latents against
     I_RUN's B-specific ones. Runs and OUT may be local or remote (s3://, gs://)."""
     from jobs.compare import anchored_between
+    from jobs.label_state import write_atomic
     from jobs.report import render
     from jobs.report.config import ReportConfig
     from jobs.rundir import WEIGHTS, local_copy
@@ -177,8 +213,6 @@ def write_anchored(s_run: str, i_run: str, out: str, opts: Any = None) -> dict:
             ),
             strict=True,
         ):
-            tmp = o / f"{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(o / name)
+            write_atomic(o / name, text)
     log.info("anchored.done", s=str(s_run), i=str(i_run))
     return {"out": {n: f"{str(out).rstrip('/')}/{n}" for n in OUT_FILES}, "warnings": warnings}

@@ -21,11 +21,16 @@ from diffing.stats import category_shift
 SHARED = ("crosscoder", "metrics.json", "run_config.json")
 
 
-def pair_dir(run: Path, pair: tuple[str, str], n_pairs: int) -> Path:
+def comparison_dir(run: Path, pair: tuple[str, str], n_pairs: int) -> Path:
     """Where a comparison's analysis lives: RUN itself for one pair, else RUN/compare/<A>-vs-<B>/."""
+    return run if n_pairs == 1 else run / "compare" / f"{pair[0]}-vs-{pair[1]}"
+
+
+def pair_dir(run: Path, pair: tuple[str, str], n_pairs: int) -> Path:
+    """comparison_dir, made, with the shared crosscoder linked in."""
+    d = comparison_dir(run, pair, n_pairs)
     if n_pairs == 1:
-        return run
-    d = run / "compare" / f"{pair[0]}-vs-{pair[1]}"
+        return d
     d.mkdir(parents=True, exist_ok=True)
     for name in SHARED:  # the fitted crosscoder is shared by every comparison
         link, target = d / name, run / name

@@ -246,7 +246,9 @@ def run_fit_ray(
     cfg = resolve_config(cfg, store)
     stamp = f"{root}/run_config.json"
     finished = fs.exists(f"{root}/metrics.json") and fs.exists(f"{root}/crosscoder/model.safetensors")
-    if finished and not overwrite:  # weights deleted since: resumed (or refitted) below
+    if not finished and not overwrite and fs.exists(f"{root}/metrics.json"):
+        fs.rm(f"{root}/metrics.json")  # weights deleted since: refitted below, and this must be the new one's
+    if finished and not overwrite:
         if fs.exists(stamp):  # a finished fit stands only for the settings and data it was made with
             changed = fit_changes(json.loads(fs.cat_file(stamp)), cfg, store.n_rows)
             if changed:
@@ -336,11 +338,13 @@ def run_fit_ray(
         )
     log.info("fit.ray.submit", workers=d.workers, use_gpu=d.use_gpu, steps=steps, per_epoch=per_epoch)
     trainer.fit()
-    if not fs.exists(f"{root}/metrics.json"):
-        raise FileNotFoundError(
-            f"the fit finished but {out}/metrics.json is not here: rank 0 wrote it on its own node. "
-            "Give an --out every node reaches (s3://..., gs://..., or a shared mount) and rerun"
-        )
+    fs.invalidate_cache(root)  # the workers wrote there: a listing cached before must not answer
+    for rel in ("metrics.json", "crosscoder/model.safetensors"):
+        if not fs.exists(f"{root}/{rel}"):
+            raise FileNotFoundError(
+                f"the fit finished but {out}/{rel} is not here: rank 0 wrote it on its own node. "
+                "Give an --out every node reaches (s3://..., gs://..., or a shared mount) and rerun"
+            )
     return json.loads(fs.cat_file(f"{root}/metrics.json"))
 
 

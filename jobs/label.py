@@ -321,6 +321,7 @@ def label_run(
         raise LabelJobError(
             f"{missing} of {len(wanted)} latents of {run_dir} have no label; rerun to label them"
         )
+    out.touch()  # finished, also with nothing to label: the file says so (the pipeline checks it)
     cats = Counter(lab.category for k, lab in labels.items() if k in wanted)
     return {
         "run": str(run_dir),

@@ -36,6 +36,7 @@ from jobs.pipeline_config import (  # noqa: F401  (re-exported: the config's pub
 from jobs.rundir import WEIGHTS, RunMirror
 from jobs.stage_identity import stage_own
 from jobs.stage_outputs import clear as clear_stage
+from jobs.stage_outputs import missing, store_gone
 
 
 def _hash(obj: Any) -> str:
@@ -116,17 +117,7 @@ class Pipeline:
         return True
 
     def missing_outputs(self, stage: str) -> list[str]:
-        from jobs.stage_outputs import missing
-
         return missing(stage, self)
-
-    def done_by_marker(self, stage: str) -> bool:
-        saved = self._saved(stage)
-        return (
-            bool(saved)
-            and not (saved.get("stale") or saved.get("running"))
-            and (saved.get("hash") in self._hashes(stage))
-        )
 
     def _corpus_changed(self, stage: str, saved: dict) -> bool:
         """The harvest's corpus file is not the one it read (prompts appended or edited in place;
@@ -232,6 +223,8 @@ class Pipeline:
             self.mirror.check_writable()
             self.mirror.pull()
         to_run = self.stages_to_run(overwrite, redo_changed)  # refuses before anything is written
+        if why := store_gone(self, to_run):  # fit or analyze would run without their data
+            raise ValueError(why)
         if "label" in to_run and self.cfg.label.service.taxonomy:  # before hours of harvest and fit
             from serve.taxonomy import load_taxonomy
 

@@ -64,23 +64,21 @@ def clear(stage: str, p: Pipeline) -> None:
 
 def missing(stage: str, p: Pipeline) -> list[str]:
     """Outputs a `done` stage must still have (a marker vouches for files someone may have deleted
-    since): the store's manifest, the crosscoder's weights (in the bucket for a remote run) and
-    metrics, each comparison's latents table, its labels where it has evidence, and its report."""
+    since): the crosscoder's weights (in the bucket for a remote run) and metrics, each comparison's
+    latents table, its labels, and its report. Not the store: it may be deleted to save space once
+    fit and analyze are done (`store_gone` refuses a stage that needs it), and is not re-harvested
+    over a fitted crosscoder."""
     from diffing.evidence import EXAMPLES_DIR, LABELS_FILE
+    from jobs.compare import comparison_dir
     from jobs.report import REPORT_HTML, REPORT_JSON
     from jobs.rundir import join
 
     pairs = p.cfg.pairs
-    dirs = [p.run] if len(pairs) == 1 else [p.run / "compare" / f"{a}-vs-{b}" for a, b in pairs]
-    if stage == "harvest":
+    dirs = [comparison_dir(p.run, pair, len(pairs)) for pair in pairs]
+    if stage == "store":  # the harvest's output, checked only where a stage that reads it runs
         uri = join(p.cfg.harvest.store, "manifest.json")
         fs, path = fsspec.core.url_to_fs(uri)
-        if fs.exists(path):
-            return []
-        # a store deleted to save space once the stages that read it (fit, analyze) were done: those
-        # stand, and label and report do not read it
-        readers_done = all(p.done_by_marker(s) and not missing(s, p) for s in ("fit", "analyze"))
-        return [] if readers_done else [uri]
+        return [] if fs.exists(path) else [uri]
     if stage == "fit":
         out = [str(p.run / "metrics.json")] if not (p.run / "metrics.json").exists() else []
         weights = join(p.cfg.out, "crosscoder/model.safetensors") if p.cfg.remote else None
@@ -88,6 +86,7 @@ def missing(stage: str, p: Pipeline) -> list[str]:
             local = p.run / "crosscoder" / "model.safetensors"
             return out + ([] if local.exists() else [str(local)])
         fs, path = fsspec.core.url_to_fs(weights)
+        fs.invalidate_cache(path.rsplit("/", 1)[0])  # another process wrote it (Ray Train workers)
         return out + ([] if fs.exists(path) else [weights])
     if stage == "analyze":
         return [str(d / "latents.parquet") for d in dirs if not (d / "latents.parquet").exists()]
@@ -101,3 +100,18 @@ def missing(stage: str, p: Pipeline) -> list[str]:
         roots = dirs if len(dirs) == 1 else [*dirs, p.run]
         return [str(d / n) for d in roots for n in (REPORT_JSON, REPORT_HTML) if not (d / n).exists()]
     return []
+
+
+def store_gone(p: Pipeline, to_run: list[str]) -> str | None:
+    """Why the stages about to run cannot: fit or analyze reads a store deleted since its harvest
+    (None: the store is there, the harvest redoes it, or no stage that runs reads it)."""
+    if "harvest" in to_run or not {"fit", "analyze"} & set(to_run):
+        return None
+    if not p.missing_outputs("store"):
+        return None
+    return (
+        f"{p.run}: stages {[s for s in to_run if s in ('fit', 'analyze')]} read the store "
+        f"{p.cfg.harvest.store}, which is gone (no manifest.json) although the harvest finished; restore it, "
+        "or write it again with `crossdiff harvest` and this run's harvest config to the same URI (the shards "
+        "come out the same), or pass --overwrite to redo the whole run"
+    )

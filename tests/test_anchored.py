@@ -130,3 +130,41 @@ def test_two_comparisons_of_one_run_count_their_overlap(tmp_path):
     assert _one_dictionary("s3://b/r/compare/a-vs-b/", "s3://b/r/compare/a-vs-c")
     assert json.loads(json.dumps(write_anchored(str(s), str(i), str(tmp_path / "out"))))
     assert json.loads((tmp_path / "out" / "anchored.json").read_text())["overlap"] == 2  # ids 0 and 1
+
+
+def test_labelling_is_compared_by_endpoint_fingerprint_judge_and_prompt(tmp_path):
+    """Runs labelled through endpoints compare the endpoints' settings fingerprints; every label's
+    judge and prompt version must agree; machine-local judge paths do not count."""
+    s = _run(
+        tmp_path,
+        "simpo",
+        ("pt", "simpo"),
+        ["safety"] * 2,
+        settings={**SETTINGS, "service.judge.model_source": "/a/j"},
+    )
+    i = _run(
+        tmp_path, "it", ("pt", "it"), ["math"], settings={**SETTINGS, "service.judge.model_source": "/b/j"}
+    )
+    assert write_anchored(str(s), str(i), str(tmp_path / "o1"))["warnings"] == []
+    for run, fp in ((s, "aaa"), (i, "bbb")):
+        (run / "label_endpoint.json").write_text(json.dumps({"settings_fingerprint": fp}))
+    with pytest.raises(AnchoredError, match="endpoints with different settings"):
+        write_anchored(str(s), str(i), str(tmp_path / "o2"))
+    (i / "label_endpoint.json").write_text(json.dumps({"settings_fingerprint": "aaa"}))
+    assert write_anchored(str(s), str(i), str(tmp_path / "o3"))["warnings"] == []
+    labs = [LatentLabel(latent=0, explanation="", category="math", confidence=1, judge_model="other-judge")]
+    write_jsonl(i / LABELS_FILE, labs)
+    with pytest.raises(AnchoredError, match="different judges or prompts"):
+        write_anchored(str(s), str(i), str(tmp_path / "o4"))
+
+
+def test_a_deleted_store_falls_back_to_the_runs_saved_harvest(tmp_path):
+    import shutil
+
+    s = _run(tmp_path, "simpo", ("pt", "simpo"), ["safety"])
+    i = _run(tmp_path, "it", ("pt", "it"), ["math"], layer=30)
+    harvest = json.loads((tmp_path / "it-store" / "manifest.json").read_text())["metadata"]["harvest"]
+    (i / "pipeline.json").write_text(json.dumps({"harvest": harvest}))
+    shutil.rmtree(tmp_path / "it-store")
+    with pytest.raises(AnchoredError, match="different layers"):
+        write_anchored(str(s), str(i), str(tmp_path / "o"))

@@ -299,7 +299,6 @@ def _writing(out, calls, **kw):
         ("crosscoder/model.safetensors", ["fit", "analyze", "label", "report"]),
         # a store deleted to save space after fit and analyze: label and report do not read it
         ("store/manifest.json", []),
-        ("store/manifest.json latents.parquet", list(STAGES)),  # analyze must run: it needs the store
     ],
 )
 def test_a_deleted_output_is_redone_not_vouched_for_by_its_marker(tmp_path, gone, redone):
@@ -355,3 +354,18 @@ def test_a_corpus_inside_the_run_moves_with_it(tmp_path, monkeypatch):
         p.marker(s).write_text(json.dumps(m))
     assert p.stage_config("harvest", raw_paths=True)["hash"] != p.stage_config("harvest")["hash"]
     assert _run("run", **corpus("run")) == []
+
+
+def test_a_stage_that_reads_a_deleted_store_is_refused_not_reharvested(tmp_path):
+    """Analyze must run again but the store is gone: re-harvesting would clear the fitted crosscoder
+    (fit builds on the harvest), so the run stops with the ways out; nothing is touched."""
+    out = tmp_path / "run"
+    _writing(out, [])()
+    (out / "store" / "manifest.json").unlink()
+    (out / "latents.parquet").unlink()
+    calls: list = []
+    with pytest.raises(
+        ValueError, match=r"\['analyze'\] read the store .* is gone.*crossdiff harvest.*--overwrite"
+    ):
+        _writing(out, calls)()
+    assert calls == [] and (out / "crosscoder" / "model.safetensors").exists()
