@@ -46,6 +46,8 @@ def _finished(store, cfg, out):
         json.dumps({"fit": resolved.model_dump(mode="json"), "store_rows": open_store(store).n_rows})
     )
     (out / "metrics.json").write_text(json.dumps({"steps": 20, "fve": 0.9}))
+    (out / "crosscoder").mkdir()
+    (out / "crosscoder" / "model.safetensors").write_text("weights")
 
 
 def test_finished_fit_is_returned_only_for_its_own_settings(tmp_path, store, monkeypatch):
@@ -57,6 +59,12 @@ def test_finished_fit_is_returned_only_for_its_own_settings(tmp_path, store, mon
     with pytest.raises(ValueError, match=r"other settings or data \(train.steps\).*--overwrite"):
         jf.run_fit_ray(store, _cfg(steps=40), str(out))
     assert (out / "metrics.json").exists()  # nothing removed by the refusal
+    # the weights deleted since: not finished, and its old metrics.json must not pass for the refit's
+    (out / "crosscoder" / "model.safetensors").unlink()
+    (out / "run_config.json").unlink()  # (this stand-in's stamp has no checkpoint hash to resume under)
+    with pytest.raises(_ReachedRay):
+        jf.run_fit_ray(store, _cfg(steps=20), str(out))
+    assert not (out / "metrics.json").exists()
 
 
 def test_overwrite_after_a_config_change_gets_to_training(tmp_path, store, monkeypatch):
@@ -129,6 +137,8 @@ class _FakeTrainer:
             from pathlib import Path
 
             Path(out, "metrics.json").write_text(json.dumps({"steps": 20}))
+            Path(out, "crosscoder").mkdir(exist_ok=True)
+            Path(out, "crosscoder", "model.safetensors").write_text("weights")
 
 
 def _fake_ray(monkeypatch):
