@@ -44,8 +44,17 @@ class CategoryShift:
     small_count: bool
     ci_level: float = 0.95  # the level of this interval (1 − α/K under a Bonferroni adjustment)
 
+    @property
+    def only_in(self) -> str | None:
+        """'S' or 'I' when the category is in one set only (Δ_c is +∞ or −1, its interval open)."""
+        if self.n_i == 0 and self.n_s > 0:
+            return "S"
+        return "I" if self.n_s == 0 and self.n_i > 0 else None
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields, plus `only_in` and `ci_high_unbounded`: JSON has no ±∞ or NaN, so a report
+        writes those numbers as null, and these say which null means unbounded."""
+        return asdict(self) | {"only_in": self.only_in, "ci_high_unbounded": math.isinf(self.ci_high)}
 
 
 def _katz(n_s: int, N_s: int, n_i: int, N_i: int, z: float) -> tuple[float, float]:

@@ -102,7 +102,8 @@ def planted_truth(
             direction[p["name"]] = {
                 "category": p["category"],
                 "expected": p["direction"],
-                "delta": got,
+                "delta": got,  # +inf (null in JSON) when only the fine-tune's latents have the category
+                "only_in": None if s is None else s.only_in,
                 "ok": got is not None and got * want > 0,
             }
     return {

@@ -13,6 +13,13 @@ from diffing.validation import planted_truth
 TARGETS = {"mass_rate_ft_specific": 0.80, "enrichment": 3.0, "judge_agreement": 0.70}
 
 
+def _delta_pct(d: dict) -> str:
+    """A planted capability's Δ_c as the shift table writes it (percent; "only in S")."""
+    from jobs.report import _pct
+
+    return "only in S" if d.get("only_in") == "S" else _pct(d["delta"])
+
+
 def _fmt(x) -> str:
     if x is None:
         return "—"
@@ -56,7 +63,7 @@ def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair:
     )
     drows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(d['category'])}</td><td>{html.escape(d['expected'])}</td>"
-        f"<td>{_fmt(d['delta'])}</td><td>{'✓' if d['ok'] else '✗'}</td></tr>"
+        f"<td>{_delta_pct(d)}</td><td>{'✓' if d['ok'] else '✗'}</td></tr>"
         for name, d in direction.items()
     )
     body = (
@@ -68,7 +75,7 @@ def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair:
     if drows:
         body += (
             "<h3>Direction of the category shift</h3><table><tr><th>capability</th><th>category</th>"
-            f"<th>planted as</th><th>Δ_c</th><th>ok</th></tr>{drows}</table>"
+            f"<th>planted as</th><th>Δ_c %</th><th>ok</th></tr>{drows}</table>"
         )
     else:
         body += '<p class="muted">No labels yet: the shift direction is checked after labelling.</p>'
@@ -79,8 +86,8 @@ def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair:
         + [f"| {_md(n)} | {_fmt(v)} | {t} |" for n, v, t in rows]
     )
     if direction:
-        md += "\n\n| capability | category | planted as | Δ_c | ok |\n|---|---|---|---|---|\n" + "\n".join(
-            f"| {_md(n)} | {_md(d['category'])} | {_md(d['expected'])} | {_fmt(d['delta'])} | "
+        md += "\n\n| capability | category | planted as | Δ_c % | ok |\n|---|---|---|---|---|\n" + "\n".join(
+            f"| {_md(n)} | {_md(d['category'])} | {_md(d['expected'])} | {_delta_pct(d)} | "
             f"{'yes' if d['ok'] else 'no'} |"
             for n, d in direction.items()
         )

@@ -8,6 +8,7 @@ import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from test_report import _groups, run  # noqa: F401 - the module's small run fixture
 
 from diffing.evidence import LABELS_FILE, LatentLabel, write_jsonl
@@ -84,3 +85,26 @@ def test_an_analysis_redone_takes_its_labels_with_it(tmp_path):
     )
     clear_outputs(tmp_path)
     assert not (tmp_path / LABELS_FILE).exists() and not (tmp_path / "latents.parquet").exists()
+
+
+def test_json_nulls_say_what_they_stand_for_and_unlabelled_groups_show_no_zeros(run, tmp_path):  # noqa: F811
+    """report.json writes ±∞ as null: `only_in` and `ci_high_unbounded` say which null is unbounded.
+    A group label.groups left out (the demo's baseline) gets no column of zeros and its cards say
+    why they have no label."""
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    _label_all(r, lambda grp, j: "gain" if grp == "chat-specific" else "other")
+    (r / "label_config.json").write_text(json.dumps({"groups": ["chat-specific", "base-specific"]}))
+    write_report(r)
+    rep = json.loads((r / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    rows = {x["category"]: x for x in rep["shift"]}
+    assert (
+        rows["gain"]["delta"] is None and rows["gain"]["only_in"] == "S" and rows["gain"]["ci_high_unbounded"]
+    )
+    assert rows["other"]["only_in"] == "I" and rows["other"]["delta"] == -1.0
+    assert rep["labelled_groups"] == ["chat-specific", "base-specific"]
+    html = (r / "report.html").read_text()
+    assert "not labelled (label.groups): baseline" in html
+    assert "not labelled (label.groups leaves this group out)" in html  # the baseline cards
+    head = html[html.index("Category counts per group") :]
+    assert "<th>baseline</th>" not in head[: head.index("</table>")]

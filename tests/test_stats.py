@@ -159,3 +159,10 @@ def test_counts_must_be_whole_latent_counts():
     floats = category_shift({"a": 2.0, "b": 3.0}, {"a": 1.0, "b": 4.0})  # whole floats (pandas) are fine
     ints = category_shift({"a": 2, "b": 3}, {"a": 1, "b": 4})
     assert [r.as_dict() for r in floats] == [r.as_dict() for r in ints]
+
+
+def test_rows_say_which_side_alone_has_a_category():
+    rows = {r.category: r.as_dict() for r in category_shift({"a": 3, "b": 2}, {"b": 4, "c": 1})}
+    assert rows["a"]["only_in"] == "S" and rows["a"]["ci_high_unbounded"] and math.isnan(rows["a"]["delta"])
+    assert rows["c"]["only_in"] == "I" and rows["c"]["delta"] == -1.0 and not rows["c"]["ci_high_unbounded"]
+    assert rows["b"]["only_in"] is None

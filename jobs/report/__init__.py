@@ -47,6 +47,17 @@ SectionLike = ReportSection | dict | Callable[[Path], "ReportSection | dict"]
 ReportOptions = ReportConfig  # the name before ReportConfig became a config
 
 
+def _labelled_groups(run: Path) -> list[str] | None:
+    """The groups the label stage labels (its saved `label.groups`); None: all, or no label stage yet."""
+    from jobs.label_state import CONFIG_FILE
+
+    try:
+        groups = json.loads((run / CONFIG_FILE).read_text()).get("groups")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return list(groups) if isinstance(groups, list) else None
+
+
 def _clean(x: Any) -> Any:
     """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
     if isinstance(x, dict):
@@ -113,6 +124,7 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
         if e.latent in wanted:
             evidence[e.latent] = e.model_dump()
     labels = {k: v.model_dump() for k, v in read_labels(run).items()}
+    labelled = _labelled_groups(run)  # None: every group (or not labelled yet)
     out: dict[str, Any] = {
         "run": str(run),
         "pair": list(pair),
@@ -129,6 +141,7 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
         "n_labels": len(set(labels) & set(cols["latent"])),  # labels of this run's latents only
         "report_config": opts.model_dump(mode="json"),
         "ci_label": opts.ci_label(),
+        "labelled_groups": labelled,
     }
     cards = {}
     for g, ids in shown.items():
@@ -144,6 +157,9 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
                     "group": g,
                     "stats": stats,
                     "label": labels.get(i),
+                    "label_note": None
+                    if labelled is None or g in labelled
+                    else "not labelled (label.groups leaves this group out)",
                     "source_mass": ev.get("source_mass", {}),
                     "top": ev.get("top", [])[: opts.contexts_per_card],
                 }
@@ -288,10 +304,17 @@ def write_report(
         shift_html += H.shift_table(d["shift"], d["ci_label"])
     if any(cc.values()):
         allc = sorted(set().union(*[set(c) for c in cc.values()]))
+        # a group the label stage left out has no counts, not zero counts
+        cols = [
+            g
+            for g in (s_name, i_name, "baseline")
+            if d["labelled_groups"] is None or g in d["labelled_groups"]
+        ]
         shift_html += "<h3>Category counts per group</h3>" + H.table_html(
-            [[c, *(cc[g].get(c, 0) for g in (s_name, i_name, "baseline"))] for c in allc],
-            ["category", s_name, i_name, "baseline"],
+            [[c, *(cc[g].get(c, 0) for g in cols)] for c in allc], ["category", *cols]
         )
+        if left := [g for g in (s_name, i_name, "baseline") if g not in cols]:
+            shift_html += f'<p class="muted">not labelled (label.groups): {R(", ".join(left))}</p>'
     sec.append(("Category shift", shift_html))
     for g in (i_name, s_name):
         cards = d["cards"].get(g, [])

@@ -78,7 +78,7 @@ def card_html(c: dict, pair: tuple[str, str], n_contexts: int) -> str:
             + f"{extra}</div>"
         )
     else:
-        body.append('<div class="muted">not labelled yet</div>')
+        body.append(f'<div class="muted">{esc(c.get("label_note") or "not labelled yet")}</div>')
     if c.get("source_mass"):
         parts = " · ".join(
             f"{esc(k)} {v:.0%}" for k, v in sorted(c["source_mass"].items(), key=lambda kv: -kv[1])
