@@ -59,7 +59,9 @@ def _harvest(run: Path) -> dict | None:
         return harvest or {"layer": manifest.get("layer"), "site": manifest.get("site")}
     except (OSError, ValueError, TypeError, ImportError):  # no store, no access, or no fsspec backend
         pass
-    for root in (run, run.parent.parent):  # a pipeline run, or one of its comparisons
+    from jobs.compare import run_roots
+
+    for root in run_roots(run):
         harvest = (_json(root / "pipeline.json") or {}).get("harvest")
         if isinstance(harvest, dict):
             return harvest
@@ -105,6 +107,7 @@ def _check_same_labelling(s_run: Path, i_run: Path) -> list[str]:
     both were labelled through one (`crossdiff label --endpoint`), else the local label settings less
     machine-local paths; and the judge model and prompt version every label records."""
     from diffing.evidence import read_labels
+    from jobs.label_state import settings_diff
 
     def judged(run: Path) -> set[tuple[str, str]]:
         return {(lab.judge_model, lab.prompt_version) for lab in read_labels(run).values()}
@@ -135,7 +138,7 @@ def _check_same_labelling(s_run: Path, i_run: Path) -> list[str]:
     for d in (ls, li):  # machine-local paths; the taxonomy's fingerprint and the judge's id stay
         d.pop("service.taxonomy", None)
         d.pop("service.judge.model_source", None)
-    if diff := sorted(k for k in set(ls) | set(li) if ls.get(k) != li.get(k)):
+    if diff := settings_diff(ls, li):
         raise AnchoredError(
             f"the two runs were labelled differently ({', '.join(diff)}); relabel one with the other's "
             "label settings (a category share means something only under one judge and taxonomy)"

@@ -26,6 +26,12 @@ def comparison_dir(run: Path, pair: tuple[str, str], n_pairs: int) -> Path:
     return run if n_pairs == 1 else run / "compare" / f"{pair[0]}-vs-{pair[1]}"
 
 
+def run_roots(d: Path) -> tuple[Path, ...]:
+    """Where a comparison directory's pipeline run may keep its pipeline.json: `d` itself, and the
+    run above RUN/compare/<A>-vs-<B>/."""
+    return (d, d.parent.parent) if d.parent.name == "compare" else (d,)
+
+
 def pair_dir(run: Path, pair: tuple[str, str], n_pairs: int) -> Path:
     """comparison_dir, made, with the shared crosscoder linked in."""
     d = comparison_dir(run, pair, n_pairs)

@@ -79,6 +79,13 @@ def _read_json(path: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
+def settings_diff(before: dict, now: dict) -> list[str]:
+    """The label-settings keys whose values differ (a key only one side has counts)."""
+    return sorted(
+        k for k in before.keys() | now.keys() if before.get(k, "<absent>") != now.get(k, "<absent>")
+    )
+
+
 def _check_resumable(run_dir: Path, now: dict, have: dict[int, LatentLabel]) -> None:
     """Refuse to append to labels made with other label-deciding settings (``now``, from
     ``label_settings``): compared with RUN/label_settings.json, or for runs from before it with
@@ -92,9 +99,7 @@ def _check_resumable(run_dir: Path, now: dict, have: dict[int, LatentLabel]) -> 
         now = {k: v for k, v in now.items() if k not in _DERIVED}
     else:
         return
-    changed = sorted(
-        k for k in before.keys() | now.keys() if before.get(k, "<absent>") != now.get(k, "<absent>")
-    )
+    changed = settings_diff(before, now)
     if changed:
         shown = "; ".join(
             f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed[:5]

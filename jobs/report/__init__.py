@@ -195,7 +195,9 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
 def owning_pipeline(run: Path) -> Path | None:
     """The pipeline.json of the pipeline run RUN (or RUN/compare/<A-vs-B>) belongs to, when its report
     has sections only the pipeline makes (planted truth, the anchored shift); else None."""
-    for root in (run, run.parent.parent):
+    from jobs.compare import run_roots
+
+    for root in run_roots(run):
         saved = root / "pipeline.json"
         if saved.exists():
             try:
