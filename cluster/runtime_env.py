@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +75,13 @@ _NOT_SECRET = re.compile(
 )
 
 _SECRET = re.compile(
-    r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|SESSION|API_?KEY|ACCESS_KEY|_KEY$|_KEY_ID$|AUTH)",
+    r"(SECRET|TOKEN|PASSWORD|PASSWD|PASS$|PWD$|CREDENTIAL|CRED$|PRIVATE|SESSION|API_?KEY|ACCESS_KEY|"
+    r"_KEY$|_KEY_ID$|AUTH|BEARER|SIGNATURE)",
     re.IGNORECASE,
 )
+# Config fields that name the environment variable holding a credential (label.token_env,
+# service.auth.token_env, judge.api_key_env): whatever variable they name is a secret, however named.
+_SECRET_NAME_FIELDS = ("token_env", "api_key_env")
 
 
 class SecretInRuntimeEnvError(ValueError):
@@ -89,12 +93,35 @@ def is_secret_name(name: str) -> bool:
     return bool(_SECRET.search(name)) and not _NOT_SECRET.match(name)
 
 
-def passthrough_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The submitter's non-secret settings that a job needs to find its data (S3 endpoint, region...)."""
+def configured_secret_names(config: Any) -> set[str]:
+    """The variables a config names as holding credentials (`*token_env`, `*api_key_env` fields at
+    any depth), e.g. `label.token_env: CROSSDIFF_LABELLER_BEARER`."""
+    names: set[str] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, Mapping):
+            for k, v in x.items():
+                if isinstance(v, str) and str(k).endswith(_SECRET_NAME_FIELDS):
+                    names.add(v)
+                walk(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                walk(v)
+
+    walk(config)
+    return names
+
+
+def passthrough_env(
+    environ: Mapping[str, str] | None = None, secret_names: Iterable[str] = ()
+) -> dict[str, str]:
+    """The submitter's non-secret settings that a job needs to find its data (S3 endpoint, region...).
+    `secret_names`: variables the job's config names as credentials (never passed, whatever their name)."""
     environ = os.environ if environ is None else environ
+    secret = set(secret_names)
     out = {}
     for name, value in environ.items():
-        if name in MACHINE_LOCAL_ENV:
+        if name in MACHINE_LOCAL_ENV or name in secret:
             continue
         if name in PASSTHROUGH_ENV or name.startswith(PASSTHROUGH_PREFIXES):
             if not is_secret_name(name):
@@ -108,15 +135,18 @@ def build_runtime_env(
     env_vars: Mapping[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
     extra_excludes: tuple[str, ...] = (),
+    secret_names: Iterable[str] = (),
 ) -> dict[str, Any]:
     """A runtime_env for `JobSubmissionClient.submit_job`.
 
     `env_vars` are explicit additions (e.g. `--env KEY=VALUE`); a secret-looking name there is refused
-    with an error that says where credentials belong instead.
+    with an error that says where credentials belong instead, as is any of `secret_names` (the
+    variables the job's config names as holding credentials).
     """
-    env = passthrough_env(environ)
+    secret = set(secret_names)
+    env = passthrough_env(environ, secret)
     for name, value in (env_vars or {}).items():
-        if is_secret_name(name):
+        if is_secret_name(name) or name in secret:
             raise SecretInRuntimeEnvError(
                 f"refusing to put {name} in the job's runtime_env: it would be stored in the job's "
                 "metadata on the cluster. Give the cluster its credentials instead (a Kubernetes Secret, "
@@ -130,18 +160,21 @@ def build_runtime_env(
     return runtime_env
 
 
-def find_secrets(obj: Any, environ: Mapping[str, str] | None = None) -> list[str]:
+def find_secrets(
+    obj: Any, environ: Mapping[str, str] | None = None, secret_names: Iterable[str] = ()
+) -> list[str]:
     """Paths inside `obj` (nested dicts/lists/strings) that hold a secret: a secret-named env var key,
-    or the value of any secret-named variable of `environ` (default: os.environ). Used by tests and as a
-    last check before submitting."""
+    or the value of any secret-named variable of `environ` (default: os.environ) or of `secret_names`.
+    Used by tests and as a last check before submitting."""
     environ = os.environ if environ is None else environ
-    values = {v for k, v in environ.items() if is_secret_name(k) and len(v) >= 6}
+    secret = set(secret_names)
+    values = {v for k, v in environ.items() if (is_secret_name(k) or k in secret) and len(v) >= 6}
     hits: list[str] = []
 
     def walk(x: Any, path: str) -> None:
         if isinstance(x, Mapping):
             for k, v in x.items():
-                if path.endswith("env_vars") and is_secret_name(str(k)):
+                if path.endswith("env_vars") and (is_secret_name(str(k)) or k in secret):
                     hits.append(f"{path}.{k}" if path else str(k))
                 walk(v, f"{path}.{k}" if path else str(k))
         elif isinstance(x, list | tuple):

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.runtime_env import CHECKOUT, SecretInRuntimeEnvError, build_runtime_env, find_secrets
+from cluster.runtime_env import (
+    CHECKOUT,
+    SecretInRuntimeEnvError,
+    build_runtime_env,
+    configured_secret_names,
+    find_secrets,
+)
 
 STAGES = ("harvest", "fit", "analyze", "label", "report", "pipeline")
 CONFIG_ENV = "CROSSDIFF_JOB_CONFIG"
@@ -255,10 +261,15 @@ def build_submission(
     cmd += [shlex.quote(a) for a in args]
     entry = " ".join(cmd)
     if config is not None:
-        suffix = Path(config).suffix or ".yaml"
+        # the suffix tells YAML from JSON; anything else in a file name never reaches the shell
+        suffix = Path(config).suffix if Path(config).suffix in (".json", ".yml") else ".yaml"
         entry = f'cfg="$(mktemp -d)/{stage}{suffix}" && printf "%s" "${CONFIG_ENV}" > "$cfg" && exec {entry}'
+    # the variables this job's config names as credentials (label.token_env, ...)
+    secret_names = configured_secret_names(_with_sets(data, _sets(args)))
     try:
-        runtime_env = build_runtime_env(working_dir=working_dir, env_vars=env_vars, environ=environ)
+        runtime_env = build_runtime_env(
+            working_dir=working_dir, env_vars=env_vars, environ=environ, secret_names=secret_names
+        )
     except SecretInRuntimeEnvError as e:
         raise SubmitError(str(e)) from None
     metadata = {
@@ -271,7 +282,9 @@ def build_submission(
     extra = {"relative_paths": relative} if relative else {}
     sub = Submission(sid, stage, entry, runtime_env, metadata, num_cpus, num_gpus, extra)
     leaked = find_secrets(
-        {"entrypoint": sub.entrypoint, "runtime_env": sub.runtime_env, "metadata": sub.metadata}, environ
+        {"entrypoint": sub.entrypoint, "runtime_env": sub.runtime_env, "metadata": sub.metadata},
+        environ,
+        secret_names,
     )
     if leaked:
         raise SubmitError(f"refusing to submit: a credential would be stored with the job at {leaked}")

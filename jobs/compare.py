@@ -102,7 +102,8 @@ def anchored_between(
     title = f"Anchored category shift: {s_model}-specific vs {i_model}-specific"
     if not cs or not ci:
         msg = f"not enough labels yet ({s_model}: {sum(cs.values())}, {i_model}: {sum(ci.values())})"
-        return {"title": title, "html": f'<p class="muted">{msg}</p>', "markdown": msg, "key": "anchored"}
+        html = f'<p class="muted">{render.esc(msg)}</p>'
+        return {"title": title, "html": html, "markdown": msg, "key": "anchored"}
     rows = [r.as_dict() for r in category_shift(cs, ci, **opts.shift_kwargs())]
     s_name, i_name = f"{s_model}-specific ({s_where})", f"{i_model}-specific ({i_where})"
     # over one N-model crosscoder a latent both fine-tunes write can be in S and in I: the two

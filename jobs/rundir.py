@@ -126,6 +126,10 @@ class RunMirror:
             rel = path[len(self.root) :].lstrip("/")
             if path.endswith("/"):  # a "folder" placeholder object (S3 console), not a file
                 continue
+            if rel and not _safe_rel(rel):
+                # S3 and GCS accept any key: "run/../../.bashrc" would be written outside the copy
+                self.log.warning("pipeline.unsafe_object_skipped", object=path)
+                continue
             if rel and info.get("type", "file") == "file" and not self._skip(rel):
                 out[rel] = info
         return out
@@ -169,6 +173,9 @@ class RunMirror:
                 and last.get("remote") == _version(info)
             ):
                 continue  # neither side changed it since the last sync
+            if not dst.resolve().is_relative_to(self.local.resolve()):  # e.g. through a symlink
+                self.log.warning("pipeline.unsafe_object_skipped", object=rel)
+                continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(dst.name + ".tmp")
             self.fs.get_file(f"{self.root}/{rel}", str(tmp))
@@ -254,6 +261,13 @@ class RunMirror:
             if self.fs.exists(path):
                 self.fs.rm(path)
             self._save()
+
+
+def _safe_rel(rel: str) -> bool:
+    """An object name under the run that stays inside the local copy: no "..", ".", empty or
+    absolute parts, no backslash (a Windows separator a pull would not treat as one)."""
+    parts = rel.split("/")
+    return "\\" not in rel and all(p not in ("", ".", "..") for p in parts)
 
 
 @contextmanager

@@ -86,7 +86,9 @@ class Guard:
         self.service = service
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":  # no route takes one; refused before any auth question
+            return await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] != "http":  # lifespan
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         root = scope.get("root_path", "")  # Ray Serve keeps its route prefix in `path`, and sets root_path

@@ -26,6 +26,22 @@ from typing import Any
 Messages = list[dict[str, str]]
 
 
+def redact_url(url: str) -> str:
+    """`url` without credentials: user:password@ and the query string (a signed URL's key) go."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        u = urlsplit(url)
+        host = u.hostname or ""
+        if ":" in host:  # IPv6
+            host = f"[{host}]"
+        if u.port:
+            host = f"{host}:{u.port}"
+        return urlunsplit((u.scheme, host if u.netloc else "", u.path, "", ""))
+    except ValueError:
+        return "<unparseable URL>"
+
+
 class JudgeUnavailable(RuntimeError):
     """The judge cannot be reached or did not answer in time (transient: retry later)."""
 
@@ -241,6 +257,7 @@ class OpenAIJudge(JudgeClient):
         import httpx
 
         self.base = endpoint.rstrip("/")
+        self.shown = redact_url(self.base)  # what errors and /healthz say: no user:password@ or query
         self.model = model
         self.timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -260,23 +277,23 @@ class OpenAIJudge(JudgeClient):
                 self._client.post(f"{self.base}/chat/completions", json=body), self.timeout_s
             )
         except (TimeoutError, httpx.TransportError) as e:
-            raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
+            raise JudgeUnavailable(f"judge at {self.shown} unreachable: {type(e).__name__}") from None
         if r.status_code in _RETRYABLE:
-            raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
+            raise JudgeUnavailable(f"judge at {self.shown} answered {r.status_code}")
         if r.status_code != 200:
-            raise JudgeError(f"judge at {self.base} answered {r.status_code}: {r.text[:300]}")
+            raise JudgeError(f"judge at {self.shown} answered {r.status_code}: {r.text[:300]}")
         try:
             data = r.json()
         except ValueError:
             raise JudgeError(
-                f"judge at {self.base} answered 200 with a non-JSON body: {r.text[:200]!r}"
+                f"judge at {self.shown} answered 200 with a non-JSON body: {r.text[:200]!r}"
             ) from None
         if not isinstance(data, dict) or data.get("object") == "error" or "error" in data:
             err = data.get("error") if isinstance(data, dict) else None
             msg = (err.get("message") if isinstance(err, dict) else err) or (
                 data.get("message") if isinstance(data, dict) else None
             )
-            raise JudgeError(f"judge at {self.base} answered an error: {msg or str(data)[:300]}")
+            raise JudgeError(f"judge at {self.shown} answered an error: {msg or str(data)[:300]}")
         return data
 
     async def complete(
@@ -310,7 +327,7 @@ class OpenAIJudge(JudgeClient):
             c = data["choices"][0]
             text = c["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise JudgeError(f"judge at {self.base} answered without choices: {str(data)[:300]}") from None
+            raise JudgeError(f"judge at {self.shown} answered without choices: {str(data)[:300]}") from None
         lp = _sum_logprobs((c.get("logprobs") or {}).get("content")) if logprobs else None
         return Completion(text=text, logprob=lp)
 
@@ -332,19 +349,19 @@ class OpenAIJudge(JudgeClient):
         try:
             r = await self._client.get(f"{self.base}/models", timeout=min(10.0, self.timeout_s))
         except httpx.HTTPError as e:
-            raise JudgeUnavailable(f"judge at {self.base} unreachable: {type(e).__name__}") from None
+            raise JudgeUnavailable(f"judge at {self.shown} unreachable: {type(e).__name__}") from None
         if r.status_code != 200:
-            raise JudgeUnavailable(f"judge at {self.base} answered {r.status_code}")
+            raise JudgeUnavailable(f"judge at {self.shown} answered {r.status_code}")
         # vLLM answers a request for a model it does not list with 404 (every label request fails);
         # other OpenAI-compatible servers (llama.cpp, TGI, Ollama, LiteLLM) answer to names they list
         # differently: a note for /healthz, not an outage
         try:
             served = [m["id"] for m in r.json()["data"]]
         except (ValueError, KeyError, TypeError):
-            return f"judge at {self.base}: GET /models lists no models"
+            return f"judge at {self.shown}: GET /models lists no models"
         if self.model not in served:
             return (
-                f"judge at {self.base} lists {served[:10]}, not {self.model!r} (judge.model_id): if it "
+                f"judge at {self.shown} lists {served[:10]}, not {self.model!r} (judge.model_id): if it "
                 "does not answer to that name, every label request fails; set judge.model_id to a listed id"
             )
         return None

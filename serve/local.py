@@ -14,7 +14,9 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import time
 
 import httpx
@@ -96,6 +98,7 @@ class LocalService:
         self.url = f"http://127.0.0.1:{self.port}"
         self._started_ray = False  # our own Ray: Serve and Ray end with the service
         self._joined_ray = False  # a cluster's: only this driver's connection ends
+        self._token_dir: str | None = None  # the replica's token file (our own Ray only)
 
     def start(self) -> LocalService:
         check_bind(self.host, self.token, self.settings.auth.allow_unauthenticated)
@@ -134,7 +137,17 @@ class LocalService:
         opts = dict(settings.ingress_options)
         actor = dict(opts.get("ray_actor_options") or {})
         env = dict((actor.get("runtime_env") or {}).get("env_vars") or {})
-        if self.token:
+        if self.token and _single_node_here():
+            # a Ray of this host alone: the replica reads the token from a file only this user can
+            # read (Ray's runtime-env agent logs env_vars in clear, in logs other users may read)
+            self._token_dir = tempfile.mkdtemp(prefix="crossdiff-token-")
+            path = os.path.join(self._token_dir, "token")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.token)
+            auth = settings.auth.model_copy(update={"token_file": path})
+            settings = settings.model_copy(update={"auth": auth})
+        elif self.token:  # a cluster's Ray: the replica may be on another node (docs/labelling.md)
             env[settings.auth.token_env] = self.token
         actor["runtime_env"] = {**(actor.get("runtime_env") or {}), "env_vars": env}
         actor.setdefault("num_cpus", 0)
@@ -170,9 +183,24 @@ class LocalService:
             ray.shutdown()
         elif self._joined_ray:
             ray.shutdown()
+        if self._token_dir:
+            shutil.rmtree(self._token_dir, ignore_errors=True)
+            self._token_dir = None
 
     def __enter__(self) -> LocalService:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _single_node_here() -> bool:
+    """Whether the connected Ray is this host's alone (every replica then runs here)."""
+    import ray
+
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    except Exception:  # noqa: BLE001 - unknown: assume a cluster (the env-var route works anywhere)
+        return False
+    return alive == [here]

@@ -386,7 +386,7 @@ def test_work_inside_a_stage_reaches_the_bucket_before_the_stage_ends(tmp_path, 
     def label(overwrite):
         with open(p.run / "labels.jsonl", "a") as f:
             f.write('{"latent": 1}\n')
-        for _ in range(100):  # the background sync uploads it while the stage still runs
+        for _ in range(600):  # the background sync (every 0.2 s) uploads it while the stage still runs
             fs.invalidate_cache()
             if fs.exists(f"{root}/labels.jsonl"):
                 raise RuntimeError("killed after the first label")
@@ -433,3 +433,20 @@ def test_a_remote_redo_killed_midway_resumes_elsewhere_without_the_old_outputs(t
     }
     p2()
     assert seen == [("fit", False), ("analyze", True), ("label", True), ("report", True)]
+
+
+def test_a_pull_never_writes_outside_the_working_copy(tmp_path):
+    """Anyone who can write to the run's prefix can name an object "run/../../x" (S3 and GCS accept
+    it): a pull skips such names instead of writing outside the local copy."""
+    url = f"memory://crossdiff-test/{uuid.uuid4().hex[:8]}/run"
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.pipe_file(f"{root}/labels.jsonl", b"{}\n")
+    # the memory filesystem keeps keys verbatim, as S3 does
+    fs.store[f"{root}/../../../../escaped.txt"] = fs.store[f"{root}/labels.jsonl"]
+    fs.store[f"{root}/./dot.txt"] = fs.store[f"{root}/labels.jsonl"]
+    work = tmp_path / "a" / "b" / "c" / "work"
+    m = RunMirror(url, work)
+    assert set(m.remote_files()) == {"labels.jsonl"}
+    assert m.pull() == 1
+    assert (work / "labels.jsonl").read_text() == "{}\n"
+    assert not list(tmp_path.rglob("escaped.txt")) and not list(tmp_path.rglob("dot.txt"))

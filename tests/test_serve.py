@@ -623,3 +623,20 @@ def test_cpu_judge_dtype_follows_the_hardware_unless_told(cpu_bf16, native):
     assert dtype(cpu_dtype="bfloat16") == "bfloat16"
     assert dtype(engine_kwargs={"dtype": "float16"}) == "float16"  # engine_kwargs win
     assert dtype(accelerator="gpu") is None  # vLLM picks the GPU's dtype
+
+
+def test_websocket_connections_are_refused_before_any_route():
+    """The guard authenticates HTTP; a websocket (no route takes one) is closed, never passed on."""
+    settings = ServiceSettings()
+    app = create_app(Service(settings, ScriptedJudge(lambda *a, **k: ""), "s3cret"))
+    sent = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "websocket", "path": "/v1/labels", "headers": [], "root_path": "", "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    assert sent == [{"type": "websocket.close", "code": 1008}]

@@ -12,7 +12,7 @@ from test_serve_helpers import FRENCH, REFUSALS, evidence, example, scripted
 from diffing.evidence import LatentEvidence
 from serve import prompts
 from serve.app import Service, create_app
-from serve.judge import JudgeError, OpenAIJudge, ScriptedJudge
+from serve.judge import JudgeError, JudgeUnavailable, OpenAIJudge, ScriptedJudge
 from serve.labeller import LabelCache, Labeller, prompt_too_long
 from serve.settings import MethodSettings, ServiceSettings
 from serve.taxonomy import Taxonomy, load_taxonomy
@@ -186,6 +186,26 @@ def test_openai_judge_turns_odd_answers_into_judge_errors(answer):
         j._client = httpx.AsyncClient(transport=httpx.MockTransport(lambda req: answer))
         with pytest.raises(JudgeError):
             await j.complete([{"role": "user", "content": "hi"}], max_tokens=4)
+        await j.aclose()
+
+    run(go())
+
+
+def test_judge_errors_and_health_never_show_the_endpoints_credentials():
+    """judge.endpoint may carry user:password@ or a signed query; /healthz (unauthenticated) and
+    error messages name the judge without them."""
+
+    async def go():
+        j = OpenAIJudge("http://user:pw-s3cret@judge:8000/v1?sig=s3cret", "m")
+        j._client = httpx.AsyncClient(transport=httpx.MockTransport(lambda req: httpx.Response(500)))
+        with pytest.raises(JudgeUnavailable) as e:
+            await j.health()
+        assert "http://judge:8000/v1" in str(e.value) and "s3cret" not in str(e.value)
+        j._client = httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda req: httpx.Response(200, json={"data": [{"id": "x"}]}))
+        )
+        note = await j.health()
+        assert "judge:8000" in note and "s3cret" not in note
         await j.aclose()
 
     run(go())

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cluster import submit as sm
-from cluster.runtime_env import PROJECT_ROOT, build_runtime_env, find_secrets, passthrough_env
+from cluster.runtime_env import PROJECT_ROOT, build_runtime_env, find_secrets, is_secret_name, passthrough_env
 
 SECRET = "sEcReT-" + uuid.uuid4().hex  # a credential value that must never reach the cluster's job table
 ENV = {
@@ -331,11 +331,8 @@ def test_cluster_up_and_down_from_the_cli(tmp_path):
         for p in psutil.process_iter(["cmdline"])
         if state and any(state["temp_dir"] in (a or "") for a in (p.info["cmdline"] or []))
     ]
-    assert (
-        left == []
-        and not psutil.pid_exists(state["pid"])
-        or psutil.Process(state["pid"]).status() == "zombie"
-    )
+    assert left == []
+    assert not psutil.pid_exists(state["pid"]) or psutil.Process(state["pid"]).status() == "zombie"
 
 
 def test_a_stale_state_never_touches_the_process_that_reused_its_pid(tmp_path):
@@ -396,6 +393,7 @@ def test_port_probe_sees_a_bound_port():
         assert not _port_free(s.getsockname()[1])
 
 
+@pytest.mark.timeout(60)  # Ray's own retries would run for minutes: the timeout is the check
 def test_an_address_nothing_listens_at_fails_fast_naming_it():
     """Ray's own connect retries for a long time; a Ray address with nothing behind it fails at once."""
     import socket
@@ -408,10 +406,27 @@ def test_an_address_nothing_listens_at_fails_fast_naming_it():
         port = s.getsockname()[1]
         for form in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
             check_reachable(form)
-    t = time.monotonic()
     with pytest.raises(ConnectionError, match=f"cannot reach Ray at ray://127.0.0.1:{port}"):
         check_reachable(f"ray://127.0.0.1:{port}")
-    assert time.monotonic() - t < 5
     check_reachable("auto")  # left to Ray
     with pytest.raises(sm.SubmitError, match="cannot reach"):
         sm.client(f"127.0.0.1:{port}")
+
+
+def test_a_credential_the_config_names_is_never_shipped_whatever_its_name(tmp_path):
+    """label.token_env (and the judge's api_key_env) may name any variable: what it names is a
+    credential even when its name does not look like one, and stays out of the job."""
+    from cluster.runtime_env import configured_secret_names
+
+    environ = {"CROSSDIFF_LABELLER_PHRASE": "s3cr3t-value", "CROSSDIFF_X": "1"}
+    assert passthrough_env(environ) == environ  # the name alone does not give it away
+    assert is_secret_name("CROSSDIFF_LABELLER_BEARER") and is_secret_name("DB_PASS")
+    args = ["--run", str(tmp_path / "run"), "--set", "token_env=CROSSDIFF_LABELLER_PHRASE"]
+    sub = sm.build_submission("label", None, args, environ=environ)
+    assert sub.runtime_env["env_vars"] == {"CROSSDIFF_X": "1"}
+    assert "s3cr3t-value" not in json.dumps([sub.entrypoint, sub.runtime_env, sub.metadata])
+    with pytest.raises(sm.SubmitError, match="CROSSDIFF_LABELLER_PHRASE"):
+        sm.build_submission("label", None, args, env={"CROSSDIFF_LABELLER_PHRASE": "x"}, environ={})
+    nested = {"label": {"service": {"judge": {"api_key_env": "JUDGE_K"}, "auth": {"token_env": "T"}}}}
+    assert configured_secret_names(nested) == {"JUDGE_K", "T"}
+    assert find_secrets({"env_vars": {"JUDGE_K": "v"}}, {}, {"JUDGE_K"}) == ["env_vars.JUDGE_K"]
