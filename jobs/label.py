@@ -46,7 +46,9 @@ log = get_logger("crossdiff.label")
 
 class LabelConfig(Frozen):
     groups: tuple[str, ...] | None = Field(
-        None, description="Evidence groups to label (e.g. 'ft-specific', 'baseline'). Default: every group."
+        None,
+        min_length=1,
+        description="Evidence groups to label (e.g. 'ft-specific', 'baseline'); unset: every group.",
     )
     batch_size: int = Field(8, ge=1, description="Latents per request.")
     concurrency: int = Field(4, ge=1, description="Requests in flight.")
@@ -239,6 +241,14 @@ def calibration_set(evidence: list[LatentEvidence], cfg: LabelConfig) -> list[di
     ]
 
 
+def replica_settings(service: ServiceSettings) -> ServiceSettings:
+    """The service settings as a local service's replicas need them: a relative taxonomy path made
+    absolute here (replicas have their own working directory)."""
+    if service.taxonomy and not Path(service.taxonomy).is_absolute():
+        return service.model_copy(update={"taxonomy": str(Path(service.taxonomy).resolve())})
+    return service
+
+
 def label_run(
     run_dir: str | Path,
     cfg: LabelConfig | dict | None = None,
@@ -260,9 +270,12 @@ def label_run(
             raise ConfigError(format_validation_error(e)) from None
     run_dir = Path(run_dir)
     if not (run_dir / "examples").is_dir():
-        raise FileNotFoundError(
-            f"{run_dir}/examples does not exist: run `crossdiff analyze` with examples first"
-        )
+        if not (run_dir / "latents.parquet").exists():
+            raise FileNotFoundError(
+                f"{run_dir}/examples does not exist: run `crossdiff analyze` with examples first"
+            )
+        # analysed, and it selected no latent (a fine-tune with no specific latent at these cuts)
+        log.warning("label.nothing_to_label", run=str(run_dir), note="the analysis wrote no evidence")
     out = run_dir / LABELS_FILE
     if overwrite and out.exists():
         out.unlink()
@@ -306,10 +319,7 @@ def label_run(
         else:
             from serve.local import LocalService
 
-            service = cfg.service
-            if service.taxonomy and not Path(service.taxonomy).is_absolute():  # replicas have their own cwd
-                service = service.model_copy(update={"taxonomy": str(Path(service.taxonomy).resolve())})
-            with LocalService(service, start_timeout_s=cfg.start_timeout_s) as svc:
+            with LocalService(replica_settings(cfg.service), start_timeout_s=cfg.start_timeout_s) as svc:
                 new = asyncio.run(
                     _label_all(
                         svc.url, svc.token, todo, cfg, out, calibration, expect, endpoint_fp, record_fp

@@ -354,9 +354,10 @@ class Pipeline:
         endpoint, cfg = self.endpoint, self.cfg.label
         svc_ctx = nullcontext()
         if endpoint is None and len(dirs) > 1:  # one local service for every comparison
+            from jobs.label import replica_settings
             from serve.local import LocalService
 
-            svc_ctx = LocalService(cfg.service, start_timeout_s=cfg.start_timeout_s)
+            svc_ctx = LocalService(replica_settings(cfg.service), start_timeout_s=cfg.start_timeout_s)
         with svc_ctx as svc:
             if svc is not None:
                 endpoint = svc.url

@@ -108,8 +108,8 @@ class PipelineConfig(Frozen):
         if bad:
             raise ValueError(f"stages: unknown {bad}; choose from {list(STAGES)}")
         names = [m.name for m in self.harvest.models]
-        if self.pair is not None and any(p not in names for p in self.pair):
-            raise ValueError(f"pair={list(self.pair)} must name harvested models {names}")
+        if self.pair is not None and (any(p not in names for p in self.pair) or self.pair[0] == self.pair[1]):
+            raise ValueError(f"pair={list(self.pair)} must name two different harvested models {names}")
         for p in self.comparisons or ():
             if any(m not in names for m in p) or p[0] == p[1]:
                 raise ValueError(f"comparisons: {list(p)} must be two different harvested models {names}")
@@ -141,6 +141,11 @@ class PipelineConfig(Frozen):
                     f"got [{base_of[s_model]}, {s_model}] and [{base_of[i_model]}, {i_model}]; e.g. "
                     f"comparisons: [[{base_of[i_model]}, {s_model}], [{base_of[i_model]}, {i_model}]]"
                 )
+        if "label" in self.stages and not self.analyze.evidence:  # the judge reads nothing else
+            raise ValueError(
+                "analyze.evidence: false leaves the label stage no examples to read; set analyze.evidence: "
+                "true, or leave label (and report's labels) out of stages"
+            )
         if self.work_dir is not None and not is_remote(self.out):
             raise ValueError(f"work_dir is only for a remote out (s3://, gs://); out={self.out} is local")
         if self.label.groups is not None:  # a group named after no model would go unlabelled, silently

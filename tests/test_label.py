@@ -26,31 +26,30 @@ from serve.settings import LimitSettings, ServiceSettings
 from serve.taxonomy import load_taxonomy
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, judge, token="tok", settings=None, **limits):
         settings = settings or ServiceSettings(limits=LimitSettings(retry_after_s=1, **limits))
         self.app = create_app(Service(settings, judge, token))
-        self.port = _port()
+        # Bound here and handed to uvicorn: no window in which another process takes the port.
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
         self.thread.start()
         while not self.server.started:
+            assert self.thread.is_alive(), "the test server failed to start"
             time.sleep(0.02)
         return self
 
     def __exit__(self, *a):
         self.server.should_exit = True
         self.thread.join(10)
+        self.sock.close()
 
 
 @pytest.fixture
@@ -386,3 +385,15 @@ def test_a_proxy_request_timeout_is_retried_not_fatal():
 
     ((lab, fp),) = asyncio.run(go())
     assert lab.latent == 5 and fp == "f" and not answers
+
+
+def test_an_analysis_that_selected_nothing_is_labelled_as_nothing(tmp_path):
+    """No latent passed the cuts, so analyze wrote no examples/: label finishes with an empty labels
+    file (the pipeline's output check) instead of asking for an analysis that already ran."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match="crossdiff analyze"):
+        label_run(run, {})
+    (run / "latents.parquet").write_bytes(b"")  # analysed
+    out = label_run(run, {})
+    assert out["total"] == 0 and (run / "labels.jsonl").read_text() == ""

@@ -264,7 +264,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster):
 def test_shipped_pipeline_configs_validate():
     from pathlib import Path
 
-    files = sorted(Path("jobs/configs").glob("*.pipeline.yaml"))
+    files = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.pipeline.yaml"))
     assert files
     for f in files:
         cfg = load_pipeline_config(f)
@@ -282,6 +282,9 @@ def test_anchored_needs_matching_comparisons(tmp_path):
     p.write_text(yaml.safe_dump(d))
     ok = load_pipeline_config(p, overrides=["comparisons=[[a,b],[a,c]]", "anchored=[c,b]"])
     assert ok.pairs == (("a", "b"), ("a", "c"))
+    assert not load_pipeline_config(
+        p, overrides=["analyze.evidence=false", "stages=[harvest,fit,analyze]"]
+    ).label.groups
     with pytest.raises(ConfigError, match="anchored"):
         load_pipeline_config(p, overrides=["comparisons=[[a,b]]", "anchored=[c,b]"])
     with pytest.raises(ConfigError, match="comparisons"):
@@ -295,6 +298,10 @@ def test_anchored_needs_matching_comparisons(tmp_path):
         (["comparisons=[[b,a],[a,c]]", "anchored=[c,a]"], "same base A"),
         (["comparisons=[[a,b],[a,c]]", "pair=[b,c]"], "both set"),  # pair would go unused
         (["comparisons=[[a,b],[a,c]]", "anchored=[c,b]", "label.groups=[c-specific]"], r"b-specific"),
+        # refused at the edge, not after the harvest and the fit
+        (["pair=[b,b]"], "two different"),
+        (["analyze.evidence=false"], "analyze.evidence"),  # the judge would have nothing to read
+        (["label.groups=[]"], "groups"),  # would label nothing, and hash like "every group"
     ]:
         with pytest.raises(ConfigError, match=needle):
             load_pipeline_config(p, overrides=sets)
