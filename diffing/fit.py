@@ -10,6 +10,7 @@ RUN/checkpoints/step_*.pt                     resumable TrainerState (rerun the 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import time
@@ -178,13 +179,29 @@ def _check_same_fit(run: RunDir, cfg: FitConfig, store: ActivationStore) -> None
         raise finished_fit_error(str(run.path), changed)
 
 
+def load_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint (ours: tensors, numbers, strings and the numpy RNG state), read with
+    torch's weights-only unpickler: a checkpoint someone else wrote into the run's bucket cannot run
+    code. Onto the CPU, so a GPU run's loads anywhere."""
+    import numpy as np
+
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # np.random.get_state()'s key array
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            allowed.append(importlib.import_module(mod)._reconstruct)
+        except (ImportError, AttributeError):
+            pass
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+
 def _latest_checkpoint(run: RunDir, log) -> dict | None:
     """The newest checkpoint that loads; one that does not (cut short, corrupted) is reported and
     the one before it used. None: no checkpoints."""
     ckpts = run.checkpoints()
     for path in reversed(ckpts):
         try:
-            return torch.load(path, weights_only=False, map_location="cpu")  # a GPU run's, on any device
+            return load_checkpoint(path)
         except Exception as e:  # torch raises RuntimeError, EOFError, pickle or zip errors
             log.warning("fit.checkpoint_unreadable", file=str(path), error=f"{type(e).__name__}: {e}"[:200])
     if ckpts:
@@ -315,7 +332,7 @@ def fit(
                         eta_s=round(eta),
                     )
                 if state.step % tcfg.checkpoint_every == 0 and state.step < steps:
-                    run.save_checkpoint(state, h, store=fp)
+                    run.save_checkpoint(state, h, keep=cfg.distributed.num_to_keep, store=fp)
                 if state.step >= steps:
                     break
             read_ahead.close()  # stops the reader thread now, not when garbage-collected
@@ -324,6 +341,7 @@ def fit(
 
     model.save(run / "crosscoder")
     final = final_metrics(model, store, state, trained_tokens / max(train_s, 1e-9), metrics.get("loss"))
+    final["resumed_from_step"] = start_step  # 0: trained in one go; else the checkpoint it resumed
     run.write_json("metrics.json", final)
     for p in run.checkpoints():  # the finished run is its own checkpoint now
         p.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from diffing.fit import (
     finished_fit_error,
     fit_changes,
     init_model,
+    load_checkpoint,
     resolve_config,
     store_fingerprint,
     total_steps,
@@ -122,7 +123,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     ckpt = train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            blob = torch.load(Path(d) / "state.pt", weights_only=False, map_location="cpu")
+            blob = load_checkpoint(Path(d) / "state.pt")  # weights-only: the bucket's file runs no code
         state.load_state_dict(blob["state"])
         history = blob.get("history", [])
         # the loaded copy (weights and Adam moments: 28 GiB at the Gemma-2-9b shape) must not stay
@@ -212,6 +213,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         tps = (state.step - start) * tcfg.batch_size / max(train_s, 1e-9)
         final = final_metrics(model, store, state, tps, history[-1]["loss"] if history else None)
         final["workers"] = world
+        final["resumed_from_step"] = start  # 0: trained in one go; else the checkpoint it resumed
         _write_outputs(config["out"], model, final, history)
         log.info("fit.ray.done", **final)
     report(final=True)

@@ -105,6 +105,7 @@ def test_l1_kind_via_set(tmp_path, store):
         (["--set", "crosscoder.d_model=99"], "crosscoder.d_model=99 but the store has d_model=16"),
         (["--set", "train.batch_size=100000"], "train.batch_size"),
         (["--set", "trainlr"], "key=value"),
+        (["--set", "train.adam_betas=[0.9,1.5]"], "train.adam_betas"),  # torch would refuse it at the start
     ],
 )
 def test_bad_config_fails_before_work(tmp_path, store, args, needle):
@@ -180,7 +181,21 @@ def test_interrupted_fit_resumes_from_checkpoint(tmp_path, store):
     # logging and the device have no effect on the weights: the resume takes them as given
     # (a fit cut short on a GPU goes on on a CPU)
     moved = cfg.model_copy(update={"train": cfg.train.model_copy(update={"log_every": 3, "device": "cpu"})})
-    fit(st, moved, tmp_path / "cut")
+    calls["n"] = 0
+
+    def counting(state, xb, **kw):
+        calls["n"] += 1
+        return real(state, xb, **kw)
+
+    fit_mod.train_step = counting
+    try:
+        fit(st, moved, tmp_path / "cut")
+    finally:
+        fit_mod.train_step = real
+    # a resume, not a restart: only the steps after the checkpoint ran again
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["resumed_from_step"] == 8
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["resumed_from_step"] == 0
+    assert calls["n"] == 20 - 8
     from diffing.crosscoder import Crosscoder
 
     a, b = Crosscoder.load(tmp_path / "full" / "crosscoder"), Crosscoder.load(tmp_path / "cut" / "crosscoder")
@@ -249,6 +264,7 @@ def test_planted_dictionary_demo_keeps_out_of_the_embedded_demos_run(tmp_path, m
     from diffing.store import write_arrays
 
     seen = []
+    monkeypatch.chdir(tmp_path)  # the default run is relative: nothing lands in the checkout
     monkeypatch.setattr(jobs.demo, "run_planted_demo", lambda out: seen.append(out) or {})
     assert runner.invoke(app, ["demo", "--planted-dictionary"]).exit_code == 0
     assert seen == [Path("runs/planted-dictionary")]
@@ -389,3 +405,82 @@ def test_a_corrupt_checkpoint_falls_back_and_the_log_is_not_repeated(tmp_path, s
     (cut / "checkpoints" / "step_000000008.pt").write_bytes(b"garbage")
     with pytest.raises(StoreError, match="no checkpoint .* can be read.*--overwrite"):
         fit(st, cfg, cut)
+    # a checkpoint that would run code when unpickled (someone wrote it into the run): never run
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"state": Payload()}, cut / "checkpoints" / "step_000000008.pt")
+    with pytest.raises(StoreError, match="no checkpoint .* can be read"):
+        fit(st, cfg, cut)
+    assert not marker.exists()
+
+
+def test_pipeline_command_hands_every_option_to_the_library(monkeypatch, tmp_path):
+    """`crossdiff pipeline` is a thin entrypoint: each flag reaches run_pipeline unchanged, the
+    result is printed as JSON, and a config error is one line with exit code 2 (no traceback)."""
+    import jobs.pipeline
+    from diffing.config import ConfigError
+
+    seen = {}
+    monkeypatch.setattr(jobs.pipeline, "run_pipeline", lambda **kw: seen.update(kw) or {"stages": "done"})
+    r = runner.invoke(
+        app,
+        [
+            "pipeline", "--config", str(tmp_path / "p.yaml"), "--out", "s3://b/run", "--set", "fit.train.lr=1e-3",
+            "--set", "analyze.tail_frac=0.03", "--address", "ray://head:10001", "--endpoint", "http://l:8000",
+            "--redo-changed",
+        ],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == {"stages": "done"}
+    assert seen == {
+        "config": tmp_path / "p.yaml",
+        "preset": None,
+        "out": "s3://b/run",
+        "overrides": ["fit.train.lr=1e-3", "analyze.tail_frac=0.03"],
+        "address": "ray://head:10001",
+        "endpoint": "http://l:8000",
+        "overwrite": False,
+        "redo_changed": True,
+    }
+    assert runner.invoke(app, ["pipeline", "--preset", "tiny", "--overwrite"]).exit_code == 0
+    assert seen["preset"] == "tiny" and seen["overwrite"] and not seen["redo_changed"]
+
+    def bad(**kw):
+        raise ConfigError("fit.train.lr: must be > 0")
+
+    monkeypatch.setattr(jobs.pipeline, "run_pipeline", bad)
+    r = runner.invoke(app, ["pipeline", "--preset", "tiny"])
+    assert r.exit_code == 2 and "error: fit.train.lr: must be > 0" in r.output and "Traceback" not in r.output
+
+
+def test_serve_command_names_the_judge_after_its_model(monkeypatch, tmp_path):
+    """`crossdiff serve --judge-model DIR` serves that model under its own name (labels record it),
+    unless the config or --set names it; it serves without a token only on loopback."""
+    import serve.local
+
+    started = []
+
+    class Fake:
+        def __init__(self, settings, **kw):
+            self.settings, self.kw, self.url, self.token = settings, kw, "http://127.0.0.1:1", None
+
+        def start(self):
+            started.append(self)
+            raise KeyboardInterrupt  # stands for Ctrl-C once it is up
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(serve.local, "LocalService", Fake)
+    model = tmp_path / "Qwen2.5-7B-Instruct"
+    model.mkdir()
+    runner.invoke(app, ["serve", "--judge-model", str(model)])
+    s = started[-1].settings
+    assert s.judge.model_source == str(model) and s.judge.model_id == "Qwen2.5-7B-Instruct"
+    runner.invoke(app, ["serve", "--judge-model", str(model), "--set", "judge.model_id=judge"])
+    assert started[-1].settings.judge.model_id == "judge"
+    assert started[-1].kw["host"] == "127.0.0.1"

@@ -16,7 +16,9 @@ from diffing.config import FitConfig
 from diffing.fit import fit
 from diffing.store import StoreError, open_store
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+# `ray` on the tests that start Ray: the golden loss and the input checks run in `make test-fast` too
+pytestmark = [pytest.mark.timeout(600)]
+ray_test = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,7 @@ def two_worker_run(tmp_path_factory, store, ray_cluster):
     return run_fit_ray(store, _cfg(2), str(out)), out
 
 
+@ray_test
 def test_two_workers_match_one_worker(tmp_path, store, ray_cluster, two_worker_run):
     from jobs.fit import run_fit_ray
 
@@ -80,6 +83,7 @@ def test_two_workers_match_one_worker(tmp_path, store, ray_cluster, two_worker_r
     assert json.loads(lines[-1])["step"] == two["steps"]
 
 
+@ray_test
 def test_ray_dataset_yields_the_store_rows_in_order(store, ray_cluster):
     """The training dataset (read with Ray Data's V1 parquet reader) holds exactly the store's rows
     in manifest order (seeded: in a fixed permutation of its shards), and the caller's DataContext
@@ -134,26 +138,33 @@ def _worker_pids():
     return out
 
 
+@ray_test
 def test_killed_worker_recovers_from_checkpoint(tmp_path, store, ray_cluster, two_worker_run):
     from jobs.fit import run_fit_ray
 
     ref, _ = two_worker_run  # the same config run without a failure
     out = tmp_path / "chaos"
     result = {}
-    th = threading.Thread(target=lambda: result.update(run_fit_ray(store, _cfg(2), str(out))))
+    th = threading.Thread(target=lambda: result.update(run_fit_ray(store, _cfg(2), str(out))), daemon=True)
     th.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((out / "ray").glob("checkpoint_*")):
-        time.sleep(0.2)
-    pids = _worker_pids()
-    assert pids, "no training workers found"
-    os.kill(pids[-1], signal.SIGKILL)
-    th.join(timeout=500)
-    assert result, "run did not finish after the worker was killed"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((out / "ray").glob("checkpoint_*")):
+            time.sleep(0.2)
+        pids = _worker_pids()
+        assert pids, "no training workers found"
+        assert not (out / "metrics.json").exists(), "the fit ended before the kill: nothing was injected"
+        os.kill(pids[-1], signal.SIGKILL)
+    finally:
+        th.join(timeout=500)
+    assert not th.is_alive() and result, "run did not finish after the worker was killed"
+    # the worker group restarted from a checkpoint, not from step 0
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] > 0
     for m in ("A", "B"):
         assert abs(result["fve"][m] - ref["fve"][m]) < 0.01, (result, ref)
 
 
+@ray_test
 def test_killed_driver_reruns_and_resumes(tmp_path, store, ray_cluster):
     from jobs.fit import run_fit_ray
 
@@ -180,6 +191,7 @@ def test_killed_driver_reruns_and_resumes(tmp_path, store, ray_cluster):
     assert res["steps"] == 2 * (30_000 // 512)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] <= 50  # history carried over from before the kill
+    assert res["resumed_from_step"] > 0  # and the rerun resumed from the checkpoint, not from step 0
 
 
 def test_bad_inputs_fail_before_training(tmp_path, store):

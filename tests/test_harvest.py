@@ -330,7 +330,14 @@ def test_killed_driver_resumes_to_identical_rows(tmp_path, tiny_pair, ray_cluste
     n_done = len(list((tmp_path / "cut" / "shards").glob("*.json")))
     assert 4 <= n_done < 20, n_done
     assert not (tmp_path / "cut" / "manifest.json").exists()
+    finished = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cut" / "shards").glob("*.parquet")}
+    finished = {
+        n: t for n, t in finished.items() if (tmp_path / "cut" / "shards" / n).with_suffix(".json").exists()
+    }
+    assert len(finished) >= 4
     run_harvest(cut)
+    # a resume: the shards finished before the kill were kept, not written again
+    assert {n: (tmp_path / "cut" / "shards" / n).stat().st_mtime_ns for n in finished} == finished
     a, ma = open_store(str(tmp_path / "clean")).load()
     b, mb = open_store(str(tmp_path / "cut")).load()
     assert torch.equal(a, b)
