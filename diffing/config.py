@@ -141,20 +141,26 @@ class TrainConfig(Frozen):
         0.2, ge=0.0, le=1.0, description="Linear LR decay to 0 over this final fraction."
     )
     grad_clip: float | None = Field(1.0, gt=0.0, description="Global grad-norm clip (None disables).")
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam (beta1, beta2).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="Adam (beta1, beta2), each in [0, 1).")
     seed: int = Field(0, ge=0, description="Seed for initialisation, data order and AuxK tie-breaks.")
     shuffle_buffer_rows: int = Field(
         262_144,
         ge=1,
-        description="Rows held in the streaming shuffle buffer (memory = rows * n_models * d_model * 2 B).",
+        description="In-process fit (workers 0): rows held in the streaming shuffle buffer (memory = rows * "
+        "n_models * d_model * the store's bytes per value). Ray Train fits use distributed.shuffle_buffer_rows.",
     )
     log_every: int = Field(50, ge=1, description="Steps between metric log lines.")
     checkpoint_every: int = Field(1000, ge=1, description="Steps between resumable checkpoints.")
     eval_tokens: int = Field(
-        65_536, ge=0, description="Tokens used for the final FVE / L0 / dead evaluation."
+        65_536,
+        ge=0,
+        description="Tokens used for the final FVE / L0 / dead evaluation (0: the whole store, which "
+        "at the Gemma shape is hours on one process).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where to train; auto picks cuda if present."
+        "auto",
+        description="In-process fit: where to train; auto picks cuda if present. Ray Train fits place "
+        "workers by distributed.use_gpu.",
     )
     bf16_autocast: bool = Field(True, description="Use bf16 autocast on GPU (master weights stay fp32).")
 
@@ -162,6 +168,10 @@ class TrainConfig(Frozen):
     def _check(self) -> TrainConfig:
         if self.warmup_frac + self.decay_frac > 1.0:
             raise ValueError("train.warmup_frac + train.decay_frac must be <= 1")
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(
+                f"train.adam_betas={list(self.adam_betas)}: each must be in [0, 1), e.g. [0.9, 0.999]"
+            )
         return self
 
 
@@ -190,8 +200,9 @@ class AnalysisConfig(Frozen):
     batch_size: int = Field(4096, ge=1, description="Tokens per encoding batch.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
-        description="Where latent statistics and Latent Scaling run (auto: cuda if present); the "
-        "Gemma-2-9b shape needs a GPU (about 10 TFLOP of encoding per 4,096-token batch).",
+        description="Where latent statistics, Latent Scaling and the splice's full models run (auto: "
+        "cuda if present); the Gemma-2-9b shape needs a GPU (about 10 TFLOP of encoding per 4,096-token "
+        "batch).",
     )
     # -- selection of model-specific latents (the `group` column) ---------------------------
     selection: Literal["class", "tail", "both"] = Field(
@@ -206,7 +217,7 @@ class AnalysisConfig(Frozen):
         "(smallest max(|ν^ε|, |ν^r|)) first. None keeps all.",
     )
     baseline_seed: int = Field(
-        0, description="Seed of the random shared baseline (same size as the largest group)."
+        0, ge=0, description="Seed of the random shared baseline (same size as the largest group)."
     )
     # -- latent evidence (RUN/examples/) ----------------------------------------------------
     evidence: bool = Field(

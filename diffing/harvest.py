@@ -40,8 +40,9 @@ from diffing.store import StoreWriter
 class ModelSpec(Frozen):
     name: str = Field(
         min_length=1,
-        pattern=r"^[^,]+$",
-        description="Short name used in the store and reports (e.g. 'base', 'simpo'); no commas.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+        description="Short name used in the store, directory names and reports (e.g. 'base', 'simpo', "
+        "'gemma-2-9b-it'): letters, digits and . _ + -, starting with a letter or digit.",
     )
     path: str = Field(description="HF model id or local directory (must be loadable offline on the workers).")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(

@@ -35,6 +35,8 @@ def stage_own(cfg: PipelineConfig, stage: str, legacy: bool = False, raw_paths: 
         h = c.harvest.model_dump(mode="json", exclude={"ray", "device"})
         if not c.remote and h["store"] == str(Path(c.out) / "store"):
             h["store"] = "OUT/store"  # the default: the same run moved or named relatively
+        if c.remote and not raw_paths and h["store"] == c.out.rstrip("/") + "/store":
+            h["store"] = "OUT/store"  # likewise a bucket's run copied to another prefix or bucket
         if not raw_paths and (inside := _inside_out(c, h["corpus"]["uri"])) is not None:
             h["corpus"]["uri"] = (
                 f"OUT/{inside}"  # the presets' corpus lives in the run (its content is stamped)

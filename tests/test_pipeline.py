@@ -6,7 +6,7 @@ import json
 import pytest
 
 from diffing.config import ConfigError
-from jobs.pipeline import STAGES, Pipeline, load_pipeline_config
+from jobs.pipeline import STAGES, Pipeline, PipelineConfig, load_pipeline_config, with_defaults
 
 
 def _cfg_dict(tmp_path, **kw):
@@ -302,6 +302,7 @@ def test_anchored_needs_matching_comparisons(tmp_path):
         (["pair=[b,b]"], "two different"),
         (["analyze.evidence=false"], "analyze.evidence"),  # the judge would have nothing to read
         (["label.groups=[]"], "groups"),  # would label nothing, and hash like "every group"
+        (["analyze.baseline_seed=-1"], "baseline_seed"),  # numpy refuses it after the statistics pass
     ]:
         with pytest.raises(ConfigError, match=needle):
             load_pipeline_config(p, overrides=sets)
@@ -376,3 +377,36 @@ def test_an_analyze_redo_removes_comparisons_no_longer_made(tmp_path):
     clear("analyze", pipe((("a", "b"), ("a", "c"))))
     assert not (run / "latents.parquet").exists() and not (run / "labels.jsonl").exists()
     assert (run / "compare" / "a-vs-b" / "crosscoder").is_symlink()
+
+
+def test_model_names_are_safe_as_directory_names():
+    """A model's name names RUN/compare/<A>-vs-<B>/ and report headings: no path separators, no
+    '..', no markup (a name like '../../x' would put a comparison outside the run)."""
+    from pydantic import ValidationError
+
+    from diffing.harvest import ModelSpec
+
+    for ok in ("base", "ft", "gemma-2-9b-it", "SmolLM2_135M.v2", "it+simpo"):
+        assert ModelSpec(name=ok, path="/m").name == ok
+    for bad in ("../x", "a/b", "..", "<img src=x>", "a b", "a,b", "", "-x"):
+        with pytest.raises(ValidationError):
+            ModelSpec(name=bad, path="/m")
+
+
+def test_a_bucket_run_copied_elsewhere_keeps_its_harvest_identity():
+    """The default store of a remote run is OUT/store wherever the run lives (as for a local run
+    moved); the identity written before this (the store's URI as is) is still accepted."""
+    from conftest import pipeline_dict
+
+    from jobs.stage_identity import stage_own
+
+    a, b = (
+        PipelineConfig.model_validate(with_defaults(pipeline_dict(out)))
+        for out in ("s3://team-a/runs/r1", "s3://team-b/archive/r1")
+    )
+    assert a.harvest.store == "s3://team-a/runs/r1/store"
+    assert stage_own(a, "harvest") == stage_own(b, "harvest")
+    assert stage_own(a, "harvest", raw_paths=True)["store"] == "s3://team-a/runs/r1/store"
+    elsewhere = PipelineConfig.model_validate(with_defaults(pipeline_dict("s3://a/r", harvest={
+        **pipeline_dict("x")["harvest"], "store": "s3://shared/stores/s1"})))  # fmt: skip
+    assert stage_own(elsewhere, "harvest")["store"] == "s3://shared/stores/s1"  # a chosen store counts
