@@ -59,7 +59,9 @@ def test_planted_truth_across_seeds(tmp_path):
             rep = json.loads((out / "report.json").read_text())
             results[seed] = next(s["data"] for s in rep["sections"] if s["key"] == "planted")
     finally:
-        if ray.is_initialized():
+        from cluster import connect
+
+        if ray.is_initialized() and connect.STARTED_LOCAL:  # the pipeline's own Ray, never the session's
             ray.shutdown()
     print(
         json.dumps(

@@ -209,6 +209,7 @@ def test_heldout_hash_uses_only_heldout_docs(world):
     ev = evidence_for_latents(world["store"], world["run"] / "crosscoder", [0, 4], cfg, rows)
     keep = heldout_mask(world["doc"], cfg)
     assert 0.15 < keep.mean() < 0.45
+    assert [e.latent for e in ev] == [0, 4]
     for e in ev:
         docs = {x.doc_id for x in e.top + e.quantiles + e.negatives}
         assert docs <= set(world["doc"][keep].tolist())
@@ -223,11 +224,17 @@ def test_uniform_hash_is_uniform_and_deterministic():
     assert not np.array_equal(u, uniform_hash(1, 1, np.arange(100_000)))
 
 
-def test_evidence_json_roundtrip(world):
-    p = next((world["run"] / "examples").glob("*.jsonl"), None)
-    if p is None:
-        pytest.skip("evidence not written yet")
-    for line in p.read_text().splitlines():
+def test_evidence_json_roundtrip(world, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"  # a copy: the order of the other tests does not matter
+    shutil.copytree(world["run"], run, ignore=shutil.ignore_patterns("examples"))
+    collect_evidence(run, world["store"], CFG)
+    files = sorted((run / "examples").glob("*.jsonl"))
+    assert files
+    lines = [line for p in files for line in p.read_text().splitlines()]
+    assert lines
+    for line in lines:
         LatentEvidence.model_validate(json.loads(line))
 
 

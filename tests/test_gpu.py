@@ -119,6 +119,10 @@ def gpu_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    if ray.is_initialized():  # the session's Ray (`make test` on a GPU node): it sees the GPUs itself
+        assert ray.cluster_resources().get("GPU", 0) >= 1, "the running Ray has no GPU"
+        yield
+        return
     ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
         yield

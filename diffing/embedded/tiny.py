@@ -155,13 +155,21 @@ def _build_pair(tmp: Path, config: TinyConfig, tokenizer_kind: str, root: Path) 
     (tmp / "tiny_config.json").write_text(config.model_dump_json(indent=1))
 
 
+# Bump when _build_pair changes what it writes (the cache directory's name changes with it).
+TINY_BUILD_VERSION = 2
+
+
 def build_tiny_pair(cache_dir: Path | None = None, config: TinyConfig | None = None) -> tuple[Path, Path]:
     """(base_dir, finetune_dir) of the tiny pair under ``<cache>/models/tiny-llama-<kind>-<hash>/``."""
     config = config or TinyConfig()
     root = cache_root(cache_dir)
     kind = resolve_tokenizer_kind(config, root)
     resolved = config.model_copy(update={"tokenizer": kind})
-    digest = hashlib.sha256(resolved.model_dump_json().encode()).hexdigest()[:10]
+    import transformers
+
+    # the builder's version and transformers' too: a pair built by older code is not reused
+    key = f"{resolved.model_dump_json()}|build={TINY_BUILD_VERSION}|transformers={transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     target = root / "models" / f"tiny-llama-{kind}-{digest}"
 
     def done(path: Path) -> bool:
