@@ -420,7 +420,8 @@ def test_a_credential_the_config_names_is_never_shipped_whatever_its_name(tmp_pa
 
     environ = {"CROSSDIFF_LABELLER_PHRASE": "s3cr3t-value", "CROSSDIFF_X": "1"}
     assert passthrough_env(environ) == environ  # the name alone does not give it away
-    assert is_secret_name("CROSSDIFF_LABELLER_BEARER") and is_secret_name("DB_PASS")
+    assert is_secret_name("CROSSDIFF_LABELLER_BEARER") and is_secret_name("GIT_CRED")
+    assert not is_secret_name("PWD") and not is_secret_name("OLDPWD")  # the working directory's path
     args = ["--run", str(tmp_path / "run"), "--set", "token_env=CROSSDIFF_LABELLER_PHRASE"]
     sub = sm.build_submission("label", None, args, environ=environ)
     assert sub.runtime_env["env_vars"] == {"CROSSDIFF_X": "1"}
