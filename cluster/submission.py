@@ -232,7 +232,7 @@ def build_submission(
     if stage not in STAGES:
         raise SubmitError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     data: dict[str, Any] | None = None
-    env_vars = dict(env or {})
+    env_vars = {"CROSSDIFF_LOG_JSON": "1", **(env or {})}  # JSON lines in jobs, as on Kubernetes
     cmd = ["crossdiff", stage]
     if config is None and (bad := _unknown_set_keys(stage, _sets(args))):
         from diffing.config import ConfigError

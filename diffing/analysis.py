@@ -257,12 +257,32 @@ def select_latents(
 _OPERATIONAL = {"batch_size", "evidence_workers", "latents_per_pass", "device", "tokenizer"}
 
 
-def check_same_analysis(path, cfg: AnalysisConfig, pair: tuple[str, str] | None) -> None:
-    """A rerun may skip a finished latents.parquet only if it asks for the same pair and analysis;
-    else it would report the old results as the new ones. Files without the metadata pass."""
+def fit_digest(run) -> str | None:
+    """Which fit a run's crosscoder came from: the sha256 of its metrics.json, written once at the
+    end of every fit (its timings make it differ between two fits of one config). None: no
+    metrics.json (a crosscoder copied in alone)."""
+    import hashlib
+    from pathlib import Path
+
+    p = Path(run) / "metrics.json"
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.exists() else None
+
+
+def check_same_analysis(
+    path, cfg: AnalysisConfig, pair: tuple[str, str] | None, fit: str | None = None
+) -> None:
+    """A rerun may skip a finished latents.parquet only if it asks for the same pair and analysis
+    of the same fit (`fit`: fit_digest of the run now); else it would report the old results as
+    the new ones. Files without the metadata pass."""
     import pyarrow.parquet as pq
 
     meta = pq.read_schema(path).metadata or {}
+    old_fit = meta.get(b"fit", b"").decode()
+    if fit and old_fit and old_fit != fit:
+        raise ValueError(
+            f"{path} was made from another fit of this run (its crosscoder was refitted since: metrics.json "
+            "changed); pass --overwrite to analyse the new crosscoder"
+        )
     old_pair = meta.get(b"pair", b"").decode().split(",")
     if pair is not None and old_pair != [""] and list(pair) != old_pair:
         raise ValueError(
@@ -305,7 +325,7 @@ def analyze_run(
     out = run / "latents.parquet"
     log = get_logger("analyze", run=str(run))
     if out.exists() and not overwrite:
-        check_same_analysis(out, cfg, pair)
+        check_same_analysis(out, cfg, pair, fit_digest(run))
         log.info("analyze.skip", reason="latents.parquet exists; pass --overwrite to redo")
         return pq.read_table(out)
     if not (run / "crosscoder" / "cfg.json").exists():
@@ -321,11 +341,13 @@ def analyze_run(
     idx = (names.index(a_name), names.index(b_name)) if {a_name, b_name} <= set(names) else (0, 1)
     stats = latent_stats(model, _stat_batches(store, cfg), max_tokens=cfg.max_tokens, pair=idx)
     table = latent_table(model.cpu(), stats, cfg, pair)
+    if fit := fit_digest(run):
+        table = table.replace_schema_metadata({**table.schema.metadata, b"fit": fit.encode()})
     tmp = out.with_suffix(".tmp")
     pq.write_table(table, tmp)
     tmp.replace(out)
     (run / "analysis_config.json").write_text(
-        json.dumps({"analysis": cfg.model_dump(mode="json"), "store": store.uri})
+        json.dumps({"analysis": cfg.model_dump(mode="json"), "store": store.uri, "fit": fit_digest(run)})
     )
     counts = {
         str(k): int(v)

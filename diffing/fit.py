@@ -342,6 +342,8 @@ def fit(
     model.save(run / "crosscoder")
     final = final_metrics(model, store, state, trained_tokens / max(train_s, 1e-9), metrics.get("loss"))
     final["resumed_from_step"] = start_step  # 0: trained in one go; else the checkpoint it resumed
+    final["device"] = str(device)  # not in the fit's identity, so recorded: it changes float detail
+    final["autocast"] = "bfloat16" if device.type == "cuda" and tcfg.bf16_autocast else None
     run.write_json("metrics.json", final)
     for p in run.checkpoints():  # the finished run is its own checkpoint now
         p.unlink(missing_ok=True)

@@ -37,8 +37,10 @@ def configure(json: bool | None = None, level: int = logging.INFO, file=None) ->
     if json is None:
         json = os.environ.get("CROSSDIFF_LOG_JSON", "") not in ("", "0", "false")
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise (label jobs)
     structlog.configure(
         processors=[
+            structlog.contextvars.merge_contextvars,  # e.g. the pipeline's `stage` on every line
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             renderer,

@@ -5,6 +5,7 @@ module docstring).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from diffing.crosscoder import Crosscoder
+from diffing.logs import get_logger
 
 
 @dataclass
@@ -72,7 +74,13 @@ def latent_stats(
     num_eps = torch.zeros(M, L, dtype=torch.float64, device=device)
     num_r = torch.zeros_like(num_eps)
     n = 0
+    t0 = last = time.monotonic()
     for xb in batches:
+        if time.monotonic() - last >= 30:  # minutes per pass at the Gemma shape: say how far it is
+            last = time.monotonic()
+            rate = n / max(last - t0, 1e-9)
+            eta = round((max_tokens - n) / max(rate, 1e-9)) if max_tokens else None
+            get_logger("analyze").info("analyze.stats_progress", tokens=n, of=max_tokens, eta_s=eta)
         x = model.normalise(xb.to(device))
         f = model.encode(x)  # [B, L]
         x_hat = model.decode(f)

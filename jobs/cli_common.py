@@ -43,33 +43,69 @@ def _user_errors():
     return errors
 
 
+def _causes(e: BaseException):
+    """`e`, then what it explicitly wraps: Ray's task errors (`.cause`), Ray Data's
+    UserCodeException and others raised `from` an error (`__cause__`). Not `__context__`: an error
+    handled on the way to a bug is not the bug."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen and len(seen) < 20:
+        seen.add(id(e))
+        yield e
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else e.__cause__
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(e)
+
+
 def _run(fn):
-    import errno
+    """Run a command: an expected condition is one line naming the fix and exit code 2, also when
+    it was raised in a Ray worker and arrives wrapped; Ctrl-C says how to resume (exit 130)."""
     import os
 
     try:
         return fn()
-    except _user_errors() as e:  # noqa: B030 - tuple built at call time
+    except KeyboardInterrupt:
+        typer.secho("interrupted; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    except Exception as e:
         if os.environ.get("CROSSDIFF_DEBUG"):
             raise
-        hint = ""
-        if type(e).__module__.startswith("botocore"):
-            hint = (
-                "\n(s3:// needs credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
-                "AWS_ENDPOINT_URL for MinIO or another S3-compatible store)"
-            )
-        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
-            hint = (
-                "\n(models and runs need a writable disk with space; CROSSDIFF_CACHE moves the model cache, "
-                "TMPDIR the temporary files)"
-            )
-        _fail(f"{e}{hint}\n(set CROSSDIFF_DEBUG=1 for a traceback)")
-    except ImportError as e:  # an optional package a URL needs (fsspec: "Please install gcsfs ...")
-        if "install" not in str(e).lower() or os.environ.get("CROSSDIFF_DEBUG"):
-            raise
-        fix = (
-            "`pip install gcsfs` for gs://"
-            if "gcsfs" in str(e)
-            else "`make setup` installs what crossdiff needs"
+        for cause in _causes(e):
+            if _out_of_memory(cause):
+                _fail(
+                    f"{str(cause).splitlines()[0][:300]}\n(out of GPU memory: lower harvest.batch_prompts, "
+                    "fit.train.batch_size or analyze.batch_size, or use a GPU with more memory; "
+                    "set CROSSDIFF_DEBUG=1 for a traceback)"
+                )
+            if isinstance(cause, _user_errors()):
+                _report(cause)
+            if isinstance(cause, ImportError) and "install" in str(cause).lower():
+                _missing_package(cause)
+        raise
+
+
+def _report(e: BaseException) -> None:
+    import errno
+
+    hint = ""
+    if type(e).__module__.startswith("botocore"):
+        hint = (
+            "\n(s3:// needs credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
+            "AWS_ENDPOINT_URL for MinIO or another S3-compatible store)"
         )
-        _fail(f"{e} (into this environment and every Ray node's: {fix})")
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
+        hint = (
+            "\n(models and runs need a writable disk with space; CROSSDIFF_CACHE moves the model cache, "
+            "TMPDIR the temporary files)"
+        )
+    _fail(f"{e}{hint}\n(set CROSSDIFF_DEBUG=1 for a traceback)")
+
+
+def _missing_package(e: ImportError) -> None:
+    """An optional package a URL needs (fsspec: "Please install gcsfs ...")."""
+    fix = (
+        "`pip install gcsfs` for gs://" if "gcsfs" in str(e) else "`make setup` installs what crossdiff needs"
+    )
+    _fail(f"{e} (into this environment and every Ray node's: {fix})")

@@ -197,6 +197,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                         "fit.progress",
                         step=f"{state.step}/{steps}",
                         loss=round(metrics["loss"], 4),
+                        fve={k[4:]: round(v, 3) for k, v in metrics.items() if k.startswith("fve/")},
+                        eta_s=round((steps - state.step) * tcfg.batch_size / max(tps, 1e-9)),
                         l0=round(metrics["l0"], 1),
                         dead=round(metrics["dead_fraction"], 3),
                         tokens_per_s=round(tps),
@@ -214,6 +216,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         final = final_metrics(model, store, state, tps, history[-1]["loss"] if history else None)
         final["workers"] = world
         final["resumed_from_step"] = start  # 0: trained in one go; else the checkpoint it resumed
+        final["device"] = str(device)
+        final["autocast"] = "bfloat16" if device.type == "cuda" and tcfg.bf16_autocast else None
         _write_outputs(config["out"], model, final, history)
         log.info("fit.ray.done", **final)
     report(final=True)

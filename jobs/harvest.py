@@ -320,6 +320,9 @@ def run_harvest(
         ensure_ray(address)
         from ray.data import ActorPoolStrategy
 
+        # harvest.shard lines count the shards with an ETA: Ray Data's own progress lines (every
+        # 10 s where stdout is no terminal: jobs, the demo's log) would only add noise beside them
+        ray.data.DataContext.get_current().enable_progress_bars = False
         items = [{"shard_id": sid, "start": a, "records": json.dumps(records[a:b])} for sid, a, b in todo]
         actors = min(cfg.ray.num_actors, len(todo))  # a resume with few shards left loads fewer models
         ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -39,6 +39,7 @@ from jobs.label_state import (  # noqa: F401  (re-exported: the labels file's st
     read_labels_tolerant,
     write_atomic,
 )
+from serve.judge import redact_url
 from serve.settings import ServiceSettings
 
 log = get_logger("crossdiff.label")
@@ -199,11 +200,23 @@ async def _label_all(
                 )
             if fps and not endpoint_fp and record_fp:
                 endpoint_fp = next(iter(fps))
-                _write_endpoint_fingerprint(out.parent, endpoint_fp)
+                _write_endpoint_fingerprint(
+                    out.parent,
+                    endpoint_fp,
+                    url=redact_url(url),
+                    judge_model=labels[0].judge_model if labels else None,
+                    prompt_version=labels[0].prompt_version if labels else None,
+                )
             _append(out, labels)  # single-threaded event loop: appends never interleave
             done += len(labels)
+            per_s = done / max(time.monotonic() - t0, 1e-9)
             log.info(
-                "label.progress", done=done, todo=len(todo), per_s=round(done / (time.monotonic() - t0), 2)
+                "label.progress",
+                run=str(out.parent),
+                done=done,
+                todo=len(todo),
+                per_s=round(per_s, 2),
+                eta_s=round((len(todo) - done) / max(per_s, 1e-9)),
             )
 
         tasks = [asyncio.ensure_future(run(b)) for b in batches]

@@ -168,5 +168,8 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _write_endpoint_fingerprint(run_dir: Path, fp: str) -> None:
-    write_atomic(run_dir / ENDPOINT_FILE, json.dumps({"settings_fingerprint": fp}))
+def _write_endpoint_fingerprint(run_dir: Path, fp: str, **about) -> None:
+    """The endpoint's settings fingerprint (what a resume must match) and, for the record, what it
+    said of itself (its URL without credentials, judge, prompt version): with --endpoint the job's
+    own `service` settings describe no judge that ran."""
+    write_atomic(run_dir / ENDPOINT_FILE, json.dumps({"settings_fingerprint": fp, **about}, indent=1))

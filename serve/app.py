@@ -356,6 +356,9 @@ def llm_config(j: JudgeSettings):
     engine.update(j.engine_kwargs)
     # a replica stopped by a rollout or a downscale finishes the calls it holds (each within timeout_s)
     dep["graceful_shutdown_timeout_s"] = j.timeout_s + 30
+    # an access-log line per engine call (several per latent: 50,000 lines for 7,000 latents);
+    # the ingress keeps its own per-request lines
+    dep["logging_config"] = {"enable_access_log": False}
     dep.update(j.deployment_config)
     kw: dict = dict(
         model_loading_config={"model_id": j.model_id, "model_source": j.resolved_source()},

@@ -484,3 +484,85 @@ def test_serve_command_names_the_judge_after_its_model(monkeypatch, tmp_path):
     runner.invoke(app, ["serve", "--judge-model", str(model), "--set", "judge.model_id=judge"])
     assert started[-1].settings.judge.model_id == "judge"
     assert started[-1].kw["host"] == "127.0.0.1"
+
+
+def test_an_analysis_of_another_fit_is_not_reused_and_artifacts_carry_provenance(tmp_path, store):
+    """`crossdiff fit --overwrite` refits into a run that still holds the old latents.parquet: the
+    analysis notices (it records which fit it read) instead of skipping to the old results. The
+    fit records where it ran; the report records the files it was computed from."""
+    from diffing.config import AnalysisConfig, FitConfig
+    from diffing.fit import fit
+    from diffing.store import open_store
+    from diffing.analysis import analyze_run
+    from jobs.provenance import file_digest
+    from jobs.report import write_report
+
+    st, run = open_store(store), tmp_path / "run"
+    cfg = FitConfig.model_validate(
+        {"crosscoder": {"n_latents": 32, "k": 2}, "train": {"steps": 6, "batch_size": 256}}
+    )
+    metrics = fit(st, cfg, run)
+    assert metrics["device"] == "cpu" and metrics["autocast"] is None and metrics["resumed_from_step"] == 0
+    acfg = AnalysisConfig(evidence=False, max_tokens=2048)
+    analyze_run(run, st, acfg)
+    analyze_run(run, st, acfg)  # the same fit: skipped
+    fit(st, cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})}), run, overwrite=True)
+    with pytest.raises(ValueError, match="another fit of this run.*--overwrite"):
+        analyze_run(run, st, acfg)
+    analyze_run(run, st, acfg, overwrite=True)
+    write_report(run)
+    rep = json.loads((run / "report.json").read_text())
+    prov = rep["provenance"]
+    assert prov["inputs"]["latents.parquet"] == file_digest(run / "latents.parquet")
+    assert (
+        prov["inputs"]["metrics.json"] == file_digest(run / "metrics.json")
+        and prov["inputs"]["labels.jsonl"] is None
+    )
+    env = prov["environment"]
+    assert env["packages"]["torch"].startswith("2.") and env["python"] and env["at"].endswith("Z")
+
+
+def test_expected_errors_raised_in_ray_workers_stay_one_line(monkeypatch):
+    """Ray wraps a worker's exception (Ray Data: UserCodeException `from` it; tasks: `.cause`): the
+    expected condition inside still gives its one line and exit 2, out of GPU memory names the batch
+    settings, Ctrl-C says how to resume (130), and a real bug keeps its traceback."""
+    import jobs.pipeline
+    from diffing.store import StoreError
+
+    class UserCodeException(Exception):  # what Ray Data raises around a UDF's error
+        pass
+
+    class RayTaskError(Exception):  # what ray.get raises, holding the task's error in .cause
+        def __init__(self, cause):
+            super().__init__("task failed")
+            self.cause = cause
+
+    class OutOfMemoryError(RuntimeError):  # torch's name
+        pass
+
+    def raising(exc):
+        def run_pipeline(**kw):
+            raise exc
+
+        monkeypatch.setattr(jobs.pipeline, "run_pipeline", run_pipeline)
+        return runner.invoke(app, ["pipeline", "--preset", "tiny"])
+
+    def wrapped(inner):
+        try:
+            raise inner
+        except Exception as e:
+            try:
+                raise UserCodeException("UDF failed to process a data block.") from e
+            except UserCodeException as u:
+                return u
+
+    r = raising(wrapped(StoreError("activation overflows store_dtype=float16; set store_dtype: float32")))
+    assert r.exit_code == 2 and "error: activation overflows" in r.output and "Traceback" not in r.output
+    r = raising(RayTaskError(ValueError("no node can hold analyze_task; lower its resources")))
+    assert r.exit_code == 2 and "no node can hold analyze_task" in r.output
+    r = raising(wrapped(OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")))
+    assert r.exit_code == 2 and "lower harvest.batch_prompts" in r.output
+    r = raising(KeyboardInterrupt())
+    assert r.exit_code == 130 and "rerun the same command to resume" in r.output
+    r = raising(wrapped(KeyError("a bug")))
+    assert r.exit_code == 1 and isinstance(r.exception, UserCodeException)  # not dressed up as a user error

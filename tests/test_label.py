@@ -3,6 +3,7 @@ evidence labelled once, resume, torn lines, retries on 503, 413 splitting, auth,
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -324,7 +325,11 @@ def test_a_remote_endpoint_that_changed_its_taxonomy_is_not_resumed_into_the_sam
     cfg = LabelConfig(batch_size=4)
     with Server(ScriptedJudge(by_text)) as srv:
         label_run(run_dir, cfg, endpoint=srv.url)
-    assert (run_dir / ENDPOINT_FILE).exists()
+    rec = json.loads((run_dir / ENDPOINT_FILE).read_text())
+    # what ran is recorded from the endpoint's answers (the job's own `service` settings were unused)
+    assert rec["url"] == srv.url and rec["settings_fingerprint"]
+    first = json.loads(p.read_text().splitlines()[0])
+    assert (rec["judge_model"], rec["prompt_version"]) == (first["judge_model"], first["prompt_version"])
     p.write_text("".join(p.read_text().splitlines(keepends=True)[:8]))  # "killed" after 8 labels
     before = p.read_text()
     other = ServiceSettings(taxonomy=demo, limits=LimitSettings(retry_after_s=1))

@@ -126,7 +126,9 @@ def test_report_after_labelling_shows_shift_and_labels(run, tmp_path):
     assert f"explains latent {g['chat-specific'][0]}" in html and "detection score 0.8" in html
     assert "not labelled yet" not in html
     assert rep["category_counts"]["baseline"] and "Δ_c" in (lab_run / "report.md").read_text()
-    assert rep["report_config"] == ReportOptions().model_dump(mode="json") and rep["ci_label"] == "95% CI"
+    assert (
+        rep["report_config"] == ReportOptions().model_dump(mode="json") and rep["ci_label"] == "95% CI (Katz)"
+    )
 
     # the interval the config asks for: a score interval over the whole table (Bonferroni)
     cfg = ReportOptions(ci_method="score", ci_adjust="bonferroni", ci_level=0.9, min_count=2)
@@ -143,9 +145,9 @@ def test_report_after_labelling_shows_shift_and_labels(run, tmp_path):
     for r, w in zip(rep["shift"], want, strict=True):
         assert r["ci_low"] == pytest.approx(w.ci_low) and r["ci_high"] == pytest.approx(w.ci_high)
         assert r["ci_level"] == pytest.approx(1 - 0.1 / len(want)) and r["small_count"] == w.small_count
-    assert rep["report_config"]["ci_method"] == "score" and rep["ci_label"] == "90% CI (Bonferroni)"
-    assert "90% CI (Bonferroni)" in (lab_run / "report.md").read_text()
-    assert "90% CI (Bonferroni) %" in (lab_run / "report.html").read_text()
+    assert rep["report_config"]["ci_method"] == "score" and rep["ci_label"] == "90% CI (score, Bonferroni)"
+    assert "90% CI (score, Bonferroni)" in (lab_run / "report.md").read_text()
+    assert "90% CI (score, Bonferroni) %" in (lab_run / "report.html").read_text()
 
 
 def test_extra_sections_hook(run, tmp_path):

@@ -55,12 +55,12 @@ def test_odd_category_names_keep_tables_whole_and_markup_inert(run, tmp_path):  
     plain = next(ln for ln in rows if ln.startswith("| plain "))
     assert f"{by_cat['plain']['delta'] * 100:+.1f}%" in plain
     assert "only in S" in next(ln for ln in rows if "alert" in ln)
-    assert "only in S" in sec["html"] and "95% CI %" in sec["html"]
+    assert "only in S" in sec["html"] and "95% CI (Katz) %" in sec["html"]
     # and with the intervals the report config asks for
     from jobs.report.config import ReportConfig
 
     adj = anchored_section({"chat": r, "base": r}, "chat", "base", opts=ReportConfig(ci_adjust="bonferroni"))
-    assert "95% CI (Bonferroni)" in adj["markdown"]
+    assert "CI (Katz, Bonferroni)" in adj["markdown"]
     lo = {x["category"]: x["ci_low"] for x in adj["data"]["shift"]}
     assert lo["plain"] < by_cat["plain"]["ci_low"]
 

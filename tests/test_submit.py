@@ -424,7 +424,10 @@ def test_a_credential_the_config_names_is_never_shipped_whatever_its_name(tmp_pa
     assert not is_secret_name("PWD") and not is_secret_name("OLDPWD")  # the working directory's path
     args = ["--run", str(tmp_path / "run"), "--set", "token_env=CROSSDIFF_LABELLER_PHRASE"]
     sub = sm.build_submission("label", None, args, environ=environ)
-    assert sub.runtime_env["env_vars"] == {"CROSSDIFF_X": "1"}
+    assert sub.runtime_env["env_vars"] == {
+        "CROSSDIFF_LOG_JSON": "1",
+        "CROSSDIFF_X": "1",
+    }  # JSON logs by default
     assert "s3cr3t-value" not in json.dumps([sub.entrypoint, sub.runtime_env, sub.metadata])
     with pytest.raises(sm.SubmitError, match="CROSSDIFF_LABELLER_PHRASE"):
         sm.build_submission("label", None, args, env={"CROSSDIFF_LABELLER_PHRASE": "x"}, environ={})

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.provenance import environment, report_inputs
 from jobs.report import plots, render
 from jobs.report.config import ReportConfig
 
@@ -142,6 +143,9 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
         "report_config": opts.model_dump(mode="json"),
         "ci_label": opts.ci_label(),
         "labelled_groups": labelled,
+        # what it was computed from (sha256 prefixes) and with which software: a report sent on
+        # can be matched to its run's files, and a stale one told from a current one
+        "provenance": {"inputs": report_inputs(run), "environment": environment()},
     }
     cards = {}
     for g, ids in shown.items():

