@@ -75,10 +75,14 @@ def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int
     `tokenizer` (analyze.tokenizer) or the first harvested model's; "<id>" strings when the store
     names no model (a synthetic store). A named tokenizer that cannot be loaded here is an error:
     evidence of bare ids would be labelled without a word of text."""
-    path = tokenizer
+    path, revision = tokenizer, None
     if path is None:
         try:
-            path = store.manifest.metadata["harvest"]["models"][0]["path"]
+            first = store.manifest.metadata["harvest"]["models"][0]
+            path = first["path"]
+            revision = first.get("revision") or (store.manifest.metadata.get("revisions") or {}).get(
+                first["name"]
+            )
         except (AttributeError, KeyError, IndexError, TypeError):
             path = None
     tok = None
@@ -86,7 +90,7 @@ def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int
         from diffing.models import HarvestInputError, load_tokenizer
 
         try:
-            tok = load_tokenizer(path)
+            tok = load_tokenizer(path, revision)
         except HarvestInputError as e:
             field = "analyze.tokenizer" if tokenizer else "the harvested model's path"
             raise HarvestInputError(

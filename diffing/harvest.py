@@ -45,6 +45,12 @@ class ModelSpec(Frozen):
         "'gemma-2-9b-it'): letters, digits and . _ + -, starting with a letter or digit.",
     )
     path: str = Field(description="HF model id or local directory (must be loadable offline on the workers).")
+    revision: str | None = Field(
+        None,
+        description="A hub model's commit hash (or tag/branch) to load, so a resumed or repeated harvest "
+        "reads the same weights; None: the default branch (or a local directory). The commit used is "
+        "recorded per shard either way.",
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32",
         description="Weights dtype for the forward. auto: bfloat16 where the worker computes it natively "
@@ -126,10 +132,12 @@ class Harvester:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         if models is None:
-            self.tokenizers = [load_tokenizer(m.path) for m in cfg.models]
+            self.tokenizers = [load_tokenizer(m.path, m.revision) for m in cfg.models]
             self.dtypes = [resolve_dtype(m.dtype, self.device) for m in cfg.models]
             self.models = [
-                load_model(m.path, dtype=dt, device=self.device, keep_layers=cfg.layer + 1)
+                load_model(
+                    m.path, dtype=dt, device=self.device, keep_layers=cfg.layer + 1, revision=m.revision
+                )
                 for m, dt in zip(cfg.models, self.dtypes, strict=True)
             ]
         else:

@@ -65,18 +65,25 @@ def attention_kernel(config: Any) -> str | None:
 
 
 def load_model(
-    path: str, *, dtype: str = "float32", device: str | torch.device = "cpu", keep_layers: int | None = None
+    path: str,
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    keep_layers: int | None = None,
+    revision: str | None = None,
 ) -> nn.Module:
     """``dtype``: float32, bfloat16, float16, or auto (see ``resolve_dtype``). ``keep_layers``: drop
     the decoder layers past the first ones before the model moves to ``device`` (the harvest stops
-    after its layer: Gemma-2-9b at layer 20 keeps 21 of 42 layers, half its GPU memory)."""
+    after its layer: Gemma-2-9b at layer 20 keeps 21 of 42 layers, half its GPU memory).
+    ``revision``: a hub model's commit, tag or branch (None: the default branch, or a local dir)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    rev = {"revision": revision} if revision else {}
     try:
-        kernel = attention_kernel(AutoConfig.from_pretrained(path))
+        kernel = attention_kernel(AutoConfig.from_pretrained(path, **rev))
         extra = {"attn_implementation": kernel} if kernel else {}
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_DTYPES[resolve_dtype(dtype, device)], **extra
+            path, dtype=_DTYPES[resolve_dtype(dtype, device)], **extra, **rev
         )
     except OSError as e:
         raise HarvestInputError(f"cannot load model {path!r}: {e}") from None
@@ -102,11 +109,11 @@ def keep_first_layers(model: nn.Module, n: int) -> nn.Module:
     return model
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **({"revision": revision} if revision else {}))
     except (OSError, ValueError) as e:  # ValueError: no tokenizer files to build one from
         raise HarvestInputError(f"cannot load the tokenizer of {path!r}: {e}") from None
     # a document longer than context_length keeps its beginning whatever the model's own default

@@ -269,17 +269,29 @@ def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> d
     crosscoder = Crosscoder.load(run / "crosscoder", device=dev)
     specs = {m["name"]: m for m in harvest["models"]}
     ran_in = store.manifest.metadata.get("resolved_dtypes", {})  # what the harvest's models ran in
+    # the hub commit the harvest's shards were computed from (or the one it pinned): not whatever
+    # the default branch holds today
+    pinned = store.manifest.metadata.get("revisions", {})
+
+    def rev(n: str) -> str | None:
+        return specs[n].get("revision") or pinned.get(n)
+
     models = [
-        load_model(specs[n]["path"], dtype=ran_in.get(n, specs[n].get("dtype", "float32")), device=dev)
+        load_model(
+            specs[n]["path"],
+            dtype=ran_in.get(n, specs[n].get("dtype", "float32")),
+            device=dev,
+            revision=rev(n),
+        )
         for n in store.model_names
     ]
-    tok = load_tokenizer(specs[store.model_names[0]]["path"])
+    tok = load_tokenizer(specs[store.model_names[0]]["path"], rev(store.model_names[0]))
     drop = None
     if (run / "latents.parquet").exists():
         t = pq.read_table(run / "latents.parquet", columns=["latent", "group"])
         g = np.asarray(t.column("group").to_pylist(), dtype=object)
         drop = t.column("latent").to_numpy()[np.char.endswith(g.astype(str), "-specific")].tolist()
-    tokenizers = [tok, *(load_tokenizer(specs[n]["path"]) for n in store.model_names[1:])]
+    tokenizers = [tok, *(load_tokenizer(specs[n]["path"], rev(n)) for n in store.model_names[1:])]
     prompts, keep, source = heldout_prompts(store, cfg, bos_id=tok.bos_token_id, tokenizers=tokenizers)
     if not prompts:
         raise ValueError(

@@ -183,7 +183,9 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
     widths, names, vocab = set(), [m.name for m in cfg.models], {}
     for spec in cfg.models:
         try:
-            mc = AutoConfig.from_pretrained(spec.path)
+            mc = AutoConfig.from_pretrained(
+                spec.path, **({"revision": spec.revision} if spec.revision else {})
+            )
         except OSError as e:
             raise HarvestInputError(f"models: cannot load {spec.path!r} ({spec.name}): {e}") from None
         mc = getattr(mc, "text_config", mc)
@@ -204,7 +206,7 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
         raise HarvestInputError(
             f"models have different hidden sizes {sorted(widths)}; a crosscoder needs one d_model"
         )
-    tokenizers = [load_tokenizer(m.path) for m in cfg.models]
+    tokenizers = [load_tokenizer(m.path, m.revision) for m in cfg.models]
     share_chat_template(tokenizers, names)  # chats are rendered once, by the first model's template
     for record in records:  # every chat through that template, before any shard runs
         render(record, tokenizers[0])
@@ -226,12 +228,24 @@ def agreement_sample(records: list[dict[str, Any]], n: int = 4096) -> list[dict[
     return [records[int(i * step)] for i in range(n)]
 
 
-def _config_hash(cfg: HarvestConfig, records: list[dict[str, Any]]) -> str:
+def unpinned_as_before(model: dict[str, Any]) -> dict[str, Any]:
+    """A dumped ModelSpec as identities saw it before `revision` existed, where it is unset: the
+    harvests and runs made then keep their identity."""
+    return {k: v for k, v in model.items() if not (k == "revision" and v is None)}
+
+
+def _records_hash(records: list[dict[str, Any]]) -> str:
+    """The corpus records' content (sha256), whatever file they were read from."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _config_hash(cfg: HarvestConfig, records_hash: str) -> str:
     """What determines the rows: the settings and the corpus records themselves. Not the actor pool
     or the device, nor where the store and the corpus file are named from (a relative and an
     absolute path to the same store, or a copied corpus, are the same harvest)."""
     rel = cfg.model_dump(mode="json", exclude={"ray": True, "device": True, "store": True, "corpus": {"uri"}})
-    rel["records"] = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
+    rel["models"] = [unpinned_as_before(m) for m in rel["models"]]
+    rel["records"] = records_hash
     return hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -266,7 +280,8 @@ def run_harvest(
     d_model = preflight(cfg, records)
     writer = _writer(cfg, d_model)
     stamp = f"{writer.root}/harvest_config.json"
-    h = _config_hash(cfg, records)
+    records_hash = _records_hash(records)
+    h = _config_hash(cfg, records_hash)
     if overwrite:
         writer.clear()
         if writer.fs.exists(stamp):
@@ -282,8 +297,10 @@ def run_harvest(
                 "made with: rerun with --overwrite to redo the store (or delete the file only if you know "
                 "the shards come from this same config)"
             ) from None
+        old_cfg = cfg.model_dump(mode="json", exclude={"ray", "device"})
+        old_cfg["models"] = [unpinned_as_before(m) for m in old_cfg["models"]]
         legacy = hashlib.sha256(  # stamps written before the hash left paths out (2026-11-26)
-            json.dumps(cfg.model_dump(mode="json", exclude={"ray", "device"}), sort_keys=True).encode()
+            json.dumps(old_cfg, sort_keys=True).encode()
         ).hexdigest()[:16]
         if old.get("hash") not in (h, legacy):
             raise StoreError(
@@ -301,7 +318,12 @@ def run_harvest(
         )
     # whole or not at all: a kill mid-write must not leave a stamp no rerun can read
     atomic_write(
-        writer.fs, stamp, json.dumps({"hash": h, "config": cfg.model_dump(mode="json")}, indent=2).encode()
+        writer.fs,
+        stamp,
+        # records_sha256: the corpus content, so a store can be checked against a corpus file later
+        json.dumps(
+            {"hash": h, "config": cfg.model_dump(mode="json"), "records_sha256": records_hash}, indent=2
+        ).encode(),
     )
     if removed := writer.remove_temp_files():  # shard writes a killed run left unfinished
         log.info("harvest.temp_removed", files=removed)

@@ -17,9 +17,13 @@ def stage_own(cfg: PipelineConfig, stage: str, legacy: bool = False, raw_paths: 
     so runs finished then are not redone; `raw_paths`: a corpus inside the run named as typed (the
     identity until the seventh session of 2026-12-06), likewise accepted."""
     c = cfg
+    from jobs.harvest import unpinned_as_before
+
     if legacy:
+        legacy_harvest = c.harvest.model_dump(mode="json", exclude={"ray", "device"})
+        legacy_harvest["models"] = [unpinned_as_before(m) for m in legacy_harvest["models"]]
         return {
-            "harvest": c.harvest.model_dump(mode="json", exclude={"ray", "device"}),
+            "harvest": legacy_harvest,
             "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
             "analyze": {
                 "analyze": c.analyze.model_dump(mode="json", exclude={"device", "tokenizer"}),
@@ -33,6 +37,7 @@ def stage_own(cfg: PipelineConfig, stage: str, legacy: bool = False, raw_paths: 
         }[stage]
     if stage == "harvest":
         h = c.harvest.model_dump(mode="json", exclude={"ray", "device"})
+        h["models"] = [unpinned_as_before(m) for m in h["models"]]
         if not c.remote and h["store"] == str(Path(c.out) / "store"):
             h["store"] = "OUT/store"  # the default: the same run moved or named relatively
         if c.remote and not raw_paths and h["store"] == c.out.rstrip("/") + "/store":

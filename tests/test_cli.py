@@ -490,10 +490,10 @@ def test_an_analysis_of_another_fit_is_not_reused_and_artifacts_carry_provenance
     """`crossdiff fit --overwrite` refits into a run that still holds the old latents.parquet: the
     analysis notices (it records which fit it read) instead of skipping to the old results. The
     fit records where it ran; the report records the files it was computed from."""
+    from diffing.analysis import analyze_run
     from diffing.config import AnalysisConfig, FitConfig
     from diffing.fit import fit
     from diffing.store import open_store
-    from diffing.analysis import analyze_run
     from jobs.provenance import file_digest
     from jobs.report import write_report
 

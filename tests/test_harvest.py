@@ -338,6 +338,11 @@ def test_killed_driver_resumes_to_identical_rows(tmp_path, tiny_pair, ray_cluste
     run_harvest(cut)
     # a resume: the shards finished before the kill were kept, not written again
     assert {n: (tmp_path / "cut" / "shards" / n).stat().st_mtime_ns for n in finished} == finished
+    # the stamp records the corpus content: both stores came from the same records
+    stamps = [json.loads((tmp_path / s / "harvest_config.json").read_text()) for s in ("clean", "cut")]
+    assert (
+        len(stamps[0]["records_sha256"]) == 64 and stamps[0]["records_sha256"] == stamps[1]["records_sha256"]
+    )
     a, ma = open_store(str(tmp_path / "clean")).load()
     b, mb = open_store(str(tmp_path / "cut")).load()
     assert torch.equal(a, b)

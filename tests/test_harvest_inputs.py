@@ -280,3 +280,34 @@ def test_a_stamp_cut_short_is_named_and_temp_files_of_killed_writes_go(tmp_path,
     w = StoreWriter(str(store), model_names=["a", "b"], d_model=4)
     assert w.remove_temp_files() == 2 and not list(store.rglob(".tmp-*"))
     assert (store / "harvest_config.json").exists()  # only temporaries go
+
+
+def test_a_pinned_revision_counts_and_an_unset_one_keeps_earlier_identities(tmp_path, tiny_pair):
+    """models[].revision pins a hub model's commit; set, it is part of the harvest's identity; unset,
+    the identity is the one harvests made before the field existed (they are not redone)."""
+    from conftest import pipeline_dict
+
+    from jobs.harvest import _config_hash
+    from jobs.pipeline import PipelineConfig, with_defaults
+    from jobs.stage_identity import stage_own
+
+    cfg = _cfg(list(tiny_pair), tmp_path / "s", [{"id": "a", "text": "x"}], tmp_path)
+    assert all(m.revision is None for m in cfg.models)
+    pinned = cfg.model_copy(
+        update={"models": [cfg.models[0].model_copy(update={"revision": "abc123"}), cfg.models[1]]}
+    )
+    assert _config_hash(cfg, "r") != _config_hash(pinned, "r")
+    dumped = cfg.model_dump(
+        mode="json", exclude={"ray": True, "device": True, "store": True, "corpus": {"uri"}}
+    )
+    for m in dumped["models"]:
+        del m["revision"]  # the dump before the field existed
+    dumped["records"] = "r"
+    import hashlib
+
+    assert (
+        _config_hash(cfg, "r") == hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+    )
+    p = PipelineConfig.model_validate(with_defaults(pipeline_dict(str(tmp_path / "run"))))
+    assert all("revision" not in m for m in stage_own(p, "harvest")["models"])
+    assert all("revision" not in m for m in stage_own(p, "harvest", legacy=True)["models"])
