@@ -15,6 +15,7 @@ file on the cluster and runs the ordinary `crossdiff <stage> --config FILE ...` 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -232,7 +233,10 @@ def build_submission(
     if stage not in STAGES:
         raise SubmitError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     data: dict[str, Any] | None = None
-    env_vars = {"CROSSDIFF_LOG_JSON": "1", **(env or {})}  # JSON lines in jobs, as on Kubernetes
+    env_vars = dict(env or {})
+    submitter = os.environ if environ is None else environ
+    if "CROSSDIFF_LOG_JSON" not in env_vars and "CROSSDIFF_LOG_JSON" not in submitter:
+        env_vars["CROSSDIFF_LOG_JSON"] = "1"  # JSON lines in jobs (as on Kubernetes), unless told otherwise
     cmd = ["crossdiff", stage]
     if config is None and (bad := _unknown_set_keys(stage, _sets(args))):
         from diffing.config import ConfigError

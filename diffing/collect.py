@@ -80,9 +80,8 @@ def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int
         try:
             first = store.manifest.metadata["harvest"]["models"][0]
             path = first["path"]
-            revision = first.get("revision") or (store.manifest.metadata.get("revisions") or {}).get(
-                first["name"]
-            )
+            recorded = (store.manifest.metadata.get("revisions") or {}).get(first["name"])
+            revision = recorded or first.get("revision")  # the commit the shards were made from first
         except (AttributeError, KeyError, IndexError, TypeError):
             path = None
     tok = None

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from diffing.config import Frozen
@@ -40,9 +40,11 @@ from diffing.store import StoreWriter
 class ModelSpec(Frozen):
     name: str = Field(
         min_length=1,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+        # a directory name (RUN/compare/<A>-vs-<B>/) and a report heading: no path separator, no "."
+        # or "..", no markup, no commas (the store lists names with them); `_safe_name` checks the rest
+        pattern=r'^[^/\\,<>"&\x00-\x1f]+$',
         description="Short name used in the store, directory names and reports (e.g. 'base', 'simpo', "
-        "'gemma-2-9b-it'): letters, digits and . _ + -, starting with a letter or digit.",
+        "'gemma-2-9b-it'); no / \\ , < > \" &, not '.' or '..'.",
     )
     path: str = Field(description="HF model id or local directory (must be loadable offline on the workers).")
     revision: str | None = Field(
@@ -57,6 +59,13 @@ class ModelSpec(Frozen):
         "(CUDA with bf16, a CPU with AVX512-BF16 or AMX: 1.75x float32 on a 2-core Zen 4), else float32 "
         "(bfloat16 is emulated on AVX2-only CPUs, about 4x slower). The dtype each worker used is logged.",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if v in (".", "..") or v != v.strip():
+            raise ValueError(f"models[].name={v!r} names a directory: not '.' or '..', no surrounding spaces")
+        return v
 
 
 class RayHarvestConfig(Frozen):

@@ -274,7 +274,7 @@ def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> d
     pinned = store.manifest.metadata.get("revisions", {})
 
     def rev(n: str) -> str | None:
-        return specs[n].get("revision") or pinned.get(n)
+        return pinned.get(n) or specs[n].get("revision")  # the commit recorded beats a branch name
 
     models = [
         load_model(

@@ -59,6 +59,7 @@ def ray_data_map(concurrency: int, *, num_cpus: float = 0.5, address: str | None
             return {"i": row["i"], "out": pickle.dumps(f(pickle.loads(row["item"])))}
 
         rows = [{"i": i, "item": pickle.dumps(it)} for i, it in enumerate(items)]
+        ray.data.DataContext.get_current().raise_original_map_exception = True  # a task's error as itself
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         out = ds.map(task, concurrency=concurrency, num_cpus=num_cpus).take_all()
         # best effort: idle workers would hold the pass's encoder (all of W_enc for the source

@@ -50,13 +50,30 @@ def _causes(e: BaseException):
     seen: set[int] = set()
     while e is not None and id(e) not in seen and len(seen) < 20:
         seen.add(id(e))
-        yield e
         cause = getattr(e, "cause", None)
-        e = cause if isinstance(cause, BaseException) else e.__cause__
+        if isinstance(cause, BaseException):  # a Ray task error is also an instance of its cause's
+            e = cause  # class (with the remote traceback as its message): report the cause itself
+            continue
+        yield e
+        e = e.__cause__
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    return type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(e)
+def _out_of_memory(e: BaseException) -> str | None:
+    """The fix for an out-of-memory error, or None: torch's (GPU) and Ray's (the node's RAM)."""
+    module = type(e).__module__ or ""
+    if (module.startswith("torch") and type(e).__name__ == "OutOfMemoryError") or "CUDA out of memory" in str(
+        e
+    ):
+        return (
+            "out of GPU memory: lower harvest.batch_prompts, fit.train.batch_size or analyze.batch_size, "
+            "or use a GPU with more memory"
+        )
+    if module.startswith("ray") and type(e).__name__ == "OutOfMemoryError":
+        return (
+            "a node ran out of RAM: give its pods more memory, lower harvest.ray.num_actors or "
+            "analyze.evidence_workers, or raise analyze_task.memory_gb"
+        )
+    return None
 
 
 def _run(fn):
@@ -67,18 +84,15 @@ def _run(fn):
     try:
         return fn()
     except KeyboardInterrupt:
-        typer.secho("interrupted; rerun the same command to resume", err=True)
+        typer.secho("interrupted; rerun the same command (without --overwrite) to resume", err=True)
         raise typer.Exit(130) from None
     except Exception as e:
         if os.environ.get("CROSSDIFF_DEBUG"):
             raise
         for cause in _causes(e):
-            if _out_of_memory(cause):
-                _fail(
-                    f"{str(cause).splitlines()[0][:300]}\n(out of GPU memory: lower harvest.batch_prompts, "
-                    "fit.train.batch_size or analyze.batch_size, or use a GPU with more memory; "
-                    "set CROSSDIFF_DEBUG=1 for a traceback)"
-                )
+            if fix := _out_of_memory(cause):
+                first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+                _fail(f"{first}\n({fix}; set CROSSDIFF_DEBUG=1 for a traceback)")
             if isinstance(cause, _user_errors()):
                 _report(cause)
             if isinstance(cause, ImportError) and "install" in str(cause).lower():

@@ -344,7 +344,11 @@ def run_harvest(
 
         # harvest.shard lines count the shards with an ETA: Ray Data's own progress lines (every
         # 10 s where stdout is no terminal: jobs, the demo's log) would only add noise beside them
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        # an actor's own error (a StoreError, a model that cannot load) reaches this driver as itself,
+        # not as a UserCodeException whose cause was lost on the way: it keeps its one-line message
+        ctx.raise_original_map_exception = True
         items = [{"shard_id": sid, "start": a, "records": json.dumps(records[a:b])} for sid, a, b in todo]
         actors = min(cfg.ray.num_actors, len(todo))  # a resume with few shards left loads fewer models
         ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -254,6 +254,16 @@ def calibration_set(evidence: list[LatentEvidence], cfg: LabelConfig) -> list[di
     ]
 
 
+def _selected(latents: Path) -> bool:
+    """Whether an analysis selected latents to collect evidence for (True when it is missing)."""
+    if not latents.exists():
+        return True
+    import pyarrow.parquet as pq
+
+    groups = pq.read_table(latents, columns=["group"]).column("group").to_pylist()
+    return any(g for g in groups)
+
+
 def replica_settings(service: ServiceSettings) -> ServiceSettings:
     """The service settings as a local service's replicas need them: a relative taxonomy path made
     absolute here (replicas have their own working directory)."""
@@ -283,12 +293,12 @@ def label_run(
             raise ConfigError(format_validation_error(e)) from None
     run_dir = Path(run_dir)
     if not (run_dir / "examples").is_dir():
-        if not (run_dir / "latents.parquet").exists():
+        if _selected(run_dir / "latents.parquet"):  # not analysed, or analysed without evidence
             raise FileNotFoundError(
                 f"{run_dir}/examples does not exist: run `crossdiff analyze` with examples first"
             )
         # analysed, and it selected no latent (a fine-tune with no specific latent at these cuts)
-        log.warning("label.nothing_to_label", run=str(run_dir), note="the analysis wrote no evidence")
+        log.warning("label.nothing_to_label", run=str(run_dir), note="the analysis selected no latent")
     out = run_dir / LABELS_FILE
     if overwrite and out.exists():
         out.unlink()

@@ -70,16 +70,19 @@ class Pipeline(StageRunners):
         }
 
     # -- stage configs and markers -------------------------------------------------------
-    def stage_config(self, stage: str, legacy: bool = False, raw_paths: bool = False) -> Any:
-        own = stage_own(self.cfg, stage, legacy, raw_paths)
+    def stage_config(
+        self, stage: str, legacy: bool = False, raw_paths: bool = False, raw_store: bool = False
+    ) -> Any:
+        own = stage_own(self.cfg, stage, legacy, raw_paths, raw_store)
         i = STAGES.index(stage)
-        upstream = self.stage_config(STAGES[i - 1], legacy, raw_paths)["hash"] if i else ""
+        upstream = self.stage_config(STAGES[i - 1], legacy, raw_paths, raw_store)["hash"] if i else ""
         return {"own": own, "hash": _hash([own, upstream])}
 
     def _hashes(self, stage: str) -> tuple[str, ...]:
         """The identity written, then the older ones still accepted (see jobs/stage_identity.py)."""
         return tuple(
-            self.stage_config(stage, **kw)["hash"] for kw in ({}, {"raw_paths": True}, {"legacy": True})
+            self.stage_config(stage, **kw)["hash"]
+            for kw in ({}, {"raw_store": True}, {"raw_paths": True}, {"legacy": True})
         )
 
     def marker(self, stage: str) -> Path:

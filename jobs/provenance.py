@@ -43,7 +43,7 @@ def _git() -> dict[str, Any] | None:
 
         def git(*args: str) -> str:
             return subprocess.run(
-                ["git", "-C", str(PROJECT_ROOT), *args],
+                ["git", "--no-optional-locks", "-C", str(PROJECT_ROOT), *args],
                 capture_output=True,
                 text=True,
                 timeout=10,
@@ -76,7 +76,8 @@ def environment() -> dict[str, Any]:
     try:
         import torch
 
-        if torch.cuda.is_available():
+        # only where this process already uses CUDA: asking would create a context on GPU 0
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
             env["cuda"] = {"version": torch.version.cuda, "device": torch.cuda.get_device_name(0)}
     except ImportError:
         pass

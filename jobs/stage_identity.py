@@ -11,11 +11,14 @@ from jobs.pipeline_config import PipelineConfig, _label_identity
 from serve.taxonomy import load_taxonomy
 
 
-def stage_own(cfg: PipelineConfig, stage: str, legacy: bool = False, raw_paths: bool = False) -> Any:
+def stage_own(
+    cfg: PipelineConfig, stage: str, legacy: bool = False, raw_paths: bool = False, raw_store: bool = False
+) -> Any:
     """What decides a stage's outputs: its config minus how it runs (workers, logging, request
     limits) and the run's own location. `legacy`: the identity before 2026-12-06, still accepted
     so runs finished then are not redone; `raw_paths`: a corpus inside the run named as typed (the
-    identity until the seventh session of 2026-12-06), likewise accepted."""
+    identity until the seventh session of 2026-12-06), likewise accepted; `raw_store`: a remote
+    run's default store named as typed (its identity until the eighth session), likewise."""
     c = cfg
     from jobs.harvest import unpinned_as_before
 
@@ -40,7 +43,7 @@ def stage_own(cfg: PipelineConfig, stage: str, legacy: bool = False, raw_paths: 
         h["models"] = [unpinned_as_before(m) for m in h["models"]]
         if not c.remote and h["store"] == str(Path(c.out) / "store"):
             h["store"] = "OUT/store"  # the default: the same run moved or named relatively
-        if c.remote and not raw_paths and h["store"] == c.out.rstrip("/") + "/store":
+        if c.remote and not (raw_paths or raw_store) and h["store"] == c.out.rstrip("/") + "/store":
             h["store"] = "OUT/store"  # likewise a bucket's run copied to another prefix or bucket
         if not raw_paths and (inside := _inside_out(c, h["corpus"]["uri"])) is not None:
             h["corpus"]["uri"] = (

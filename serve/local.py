@@ -137,8 +137,8 @@ class LocalService:
         opts = dict(settings.ingress_options)
         actor = dict(opts.get("ray_actor_options") or {})
         env = dict((actor.get("runtime_env") or {}).get("env_vars") or {})
-        if self.token and _single_node_here():
-            # a Ray of this host alone: the replica reads the token from a file only this user can
+        if self.token and self._own_ray():
+            # a Ray this process started on this host: the replica reads the token from a file only this user can
             # read (Ray's runtime-env agent logs env_vars in clear, in logs other users may read)
             self._token_dir = tempfile.mkdtemp(prefix="crossdiff-token-")
             path = os.path.join(self._token_dir, "token")
@@ -159,6 +159,13 @@ class LocalService:
         wait_healthy(self.url, self.start_timeout_s)
         log.info("labelling.up", url=self.url, seconds=round(time.monotonic() - t0, 1))
         return self
+
+    def _own_ray(self) -> bool:
+        """Whether Ray was started here by this process (this service, or the pipeline's
+        cluster.connect): one host, now and later. A joined cluster may place a replica elsewhere."""
+        from cluster import connect
+
+        return self._started_ray or (connect.STARTED_LOCAL and not os.environ.get("RAY_ADDRESS"))
 
     def _actual_url(self) -> str:
         try:
@@ -192,15 +199,3 @@ class LocalService:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _single_node_here() -> bool:
-    """Whether the connected Ray is this host's alone (every replica then runs here)."""
-    import ray
-
-    try:
-        here = ray.get_runtime_context().get_node_id()
-        alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    except Exception:  # noqa: BLE001 - unknown: assume a cluster (the env-var route works anywhere)
-        return False
-    return alive == [here]

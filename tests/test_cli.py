@@ -526,19 +526,22 @@ def test_expected_errors_raised_in_ray_workers_stay_one_line(monkeypatch):
     """Ray wraps a worker's exception (Ray Data: UserCodeException `from` it; tasks: `.cause`): the
     expected condition inside still gives its one line and exit 2, out of GPU memory names the batch
     settings, Ctrl-C says how to resume (130), and a real bug keeps its traceback."""
+    import torch
+    from ray.exceptions import OutOfMemoryError as RayOOM
+    from ray.exceptions import RayTaskError
+
     import jobs.pipeline
     from diffing.store import StoreError
 
-    class UserCodeException(Exception):  # what Ray Data raises around a UDF's error
+    class UserCodeException(Exception):  # what Ray Data raises around a UDF's error (in-process)
         pass
 
-    class RayTaskError(Exception):  # what ray.get raises, holding the task's error in .cause
-        def __init__(self, cause):
-            super().__init__("task failed")
-            self.cause = cause
+    def task_error(cause):  # what ray.get raises: an instance of the cause's class too
+        return RayTaskError(
+            "fn", "Traceback (most recent call last):\n  ...remote...", cause
+        ).as_instanceof_cause()
 
-    class OutOfMemoryError(RuntimeError):  # torch's name
-        pass
+    OutOfMemoryError = torch.OutOfMemoryError
 
     def raising(exc):
         def run_pipeline(**kw):
@@ -558,11 +561,17 @@ def test_expected_errors_raised_in_ray_workers_stay_one_line(monkeypatch):
 
     r = raising(wrapped(StoreError("activation overflows store_dtype=float16; set store_dtype: float32")))
     assert r.exit_code == 2 and "error: activation overflows" in r.output and "Traceback" not in r.output
-    r = raising(RayTaskError(ValueError("no node can hold analyze_task; lower its resources")))
-    assert r.exit_code == 2 and "no node can hold analyze_task" in r.output
+    r = raising(task_error(ValueError("no node can hold analyze_task; lower its resources")))
+    assert (
+        r.exit_code == 2 and "error: no node can hold analyze_task" in r.output and "remote" not in r.output
+    )
+    r = raising(task_error(StoreError("shard 3 is corrupt; rerun with --overwrite")))
+    assert r.exit_code == 2 and "error: shard 3 is corrupt" in r.output
+    r = raising(RayOOM("Task was killed due to the node running low on memory."))
+    assert r.exit_code == 2 and "ran out of RAM" in r.output and "GPU" not in r.output
     r = raising(wrapped(OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")))
     assert r.exit_code == 2 and "lower harvest.batch_prompts" in r.output
     r = raising(KeyboardInterrupt())
-    assert r.exit_code == 130 and "rerun the same command to resume" in r.output
+    assert r.exit_code == 130 and "without --overwrite) to resume" in r.output
     r = raising(wrapped(KeyError("a bug")))
     assert r.exit_code == 1 and isinstance(r.exception, UserCodeException)  # not dressed up as a user error

@@ -399,6 +399,13 @@ def test_an_analysis_that_selected_nothing_is_labelled_as_nothing(tmp_path):
     run.mkdir()
     with pytest.raises(FileNotFoundError, match="crossdiff analyze"):
         label_run(run, {})
-    (run / "latents.parquet").write_bytes(b"")  # analysed
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # analysed without evidence (`analyze.evidence: false`): latents were selected, so still an error
+    pq.write_table(pa.table({"latent": [0, 1], "group": ["ft-specific", ""]}), run / "latents.parquet")
+    with pytest.raises(FileNotFoundError, match="crossdiff analyze"):
+        label_run(run, {})
+    pq.write_table(pa.table({"latent": [0, 1], "group": ["", ""]}), run / "latents.parquet")  # none selected
     out = label_run(run, {})
     assert out["total"] == 0 and (run / "labels.jsonl").read_text() == ""

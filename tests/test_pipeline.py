@@ -387,9 +387,9 @@ def test_model_names_are_safe_as_directory_names():
 
     from diffing.harvest import ModelSpec
 
-    for ok in ("base", "ft", "gemma-2-9b-it", "SmolLM2_135M.v2", "it+simpo"):
-        assert ModelSpec(name=ok, path="/m").name == ok
-    for bad in ("../x", "a/b", "..", "<img src=x>", "a b", "a,b", "", "-x"):
+    for ok in ("base", "ft", "gemma-2-9b-it", "SmolLM2_135M.v2", "it+simpo", "qwen2.5:7b", "gemma 2b", "-x"):
+        assert ModelSpec(name=ok, path="/m").name == ok  # names valid before stay valid
+    for bad in ("../x", "a/b", "a\\b", ".", "..", "<img src=x>", "a,b", "", " a", "a\n"):
         with pytest.raises(ValidationError):
             ModelSpec(name=bad, path="/m")
 
@@ -411,3 +411,11 @@ def test_a_bucket_run_copied_elsewhere_keeps_its_harvest_identity():
     elsewhere = PipelineConfig.model_validate(with_defaults(pipeline_dict("s3://a/r", harvest={
         **pipeline_dict("x")["harvest"], "store": "s3://shared/stores/s1"})))  # fmt: skip
     assert stage_own(elsewhere, "harvest")["store"] == "s3://shared/stores/s1"  # a chosen store counts
+    # a preset's remote run keeps its corpus inside the run: the identity of the session before
+    # (store as typed, corpus as OUT/...) is one of the accepted ones
+    preset_like = PipelineConfig.model_validate(with_defaults(pipeline_dict("s3://b/runs/r1", harvest={
+        **pipeline_dict("x")["harvest"], "corpus": {"uri": "s3://b/runs/r1/corpus.jsonl"}})))  # fmt: skip
+    before = stage_own(preset_like, "harvest", raw_store=True)
+    assert (before["store"], before["corpus"]["uri"]) == ("s3://b/runs/r1/store", "OUT/corpus.jsonl")
+    p = Pipeline(preset_like)
+    assert p.stage_config("harvest", raw_store=True)["hash"] in p._hashes("harvest")

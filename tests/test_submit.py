@@ -428,6 +428,8 @@ def test_a_credential_the_config_names_is_never_shipped_whatever_its_name(tmp_pa
         "CROSSDIFF_LOG_JSON": "1",
         "CROSSDIFF_X": "1",
     }  # JSON logs by default
+    quiet = sm.build_submission("label", None, args, environ={"CROSSDIFF_LOG_JSON": "0"})
+    assert quiet.runtime_env["env_vars"]["CROSSDIFF_LOG_JSON"] == "0"  # the submitter's own choice stands
     assert "s3cr3t-value" not in json.dumps([sub.entrypoint, sub.runtime_env, sub.metadata])
     with pytest.raises(sm.SubmitError, match="CROSSDIFF_LABELLER_PHRASE"):
         sm.build_submission("label", None, args, env={"CROSSDIFF_LABELLER_PHRASE": "x"}, environ={})
