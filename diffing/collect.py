@@ -80,7 +80,7 @@ def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int
         try:
             first = store.manifest.metadata["harvest"]["models"][0]
             path = first["path"]
-            recorded = (store.manifest.metadata.get("revisions") or {}).get(first["name"])
+            recorded = (store.manifest.metadata.get("revisions") or {}).get(first.get("name"))
             revision = recorded or first.get("revision")  # the commit the shards were made from first
         except (AttributeError, KeyError, IndexError, TypeError):
             path = None
