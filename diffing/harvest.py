@@ -68,6 +68,12 @@ class ModelSpec(Frozen):
         return v
 
 
+def unpinned_as_before(model: dict[str, Any]) -> dict[str, Any]:
+    """A dumped ModelSpec as identities saw it before `revision` existed, where it is unset: the
+    harvests and runs made then keep their identity."""
+    return {k: v for k, v in model.items() if not (k == "revision" and v is None)}
+
+
 class RayHarvestConfig(Frozen):
     num_actors: int = Field(1, ge=1, description="Harvest actors (each loads every model once).")
     write_threads: int = Field(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from diffing.corpus import read_corpus
-from diffing.harvest import HarvestConfig, Harvester, harvest_shards, shard_ranges
+from diffing.harvest import HarvestConfig, Harvester, harvest_shards, shard_ranges, unpinned_as_before
 from diffing.logs import get_logger
 from diffing.models import (
     HarvestInputError,
@@ -226,12 +226,6 @@ def agreement_sample(records: list[dict[str, Any]], n: int = 4096) -> list[dict[
         return records
     step = len(records) / n
     return [records[int(i * step)] for i in range(n)]
-
-
-def unpinned_as_before(model: dict[str, Any]) -> dict[str, Any]:
-    """A dumped ModelSpec as identities saw it before `revision` existed, where it is unset: the
-    harvests and runs made then keep their identity."""
-    return {k: v for k, v in model.items() if not (k == "revision" and v is None)}
 
 
 def _records_hash(records: list[dict[str, Any]]) -> str:

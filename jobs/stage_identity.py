@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from diffing.harvest import unpinned_as_before
 from jobs.pipeline_config import PipelineConfig, _label_identity
 from serve.taxonomy import load_taxonomy
 
@@ -20,8 +21,6 @@ def stage_own(
     identity until the seventh session of 2026-12-06), likewise accepted; `raw_store`: a remote
     run's default store named as typed (its identity until the eighth session), likewise."""
     c = cfg
-    from jobs.harvest import unpinned_as_before
-
     if legacy:
         legacy_harvest = c.harvest.model_dump(mode="json", exclude={"ray", "device"})
         legacy_harvest["models"] = [unpinned_as_before(m) for m in legacy_harvest["models"]]
