@@ -1,4 +1,4 @@
-"""`crossdiff report` and `crossdiff anchored`: the commands that write reports from finished runs."""
+"""`crossdiff report`, `crossdiff anchored` and `crossdiff status`: the commands that read runs."""
 
 from __future__ import annotations
 
@@ -77,7 +77,23 @@ def anchored(
     )
 
 
+def status(
+    run: Annotated[str, typer.Argument(help="Pipeline run directory (local, s3://, gs://).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Where a pipeline run stands: each stage done, running, to redo or pending, and the running
+    stage's progress (shards, fit step and ETA, labels) from the files it writes."""
+    from jobs.status import format_status, run_status
+
+    def go():
+        st = run_status(run)
+        typer.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+
+    _run(go)
+
+
 def register(app: typer.Typer) -> None:
     """Add the commands to the `crossdiff` app."""
     app.command("report")(report)
     app.command("anchored")(anchored)
+    app.command("status")(status)

@@ -36,8 +36,12 @@ from diffing.fit import (
     total_steps,
 )
 from diffing.logs import configure, get_logger
-from diffing.store import ActivationStore, check_writable, open_store
+from diffing.store import ActivationStore, atomic_write, check_writable, open_store
 from diffing.train import TrainerState, train_step
+
+# rank 0 rewrites RUN/metrics.jsonl at most this often (and at every checkpoint), so a fit of hours
+# can be followed (`crossdiff status`, a notebook) before it ends; one small atomic PUT each time
+METRICS_FLUSH_S = 60.0
 
 
 def dist_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
@@ -151,6 +155,17 @@ def _train_loop(config: dict[str, Any]) -> None:
                 checkpoint = train.Checkpoint.from_directory(tmp)
             train.report({"final": final, **(metrics or {}), "step": state.step}, checkpoint=checkpoint)
 
+    fs, root = fsspec.core.url_to_fs(config["out"])
+    flushed = [time.perf_counter()]
+
+    def flush_metrics(force: bool = False) -> None:
+        """The history so far -> metrics.jsonl (rank 0). A resumed run rewrites it from the
+        checkpoint's history: lines past the checkpoint's step go, as in the in-process fit."""
+        if rank == 0 and (force or time.perf_counter() - flushed[0] >= METRICS_FLUSH_S):
+            atomic_write(fs, f"{root}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+            flushed[0] = time.perf_counter()
+
+    flush_metrics(force=bool(ckpt))  # a resume drops the lines of steps it will redo
     shard = train.get_dataset_shard("train")
     t0, start, data_wait = time.perf_counter(), state.step, 0.0
     epoch = int(state.data_position.get("epoch", 0))
@@ -205,7 +220,9 @@ def _train_loop(config: dict[str, Any]) -> None:
                         # share of wall time spent waiting for data: near 1 means the input pipeline bounds the fit
                         data_wait=round(data_wait / max(time.perf_counter() - t0, 1e-9), 3),
                     )
+                    flush_metrics()
             if state.step % tcfg.checkpoint_every == 0 and state.step < steps:
+                flush_metrics(force=True)
                 report(final=False, metrics=metrics)
         epoch, skip = epoch + 1, 0
         state.data_position = {"epoch": epoch, "batch": 0}
@@ -231,8 +248,8 @@ def _write_outputs(out: str, model, final: dict, history: list[dict]) -> None:
         fs.makedirs(f"{root}/crosscoder", exist_ok=True)
         for name in ("model.safetensors", "cfg.json"):
             fs.put_file(str(Path(tmp) / "crosscoder" / name), f"{root}/crosscoder/{name}")
-    fs.pipe_file(f"{root}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
-    fs.pipe_file(f"{root}/metrics.json", json.dumps(final, indent=2).encode())
+    atomic_write(fs, f"{root}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+    atomic_write(fs, f"{root}/metrics.json", json.dumps(final, indent=2).encode())
 
 
 def run_fit_ray(

@@ -310,19 +310,27 @@ def run_harvest(
             f"store {cfg.store} already holds a store that no harvest stamped (no harvest_config.json); "
             "pass --overwrite to replace it or pick a new store"
         )
+    shards = shard_ranges(len(records), cfg.prompts_per_shard)
     # whole or not at all: a kill mid-write must not leave a stamp no rerun can read
     atomic_write(
         writer.fs,
         stamp,
-        # records_sha256: the corpus content, so a store can be checked against a corpus file later
+        # records_sha256: the corpus content (a store can be checked against a corpus file later);
+        # records, shards: what the finished harvest holds (`crossdiff status` counts against them)
         json.dumps(
-            {"hash": h, "config": cfg.model_dump(mode="json"), "records_sha256": records_hash}, indent=2
+            {
+                "hash": h,
+                "config": cfg.model_dump(mode="json"),
+                "records_sha256": records_hash,
+                "records": len(records),
+                "shards": len(shards),
+            },
+            indent=2,
         ).encode(),
     )
     if removed := writer.remove_temp_files():  # shard writes a killed run left unfinished
         log.info("harvest.temp_removed", files=removed)
 
-    shards = shard_ranges(len(records), cfg.prompts_per_shard)
     todo = [(sid, a, b) for sid, a, b in shards if writer.done_shard(sid) is None]
     log.info(
         "harvest.start",

@@ -237,6 +237,11 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster):
         assert "Category shift" in html or "category shift" in html.lower()
         rep = json.loads((run / "report.json").read_text())
         assert rep
+        from jobs.status import run_status
+
+        st = run_status(out)  # what `crossdiff status` says of a finished run
+        assert [r["state"] for r in st["stages"]] == ["done"] * len(STAGES) and st["current"] is None
+        assert st["report"] == f"{out}/report.html"
 
         # a finished pipeline does nothing on rerun
         mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and "stages" not in p.parts}

@@ -1,0 +1,246 @@
+"""`crossdiff status RUN`: where a pipeline run stands, read from its files (local, s3://, gs://).
+
+No Ray and no config edits: the stage markers (RUN/stages/<stage>.json) say what finished, and the
+outputs a running stage writes as it goes say how far it got:
+
+- harvest: the store's shard sidecars against the shards its stamp names (harvest_config.json);
+- fit: the last line of metrics.jsonl against run_config.json's total steps (a Ray Train fit
+  writes it at most a minute apart and at every checkpoint), with an ETA from its token rate;
+- label: lines of each comparison's labels.jsonl against the latents of the labelled groups.
+
+A `running` marker also remains after a killed run: the age of the stage's newest output
+tells the two apart (a remote run's local copy is synced every `sync_every_s`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import fsspec
+
+STATES = {"done": "done", "running": "running", "stale": "to redo", None: "pending"}
+
+
+def _read(fs, path: str) -> Any:
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def _mtime(fs, path: str) -> float | None:
+    """Seconds since the epoch of a file's last change, or None (missing; a store without mtimes)."""
+    try:
+        info = fs.info(path)
+    except (FileNotFoundError, OSError):
+        return None
+    t = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
+    if t is None:
+        return None
+    if hasattr(t, "timestamp"):
+        return float(t.timestamp())
+    if isinstance(t, str):
+        from datetime import datetime
+
+        try:
+            return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return float(t)
+
+
+def _lines(fs, path: str) -> list[str]:
+    try:
+        return [x for x in fs.cat_file(path).decode().splitlines() if x.strip()]
+    except (FileNotFoundError, OSError):
+        return []
+
+
+def _store_root(cfg: dict, run: str) -> tuple[Any, str]:
+    """The harvest's store. A relative path is relative to where the pipeline ran: when RUN is
+    given as some/dir/<out> for a relative `out`, that is some/dir."""
+    import os
+
+    uri = (cfg.get("harvest") or {}).get("store") or f"{run.rstrip('/')}/store"
+    out = (cfg.get("out") or "").rstrip("/")
+    if "://" not in uri and not os.path.isabs(uri) and out and "://" not in out and not os.path.isabs(out):
+        base = run.rstrip("/")
+        if base.endswith(out) and (base == out or base[: -len(out)].endswith("/")):
+            uri = base[: -len(out)] + uri
+    return fsspec.core.url_to_fs(uri)
+
+
+def _harvest(cfg: dict, run: str) -> dict:
+    sfs, sroot = _store_root(cfg, run)
+    sroot = sroot.rstrip("/")
+    stamp = _read(sfs, f"{sroot}/harvest_config.json") or {}
+    done = sfs.glob(f"{sroot}/shards/*.json")
+    out: dict[str, Any] = {"shards_done": len(done), "shards": stamp.get("shards")}
+    times = [t for t in (_mtime(sfs, p) for p in done[-3:]) if t]
+    if times:
+        out["last_write"] = max(times)
+    return out
+
+
+def _fit(fs, root: str) -> dict:
+    lines = _lines(fs, f"{root}/metrics.jsonl")
+    stamp = _read(fs, f"{root}/run_config.json") or {}
+    out: dict[str, Any] = {"steps": stamp.get("total_steps")}
+    rows = []
+    for line in lines[-2:]:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a torn last line (an in-process fit killed mid-write)
+            pass
+    if rows:
+        last = rows[-1]
+        out["step"] = last.get("step")
+        out["loss"] = last.get("loss")
+        out["fve"] = {k[4:]: v for k, v in last.items() if k.startswith("fve/")}
+        batch = (stamp.get("fit") or {}).get("train", {}).get("batch_size")
+        tps = last.get("tokens_per_s")  # a Ray Train fit logs its rate; the in-process fit its clock
+        if tps is None and len(rows) == 2 and all("elapsed_s" in r and "tokens_seen" in r for r in rows):
+            dt = rows[1]["elapsed_s"] - rows[0]["elapsed_s"]
+            tps = (rows[1]["tokens_seen"] - rows[0]["tokens_seen"]) / dt if dt > 0 else None
+        if out["steps"] and out["step"] is not None and batch and tps:
+            out["eta_s"] = round((out["steps"] - out["step"]) * batch / max(tps, 1e-9))
+        if t := _mtime(fs, f"{root}/metrics.jsonl"):
+            out["last_write"] = t
+    return out
+
+
+def _label(cfg: dict, fs, root: str, analyze_summary: dict | None) -> dict:
+    """Labels written per comparison, against the labelled groups' sizes where analyze says them."""
+    pairs = _pairs(cfg)
+    groups = set((cfg.get("label") or {}).get("groups") or ())
+    out: dict[str, Any] = {}
+    for a, b in pairs:
+        key = f"{a}-vs-{b}"
+        d = root if len(pairs) == 1 else f"{root}/compare/{key}"
+        summ = (analyze_summary or {}) if len(pairs) == 1 else (analyze_summary or {}).get(key, {})
+        sizes = (summ or {}).get("groups") or {}
+        want = sum(n for g, n in sizes.items() if g in groups) if groups else sum(sizes.values())
+        entry: dict[str, Any] = {"labelled": len(_lines(fs, f"{d}/labels.jsonl")), "latents": want or None}
+        if t := _mtime(fs, f"{d}/labels.jsonl"):
+            entry["last_write"] = t
+        out[key] = entry
+    return out
+
+
+def _pairs(cfg: dict) -> list[tuple[str, str]]:
+    if cfg.get("comparisons"):
+        return [tuple(p) for p in cfg["comparisons"]]
+    if cfg.get("pair"):
+        return [tuple(cfg["pair"])]
+    models = [m["name"] for m in (cfg.get("harvest") or {}).get("models", [])]
+    return [(models[0], models[1])] if len(models) >= 2 else []
+
+
+def run_status(run: str) -> dict[str, Any]:
+    """Each configured stage's state (done, running, to redo, pending), seconds and summary, and
+    the running (or first unfinished) stage's progress."""
+    fs, root = fsspec.core.url_to_fs(run)
+    root = root.rstrip("/")
+    cfg = _read(fs, f"{root}/pipeline.json")
+    if cfg is None:
+        raise FileNotFoundError(
+            f"{run} has no pipeline.json: not a `crossdiff pipeline` run directory (or not written yet). "
+            "Give the --out a pipeline was started with"
+        )
+    now = time.time()
+    stages, current = [], None
+    for stage in cfg.get("stages") or ("harvest", "fit", "analyze", "label", "report"):
+        marker = _read(fs, f"{root}/stages/{stage}.json")
+        if marker is None and fs.exists(f"{root}/stages/{stage}.json"):
+            marker = {"stale": True}  # torn: vouches for nothing, as in the pipeline
+        key = None
+        if marker is not None:
+            key = "stale" if marker.get("stale") else "running" if marker.get("running") else "done"
+        row: dict[str, Any] = {"stage": stage, "state": STATES[key]}
+        if key == "done":
+            row["seconds"] = marker.get("seconds")
+            row["summary"] = marker.get("summary")
+        elif current is None:
+            current = stage
+        stages.append(row)
+    summaries = {r["stage"]: r.get("summary") for r in stages}
+    progress: dict[str, Any] = {}
+    if current == "harvest":
+        progress = _harvest(cfg, run)
+    elif current == "fit":
+        progress = _fit(fs, root)
+    elif current == "label":
+        progress = _label(cfg, fs, root, summaries.get("analyze"))
+    writes = [progress.get("last_write")] + [
+        v.get("last_write") for v in progress.values() if isinstance(v, dict)
+    ]
+    writes = [w for w in writes if w]
+    out: dict[str, Any] = {"run": run, "stages": stages, "current": current, "progress": progress}
+    if writes:
+        out["last_write_age_s"] = round(now - max(writes), 1)
+    if current is None and fs.exists(f"{root}/report.html"):
+        out["report"] = f"{run.rstrip('/')}/report.html"
+    return out
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return ""
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _done_detail(stage: str, summ: Any) -> str:
+    if not isinstance(summ, dict):
+        return ""
+    if stage == "harvest":
+        return f"{summ.get('shards')} shards, {summ.get('rows', 0):,} rows"
+    if stage == "fit" and "fve" in summ:
+        fve = ", ".join(f"{k} {v:.3f}" for k, v in summ["fve"].items())
+        return f"{summ.get('steps')} steps, FVE {fve}, dead {summ.get('dead_fraction', 0):.0%}"
+    if stage == "analyze" and "groups" in summ:
+        return ", ".join(f"{g} {n}" for g, n in summ["groups"].items())
+    if stage == "label" and "total" in summ:
+        return f"{summ['total']} latents labelled"
+    if stage == "report" and "html" in summ:
+        return str(summ["html"])
+    return f"{len(summ)} comparisons" if summ and all(isinstance(v, dict) for v in summ.values()) else ""
+
+
+def _progress_detail(stage: str, p: dict) -> str:
+    if stage == "harvest":
+        return f"{p.get('shards_done', 0)}/{p.get('shards') or '?'} shards written"
+    if stage == "fit":
+        if p.get("step") is None:
+            return "no step logged yet"
+        total = p.get("steps")
+        pct = f" ({p['step'] / total:.0%})" if total else ""
+        eta = f", ETA {_fmt_s(p['eta_s'])}" if p.get("eta_s") is not None else ""
+        return f"step {p['step']}/{total or '?'}{pct}, loss {p.get('loss', float('nan')):.4g}{eta}"
+    if stage == "label":
+        return "; ".join(f"{k}: {v['labelled']}/{v['latents'] or '?'} labelled" for k, v in p.items())
+    return ""
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = [f"run {st['run']}"]
+    for row in st["stages"]:
+        stage, state = row["stage"], row["state"]
+        detail = _done_detail(stage, row.get("summary")) if state == "done" else ""
+        if stage == st["current"]:
+            detail = _progress_detail(stage, st["progress"])
+        lines.append(f"  {stage:<8} {state:<8} {_fmt_s(row.get('seconds')):>9}  {detail}".rstrip())
+    if "last_write_age_s" in st:
+        lines.append(
+            f"last output written {_fmt_s(st['last_write_age_s'])} ago"
+            + (
+                " (a `running` stage with no recent write was probably killed: rerun the pipeline to resume)"
+                if st["last_write_age_s"] > 900
+                else ""
+            )
+        )
+    if st.get("report"):
+        lines.append(f"report: {st['report']}")
+    return "\n".join(lines)

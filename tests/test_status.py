@@ -1,0 +1,144 @@
+"""`crossdiff status`: a run's stages and the running stage's progress, read from its files
+(a local directory, and a bucket through fsspec), without Ray."""
+
+import json
+import os
+import time
+
+import fsspec
+import pytest
+from conftest import pipeline_dict
+from typer.testing import CliRunner
+
+from jobs.pipeline import PipelineConfig, with_defaults
+from jobs.status import format_status, run_status
+
+
+def _write(fs, path, obj):
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, (obj if isinstance(obj, str) else json.dumps(obj)).encode())
+
+
+def _run_at(fs, root, out, **kw):
+    cfg = PipelineConfig.model_validate(with_defaults(pipeline_dict(out, **kw)))
+    _write(fs, f"{root}/pipeline.json", cfg.model_dump_json())
+    return cfg
+
+
+def _walk_a_run(fs, root, run, store_root, want_labels):
+    """Advance a fake run (at `root` of `fs`, named `run`) through its stages, checking status at each."""
+    # harvest: 2 of 5 shards written
+    _write(fs, f"{root}/stages/harvest.json", {"running": True, "hash": "h"})
+    _write(fs, f"{store_root}/harvest_config.json", {"hash": "x", "records": 480, "shards": 5})
+    for sid in ("00000", "00001"):
+        _write(fs, f"{store_root}/shards/{sid}.json", {"shard_id": sid})
+    st = run_status(run)
+    assert [r["state"] for r in st["stages"]] == ["running", "pending", "pending", "pending", "pending"]
+    assert st["current"] == "harvest" and st["progress"]["shards_done"] == 2 and st["progress"]["shards"] == 5
+    assert "2/5 shards written" in format_status(st)
+
+    # fit at step 40 of 100: ETA from the logged token rate
+    _write(
+        fs,
+        f"{root}/stages/harvest.json",
+        {"hash": "h", "seconds": 12.5, "summary": {"rows": 9000, "shards": 5}},
+    )
+    _write(fs, f"{root}/stages/fit.json", {"running": True, "hash": "f"})
+    _write(fs, f"{root}/run_config.json", {"total_steps": 100, "fit": {"train": {"batch_size": 512}}})
+    rows = [
+        {"step": s, "loss": 10.0 / s, "fve/a": 0.5, "fve/b": 0.6, "tokens_per_s": 1024.0} for s in (20, 40)
+    ]
+    _write(
+        fs, f"{root}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4'
+    )  # torn line
+    st = run_status(run)
+    assert [r["state"] for r in st["stages"]][:2] == ["done", "running"]
+    p = st["progress"]
+    assert (p["step"], p["steps"], p["eta_s"]) == (40, 100, 60 * 512 / 1024)
+    assert p["fve"] == {"a": 0.5, "b": 0.6}
+    text = format_status(st)
+    assert "step 40/100 (40%)" in text and "9,000 rows" in text
+    # the in-process fit logs its clock, not its rate: the ETA comes from the last two lines
+    rows = [{"step": s, "loss": 1.0, "tokens_seen": 512 * s, "elapsed_s": s / 2} for s in (20, 40)]
+    _write(fs, f"{root}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert run_status(run)["progress"]["eta_s"] == 30
+
+    # label: 3 of the labelled groups' latents (all 105, or the 70 of `label.groups`)
+    fit_summary = {"fve": {"a": 0.9, "b": 0.91}, "steps": 100, "dead_fraction": 0.25}
+    _write(fs, f"{root}/stages/fit.json", {"hash": "f", "seconds": 300, "summary": fit_summary})
+    groups = {"a-specific": 35, "b-specific": 35, "baseline": 35}
+    _write(fs, f"{root}/stages/analyze.json", {"hash": "a", "seconds": 30, "summary": {"groups": groups}})
+    _write(fs, f"{root}/stages/label.json", {"running": True, "hash": "l"})
+    _write(fs, f"{root}/labels.jsonl", "".join(json.dumps({"latent": i}) + "\n" for i in range(3)))
+    st = run_status(run)
+    assert st["progress"] == {"a-vs-b": {**st["progress"]["a-vs-b"], "labelled": 3, "latents": want_labels}}
+    assert f"a-vs-b: 3/{want_labels} labelled" in format_status(st)
+
+    # a stage redone after an earlier one ran again is `to redo`; the first unfinished one is current
+    _write(fs, f"{root}/stages/label.json", {"stale": True})
+    st = run_status(run)
+    assert st["stages"][3]["state"] == "to redo" and st["current"] == "label"
+
+
+def test_status_follows_a_local_run_given_from_another_directory(tmp_path, monkeypatch):
+    """A relative `out` and store (the demo's runs/demo) resolve against the directory the pipeline
+    ran in, whatever directory status is run from."""
+    fs = fsspec.filesystem("file")
+    base = tmp_path / "work"
+    root = str(base / "runs" / "r")
+    _run_at(
+        fs,
+        root,
+        "runs/r",
+        harvest={**pipeline_dict("x")["harvest"], "store": "runs/r/store"},
+        label={"groups": ["a-specific", "b-specific"]},  # the baseline's 35 are not labelled
+    )
+    monkeypatch.chdir(tmp_path)  # not where the pipeline ran
+    _walk_a_run(fs, root, root, f"{root}/store", want_labels=70)
+    # last write ages come from the files' times
+    st = run_status(root)
+    assert 0 <= st["last_write_age_s"] < 60
+    old = time.time() - 3600
+    os.utime(f"{root}/labels.jsonl", (old, old))
+    assert "probably killed" in format_status(run_status(root))
+
+
+def test_status_reads_a_bucket_run_and_reports_a_finished_one():
+    fs = fsspec.filesystem("memory")
+    root = "/status-test/run"
+    _run_at(fs, root, f"memory://{root}")
+    _walk_a_run(fs, root, f"memory://{root}", f"{root}/store", want_labels=105)
+    for stage in ("label", "report"):
+        _write(fs, f"{root}/stages/{stage}.json", {"hash": "x", "seconds": 1, "summary": {}})
+    _write(fs, f"{root}/report.html", "<html></html>")
+    st = run_status(f"memory://{root}")
+    assert st["current"] is None and {r["state"] for r in st["stages"]} == {"done"}
+    assert st["report"] == f"memory://{root}/report.html"
+    fs.rm("/status-test", recursive=True)
+
+
+def test_status_cli(tmp_path):
+    from jobs.cli import app
+
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path / "run")
+    _run_at(fs, root, root, stages=["harvest", "fit"])
+    res = CliRunner().invoke(app, ["status", root, "--json"])
+    assert res.exit_code == 0, res.output
+    st = json.loads(res.output)
+    assert [r["stage"] for r in st["stages"]] == ["harvest", "fit"] and st["current"] == "harvest"
+    res = CliRunner().invoke(app, ["status", root])
+    assert res.exit_code == 0 and "harvest  pending" in res.output
+    res = CliRunner().invoke(app, ["status", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "no pipeline.json" in res.output
+
+
+@pytest.mark.parametrize("stages", [["fit", "analyze"]])
+def test_status_of_a_run_that_starts_later(tmp_path, stages):
+    """A pipeline configured without the harvest (a store made elsewhere) starts at its first stage."""
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path / "run")
+    _run_at(fs, root, root, stages=stages)
+    st = run_status(root)
+    assert st["current"] == "fit" and st["progress"] == {"steps": None}
+    assert "no step logged yet" in format_status(st)
