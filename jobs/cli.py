@@ -1,7 +1,7 @@
 """The `crossdiff` command line. Each command parses a config and calls one library function.
 
 Expected problems (bad config, missing store, wrong shapes) print one clear message and exit 2;
-tracebacks are for bugs.
+a service or connection that failed where a rerun may succeed exits 3; tracebacks are for bugs.
 """
 
 from __future__ import annotations

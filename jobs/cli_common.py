@@ -21,9 +21,27 @@ OverwriteOpt = Annotated[
 ]
 
 
-def _fail(msg: str) -> None:
+# Exit codes: 2 = the input or setup needs a fix (config, store, paths, permissions); 3 = a service
+# or connection failed and retrying later may succeed (an endpoint, the cluster, object storage);
+# 130 = interrupted. Tracebacks (exit 1) are bugs.
+EXIT_FIX, EXIT_RETRY = 2, 3
+
+
+def _fail(msg: str, code: int = EXIT_FIX) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def _retryable(e: BaseException) -> bool:
+    """A failure of something outside the input: a connection refused or reset, a timeout, a
+    service that kept failing (LabelJobError with retryable=True), S3's endpoint unreachable."""
+    if getattr(e, "retryable", False) or isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+    except ImportError:
+        return False
+    return isinstance(e, BotoConnectionError)  # EndpointConnectionError, ConnectTimeoutError, ...
 
 
 def _user_errors():
@@ -77,8 +95,9 @@ def _out_of_memory(e: BaseException) -> str | None:
 
 
 def _run(fn):
-    """Run a command: an expected condition is one line naming the fix and exit code 2, also when
-    it was raised in a Ray worker and arrives wrapped; Ctrl-C says how to resume (exit 130)."""
+    """Run a command: an expected condition is one line naming the fix and exit code 2 (3 where a
+    retry may succeed), also when it was raised in a Ray worker and arrives wrapped; Ctrl-C says
+    how to resume (exit 130)."""
     import os
 
     try:
@@ -114,7 +133,7 @@ def _report(e: BaseException) -> None:
             "\n(models and runs need a writable disk with space; CROSSDIFF_CACHE moves the model cache, "
             "TMPDIR the temporary files)"
         )
-    _fail(f"{e}{hint}\n(set CROSSDIFF_DEBUG=1 for a traceback)")
+    _fail(f"{e}{hint}\n(set CROSSDIFF_DEBUG=1 for a traceback)", EXIT_RETRY if _retryable(e) else EXIT_FIX)
 
 
 def _missing_package(e: ImportError) -> None:

@@ -96,7 +96,19 @@ class LabelConfig(Frozen):
 
 
 class LabelJobError(RuntimeError):
-    """The endpoint kept failing; labels written so far are kept, rerun to resume."""
+    """The endpoint kept failing; labels written so far are kept, rerun to resume. `retryable`:
+    the endpoint was unreachable or kept failing (a later rerun may succeed), not a rejected input."""
+
+    def __init__(self, msg: str, *, retryable: bool = False):
+        super().__init__(msg)
+        self.retryable = retryable
+
+    def __reduce__(self):  # keeps `retryable` across processes (Ray re-raises pickled errors)
+        return (_label_job_error, (str(self), self.retryable))
+
+
+def _label_job_error(msg: str, retryable: bool) -> LabelJobError:
+    return LabelJobError(msg, retryable=retryable)
 
 
 def _retry_delay(cfg: LabelConfig, attempt: int, resp: httpx.Response | None) -> float:
@@ -142,7 +154,8 @@ async def _post_batch(
         log.warning("label.retry", attempt=attempt + 1, delay_s=round(delay, 1), error=last[:200])
         await asyncio.sleep(delay)
     raise LabelJobError(
-        f"latents {[e.latent for e in batch]} failed {cfg.max_attempts} times (last: {last}); rerun to resume"
+        f"latents {[e.latent for e in batch]} failed {cfg.max_attempts} times (last: {last}); rerun to resume",
+        retryable=True,
     )
 
 
@@ -352,7 +365,8 @@ def label_run(
     wanted = {e.latent for e in evidence}
     if missing := len(wanted - set(labels)):  # the stage is not done: its marker must not say so
         raise LabelJobError(
-            f"{missing} of {len(wanted)} latents of {run_dir} have no label; rerun to label them"
+            f"{missing} of {len(wanted)} latents of {run_dir} have no label; rerun to label them",
+            retryable=True,
         )
     out.touch()  # finished, also with nothing to label: the file says so (the pipeline checks it)
     cats = Counter(lab.category for k, lab in labels.items() if k in wanted)

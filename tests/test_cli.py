@@ -573,5 +573,19 @@ def test_expected_errors_raised_in_ray_workers_stay_one_line(monkeypatch):
     assert r.exit_code == 2 and "lower harvest.batch_prompts" in r.output
     r = raising(KeyboardInterrupt())
     assert r.exit_code == 130 and "without --overwrite) to resume" in r.output
+    # 3, not 2, where a rerun later may succeed: a connection, a timeout, a service that kept failing
+    from botocore.exceptions import EndpointConnectionError
+
+    from jobs.label import LabelJobError
+
+    for exc in (
+        task_error(ConnectionError("cannot reach Ray at HEAD:6379")),
+        TimeoutError("labelling service at http://127.0.0.1:1 not healthy after 600 s"),
+        LabelJobError("latents [3] failed 6 times (last: 503); rerun to resume", retryable=True),
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1/bucket"),
+    ):
+        r = raising(exc)
+        assert r.exit_code == 3 and "error: " in r.output and "Traceback" not in r.output, (exc, r.output)
+    assert raising(LabelJobError("the endpoint rejected latents [3]: 401")).exit_code == 2
     r = raising(wrapped(KeyError("a bug")))
     assert r.exit_code == 1 and isinstance(r.exception, UserCodeException)  # not dressed up as a user error

@@ -230,8 +230,9 @@ def test_retries_503_with_backoff_and_splits_413(run_dir, monkeypatch):
 def test_wrong_token_fails_clearly_and_persistent_outage_keeps_progress(run_dir, monkeypatch):
     monkeypatch.setenv("CROSSDIFF_API_TOKEN", "wrong")
     with Server(ScriptedJudge(by_text)) as srv:
-        with pytest.raises(LabelJobError, match="401"):
+        with pytest.raises(LabelJobError, match="401") as rejected:
             label_run(run_dir, LabelConfig(), endpoint=srv.url)
+    assert not rejected.value.retryable  # the input (here the token) needs a fix: exit 2, not 3
     monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
     n = {"ok": 0}
 
@@ -241,8 +242,12 @@ def test_wrong_token_fails_clearly_and_persistent_outage_keeps_progress(run_dir,
 
     cfg = LabelConfig(batch_size=2, concurrency=1, max_attempts=2, backoff_s=0.01, max_backoff_s=0.02)
     with Server(ScriptedJudge(dies)) as srv:
-        with pytest.raises(LabelJobError, match="rerun to resume"):
+        with pytest.raises(LabelJobError, match="rerun to resume") as outage:
             label_run(run_dir, cfg, endpoint=srv.url)
+    assert outage.value.retryable  # a rerun later may succeed: exit 3
+    import pickle
+
+    assert pickle.loads(pickle.dumps(outage.value)).retryable  # also when Ray re-raises it
     kept = read_labels(run_dir)
     assert 0 < len(kept) < 26  # finished batches were kept
     with Server(ScriptedJudge(by_text)) as srv:
