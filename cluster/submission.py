@@ -48,7 +48,12 @@ _RUN_FIELDS = ("out", "run", "run_dir", "store")
 
 
 class SubmitError(RuntimeError):
-    """A submission problem with a message meant for the user."""
+    """A submission problem with a message meant for the user. `retryable`: the cluster could not be
+    reached or a wait ran out (a rerun later may succeed), not a submission that needs a fix."""
+
+    def __init__(self, msg: str, *, retryable: bool = False):
+        super().__init__(msg)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,9 @@ def client(address: str | None = None):
         check_reachable(address)
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise SubmitError(f"cannot reach the Ray job API at {address}: {e}") from None
+        raise SubmitError(
+            f"cannot reach the Ray job API at {address}: {e}", retryable=isinstance(e, ConnectionError)
+        ) from None
     finally:
         os.environ.update(saved)
 
@@ -154,7 +156,7 @@ def wait(
         if st["status"] in TERMINAL:
             return st
         if deadline is not None and time.monotonic() > deadline:
-            raise SubmitError(f"job {job_id} still {st['status']} after {timeout_s:.0f} s")
+            raise SubmitError(f"job {job_id} still {st['status']} after {timeout_s:.0f} s", retryable=True)
         time.sleep(1.0)
 
 

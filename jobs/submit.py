@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from jobs.cli_common import _fail
+
 AddressOpt = Annotated[
     str | None,
     typer.Option(
@@ -29,21 +31,18 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Inspect and control submitted
 cluster_app = typer.Typer(no_args_is_help=True, help="A local Ray cluster for job submission.")
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 def _guard(fn):
+    """2: the submission needs a fix; 3: the cluster could not be reached (a rerun later may do)."""
     from cluster.submit import SubmitError
     from diffing.config import ConfigError
+    from jobs.cli_common import EXIT_FIX, EXIT_RETRY, _retryable
 
     try:
         return fn()
     except typer.Exit:
         raise
     except (SubmitError, ConfigError, RuntimeError, OSError) as e:  # OSError: a connection dropped
-        _fail(str(e))
+        _fail(str(e), EXIT_RETRY if _retryable(e) else EXIT_FIX)
 
 
 def _watch(wait, job_id: str) -> dict:

@@ -409,8 +409,15 @@ def test_an_address_nothing_listens_at_fails_fast_naming_it():
     with pytest.raises(ConnectionError, match=f"cannot reach Ray at ray://127.0.0.1:{port}"):
         check_reachable(f"ray://127.0.0.1:{port}")
     check_reachable("auto")  # left to Ray
-    with pytest.raises(sm.SubmitError, match="cannot reach"):
+    with pytest.raises(sm.SubmitError, match="cannot reach") as e:
         sm.client(f"127.0.0.1:{port}")
+    assert e.value.retryable  # `crossdiff submit` / `jobs` exit 3: try again once the cluster is up
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    r = CliRunner().invoke(app, ["jobs", "list", "--address", f"127.0.0.1:{port}"])
+    assert r.exit_code == 3 and "cannot reach" in r.output, r.output
 
 
 def test_a_credential_the_config_names_is_never_shipped_whatever_its_name(tmp_path):
