@@ -78,11 +78,13 @@ def anchored(
 
 
 def status(
-    run: Annotated[str, typer.Argument(help="Pipeline run directory (local, s3://, gs://).")],
+    run: Annotated[
+        str, typer.Argument(help="A pipeline's --out, a store or a fit run (local, s3://, gs://).")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
-    """Where a pipeline run stands: each stage done, running, to redo or pending, and the running
-    stage's progress (shards, fit step and ETA, labels) from the files it writes."""
+    """Where a run stands: each stage done, running, to redo or pending, and the running stage's
+    progress (shards, fit step and ETA, labels) from the files it writes."""
     from jobs.status import format_status, run_status
 
     def go():

@@ -22,6 +22,8 @@ from typing import Any
 import fsspec
 
 STATES = {"done": "done", "running": "running", "stale": "to redo", None: "pending"}
+# without a pipeline's markers (a run of the single-stage commands): "started" = begun, not finished
+# (running, or killed: rerun the command to resume); "absent" = not made in this directory
 
 
 def _read(fs, path: str) -> Any:
@@ -146,10 +148,7 @@ def run_status(run: str) -> dict[str, Any]:
     root = root.rstrip("/")
     cfg = _read(fs, f"{root}/pipeline.json")
     if cfg is None:
-        raise FileNotFoundError(
-            f"{run} has no pipeline.json: not a `crossdiff pipeline` run directory (or not written yet). "
-            "Give the --out a pipeline was started with"
-        )
+        return _standalone(fs, root, run)
     now = time.time()
     stages, current = [], None
     for stage in cfg.get("stages") or ("harvest", "fit", "analyze", "label", "report"):
@@ -182,6 +181,42 @@ def run_status(run: str) -> dict[str, Any]:
     if writes:
         out["last_write_age_s"] = round(now - max(writes), 1)
     if current is None and fs.exists(f"{root}/report.html"):
+        out["report"] = f"{run.rstrip('/')}/report.html"
+    return out
+
+
+def _standalone(fs, root: str, run: str) -> dict[str, Any]:
+    """A store of `crossdiff harvest`, or a run of `crossdiff fit` / `analyze` / `label` / `report`
+    (no pipeline.json, no markers): each stage's state from the outputs it writes last."""
+    has = lambda rel: fs.exists(f"{root}/{rel}")  # noqa: E731
+    rows: list[dict[str, Any]] = []
+    progress: dict[str, Any] = {}
+    current = None
+    if has("harvest_config.json") or has("manifest.json"):  # an activation store
+        rows.append({"stage": "harvest", "state": "done" if has("manifest.json") else "started"})
+        if rows[0]["state"] == "started":
+            current, progress = "harvest", _harvest({"harvest": {"store": run}}, run)
+    elif has("run_config.json") or has("metrics.json") or has("latents.parquet"):
+        done = {
+            "fit": has("metrics.json") and has("crosscoder/model.safetensors"),
+            "analyze": has("latents.parquet"),
+            "label": has("labels.jsonl"),
+            "report": has("report.html"),
+        }
+        for stage, ok in done.items():
+            state = "done" if ok else "started" if stage == "fit" and has("run_config.json") else "absent"
+            rows.append({"stage": stage, "state": state})
+        if not done["fit"] and has("run_config.json"):
+            current, progress = "fit", _fit(fs, root)
+    else:
+        raise FileNotFoundError(
+            f"{run} holds no crossdiff run: no pipeline.json (a `crossdiff pipeline` --out), no store "
+            "(harvest_config.json) and no fit (run_config.json); give the directory a command wrote"
+        )
+    out: dict[str, Any] = {"run": run, "stages": rows, "current": current, "progress": progress}
+    if t := progress.get("last_write"):
+        out["last_write_age_s"] = round(time.time() - t, 1)
+    if has("report.html"):
         out["report"] = f"{run.rstrip('/')}/report.html"
     return out
 

@@ -130,7 +130,7 @@ def test_status_cli(tmp_path):
     res = CliRunner().invoke(app, ["status", root])
     assert res.exit_code == 0 and "harvest  pending" in res.output
     res = CliRunner().invoke(app, ["status", str(tmp_path / "nothing")])
-    assert res.exit_code == 2 and "no pipeline.json" in res.output
+    assert res.exit_code == 2 and "holds no crossdiff run" in res.output
 
 
 @pytest.mark.parametrize("stages", [["fit", "analyze"]])
@@ -142,3 +142,37 @@ def test_status_of_a_run_that_starts_later(tmp_path, stages):
     st = run_status(root)
     assert st["current"] == "fit" and st["progress"] == {"steps": None}
     assert "no step logged yet" in format_status(st)
+
+
+def test_status_of_single_stage_commands_reads_their_outputs(tmp_path):
+    """No pipeline.json: a `crossdiff harvest` store and a `crossdiff fit` run show what their
+    outputs say (begun = `started`: running, or killed and resumable by rerunning the command)."""
+    fs = fsspec.filesystem("file")
+    store = str(tmp_path / "store")
+    _write(fs, f"{store}/harvest_config.json", {"hash": "x", "shards": 3})
+    _write(fs, f"{store}/shards/00000.json", {"shard_id": "00000"})
+    st = run_status(store)
+    assert st["stages"] == [{"stage": "harvest", "state": "started"}] and st["progress"]["shards_done"] == 1
+    assert "1/3 shards written" in format_status(st)
+    _write(fs, f"{store}/manifest.json", {})
+    assert run_status(store)["stages"] == [{"stage": "harvest", "state": "done"}]
+
+    run = str(tmp_path / "fit")
+    _write(fs, f"{run}/run_config.json", {"total_steps": 10, "fit": {"train": {"batch_size": 4}}})
+    _write(fs, f"{run}/metrics.jsonl", json.dumps({"step": 5, "loss": 2.0, "tokens_per_s": 2.0}) + "\n")
+    st = run_status(run)
+    assert [(r["stage"], r["state"]) for r in st["stages"]] == [
+        ("fit", "started"),
+        ("analyze", "absent"),
+        ("label", "absent"),
+        ("report", "absent"),
+    ]
+    assert st["progress"]["eta_s"] == 10 and "step 5/10 (50%)" in format_status(st)
+    for rel in ("metrics.json", "crosscoder/model.safetensors", "latents.parquet"):
+        _write(fs, f"{run}/{rel}", "{}")
+    st = run_status(run)
+    assert [r["state"] for r in st["stages"]] == ["done", "done", "absent", "absent"] and st[
+        "current"
+    ] is None
+    with pytest.raises(FileNotFoundError, match="holds no crossdiff run"):
+        run_status(str(tmp_path / "empty"))
