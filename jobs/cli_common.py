@@ -33,15 +33,46 @@ def _fail(msg: str, code: int = EXIT_FIX) -> None:
 
 
 def _retryable(e: BaseException) -> bool:
-    """A failure of something outside the input: a connection refused or reset, a timeout, a
-    service that kept failing (LabelJobError with retryable=True), S3's endpoint unreachable."""
-    if getattr(e, "retryable", False) or isinstance(e, (ConnectionError, TimeoutError)):
-        return True
+    """A failure of something outside the input that a rerun later may get past: a connection
+    refused, reset or timed out (also inside a botocore / aiohttp error), object storage busy
+    (s3fs turns S3's SlowDown and 5xx into EBUSY / EREMOTEIO), a service that kept failing. An
+    error that says (`retryable`) is believed: a local judge that never became healthy says no."""
+    import errno
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if hasattr(e, "retryable"):
+            return bool(e.retryable)
+        if isinstance(e, BrokenPipeError):  # our own output closed (`| head`): nothing to retry
+            return False
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(e, OSError) and e.errno in (
+            errno.EBUSY,
+            errno.EREMOTEIO,
+            errno.EAGAIN,
+            errno.ETIMEDOUT,
+        ):
+            return True
+        if _connection_error_of(e, "botocore.exceptions", ("ConnectionError", "HTTPClientError")):
+            return (
+                True  # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError
+            )
+        if _connection_error_of(e, "aiohttp", ("ClientConnectionError", "ServerTimeoutError")):
+            return True  # gcsfs
+        e = e.__cause__  # what it was raised `from` (s3fs: the botocore error), not what it handled
+    return False
+
+
+def _connection_error_of(e: BaseException, module: str, names: tuple[str, ...]) -> bool:
+    import importlib
+
     try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError
+        mod = importlib.import_module(module)
     except ImportError:
         return False
-    return isinstance(e, BotoConnectionError)  # EndpointConnectionError, ConnectTimeoutError, ...
+    return isinstance(e, tuple(getattr(mod, n) for n in names if hasattr(mod, n)))
 
 
 def _user_errors():

@@ -39,7 +39,8 @@ from diffing.logs import configure, get_logger
 from diffing.store import ActivationStore, atomic_write, check_writable, open_store
 from diffing.train import TrainerState, train_step
 
-# rank 0 rewrites RUN/metrics.jsonl at most this often (and at every checkpoint), so a fit of hours
+# rank 0 rewrites RUN/metrics.jsonl at a logged step once this long has passed since it last did
+# (and at every checkpoint), so a fit of hours
 # can be followed (`crossdiff status`, a notebook) before it ends; one small atomic PUT each time
 METRICS_FLUSH_S = 60.0
 
@@ -162,10 +163,16 @@ def _train_loop(config: dict[str, Any]) -> None:
         """The history so far -> metrics.jsonl (rank 0). A resumed run rewrites it from the
         checkpoint's history: lines past the checkpoint's step go, as in the in-process fit."""
         if rank == 0 and (force or time.perf_counter() - flushed[0] >= METRICS_FLUSH_S):
-            atomic_write(fs, f"{root}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
             flushed[0] = time.perf_counter()
+            try:  # a file to follow the fit by: a failed upload must not cost a restart of the group
+                atomic_write(
+                    fs, f"{root}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode()
+                )
+            except Exception as e:
+                log.warning("fit.metrics_write_failed", error=f"{type(e).__name__}: {e}"[:300])
 
-    flush_metrics(force=bool(ckpt))  # a resume drops the lines of steps it will redo
+    # a resume drops the lines of the steps it will redo; a start over, a killed attempt's lines
+    flush_metrics(force=True)
     shard = train.get_dataset_shard("train")
     t0, start, data_wait = time.perf_counter(), state.step, 0.0
     epoch = int(state.data_position.get("epoch", 0))

@@ -365,8 +365,7 @@ def label_run(
     wanted = {e.latent for e in evidence}
     if missing := len(wanted - set(labels)):  # the stage is not done: its marker must not say so
         raise LabelJobError(
-            f"{missing} of {len(wanted)} latents of {run_dir} have no label; rerun to label them",
-            retryable=True,
+            f"{missing} of {len(wanted)} latents of {run_dir} have no label; rerun to label them"
         )
     out.touch()  # finished, also with nothing to label: the file says so (the pipeline checks it)
     cats = Counter(lab.category for k, lab in labels.items() if k in wanted)

@@ -253,6 +253,8 @@ class Pipeline(StageRunners):
             else:  # label and report read the analysis: a Gemma-sized crosscoder stays in the bucket
                 self.log.info("pipeline.weights_left_remote", stages=to_run, skipped=list(WEIGHTS))
         (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))
+        if self.mirror is not None:  # at once: `crossdiff status` of the bucket reads this config
+            self.mirror.put("pipeline.json")
         if overwrite and to_run:  # kept on disk (and remote): a killed --overwrite run still redoes
             for s in STAGES[STAGES.index(to_run[0]) :]:  # the stages it redoes and those after them
                 self._write_marker(s, {"stale": True})

@@ -5,7 +5,7 @@ outputs a running stage writes as it goes say how far it got:
 
 - harvest: the store's shard sidecars against the shards its stamp names (harvest_config.json);
 - fit: the last line of metrics.jsonl against run_config.json's total steps (a Ray Train fit
-  writes it at most a minute apart and at every checkpoint), with an ETA from its token rate;
+  rewrites it about once a minute and at every checkpoint), with an ETA from its token rate;
 - label: lines of each comparison's labels.jsonl against the latents of the labelled groups.
 
 A `running` marker also remains after a killed run: the age of the stage's newest output
@@ -21,25 +21,34 @@ from typing import Any
 
 import fsspec
 
+QUIET_S = 900.0  # a running stage with no output this much newer was probably killed
+STAGES = ("harvest", "fit", "analyze", "label", "report")
 STATES = {"done": "done", "running": "running", "stale": "to redo", None: "pending"}
 # without a pipeline's markers (a run of the single-stage commands): "started" = begun, not finished
-# (running, or killed: rerun the command to resume); "absent" = not made in this directory
+# (running, or killed: rerun the command to resume); "present" = its output exists (the command may
+# still be adding to it); "absent" = not made in this directory
 
 
 def _read(fs, path: str) -> Any:
+    """A JSON file, or None where it is missing or torn. Other errors (access denied, a bucket that
+    does not answer) are raised: they are not a state of the run."""
     try:
         return json.loads(fs.cat_file(path))
-    except (FileNotFoundError, ValueError, OSError):
+    except (FileNotFoundError, ValueError):
         return None
 
 
 def _mtime(fs, path: str) -> float | None:
     """Seconds since the epoch of a file's last change, or None (missing; a store without mtimes)."""
     try:
-        info = fs.info(path)
-    except (FileNotFoundError, OSError):
+        return _info_time(fs.info(path))
+    except FileNotFoundError:
         return None
+
+
+def _info_time(info: dict) -> float | None:
     t = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
+    t = t or info.get("created")  # fsspec's memory filesystem (written once per version)
     if t is None:
         return None
     if hasattr(t, "timestamp"):
@@ -57,8 +66,19 @@ def _mtime(fs, path: str) -> float | None:
 def _lines(fs, path: str) -> list[str]:
     try:
         return [x for x in fs.cat_file(path).decode().splitlines() if x.strip()]
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return []
+
+
+def _labelled(fs, path: str) -> int:
+    """Distinct latents in a labels.jsonl (a torn last line or a latent written twice counts once)."""
+    seen = set()
+    for line in _lines(fs, path):
+        try:
+            seen.add(json.loads(line)["latent"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return len(seen)
 
 
 def _store_root(cfg: dict, run: str) -> tuple[Any, str]:
@@ -69,9 +89,9 @@ def _store_root(cfg: dict, run: str) -> tuple[Any, str]:
     uri = (cfg.get("harvest") or {}).get("store") or f"{run.rstrip('/')}/store"
     out = (cfg.get("out") or "").rstrip("/")
     if "://" not in uri and not os.path.isabs(uri) and out and "://" not in out and not os.path.isabs(out):
-        base = run.rstrip("/")
-        if base.endswith(out) and (base == out or base[: -len(out)].endswith("/")):
-            uri = base[: -len(out)] + uri
+        base, out = os.path.normpath(run), os.path.normpath(out)  # ./runs/r is runs/r
+        if base == out or base.endswith(os.sep + out):
+            uri = os.path.join(base[: len(base) - len(out)], uri)
     return fsspec.core.url_to_fs(uri)
 
 
@@ -79,10 +99,10 @@ def _harvest(cfg: dict, run: str) -> dict:
     sfs, sroot = _store_root(cfg, run)
     sroot = sroot.rstrip("/")
     stamp = _read(sfs, f"{sroot}/harvest_config.json") or {}
-    done = sfs.glob(f"{sroot}/shards/*.json")
+    done = sfs.glob(f"{sroot}/shards/*.json", detail=True)  # one listing, with the files' times
     out: dict[str, Any] = {"shards_done": len(done), "shards": stamp.get("shards")}
-    times = [t for t in (_mtime(sfs, p) for p in done[-3:]) if t]
-    if times:
+    times = [t for t in (_info_time(info) for info in done.values()) if t]
+    if times:  # the newest: a resume fills gaps among the shards an earlier attempt wrote
         out["last_write"] = max(times)
     return out
 
@@ -114,10 +134,11 @@ def _fit(fs, root: str) -> dict:
     return out
 
 
-def _label(cfg: dict, fs, root: str, analyze_summary: dict | None) -> dict:
+def _label(cfg: dict, fs, root: str) -> dict:
     """Labels written per comparison, against the labelled groups' sizes where analyze says them."""
     pairs = _pairs(cfg)
     groups = set((cfg.get("label") or {}).get("groups") or ())
+    analyze_summary = (_read(fs, f"{root}/stages/analyze.json") or {}).get("summary")
     out: dict[str, Any] = {}
     for a, b in pairs:
         key = f"{a}-vs-{b}"
@@ -125,7 +146,7 @@ def _label(cfg: dict, fs, root: str, analyze_summary: dict | None) -> dict:
         summ = (analyze_summary or {}) if len(pairs) == 1 else (analyze_summary or {}).get(key, {})
         sizes = (summ or {}).get("groups") or {}
         want = sum(n for g, n in sizes.items() if g in groups) if groups else sum(sizes.values())
-        entry: dict[str, Any] = {"labelled": len(_lines(fs, f"{d}/labels.jsonl")), "latents": want or None}
+        entry: dict[str, Any] = {"labelled": _labelled(fs, f"{d}/labels.jsonl"), "latents": want or None}
         if t := _mtime(fs, f"{d}/labels.jsonl"):
             entry["last_write"] = t
         out[key] = entry
@@ -150,8 +171,8 @@ def run_status(run: str) -> dict[str, Any]:
     if cfg is None:
         return _standalone(fs, root, run)
     now = time.time()
-    stages, current = [], None
-    for stage in cfg.get("stages") or ("harvest", "fit", "analyze", "label", "report"):
+    stages, current, started = [], None, None
+    for stage in [s for s in STAGES if s in (cfg.get("stages") or STAGES)]:  # pipeline order
         marker = _read(fs, f"{root}/stages/{stage}.json")
         if marker is None and fs.exists(f"{root}/stages/{stage}.json"):
             marker = {"stale": True}  # torn: vouches for nothing, as in the pipeline
@@ -164,22 +185,27 @@ def run_status(run: str) -> dict[str, Any]:
             row["summary"] = marker.get("summary")
         elif current is None:
             current = stage
+            if key == "running":  # marked when it started (the pipeline rewrites it on a fresh start)
+                started = _mtime(fs, f"{root}/stages/{stage}.json")
         stages.append(row)
-    summaries = {r["stage"]: r.get("summary") for r in stages}
     progress: dict[str, Any] = {}
     if current == "harvest":
         progress = _harvest(cfg, run)
     elif current == "fit":
         progress = _fit(fs, root)
     elif current == "label":
-        progress = _label(cfg, fs, root, summaries.get("analyze"))
-    writes = [progress.get("last_write")] + [
+        progress = _label(cfg, fs, root)
+    writes = [started, progress.get("last_write")] + [
         v.get("last_write") for v in progress.values() if isinstance(v, dict)
     ]
     writes = [w for w in writes if w]
     out: dict[str, Any] = {"run": run, "stages": stages, "current": current, "progress": progress}
     if writes:
         out["last_write_age_s"] = round(now - max(writes), 1)
+        # a remote run's local copy reaches the bucket every sync_every_s (0: at the stage's end)
+        sync = float(cfg.get("sync_every_s") or 0) if "://" in run else 0.0
+        if started and ("://" not in run or sync > 0):  # only a `running` stage can look killed
+            out["quiet_after_s"] = max(QUIET_S, 3 * sync)
     if current is None and fs.exists(f"{root}/report.html"):
         out["report"] = f"{run.rstrip('/')}/report.html"
     return out
@@ -204,7 +230,10 @@ def _standalone(fs, root: str, run: str) -> dict[str, Any]:
             "report": has("report.html"),
         }
         for stage, ok in done.items():
-            state = "done" if ok else "started" if stage == "fit" and has("run_config.json") else "absent"
+            if stage == "fit":
+                state = "done" if ok else "started" if has("run_config.json") else "absent"
+            else:  # written as they go (evidence after latents.parquet, labels batch by batch)
+                state = "present" if ok else "absent"
             rows.append({"stage": stage, "state": state})
         if not done["fit"] and has("run_config.json"):
             current, progress = "fit", _fit(fs, root)
@@ -272,7 +301,7 @@ def format_status(st: dict[str, Any]) -> str:
             f"last output written {_fmt_s(st['last_write_age_s'])} ago"
             + (
                 " (a `running` stage with no recent write was probably killed: rerun the pipeline to resume)"
-                if st["last_write_age_s"] > 900
+                if st.get("quiet_after_s") and st["last_write_age_s"] > st["quiet_after_s"]
                 else ""
             )
         )

@@ -59,8 +59,15 @@ def ensure_judge_model(settings: ServiceSettings) -> None:
     build_base()
 
 
+class ServiceNotHealthy(TimeoutError):
+    """The service did not come up in time: its model, settings or resources need a look (or a
+    longer start timeout); a plain rerun would wait as long again."""
+
+    retryable = False
+
+
 def wait_healthy(url: str, timeout_s: float, token: str | None = None) -> None:
-    """Poll /healthz until 200; raise TimeoutError naming the last answer."""
+    """Poll /healthz until 200; raise ServiceNotHealthy (a TimeoutError) naming the last answer."""
     deadline, last = time.monotonic() + timeout_s, "no answer"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     while time.monotonic() < deadline:
@@ -72,7 +79,7 @@ def wait_healthy(url: str, timeout_s: float, token: str | None = None) -> None:
         except httpx.HTTPError as e:
             last = type(e).__name__
         time.sleep(1.0)
-    raise TimeoutError(f"labelling service at {url} not healthy after {timeout_s:.0f} s (last: {last})")
+    raise ServiceNotHealthy(f"labelling service at {url} not healthy after {timeout_s:.0f} s (last: {last})")
 
 
 class LocalService:

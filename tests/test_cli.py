@@ -574,18 +574,38 @@ def test_expected_errors_raised_in_ray_workers_stay_one_line(monkeypatch):
     r = raising(KeyboardInterrupt())
     assert r.exit_code == 130 and "without --overwrite) to resume" in r.output
     # 3, not 2, where a rerun later may succeed: a connection, a timeout, a service that kept failing
-    from botocore.exceptions import EndpointConnectionError
+    import errno
+
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 
     from jobs.label import LabelJobError
+    from serve.local import ServiceNotHealthy
+
+    def s3fs_error(inner):  # s3fs raises an OSError `from` botocore's error
+        try:
+            raise inner
+        except Exception as e:
+            try:
+                raise OSError(errno.EIO, "Read timeout on endpoint URL") from e
+            except OSError as o:
+                return o
 
     for exc in (
         task_error(ConnectionError("cannot reach Ray at HEAD:6379")),
-        TimeoutError("labelling service at http://127.0.0.1:1 not healthy after 600 s"),
+        TimeoutError("timed out"),
         LabelJobError("latents [3] failed 6 times (last: 503); rerun to resume", retryable=True),
         EndpointConnectionError(endpoint_url="http://127.0.0.1:1/bucket"),
+        OSError(errno.EBUSY, "Please reduce your request rate (SlowDown)"),
+        s3fs_error(ReadTimeoutError(endpoint_url="http://127.0.0.1:1/bucket")),
     ):
         r = raising(exc)
         assert r.exit_code == 3 and "error: " in r.output and "Traceback" not in r.output, (exc, r.output)
-    assert raising(LabelJobError("the endpoint rejected latents [3]: 401")).exit_code == 2
+    for exc in (
+        LabelJobError("the endpoint rejected latents [3]: 401"),
+        ServiceNotHealthy("labelling service at http://127.0.0.1:1 not healthy after 600 s"),
+        BrokenPipeError(errno.EPIPE, "Broken pipe"),
+        OSError(errno.EACCES, "Permission denied"),
+    ):
+        assert raising(exc).exit_code == 2, exc
     r = raising(wrapped(KeyError("a bug")))
     assert r.exit_code == 1 and isinstance(r.exception, UserCodeException)  # not dressed up as a user error

@@ -69,7 +69,9 @@ def _walk_a_run(fs, root, run, store_root, want_labels):
     groups = {"a-specific": 35, "b-specific": 35, "baseline": 35}
     _write(fs, f"{root}/stages/analyze.json", {"hash": "a", "seconds": 30, "summary": {"groups": groups}})
     _write(fs, f"{root}/stages/label.json", {"running": True, "hash": "l"})
-    _write(fs, f"{root}/labels.jsonl", "".join(json.dumps({"latent": i}) + "\n" for i in range(3)))
+    # a latent written twice (a resumed batch) and a torn last line count once / not at all
+    labels = "".join(json.dumps({"latent": i}) + "\n" for i in (0, 1, 2, 2)) + '{"latent": 9'
+    _write(fs, f"{root}/labels.jsonl", labels)
     st = run_status(run)
     assert st["progress"] == {"a-vs-b": {**st["progress"]["a-vs-b"], "labelled": 3, "latents": want_labels}}
     assert f"a-vs-b: 3/{want_labels} labelled" in format_status(st)
@@ -89,17 +91,20 @@ def test_status_follows_a_local_run_given_from_another_directory(tmp_path, monke
     _run_at(
         fs,
         root,
-        "runs/r",
+        "./runs/r",  # as typed: ./ and all
         harvest={**pipeline_dict("x")["harvest"], "store": "runs/r/store"},
         label={"groups": ["a-specific", "b-specific"]},  # the baseline's 35 are not labelled
     )
     monkeypatch.chdir(tmp_path)  # not where the pipeline ran
     _walk_a_run(fs, root, root, f"{root}/store", want_labels=70)
     # last write ages come from the files' times
+    _write(fs, f"{root}/stages/label.json", {"running": True, "hash": "l"})
     st = run_status(root)
     assert 0 <= st["last_write_age_s"] < 60
     old = time.time() - 3600
     os.utime(f"{root}/labels.jsonl", (old, old))
+    assert "probably killed" not in format_status(run_status(root))  # the running marker is newer
+    os.utime(f"{root}/stages/label.json", (old, old))
     assert "probably killed" in format_status(run_status(root))
 
 
@@ -113,6 +118,12 @@ def test_status_reads_a_bucket_run_and_reports_a_finished_one():
     _write(fs, f"{root}/report.html", "<html></html>")
     st = run_status(f"memory://{root}")
     assert st["current"] is None and {r["state"] for r in st["stages"]} == {"done"}
+    # a remote run that syncs only at each stage's end never looks killed for being quiet
+    _write(fs, f"{root}/stages/report.json", {"running": True})
+    assert run_status(f"memory://{root}")["quiet_after_s"] == 900  # sync_every_s 300: 3x is less
+    cfg = json.loads(fs.cat_file(f"{root}/pipeline.json"))
+    _write(fs, f"{root}/pipeline.json", {**cfg, "sync_every_s": 0})
+    assert "quiet_after_s" not in run_status(f"memory://{root}")
     assert st["report"] == f"memory://{root}/report.html"
     fs.rm("/status-test", recursive=True)
 
@@ -133,7 +144,7 @@ def test_status_cli(tmp_path):
     assert res.exit_code == 2 and "holds no crossdiff run" in res.output
 
 
-@pytest.mark.parametrize("stages", [["fit", "analyze"]])
+@pytest.mark.parametrize("stages", [["fit", "analyze"], ["analyze", "fit"]])
 def test_status_of_a_run_that_starts_later(tmp_path, stages):
     """A pipeline configured without the harvest (a store made elsewhere) starts at its first stage."""
     fs = fsspec.filesystem("file")
@@ -171,8 +182,22 @@ def test_status_of_single_stage_commands_reads_their_outputs(tmp_path):
     for rel in ("metrics.json", "crosscoder/model.safetensors", "latents.parquet"):
         _write(fs, f"{run}/{rel}", "{}")
     st = run_status(run)
-    assert [r["state"] for r in st["stages"]] == ["done", "done", "absent", "absent"] and st[
-        "current"
-    ] is None
+    # analyze and label write as they go: their outputs say `present`, not done
+    assert [r["state"] for r in st["stages"]] == ["done", "present", "absent", "absent"]
+    assert st["current"] is None
     with pytest.raises(FileNotFoundError, match="holds no crossdiff run"):
         run_status(str(tmp_path / "empty"))
+
+
+def test_status_raises_what_is_not_a_state_of_the_run(tmp_path, monkeypatch):
+    """Access denied (or a bucket that does not answer) is an error, not `pending` or `no run`."""
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path / "run")
+    _run_at(fs, root, root)
+
+    def denied(self, path, *a, **kw):
+        raise PermissionError(13, "Access Denied", path)
+
+    monkeypatch.setattr(type(fs), "cat_file", denied)
+    with pytest.raises(PermissionError):
+        run_status(root)
