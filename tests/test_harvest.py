@@ -301,6 +301,9 @@ def test_ray_harvest_to_s3(tmp_path, tiny_pair, ray_cluster, s3_endpoint):
     m = run_harvest(cfg)
     st = open_store("s3://crossdiff-test/harvest/one")
     assert st.n_rows == m.n_rows > 0 and len(st.manifest.shards) == 2
+    from jobs.status import run_status
+
+    assert run_status("s3://crossdiff-test/harvest/one")["stages"] == [{"stage": "harvest", "state": "done"}]
 
 
 @pytest.mark.ray
@@ -335,6 +338,11 @@ def test_killed_driver_resumes_to_identical_rows(tmp_path, tiny_pair, ray_cluste
         n: t for n, t in finished.items() if (tmp_path / "cut" / "shards" / n).with_suffix(".json").exists()
     }
     assert len(finished) >= 4
+    from jobs.status import run_status
+
+    st = run_status(str(tmp_path / "cut"))  # `crossdiff status` of the killed store
+    assert st["stages"] == [{"stage": "harvest", "state": "started"}]
+    assert (st["progress"]["shards_done"], st["progress"]["shards"]) == (n_done, 20)
     run_harvest(cut)
     # a resume: the shards finished before the kill were kept, not written again
     assert {n: (tmp_path / "cut" / "shards" / n).stat().st_mtime_ns for n in finished} == finished
