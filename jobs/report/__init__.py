@@ -30,6 +30,9 @@ from jobs.report.config import ReportConfig
 
 REPORT_HTML, REPORT_JSON, REPORT_MD = "report.html", "report.json", "report.md"
 
+# the Markdown summary and the cell formats the other sections' Markdown shares
+from jobs.report.markdown import _delta, _md, _metrics_rows, _pct, markdown  # noqa: E402, F401
+
 
 @dataclass
 class ReportSection:
@@ -212,22 +215,6 @@ def owning_pipeline(run: Path) -> Path | None:
     return None
 
 
-def _md(text: Any) -> str:
-    """Text for one Markdown table cell or bullet: no raw HTML, no column breaks, one line."""
-    t = " ".join(str(text).split())
-    return t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-
-
-def _metrics_rows(m: dict | None) -> list[list[Any]]:
-    rows = []
-    for k, v in (m or {}).items():
-        if isinstance(v, dict):
-            rows += [[f"{k}/{kk}", vv] for kk, vv in v.items()]
-        else:
-            rows.append([k, v])
-    return rows
-
-
 def write_report(
     run_dir: str | Path,
     *,
@@ -359,58 +346,3 @@ def _atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def _pct(x) -> str:
-    if x is not None and math.isinf(x):
-        return "+∞" if x > 0 else "−∞"
-    return "–" if x is None or not math.isfinite(x) else f"{x * 100:+.1f}%"
-
-
-def _delta(r: dict) -> str:
-    return "only in S" if plots.only_in_s(r) else _pct(r["delta"])
-
-
-def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:
-    a, b = d["pair"]
-    fmt = render.fmt
-    out = [
-        f"# crossdiff report: {a} vs {b}",
-        "",
-        f"Run `{d['run']}`: {d['n_latents']} latents, "
-        f"{d['robust']} robust model-only; groups "
-        + ", ".join(f"{g} {n}" for g, n in sorted(d["groups"].items()))
-        + f"; {d['n_evidence']} with evidence, {d['n_labels']} labelled.",
-        "",
-    ]
-    if d["metrics"]:
-        out += ["## Training", ""] + [f"- {k}: {fmt(v)}" for k, v in _metrics_rows(d["metrics"])] + [""]
-    if d["splice"]:
-        out += ["## Splice", ""]
-        for name, r in (d["splice"].get("models") or {}).items():
-            full = r.get("full") or {}
-            out.append(
-                f"- {_md(name)}: ΔCE {fmt(full.get('delta_ce'))}, KL {fmt(full.get('kl'))}, "
-                f"CE recovered {fmt(full.get('ce_recovered'))}"
-            )
-        out.append("")
-    out += ["## Classes", ""] + [f"- {k}: {v}" for k, v in sorted(d["classes"].items())] + [""]
-    out += ["## Category shift", "", d["shift_note"], ""]
-    if d["shift"]:
-        out += [f"| category | n_S/N_S | n_I/N_I | Δ_c | {d['ci_label']} | |", "|---|---|---|---|---|---|"]
-        for r in d["shift"]:
-            out.append(
-                f"| {_md(r['category'])} | {r['n_s']}/{r['N_s']} | {r['n_i']}/{r['N_i']} | {_delta(r)} | "
-                f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] | {'small count' if r['small_count'] else ''} |"
-            )
-        out.append("")
-    for g in (f"{a}-specific", f"{b}-specific"):
-        out += [f"## {g} (top {min(10, len(d['cards'].get(g, [])))})", ""]
-        for c in d["cards"].get(g, [])[:10]:
-            lab = c["label"]
-            desc = f"{_md(lab['category'])}: {_md(lab['explanation'])}" if lab else "(not labelled)"
-            out.append(f"- latent {c['latent']} (Δnorm {fmt(c['stats'].get('delta_norm'))}): {desc}")
-        out.append("")
-    for e in extras:
-        out += [f"## {e.title}", "", e.markdown, ""]
-    return "\n".join(out)
