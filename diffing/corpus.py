@@ -1,7 +1,8 @@
 """Prompt corpora: where they are, how they are read, and what a record must look like.
 
 A corpus is JSON Lines (or one JSON array), Parquet, or plain text with one document per line,
-local or on object storage, optionally compressed (.gz, .bz2, .xz, .zip, .zst by suffix). Every record
+local or on object storage, optionally compressed (.gz, .bz2, .xz, .zip, .zst by suffix); one file,
+a directory of them (a dataset exported in shards), or a glob. Every record
 is checked here, before any model loads or any shard is written, and a bad one is an error that
 names the record (file line or row), the field and the fix.
 """
@@ -32,7 +33,9 @@ _MAGIC = {
 class CorpusSpec(Frozen):
     uri: str = Field(
         description="Corpus file: .jsonl/.json (JSON Lines, or one JSON array of records), .parquet, or .txt "
-        "(one document per line); local or s3://; .gz/.bz2/.xz/.zip/.zst compression by suffix."
+        "(one document per line); local or s3://; .gz/.bz2/.xz/.zip/.zst compression by suffix. Or a "
+        "directory (every such file under it, by path; hidden and _-prefixed files skipped) or a glob "
+        "(data/train-*.parquet): their records in path order."
     )
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
         "auto", description="File format; auto uses the suffix (after any compression suffix)."
@@ -61,15 +64,16 @@ _NEEDS_PACKAGE = {
 _UNREAD = (".csv", ".tsv", ".xlsx", ".arrow", ".feather", ".avro")
 
 
-def _format(spec: CorpusSpec) -> str:
+def _format(spec: CorpusSpec, uri: str | None = None) -> str:
+    uri = spec.uri if uri is None else uri
     if spec.format != "auto":
         return spec.format
-    low = spec.uri.lower().split("?", 1)[0]
+    low = uri.lower().split("?", 1)[0]
     for suffix in (*_COMPRESSION, *_NEEDS_PACKAGE):
         low = low.removesuffix(suffix)
     if low.endswith(_UNREAD):
         raise HarvestInputError(
-            f"corpus.uri: {spec.uri} is a .{low.rsplit('.', 1)[-1]} file, which is not read; a corpus is "
+            f"corpus.uri: {uri} is a .{low.rsplit('.', 1)[-1]} file, which is not read; a corpus is "
             "JSON Lines (.jsonl/.json), Parquet (.parquet) or text (.txt, one document per line): convert "
             "it (e.g. pandas.read_csv(...).to_parquet(...)), or set corpus.format if it is one of those"
         )
@@ -205,24 +209,71 @@ def _record(r: Any, i: int, where: str, spec: CorpusSpec) -> dict[str, Any]:
     }
 
 
-def read_corpus(spec: CorpusSpec) -> list[dict[str, Any]]:
-    """Records {id, source, text | messages} in file order, every one checked."""
-    fmt, uri = _format(spec), spec.uri
+def _is_corpus_file(path: str, fmt: str) -> bool:
+    """A file a directory corpus reads: not hidden, not a marker (_SUCCESS, _metadata), and with a
+    corpus suffix unless `fmt` names the format."""
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    if base.startswith((".", "_")):
+        return False
+    if fmt != "auto":
+        return True
+    low = base.lower()
+    for suffix in (*_COMPRESSION, *_NEEDS_PACKAGE):
+        low = low.removesuffix(suffix)
+    return low.endswith((".jsonl", ".json", ".parquet", ".txt"))
+
+
+def corpus_files(uri: str, fmt: str = "auto") -> list[str]:
+    """The files a corpus URI names, in the order their records are read: the file itself; every
+    corpus file under a directory (recursively, sorted by path); or a glob's matching files, sorted."""
+    if "?" in uri and "://" in uri:  # s3://b/c.jsonl?versionId=...: one object
+        return [uri]
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        if any(c in path for c in "*["):
+            found = [p for p in fs.glob(path) if fs.isfile(p)]
+        elif fs.isdir(path):
+            found = [p for p in fs.find(path) if _is_corpus_file(p, fmt)]
+        else:
+            return [uri]
+    except Exception:  # noqa: BLE001 - unreachable or not there: the read names the cause
+        return [uri]
+    if not found:
+        raise HarvestInputError(
+            f"corpus.uri: {uri} names no corpus files (.jsonl, .json, .parquet, .txt, maybe compressed; "
+            "hidden and _-prefixed files are skipped); point it at a file, a directory of them or a glob"
+        )
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return [p if local else fs.unstrip_protocol(p) for p in sorted(found)]
+
+
+def _file_rows(spec: CorpusSpec, uri: str, limit: int | None) -> list[tuple[str, Any]]:
+    fmt = _format(spec, uri)
     data = _read_bytes(uri)
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            rows = [(f"row {i}", r) for i, r in enumerate(pq.read_table(io.BytesIO(data)).to_pylist())]
+            return [(f"row {i}", r) for i, r in enumerate(pq.read_table(io.BytesIO(data)).to_pylist())]
         except pa.ArrowException as e:
             raise HarvestInputError(f"corpus.uri: {uri} is not a readable Parquet file: {e}") from None
-    elif fmt == "text":
-        rows = [(f"line {n}", {spec.text_field: line}) for n, line in _lines(_decode(data, uri))]
-    else:
-        rows = _json_rows(_decode(data, uri), uri, spec.max_prompts)
+    if fmt == "text":
+        return [(f"line {n}", {spec.text_field: line}) for n, line in _lines(_decode(data, uri))]
+    return _json_rows(_decode(data, uri), uri, limit)
+
+
+def read_corpus(spec: CorpusSpec) -> list[dict[str, Any]]:
+    """Records {id, source, text | messages} in file order (path order for several files), every
+    one checked; ids default to the record's position in the whole corpus."""
+    rows: list[tuple[str, Any]] = []
+    for uri in corpus_files(spec.uri, spec.format):
+        left = None if spec.max_prompts is None else spec.max_prompts - len(rows)
+        rows += [(f"{uri} {where}", r) for where, r in _file_rows(spec, uri, left)]
+        if spec.max_prompts and len(rows) >= spec.max_prompts:
+            break
     if spec.max_prompts:
         rows = rows[: spec.max_prompts]
     if not rows:
-        raise HarvestInputError(f"corpus.uri: {uri} holds no records")
-    return [_record(r, i, f"{uri} {where}", spec) for i, (where, r) in enumerate(rows)]
+        raise HarvestInputError(f"corpus.uri: {spec.uri} holds no records")
+    return [_record(r, i, where, spec) for i, (where, r) in enumerate(rows)]

@@ -135,11 +135,11 @@ class Pipeline(StageRunners):
         return now is not None and now != saved["corpus"]
 
     def _corpus_stamp(self) -> str | None:
-        """The corpus file's version, read once per pipeline call (hashing a large local corpus)."""
+        """The corpus's version, read once per pipeline call (hashing a large local corpus)."""
         if not hasattr(self, "_corpus_version"):
-            from jobs.rundir import file_stamp
+            from jobs.rundir import corpus_stamp
 
-            self._corpus_version = file_stamp(self.cfg.harvest.corpus.uri)
+            self._corpus_version = corpus_stamp(self.cfg.harvest.corpus.uri, self.cfg.harvest.corpus.format)
         return self._corpus_version
 
     def _overwrite(self, stage: str, overwrite: bool, redo_changed: bool) -> bool:

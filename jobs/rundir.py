@@ -61,6 +61,24 @@ def file_stamp(uri: str) -> str | None:
         return None
 
 
+def corpus_stamp(uri: str, fmt: str = "auto") -> str | None:
+    """file_stamp of a corpus; of a directory or glob corpus, one stamp over its files' names and
+    stamps (a file added, removed or changed changes it). None where any cannot be read."""
+    from diffing.corpus import corpus_files
+
+    try:
+        files = corpus_files(uri, fmt)
+    except Exception:  # noqa: BLE001 - no files: nothing to compare (the harvest names the problem)
+        return None
+    if files == [uri]:
+        return file_stamp(uri)
+    stamps = [file_stamp(f) for f in files]
+    if any(s is None for s in stamps):
+        return None
+    joined = "\n".join(f"{f} {s}" for f, s in zip(files, stamps, strict=True))
+    return f"{len(files)} files:{hashlib.sha256(joined.encode()).hexdigest()[:16]}"
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 

@@ -214,3 +214,61 @@ def test_evidence_files_keep_tokens_with_unicode_line_separators(tmp_path):
     assert [e.top[0].tokens for e in read_jsonl(tmp_path / "e.jsonl", LatentEvidence)] == [
         ["a\u2028b", "c\x85"]
     ] * 2
+
+
+def test_a_directory_or_glob_of_shards_is_one_corpus_in_path_order(tmp_path):
+    """A dataset exported in shards (Parquet parts beside a _SUCCESS marker, JSON Lines parts):
+    their records in path order, ids by position in the whole corpus, errors naming the file."""
+    d = tmp_path / "corpus"
+    (d / "b").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"text": "p0"}, {"text": "p1"}]), d / "part-0.parquet")
+    (d / "b" / "part-1.jsonl").write_text('{"text": "j0"}\n{"messages": ' + json.dumps(CHAT) + "}\n")
+    with gzip.open(d / "part-2.txt.gz", "wt") as f:
+        f.write("t0\nt1\n")
+    for skipped in ("_SUCCESS", ".part-0.parquet.crc", "README.md"):
+        (d / skipped).write_text("not a corpus")
+    recs = _read(d)
+    assert [r["text"] or r["messages"][0]["content"] for r in recs] == ["j0", "Hi", "p0", "p1", "t0", "t1"]
+    assert [r["id"] for r in recs] == [str(i) for i in range(6)]
+    assert [r["text"] for r in _read(d, max_prompts=3)] == ["j0", None, "p0"]  # stops early
+    # a glob: only what it matches, sorted
+    assert [r["text"] for r in _read(f"{d}/part-*")] == ["p0", "p1", "t0", "t1"]
+    assert [r["text"] for r in _read(tmp_path / "corpus" / "*" / "*.jsonl")][:1] == ["j0"]
+    # a bad record names its file
+    (d / "part-3.jsonl").write_text('{"txt": "x"}\n')
+    with pytest.raises(HarvestInputError, match=r"part-3\.jsonl line 1 has neither"):
+        _read(d)
+    with pytest.raises(HarvestInputError, match="names no corpus files"):
+        _read(f"{d}/nothing-*.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HarvestInputError, match="names no corpus files"):
+        _read(tmp_path / "empty")
+
+
+def test_a_corpus_on_s3_can_be_a_prefix_of_shards(s3_endpoint):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    for i in range(3):
+        fs.pipe_file(f"crossdiff-test/corpus-shards/part-{i}.jsonl", f'{{"text": "s{i}"}}\n'.encode())
+    fs.pipe_file("crossdiff-test/corpus-shards/_SUCCESS", b"")
+    assert [r["text"] for r in _read("s3://crossdiff-test/corpus-shards")] == ["s0", "s1", "s2"]
+    assert [r["text"] for r in _read("s3://crossdiff-test/corpus-shards/part-[12].jsonl")] == ["s1", "s2"]
+
+
+def test_the_stamp_of_a_sharded_corpus_changes_with_any_shard(tmp_path):
+    from jobs.rundir import corpus_stamp, file_stamp
+
+    one = tmp_path / "c.jsonl"
+    one.write_text('{"text": "a"}\n')
+    assert corpus_stamp(str(one)) == file_stamp(str(one))  # one file: the stamp runs already have
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "0.jsonl").write_text('{"text": "a"}\n')
+    first = corpus_stamp(str(d))
+    assert first and first == corpus_stamp(str(d))
+    (d / "1.jsonl").write_text('{"text": "b"}\n')  # a shard added
+    second = corpus_stamp(str(d))
+    assert second != first
+    (d / "0.jsonl").write_text('{"text": "c"}\n')  # one edited in place
+    assert corpus_stamp(str(d)) not in (first, second)
