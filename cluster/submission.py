@@ -117,6 +117,11 @@ def relative_outputs(stage: str, config: Mapping[str, Any] | None, args: Sequenc
     harvest = (config or {}).get("harvest")
     if stage == "pipeline" and isinstance(harvest, Mapping) and isinstance(harvest.get("store"), str):
         found.append(("harvest.store", harvest["store"]))
+    # the corpus is read where the job runs too (harvest: `corpus`; pipeline: `harvest.corpus`)
+    hcfg = harvest if stage == "pipeline" else config if stage == "harvest" else None
+    corpus = hcfg.get("corpus") if isinstance(hcfg, Mapping) else None
+    if isinstance(corpus, Mapping) and isinstance(corpus.get("uri"), str):
+        found.append(("corpus.uri" if stage == "harvest" else "harvest.corpus.uri", corpus["uri"]))
     return [f"{k} {v}" for k, v in found if _is_relative_local(v)]
 
 

@@ -35,7 +35,7 @@ class CorpusSpec(Frozen):
         description="Corpus file: .jsonl/.json (JSON Lines, or one JSON array of records), .parquet, or .txt "
         "(one document per line); local or s3://; .gz/.bz2/.xz/.zip/.zst compression by suffix. Or a "
         "directory (every such file under it, by path; hidden and _-prefixed files skipped) or a glob "
-        "(data/train-*.parquet): their records in path order."
+        "(data/train-*.parquet): their records in path order; their files must share one format."
     )
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
         "auto", description="File format; auto uses the suffix (after any compression suffix)."
@@ -209,42 +209,82 @@ def _record(r: Any, i: int, where: str, spec: CorpusSpec) -> dict[str, Any]:
     }
 
 
-def _is_corpus_file(path: str, fmt: str) -> bool:
-    """A file a directory corpus reads: not hidden, not a marker (_SUCCESS, _metadata), and with a
-    corpus suffix unless `fmt` names the format."""
-    base = path.rstrip("/").rsplit("/", 1)[-1]
-    if base.startswith((".", "_")):
-        return False
-    if fmt != "auto":
-        return True
-    low = base.lower()
+_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",), "text": (".txt",)}
+
+
+def _bare(name: str) -> str:
+    """A file name, lower-cased, without its compression suffix."""
+    low = name.lower()
     for suffix in (*_COMPRESSION, *_NEEDS_PACKAGE):
         low = low.removesuffix(suffix)
-    return low.endswith((".jsonl", ".json", ".parquet", ".txt"))
+    return low
+
+
+def _is_corpus_file(rel: str, fmt: str) -> bool:
+    """A file a directory or glob corpus reads (`rel`: its path below the corpus root): nothing
+    hidden or `_`-prefixed on the way (_SUCCESS, _temporary/, .ipynb_checkpoints/), and a corpus
+    suffix (with `fmt` set: that format's suffix, or none, as Spark's part files have)."""
+    parts = [p for p in rel.split("/") if p]
+    if not parts or any(p.startswith((".", "_")) for p in parts):
+        return False
+    low = _bare(parts[-1])
+    if fmt != "auto":
+        return low.endswith(_SUFFIXES[fmt]) or "." not in low
+    return low.endswith(sum(_SUFFIXES.values(), ()))
+
+
+def _glob_root(path: str) -> str:
+    """The folder a glob's matches lie under: its path up to the first wildcard's folder."""
+    first = min(path.index(c) for c in "*?[" if c in path)
+    return path[:first].rsplit("/", 1)[0]
+
+
+def _is_versioned(uri: str) -> bool:
+    """s3://b/c.jsonl?versionId=...: one object (a query string), not a `?` wildcard."""
+    return "://" in uri and "=" in uri.split("?", 1)[-1] and "?" in uri
 
 
 def corpus_files(uri: str, fmt: str = "auto") -> list[str]:
     """The files a corpus URI names, in the order their records are read: the file itself; every
-    corpus file under a directory (recursively, sorted by path); or a glob's matching files, sorted."""
-    if "?" in uri and "://" in uri:  # s3://b/c.jsonl?versionId=...: one object
+    corpus file under a directory (recursively, by path); or a glob's matches (a matched folder:
+    the corpus files under it), by path. Several files must share one format, so a dataset's
+    README.txt or dataset_infos.json is never read as prompts."""
+    if _is_versioned(uri) or uri.startswith(("http://", "https://")):
         return [uri]
     try:
         fs, path = fsspec.core.url_to_fs(uri)
-        if any(c in path for c in "*["):
-            found = [p for p in fs.glob(path) if fs.isfile(p)]
-        elif fs.isdir(path):
-            found = [p for p in fs.find(path) if _is_corpus_file(p, fmt)]
-        else:
+        if fs.isfile(path):  # also a name with [ or ? in it
             return [uri]
-    except Exception:  # noqa: BLE001 - unreachable or not there: the read names the cause
+        if any(c in path for c in "*?["):
+            root, found = _glob_root(path), []
+            for p in fs.glob(path):
+                found += fs.find(p) if fs.isdir(p) else [p]
+        elif fs.isdir(path):
+            root, found = path, fs.find(path)
+        else:
+            return [uri]  # not there: the read says so
+    except Exception:  # noqa: BLE001 - unreachable: the read names the cause
         return [uri]
+    found = sorted({p for p in found if _is_corpus_file(p[len(root.rstrip("/")) :], fmt)})
     if not found:
         raise HarvestInputError(
             f"corpus.uri: {uri} names no corpus files (.jsonl, .json, .parquet, .txt, maybe compressed; "
-            "hidden and _-prefixed files are skipped); point it at a file, a directory of them or a glob"
+            "hidden and _-prefixed files and folders are skipped); point it at a file, a directory of "
+            "them or a glob"
         )
+    if fmt == "auto":
+        kinds: dict[str, list[str]] = {}
+        for p in found:
+            kind = next(k for k, suffixes in _SUFFIXES.items() if _bare(p).endswith(suffixes))
+            kinds.setdefault(kind, []).append(p.rsplit("/", 1)[-1])
+        if len(kinds) > 1:
+            seen = "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in kinds.items())
+            raise HarvestInputError(
+                f"corpus.uri: {uri} holds files of several formats ({seen}); a corpus's shards share "
+                f"one: narrow it with a glob (e.g. {uri.rstrip('/')}/*.parquet) or set corpus.format"
+            )
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    return [p if local else fs.unstrip_protocol(p) for p in sorted(found)]
+    return [p if local else fs.unstrip_protocol(p) for p in found]
 
 
 def _file_rows(spec: CorpusSpec, uri: str, limit: int | None) -> list[tuple[str, Any]]:

@@ -98,7 +98,7 @@ class Pipeline(StageRunners):
     def _changed(self, stage: str) -> ValueError:
         what = "a different config"
         if stage == "harvest" and (saved := self._saved(stage)) and self._corpus_changed(stage, saved):
-            what = f"another version of its corpus {self.cfg.harvest.corpus.uri} (the file changed since)"
+            what = f"another version of its corpus {self.cfg.harvest.corpus.uri} (changed since)"
         return ValueError(
             f"{self.run} ran stage {stage!r} with {what}; rerun with --redo-changed to redo "
             "that stage and the ones after it (keeping the ones before), --overwrite to redo every stage, "

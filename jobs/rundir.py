@@ -75,7 +75,9 @@ def corpus_stamp(uri: str, fmt: str = "auto") -> str | None:
     stamps = [file_stamp(f) for f in files]
     if any(s is None for s in stamps):
         return None
-    joined = "\n".join(f"{f} {s}" for f, s in zip(files, stamps, strict=True))
+    # names below the files' common folder: a run moved with its corpus keeps its stamp
+    common = os.path.commonprefix(files).rsplit("/", 1)[0]
+    joined = "\n".join(f"{f[len(common) :]} {s}" for f, s in zip(files, stamps, strict=True))
     return f"{len(files)} files:{hashlib.sha256(joined.encode()).hexdigest()[:16]}"
 
 

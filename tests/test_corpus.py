@@ -217,32 +217,56 @@ def test_evidence_files_keep_tokens_with_unicode_line_separators(tmp_path):
 
 
 def test_a_directory_or_glob_of_shards_is_one_corpus_in_path_order(tmp_path):
-    """A dataset exported in shards (Parquet parts beside a _SUCCESS marker, JSON Lines parts):
-    their records in path order, ids by position in the whole corpus, errors naming the file."""
+    """A dataset exported in shards (JSON Lines parts, compressed or not, beside what Spark, Jupyter
+    and the hub leave there): their records in path order, ids by position in the whole corpus,
+    errors naming the file."""
     d = tmp_path / "corpus"
-    (d / "b").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([{"text": "p0"}, {"text": "p1"}]), d / "part-0.parquet")
-    (d / "b" / "part-1.jsonl").write_text('{"text": "j0"}\n{"messages": ' + json.dumps(CHAT) + "}\n")
-    with gzip.open(d / "part-2.txt.gz", "wt") as f:
-        f.write("t0\nt1\n")
-    for skipped in ("_SUCCESS", ".part-0.parquet.crc", "README.md"):
-        (d / skipped).write_text("not a corpus")
+    for sub in ("b", "_temporary/0", ".ipynb_checkpoints"):
+        (d / sub).mkdir(parents=True)
+    (d / "a.jsonl").write_text('{"text": "a0"}\n{"text": "a1"}\n')
+    (d / "b" / "part-1.jsonl").write_text('{"text": "b0"}\n{"messages": ' + json.dumps(CHAT) + "}\n")
+    with gzip.open(d / "c.json.gz", "wt") as f:
+        f.write('{"text": "c0"}\n')
+    for skipped in (
+        "_SUCCESS",
+        ".a.jsonl.crc",
+        "README.md",
+        "_temporary/0/part-9.jsonl",
+        ".ipynb_checkpoints/a.jsonl",
+    ):
+        (d / skipped).write_text('{"text": "never read"}\n')
     recs = _read(d)
-    assert [r["text"] or r["messages"][0]["content"] for r in recs] == ["j0", "Hi", "p0", "p1", "t0", "t1"]
-    assert [r["id"] for r in recs] == [str(i) for i in range(6)]
-    assert [r["text"] for r in _read(d, max_prompts=3)] == ["j0", None, "p0"]  # stops early
-    # a glob: only what it matches, sorted
-    assert [r["text"] for r in _read(f"{d}/part-*")] == ["p0", "p1", "t0", "t1"]
-    assert [r["text"] for r in _read(tmp_path / "corpus" / "*" / "*.jsonl")][:1] == ["j0"]
+    assert [r["text"] or r["messages"][0]["content"] for r in recs] == ["a0", "a1", "b0", "Hi", "c0"]
+    assert [r["id"] for r in recs] == [str(i) for i in range(5)]
+    assert [r["text"] for r in _read(d, max_prompts=3)] == ["a0", "a1", "b0"]  # stops early
+    # a glob: what it matches (a matched folder: the corpus files under it), with the same filter
+    assert [r["text"] for r in _read(f"{d}/*")] == ["a0", "a1", "b0", None, "c0"]
+    assert [r["text"] for r in _read(f"{d}/b*")] == ["b0", None]
+    assert [r["text"] for r in _read(f"{d}/?.jsonl")] == ["a0", "a1"]
+    # a file whose name looks like a glob is that file
+    (tmp_path / "c[v2].jsonl").write_text('{"text": "v2"}\n')
+    assert [r["text"] for r in _read(tmp_path / "c[v2].jsonl")] == ["v2"]
     # a bad record names its file
-    (d / "part-3.jsonl").write_text('{"txt": "x"}\n')
-    with pytest.raises(HarvestInputError, match=r"part-3\.jsonl line 1 has neither"):
+    (d / "d.jsonl").write_text('{"txt": "x"}\n')
+    with pytest.raises(HarvestInputError, match=r"d\.jsonl line 1 has neither"):
         _read(d)
+    # shards of one format only: a dataset's README.txt or dataset_infos.json is not prompts
+    (d / "d.jsonl").unlink()
+    (d / "notes.txt").write_text("a note\n")
+    with pytest.raises(HarvestInputError, match=r"several formats .*1 text \(e\.g\. notes\.txt\).*glob"):
+        _read(d)
+    assert len(_read(f"{d}/*.json*")) == 3  # the glob the error suggests
     with pytest.raises(HarvestInputError, match="names no corpus files"):
         _read(f"{d}/nothing-*.jsonl")
     (tmp_path / "empty").mkdir()
     with pytest.raises(HarvestInputError, match="names no corpus files"):
         _read(tmp_path / "empty")
+    # Parquet parts without a suffix (Spark) are read with corpus.format set
+    p = tmp_path / "spark"
+    p.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"text": "p0"}]), p / "part-00000")
+    (p / "_SUCCESS").write_text("")
+    assert [r["text"] for r in _read(p, format="parquet")] == ["p0"]
 
 
 def test_a_corpus_on_s3_can_be_a_prefix_of_shards(s3_endpoint):
@@ -271,4 +295,9 @@ def test_the_stamp_of_a_sharded_corpus_changes_with_any_shard(tmp_path):
     second = corpus_stamp(str(d))
     assert second != first
     (d / "0.jsonl").write_text('{"text": "c"}\n')  # one edited in place
-    assert corpus_stamp(str(d)) not in (first, second)
+    third = corpus_stamp(str(d))
+    assert third not in (first, second)
+    moved = tmp_path / "elsewhere" / "d"  # a run moved with its corpus keeps its stamp
+    moved.parent.mkdir()
+    d.rename(moved)
+    assert corpus_stamp(str(moved)) == third

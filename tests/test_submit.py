@@ -88,6 +88,12 @@ def test_relative_run_paths_are_flagged_before_submitting():
         "harvest.store acts"
     ]
     assert sm.relative_outputs("report", {"out": "/abs/a"}, ["--out=~/x"]) == ["--out ~/x"]
+    # the corpus too: the job reads it where it runs
+    pipe = {"out": "s3://b/r", "harvest": {"store": "s3://b/s", "corpus": {"uri": "data/c.jsonl"}}}
+    assert sm.relative_outputs("pipeline", pipe, []) == ["harvest.corpus.uri data/c.jsonl"]
+    harvest = {"store": "s3://b/s", "corpus": {"uri": "shards/"}}
+    assert sm.relative_outputs("harvest", harvest, []) == ["corpus.uri shards/"]
+    assert sm.relative_outputs("harvest", {"store": "s3://b/s", "corpus": {"uri": "s3://b/c/"}}, []) == []
 
 
 def test_runtime_env_passes_settings_and_never_secrets(tmp_path, tiny_pair):

@@ -31,7 +31,7 @@ from jobs.report.config import ReportConfig
 REPORT_HTML, REPORT_JSON, REPORT_MD = "report.html", "report.json", "report.md"
 
 # the Markdown summary and the cell formats the other sections' Markdown shares
-from jobs.report.markdown import _delta, _md, _metrics_rows, _pct, markdown  # noqa: E402, F401
+from jobs.report.md import _delta, _md, _metrics_rows, _pct, markdown  # noqa: E402, F401
 
 
 @dataclass
