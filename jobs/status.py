@@ -1,4 +1,4 @@
-"""`crossdiff status RUN`: where a pipeline run stands, read from its files (local, s3://, gs://).
+"""`crossdiff status RUN`: where a run stands, read from its files (local, s3://, gs://).
 
 No Ray and no config edits: the stage markers (RUN/stages/<stage>.json) say what finished, and the
 outputs a running stage writes as it goes say how far it got:
@@ -9,13 +9,15 @@ outputs a running stage writes as it goes say how far it got:
 - label: lines of each comparison's labels.jsonl against the latents of the labelled groups.
 
 A `running` marker also remains after a killed run: the age of the stage's newest output
-tells the two apart (a remote run's local copy is synced every `sync_every_s`).
+tells the two apart (a remote run's local copy is synced every `sync_every_s`). A store or a run
+of the single-stage commands has no markers: their outputs say what was made (`_standalone`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -84,8 +86,6 @@ def _labelled(fs, path: str) -> int:
 def _store_root(cfg: dict, run: str) -> tuple[Any, str]:
     """The harvest's store. A relative path is relative to where the pipeline ran: when RUN is
     given as some/dir/<out> for a relative `out`, that is some/dir."""
-    import os
-
     uri = (cfg.get("harvest") or {}).get("store") or f"{run.rstrip('/')}/store"
     out = (cfg.get("out") or "").rstrip("/")
     if "://" not in uri and not os.path.isabs(uri) and out and "://" not in out and not os.path.isabs(out):
