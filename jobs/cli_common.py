@@ -55,10 +55,9 @@ def _retryable(e: BaseException) -> bool:
             errno.ETIMEDOUT,
         ):
             return True
+        # botocore: EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError
         if _connection_error_of(e, "botocore.exceptions", ("ConnectionError", "HTTPClientError")):
-            return (
-                True  # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError
-            )
+            return True
         if _connection_error_of(e, "aiohttp", ("ClientConnectionError", "ServerTimeoutError")):
             return True  # gcsfs
         e = e.__cause__  # what it was raised `from` (s3fs: the botocore error), not what it handled

@@ -40,8 +40,8 @@ from diffing.store import ActivationStore, atomic_write, check_writable, open_st
 from diffing.train import TrainerState, train_step
 
 # rank 0 rewrites RUN/metrics.jsonl at a logged step once this long has passed since it last did
-# (and at every checkpoint), so a fit of hours
-# can be followed (`crossdiff status`, a notebook) before it ends; one small atomic PUT each time
+# (and at every checkpoint), so a fit of hours can be followed (`crossdiff status`, a notebook)
+# before it ends; one small atomic PUT each time
 METRICS_FLUSH_S = 60.0
 
 
