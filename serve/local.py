@@ -66,6 +66,43 @@ class ServiceNotHealthy(TimeoutError):
     retryable = False
 
 
+# vLLM's own logging set-up (one stream handler on the `vllm` logger at INFO), but the loader's
+# line per tensor of a float32 checkpoint loaded in bfloat16 (the embedded judge: 122 lines, an
+# intended cast) only at ERROR
+QUIET_VLLM_LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "vllm": {
+            "format": "%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s",
+            "datefmt": "%m-%d %H:%M:%S",
+        }
+    },
+    "handlers": {
+        "vllm": {
+            "class": "logging.StreamHandler",
+            "formatter": "vllm",
+            "level": "INFO",
+            "stream": "ext://sys.stdout",
+        }
+    },
+    "loggers": {
+        "vllm": {"handlers": ["vllm"], "level": "INFO", "propagate": False},
+        "vllm.model_executor.models.utils": {"level": "ERROR"},
+    },
+}
+
+
+def write_quiet_vllm_logging(directory: str) -> str:
+    """QUIET_VLLM_LOGGING as the JSON file VLLM_LOGGING_CONFIG_PATH names; returns its path."""
+    import json
+
+    path = os.path.join(directory, "vllm-logging.json")
+    with open(path, "w") as f:
+        json.dump(QUIET_VLLM_LOGGING, f)
+    return path
+
+
 def wait_healthy(url: str, timeout_s: float, token: str | None = None) -> None:
     """Poll /healthz until 200; raise ServiceNotHealthy (a TimeoutError) naming the last answer."""
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -106,6 +143,7 @@ class LocalService:
         self._started_ray = False  # our own Ray: Serve and Ray end with the service
         self._joined_ray = False  # a cluster's: only this driver's connection ends
         self._token_dir: str | None = None  # the replica's token file (our own Ray only)
+        self._log_dir: str | None = None  # the judge engine's logging config (our own Ray only)
 
     def start(self) -> LocalService:
         check_bind(self.host, self.token, self.settings.auth.allow_unauthenticated)
@@ -162,7 +200,18 @@ class LocalService:
         settings = settings.model_copy(update={"ingress_options": opts})
         t0 = time.monotonic()
         log.info("labelling.starting", url=self.url, judge=settings.judge.model_id)
-        serve.run(build_app(settings.model_dump()), name=APP_NAME, route_prefix="/", blocking=False)
+        from serve.app import VLLM_LOG_ENV
+
+        quiet = self._own_ray() and not any(os.environ.get(n) for n in VLLM_LOG_ENV)
+        if quiet:  # one host: the file is where the engine looks (the env var travels with it)
+            self._log_dir = tempfile.mkdtemp(prefix="crossdiff-vllm-log-")
+            os.environ["VLLM_LOGGING_CONFIG_PATH"] = write_quiet_vllm_logging(self._log_dir)
+        try:
+            app = build_app(settings.model_dump())
+        finally:
+            if quiet:
+                os.environ.pop("VLLM_LOGGING_CONFIG_PATH", None)
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         wait_healthy(self.url, self.start_timeout_s)
         log.info("labelling.up", url=self.url, seconds=round(time.monotonic() - t0, 1))
         return self
@@ -197,9 +246,10 @@ class LocalService:
             ray.shutdown()
         elif self._joined_ray:
             ray.shutdown()
-        if self._token_dir:
-            shutil.rmtree(self._token_dir, ignore_errors=True)
-            self._token_dir = None
+        for attr in ("_token_dir", "_log_dir"):
+            if getattr(self, attr):
+                shutil.rmtree(getattr(self, attr), ignore_errors=True)
+                setattr(self, attr, None)
 
     def __enter__(self) -> LocalService:
         return self.start()

@@ -608,6 +608,53 @@ def test_cpu_judge_engine_uses_every_core_unless_told():
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env(accelerator="gpu")
 
 
+def test_the_judge_engine_logs_as_its_starter_set_them(monkeypatch, tmp_path):
+    """VLLM_LOGGING_LEVEL / VLLM_LOGGING_CONFIG_PATH of whoever starts the service reach the
+    engine; the local service's own file keeps vLLM's lines but the loader's per-tensor dtype
+    ones (a float32 checkpoint run in bfloat16: 122 lines for the embedded judge)."""
+    import os
+    import subprocess
+    import sys
+
+    from serve.app import llm_config
+    from serve.local import write_quiet_vllm_logging
+    from serve.settings import JudgeSettings
+
+    def env(**kw):
+        return (llm_config(JudgeSettings(model_source="/models/judge", **kw)).runtime_env or {}).get(
+            "env_vars", {}
+        )
+
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
+    assert "VLLM_LOGGING_CONFIG_PATH" not in env() and "VLLM_LOGGING_LEVEL" not in env(accelerator="gpu")
+    path = write_quiet_vllm_logging(str(tmp_path))
+    monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", path)
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")
+    assert (
+        env()["VLLM_LOGGING_CONFIG_PATH"] == path
+        and env(accelerator="gpu")["VLLM_LOGGING_LEVEL"] == "WARNING"
+    )
+    script = (
+        "from vllm.logger import init_logger, configure_logging\n"
+        "from vllm.config.logging import LoggingConfig\n"
+        "configure_logging(LoggingConfig())\n"  # as an engine process does
+        "init_logger('vllm.model_executor.models.utils').warning('Attempted to load weight w with dtype')\n"
+        "init_logger('vllm.model_executor.models.utils').error('loader error kept')\n"
+        "init_logger('vllm.engine').info('engine info kept')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "VLLM_LOGGING_CONFIG_PATH": path, "VLLM_LOGGING_LEVEL": "INFO"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    text = out.stdout + out.stderr
+    assert "loader error kept" in text and "engine info kept" in text, text
+    assert "Attempted to load weight" not in text
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_judge_dtype_follows_the_hardware_unless_told(cpu_bf16, native):
     from serve.app import llm_config
