@@ -341,8 +341,9 @@ def test_killed_driver_resumes_to_identical_rows(tmp_path, tiny_pair, ray_cluste
     from jobs.status import run_status
 
     st = run_status(str(tmp_path / "cut"))  # `crossdiff status` of the killed store
-    assert st["stages"] == [{"stage": "harvest", "state": "started"}]
-    assert (st["progress"]["shards_done"], st["progress"]["shards"]) == (n_done, 20)
+    assert st["stages"] == [{"stage": "harvest", "state": "started"}] and st["progress"]["shards"] == 20
+    # the actors outlive their killed driver a moment: a shard in flight may still land
+    assert n_done <= st["progress"]["shards_done"] <= 20, (n_done, st["progress"])
     run_harvest(cut)
     # a resume: the shards finished before the kill were kept, not written again
     assert {n: (tmp_path / "cut" / "shards" / n).stat().st_mtime_ns for n in finished} == finished
