@@ -32,16 +32,14 @@ def _fail(msg: str, code: int = EXIT_FIX) -> None:
     raise typer.Exit(code)
 
 
-def _retryable(e: BaseException) -> bool:
+def _retryable(err: BaseException) -> bool:
     """A failure of something outside the input that a rerun later may get past: a connection
     refused, reset or timed out (also inside a botocore / aiohttp error), object storage busy
     (s3fs turns S3's SlowDown and 5xx into EBUSY / EREMOTEIO), a service that kept failing. An
     error that says (`retryable`) is believed: a local judge that never became healthy says no."""
     import errno
 
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in _causes(err):  # also what it was raised `from` (s3fs: the botocore error)
         if hasattr(e, "retryable"):
             return bool(e.retryable)
         if isinstance(e, BrokenPipeError):  # our own output closed (`| head`): nothing to retry
@@ -60,7 +58,6 @@ def _retryable(e: BaseException) -> bool:
             return True
         if _connection_error_of(e, "aiohttp", ("ClientConnectionError", "ServerTimeoutError")):
             return True  # gcsfs
-        e = e.__cause__  # what it was raised `from` (s3fs: the botocore error), not what it handled
     return False
 
 

@@ -165,9 +165,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and (force or time.perf_counter() - flushed[0] >= METRICS_FLUSH_S):
             flushed[0] = time.perf_counter()
             try:  # a file to follow the fit by: a failed upload must not cost a restart of the group
-                atomic_write(
-                    fs, f"{root}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode()
-                )
+                _write_history(fs, root, history)
             except Exception as e:
                 log.warning("fit.metrics_write_failed", error=f"{type(e).__name__}: {e}"[:300])
 
@@ -247,6 +245,11 @@ def _train_loop(config: dict[str, Any]) -> None:
     report(final=True)
 
 
+def _write_history(fs, root: str, history: list[dict]) -> None:
+    """RUN/metrics.jsonl, whole: one line per logged step (object stores cannot append)."""
+    atomic_write(fs, f"{root}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+
+
 def _write_outputs(out: str, model, final: dict, history: list[dict]) -> None:
     """crosscoder/, metrics.jsonl and, last, metrics.json (marks the run finished) to local or object storage."""
     fs, root = fsspec.core.url_to_fs(out)
@@ -255,7 +258,7 @@ def _write_outputs(out: str, model, final: dict, history: list[dict]) -> None:
         fs.makedirs(f"{root}/crosscoder", exist_ok=True)
         for name in ("model.safetensors", "cfg.json"):
             fs.put_file(str(Path(tmp) / "crosscoder" / name), f"{root}/crosscoder/{name}")
-    atomic_write(fs, f"{root}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
+    _write_history(fs, root, history)
     atomic_write(fs, f"{root}/metrics.json", json.dumps(final, indent=2).encode())
 
 

@@ -23,8 +23,9 @@ from typing import Any
 
 import fsspec
 
+from jobs.pipeline_config import STAGES
+
 QUIET_S = 900.0  # a running stage with no output this much newer was probably killed
-STAGES = ("harvest", "fit", "analyze", "label", "report")
 STATES = {"done": "done", "running": "running", "stale": "to redo", None: "pending"}
 # without a pipeline's markers (a run of the single-stage commands): "started" = begun, not finished
 # (running, or killed: rerun the command to resume); "present" = its output exists (the command may
