@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any, Literal
 
 import fsspec
 from pydantic import Field
 
 from diffing.config import Frozen
+from diffing.logs import get_logger
 from diffing.models import HarvestInputError
 
 # name suffixes fsspec decompresses by (gz, bz2, xz, lzma, zip; zstd and lz4 once their packages are in)
@@ -35,7 +37,8 @@ class CorpusSpec(Frozen):
         description="Corpus file: .jsonl/.json (JSON Lines, or one JSON array of records), .parquet, or .txt "
         "(one document per line); local or s3://; .gz/.bz2/.xz/.zip/.zst compression by suffix. Or a "
         "directory (every such file under it, by path; hidden and _-prefixed files skipped) or a glob "
-        "(data/train-*.parquet): their records in path order; their files must share one format."
+        "(data/train-*.parquet): their records in path order (numbers by value: part-2 before part-10); "
+        "their files must share one format."
     )
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
         "auto", description="File format; auto uses the suffix (after any compression suffix)."
@@ -239,6 +242,13 @@ def _glob_root(path: str) -> str:
     return path[:first].rsplit("/", 1)[0]
 
 
+def _path_order(path: str) -> tuple[list[tuple[int, str | int]], str]:
+    """Sort key: a path with its digit runs compared as numbers, so unpadded shard names keep their
+    numbering (part-2 before part-10); zero-padded names sort as they always did, and names equal
+    as numbers (7, 007) by their text."""
+    return [(0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", path) if t], path
+
+
 def _is_versioned(uri: str) -> bool:
     """s3://b/c.jsonl?versionId=...: one object (a query string), not a `?` wildcard."""
     return "://" in uri and "=" in uri.split("?", 1)[-1] and "?" in uri
@@ -265,7 +275,7 @@ def corpus_files(uri: str, fmt: str = "auto") -> list[str]:
             return [uri]  # not there: the read says so
     except Exception:  # noqa: BLE001 - unreachable: the read names the cause
         return [uri]
-    found = sorted({p for p in found if _is_corpus_file(p[len(root.rstrip("/")) :], fmt)})
+    found = sorted({p for p in found if _is_corpus_file(p[len(root.rstrip("/")) :], fmt)}, key=_path_order)
     if not found:
         raise HarvestInputError(
             f"corpus.uri: {uri} names no corpus files (.jsonl, .json, .parquet, .txt, maybe compressed; "
@@ -316,4 +326,30 @@ def read_corpus(spec: CorpusSpec) -> list[dict[str, Any]]:
         rows = rows[: spec.max_prompts]
     if not rows:
         raise HarvestInputError(f"corpus.uri: {spec.uri} holds no records")
-    return [_record(r, i, where, spec) for i, (where, r) in enumerate(rows)]
+    records = [_record(r, i, where, spec) for i, (where, r) in enumerate(rows)]
+    _warn_repeated_ids(records, rows, spec)
+    return records
+
+
+def _warn_repeated_ids(records: list[dict[str, Any]], rows: list[tuple[str, Any]], spec: CorpusSpec) -> None:
+    """Explicit ids that repeat (two shards numbering their rows from 0, say) are kept: the store
+    numbers documents by position, so nothing is merged, but examples and errors that name a
+    record by its id become ambiguous. Said once, with the first repeat's two places."""
+    first: dict[str, str] = {}
+    repeats = 0
+    for rec, (where, _) in zip(records, rows, strict=True):
+        if rec["id"] in first:
+            if not repeats:
+                example = (rec["id"], first[rec["id"]], where)
+            repeats += 1
+        else:
+            first[rec["id"]] = where
+    if repeats:
+        get_logger("corpus").warning(
+            "corpus_ids_repeat",
+            uri=spec.uri,
+            id_field=spec.id_field,
+            repeats=repeats,
+            example=f"id {example[0]!r} at {example[1]} and {example[2]}",
+            fix="give records unique ids, or set corpus.id_field to a column that has them",
+        )

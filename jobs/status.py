@@ -207,6 +207,9 @@ def run_status(run: str) -> dict[str, Any]:
         sync = float(cfg.get("sync_every_s") or 0) if "://" in run else 0.0
         if started and ("://" not in run or sync > 0):  # only a `running` stage can look killed
             out["quiet_after_s"] = max(QUIET_S, 3 * sync)
+            out["probably_killed"] = out["last_write_age_s"] > out["quiet_after_s"]
+            if out["probably_killed"]:
+                progress.pop("eta_s", None)  # the dead attempt's: a rerun resumes and logs its own
     if current is None and fs.exists(f"{root}/report.html"):
         out["report"] = f"{run.rstrip('/')}/report.html"
     return out
@@ -302,7 +305,7 @@ def format_status(st: dict[str, Any]) -> str:
             f"last output written {_fmt_s(st['last_write_age_s'])} ago"
             + (
                 " (a `running` stage with no recent write was probably killed: rerun the pipeline to resume)"
-                if st.get("quiet_after_s") and st["last_write_age_s"] > st["quiet_after_s"]
+                if st.get("probably_killed")
                 else ""
             )
         )

@@ -301,3 +301,33 @@ def test_the_stamp_of_a_sharded_corpus_changes_with_any_shard(tmp_path):
     moved.parent.mkdir()
     d.rename(moved)
     assert corpus_stamp(str(moved)) == third
+
+
+def test_shards_numbered_without_padding_read_in_number_order_and_repeated_ids_are_named(tmp_path):
+    """part-2 before part-10 (a character sort reads part-10 first); padded names keep their order.
+    Explicit ids repeated across shards (each numbering its rows from 0) are kept, with one
+    warning naming the first repeat's two places."""
+    from structlog.testing import capture_logs
+
+    from diffing.logs import get_logger
+
+    get_logger()  # configured before the capture, which a first configure() would undo
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for n in (10, 2, 1):
+        (d / f"part-{n}.jsonl").write_text(f'{{"id": 0, "text": "p{n}"}}\n{{"id": 1, "text": "q{n}"}}\n')
+    with capture_logs() as logs:
+        recs = _read(d)
+    assert [r["text"] for r in recs] == ["p1", "q1", "p2", "q2", "p10", "q10"]
+    assert [r["id"] for r in recs] == ["0", "1"] * 3  # kept as given: the store numbers documents itself
+    (warning,) = [e for e in logs if e["event"] == "corpus_ids_repeat"]
+    assert warning["repeats"] == 4 and warning["log_level"] == "warning"
+    assert "part-1.jsonl line 1" in warning["example"] and "part-2.jsonl line 1" in warning["example"]
+    # zero-padded names, and names equal as numbers, in a fixed order
+    p = tmp_path / "padded"
+    p.mkdir()
+    for name in ("part-010", "part-002", "part-10", "part-2"):
+        (p / f"{name}.jsonl").write_text(f'{{"text": "{name}"}}\n')
+    with capture_logs() as logs:
+        assert [r["text"] for r in _read(p)] == ["part-002", "part-2", "part-010", "part-10"]
+    assert not [e for e in logs if e["event"] == "corpus_ids_repeat"]  # position ids never repeat

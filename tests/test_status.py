@@ -106,6 +106,15 @@ def test_status_follows_a_local_run_given_from_another_directory(tmp_path, monke
     assert "probably killed" not in format_status(run_status(root))  # the running marker is newer
     os.utime(f"{root}/stages/label.json", (old, old))
     assert "probably killed" in format_status(run_status(root))
+    # a killed fit shows no ETA: it was the dead attempt's, and the run is not moving
+    os.remove(f"{root}/stages/label.json")
+    _write(fs, f"{root}/stages/fit.json", {"running": True, "hash": "f"})
+    assert "eta_s" in run_status(root)["progress"]
+    for rel in ("stages/fit.json", "metrics.jsonl"):
+        os.utime(f"{root}/{rel}", (old, old))
+    st = run_status(root)
+    assert st["current"] == "fit" and st["probably_killed"] and "eta_s" not in st["progress"]
+    assert "ETA" not in format_status(st) and "step 40/100" in format_status(st)
 
 
 def test_status_reads_a_bucket_run_and_reports_a_finished_one():
