@@ -38,29 +38,12 @@ from diffing.fit import (
 from diffing.logs import configure, get_logger
 from diffing.store import ActivationStore, atomic_write, check_writable, open_store
 from diffing.train import TrainerState, train_step
+from jobs.fit_dist import dist_reduce
 
 # rank 0 rewrites RUN/metrics.jsonl at a logged step once this long has passed since it last did
 # (and at every checkpoint), so a fit of hours can be followed (`crossdiff status`, a notebook)
 # before it ends; one small atomic PUT each time
 METRICS_FLUSH_S = 60.0
-
-
-def dist_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
-    """All-reduce across the DDP group (identity when not distributed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    t = t.clone()
-    if op == "max":
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    elif op == "min":
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    else:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        if op == "mean":
-            t /= dist.get_world_size()
-    return t
 
 
 # How a Ray fit orders its data: 1 = shards in manifest order, buffer seed seed*1000 + epoch*10 + rank
