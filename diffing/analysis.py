@@ -254,7 +254,8 @@ def select_latents(
 
 # settings that change no result (how the work is batched or spread, where the harvest's tokenizer
 # is read from), left out of the rerun check
-_OPERATIONAL = {"batch_size", "evidence_workers", "latents_per_pass", "device", "tokenizer"}
+# settings that change how, or whether, work is done, but not latents.parquet or the evidence
+_OPERATIONAL = {"batch_size", "evidence_workers", "latents_per_pass", "device", "tokenizer", "source_mass"}
 
 
 def fit_digest(run) -> str | None:

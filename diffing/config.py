@@ -223,6 +223,13 @@ class AnalysisConfig(Frozen):
     evidence: bool = Field(
         True, description="Collect max-activating / quantile / negative contexts per selected latent."
     )
+    source_mass: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="RUN/source_mass.parquet: every latent's activation mass per corpus source over the "
+        "held-out rows (the planted-truth check's reference rate; the selected latents' own source mass "
+        "is in their evidence either way). It encodes every latent over every held-out row: seconds on "
+        "the demo, CPU-hours at the Gemma-2-9b shape. auto: only for a pipeline with a `planted` check.",
+    )
     heldout: Literal["hash", "last_shards", "all"] = Field(
         "hash",
         description="Rows used for evidence: 'hash' = docs whose doc_id hashes below heldout_frac, "

@@ -100,8 +100,10 @@ def run_analyze(
     pair: tuple[str, str] | None = None,
     overwrite: bool = False,
     address: str | None = None,
+    planted: bool = False,
 ) -> dict:
-    """latents.parquet + evidence (+ splice when cfg.splice); returns a JSON-able summary."""
+    """latents.parquet + evidence (+ source_mass.parquet where `cfg.source_mass` asks, `planted`:
+    the pipeline has a planted-truth check) (+ splice when cfg.splice); a JSON-able summary."""
     import numpy as np
 
     from diffing.analysis import analyze_run
@@ -131,8 +133,9 @@ def run_analyze(
         map_fn = ray_data_map(cfg.evidence_workers, address=address) if cfg.evidence_workers > 0 else None
         files = collect_evidence(run, st, cfg, map_fn=map_fn, overwrite=overwrite)
         summary["examples"] = [str(p) for p in files]
-        mass = collect_source_mass(run, st, cfg, map_fn=map_fn, overwrite=overwrite)
-        summary["source_mass"] = str(mass) if mass else None
+        if cfg.source_mass == "always" or (cfg.source_mass == "auto" and planted):
+            mass = collect_source_mass(run, st, cfg, map_fn=map_fn, overwrite=overwrite)
+            summary["source_mass"] = str(mass) if mass else None
     if cfg.splice:
         from diffing.splice import splice_run
 

@@ -36,6 +36,7 @@ def analyze_pairs(run: Path, cfg, store: str, *, overwrite: bool, address: str |
             pair=pair,
             overwrite=overwrite,
             address=address,
+            planted=bool(cfg.planted),
         )
         for pair in cfg.pairs
     }

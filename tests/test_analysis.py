@@ -82,6 +82,54 @@ def test_latent_scaling_recovers_known_beta(decoupled):
     assert t["class"][1] == "shared" and abs(t["nu_eps"][1] - 1) < 0.01 and abs(t["nu_r"][1] - 1) < 0.01
 
 
+@pytest.mark.parametrize("kind", ["batchtopk", "constructed"])
+def test_latent_stats_over_kept_entries_equal_the_dense_products(kind, monkeypatch):
+    """The sparse reduction (over the (token, latent) entries an encode keeps) gives
+    the dense path's statistics; both agree with a float64 reference written from the formulas."""
+    import diffing.scaling as sc
+
+    if kind == "batchtopk":
+        cfg = CrosscoderConfig(
+            kind="batchtopk", n_models=3, d_model=16, n_latents=256, k=4, model_names=("a", "b", "c"), aux_k=8
+        )
+        cc = Crosscoder(cfg, seed=3)
+        x = torch.randn(3000, 3, 16)
+        with torch.no_grad():  # an inference threshold, as after a fit: about 4% of entries kept
+            score = torch.relu(cc.encode_pre(cc.normalise(x))) * cc.decoder_norms().sum(0)
+            cc.threshold.fill_(torch.quantile(score.flatten()[::7], 0.96).item())
+    else:
+        cc, x = _constructed(0.6, decoupled=True)
+    runs = {}
+    for path, density in (("dense", -1.0), ("sparse", 1.0)):
+        monkeypatch.setattr(sc, "SPARSE_MAX_DENSITY", density)
+        runs[path] = latent_stats(cc, x.split(700), pair=(0, 1))
+    dense, sparse = runs["dense"], runs["sparse"]
+    for field in ("freq", "mean_act", "max_act", "beta_eps", "beta_r"):
+        np.testing.assert_allclose(getattr(sparse, field), getattr(dense, field), rtol=1e-4, atol=1e-5)
+    # the formulas, in float64, on the whole data at once
+    with torch.no_grad():
+        xn = cc.normalise(x).double()
+        f = cc.encode(cc.normalise(x)).double()
+        W = cc.W_dec.double()
+        x_hat = torch.einsum("bl,mld->bmd", f, W) + cc.b_dec.double()
+        tgt = torch.as_tensor(dense.target)
+        d = W[tgt, torch.arange(W.shape[1])]  # [L, D]
+        den = (d.pow(2).sum(-1) * f.pow(2).sum(0)).clamp_min(1e-12)
+        for m in range(W.shape[0]):
+            # β^ε: the error target with the latent's own contribution added back (Σ f² ⟨d, d_m⟩)
+            num_eps = (f * ((xn[:, m] - x_hat[:, m]) @ d.T)).sum(0) + f.pow(2).sum(0) * (d * W[m]).sum(-1)
+            num_r = (f * ((x_hat[:, m] - cc.b_dec[m].double()) @ d.T)).sum(0)
+            live = f.pow(2).sum(0) > 0
+            np.testing.assert_allclose(
+                sparse.beta_eps[m][live], (num_eps / den)[live].numpy(), rtol=1e-3, atol=1e-5
+            )
+            np.testing.assert_allclose(
+                sparse.beta_r[m][live], (num_r / den)[live].numpy(), rtol=1e-3, atol=1e-5
+            )
+    kept = (f > 0).double().mean()
+    assert (0.02 < kept < 0.1) if kind == "batchtopk" else kept > 0.1  # each path tried where it is used
+
+
 def test_truly_specific_latent_is_robust():
     cc, x = _constructed(0.0, decoupled=False)
     t = latent_table(cc, latent_stats(cc, x.split(4096)), AnalysisConfig()).to_pydict()

@@ -283,6 +283,36 @@ def test_source_mass_of_every_latent_matches_naive_reference(world, tmp_path):
     assert collect_source_mass(run, world["store"], CFG) == path and path.stat().st_mtime_ns == mtime
 
 
+def test_the_every_latent_source_mass_pass_runs_only_where_it_is_read(world, tmp_path, monkeypatch):
+    """Its only reader is the planted-truth check, and it encodes every latent over every held-out
+    row (CPU-hours at the Gemma shape): `auto` runs it for a pipeline with `planted` only."""
+    import shutil
+
+    import diffing.collect as dc
+    from jobs.analyze import run_analyze
+
+    import diffing.analysis as da
+
+    table = pq.read_table(world["run"] / "latents.parquet")
+    table = table.append_column("class", pa.array(["shared"] * L)).append_column(
+        "robust", pa.array([False] * L)
+    )
+    monkeypatch.setattr(da, "analyze_run", lambda *a, **k: table)  # the fixture's latents, as analysed
+    calls = []
+    monkeypatch.setattr(dc.MassTask, "__call__", lambda self, shard: calls.append(shard) or {})
+    for i, (setting, planted, runs) in enumerate(
+        [("auto", False, False), ("auto", True, True), ("never", True, False), ("always", False, True)]
+    ):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(world["run"], run)
+        calls.clear()
+        summary = run_analyze(
+            run, world["store"], CFG.model_copy(update={"source_mass": setting}), planted=planted
+        )
+        assert bool(calls) == runs and ("source_mass" in summary) == runs, (setting, planted)
+        assert list((run / "examples").glob("*.jsonl"))  # the selected latents' evidence either way
+
+
 def test_a_ray_pass_unpickles_its_task_once_per_worker_process(monkeypatch):
     """The task (the encoder it carries, the store it opens) serves every shard a process gets."""
     import pickle
