@@ -12,7 +12,8 @@ latent's activation mass per corpus source) and, when labelled, the judge's cate
 - **judge agreement**: of the model-specific latents whose dominant source is a planted one, the
   share whose primary category is that capability's category.
 - **direction**: the category-shift statistic between the fine-tune's and the base's specific
-  latents must be positive for planted gains and negative for planted losses.
+  latents must be positive for planted gains and negative for planted losses (the check is the
+  sign; each capability also carries its interval and whether that excludes 0).
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def planted_truth(
     pair: tuple[str, str],
     *,
     majority: float = 0.5,
+    shift_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Validation numbers for a run whose B model (pair[1]) is the fine-tune of A (pair[0])."""
+    """Validation numbers for a run whose B model (pair[1]) is the fine-tune of A (pair[0]).
+    `shift_kwargs`: the intervals of the direction check (diffing.stats.category_shift's arguments,
+    e.g. ReportConfig.shift_kwargs(); its defaults, 95% Katz, without)."""
     a, b = pair
     sources = {p["source"]: p for p in planted}
     evidence = {e.latent: e for e in iter_evidence(run_dir)}
@@ -92,7 +96,9 @@ def planted_truth(
     lab_ft = [labels[e.latent].category for e in ft if e.latent in labels]
     lab_base = [labels[e.latent].category for e in base if e.latent in labels]
     if lab_ft and lab_base:
-        shifts = {s.category: s for s in category_shift(_counts(lab_ft), _counts(lab_base))}
+        shifts = {
+            s.category: s for s in category_shift(_counts(lab_ft), _counts(lab_base), **(shift_kwargs or {}))
+        }
         for p in planted:
             s = shifts.get(p["category"])
             want = 1 if p["direction"] == "gain" else -1
@@ -104,7 +110,12 @@ def planted_truth(
                 "expected": p["direction"],
                 "delta": got,  # +inf (null in JSON) when only the fine-tune's latents have the category
                 "only_in": None if s is None else s.only_in,
+                # the target is the sign; the interval says whether the data also rule out no shift
                 "ok": got is not None and got * want > 0,
+                "ci_low": None if s is None else s.ci_low,
+                "ci_high": None if s is None else s.ci_high,
+                "ci_level": None if s is None else s.ci_level,
+                "ci_excludes_zero": s is not None and (s.ci_low > 0 or s.ci_high < 0),
             }
     return {
         "n_ft_specific": len(ft),

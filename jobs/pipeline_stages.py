@@ -101,7 +101,7 @@ class StageRunners:
             if self.cfg.planted:
                 from jobs.validation import planted_section
 
-                sections.append(planted_section(d, self.cfg.planted, pair))
+                sections.append(planted_section(d, self.cfg.planted, pair, opts=self.cfg.report))
             if self.cfg.anchored:
                 from jobs.compare import anchored_section
 

@@ -6,6 +6,7 @@ import html
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from diffing.validation import planted_truth
 
@@ -13,11 +14,28 @@ from diffing.validation import planted_truth
 TARGETS = {"mass_rate_ft_specific": 0.80, "enrichment": 3.0, "judge_agreement": 0.70}
 
 
-def _delta_pct(d: dict) -> str:
-    """A planted capability's Δ_c as the shift table writes it (percent; "only in S")."""
+def _delta_pct(d: dict, s_name: str = "S") -> str:
+    """A planted capability's Δ_c as the shift table writes it (percent; "only in <S group>")."""
     from jobs.report import _pct
 
-    return "only in S" if d.get("only_in") == "S" else _pct(d["delta"])
+    return f"only in {s_name}" if d.get("only_in") == "S" else _pct(d["delta"])
+
+
+def _ci(d: dict) -> str:
+    """The capability's interval as the shift table writes it; "–" where the category is in neither."""
+    from jobs.report import _pct
+
+    if d.get("ci_low") is None and d.get("ci_high") is None:
+        return "–"
+    return f"[{_pct(d.get('ci_low'))}, {_pct(d.get('ci_high'))}]"
+
+
+def _ok(d: dict, yes: str) -> str:
+    """The sign check (the validation target), qualified when the interval still holds 0: the sign
+    is right, but the data do not rule out no shift."""
+    if not d["ok"]:
+        return "no" if yes == "yes" else "✗"
+    return yes if d.get("ci_excludes_zero") else f"{yes} (sign only: CI includes 0)"
 
 
 def _fmt(x) -> str:
@@ -32,10 +50,17 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair: tuple[str, str]) -> dict:
-    """A report section (title, html, markdown, data) checking the run against planted truth."""
-    r = planted_truth(run, planted, pair)
+def planted_section(
+    run: str | Path, planted: Sequence[Mapping[str, str]], pair: tuple[str, str], opts: Any = None
+) -> dict:
+    """A report section (title, html, markdown, data) checking the run against planted truth;
+    `opts` (a ReportConfig): the direction check's intervals, as the main shift table's."""
+    from jobs.report.config import ReportConfig
+
+    opts = opts or ReportConfig()
+    r = planted_truth(run, planted, pair, shift_kwargs=opts.shift_kwargs())
     a, b = pair
+    s_name, ci_label = html.escape(f"{b}-specific"), opts.ci_label()
     rows = [
         (
             f"{b}-specific latents with most activation mass on planted prompts",
@@ -63,7 +88,7 @@ def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair:
     )
     drows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(d['category'])}</td><td>{html.escape(d['expected'])}</td>"
-        f"<td>{_delta_pct(d)}</td><td>{'✓' if d['ok'] else '✗'}</td></tr>"
+        f"<td>{_delta_pct(d, s_name)}</td><td>{_ci(d)}</td><td>{_ok(d, '✓')}</td></tr>"
         for name, d in direction.items()
     )
     body = (
@@ -75,21 +100,26 @@ def planted_section(run: str | Path, planted: Sequence[Mapping[str, str]], pair:
     if drows:
         body += (
             "<h3>Direction of the category shift</h3><table><tr><th>capability</th><th>category</th>"
-            f"<th>planted as</th><th>Δ_c %</th><th>ok</th></tr>{drows}</table>"
+            f"<th>planted as</th><th>Δ_c</th><th>{html.escape(ci_label)}</th><th>ok (sign)</th></tr>"
+            f"{drows}</table>"
         )
     else:
         body += '<p class="muted">No labels yet: the shift direction is checked after labelling.</p>'
     from jobs.report import _md
+    from jobs.report.md import _md_plain
 
     md = "\n".join(
         ["| measure | value | target |", "|---|---|---|"]
-        + [f"| {_md(n)} | {_fmt(v)} | {t} |" for n, v, t in rows]
+        + [f"| {_md_plain(n)} | {_fmt(v)} | {t} |" for n, v, t in rows]
     )
     if direction:
-        md += "\n\n| capability | category | planted as | Δ_c % | ok |\n|---|---|---|---|---|\n" + "\n".join(
-            f"| {_md(n)} | {_md(d['category'])} | {_md(d['expected'])} | {_delta_pct(d)} | "
-            f"{'yes' if d['ok'] else 'no'} |"
-            for n, d in direction.items()
+        md += (
+            f"\n\n| capability | category | planted as | Δ_c | {ci_label} | ok (sign) |\n|---|---|---|---|---|---|\n"
+            + "\n".join(
+                f"| {_md(n)} | {_md(d['category'])} | {_md(d['expected'])} | {_delta_pct(d, _md(f'{b}-specific'))} | "
+                f"{_ci(d)} | {_ok(d, 'yes')} |"
+                for n, d in direction.items()
+            )
         )
     data = {k: v for k, v in r.items() if k != "latents"} | {"checks": checks, "targets": TARGETS}
     return {"title": "Planted-truth validation", "html": body, "markdown": md, "data": data, "key": "planted"}

@@ -288,10 +288,9 @@ def test_the_every_latent_source_mass_pass_runs_only_where_it_is_read(world, tmp
     row (CPU-hours at the Gemma shape): `auto` runs it for a pipeline with `planted` only."""
     import shutil
 
+    import diffing.analysis as da
     import diffing.collect as dc
     from jobs.analyze import run_analyze
-
-    import diffing.analysis as da
 
     table = pq.read_table(world["run"] / "latents.parquet")
     table = table.append_column("class", pa.array(["shared"] * L)).append_column(

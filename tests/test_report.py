@@ -147,7 +147,7 @@ def test_report_after_labelling_shows_shift_and_labels(run, tmp_path):
         assert r["ci_level"] == pytest.approx(1 - 0.1 / len(want)) and r["small_count"] == w.small_count
     assert rep["report_config"]["ci_method"] == "score" and rep["ci_label"] == "90% CI (score, Bonferroni)"
     assert "90% CI (score, Bonferroni)" in (lab_run / "report.md").read_text()
-    assert "90% CI (score, Bonferroni) %" in (lab_run / "report.html").read_text()
+    assert "<th>90% CI (score, Bonferroni)</th>" in (lab_run / "report.html").read_text()
 
 
 def test_extra_sections_hook(run, tmp_path):

@@ -42,7 +42,7 @@ def test_odd_category_names_keep_tables_whole_and_markup_inert(run, tmp_path):  
     table = [ln for ln in md.splitlines() if ln.startswith("| ") and "/" in ln and "category" not in ln]
     assert table and all(ln.replace("\\|", "").count("|") == 7 for ln in table), table
     only = next(ln for ln in table if "alert" in ln)
-    assert "only in S" in only and "+∞" in only  # not "–", which reads as missing
+    assert "only in chat-specific" in only and "+∞" in only  # not "–", which reads as missing
     rep = json.loads((r / "report.json").read_text())
     assert {x["category"] for x in rep["shift"]} == set(ODD)
     # the anchored section (N-model runs) writes the same names into its own table
@@ -55,7 +55,7 @@ def test_odd_category_names_keep_tables_whole_and_markup_inert(run, tmp_path):  
     plain = next(ln for ln in rows if ln.startswith("| plain "))
     assert f"{by_cat['plain']['delta'] * 100:+.1f}%" in plain
     assert "only in S" in next(ln for ln in rows if "alert" in ln)
-    assert "only in S" in sec["html"] and "95% CI (Katz) %" in sec["html"]
+    assert "only in S" in sec["html"] and "<th>95% CI (Katz)</th>" in sec["html"]
     # and with the intervals the report config asks for
     from jobs.report.config import ReportConfig
 
@@ -108,3 +108,217 @@ def test_json_nulls_say_what_they_stand_for_and_unlabelled_groups_show_no_zeros(
     assert "not labelled (label.groups leaves this group out)" in html  # the baseline cards
     head = html[html.index("Category counts per group") :]
     assert "<th>baseline</th>" not in head[: head.index("</table>")]
+
+
+def _rewrite_latents(run_dir, change):
+    """latents.parquet with some columns changed by `change(dict of lists)`, metadata kept."""
+    path = run_dir / "latents.parquet"
+    t = pq.read_table(path)
+    d = t.to_pydict()
+    change(d)
+    pq.write_table(pa.table(d).replace_schema_metadata(t.schema.metadata), path)
+
+
+def test_tail_only_groups_are_said_to_be_tails_and_robust_ones_are_not(run, tmp_path):  # noqa: F811
+    """A group without a robust <model>-only latent (the demo's) is the Δnorm tail of a shared
+    dictionary: the overview and the group's heading say so, in both files; a run whose groups hold
+    robust latents gets no such note."""
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+
+    def tails_only(d):
+        for i, g in enumerate(d["group"]):
+            d["robust"][i] = False
+            if g.endswith("-specific"):
+                d["class"][i] = "shared"
+                d["tail"][i] = "high" if g == "base-specific" else "low"
+
+    _rewrite_latents(r, tails_only)
+    write_report(r)
+    html, md = (r / "report.html").read_text(), (r / "report.md").read_text()
+    n_chat = len(_groups(r)["chat-specific"])
+    for text in (html, md):
+        assert "Δnorm tail" in text and "shared dictionary" in text
+        assert "not latents absent from base" in text and "not latents absent from chat" in text
+        assert f"holds 0 robust chat-only, {n_chat} from the Δnorm tail only" in text
+        assert "median ν^ε" in text
+    assert f"chat-specific latents ({n_chat}, Δnorm tail; all {n_chat} shown" in html
+    sel = json.loads((r / "report.json").read_text())["group_selection"]["chat-specific"]
+    assert sel["n_robust"] == 0 and sel["n_tail_only"] == n_chat and sel["delta_norm_max"] < 0.5
+
+    write_report(run)  # the fixture's groups hold robust latents
+    rep = json.loads((run / "report.json").read_text())["group_selection"]
+    assert all(s["n_robust"] > 0 for s in rep.values())
+    for text in ((run / "report.html").read_text(), (run / "report.md").read_text()):
+        assert "shared dictionary" not in text and "Note:" not in text
+        assert f"{rep['chat-specific']['n_robust']} robust chat-only" in text
+
+
+def test_provenance_names_models_layer_judge_and_commit(run, tmp_path):  # noqa: F811
+    r, store = tmp_path / "run", tmp_path / "store"
+    shutil.copytree(run, r)
+    store.mkdir()
+    models = [
+        {"name": "base", "path": "/models/base-7b", "revision": "rev0a1"},
+        {"name": "chat", "path": "/m/chat"},
+    ]
+    cfg = {"models": models, "layer": 13, "site": "resid_post"}
+    (store / "harvest_config.json").write_text(json.dumps({"hash": "x", "config": cfg}))
+    acfg = json.loads((r / "analysis_config.json").read_text())
+    (r / "analysis_config.json").write_text(json.dumps(acfg | {"store": str(store)}))
+    (r / "run_config.json").write_text(json.dumps({"fit": {"train": {"seed": 7}}, "total_steps": 100}))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    env = {"git": {"commit": commit, "dirty": False}, "packages": {"crossdiff": "9.9.9", "torch": "3.0"}}
+    (r / "stages").mkdir()
+    (r / "stages" / "fit.json").write_text(json.dumps({"environment": env}))
+    settings = {
+        "prompt_version": "delphi-v9",
+        "service.judge.model_id": "judge-llm-9b",
+        "service.method.classify_mode": "channel",
+        "service.taxonomy": "taxonomies/demo.yaml",
+    }
+    (r / "label_settings.json").write_text(json.dumps(settings))
+    write_report(r)
+    html, md = (r / "report.html").read_text(), (r / "report.md").read_text()
+    for text in (html, md):
+        assert "/models/base-7b @ rev0a1" in text and "/m/chat" in text and "layer 13" in text
+        assert "judge-llm-9b" in text and "delphi-v9" in text and "channel" in text
+        assert f"commit {commit}" in text and "crossdiff 9.9.9" in text and "seed 7" in text
+        assert "k 4, n_latents 96, d_model 16, seed 7" in text.replace("\\_", "_")  # the fixture's
+    prov = json.loads((r / "report.json").read_text())["provenance"]["run"]
+    assert prov["judge"]["model_id"] == "judge-llm-9b" and prov["software"]["fit"]["commit"] == commit
+
+    # a run without a label stage (and without stage markers or a harvest stamp) still renders
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare)
+    (bare / "analysis_config.json").unlink()
+    write_report(bare)
+    html = (bare / "report.html").read_text()
+    assert "Provenance" in html and "judge" not in html.split("Provenance")[1].split("</section>")[0]
+
+
+def test_planted_direction_gives_the_interval_and_says_when_it_holds_zero(tmp_path):
+    from diffing.evidence import LatentEvidence
+    from jobs.validation import planted_section
+
+    planted = [
+        {"name": "refusal", "source": "refusal", "category": "safety", "direction": "gain"},
+        {"name": "french", "source": "french", "category": "multilingual", "direction": "gain"},
+    ]
+    ft = ["safety"] * 13 + ["multilingual"] * 15 + ["other"] * 7
+    base = ["safety"] * 8 + ["multilingual"] * 1 + ["other"] * 26
+    ev = [LatentEvidence(latent=i, group="ft-specific") for i in range(35)]
+    ev += [LatentEvidence(latent=35 + i, group="base-specific") for i in range(35)]
+    write_jsonl(tmp_path / "examples" / "0-70.jsonl", ev)
+    cats = ft + base
+    write_jsonl(
+        tmp_path / LABELS_FILE,
+        [LatentLabel(latent=i, explanation="x", category=c, confidence=0.9) for i, c in enumerate(cats)],
+    )
+    sec = planted_section(tmp_path, planted, ("base", "ft"))
+    d = sec["data"]["direction"]
+    assert d["refusal"]["ok"] and not d["refusal"]["ci_excludes_zero"]  # 13/35 vs 8/35
+    assert d["french"]["ok"] and d["french"]["ci_excludes_zero"]  # 15/35 vs 1/35
+    refusal = next(ln for ln in sec["markdown"].splitlines() if ln.startswith("| refusal"))
+    french = next(ln for ln in sec["markdown"].splitlines() if ln.startswith("| french"))
+    assert "[-22.9%, +242.6%]" in refusal and "yes (sign only: CI includes 0)" in refusal
+    assert refusal.replace("\\|", "").count("|") == 7
+    assert french.rstrip(" |").endswith("yes") and "sign only" not in french
+    assert "95% CI (Katz)" in sec["markdown"] and "✓ (sign only: CI includes 0)" in sec["html"]
+    assert "[-22.9%, +242.6%]" in sec["html"]
+
+
+def test_shift_plot_marks_only_in_rows_and_clipped_ends():
+    from diffing.stats import category_shift
+    from jobs.report import plots
+
+    # "a" only in S; "other" 2/35 vs 2/35 has a CI up to +571%, past the chart's 400% edge
+    rows = [r.as_dict() for r in category_shift({"a": 1, "other": 2, "x": 32}, {"other": 2, "x": 33})]
+    fig = plots.shift_figure(rows, "ft-specific", "base-specific", "95% CI (Katz)", 5)
+    assert fig.uri.startswith("data:image/png;base64,")
+    assert fig.bars["a"] is None  # a marker at the CI's lower end, not a full bar at the edge
+    assert fig.bars["other"] == pytest.approx(0.0) and fig.bars["x"] < 10
+    assert "other: CI to +571%" in fig.notes
+    lo = next(r for r in rows if r["category"] == "a")["ci_low"] * 100
+    assert f"a: only in ft-specific (n=1): Δ ≥ {lo:+.0f}%" in fig.notes
+    assert {"small count (< 5 on a side)", "beyond 400%: value written at right"} <= set(fig.legend)
+    assert any(t.startswith("only in ft-specific") for t in fig.legend)
+    assert plots.shift_bars(rows, "S", "I").startswith("data:image/png;base64,")
+
+
+def test_markdown_escapes_markup_but_reads_ampersands(run, tmp_path):  # noqa: F811
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    g = _groups(r)
+    evil = "fires on ![t](https://evil.example/p.png) and [x](http://e.x) *bold* `code` _u_"
+    labs = [
+        LatentLabel(latent=lat, explanation=evil, category="safety & content moderation", confidence=0.5)
+        for lat in g["chat-specific"] + g["base-specific"]
+    ]
+    write_jsonl(r / LABELS_FILE, labs)
+    write_report(r)
+    md = (r / "report.md").read_text()
+    assert "](http" not in md and "![" not in md and "*bold*" not in md and "`code`" not in md
+    assert "\\!\\[t\\]\\(https://evil.example/p.png\\)" in md
+    assert "safety & content moderation" in md and "&amp;" not in md
+    from jobs.report import _md
+
+    assert _md("a &lt; b") == "a &amp;lt; b" and _md("x|y") == "x\\|y"
+
+
+def test_shift_caption_says_what_the_interval_is(run, tmp_path):  # noqa: F811
+    from jobs.report.config import ReportConfig
+
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    _label_all(r, lambda grp, j: ODD[2] if j % 2 else "other")
+    write_report(r)
+    for text in ((r / "report.html").read_text(), (r / "report.md").read_text()):
+        assert "Katz log-ratio" in text and "95%" in text and "binomial sample" in text
+        assert "judge error" in text and "crosscoder-seed variation" in text and "ci_adjust=none" in text
+    write_report(r, opts=ReportConfig(ci_method="score", ci_adjust="bonferroni", ci_level=0.9))
+    md = (r / "report.md").read_text()
+    assert "Miettinen–Nurminen score" in md and "Bonferroni-adjusted over the 2 categories" in md
+
+
+def test_card_statistics_say_where_they_come_from(run, tmp_path):  # noqa: F811
+    from jobs.report import _stats_source
+
+    write_report(run)  # the fixture's evidence pass reads every row (heldout="all")
+    html = (run / "report.html").read_text()
+    assert "(evidence pass over all rows, 4,000 tokens)" in html
+    assert _stats_source({"freq": 0.1, "heldout_tokens": 22392.0}, {"heldout": "hash"}, "4000") == (
+        "held-out, 22,392 tokens"
+    )
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    shutil.rmtree(r / "examples")  # no evidence: the analysis pass's numbers
+    write_report(r)
+    assert "(latents.parquet, 4,000 tokens)" in (r / "report.html").read_text()
+
+
+def test_shift_cells_headings_and_axes_are_labelled(run, tmp_path, monkeypatch):  # noqa: F811
+    from jobs.report import _pct, plots, render
+    from jobs.report.config import ReportConfig
+
+    assert _pct(14.1) == "+1410%" and _pct(0.625) == "+62.5%"
+    rows = [
+        {"category": "big", "n_s": 30, "N_s": 35, "n_i": 2, "N_i": 35, "delta": 14.0, "ci_low": 2.0,
+         "ci_high": 50.0, "small_count": True, "only_in": None},
+        {"category": "gone", "n_s": 0, "N_s": 35, "n_i": 6, "N_i": 35, "delta": -1.0, "ci_low": -1.0,
+         "ci_high": 0.3, "small_count": True, "only_in": "I"},
+    ]  # fmt: skip
+    table = render.shift_table(rows, "95% CI (Katz)", "ft-specific", "base-specific")
+    assert "<td>+1400%</td>" in table and "[+200.0%, +5000%]" in table and "1.4e+03" not in table
+    assert "only in base-specific (-100.0%)" in table
+    xlabels = []
+    real = plots.to_data_uri
+    monkeypatch.setattr(
+        plots, "to_data_uri", lambda fig: xlabels.append(fig.axes[0].get_xlabel()) or real(fig)
+    )
+    r = tmp_path / "run"
+    shutil.copytree(run, r)
+    write_report(r, opts=ReportConfig(max_cards=2))
+    assert "latents" in xlabels  # the class bar chart's x axis
+    n = len(_groups(r)["chat-specific"])
+    assert f"first 2 of {n} shown, most robust first)" in (r / "report.html").read_text()

@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 
 from jobs.provenance import environment, report_inputs
-from jobs.report import plots, render
+from jobs.report import plots, render, sections
 from jobs.report.config import ReportConfig
+from jobs.report.provenance import run_provenance
+from jobs.report.selection import group_selection
 
 REPORT_HTML, REPORT_JSON, REPORT_MD = "report.html", "report.json", "report.md"
 
@@ -150,12 +152,15 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
         # can be matched to its run's files, and a stale one told from a current one
         "provenance": {"inputs": report_inputs(run), "environment": environment()},
     }
+    out["provenance"]["run"] = run_provenance(run, out["metrics"], labels, out["provenance"]["environment"])
+    out["group_selection"] = group_selection(cols, pair)
     cards = {}
     for g, ids in shown.items():
         lst = []
         for i in ids:
             ev = evidence.get(i, {})
             stats = dict(ev.get("stats") or {})
+            source = _stats_source(stats, acfg, meta.get("n_tokens"))
             for k in ("delta_norm", "nu_eps", "nu_r", "freq", "mean_act", "max_act"):
                 stats.setdefault(k, cols[k][i])
             lst.append(
@@ -163,6 +168,7 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
                     "latent": i,
                     "group": g,
                     "stats": stats,
+                    "stats_source": source,
                     "label": labels.get(i),
                     "label_note": None
                     if labelled is None or g in labelled
@@ -186,6 +192,7 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
         if N_s and N_i:
             rows = category_shift(cats[s_name], cats[i_name], **opts.shift_kwargs())
             out["shift"] = [r.as_dict() for r in rows]
+            out["ci_caption"] = opts.ci_caption(len(rows))
             out["shift_note"] = f"S = {s_name} ({N_s} labelled), I = {i_name} ({N_i} labelled)"
         else:
             out["shift_note"] = f"a group has no labelled latents ({s_name}: {N_s}, {i_name}: {N_i})"
@@ -197,6 +204,17 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
         "groups": groups,
     }
     return out
+
+
+def _stats_source(ev_stats: dict, acfg: dict, n_tokens: str | None) -> str:
+    """Where a card's freq / mean act / max come from: the evidence pass over held-out rows (not
+    the rows the latents were selected on) when it recorded them, else the analysis pass."""
+    if ev_stats.get("freq") is not None:
+        n = ev_stats.get("heldout_tokens")
+        tokens = f", {int(n):,} tokens" if n is not None else ""
+        return f"held-out{tokens}" if acfg.get("heldout") != "all" else f"evidence pass over all rows{tokens}"
+    tokens = f", {int(n_tokens):,} tokens" if n_tokens and n_tokens.isdigit() else ""
+    return f"latents.parquet{tokens}"
 
 
 def owning_pipeline(run: Path) -> Path | None:
@@ -235,20 +253,10 @@ def write_report(
     s_name, i_name = f"{b}-specific", f"{a}-specific"
     dn, freq = np.asarray(arr["delta_norm"], float), np.asarray(arr["freq"], float)
     live = freq > 0
-    H, R = render, render.esc
-    sec: list[tuple[str, str]] = []
-    kp = [("latents", d["n_latents"]), ("live", int(live.sum())), ("robust model-only", d["robust"])]
-    kp += [(g, n) for g, n in sorted(d["groups"].items())]
-    kp += [("with evidence", d["n_evidence"]), ("labelled", d["n_labels"])]
-    kpis = "".join(
-        f'<div class="kpi"><b>{R(H.fmt(v))}</b><span class="muted">{R(k)}</span></div>' for k, v in kp
-    )
-    sec.append(
-        (
-            "Overview",
-            f'<p class="muted">run {R(d["run"])} · pair {R(a)} vs {R(b)}</p><div class="kpis">{kpis}</div>',
-        )
-    )
+    H = render
+    sec: list[tuple[str, str]] = [("Overview", sections.overview(d, int(live.sum())))]
+    if prov := sections.provenance_html(d):
+        sec.append(("Provenance", prov))
     mrows = _metrics_rows(d["metrics"])
     sec.append(
         (
@@ -257,65 +265,17 @@ def write_report(
         )
     )
     if d["splice"]:
-        rows = []
-        for name, r in d["splice"]["models"].items():
-            for v in ("full", "shared_only"):
-                if v in r:
-                    rows.append(
-                        [
-                            f"{name} ({v})",
-                            r["ce_clean"],
-                            r[v]["ce"],
-                            r[v]["delta_ce"],
-                            r[v]["kl"],
-                            r[v]["ce_recovered"],
-                        ]
-                    )
-        sec.append(
-            (
-                "Splice evaluation",
-                H.table_html(rows, ["model", "CE clean", "CE spliced", "ΔCE", "KL", "CE recovered"])
-                + f'<p class="muted">{render.esc(d["splice"].get("n_tokens"))} tokens, '
-                f"layer {render.esc(d['splice'].get('layer'))}; "
-                "shared_only zeroes the model-specific latents</p>",
-            )
-        )
+        sec.append(("Splice evaluation", sections.splice(d["splice"])))
     imgs = [
         plots.delta_norm_hist(dn, live, arr["groups"], d["analysis_config"], pair),
         plots.nu_scatter(arr["nu_eps"], arr["nu_r"], arr["groups"], d["analysis_config"], pair),
-        plots.count_bars(d["classes"], "classes (absolute Δnorm thresholds)"),
+        plots.count_bars(d["classes"], "classes (absolute Δnorm thresholds)", "latents"),
     ]
     sec.append(
         ("Latents", '<div class="grid">' + "".join(f'<img alt="figure" src="{u}">' for u in imgs) + "</div>")
     )
-    cc = d["category_counts"]
-    shift_html = f'<p class="muted">{R(d["shift_note"])}</p>'
-    if d["shift"]:
-        shift_html += (
-            f'<img alt="category shift" src="{plots.shift_bars(d["shift"], s_name, i_name, d["ci_label"])}">'
-        )
-        shift_html += H.shift_table(d["shift"], d["ci_label"])
-    if any(cc.values()):
-        allc = sorted(set().union(*[set(c) for c in cc.values()]))
-        # a group the label stage left out has no counts, not zero counts
-        cols = [
-            g
-            for g in (s_name, i_name, "baseline")
-            if d["labelled_groups"] is None or g in d["labelled_groups"]
-        ]
-        shift_html += "<h3>Category counts per group</h3>" + H.table_html(
-            [[c, *(cc[g].get(c, 0) for g in cols)] for c in allc], ["category", *cols]
-        )
-        if left := [g for g in (s_name, i_name, "baseline") if g not in cols]:
-            shift_html += f'<p class="muted">not labelled (label.groups): {R(", ".join(left))}</p>'
-    sec.append(("Category shift", shift_html))
-    for g in (i_name, s_name):
-        cards = d["cards"].get(g, [])
-        body = (
-            "".join(H.card_html(c, pair, opts.contexts_per_card) for c in cards)
-            or '<p class="muted">none selected</p>'
-        )
-        sec.append((f"{g} latents ({d['groups'].get(g, 0)}, most robust first)", body))
+    sec.append(("Category shift", sections.category_shift(d, s_name, i_name, opts)))
+    sec += [sections.group(d, g, opts) for g in (i_name, s_name)]
     base = "".join(H.card_html(c, pair, opts.contexts_per_card) for c in d["cards"].get("baseline", []))
     sec.append(
         (

@@ -51,3 +51,23 @@ class ReportConfig(Frozen):
         pct = f"{100 * self.ci_level:g}%"
         how = {"katz": "Katz", "score": "score", "bootstrap": "bootstrap"}.get(self.ci_method, self.ci_method)
         return f"{pct} CI ({how}" + (", Bonferroni)" if self.ci_adjust == "bonferroni" else ")")
+
+    def ci_caption(self, n_categories: int) -> str:
+        """One line under a shift table: what its interval is and what it leaves out, so a reader
+        does not take it for the whole uncertainty of the finding."""
+        how = {
+            "katz": "Katz log-ratio (Haldane's correction at zero counts)",
+            "score": "Miettinen–Nurminen score",
+            "bootstrap": f"parametric bootstrap ({self.bootstrap_reps} replicates, seed {self.bootstrap_seed})",
+        }.get(self.ci_method, self.ci_method)
+        level = f"{100 * self.ci_level:g}%"
+        if self.ci_adjust == "bonferroni":
+            each = 100 * (1 - (1 - self.ci_level) / max(n_categories, 1))
+            adj = f"Bonferroni-adjusted over the {n_categories} categories (each at {each:.4g}%, the table at {level})"
+        else:
+            adj = f"not adjusted for reading {n_categories} categories at once (ci_adjust=none)"
+        return (
+            f"Intervals: {how}, {level}; {adj}. They treat each group's labelled latents as a binomial "
+            "sample and ignore judge error and crosscoder-seed variation (which latents a refit selects), "
+            "so the real uncertainty is larger."
+        )

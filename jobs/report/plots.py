@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -110,7 +111,7 @@ def nu_scatter(
     return to_data_uri(fig)
 
 
-def count_bars(counts: dict[str, int], title: str) -> str:
+def count_bars(counts: dict[str, int], title: str, xlabel: str = "latents") -> str:
     plt = _plt()
     items = sorted(counts.items(), key=lambda kv: -kv[1])
     fig, ax = plt.subplots(figsize=(5.0, 0.35 * max(len(items), 2) + 0.8))
@@ -119,6 +120,7 @@ def count_bars(counts: dict[str, int], title: str) -> str:
         ax.text(v, i, f" {v}", va="center", fontsize=8)
     ax.set_xlim(0, max((v for _, v in items), default=1) * 1.15)
     ax.set_title(_no_math(title), fontsize=9)
+    ax.set_xlabel(_no_math(xlabel))
     return to_data_uri(fig)
 
 
@@ -132,52 +134,151 @@ def _no_math(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def shift_bars(rows: list[dict], s_name: str, i_name: str, ci_label: str = "95% CI") -> str:
-    """Δ_c per category with its CI (percent); small-count categories hatched."""
+def shift_bars(
+    rows: list[dict], s_name: str, i_name: str, ci_label: str = "95% CI", min_count: int | None = None
+) -> str:
+    """Δ_c per category with its CI (percent), as a PNG data URI (see shift_figure)."""
+    return shift_figure(rows, s_name, i_name, ci_label, min_count).uri
+
+
+@dataclass
+class ShiftFigure:
+    """The chart and the notes written on it (clipped ends with their true values, "only in" rows),
+    so that what the picture says can be checked without reading pixels."""
+
+    uri: str
+    notes: list[str] = field(default_factory=list)
+    legend: list[str] = field(default_factory=list)
+    bars: dict[str, float | None] = field(default_factory=dict)  # drawn length (%); None: no bar
+
+
+CAP = 400.0  # percent: the axis ends here; longer bars and CI ends get an arrow and their value
+
+
+def _end(v: float | None) -> str:
+    return "+∞" if v is None or math.isinf(v) else f"{v:+.0f}%"
+
+
+def shift_figure(
+    rows: list[dict], s_name: str, i_name: str, ci_label: str = "95% CI", min_count: int | None = None
+) -> ShiftFigure:
+    """Δ_c per category with its CI (percent). A category only S has (Δ undefined, upper bound +∞)
+    is drawn as a marker at its CI's lower end with an arrow to the edge, not as a bar; bars and CI
+    ends past CAP end in an arrow with their true value written beside the row; small-count
+    categories are hatched; a legend says so."""
     plt = _plt()
-    cap = 400.0  # percent: longer bars end here, with their value written at the end
     rows = [r for r in rows if (r["delta"] is not None and math.isfinite(r["delta"])) or only_in_s(r)]
-    fig, ax = plt.subplots(figsize=(7.5, 0.42 * max(len(rows), 2) + 1.0))
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * max(len(rows), 2) + 1.4))
     if not rows:
         ax.text(0.5, 0.5, "no category present in both sets", ha="center")
         ax.axis("off")
-        return to_data_uri(fig)
+        return ShiftFigure(to_data_uri(fig))
     rows = rows[::-1]
+    notes: list[str] = []
+    bars: dict[str, float | None] = {}
+    clipped = hatched = False
+    his = []
+    for y, r in enumerate(rows):
+        lo = -100.0 if r["ci_low"] is None else r["ci_low"] * 100
+        hi = math.inf if r["ci_high"] is None else r["ci_high"] * 100
+        his.append(hi)
+        note = []
+        if only_in_s(r):
+            x0 = min(lo, CAP)
+            ax.plot([x0], [y], marker="|", ms=10, mew=1.5, color=COLORS["B"])
+            ax.annotate(
+                "",
+                xy=(CAP, y),
+                xytext=(x0, y),
+                arrowprops={"arrowstyle": "->", "color": COLORS["B"], "lw": 1.5},
+            )
+            note.append(f"only in {s_name} (n={r['n_s']}): Δ ≥ {_end(lo)}")
+            clipped |= lo > CAP
+            bars[r["category"]] = None
+        else:
+            d = r["delta"] * 100
+            bar = ax.barh(y, min(d, CAP), color=COLORS["B"] if d > 0 else COLORS["A"], alpha=0.85)
+            bars[r["category"]] = min(d, CAP)
+            if r.get("small_count"):
+                bar[0].set_hatch("//")
+                hatched = True
+            if r.get("only_in") == "I" or (r["n_s"] == 0 and r["n_i"] > 0):
+                note.append(f"only in {i_name} (n={r['n_i']})")
+            x_lo = min(lo, CAP)
+            ax.plot([x_lo, min(hi, CAP)], [y, y], color="#212529", lw=1)
+            ax.plot([x_lo], [y], marker="|", ms=7, color="#212529")
+            if d > CAP:
+                note.append(f"Δ {_end(d)}")
+                clipped = True
+            if hi > CAP:
+                ax.plot([CAP], [y], marker=">", ms=6, color="#212529", clip_on=False, zorder=5)
+                note.append(f"CI to {_end(hi)}")
+                clipped = True
+            else:
+                ax.plot([hi], [y], marker="|", ms=7, color="#212529")
+        if note:
+            text = _no_math("; ".join(note))
+            ax.annotate(
+                text,
+                xy=(1.0, y),
+                xycoords=("axes fraction", "data"),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+                annotation_clip=False,
+            )
+            notes.append(f"{r['category']}: {'; '.join(note)}")
     y = np.arange(len(rows))
-    only = np.array([only_in_s(r) for r in rows])
-    d = np.array([cap if o else r["delta"] * 100 for r, o in zip(rows, only, strict=True)])
-    lo = np.array([d[i] if only[i] or r["ci_low"] is None else r["ci_low"] * 100 for i, r in enumerate(rows)])
-    hi = np.array(
-        [d[i] if only[i] or r["ci_high"] is None else r["ci_high"] * 100 for i, r in enumerate(rows)]
-    )
-    hi = np.minimum(hi, cap)  # +inf bounds (Haldane) and CIs past the cap end at the edge
-    shown = np.minimum(d, cap)
-    colors = [COLORS["B"] if v > 0 else COLORS["A"] for v in d]
-    bars = ax.barh(y, shown, color=colors, alpha=0.85)
-    for bar, r, o in zip(bars, rows, only, strict=True):
-        if r.get("small_count") or o:
-            bar.set_hatch("//")
-    for i, r in enumerate(rows):
-        if only[i]:
-            ax.text(cap, i, f" only in S (n={r['n_s']})", va="center", fontsize=7)
-        elif d[i] > cap:
-            ax.text(cap, i, f" {d[i]:+.0f}%", va="center", fontsize=7)
-    d = shown
-    # a count of 0 gets a continuity-corrected CI that need not contain the raw estimate: clip
-    ax.errorbar(
-        d,
-        y,
-        xerr=[np.clip(d - lo, 0, None), np.clip(hi - d, 0, None)],
-        fmt="none",
-        ecolor="#212529",
-        capsize=3,
-        lw=1,
-    )
     ax.set_yticks(y, [_no_math(f"{r['category']}  ({r['n_s']}:{r['n_i']})") for r in rows], fontsize=8)
     ax.axvline(0, color="#212529", lw=0.8)
-    right = min(max(float(np.max(hi)), float(np.max(d))), cap)
-    ax.set_xlim(-105, right + (60 if (only.any() or right >= cap) else 15))  # room for the end notes
+    finite = [min(h, CAP) for h in his] + [min(r["delta"] * 100, CAP) for r in rows if not only_in_s(r)]
+    right = CAP if clipped or any(only_in_s(r) for r in rows) else min(max(finite) + 15, CAP)
+    ax.set_xlim(-105, right)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_xlabel(
         _no_math(f"Δ_c (%) of {s_name} vs {i_name} latents, {ci_label}; labels: category (n_S:n_I)")
     )
-    return to_data_uri(fig)
+    legend = _shift_legend(ax, s_name, i_name, hatched, clipped, any(only_in_s(r) for r in rows), min_count)
+    return ShiftFigure(to_data_uri(fig), notes, legend, bars)
+
+
+def _shift_legend(ax, s_name, i_name, hatched, clipped, only, min_count) -> list[str]:
+    """Colours, hatching and arrows explained above the chart; returns the entries' texts."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    items = [
+        (Patch(color=COLORS["B"], alpha=0.85), f"more common in {s_name}"),
+        (Patch(color=COLORS["A"], alpha=0.85), f"more common in {i_name}"),
+    ]
+    if hatched:
+        below = f"< {min_count}" if min_count is not None else "few"
+        items.append(
+            (Patch(facecolor="white", edgecolor="#495057", hatch="//"), f"small count ({below} on a side)")
+        )
+    if only:
+        items.append(
+            (
+                Line2D([], [], color=COLORS["B"], marker="|", ms=8, lw=1.5),
+                f"only in {s_name}: CI lower end →, Δ unbounded",
+            )
+        )
+    if clipped:
+        items.append(
+            (
+                Line2D([], [], color="#212529", marker=">", ls="none", ms=6),
+                f"beyond {CAP:.0f}%: value written at right",
+            )
+        )
+    labels = [_no_math(t) for _, t in items]
+    ax.legend(
+        [h for h, _ in items],
+        labels,
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.01),
+        ncol=2,
+        fontsize=7,
+        frameon=False,
+    )
+    return [t for _, t in items]

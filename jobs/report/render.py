@@ -23,6 +23,7 @@ th{background:#e9ecef}td:first-child,th:first-child{text-align:left}
 line-height:1.7;border-left:3px solid #e9ecef;padding:2px 8px;margin:4px 0;word-break:break-all}
 .ctx span{border-radius:2px}.ctx .pk{outline:1.5px solid #212529}.ctx .nl{color:#adb5bd}
 .src{font-size:12px;color:#495057}.flag{color:#c92a2a;font-weight:600}
+.note{background:#fff4e6;border-left:3px solid #d9480f;padding:6px 10px;font-size:13px;margin:6px 0}
 """
 
 
@@ -64,7 +65,9 @@ def card_html(c: dict, pair: tuple[str, str], n_contexts: int) -> str:
         + "</div>"
         f'<div class="muted">Δnorm {fmt(s.get("delta_norm"))} · ν^ε {fmt(s.get("nu_eps"))} · ν^r '
         f"{fmt(s.get('nu_r'))} · freq {fmt(s.get('freq'))} · mean act {fmt(s.get('mean_act'))} · "
-        f"max {fmt(s.get('max_act'))}</div>"
+        f"max {fmt(s.get('max_act'))}"
+        + (f" ({esc(c['stats_source'])})" if c.get("stats_source") else "")
+        + "</div>"
     )
     body = []
     lab = c.get("label")
@@ -99,19 +102,18 @@ def table_html(rows: list[list[Any]], header: list[str]) -> str:
     return f"<table><tr>{th}</tr>{trs}</table>"
 
 
-def shift_table(shift: list[dict], ci_label: str = "95% CI") -> str:
-    from jobs.report.plots import only_in_s
-
-    def pct(x):
-        return x * 100 if x is not None else None
+def shift_table(shift: list[dict], ci_label: str = "95% CI", s_name: str = "S", i_name: str = "I") -> str:
+    """The shift rows with signed percents (as report.md writes them) and "only in <group>"."""
+    from jobs.report.md import _delta, _pct
 
     rows = []
     for r in shift:
-        ci = f"[{fmt(pct(r['ci_low']))}, {fmt(pct(r['ci_high']))}]"
-        d = "only in S" if only_in_s(r) else pct(r["delta"])
+        ci = f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"
         flag = "small count" if r["small_count"] else ""
-        rows.append([r["category"], r["n_s"], r["N_s"], r["n_i"], r["N_i"], d, ci, flag])
-    return table_html(rows, ["category", "n_S", "N_S", "n_I", "N_I", "Δ_c %", f"{ci_label} %", ""])
+        rows.append(
+            [r["category"], r["n_s"], r["N_s"], r["n_i"], r["N_i"], _delta(r, s_name, i_name), ci, flag]
+        )
+    return table_html(rows, ["category", "n_S", "N_S", "n_I", "N_I", "Δ_c", ci_label, ""])
 
 
 def page(title: str, sections: list[tuple[str, str]]) -> str:
