@@ -4,15 +4,17 @@
 into latent-index ranges of `latents_per_file` (one JSONL file each, zero-padded names so the
 files sort in latent order), skips ranges whose file exists, and runs the two passes of
 `diffing.examples` over the held-out shards for up to `latents_per_pass` latents at a time.
-The per-shard work goes through `map_fn(fn, items) -> list` (in-process `map` by default; the Ray
-Data job in jobs/analyze.py passes a distributed one).
+The per-shard work goes through `map_fn(fn, items) -> iterable` of the results in item order
+(in-process and lazy by default; the Ray Data job in jobs/analyze.py passes a distributed one).
+Results are merged as they arrive, so the driver holds one at a time, not one per shard (a
+per-shard accumulator is ~100 MB at the Gemma shape, and a pass reads ~80 shards).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import reduce
 from pathlib import Path
 
@@ -36,7 +38,11 @@ from diffing.examples import (
 )
 from diffing.logs import get_logger
 
-MapFn = Callable[[Callable, Sequence], list]
+MapFn = Callable[[Callable, Sequence], Iterable]
+
+
+def _local_map(fn: Callable, items: Sequence) -> Iterable:
+    return (fn(i) for i in items)  # lazy: each result is merged before the next is computed
 SOURCE_MASS_FILE = "source_mass.parquet"
 _STATS_FROM_TABLE = ("delta_norm", "cosine", "nu_eps", "nu_r")
 
@@ -241,7 +247,7 @@ def evidence_for_latents(
 ) -> list[LatentEvidence]:
     """Both passes for one set of latents (``model``: the crosscoder or its directory); returns
     their evidence in latent order."""
-    map_fn = map_fn or (lambda fn, items: [fn(i) for i in items])
+    map_fn = map_fn or _local_map
     lat = np.asarray(sorted(latents), np.int64)
     shards = heldout_shards(store, cfg)
     if not isinstance(model, Crosscoder):
@@ -356,7 +362,7 @@ def collect_source_mass(
     lat = np.arange(model.cfg.n_latents, dtype=np.int64)
     enc = SubsetEncoder(model, lat)  # every latent's encoder column: W_enc itself (no copy)
     del model
-    map_fn = map_fn or (lambda fn, items: [fn(i) for i in items])
+    map_fn = map_fn or _local_map
     parts = map_fn(MassTask(store.uri, enc, cfg), heldout_shards(store, cfg))
     total: dict[str, np.ndarray] = {}
     for part in parts:

@@ -9,7 +9,7 @@ splice.json when present; `overwrite` redoes all three.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from diffing.config import AnalysisConfig
@@ -35,15 +35,17 @@ def _task_fn(key: str, ref) -> Callable:
 
 
 def ray_data_map(concurrency: int, *, num_cpus: float = 0.5, address: str | None = None) -> Callable:
-    """A `map_fn(fn, items) -> list` running fn over items as Ray Data tasks (order kept).
+    """A `map_fn(fn, items) -> iterator` running fn over items as Ray Data tasks, yielding the
+    results in item order as they arrive (one held ahead only while an earlier one is pending), so
+    the caller merges each before the next: the driver never holds every shard's result at once.
 
     fn goes to the object store once and is unpickled once per worker process; items travel
     pickled in the rows; results come back pickled too, so any Python object works.
     """
 
-    def map_fn(fn: Callable, items: Sequence) -> list:
+    def map_fn(fn: Callable, items: Sequence) -> Iterator:
         if not items:
-            return []
+            return
         import uuid
 
         import ray
@@ -61,12 +63,17 @@ def ray_data_map(concurrency: int, *, num_cpus: float = 0.5, address: str | None
         rows = [{"i": i, "item": pickle.dumps(it)} for i, it in enumerate(items)]
         ray.data.DataContext.get_current().raise_original_map_exception = True  # a task's error as itself
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        out = ds.map(task, concurrency=concurrency, num_cpus=num_cpus).take_all()
+        ahead: dict[int, bytes] = {}  # results that arrived before an earlier item's
+        nxt = 0
+        for r in ds.map(task, concurrency=concurrency, num_cpus=num_cpus).iter_rows():
+            ahead[int(r["i"])] = r["out"]
+            while nxt in ahead:
+                yield pickle.loads(ahead.pop(nxt))
+                nxt += 1
         # best effort: idle workers would hold the pass's encoder (all of W_enc for the source
         # mass) until the next pass; a pass of no-ops reaches the same reused worker processes
         n = 2 * concurrency
         ray.data.range(n, override_num_blocks=n).map(_drop_task, num_cpus=num_cpus).take_all()
-        return [pickle.loads(r["out"]) for r in sorted(out, key=lambda r: r["i"])]
 
     return map_fn
 

@@ -203,6 +203,36 @@ def test_resume_skips_written_ranges(world, tmp_path):
     assert len(calls) == 2  # nothing left to do
 
 
+def test_per_shard_results_are_merged_as_they_arrive(world, monkeypatch):
+    """The driver holds the running merge and a result or two, not one per shard (at the
+    Gemma shape each is ~100 MB and a pass reads ~80 shards)."""
+    import gc
+    import weakref
+
+    import diffing.collect as dc
+
+    alive, peak = [0], [0]
+    scan = dc.ScanTask.__call__
+
+    def gone():
+        alive[0] -= 1
+
+    def tracked(self, shard):
+        gc.collect()  # results already merged away are freed before this one counts
+        out = scan(self, shard)
+        alive[0] += 1
+        weakref.finalize(out, gone)
+        peak[0] = max(peak[0], alive[0])
+        return out
+
+    monkeypatch.setattr(dc.ScanTask, "__call__", tracked)
+    rows = {lat: {"latent": lat, "group": "x", "delta_norm": 0.5} for lat in range(L)}
+    ev = evidence_for_latents(world["store"], world["run"] / "crosscoder", [0, 4], CFG, rows)
+    n_shards = len(world["store"].manifest.shards)
+    assert n_shards >= 6 and [e.latent for e in ev] == [0, 4]
+    assert peak[0] <= 3  # the running merge, the last result merged and the newest: 10 held before
+
+
 def test_heldout_hash_uses_only_heldout_docs(world):
     cfg = CFG.model_copy(update={"heldout": "hash", "heldout_frac": 0.3})
     rows = {lat: {"latent": lat, "group": "x", "delta_norm": 0.5} for lat in range(L)}
