@@ -165,6 +165,30 @@ def test_iter_batches_covers_each_row_once_and_is_deterministic(tmp_path):
     np.testing.assert_array_equal(skipped, a[5 * 64 :])
 
 
+def test_unshuffled_batches_stream_shard_by_shard(tmp_path):
+    """In order, every row once, in batches that cut across shards, whatever the buffer; and
+    holding about two shards, not `buffer_rows` (GBs at the Gemma shape)."""
+    import tracemalloc
+
+    n, rows = 16 * 500, 500
+    acts = np.zeros((n, 2, 64), np.float32)
+    acts[:, 0, 0] = np.arange(n) % 2048  # row id, exact in fp16
+    st = write_arrays(str(tmp_path / "s"), acts, model_names=["a", "b"], shard_rows=rows)
+    want = acts[:, 0, 0]
+    for kw in ({}, {"buffer_rows": 1}, {"drop_last": False}, {"skip_batches": 3}):
+        got = np.concatenate([b[:, 0, 0].float().numpy() for b in st.iter_batches(96, shuffle=False, **kw)])
+        start = 3 * 96 if kw.get("skip_batches") else 0
+        end = n if kw.get("drop_last") is False else n // 96 * 96
+        np.testing.assert_array_equal(got, want[start:end])
+    shard_bytes = rows * 2 * 64 * 2  # float16
+    tracemalloc.start()
+    for _ in st.iter_batches(96, shuffle=False):
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * shard_bytes, peak / shard_bytes  # the whole store (16 shards) before
+
+
 @pytest.mark.timeout(120)
 def test_s3_store_roundtrip(s3_endpoint):
     acts = _acts(600)

@@ -167,7 +167,9 @@ class ActivationStore:
             a, _ = self.read_shard(i)
             buf.append(a)
             held += len(a)
-            if held >= buffer_rows:
+            # unshuffled, the rows go out in store order whatever the buffer: hold no more than the
+            # shard just read and the last one's remainder (a 262k-row buffer is GBs at d_model 3584)
+            if held >= (buffer_rows if shuffle else batch_size):
                 yield from drain(final=False)
         if held:
             yield from drain(final=True)
