@@ -43,6 +43,8 @@ MapFn = Callable[[Callable, Sequence], Iterable]
 
 def _local_map(fn: Callable, items: Sequence) -> Iterable:
     return (fn(i) for i in items)  # lazy: each result is merged before the next is computed
+
+
 SOURCE_MASS_FILE = "source_mass.parquet"
 _STATS_FROM_TABLE = ("delta_norm", "cosine", "nu_eps", "nu_r")
 

@@ -282,8 +282,11 @@ class Crosscoder(nn.Module):
         if not (p / "cfg.json").exists() or not (p / "model.safetensors").exists():
             raise FileNotFoundError(f"{p} is not a saved crosscoder (needs cfg.json and model.safetensors)")
         cfg = CrosscoderConfig.model_validate_json((p / "cfg.json").read_text())
-        model = cls(cfg, seed=None)
-        model.load_state_dict(load_file(str(p / "model.safetensors")))
+        model = cls(cfg, seed=None)  # uninitialised parameters: no memory is touched for them
+        # the file's tensors become the parameters (assign): one copy in memory, not two (10 GB
+        # each at the Gemma shape), read straight onto `device`
+        sd = load_file(str(p / "model.safetensors"), device=str(torch.device(device)))
+        model.load_state_dict(sd, assign=True)
         return model.to(device)
 
 

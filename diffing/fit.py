@@ -182,7 +182,8 @@ def _check_same_fit(run: RunDir, cfg: FitConfig, store: ActivationStore) -> None
 def load_checkpoint(path: str | Path) -> dict:
     """A training checkpoint (ours: tensors, numbers, strings and the numpy RNG state), read with
     torch's weights-only unpickler: a checkpoint someone else wrote into the run's bucket cannot run
-    code. Onto the CPU, so a GPU run's loads anywhere."""
+    code. Onto the CPU, so a GPU run's loads anywhere; memory-mapped, so apply it before the file
+    goes (copy-on-write: a tensor the optimiser keeps and updates never writes the file)."""
     import numpy as np
 
     allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # np.random.get_state()'s key array
@@ -192,7 +193,13 @@ def load_checkpoint(path: str | Path) -> dict:
         except (ImportError, AttributeError):
             pass
     with torch.serialization.safe_globals(allowed):
-        return torch.load(path, weights_only=True, map_location="cpu")
+        try:  # memory-mapped: tensors are read as they are copied into the model and optimiser,
+            # not all at once (a Gemma-shape checkpoint is ~30 GB, and every rank of a node loads one)
+            return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            return torch.load(path, weights_only=True, map_location="cpu")  # a legacy (non-zip) file
 
 
 def _latest_checkpoint(run: RunDir, log) -> dict | None:

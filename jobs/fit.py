@@ -112,8 +112,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             blob = load_checkpoint(Path(d) / "state.pt")  # weights-only: the bucket's file runs no code
-        state.load_state_dict(blob["state"])
-        history = blob.get("history", [])
+            state.load_state_dict(blob["state"])  # while the memory-mapped file is there
+            history = blob.get("history", [])
         # the loaded copy (weights and Adam moments: 28 GiB at the Gemma-2-9b shape) must not stay
         # beside the device's for the rest of the run: rank 0 snapshots another at its next checkpoint
         del blob

@@ -99,6 +99,29 @@ def test_save_load_roundtrip(tmp_path):
     assert torch.equal(cc.encode(x), back.encode(x))
 
 
+def test_load_holds_one_copy_of_the_weights(tmp_path):
+    """The file's tensors become the parameters: the peak is one copy of the weights, not two
+    (10 GB each at the Gemma shape), and they are still trainable parameters."""
+    import subprocess
+    import sys
+
+    from diffing.config import CrosscoderConfig
+
+    cfg = CrosscoderConfig(n_latents=16384, k=8).resolve(n_models=2, d_model=2048, model_names=("a", "b"))
+    Crosscoder(cfg, seed=None).save(tmp_path / "cc")  # 2 x 2 x 16384 x 2048 floats: 512 MiB
+    code = f"""
+import resource, torch
+from diffing.crosscoder import Crosscoder
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+cc = Crosscoder.load({str(tmp_path / "cc")!r})
+assert isinstance(cc.W_dec, torch.nn.Parameter) and cc.W_dec.requires_grad and cc.W_dec.shape == (2, 16384, 2048)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10) - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) < 1.4 * 512, out.stdout  # MiB of peak growth: 1024 before
+
+
 def test_export_raw_acts_on_raw_activations():
     cc, _ = _pair(seed=6)
     if cc.cfg.kind == "batchtopk":  # untrained: no threshold to export (0 would keep everything)
