@@ -72,6 +72,25 @@ def reconstruct(crosscoder: Crosscoder, x: Tensor, drop: Tensor | None = None) -
     return (crosscoder.decode(f) / crosscoder.norm_scale[None, :, None]).to(x.device)
 
 
+# rows of [rows, vocab] float32 per step of the loss math: 256 MB at Gemma's 256k vocabulary
+_LOSS_CHUNK_FLOATS = 1 << 26
+
+
+def _ce_kl(logits: Tensor, targets: Tensor, logp_clean: Tensor | None) -> tuple[float, float]:
+    """Σ cross-entropy of `logits` [N, V] at `targets` [N], and Σ_rows KL(clean ‖ spliced) (each
+    row's clamped at 0) when `logp_clean` [N, V] is given; over row chunks, so only a chunk of the
+    log-softmax and the KL terms exists at a time (six [N, V] float32 buffers were live at once)."""
+    step = max(1, _LOSS_CHUNK_FLOATS // max(1, logits.shape[-1]))
+    ce = kl = 0.0
+    for s in range(0, logits.shape[0], step):
+        logp = F.log_softmax(logits[s : s + step].float(), -1)
+        ce += float(F.nll_loss(logp, targets[s : s + step], reduction="sum"))
+        if logp_clean is not None:
+            rows = F.kl_div(logp, logp_clean[s : s + step], reduction="none", log_target=True).sum(-1)
+            kl += float(rows.clamp_min(0).sum())
+    return ce, kl
+
+
 @torch.no_grad()
 def splice_eval(
     models: Sequence[nn.Module],
@@ -126,18 +145,18 @@ def splice_eval(
             recons[v] = full
         n_tok += int(score.sum())
         for m, (name, model) in enumerate(zip(names, models, strict=True)):
-            clean = _logits(model, ids, mask, layer, None, where)[:, :-1][score]
-            logp_clean = F.log_softmax(clean, -1)
+            logp_clean = F.log_softmax(_logits(model, ids, mask, layer, None, where)[:, :-1][score], -1)
             acc = sums[name]
             acc["ce_clean"] += float(F.nll_loss(logp_clean, targets, reduction="sum"))
             zero = _logits(model, ids, mask, layer, torch.zeros_like(acts[:, :, m]), where)[:, :-1][score]
-            acc["ce_zero"] += float(F.cross_entropy(zero, targets, reduction="sum"))
+            acc["ce_zero"] += _ce_kl(zero, targets, None)[0]
+            del zero
             for v, rec in recons.items():
                 logits = _logits(model, ids, mask, layer, rec[:, :, m], where)[:, :-1][score]
-                logp = F.log_softmax(logits, -1)
-                acc[f"{v}/ce"] += float(F.nll_loss(logp, targets, reduction="sum"))
-                kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
-                acc[f"{v}/kl"] += float(kl.clamp_min(0).sum())
+                ce, kl = _ce_kl(logits, targets, logp_clean)
+                acc[f"{v}/ce"] += ce
+                acc[f"{v}/kl"] += kl
+                del logits
     out: dict = {"n_tokens": n_tok, "n_prompts": len(prompts), "layer": layer, "models": {}}
     for name in names:
         mean = {k: v / max(n_tok, 1) for k, v in sums[name].items()}

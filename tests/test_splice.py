@@ -80,6 +80,35 @@ def test_shared_only_drops_what_the_dropped_latents_carry(pair):
     assert ft["full"]["ce_recovered"] == pytest.approx(1.0, abs=1e-2)
 
 
+def test_loss_math_in_row_chunks_equals_the_whole_and_a_reference(pair, monkeypatch):
+    """CE and KL over row chunks (Gemma's 256k vocabulary) give what one pass over all rows gives,
+    and KL(clean ‖ spliced) matches its definition written out."""
+    import torch.nn.functional as F
+
+    import diffing.splice as sp
+
+    models, prompts, pad = pair
+    cc = _identity_crosscoder(models[0].config.hidden_size)
+    with torch.no_grad():
+        cc.W_dec.mul_(0.7)  # a lossy reconstruction: KL and ΔCE away from 0
+    whole = splice_eval(models, cc, LAYER, prompts, drop_latents=[0, 1], pad_id=pad)
+    monkeypatch.setattr(sp, "_LOSS_CHUNK_FLOATS", models[0].config.vocab_size * 3)  # 3 rows a chunk
+    chunked = splice_eval(models, cc, LAYER, prompts, drop_latents=[0, 1], pad_id=pad)
+    for name, r in whole["models"].items():
+        assert r["full"]["kl"] > 1e-4
+        for v in ("full", "shared_only"):
+            for k in ("ce", "kl"):
+                assert chunked["models"][name][v][k] == pytest.approx(r[v][k], rel=1e-5, abs=1e-7)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 50, generator=g), torch.randn(7, 50, generator=g)
+    t = torch.randint(0, 50, (7,), generator=g)
+    monkeypatch.setattr(sp, "_LOSS_CHUNK_FLOATS", 100)  # 2 rows a chunk, the last one alone
+    ce, kl = sp._ce_kl(b, t, F.log_softmax(a, -1))
+    pa, pb = F.softmax(a, -1), F.softmax(b, -1)
+    assert ce == pytest.approx(float(F.cross_entropy(b, t, reduction="sum")), rel=1e-5)
+    assert kl == pytest.approx(float((pa * (pa.log() - pb.log())).sum()), rel=1e-5)
+
+
 def test_splice_rejects_wrong_model_count(pair):
     models, prompts, pad = pair
     with pytest.raises(ValueError, match="2 models|1 models"):
