@@ -230,6 +230,14 @@ def pipeline(
             help="Redo the first stage whose config changed and the stages after it (keep the rest).",
         ),
     ] = False,
+    steal_lock: Annotated[
+        bool,
+        typer.Option(
+            "--steal-lock",
+            help="Take a remote run whose lease another process still holds (one known to be gone, "
+            "before its lease goes stale).",
+        ),
+    ] = False,
 ) -> None:
     """harvest -> fit -> analyze -> label -> report in one run directory; finished stages are skipped."""
     from jobs.pipeline import run_pipeline
@@ -244,6 +252,7 @@ def pipeline(
             endpoint=endpoint,
             overwrite=overwrite,
             redo_changed=redo_changed,
+            steal_lock=steal_lock,
         )
         typer.echo(json.dumps(res, indent=2, default=str))
 

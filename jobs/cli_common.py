@@ -75,10 +75,11 @@ def _user_errors():
     from diffing.config import ConfigError
     from diffing.store import StoreError
     from jobs.label import LabelJobError
+    from jobs.runlock import RunBusy
 
     # OSError: a full or read-only disk, an unreachable host (ConnectionError), a missing file;
     # TimeoutError (an OSError) too: a service that did not come up
-    errors: tuple = (ConfigError, StoreError, LabelJobError, ValueError, OSError)
+    errors: tuple = (ConfigError, StoreError, LabelJobError, RunBusy, ValueError, OSError)
     try:  # s3:// without credentials, or an endpoint that does not answer
         from botocore.exceptions import BotoCoreError
 

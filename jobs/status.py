@@ -210,9 +210,51 @@ def run_status(run: str) -> dict[str, Any]:
             out["probably_killed"] = out["last_write_age_s"] > out["quiet_after_s"]
             if out["probably_killed"]:
                 progress.pop("eta_s", None)  # the dead attempt's: a rerun resumes and logs its own
+    if started:  # who holds the run says more than how old its files are
+        _apply_holder(out, fs, root, run, now, progress)
     if current is None and fs.exists(f"{root}/report.html"):
         out["report"] = f"{run.rstrip('/')}/report.html"
     return out
+
+
+def _apply_holder(out: dict, fs, root: str, run: str, now: float, progress: dict) -> None:
+    """A running stage's run held by a live process is running, however quiet (a long fit step);
+    one nobody holds was stopped: a local run's lock is free (its holder was on this host), or a
+    remote run's lease was given back or is stale. Runs from before locks (no lock file, no lease)
+    keep the file-age rule."""
+    import socket
+    from pathlib import Path
+
+    from jobs.runlock import LEASE_FILE, LOCK_FILE, STALE_S, holder
+
+    if "://" not in run:
+        lock = Path(root) / LOCK_FILE
+        if not lock.exists():
+            return
+        if (h := holder(Path(root))) is not None:
+            out["held_by"], out["probably_killed"] = h, False
+            return
+        try:
+            last = json.loads(lock.read_text() or "{}")
+        except (OSError, ValueError):
+            last = {}
+        if last.get("host") == socket.gethostname():  # a flock seen from its own host is the truth
+            out["probably_killed"], out["holder_gone"] = True, True
+    else:
+        lease = _read(fs, f"{root}/{LEASE_FILE}")
+        if lease is None:
+            return  # never leased (a run from before leases): the file-age rule stands
+        if lease.get("released"):  # given back with a stage still `running`: it failed or was stopped
+            out["probably_killed"], out["holder_gone"] = True, True
+        else:
+            age = now - float(lease.get("heartbeat") or 0)
+            if age <= STALE_S:
+                out["held_by"] = {**lease, "heartbeat_age_s": round(age, 1)}
+                out["probably_killed"] = False
+                return
+            out["probably_killed"], out["holder_gone"] = True, True
+    if out.get("probably_killed"):
+        progress.pop("eta_s", None)
 
 
 def _standalone(fs, root: str, run: str) -> dict[str, Any]:
@@ -300,12 +342,19 @@ def format_status(st: dict[str, Any]) -> str:
         if stage == st["current"]:
             detail = _progress_detail(stage, st["progress"])
         lines.append(f"  {stage:<8} {state:<8} {_fmt_s(row.get('seconds')):>9}  {detail}".rstrip())
+    if h := st.get("held_by"):
+        beat = f", heartbeat {_fmt_s(h['heartbeat_age_s'])} ago" if "heartbeat_age_s" in h else ""
+        lines.append(
+            f"held by {h.get('command', 'crossdiff')} (pid {h.get('pid', '?')} on {h.get('host', '?')}{beat})"
+        )
+    if st.get("holder_gone"):
+        lines.append("no process holds the run: it was stopped or killed; rerun the pipeline to resume")
     if "last_write_age_s" in st:
         lines.append(
             f"last output written {_fmt_s(st['last_write_age_s'])} ago"
             + (
                 " (a `running` stage with no recent write was probably killed: rerun the pipeline to resume)"
-                if st.get("probably_killed")
+                if st.get("probably_killed") and not st.get("holder_gone")
                 else ""
             )
         )

@@ -460,7 +460,7 @@ def test_pipeline_command_hands_every_option_to_the_library(monkeypatch, tmp_pat
         [
             "pipeline", "--config", str(tmp_path / "p.yaml"), "--out", "s3://b/run", "--set", "fit.train.lr=1e-3",
             "--set", "analyze.tail_frac=0.03", "--address", "ray://head:10001", "--endpoint", "http://l:8000",
-            "--redo-changed",
+            "--redo-changed", "--steal-lock",
         ],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -474,9 +474,12 @@ def test_pipeline_command_hands_every_option_to_the_library(monkeypatch, tmp_pat
         "endpoint": "http://l:8000",
         "overwrite": False,
         "redo_changed": True,
+        "steal_lock": True,
     }
     assert runner.invoke(app, ["pipeline", "--preset", "tiny", "--overwrite"]).exit_code == 0
-    assert seen["preset"] == "tiny" and seen["overwrite"] and not seen["redo_changed"]
+    assert (
+        seen["preset"] == "tiny" and seen["overwrite"] and not seen["redo_changed"] and not seen["steal_lock"]
+    )
 
     def bad(**kw):
         raise ConfigError("fit.train.lr: must be > 0")

@@ -210,3 +210,55 @@ def test_status_raises_what_is_not_a_state_of_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(type(fs), "cat_file", denied)
     with pytest.raises(PermissionError):
         run_status(root)
+
+
+@pytest.mark.timeout(60)
+def test_who_holds_the_run_decides_running_or_stopped(tmp_path):
+    """A run held by a live process is running however quiet its files (a long fit step); one whose
+    holder is gone was stopped, said at once (a local lock seen from its host, a lease given back or
+    stale), not after 15 quiet minutes."""
+    import signal
+    import subprocess
+    import sys
+
+    from jobs.runlock import LEASE_FILE
+
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path / "run")
+    _run_at(fs, root, root)
+    _write(fs, f"{root}/stages/harvest.json", {"hash": "h", "seconds": 1, "summary": {}})
+    _write(fs, f"{root}/stages/fit.json", {"running": True, "hash": "f"})
+    old = time.time() - 3600
+    os.utime(f"{root}/stages/fit.json", (old, old))  # quiet for an hour
+    st = run_status(root)
+    assert st["probably_killed"] and "holder_gone" not in st  # no lock file: the file-age rule
+    hold = "import sys, time; from pathlib import Path; from jobs.runlock import hold_run\n"
+    hold += "with hold_run(Path(sys.argv[1]), command='crossdiff pipeline'):\n    print('held', flush=True); time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", hold, root], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        st = run_status(root)
+        assert st["held_by"]["pid"] == p.pid and not st["probably_killed"]
+        assert f"held by crossdiff pipeline (pid {p.pid} on " in format_status(st)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    st = run_status(root)
+    assert st["probably_killed"] and st["holder_gone"] and "held_by" not in st
+    assert "no process holds the run" in format_status(st)
+
+    # a bucket run: its lease, fresh, given back, or stale
+    mem = fsspec.filesystem("memory")
+    mroot = f"/status-lease/{time.time_ns()}"
+    _run_at(mem, mroot, f"memory://{mroot}")
+    _write(mem, f"{mroot}/stages/harvest.json", {"running": True, "hash": "h"})
+    lease = {"lease": "x", "host": "node-3", "pid": 7, "command": "crossdiff pipeline"}
+    for body, held, gone in (
+        ({**lease, "heartbeat": time.time()}, True, False),
+        ({**lease, "heartbeat": time.time(), "released": time.time()}, False, True),
+        ({**lease, "heartbeat": time.time() - 3600}, False, True),
+    ):
+        _write(mem, f"{mroot}/{LEASE_FILE}", body)
+        st = run_status(f"memory://{mroot}")
+        assert ("held_by" in st) == held and bool(st.get("holder_gone")) == gone, body
+    mem.rm(mroot, recursive=True)

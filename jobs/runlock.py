@@ -1,0 +1,240 @@
+"""One writer per run: a pipeline (or a single-stage command) holds its run while it works.
+
+Two processes on one run directory would clear, rewrite and resume each other's outputs (a Ray
+job resubmitted while its first driver still runs, `make demo` in two terminals, one `out` used
+from two machines). So a run is held:
+
+- **local run directory**: an advisory `fcntl.flock` on `RUN/.crossdiff.lock`. The kernel drops it
+  when the holder dies, however it dies, so a killed run resumes at once. The file names the
+  holder (host, pid, command, since) for the message of whoever is refused.
+- **remote run (`s3://`, `gs://`)**: a lease object `RUN/.crossdiff-lease.json` the holder
+  rewrites every `heartbeat_s`. Another process takes it over once it is stale (no heartbeat for
+  `stale_s`) or at once when its holder ran on the same host and that pid is gone; the holder marks
+  it `released` when it stops (`crossdiff status` reads that). Object stores
+  have no portable compare-and-set, so after writing its lease a taker reads it back a moment
+  later: of two takers at once, the one whose lease was overwritten backs off.
+
+The local working copy of a remote run is flocked too (two drivers on one machine share it).
+`steal=True` (`--steal-lock`) takes a run whatever holds it: for a holder known to be gone whose
+lease has not gone stale yet. Nothing here decides what a stage does; it only says who may.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from diffing.logs import get_logger
+
+LOCK_FILE = ".crossdiff.lock"
+LEASE_FILE = ".crossdiff-lease.json"
+HEARTBEAT_S = 30.0
+STALE_S = 120.0  # four missed heartbeats: the holder is gone (or cut off from the bucket)
+SETTLE_S = 1.0  # a taker reads its lease back after this long (two takers at once: one backs off)
+
+
+class RunBusy(RuntimeError):
+    """Another live process holds the run. Retryable: it is free once that one finishes."""
+
+    retryable = True
+
+
+def _me(command: str) -> dict[str, Any]:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "command": command,
+        "since": time.time(),
+    }
+
+
+def _describe(owner: dict[str, Any]) -> str:
+    since = owner.get("since")
+    age = f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
+    return (
+        f"{owner.get('command', 'crossdiff')} (pid {owner.get('pid', '?')} on {owner.get('host', '?')}{age})"
+    )
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # someone else's process, or no pid: assume alive
+    return True
+
+
+@contextmanager
+def _flock(run: Path, command: str, target: str) -> Iterator[None]:
+    import fcntl
+
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK_FILE
+    f = open(path, "a+")  # noqa: SIM115 - held open for the whole context: the lock lives with it
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                owner = json.loads(f.read() or "{}")
+            except ValueError:
+                owner = {}
+            raise RunBusy(
+                f"{target} is in use by {_describe(owner)}: wait for it to finish (`crossdiff status "
+                f"{target}` follows it), or stop it first. Two processes on one run would undo each "
+                "other's work."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(_me(command)))
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the flock
+
+
+def holder(run: Path) -> dict[str, Any] | None:
+    """Who holds a local run now (its lock file's owner), or None when nobody does. A probe: it
+    takes the flock for an instant when it is free."""
+    import fcntl
+
+    path = Path(run) / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads(Path(path).read_text() or "{}")
+            except (OSError, ValueError):
+                return {}
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+class Lease:
+    """The remote run's lease: taken, kept alive by a heartbeat thread, given back."""
+
+    def __init__(
+        self, remote: str, command: str, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S
+    ):
+        self.fs, root = fsspec.core.url_to_fs(remote.rstrip("/"))
+        self.path = f"{root.rstrip('/')}/{LEASE_FILE}"
+        self.remote = remote.rstrip("/")
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.me = {**_me(command), "lease": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.log = get_logger("pipeline.lease", run=self.remote)
+
+    def read(self) -> dict[str, Any] | None:
+        self.fs.invalidate_cache()
+        try:
+            owner = json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # torn: nobody can be said to hold it
+        return owner if isinstance(owner, dict) else {}
+
+    def _write(self) -> None:
+        with self.fs.open(self.path, "wb") as f:
+            f.write(json.dumps({**self.me, "heartbeat": time.time()}).encode())
+
+    def _free(self, owner: dict[str, Any] | None) -> tuple[bool, str]:
+        if not owner or owner.get("lease") == self.me["lease"] or owner.get("released"):
+            return True, "free"
+        age = time.time() - float(owner.get("heartbeat") or 0)
+        if age > self.stale_s:
+            return True, f"stale ({age:.0f} s without a heartbeat)"
+        if owner.get("host") == self.me["host"] and not _pid_alive(owner.get("pid")):
+            return True, "its holder's process on this host is gone"
+        return False, f"heartbeat {age:.0f} s ago"
+
+    def acquire(self, *, steal: bool = False) -> None:
+        owner = self.read()
+        free, why = self._free(owner)
+        if not free and not steal:
+            self._busy(owner, why)
+        if owner and owner.get("lease") != self.me["lease"]:
+            self.log.warning(
+                "pipeline.lease_taken_over", previous=_describe(owner), reason=why if free else "--steal-lock"
+            )
+        self._write()
+        time.sleep(SETTLE_S)
+        now = self.read()
+        if now and now.get("lease") != self.me["lease"]:  # another taker wrote after us
+            self._busy(now, "it took the lease at the same moment")
+        self._thread = threading.Thread(target=self._beat, name="crossdiff-lease", daemon=True)
+        self._thread.start()
+
+    def _busy(self, owner: dict[str, Any] | None, why: str):
+        raise RunBusy(
+            f"{self.remote} is in use by {_describe(owner or {})} ({why}): wait for it to finish "
+            f"(`crossdiff status {self.remote}`), or, if it is gone, rerun after {self.stale_s:.0f} s "
+            "without its heartbeat, or with --steal-lock. Two processes on one run would undo each "
+            "other's work."
+        )
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                owner = self.read()
+                if owner and owner.get("lease") != self.me["lease"]:
+                    self.log.error(
+                        "pipeline.lease_lost",
+                        holder=_describe(owner),
+                        detail="another process took this run over (--steal-lock, or this one was cut off "
+                        "from the bucket for longer than the stale limit); stop one of them",
+                    )
+                    return
+                self._write()
+            except Exception as e:  # noqa: BLE001 - a missed heartbeat is retried; the lease goes stale only after several
+                self.log.warning("pipeline.lease_heartbeat_failed", error=f"{type(e).__name__}: {e}"[:200])
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            owner = self.read()
+            if owner and owner.get("lease") == self.me["lease"]:  # kept, marked given back: `crossdiff
+                with self.fs.open(self.path, "wb") as f:  # status` tells a stopped run from a live one
+                    f.write(json.dumps({**owner, "released": time.time()}).encode())
+        except Exception as e:  # noqa: BLE001 - it goes stale on its own
+            self.log.warning("pipeline.lease_release_failed", error=f"{type(e).__name__}: {e}"[:200])
+
+
+@contextmanager
+def hold_run(
+    run: Path, remote: str | None = None, *, command: str | None = None, steal: bool = False
+) -> Iterator[None]:
+    """Hold a run for the duration: the local directory's flock and, for a remote run, its lease.
+    Raises RunBusy, naming the holder, when another live process has it."""
+    command = command or " ".join(["crossdiff", *sys.argv[1:3]]).strip()
+    target = remote or str(run)
+    with _flock(Path(run), command, target):
+        if remote is None:
+            yield
+            return
+        lease = Lease(remote, command)
+        lease.acquire(steal=steal)
+        try:
+            yield
+        finally:
+            lease.release()

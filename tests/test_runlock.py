@@ -1,0 +1,162 @@
+"""One writer per run: a second pipeline (or a resubmitted job) on a run that another live process
+holds is refused with the holder's name; a killed holder frees it at once (local) or when its lease
+goes stale or its pid on this host is gone (remote)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import fsspec
+import pytest
+
+from jobs import runlock
+from jobs.runlock import LEASE_FILE, LOCK_FILE, Lease, RunBusy, hold_run, holder
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from jobs.runlock import hold_run
+with hold_run(Path(sys.argv[1]), command="crossdiff pipeline (test holder)"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _holder_process(run):
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.mark.timeout(60)
+def test_a_local_run_held_by_a_live_process_is_refused_and_freed_when_it_dies(tmp_path):
+    run = tmp_path / "run"
+    p = _holder_process(run)
+    try:
+        assert holder(run)["pid"] == p.pid
+        with pytest.raises(RunBusy, match=rf"in use by crossdiff pipeline \(test holder\) \(pid {p.pid} on "):
+            with hold_run(run):
+                pass
+    finally:
+        p.send_signal(signal.SIGKILL)  # killed, as a driver can be: the kernel drops its lock
+        p.wait()
+    assert holder(run) is None
+    with hold_run(run, command="crossdiff pipeline (second)"):
+        assert holder(run)["command"] == "crossdiff pipeline (second)"
+    assert holder(run) is None
+
+
+@pytest.fixture
+def remote():
+    fs = fsspec.filesystem("memory")
+    root = f"/lease-test/{time.time_ns()}"
+    yield fs, root, f"memory://{root}"
+    fs.rm(root, recursive=True) if fs.exists(root) else None
+
+
+def _write_lease(fs, root, **owner):
+    fs.pipe_file(
+        f"{root}/{LEASE_FILE}",
+        json.dumps({"lease": "other", "command": "crossdiff pipeline", **owner}).encode(),
+    )
+
+
+def test_a_remote_lease_is_refused_while_alive_and_taken_over_when_stale_or_its_pid_is_gone(
+    remote, monkeypatch
+):
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.0)
+    fs, root, uri = remote
+    now = time.time()
+    # another machine's live holder
+    _write_lease(fs, root, host="node-7", pid=4242, heartbeat=now)
+    with pytest.raises(RunBusy, match=r"pid 4242 on node-7.*heartbeat 0 s ago.*--steal-lock"):
+        Lease(uri, "crossdiff pipeline").acquire()
+    # ... stale: no heartbeat for longer than stale_s
+    _write_lease(fs, root, host="node-7", pid=4242, heartbeat=now - 3600)
+    lease = Lease(uri, "crossdiff pipeline")
+    lease.acquire()
+    assert json.loads(fs.cat_file(f"{root}/{LEASE_FILE}"))["lease"] == lease.me["lease"]
+    lease.release()
+    assert json.loads(fs.cat_file(f"{root}/{LEASE_FILE}"))["released"]  # given back: free
+    # this host's holder whose process is gone: at once, whatever its heartbeat
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    _write_lease(fs, root, host=socket.gethostname(), pid=int(dead.stdout), heartbeat=now)
+    lease = Lease(uri, "crossdiff pipeline")
+    lease.acquire()
+    lease.release()
+    # --steal-lock takes a live one
+    _write_lease(fs, root, host="node-7", pid=4242, heartbeat=time.time())
+    lease = Lease(uri, "crossdiff pipeline")
+    lease.acquire(steal=True)
+    lease.release()
+
+
+def test_two_leases_on_one_run_and_the_heartbeat(remote, monkeypatch):
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.0)
+    fs, root, uri = remote
+    a = Lease(uri, "crossdiff pipeline (a)", heartbeat_s=0.05)
+    a.acquire()
+    first = json.loads(fs.cat_file(f"{root}/{LEASE_FILE}"))["heartbeat"]
+    time.sleep(0.3)
+    assert json.loads(fs.cat_file(f"{root}/{LEASE_FILE}"))["heartbeat"] > first  # kept alive
+    with pytest.raises(RunBusy, match=r"crossdiff pipeline \(a\)"):
+        Lease(uri, "crossdiff pipeline (b)").acquire()
+    # two takers at once: the one whose lease was overwritten while it settled backs off
+    a.release()
+    b, c = Lease(uri, "b"), Lease(uri, "c")
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.01)
+    real_sleep = time.sleep
+
+    def c_writes_meanwhile(s):
+        c._write()
+        real_sleep(s)
+
+    monkeypatch.setattr(runlock.time, "sleep", c_writes_meanwhile)
+    with pytest.raises(RunBusy, match="at the same moment"):
+        b.acquire()
+    monkeypatch.setattr(runlock.time, "sleep", real_sleep)
+
+
+@pytest.mark.timeout(60)
+def test_a_second_pipeline_on_a_held_run_changes_nothing_and_exits_3(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    run = tmp_path / "run"
+    p = _holder_process(run)
+    try:
+        r = CliRunner().invoke(app, ["pipeline", "--preset", "tiny", "--out", str(run)])
+        assert r.exit_code == 3, r.output  # retryable: free once the holder finishes
+        assert "in use by crossdiff pipeline (test holder)" in r.output and "crossdiff status" in r.output
+        # nothing of the pipeline's own (the preset's corpus is written, atomically and only when
+        # absent, as its config is loaded)
+        assert set(os.listdir(run)) <= {LOCK_FILE, "corpus.jsonl"}
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_the_mirror_never_copies_the_lock_or_the_lease(remote, tmp_path):
+    from jobs.rundir import RunMirror
+
+    fs, root, uri = remote
+    local = tmp_path / "copy"
+    local.mkdir()
+    (local / LOCK_FILE).write_text("{}")
+    (local / "latents.parquet").write_bytes(b"x")
+    _write_lease(fs, root, host="h", pid=1, heartbeat=time.time())
+    m = RunMirror(uri, local)
+    m.push()
+    assert fs.exists(f"{root}/latents.parquet") and not fs.exists(f"{root}/{LOCK_FILE}")
+    m.pull()
+    assert not (local / LEASE_FILE).exists()
+    assert fs.exists(f"{root}/{LEASE_FILE}")  # and a push never deletes it
