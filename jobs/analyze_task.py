@@ -76,7 +76,8 @@ def in_task(cfg, run: str, store: str, overwrite: bool) -> dict:
     # a remote run: exactly the bucket's (nothing a killed attempt left unsynced), uploaded as it
     # goes and at the end, also on failure; a local one: in place, where this node must see it
     remote = (cfg.out, task_work_dir(cfg.out)) if cfg.remote else (run, None)
-    with local_copy(*remote, prune=True, sync_every_s=cfg.sync_every_s) as local:
+    # not held: the task works for the pipeline that holds the run
+    with local_copy(*remote, prune=True, sync_every_s=cfg.sync_every_s, hold=False) as local:
         if not cfg.remote and not (local / "crosscoder").is_dir():
             raise FileNotFoundError(
                 f"analyze_task: the run directory {run} (with its fitted crosscoder/) is not on the "

@@ -167,13 +167,13 @@ def write_anchored(s_run: str, i_run: str, out: str, opts: Any = None) -> dict:
     from jobs.label_state import write_atomic
     from jobs.report import render
     from jobs.report.config import ReportConfig
-    from jobs.rundir import WEIGHTS, local_copy
+    from jobs.rundir import WEIGHTS, local_copy, reader_dir
 
     opts = opts or ReportConfig()
     log = get_logger("anchored", out=str(out))
-    with (
-        local_copy(s_run, skip=WEIGHTS) as s_local,
-        local_copy(i_run, skip=WEIGHTS) as i_local,
+    with (  # the two runs are only read: private copies, not held (their pipelines may still run)
+        local_copy(s_run, reader_dir(s_run), skip=WEIGHTS, hold=False) as s_local,
+        local_copy(i_run, reader_dir(i_run), skip=WEIGHTS, hold=False) as i_local,
         local_copy(out) as o_local,
     ):
         s_dir, i_dir = Path(s_local), Path(i_local)

@@ -48,7 +48,14 @@ def fit(
         if use_gpu:
             sets.append("distributed.use_gpu=true")
         cfg = load_config(FitConfig, config, sets)
-        metrics = in_process_or_ray(store, cfg, out, overwrite=overwrite, address=address)
+        from jobs.rundir import default_work_dir, is_remote
+        from jobs.runlock import hold_run
+
+        # held: a second fit (or a pipeline) on the same out would resume from, and write, the
+        # same checkpoints; a bucket out is flocked on this machine's copy's folder and leased
+        where = (default_work_dir(out), out) if is_remote(out) else (Path(out), None)
+        with hold_run(*where):
+            metrics = in_process_or_ray(store, cfg, out, overwrite=overwrite, address=address)
         typer.echo(json.dumps(metrics, indent=2))
 
     _run(go)

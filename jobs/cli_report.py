@@ -23,11 +23,12 @@ def report(
     from diffing.config import load_config
     from jobs.report import owning_pipeline, write_report
     from jobs.report.config import ReportConfig
-    from jobs.rundir import WEIGHTS, local_copy
+    from jobs.rundir import WEIGHTS, local_copy, reader_dir
 
     def go():
         cfg = load_config(ReportConfig, config, set_ or [])
-        with local_copy(run, skip=WEIGHTS) as local:
+        # a private copy, not held: a report may be made of a run a pipeline is still labelling
+        with local_copy(run, reader_dir(run), skip=WEIGHTS, hold=False) as local:
             if (saved := owning_pipeline(Path(local))) is not None:
                 from jobs.rundir import is_remote
 

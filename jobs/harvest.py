@@ -208,7 +208,21 @@ def run_harvest(
     on_cleared: Callable[[], None] | None = None,
 ) -> Manifest:
     """Harvest the corpus into cfg.store with Ray Data; resumable and idempotent. `on_cleared`: called
-    once an overwrite has removed the old store (after every check passed)."""
+    once an overwrite has removed the old store (after every check passed). The store is held
+    meanwhile (jobs.runlock): two pipelines sharing it would clear, or remove the temp files of,
+    each other's shards; the second is refused and, rerun later, finds the store complete."""
+    from jobs.rundir import default_work_dir
+    from jobs.runlock import hold_run
+
+    cfg = _absolute(cfg)
+    where = (default_work_dir(cfg.store), cfg.store) if "://" in cfg.store else (Path(cfg.store), None)
+    with hold_run(*where, command="crossdiff harvest"):
+        return _run_harvest(cfg, overwrite=overwrite, address=address, on_cleared=on_cleared)
+
+
+def _run_harvest(
+    cfg: HarvestConfig, *, overwrite: bool, address: str | None, on_cleared: Callable[[], None] | None
+) -> Manifest:
     import ray
 
     from cluster.connect import ensure_ray

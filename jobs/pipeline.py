@@ -182,7 +182,10 @@ class Pipeline(StageRunners):
         return self._exacts(stage)[0]
 
     def _write_marker(self, stage: str, body: dict) -> None:
-        """Atomically, and at once on a remote run: a replaced machine must see it."""
+        """Atomically, and at once on a remote run: a replaced machine must see it. Not once this
+        process has lost its run to another (jobs.runlock)."""
+        if getattr(self, "_hold", None) is not None:
+            self._hold.check()
         m = self.marker(stage)
         m.parent.mkdir(parents=True, exist_ok=True)
         tmp = m.with_suffix(".tmp")
@@ -233,8 +236,14 @@ class Pipeline(StageRunners):
         from jobs.runlock import hold_run
 
         self.run.mkdir(parents=True, exist_ok=True)
-        with hold_run(self.run, self.cfg.out if self.cfg.remote else None, steal=steal_lock):
-            return self._run_stages(overwrite=overwrite, redo_changed=redo_changed)
+        with hold_run(self.run, self.cfg.out if self.cfg.remote else None, steal=steal_lock) as hold:
+            self._hold = hold
+            if self.mirror is not None:
+                self.mirror.guard = hold.check
+            try:
+                return self._run_stages(overwrite=overwrite, redo_changed=redo_changed)
+            finally:
+                self._hold = None
 
     def _run_stages(self, *, overwrite: bool, redo_changed: bool) -> dict[str, Any]:
         import os
@@ -257,7 +266,7 @@ class Pipeline(StageRunners):
             if ("fit" in to_run and self.cfg.fit.distributed.workers == 0) or (
                 "analyze" in to_run and self.cfg.analyze_task is None
             ):
-                self.mirror = RunMirror(self.cfg.out, self.run)
+                self.mirror = RunMirror(self.cfg.out, self.run, guard=self.mirror.guard)
                 if not (overwrite and "fit" in to_run):  # a refit from scratch never reads the old ones
                     self.mirror.pull()
             else:  # label and report read the analysis: a Gemma-sized crosscoder stays in the bucket

@@ -10,6 +10,7 @@ user config. Building the models happens here (cached under $CROSSDIFF_CACHE).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def _corpus(out: str, n: int, seed: int, weights: dict[str, float] | None = None
         fs.pipe_file(path, text.encode("utf-8"))
     else:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        # its own temp name: two fresh runs of the preset (two `make demo`s) load this before the
+        # run is held, and one must not rename the other's half-written file
+        tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     return uri

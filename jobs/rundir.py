@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,8 +100,13 @@ class RunMirror:
     """`skip`: more top-level entries this mirror leaves alone (never fetched, uploaded or deleted),
     e.g. `("crosscoder",)` for a command that only reads the analysis."""
 
-    def __init__(self, remote: str, local: Path, skip: tuple[str, ...] = ()):
+    def __init__(
+        self, remote: str, local: Path, skip: tuple[str, ...] = (), guard: Callable[[], None] | None = None
+    ):
         self.remote = remote.rstrip("/")
+        # called before every upload or remote delete: raises once this process no longer holds the
+        # run (jobs.runlock: its lease was taken over), so it never writes beside the new holder
+        self.guard = guard
         self.skip = (*REMOTE_ONLY, *skip)
         self.fs, self.root = fsspec.core.url_to_fs(self.remote)
         self.root = self.root.rstrip("/")
@@ -224,6 +229,8 @@ class RunMirror:
     def push(self) -> int:
         """Upload new or changed local files and drop remote files deleted locally since the last sync."""
         with self._lock:
+            if self.guard is not None:
+                self.guard()
             return self._push()
 
     def _push(self) -> int:
@@ -276,6 +283,8 @@ class RunMirror:
     def put(self, rel: str) -> None:
         """Upload one file now (a stage marker: a replaced machine must see it at once)."""
         with self._lock:
+            if self.guard is not None:
+                self.guard()
             dst = f"{self.root}/{rel}"
             self.fs.put_file(str(self.local / rel), dst)
             self._synced[rel] = {"local": self._stamp(rel), "remote": _version(self.fs.info(dst))}
@@ -284,6 +293,8 @@ class RunMirror:
     def delete(self, rel: str) -> None:
         """Remove one file from the remote (a marker that no longer holds, a file deleted locally)."""
         with self._lock:
+            if self.guard is not None:
+                self.guard()
             self._synced.pop(rel, None)
             path = f"{self.root}/{rel}"
             if self.fs.exists(path):
@@ -298,6 +309,16 @@ def _safe_rel(rel: str) -> bool:
     return "\\" not in rel and all(p not in ("", ".", "..") for p in parts)
 
 
+def reader_dir(run: str | Path) -> Path | None:
+    """A remote run's working copy for a command that only reads it (and adds files of its own,
+    as `report` does): its own, never the one a pipeline on this machine syncs, whose pull would
+    replace that pipeline's unsynced work. None for a local run (read in place)."""
+    if not is_remote(str(run)):
+        return None
+    d = default_work_dir(str(run))
+    return d.with_name(f"{d.name}-read")
+
+
 @contextmanager
 def local_copy(
     run: str | Path,
@@ -306,26 +327,36 @@ def local_copy(
     *,
     prune: bool = False,
     sync_every_s: float = 0.0,
+    hold: bool = True,
 ) -> Iterator[Path]:
     """A local directory for the standalone commands (`analyze`, `label`, `report`) and a placed
     analysis: `run` itself, or for a remote run a pulled working copy that is pushed back when the
     body ends (also when it fails, so resumable work such as labels already written is kept).
     `skip`: top-level entries the body does not read (`label` and `report` leave the crosscoder's
-    weights in the bucket); `prune`: see RunMirror.pull; `sync_every_s`: also push meanwhile."""
+    weights in the bucket); `prune`: see RunMirror.pull; `sync_every_s`: also push meanwhile;
+    `hold`: hold the run meanwhile (jobs.runlock), refused while a pipeline or another command
+    works on it (False: a placed analysis, which works for the pipeline that holds it)."""
+    from contextlib import nullcontext
+
+    from jobs.runlock import hold_run
+
     run = str(run)
     if not is_remote(run):
-        yield Path(run)
+        with hold_run(Path(run)) if hold else nullcontext():
+            yield Path(run)
         return
-    mirror = RunMirror(run, Path(work_dir) if work_dir else default_work_dir(run), skip=skip)
-    mirror.check_writable()
-    mirror.pull(prune=prune)
-    try:
-        with mirror.syncing(sync_every_s):
-            yield mirror.local
-    except BaseException:
-        try:  # keep what the failed command wrote; its own error is the one raised
-            mirror.push()
-        except Exception as e:
-            mirror.log.warning("pipeline.push_failed", error=f"{type(e).__name__}: {e}")
-        raise
-    mirror.push()
+    local = Path(work_dir) if work_dir else default_work_dir(run)
+    with hold_run(local, run) if hold else nullcontext() as held:
+        mirror = RunMirror(run, local, skip=skip, guard=held.check if held else None)
+        mirror.check_writable()
+        mirror.pull(prune=prune)
+        try:
+            with mirror.syncing(sync_every_s):
+                yield mirror.local
+        except BaseException:
+            try:  # keep what the failed command wrote; its own error is the one raised
+                mirror.push()
+            except Exception as e:
+                mirror.log.warning("pipeline.push_failed", error=f"{type(e).__name__}: {e}")
+            raise
+        mirror.push()

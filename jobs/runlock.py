@@ -50,13 +50,25 @@ class RunBusy(RuntimeError):
     retryable = True
 
 
+def _machine() -> dict[str, Any]:
+    """What must match before a pid is looked up here: containers sharing a host name (host
+    networking) have pid namespaces of their own, where another's live pid looks dead."""
+    out: dict[str, Any] = {"host": socket.gethostname()}
+    try:
+        out["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        out["pid_ns"] = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pass
+    return out
+
+
 def _me(command: str) -> dict[str, Any]:
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "command": command,
-        "since": time.time(),
-    }
+    return {**_machine(), "pid": os.getpid(), "command": command, "since": time.time()}
+
+
+def _same_machine(owner: dict[str, Any]) -> bool:
+    here = _machine()
+    return len(here) == 3 and all(owner.get(k) == v for k, v in here.items())
 
 
 def _describe(owner: dict[str, Any]) -> str:
@@ -139,6 +151,7 @@ class Lease:
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.me = {**_me(command), "lease": uuid.uuid4().hex}
         self._stop = threading.Event()
+        self.lost: dict[str, Any] | None = None  # the lease's new holder, once another took it
         self._thread: threading.Thread | None = None
         self.log = get_logger("pipeline.lease", run=self.remote)
 
@@ -162,7 +175,7 @@ class Lease:
         age = time.time() - float(owner.get("heartbeat") or 0)
         if age > self.stale_s:
             return True, f"stale ({age:.0f} s without a heartbeat)"
-        if owner.get("host") == self.me["host"] and not _pid_alive(owner.get("pid")):
+        if _same_machine(owner) and not _pid_alive(owner.get("pid")):
             return True, "its holder's process on this host is gone"
         return False, f"heartbeat {age:.0f} s ago"
 
@@ -191,16 +204,32 @@ class Lease:
             "other's work."
         )
 
+    def check(self) -> None:
+        """Raise RunBusy when another process has taken the lease over (--steal-lock, or this one
+        was cut off from the bucket past the stale limit): called before every stage marker and
+        upload, so a holder that lost its run stops instead of writing beside the new one."""
+        if self.lost is None:
+            owner = self.read()
+            if owner and owner.get("lease") != self.me["lease"]:
+                self.lost = owner
+        if self.lost is not None:
+            self._stop.set()
+            raise RunBusy(
+                f"{self.remote} was taken over by {_describe(self.lost)} while this process held it "
+                "(--steal-lock, or this one lost the bucket for longer than the stale limit): this one "
+                "stops so that only one writes the run"
+            )
+
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 owner = self.read()
                 if owner and owner.get("lease") != self.me["lease"]:
+                    self.lost = owner
                     self.log.error(
                         "pipeline.lease_lost",
                         holder=_describe(owner),
-                        detail="another process took this run over (--steal-lock, or this one was cut off "
-                        "from the bucket for longer than the stale limit); stop one of them",
+                        detail="another process took this run over; this one stops at its next write",
                     )
                     return
                 self._write()
@@ -220,21 +249,32 @@ class Lease:
             self.log.warning("pipeline.lease_release_failed", error=f"{type(e).__name__}: {e}"[:200])
 
 
+class Hold:
+    """A held run; `check()` raises RunBusy once a remote run's lease was taken over."""
+
+    def __init__(self, lease: Lease | None = None):
+        self.lease = lease
+
+    def check(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
+
+
 @contextmanager
 def hold_run(
     run: Path, remote: str | None = None, *, command: str | None = None, steal: bool = False
-) -> Iterator[None]:
-    """Hold a run for the duration: the local directory's flock and, for a remote run, its lease.
-    Raises RunBusy, naming the holder, when another live process has it."""
-    command = command or " ".join(["crossdiff", *sys.argv[1:3]]).strip()
+) -> Iterator[Hold]:
+    """Hold a run (or a store) for the duration: the local directory's flock and, for a remote
+    one, its lease. Raises RunBusy, naming the holder, when another live process has it."""
+    command = command or " ".join(["crossdiff", *sys.argv[1:2]]).strip()
     target = remote or str(run)
     with _flock(Path(run), command, target):
         if remote is None:
-            yield
+            yield Hold()
             return
         lease = Lease(remote, command)
         lease.acquire(steal=steal)
         try:
-            yield
+            yield Hold(lease)
         finally:
             lease.release()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -88,7 +87,7 @@ def test_a_remote_lease_is_refused_while_alive_and_taken_over_when_stale_or_its_
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    _write_lease(fs, root, host=socket.gethostname(), pid=int(dead.stdout), heartbeat=now)
+    _write_lease(fs, root, **runlock._machine(), pid=int(dead.stdout), heartbeat=now)
     lease = Lease(uri, "crossdiff pipeline")
     lease.acquire()
     lease.release()
@@ -160,3 +159,76 @@ def test_the_mirror_never_copies_the_lock_or_the_lease(remote, tmp_path):
     m.pull()
     assert not (local / LEASE_FILE).exists()
     assert fs.exists(f"{root}/{LEASE_FILE}")  # and a push never deletes it
+
+
+@pytest.mark.timeout(60)
+def test_standalone_commands_on_a_held_run_are_refused_and_change_nothing(tmp_path):
+    """`crossdiff label RUN` by hand while the pipeline labels (or analyze, fit) would append a second
+    judge's labels to the same file: refused, exit 3, the labels untouched."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "labels.jsonl").write_text('{"latent": 1}\n')
+    p = _holder_process(run)
+    try:
+        runner = CliRunner()
+        for args in (
+            ["label", "--run", str(run), "--endpoint", "http://127.0.0.1:9"],
+            ["analyze", "--run", str(run), "--store", str(tmp_path / "store")],
+            ["fit", "--store", str(tmp_path / "store"), "--out", str(run)],
+        ):
+            r = runner.invoke(app, args)
+            assert r.exit_code == 3 and "in use by crossdiff pipeline (test holder)" in r.output, (
+                args,
+                r.output,
+            )
+        assert (run / "labels.jsonl").read_text() == '{"latent": 1}\n'
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_lease_taken_over_stops_its_old_holder_before_its_next_write(remote, monkeypatch, tmp_path):
+    """--steal-lock against a holder still alive (or one cut off from the bucket past the stale
+    limit): the old holder's next marker or upload raises instead of writing beside the new one."""
+    from jobs.rundir import RunMirror
+
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.0)
+    fs, root, uri = remote
+    local = tmp_path / "copy"
+    with hold_run(local, uri, command="crossdiff pipeline (old)") as held:
+        mirror = RunMirror(uri, local, guard=held.check)
+        (local / "a.json").write_text("{}")
+        mirror.push()  # still ours
+        assert fs.exists(f"{root}/a.json")
+        new = Lease(uri, "crossdiff pipeline (new)")
+        new.acquire(steal=True)
+        (local / "b.json").write_text("{}")
+        with pytest.raises(RunBusy, match=r"taken over by crossdiff pipeline \(new\)"):
+            mirror.push()
+        with pytest.raises(RunBusy):
+            held.check()
+        assert not fs.exists(f"{root}/b.json")
+    # the old holder's exit leaves the new one's lease alone
+    assert json.loads(fs.cat_file(f"{root}/{LEASE_FILE}"))["lease"] == new.me["lease"]
+    new.release()
+
+
+def test_same_host_name_in_another_pid_namespace_is_not_taken_as_dead(remote, monkeypatch):
+    """Containers with host networking share a host name but not pids: a pid that looks dead here
+    may be alive there, so only the stale limit frees such a lease."""
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.0)
+    fs, root, uri = remote
+    me = runlock._machine()
+    if len(me) < 3:
+        pytest.skip("no /proc pid namespace here")
+    _write_lease(fs, root, **{**me, "pid_ns": me["pid_ns"] + 1}, pid=2**22 + 12345, heartbeat=time.time())
+    with pytest.raises(RunBusy):
+        Lease(uri, "x").acquire()
+    _write_lease(fs, root, **me, pid=2**22 + 12345, heartbeat=time.time())  # same namespace: dead
+    lease = Lease(uri, "x")
+    lease.acquire()
+    lease.release()
