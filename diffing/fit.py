@@ -79,7 +79,12 @@ def accepted_hashes(cfg: FitConfig, *, distributed: bool = False) -> tuple[str, 
 def store_fingerprint(store: ActivationStore) -> str:
     """The store's content (its shards' sha256 in order): a fit resumes only on the data it began
     on (another store of the same shape and size would otherwise be mixed in silently)."""
-    return hashlib.sha256("\n".join(s.sha256 for s in store.manifest.shards).encode()).hexdigest()[:16]
+    return manifest_fingerprint(store.manifest)
+
+
+def manifest_fingerprint(manifest) -> str:
+    """store_fingerprint from a store's manifest alone."""
+    return hashlib.sha256("\n".join(s.sha256 for s in manifest.shards).encode()).hexdigest()[:16]
 
 
 def legacy_config_hash(cfg: FitConfig) -> str:

@@ -17,7 +17,16 @@ class StageRunners:
         m = run_harvest(
             self.cfg.harvest, overwrite=overwrite, address=self.address, on_cleared=self._on_cleared
         )
-        return {"store": self.cfg.harvest.store, "rows": m.n_rows, "shards": len(m.shards)}
+        from diffing.fit import manifest_fingerprint
+
+        # the content's fingerprint: a store shared with another run and redone there since is
+        # refused before this run fits or analyses it (jobs.stage_outputs.store_gone)
+        return {
+            "store": self.cfg.harvest.store,
+            "rows": m.n_rows,
+            "shards": len(m.shards),
+            "fingerprint": manifest_fingerprint(m),
+        }
 
     def _fit(self, overwrite: bool) -> dict:
         from jobs.fit import in_process_or_ray

@@ -108,10 +108,31 @@ def store_gone(p: Pipeline, to_run: list[str]) -> str | None:
     if "harvest" in to_run or not {"fit", "analyze"} & set(to_run):
         return None
     if not p.missing_outputs("store"):
-        return None
+        return _store_replaced(p, to_run)
     return (
         f"{p.run}: stages {[s for s in to_run if s in ('fit', 'analyze')]} read the store "
         f"{p.cfg.harvest.store}, which is gone (no manifest.json) although the harvest finished; restore it, "
         "or write it again with `crossdiff harvest` and this run's harvest config to the same URI (the shards "
         "come out the same), or pass --overwrite to redo the whole run"
+    )
+
+
+def _store_replaced(p: Pipeline, to_run: list[str]) -> str | None:
+    """The store is there but holds other data than this run's harvest wrote (a run sharing it
+    redid it since): fit or analyze would use that data under this run's name. Harvest markers
+    from before 2026-12-07 carry no fingerprint: not checked."""
+    from diffing.fit import manifest_fingerprint
+    from diffing.store import open_store
+
+    want = ((p._saved("harvest") or {}).get("summary") or {}).get("fingerprint")
+    if not want:
+        return None
+    have = manifest_fingerprint(open_store(p.cfg.harvest.store).manifest)
+    if have == want:
+        return None
+    return (
+        f"{p.run}: the store {p.cfg.harvest.store} holds other data than this run's harvest wrote (content "
+        f"{have}, harvested as {want}): another run sharing it redid it since. Stages "
+        f"{[s for s in to_run if s in ('fit', 'analyze')]} would read that data under this run's name; "
+        "give this run a store of its own (harvest.store) and rerun with --redo-changed, or --overwrite"
     )

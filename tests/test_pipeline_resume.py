@@ -369,3 +369,33 @@ def test_a_stage_that_reads_a_deleted_store_is_refused_not_reharvested(tmp_path)
     ):
         _writing(out, calls)()
     assert calls == [] and (out / "crosscoder" / "model.safetensors").exists()
+
+
+def test_a_shared_store_redone_by_another_run_is_refused_before_fit_or_analyze(tmp_path):
+    """The harvest marker keeps the store's content fingerprint: when a run sharing the store redid
+    it since, this run's fit or analysis would read that other data under its own name."""
+    import numpy as np
+
+    from diffing.fit import manifest_fingerprint
+    from diffing.store import write_arrays
+
+    out = tmp_path / "run"
+    _writing(out, [])()
+    acts = np.random.default_rng(0).standard_normal((64, 2, 8)).astype(np.float32)
+    st = write_arrays(str(out / "store"), acts, model_names=["a", "b"], overwrite=True)
+    marker = out / "stages" / "harvest.json"
+    m = json.loads(marker.read_text())
+    m["summary"] = {**m["summary"], "fingerprint": manifest_fingerprint(st.manifest)}
+    marker.write_text(json.dumps(m))
+    (out / "latents.parquet").unlink()
+    calls: list = []
+    _writing(out, calls)()  # the same content: analyze resumes
+    assert [s for s, _ in calls][:1] == ["analyze"]
+    write_arrays(str(out / "store"), acts[::-1].copy(), model_names=["a", "b"], overwrite=True)
+    (out / "latents.parquet").unlink()
+    calls.clear()
+    with pytest.raises(
+        ValueError, match=r"holds other data than this run's harvest wrote.*another run sharing it"
+    ):
+        _writing(out, calls)()
+    assert calls == []
