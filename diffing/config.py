@@ -228,7 +228,9 @@ class AnalysisConfig(Frozen):
         description="RUN/source_mass.parquet: every latent's activation mass per corpus source over the "
         "held-out rows (the planted-truth check's reference rate; the selected latents' own source mass "
         "is in their evidence either way). It encodes every latent over every held-out row: seconds on "
-        "the demo, CPU-hours at the Gemma-2-9b shape. auto: only for a pipeline with a `planted` check.",
+        "the demo, CPU-hours at the Gemma-2-9b shape. auto: only for a pipeline with a `planted` check "
+        "(a `planted` added to an analysed run finds no file and the check falls back to the sampled "
+        "baseline: `crossdiff analyze` on the run with source_mass=always computes only the mass).",
     )
     heldout: Literal["hash", "last_shards", "all"] = Field(
         "hash",

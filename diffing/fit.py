@@ -184,11 +184,12 @@ def _check_same_fit(run: RunDir, cfg: FitConfig, store: ActivationStore) -> None
         raise finished_fit_error(str(run.path), changed)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, *, mmap: bool = True) -> dict:
     """A training checkpoint (ours: tensors, numbers, strings and the numpy RNG state), read with
     torch's weights-only unpickler: a checkpoint someone else wrote into the run's bucket cannot run
-    code. Onto the CPU, so a GPU run's loads anywhere; memory-mapped, so apply it before the file
-    goes (copy-on-write: a tensor the optimiser keeps and updates never writes the file)."""
+    code. Onto the CPU, so a GPU run's loads anywhere. `mmap`: memory-mapped, for a state that is
+    copied to a GPU (apply it before the file goes); not for a CPU fit, whose optimiser would keep
+    the mapped Adam moments, and with them a rotated-out checkpoint's disk blocks, for the whole run."""
     import numpy as np
 
     allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # np.random.get_state()'s key array
@@ -198,6 +199,8 @@ def load_checkpoint(path: str | Path) -> dict:
         except (ImportError, AttributeError):
             pass
     with torch.serialization.safe_globals(allowed):
+        if not mmap:
+            return torch.load(path, weights_only=True, map_location="cpu")
         try:  # memory-mapped: tensors are read as they are copied into the model and optimiser,
             # not all at once (a Gemma-shape checkpoint is ~30 GB, and every rank of a node loads one)
             return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
@@ -207,13 +210,13 @@ def load_checkpoint(path: str | Path) -> dict:
             return torch.load(path, weights_only=True, map_location="cpu")  # a legacy (non-zip) file
 
 
-def _latest_checkpoint(run: RunDir, log) -> dict | None:
+def _latest_checkpoint(run: RunDir, log, *, mmap: bool = False) -> dict | None:
     """The newest checkpoint that loads; one that does not (cut short, corrupted) is reported and
     the one before it used. None: no checkpoints."""
     ckpts = run.checkpoints()
     for path in reversed(ckpts):
         try:
-            return load_checkpoint(path)
+            return load_checkpoint(path, mmap=mmap)
         except Exception as e:  # torch raises RuntimeError, EOFError, pickle or zip errors
             log.warning("fit.checkpoint_unreadable", file=str(path), error=f"{type(e).__name__}: {e}"[:200])
     if ckpts:
@@ -274,7 +277,7 @@ def fit(
     h, fp = config_hash(cfg), store_fingerprint(store)
     for tmp in (run / "checkpoints").glob("*.tmp"):  # a save a kill cut short
         tmp.unlink(missing_ok=True)
-    blob = _latest_checkpoint(run, log)
+    blob = _latest_checkpoint(run, log, mmap=device.type == "cuda")
     if blob is not None:
         if blob["config_hash"] not in accepted_hashes(cfg):
             raise ValueError(

@@ -98,8 +98,8 @@ def latent_stats(
         x = model.normalise(xb.to(device))
         f = model.encode(x)  # [B, L]
         B = x.shape[0]
-        nz = f.nonzero()  # [K, 2] (token, latent), sorted by token
-        if nz.shape[0] <= SPARSE_MAX_DENSITY * f.numel():
+        if int(torch.count_nonzero(f)) <= SPARSE_MAX_DENSITY * f.numel():
+            nz = f.nonzero()  # [K, 2] (token, latent), sorted by token
             rows, cols = nz[:, 0], nz[:, 1]
             vals = f[rows, cols]  # [K]
             del f  # every sum below runs over the K kept entries

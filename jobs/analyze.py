@@ -36,8 +36,9 @@ def _task_fn(key: str, ref) -> Callable:
 
 def ray_data_map(concurrency: int, *, num_cpus: float = 0.5, address: str | None = None) -> Callable:
     """A `map_fn(fn, items) -> iterator` running fn over items as Ray Data tasks, yielding the
-    results in item order as they arrive (one held ahead only while an earlier one is pending), so
-    the caller merges each before the next: the driver never holds every shard's result at once.
+    results in item order as they arrive, so the caller merges each before the next. Results that
+    arrive before an earlier item's wait for it (all of them, at worst, when the first item is the
+    slowest: as before, when every result was collected first).
 
     fn goes to the object store once and is unpickled once per worker process; items travel
     pickled in the rows; results come back pickled too, so any Python object works.

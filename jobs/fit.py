@@ -111,7 +111,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     ckpt = train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            blob = load_checkpoint(Path(d) / "state.pt")  # weights-only: the bucket's file runs no code
+            # weights-only: the bucket's file runs no code; mapped only where the state goes to a GPU
+            blob = load_checkpoint(Path(d) / "state.pt", mmap=device.type == "cuda")
             state.load_state_dict(blob["state"])  # while the memory-mapped file is there
             history = blob.get("history", [])
         # the loaded copy (weights and Adam moments: 28 GiB at the Gemma-2-9b shape) must not stay
@@ -239,8 +240,14 @@ def _write_outputs(out: str, model, final: dict, history: list[dict]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model.save(Path(tmp) / "crosscoder")
         fs.makedirs(f"{root}/crosscoder", exist_ok=True)
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
         for name in ("model.safetensors", "cfg.json"):
-            fs.put_file(str(Path(tmp) / "crosscoder" / name), f"{root}/crosscoder/{name}")
+            dst = f"{root}/crosscoder/{name}"
+            if local:  # a new file renamed over the old: a loaded crosscoder maps the old one's pages
+                fs.put_file(str(Path(tmp) / "crosscoder" / name), f"{dst}.tmp")
+                os.replace(f"{dst}.tmp", dst)
+            else:  # one PUT replaces the object
+                fs.put_file(str(Path(tmp) / "crosscoder" / name), dst)
     _write_history(fs, root, history)
     atomic_write(fs, f"{root}/metrics.json", json.dumps(final, indent=2).encode())
 

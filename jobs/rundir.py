@@ -77,7 +77,9 @@ def corpus_stamp(uri: str, fmt: str = "auto") -> str | None:
         return None
     # names below the files' common folder: a run moved with its corpus keeps its stamp
     common = os.path.commonprefix(files).rsplit("/", 1)[0]
-    joined = "\n".join(f"{f[len(common) :]} {s}" for f, s in zip(files, stamps, strict=True))
+    # by name, not read order: a change of how shards are ordered (2026-12-07: by number) is no new
+    # corpus; the harvest's own hash covers the records' order
+    joined = "\n".join(sorted(f"{f[len(common) :]} {s}" for f, s in zip(files, stamps, strict=True)))
     return f"{len(files)} files:{hashlib.sha256(joined.encode()).hexdigest()[:16]}"
 
 
@@ -342,7 +344,8 @@ def local_copy(
 
     run = str(run)
     if not is_remote(run):
-        with hold_run(Path(run)) if hold else nullcontext():
+        # a path that is not there is the command's to report (and gets no lock file)
+        with hold_run(Path(run)) if hold and Path(run).is_dir() else nullcontext():
             yield Path(run)
         return
     local = Path(work_dir) if work_dir else default_work_dir(run)

@@ -44,6 +44,9 @@ STALE_S = 120.0  # four missed heartbeats: the holder is gone (or cut off from t
 SETTLE_S = 1.0  # a taker reads its lease back after this long (two takers at once: one backs off)
 
 
+_HELD: set[str] = set()  # lock files this process holds: holding one again is a no-op
+
+
 class RunBusy(RuntimeError):
     """Another live process holds the run. Retryable: it is free once that one finishes."""
 
@@ -95,11 +98,20 @@ def _flock(run: Path, command: str, target: str) -> Iterator[None]:
 
     run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK_FILE
+    key = str(path.resolve())
+    if key in _HELD:  # this process holds it already (a store that is its run's own directory)
+        yield
+        return
     f = open(path, "a+")  # noqa: SIM115 - held open for the whole context: the lock lives with it
     try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(5):  # `crossdiff status` probes with a shared lock for an instant
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < 4:
+                    time.sleep(0.1)
+        else:
             f.seek(0)
             try:
                 owner = json.loads(f.read() or "{}")
@@ -114,7 +126,11 @@ def _flock(run: Path, command: str, target: str) -> Iterator[None]:
         f.truncate()
         f.write(json.dumps(_me(command)))
         f.flush()
-        yield
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
     finally:
         f.close()  # releases the flock
 
@@ -232,6 +248,8 @@ class Lease:
                         detail="another process took this run over; this one stops at its next write",
                     )
                     return
+                if self._stop.is_set():  # released meanwhile: its `released` mark must stay
+                    return
                 self._write()
             except Exception as e:  # noqa: BLE001 - a missed heartbeat is retried; the lease goes stale only after several
                 self.log.warning("pipeline.lease_heartbeat_failed", error=f"{type(e).__name__}: {e}"[:200])
@@ -239,7 +257,7 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=60)  # an in-flight heartbeat lands before the release mark
         try:
             owner = self.read()
             if owner and owner.get("lease") == self.me["lease"]:  # kept, marked given back: `crossdiff
@@ -268,6 +286,9 @@ def hold_run(
     one, its lease. Raises RunBusy, naming the holder, when another live process has it."""
     command = command or " ".join(["crossdiff", *sys.argv[1:2]]).strip()
     target = remote or str(run)
+    if str((Path(run) / LOCK_FILE).resolve()) in _HELD:  # held by this process already, lease and all
+        yield Hold()
+        return
     with _flock(Path(run), command, target):
         if remote is None:
             yield Hold()

@@ -28,7 +28,8 @@ def stage_own(
             "harvest": legacy_harvest,
             "fit": c.fit.model_dump(mode="json", exclude={"distributed"}),
             "analyze": {
-                "analyze": c.analyze.model_dump(mode="json", exclude={"device", "tokenizer"}),
+                # fields added since (tokenizer, source_mass) were not in it
+                "analyze": c.analyze.model_dump(mode="json", exclude={"device", "tokenizer", "source_mass"}),
                 "pairs": c.pairs,
             },
             "label": {

@@ -447,6 +447,46 @@ print(grew)
     assert torch.load(path, weights_only=True)["state"]["w"][0, 0].item() == 1  # the file is unchanged
 
 
+def test_a_cpu_resume_does_not_keep_the_checkpoint_mapped(tmp_path):
+    """A CPU fit's optimiser keeps the loaded Adam moments: mapped, they would hold a rotated-out
+    checkpoint's disk blocks for the whole run. Only a state bound for a GPU is mapped."""
+    import torch
+
+    from diffing.fit import load_checkpoint
+
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.ones(1024, 1024)}, path)
+
+    def mapped() -> bool:
+        return str(path) in open("/proc/self/maps").read()
+
+    blob = load_checkpoint(path, mmap=False)
+    assert not mapped()
+    del blob
+    blob = load_checkpoint(path)  # the default: mapped
+    assert mapped()
+    del blob
+
+
+def test_a_refit_replaces_the_weights_file_instead_of_writing_into_it(tmp_path):
+    """A loaded crosscoder's parameters are the file's pages (Crosscoder.load assigns them): the
+    Ray fit's final write must be a new file renamed over the old one, never the old inode rewritten."""
+    import torch
+
+    from diffing.config import CrosscoderConfig
+    from diffing.crosscoder import Crosscoder
+    from jobs.fit import _write_outputs
+
+    cfg = CrosscoderConfig(n_latents=32, k=4).resolve(n_models=2, d_model=8, model_names=("a", "b"))
+    out = tmp_path / "run"
+    _write_outputs(str(out), Crosscoder(cfg, seed=1), {"steps": 1}, [])
+    loaded = Crosscoder.load(out / "crosscoder")
+    before = loaded.W_dec.detach().clone()
+    _write_outputs(str(out), Crosscoder(cfg, seed=2), {"steps": 1}, [])
+    assert torch.equal(loaded.W_dec, before)
+    assert not torch.equal(Crosscoder.load(out / "crosscoder").W_dec, before)
+
+
 def test_pipeline_command_hands_every_option_to_the_library(monkeypatch, tmp_path):
     """`crossdiff pipeline` is a thin entrypoint: each flag reaches run_pipeline unchanged, the
     result is printed as JSON, and a config error is one line with exit code 2 (no traceback)."""

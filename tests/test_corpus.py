@@ -331,3 +331,18 @@ def test_shards_numbered_without_padding_read_in_number_order_and_repeated_ids_a
     with capture_logs() as logs:
         assert [r["text"] for r in _read(p)] == ["part-002", "part-2", "part-010", "part-10"]
     assert not [e for e in logs if e["event"] == "corpus_ids_repeat"]  # position ids never repeat
+
+
+def test_a_sharded_corpus_stamp_does_not_depend_on_read_order(tmp_path, monkeypatch):
+    """Runs stamped when shards were read in character order (before 2026-12-07) keep their stamp."""
+    import diffing.corpus as dc
+    from jobs.rundir import corpus_stamp
+
+    d = tmp_path / "c"
+    d.mkdir()
+    for n in (1, 2, 10):
+        (d / f"part-{n}.jsonl").write_text(f'{{"text": "{n}"}}\n')
+    now = corpus_stamp(str(d))
+    real = dc.corpus_files
+    monkeypatch.setattr(dc, "corpus_files", lambda uri, fmt="auto": sorted(real(uri, fmt)))  # character order
+    assert corpus_stamp(str(d)) == now

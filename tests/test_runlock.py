@@ -232,3 +232,18 @@ def test_same_host_name_in_another_pid_namespace_is_not_taken_as_dead(remote, mo
     lease = Lease(uri, "x")
     lease.acquire()
     lease.release()
+
+
+def test_holding_again_in_one_process_is_a_no_op_and_a_missing_run_gets_no_lock_file(tmp_path):
+    """A store that is its run's own directory is held by the harvest inside the pipeline's hold;
+    `label` on a mistyped path reports the path, without leaving a lock file there."""
+    from jobs.rundir import local_copy
+
+    run = tmp_path / "run"
+    with hold_run(run, command="outer"):
+        with hold_run(run, command="inner"):
+            assert holder(run)["command"] == "outer"
+        assert holder(run)["command"] == "outer"  # the inner exit released nothing
+    assert holder(run) is None
+    with local_copy(tmp_path / "typo") as d:
+        assert not d.exists()
