@@ -61,6 +61,24 @@ def file_stamp(uri: str) -> str | None:
         return None
 
 
+def _listed_stamps(files: list[str]) -> list[str | None]:
+    """file_stamp of many remote objects from one listing per folder instead of a HEAD request per
+    object (a corpus of 1,000 shards); an object the listing lacks gets its own file_stamp."""
+    fs, _ = fsspec.core.url_to_fs(files[0])
+    fs.invalidate_cache()
+    paths = [fsspec.core.url_to_fs(f)[1] for f in files]
+    infos: dict[str, dict] = {}
+    for folder in sorted({p.rsplit("/", 1)[0] for p in paths}):
+        try:
+            infos |= {i["name"].rstrip("/"): i for i in fs.ls(folder, detail=True)}
+        except Exception:  # noqa: BLE001 - each object on its own below
+            pass
+    return [
+        f"{infos[p].get('size')}:{_version(infos[p])}" if p in infos else file_stamp(f)
+        for f, p in zip(files, paths, strict=True)
+    ]
+
+
 def corpus_stamp(uri: str, fmt: str = "auto") -> str | None:
     """file_stamp of a corpus; of a directory or glob corpus, one stamp over its files' names and
     stamps (a file added, removed or changed changes it). None where any cannot be read."""
@@ -72,7 +90,7 @@ def corpus_stamp(uri: str, fmt: str = "auto") -> str | None:
         return None
     if files == [uri]:
         return file_stamp(uri)
-    stamps = [file_stamp(f) for f in files]
+    stamps = _listed_stamps(files) if is_remote(files[0]) else [file_stamp(f) for f in files]
     if any(s is None for s in stamps):
         return None
     # names below the files' common folder: a run moved with its corpus keeps its stamp

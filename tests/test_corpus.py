@@ -346,3 +346,26 @@ def test_a_sharded_corpus_stamp_does_not_depend_on_read_order(tmp_path, monkeypa
     real = dc.corpus_files
     monkeypatch.setattr(dc, "corpus_files", lambda uri, fmt="auto": sorted(real(uri, fmt)))  # character order
     assert corpus_stamp(str(d)) == now
+
+
+def test_a_sharded_s3_corpus_is_stamped_from_one_listing(s3_endpoint, monkeypatch):
+    """One listing per folder, not a HEAD per shard, and the same stamp a HEAD gives each shard."""
+    import fsspec
+    import s3fs
+
+    from jobs import rundir
+
+    fs = fsspec.filesystem("s3")
+    for i in range(4):
+        fs.pipe_file(f"crossdiff-test/stamped/part-{i}.jsonl", f'{{"text": "s{i}"}}\n'.encode())
+    files = [f"s3://crossdiff-test/stamped/part-{i}.jsonl" for i in range(4)]
+    want = [rundir.file_stamp(f) for f in files]
+    heads = []
+    real_info = s3fs.S3FileSystem._info
+    monkeypatch.setattr(
+        s3fs.S3FileSystem, "_info", lambda self, *a, **k: heads.append(a) or real_info(self, *a, **k)
+    )
+    assert rundir._listed_stamps(files) == want and heads == []
+    stamp = rundir.corpus_stamp("s3://crossdiff-test/stamped")
+    fs.pipe_file("crossdiff-test/stamped/part-2.jsonl", b'{"text": "changed"}\n')
+    assert rundir.corpus_stamp("s3://crossdiff-test/stamped") != stamp
