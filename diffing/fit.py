@@ -185,11 +185,10 @@ def _check_same_fit(run: RunDir, cfg: FitConfig, store: ActivationStore) -> None
 
 
 def load_checkpoint(path: str | Path, *, mmap: bool = True) -> dict:
-    """A training checkpoint (ours: tensors, numbers, strings and the numpy RNG state), read with
-    torch's weights-only unpickler: a checkpoint someone else wrote into the run's bucket cannot run
-    code. Onto the CPU, so a GPU run's loads anywhere. `mmap`: memory-mapped, for a state that is
-    copied to a GPU (apply it before the file goes); not for a CPU fit, whose optimiser would keep
-    the mapped Adam moments, and with them a rotated-out checkpoint's disk blocks, for the whole run."""
+    """A training checkpoint (tensors, numbers, strings, numpy's RNG state) read with torch's
+    weights-only unpickler: one written into the run's bucket by someone else cannot run code. Onto
+    the CPU. `mmap`: mapped, for a state copied to a GPU (apply it before the file goes); not for a
+    CPU fit, whose optimiser would keep the mapped Adam moments (and a rotated-out file's blocks)."""
     import numpy as np
 
     allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # np.random.get_state()'s key array

@@ -361,15 +361,18 @@ def local_copy(
     from jobs.runlock import hold_run
 
     run = str(run)
+    # a comparison of a pipeline run (RUN/compare/<A>-vs-<B>) is held as its pipeline run
+    root = run.rstrip("/").rsplit("/compare/", 1)[0] if "/compare/" in run.rstrip("/") else run
     if not is_remote(run):
         # a path that is not there is the command's to report (and gets no lock file)
-        with hold_run(Path(run)) if hold and Path(run).is_dir() else nullcontext():
+        with hold_run(Path(root)) if hold and Path(run).is_dir() else nullcontext():
             yield Path(run)
         return
     local = Path(work_dir) if work_dir else default_work_dir(run)
     mirror = RunMirror(run, local, skip=skip)
     mirror.check_writable()  # before the lease: an unwritable bucket's own clear message
-    with hold_run(local, run) if hold else nullcontext() as held:
+    lock_dir = local if root == run else default_work_dir(root)
+    with hold_run(lock_dir, root) if hold else nullcontext() as held:
         mirror.guard = held.check if held else None
         mirror.pull(prune=prune)
         try:

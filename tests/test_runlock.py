@@ -247,3 +247,25 @@ def test_holding_again_in_one_process_is_a_no_op_and_a_missing_run_gets_no_lock_
     assert holder(run) is None
     with local_copy(tmp_path / "typo") as d:
         assert not d.exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_comparison_of_a_held_pipeline_run_is_held_with_it(tmp_path):
+    """`crossdiff label --run RUN/compare/A-vs-B` during the pipeline's label stage: refused, as the
+    run itself would be."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    run = tmp_path / "run"
+    (run / "compare" / "pt-vs-it").mkdir(parents=True)
+    p = _holder_process(run)
+    try:
+        r = CliRunner().invoke(
+            app, ["label", "--run", str(run / "compare" / "pt-vs-it"), "--endpoint", "http://127.0.0.1:9"]
+        )
+        assert r.exit_code == 3 and "in use by crossdiff pipeline (test holder)" in r.output, r.output
+        assert not (run / "compare" / "pt-vs-it" / LOCK_FILE).exists()
+    finally:
+        p.kill()
+        p.wait()
