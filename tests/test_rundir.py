@@ -300,6 +300,41 @@ def test_unwritable_remote_fails_before_any_stage(tmp_path, s3_endpoint):
     assert calls == []
 
 
+@pytest.mark.timeout(120)
+def test_a_bucket_run_leased_by_a_live_driver_elsewhere_is_refused_then_taken_when_stale(
+    tmp_path, s3_endpoint
+):
+    """A RayJob resubmitted while the first driver (another pod) still heartbeats: the second is
+    refused before it pulls or writes anything; once the lease is stale it takes the run over."""
+    import json
+    import time
+
+    import fsspec
+
+    from jobs.runlock import LEASE_FILE, RunBusy
+
+    fs = fsspec.filesystem("s3")
+    lease = {
+        "lease": "other",
+        "host": "pod-a",
+        "pid": 7,
+        "command": "crossdiff pipeline",
+        "heartbeat": time.time(),
+    }
+    fs.pipe_file(f"crossdiff-test/held/{LEASE_FILE}", json.dumps(lease).encode())
+    cfg = _stub_cfg(tmp_path, "s3://crossdiff-test/held")
+    calls: list = []
+    with pytest.raises(RunBusy, match=r"in use by crossdiff pipeline \(pid 7 on pod-a"):
+        _stubbed(Pipeline(cfg), calls)()
+    assert calls == [] and fs.ls("crossdiff-test/held") == [f"crossdiff-test/held/{LEASE_FILE}"]
+    fs.pipe_file(
+        f"crossdiff-test/held/{LEASE_FILE}", json.dumps({**lease, "heartbeat": time.time() - 600}).encode()
+    )
+    _stubbed(Pipeline(cfg), calls)()
+    assert calls == ["harvest", "fit", "analyze", "label", "report"]
+    assert json.loads(fs.cat_file(f"crossdiff-test/held/{LEASE_FILE}"))["released"]  # given back at the end
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
