@@ -82,6 +82,27 @@ def _describe(owner: dict[str, Any]) -> str:
     )
 
 
+def object_age(info: dict[str, Any]) -> float | None:
+    """Seconds since an object was written, from its listing info (S3 `LastModified`, GCS
+    `updated`, fsspec's `mtime` / `created`); None when it has none."""
+    from datetime import datetime
+
+    for key in ("LastModified", "updated", "mtime", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if isinstance(v, str):
+            try:
+                v = datetime.fromisoformat(v.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(v, datetime):
+            return time.time() - v.timestamp()
+        if isinstance(v, int | float):
+            return time.time() - float(v)
+    return None
+
+
 def _pid_alive(pid: Any) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -185,12 +206,25 @@ class Lease:
         with self.fs.open(self.path, "wb") as f:
             f.write(json.dumps({**self.me, "heartbeat": time.time()}).encode())
 
+    def written_age(self) -> float | None:
+        """Seconds since the lease object was last written, by the object store's own clock (its
+        modification time) against this machine's; None where the store gives none."""
+        try:
+            return object_age(self.fs.info(self.path))
+        except Exception:  # noqa: BLE001 - no second opinion: the heartbeat alone decides
+            return None
+
     def _free(self, owner: dict[str, Any] | None) -> tuple[bool, str]:
         if not owner or owner.get("lease") == self.me["lease"] or owner.get("released"):
             return True, "free"
         age = time.time() - float(owner.get("heartbeat") or 0)
         if age > self.stale_s:
-            return True, f"stale ({age:.0f} s without a heartbeat)"
+            # the heartbeat is the holder's clock: a holder whose clock runs minutes behind still
+            # rewrites the object every heartbeat_s, which the store's own time shows
+            written = self.written_age()
+            if written is None or written > self.stale_s:
+                return True, f"stale ({age:.0f} s without a heartbeat)"
+            age = written
         if _same_machine(owner) and not _pid_alive(owner.get("pid")):
             return True, "its holder's process on this host is gone"
         return False, f"heartbeat {age:.0f} s ago"

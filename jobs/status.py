@@ -225,7 +225,7 @@ def _apply_holder(out: dict, fs, root: str, run: str, now: float, progress: dict
     import socket
     from pathlib import Path
 
-    from jobs.runlock import LEASE_FILE, LOCK_FILE, STALE_S, holder
+    from jobs.runlock import LEASE_FILE, LOCK_FILE, STALE_S, holder, object_age
 
     if "://" not in run:
         lock = Path(root) / LOCK_FILE
@@ -248,6 +248,12 @@ def _apply_holder(out: dict, fs, root: str, run: str, now: float, progress: dict
             out["probably_killed"], out["holder_gone"] = True, True
         else:
             age = now - float(lease.get("heartbeat") or 0)
+            if age > STALE_S:  # the holder's clock: the store's own time may say it was just written
+                try:
+                    written = object_age(fs.info(f"{root}/{LEASE_FILE}"))
+                except Exception:  # noqa: BLE001 - the heartbeat alone decides
+                    written = None
+                age = age if written is None else min(age, written)
             if age <= STALE_S:
                 out["held_by"] = {**lease, "heartbeat_age_s": round(age, 1)}
                 out["probably_killed"] = False

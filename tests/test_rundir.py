@@ -330,7 +330,16 @@ def test_a_bucket_run_leased_by_a_live_driver_elsewhere_is_refused_then_taken_wh
     fs.pipe_file(
         f"crossdiff-test/held/{LEASE_FILE}", json.dumps({**lease, "heartbeat": time.time() - 600}).encode()
     )
-    _stubbed(Pipeline(cfg), calls)()
+    # just written, so the store's own time would vouch for the holder: as if ten minutes had passed
+    import jobs.runlock
+
+    real_age = jobs.runlock.object_age
+    assert real_age(fs.info(f"crossdiff-test/held/{LEASE_FILE}")) < 60  # S3's LastModified, read
+    jobs.runlock.object_age = lambda info: 600.0
+    try:
+        _stubbed(Pipeline(cfg), calls)()
+    finally:
+        jobs.runlock.object_age = real_age
     assert calls == ["harvest", "fit", "analyze", "label", "report"]
     assert json.loads(fs.cat_file(f"crossdiff-test/held/{LEASE_FILE}"))["released"]  # given back at the end
 

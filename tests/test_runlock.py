@@ -70,6 +70,7 @@ def test_a_remote_lease_is_refused_while_alive_and_taken_over_when_stale_or_its_
     remote, monkeypatch
 ):
     monkeypatch.setattr(runlock, "SETTLE_S", 0.0)
+    monkeypatch.setattr(runlock, "object_age", lambda info: None)  # heartbeats alone (no store times)
     fs, root, uri = remote
     now = time.time()
     # another machine's live holder
@@ -269,3 +270,21 @@ def test_a_comparison_of_a_held_pipeline_run_is_held_with_it(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_holder_whose_clock_runs_behind_is_not_taken_for_stale(remote, monkeypatch):
+    """Its heartbeat values look minutes old, but it rewrites the lease every heartbeat: the
+    store's own modification time says so, and the lease is not taken over."""
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.0)
+    fs, root, uri = remote
+    _write_lease(fs, root, host="node-7", pid=4242, heartbeat=time.time() - 600)  # just written
+    assert runlock.object_age(fs.info(f"{root}/{LEASE_FILE}")) < 60
+    with pytest.raises(RunBusy, match="pid 4242 on node-7"):
+        Lease(uri, "x").acquire()
+    monkeypatch.setattr(runlock, "object_age", lambda info: 600.0)  # and not rewritten since: stale
+    lease = Lease(uri, "x")
+    lease.acquire()
+    lease.release()
+    monkeypatch.undo()
+    assert runlock.object_age({"LastModified": "2026-01-01T00:00:00Z"}) > 0  # S3's, as GCS's "updated"
+    assert runlock.object_age({"size": 1}) is None

@@ -213,7 +213,7 @@ def test_status_raises_what_is_not_a_state_of_the_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_who_holds_the_run_decides_running_or_stopped(tmp_path):
+def test_who_holds_the_run_decides_running_or_stopped(tmp_path, monkeypatch):
     """A run held by a live process is running however quiet its files (a long fit step); one whose
     holder is gone was stopped, said at once (a local lock seen from its host, a lease given back or
     stale), not after 15 quiet minutes."""
@@ -253,6 +253,9 @@ def test_who_holds_the_run_decides_running_or_stopped(tmp_path):
     _run_at(mem, mroot, f"memory://{mroot}")
     _write(mem, f"{mroot}/stages/harvest.json", {"running": True, "hash": "h"})
     lease = {"lease": "x", "host": "node-3", "pid": 7, "command": "crossdiff pipeline"}
+    import jobs.runlock
+
+    monkeypatch.setattr(jobs.runlock, "object_age", lambda info: 3600.0)  # written an hour ago
     for body, held, gone in (
         ({**lease, "heartbeat": time.time()}, True, False),
         ({**lease, "heartbeat": time.time(), "released": time.time()}, False, True),
