@@ -234,7 +234,7 @@ class Lease:
         free, why = self._free(owner)
         if not free and not steal:
             self._busy(owner, why)
-        if owner and owner.get("lease") != self.me["lease"]:
+        if owner and owner.get("lease") != self.me["lease"] and not owner.get("released"):  # not a rerun
             self.log.warning(
                 "pipeline.lease_taken_over", previous=_describe(owner), reason=why if free else "--steal-lock"
             )

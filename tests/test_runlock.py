@@ -288,3 +288,21 @@ def test_a_holder_whose_clock_runs_behind_is_not_taken_for_stale(remote, monkeyp
     monkeypatch.undo()
     assert runlock.object_age({"LastModified": "2026-01-01T00:00:00Z"}) > 0  # S3's, as GCS's "updated"
     assert runlock.object_age({"size": 1}) is None
+
+
+def test_a_rerun_after_a_given_back_lease_takes_it_quietly(remote, monkeypatch):
+    from structlog.testing import capture_logs
+
+    from diffing.logs import get_logger
+
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.0)
+    fs, root, uri = remote
+    first = Lease(uri, "crossdiff pipeline")
+    first.acquire()
+    first.release()
+    get_logger()  # configured before the capture, which a first configure() would undo
+    with capture_logs() as logs:
+        again = Lease(uri, "crossdiff pipeline")
+        again.acquire()
+        again.release()
+    assert not [e for e in logs if e["event"] == "pipeline.lease_taken_over"]
