@@ -138,6 +138,10 @@ class RunMirror:
         except (OSError, ValueError):
             self._synced = {}
 
+    def _check_held(self) -> None:
+        if self.guard is not None:
+            self.guard()
+
     def _save(self) -> None:
         self.local.mkdir(parents=True, exist_ok=True)
         tmp = self.local / f"{SYNC_FILE}.tmp"
@@ -249,8 +253,7 @@ class RunMirror:
     def push(self) -> int:
         """Upload new or changed local files and drop remote files deleted locally since the last sync."""
         with self._lock:
-            if self.guard is not None:
-                self.guard()
+            self._check_held()
             return self._push()
 
     def _push(self) -> int:
@@ -303,8 +306,7 @@ class RunMirror:
     def put(self, rel: str) -> None:
         """Upload one file now (a stage marker: a replaced machine must see it at once)."""
         with self._lock:
-            if self.guard is not None:
-                self.guard()
+            self._check_held()
             dst = f"{self.root}/{rel}"
             self.fs.put_file(str(self.local / rel), dst)
             self._synced[rel] = {"local": self._stamp(rel), "remote": _version(self.fs.info(dst))}
@@ -313,8 +315,7 @@ class RunMirror:
     def delete(self, rel: str) -> None:
         """Remove one file from the remote (a marker that no longer holds, a file deleted locally)."""
         with self._lock:
-            if self.guard is not None:
-                self.guard()
+            self._check_held()
             self._synced.pop(rel, None)
             path = f"{self.root}/{rel}"
             if self.fs.exists(path):
@@ -361,8 +362,10 @@ def local_copy(
     from jobs.runlock import hold_run
 
     run = str(run)
-    # a comparison of a pipeline run (RUN/compare/<A>-vs-<B>) is held as its pipeline run
-    root = run.rstrip("/").rsplit("/compare/", 1)[0] if "/compare/" in run.rstrip("/") else run
+    # a comparison of a pipeline run (RUN/compare/<A>-vs-<B>) is held as its pipeline run (as
+    # jobs.compare.run_roots finds it: the immediate parent named `compare`, not any such folder)
+    head, parent, _ = (run.rstrip("/").rsplit("/", 2) + ["", ""])[:3]
+    root = head if parent == "compare" and head else run
     if not is_remote(run):
         # a path that is not there is the command's to report (and gets no lock file)
         with hold_run(Path(root)) if hold and Path(run).is_dir() else nullcontext():
