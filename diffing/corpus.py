@@ -47,7 +47,8 @@ class CorpusSpec(Frozen):
     text_field: str = Field("text", description="Column with raw text.")
     messages_field: str = Field(
         "messages",
-        description="Column with chat messages [{role, content}] (a list, or that list as a JSON string); "
+        description="Column with chat messages [{role, content}] (a list, or that list as a JSON string; "
+        "ShareGPT's {from, value} turns are read as {role, content}: human -> user, gpt -> assistant); "
         "used instead of the text column when a record has both.",
     )
     source_field: str = Field(
@@ -146,6 +147,37 @@ def _json_rows(text: str, uri: str, limit: int | None) -> list[tuple[str, Any]]:
     return out
 
 
+# ShareGPT's {from, value} turns (human/gpt, as many datasets export chats) -> {role, content}
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "tool": "tool",
+}
+
+
+def _sharegpt_turn(m: Any, where: str) -> Any:
+    """A ShareGPT turn {from, value} (no role/content) as {role, content}; other keys kept, other
+    turns as given. Records in {role, content} form read as before, so no store's hash changes."""
+    if not (isinstance(m, dict) and {"from", "value"} <= set(m) and "role" not in m and "content" not in m):
+        return m
+    who = m["from"]
+    role = _SHAREGPT_ROLES.get(who.strip().lower()) if isinstance(who, str) else None
+    if role is None:
+        raise HarvestInputError(
+            f"corpus {where}: a ShareGPT turn from {who!r}, which is none of "
+            f"{sorted(_SHAREGPT_ROLES)}; convert the corpus to {{role, content}} messages"
+        )
+    rest = {k: v for k, v in m.items() if k not in ("from", "value")}
+    return {"role": role, "content": m["value"], **rest}
+
+
 def _messages(value: Any, where: str, spec: CorpusSpec) -> list[dict[str, Any]]:
     field = spec.messages_field
     if isinstance(value, str):
@@ -162,13 +194,12 @@ def _messages(value: Any, where: str, spec: CorpusSpec) -> list[dict[str, Any]]:
         )
     if not value:
         raise HarvestInputError(f"corpus {where}: {field!r} is empty (and there is no {spec.text_field!r})")
+    value = [_sharegpt_turn(m, f"{where}: {field}[{j}]") for j, m in enumerate(value)]
     for j, m in enumerate(value):
         if isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str):
             continue
         hint = ""
-        if isinstance(m, dict) and {"from", "value"} <= set(m):
-            hint = " (ShareGPT-style {from, value} turns: convert them to {role, content})"
-        elif isinstance(m, dict) and "content" in m and not isinstance(m["content"], str):
+        if isinstance(m, dict) and "content" in m and not isinstance(m["content"], str):
             hint = " (content must be a string: no null tool-call turns or lists of content parts)"
         raise HarvestInputError(
             f"corpus {where}: {field}[{j}] must be {{role: str, content: str}}, got {str(m)[:120]}{hint}"
@@ -188,9 +219,10 @@ def _record(r: Any, i: int, where: str, spec: CorpusSpec) -> dict[str, Any]:
         raise HarvestInputError(f"corpus {where}: a record must be a JSON object, got {type(r).__name__}")
     tf, mf = spec.text_field, spec.messages_field
     if tf not in r and mf not in r:
+        hint = " (a ShareGPT corpus: corpus.messages_field: conversations)" if "conversations" in r else ""
         raise HarvestInputError(
             f"corpus {where} has neither a {tf!r} nor a {mf!r} field (it has {sorted(r)[:8]}); "
-            "set corpus.text_field / corpus.messages_field"
+            f"set corpus.text_field / corpus.messages_field{hint}"
         )
     text, msgs = r.get(tf), r.get(mf)
     if isinstance(msgs, list | str) and not msgs and isinstance(text, str):

@@ -115,9 +115,10 @@ def test_a_json_array_file_is_accepted(tmp_path):
         (['{"messages": []}'], "line 1: 'messages' is empty"),
         (['{"messages": "not json"}'], "'messages' is a string that is not JSON"),
         (
-            ['{"messages": [{"from": "human", "value": "hi"}]}'],
-            r"messages\[0\] must be \{role: str, content: str\}.*ShareGPT",
+            ['{"messages": [{"from": "narrator", "value": "hi"}]}'],
+            r"messages\[0\]: a ShareGPT turn from 'narrator'",
         ),
+        (['{"conversations": []}'], "a ShareGPT corpus: corpus.messages_field: conversations"),
         (
             ['{"messages": [{"role": "assistant", "content": null}]}'],
             "content must be a string",
@@ -132,11 +133,29 @@ def test_bad_records_name_the_line_and_the_fix(tmp_path, lines, match):
 
 def test_a_bad_record_anywhere_is_found_before_any_work(tmp_path):
     recs = [{"text": f"doc {i}"} for i in range(400)]
-    recs[300] = {"messages": [{"from": "human", "value": "hi"}]}
+    recs[300] = {"messages": [{"role": "human"}]}
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     with pytest.raises(HarvestInputError, match="line 301"):
         _read(tmp_path / "c.jsonl")
     assert len(_read(tmp_path / "c.jsonl", max_prompts=300)) == 300  # not read past max_prompts
+
+
+def test_sharegpt_turns_read_as_role_and_content(tmp_path):
+    rec = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi?"},
+            {"from": "gpt", "value": "Hello.", "weight": 1},
+        ]
+    }
+    (tmp_path / "c.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps({"conversations": CHAT}) + "\n")
+    (got, plain) = _read(tmp_path / "c.jsonl", messages_field="conversations")
+    assert got["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello.", "weight": 1},
+    ]
+    assert plain["messages"] == CHAT  # {role, content} turns as given
 
 
 def test_parquet_corpora(tmp_path):
