@@ -168,7 +168,17 @@ def test_extra_sections_hook(run, tmp_path):
     assert "Planted truth" in html and "recovered 97%" in html and "From a callable" in html
     rep = json.loads((r2 / "report.json").read_text())
     assert rep["sections"][0] == {"title": "Planted truth", "key": "planted", "data": {"recovered": 0.97}}
-    assert "recovered 97%" in (r2 / "report.md").read_text()
+    md = (r2 / "report.md").read_text()
+    assert "recovered 97%" in md
+    # results sit beside the shift, before the latent cards (most of the page); the contents link them
+    heads = re.findall(r"<h2 id=\"s\d+\">([^<]*)</h2>", html)
+    assert heads[heads.index("Category shift") + 1] == "Planted truth"
+    assert heads.index("From a callable") < min(i for i, h in enumerate(heads) if "-specific latents" in h)
+    md_heads = re.findall(r"^## (.*)$", md, flags=re.M)
+    assert md_heads.index("Planted truth") < min(
+        i for i, h in enumerate(md_heads) if "-specific latents" in h
+    )
+    assert '<a href="#s' in html and ">Planted truth</a>" in html
     with pytest.raises(TypeError):
         write_report(r2, extra_sections=[42])
 

@@ -275,6 +275,9 @@ def write_report(
         ("Latents", '<div class="grid">' + "".join(f'<img alt="figure" src="{u}">' for u in imgs) + "</div>")
     )
     sec.append(("Category shift", sections.category_shift(d, s_name, i_name, opts)))
+    # the other stages' sections are results (planted truth, the anchored shift): beside the
+    # shift, before the cards that make up most of the page
+    sec += [(e.title, e.html) for e in extras]
     sec += [sections.group(d, g, opts) for g in (i_name, s_name)]
     base = "".join(H.card_html(c, pair, opts.contexts_per_card) for c in d["cards"].get("baseline", []))
     sec.append(
@@ -283,8 +286,6 @@ def write_report(
             f"<details><summary>{len(d['cards'].get('baseline', []))} cards</summary>{base}</details>",
         )
     )
-    for e in extras:
-        sec.append((e.title, e.html))
     page = H.page(title or f"crossdiff report: {a} vs {b}", sec)
     d["sections"] = [{"title": e.title, "key": e.key, "data": e.data} for e in extras]
     paths = {"html": run / REPORT_HTML, "json": run / REPORT_JSON, "markdown": run / REPORT_MD}

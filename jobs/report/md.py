@@ -121,6 +121,8 @@ def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:
         out.append("")
     out += ["## Classes", ""] + [f"- {k}: {v}" for k, v in sorted(d["classes"].items())] + [""]
     out += _shift_md(d, f"{b}-specific", f"{a}-specific")
+    for e in extras:  # results beside the shift, before the latent lists
+        out += [f"## {e.title}", "", e.markdown, ""]
     for g in (f"{a}-specific", f"{b}-specific"):
         cards = d["cards"].get(g, [])[:10]
         s = (d.get("group_selection") or {}).get(g)
@@ -134,6 +136,4 @@ def markdown(d: dict, extras: Sequence[ReportSection] = ()) -> str:
             desc = f"{_md(lab['category'])}: {_md(lab['explanation'])}" if lab else "(not labelled)"
             out.append(f"- latent {c['latent']} (Δnorm {fmt(c['stats'].get('delta_norm'))}): {desc}")
         out.append("")
-    for e in extras:
-        out += [f"## {e.title}", "", e.markdown, ""]
     return "\n".join(out)

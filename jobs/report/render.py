@@ -118,9 +118,11 @@ def shift_table(shift: list[dict], ci_label: str = "95% CI", s_name: str = "S", 
 
 def page(title: str, sections: list[tuple[str, str]]) -> str:
     body = "".join(f'<section><h2 id="s{i}">{esc(t)}</h2>{h}</section>' for i, (t, h) in enumerate(sections))
+    toc = " · ".join(f'<a href="#s{i}">{esc(t)}</a>' for i, (t, _) in enumerate(sections))
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main><h1>{esc(title)}</h1>{body}"
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main><h1>{esc(title)}</h1>"
+        f'<nav class="muted">{toc}</nav>{body}'
         "</main></body></html>"
     )
