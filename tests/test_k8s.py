@@ -61,6 +61,26 @@ def pod_templates(overlay: str):
             yield f"{label}/{g['groupName']}", g["template"]
 
 
+def all_images(objs) -> set:
+    """The image of every container anywhere in `objs`: the Ray pod templates, the RayJobs'
+    submitterPodTemplate, any other containers / initContainers list."""
+    images = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k in ("containers", "initContainers") and isinstance(v, list):
+                    images.update(c.get("image") for c in v)
+                else:
+                    walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(list(objs))
+    return images
+
+
 # ---------------------------------------------------------------- the renderer itself
 
 
@@ -111,9 +131,10 @@ def test_overlay_renders_the_expected_objects(overlay):
     assert (
         extra[0]["spec"]["entrypoint"] == one(overlay, "RayJob", "crossdiff-pipeline")["spec"]["entrypoint"]
     )
-    images = {c["image"] for _, t in pod_templates(overlay) for c in t["spec"]["containers"]}
+    # every container of the overlay and of its on-cluster RayJob (the submitter pod included: KubeRay
+    # runs a given submitterPodTemplate as written, it does not put the head's image there)
     assert (
-        images
+        all_images(everything(overlay))
         == {"gpu": {"ghcr.io/your-org/crossdiff:0.1.0-gpu"}, "cpu-dev": {"crossdiff:0.1.0-cpu"}}[overlay]
     )
 
@@ -416,14 +437,15 @@ def test_images_build_crossdiff_on_ray_2_60(variant, extra, judge):
     base = re.search(r"^ARG RAY_IMAGE=(\S+)", text, re.M).group(1)
     assert re.fullmatch(r"rayproject/ray:2\.60\.\d+-py311-" + variant, base), base
     assert re.search(r"^FROM \$\{RAY_IMAGE\}", text, re.M)
-    assert f'".[{extra}]"' in text and "crossdiff --help" in text
+    installed = re.search(r'"\.\[([\w,-]+)\]"', text)  # pip install ".[cpu]" or ".[cpu,gcs]"
+    assert installed and extra in installed.group(1).split(","), text
+    assert "crossdiff --help" in text
     deps = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(d.split("=")[0].split(">")[0] == judge for d in deps[extra]), deps[extra]
     # the overlay that runs this image names it with the same variant tag the Dockerfile builds
     overlay = {"cpu": "cpu-dev", "gpu": "gpu"}[variant]
     tag = re.search(r"-t (\S+) \.", text).group(1)
-    images = {c["image"] for _, t in pod_templates(overlay) for c in t["spec"]["containers"]}
-    assert images == {tag}
+    assert all_images(everything(overlay)) == {tag}  # the submitter pods and the on-cluster RayJob too
     if variant == "cpu":  # cpu-dev runs the tiny preset: its models (judge included) are in the image,
         assert "tiny_models()" in text  # not only on the head pod that resolves the preset
     ignore = (PROJECT_ROOT / "cluster" / "images" / f"Dockerfile.{variant}.dockerignore").read_text().split()
@@ -494,6 +516,8 @@ def test_every_ray_pod_meets_the_restricted_pod_security_standard(overlay):
             pod = spec.get("securityContext") or {}
             assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) > 0, where
             assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+            if "fsGroup" in pod:  # else every start chowns the whole run volume, recursively
+                assert pod.get("fsGroupChangePolicy") == "OnRootMismatch", where
             for c in spec["containers"]:
                 sc = c.get("securityContext") or {}
                 assert sc.get("allowPrivilegeEscalation") is False, (*where, c["name"])
@@ -510,3 +534,187 @@ def test_every_ray_pod_meets_the_restricted_pod_security_standard(overlay):
                 sc = cluster["autoscalerOptions"]["securityContext"]
                 assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     assert n >= 6
+
+
+# ---------------------------------------------------------------- memory, upgrades, sizes
+
+
+def quantity(q) -> float:
+    """A Kubernetes quantity ('500m', '8Gi', '2') as a number (cores or bytes)."""
+    q = str(q)
+    for suffix, mult in (
+        ("Ki", 2**10),
+        ("Mi", 2**20),
+        ("Gi", 2**30),
+        ("Ti", 2**40),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+    ):
+        if q.endswith(suffix):
+            return float(q[: -len(suffix)]) * mult
+    if q.endswith("m"):
+        return float(q[:-1]) / 1000
+    return float(q)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_pod_keeps_its_object_store_in_dev_shm(overlay):
+    """Ray puts the object store in /dev/shm only if it fits there (else /tmp on the container's
+    writable layer); a container's own /dev/shm is 64 MiB. Its default size, as Ray 2.60 computes it
+    (ray._private.utils.resolve_object_store_memory): 30% of the memory, at most max(10 GB, 95% of
+    /dev/shm). Heads included: the driver of a RayJob and the Serve controller put objects there."""
+    from ray._private import ray_constants as rc
+
+    heads = 0
+    for label, t in pod_templates(overlay):
+        spec = t["spec"]
+        c = spec["containers"][0]
+        limit = quantity(c["resources"]["limits"]["memory"])
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        assert "/dev/shm" in mounts, f"{label}: no /dev/shm volume"
+        vol = {v["name"]: v for v in spec["volumes"]}[mounts["/dev/shm"]]
+        assert vol["emptyDir"]["medium"] == "Memory", label
+        shm = quantity(vol["emptyDir"]["sizeLimit"])
+        assert shm <= limit, f"{label}: /dev/shm {shm} over the memory limit {limit}"
+        cap = max(rc.REQUIRE_SHM_SIZE_THRESHOLD, int(shm * 0.95))
+        store = min(int(limit * rc.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION), cap)
+        assert store <= shm, f"{label}: a {store / 2**30:.1f} GiB object store in {shm / 2**30:.1f} GiB"
+        heads += label.endswith("/head")
+    assert heads == 3
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_rayservice_cluster_upgrade_lets_label_requests_finish(overlay):
+    """A cluster-level change starts a new cluster and deletes the old one
+    rayClusterDeletionDelaySeconds later: requests still running there must finish first."""
+    svc = one(overlay, "RayService", "crossdiff-labeller")["spec"]
+    assert svc["upgradeStrategy"]["type"] == "NewCluster"
+    for app in yaml.safe_load(svc["serveConfigV2"]).get("applications", []):
+        limits = (app.get("args") or {}).get("limits") or {}
+        longest = limits.get("request_timeout_s", 600)
+        for d in app.get("deployments", []):
+            longest = max(longest, d.get("graceful_shutdown_timeout_s", 0))
+        assert svc["rayClusterDeletionDelaySeconds"] > longest, (app["name"], longest)
+
+
+@pytest.mark.parametrize("variant,overlay", [("cpu", "cpu-dev"), ("gpu", "gpu")])
+def test_the_env_config_map_keeps_what_the_image_sets(variant, overlay):
+    """envFrom overrides the image's ENV: crossdiff-env must not undo HF_HUB_OFFLINE=1 and the like."""
+    import re
+
+    text = (PROJECT_ROOT / "cluster" / "images" / f"Dockerfile.{variant}").read_text()
+    env = {}
+    for block in re.findall(r"^ENV ((?:.*\\\n)*.*)$", text, re.M):
+        env.update(kv.split("=", 1) for kv in block.replace("\\\n", " ").split() if "=" in kv)
+    data = one(overlay, "ConfigMap", "crossdiff-env")["data"]
+    clash = {k: (v, data[k]) for k, v in env.items() if k in data and data[k] != v}
+    assert not clash, clash
+    if overlay == "cpu-dev":
+        assert data["HF_HUB_OFFLINE"] == "1"  # the tiny preset and the judge are in the image
+
+
+def test_pull_secret_patches_reach_every_pod(tmp_path):
+    """The commented pull-secret patches of the gpu overlay and its on-cluster RayJob, uncommented
+    as docs/kubernetes.md says: imagePullSecrets on every pod (heads, worker groups, submitters)."""
+    import re
+    import shutil
+
+    root = tmp_path / "k8s"
+    shutil.copytree(kube.K8S_DIR, root)
+    enabled = 0
+    for d in ("overlays/gpu", "on-cluster/gpu"):
+        k = root / d / "kustomization.yaml"
+        lines, on = [], False
+        for line in k.read_text().splitlines():
+            if "then uncomment" in line:
+                on = True
+            elif on and re.match(r"\s*# ", line):
+                line = re.sub(r"^(\s*)# ", r"\1", line)
+                enabled += "path: pull-secret" in line
+            else:
+                on = False
+            lines.append(line)
+        k.write_text("\n".join(lines) + "\n")
+    assert enabled == 4
+    objs = kube.render(root / "overlays/gpu") + kube.render(root / "on-cluster/gpu")
+    n = 0
+    for o in objs:
+        if o["kind"] not in CRD_FILES:
+            continue
+        assert crd_validator(o["kind"]).is_valid(o), o["metadata"]["name"]
+        for path, spec in _pod_specs(o["spec"]):
+            assert spec.get("imagePullSecrets") == [{"name": "regcred"}], (o["kind"], path)
+            n += 1
+    assert n == 3 + 4 + 3 + 1  # the RayCluster, the RayJob (with its submitter), the RayService, on-cluster
+
+
+DOC = PROJECT_ROOT / "docs" / "kubernetes.md"
+K8S_SYSTEM = (1.0, 1.5 * 2**30)  # Kubernetes' own pods on a one-node minikube (control plane, DNS)
+
+
+def _requests(containers, n=1):
+    cpu = sum(quantity(c.get("resources", {}).get("requests", {}).get("cpu", 0)) for c in containers)
+    mem = sum(quantity(c.get("resources", {}).get("requests", {}).get("memory", 0)) for c in containers)
+    return n * cpu, n * mem
+
+
+def _cluster_requests(spec, at_least_one_worker=False):
+    """What a cluster's pods request at their minimum size (head, autoscaler sidecar, min workers)."""
+    parts = [_requests(spec["headGroupSpec"]["template"]["spec"]["containers"])]
+    if spec.get("enableInTreeAutoscaling"):
+        parts.append(_requests([spec.get("autoscalerOptions", {})]))
+    running = 0
+    for g in spec.get("workerGroupSpecs", []):
+        n = max(g.get("minReplicas", 0), g.get("replicas", 0))
+        running += n
+        parts.append(_requests(g["template"]["spec"]["containers"], n))
+    if at_least_one_worker and not running:  # a job there makes the autoscaler start one
+        g = spec["workerGroupSpecs"][0]
+        parts.append(_requests(g["template"]["spec"]["containers"]))
+    return tuple(map(sum, zip(*parts, strict=True)))
+
+
+def test_the_documented_minikube_size_holds_the_cpu_dev_overlay():
+    import re
+
+    m = re.search(r"minikube start --cpus (\d+) --memory (\d+)g", DOC.read_text())
+    assert m, "docs/kubernetes.md names no minikube size"
+    cpus, mem = int(m.group(1)), int(m.group(2)) * 2**30
+    cluster = _cluster_requests(one("cpu-dev", "RayCluster", "crossdiff")["spec"])
+    service = _cluster_requests(
+        one("cpu-dev", "RayService", "crossdiff-labeller")["spec"]["rayClusterConfig"]
+    )
+    job = one("cpu-dev", "RayJob", "crossdiff-pipeline")["spec"]
+    on_cluster = one("cpu-dev", "RayJob", "crossdiff-pipeline-on-cluster")["spec"]
+    scenarios = {
+        # what `kubectl apply -k k8s/overlays/cpu-dev` starts: the RayJob on a cluster of its own
+        "applied": (
+            cluster,
+            service,
+            _cluster_requests(job["rayClusterSpec"]),
+            _requests(job["submitterPodTemplate"]["spec"]["containers"]),
+        ),
+        # later, the on-cluster RayJob: the RayCluster starts a worker for it
+        "on-cluster": (
+            _cluster_requests(one("cpu-dev", "RayCluster", "crossdiff")["spec"], at_least_one_worker=True),
+            service,
+            _requests(on_cluster["submitterPodTemplate"]["spec"]["containers"]),
+        ),
+    }
+    for name, parts in scenarios.items():
+        need_cpu, need_mem = (sum(x) for x in zip(*parts, K8S_SYSTEM, strict=True))
+        assert need_cpu <= cpus and need_mem <= mem, (name, need_cpu, need_mem / 2**30, m.group(0))
+    # the sum the doc quotes is the rendered one
+    applied = [sum(x) for x in zip(*scenarios["applied"], strict=True)]
+    assert f"{applied[0]:g} CPUs and {applied[1] / 2**30:g} GiB" in " ".join(DOC.read_text().split())
+
+
+def test_render_outside_a_checkout_names_where_the_manifests_are(tmp_path, monkeypatch, capsys):
+    from cluster import kube
+
+    monkeypatch.setattr(kube, "K8S_DIR", tmp_path / "site-packages" / "k8s")  # an installed crossdiff
+    with pytest.raises(kube.RenderError, match="installed package does not carry the manifests"):
+        kube.render("gpu")
+    assert kube.main(["sync"]) == 1
+    assert "source checkout" in capsys.readouterr().err
