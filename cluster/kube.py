@@ -36,6 +36,13 @@ SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "labels", "images",
 SERVE_SOURCE_ANNOTATION = "crossdiff.dev/serve-config-source"
 
 
+# where the manifests are: an installed crossdiff (a wheel) carries the code, not k8s/
+_WHERE = (
+    "; the overlays are k8s/overlays/<name> or k8s/<path> of a crossdiff source checkout (the installed "
+    "package does not carry the manifests): run this from a checkout, or give a kustomization directory"
+)
+
+
 class RenderError(ValueError):
     """A kustomization this renderer cannot honour exactly."""
 
@@ -105,6 +112,8 @@ def render(path: str | Path) -> list[dict[str, Any]]:
         d = K8S_DIR / "overlays" / str(path)
         if not (d / "kustomization.yaml").exists():  # e.g. on-cluster/gpu
             d = K8S_DIR / str(path)
+    if not (d / "kustomization.yaml").exists():
+        raise RenderError(f"no kustomization.yaml in {d}{_WHERE}")
     k = yaml.safe_load((d / "kustomization.yaml").read_text()) or {}
     unknown = set(k) - SUPPORTED
     if unknown:
@@ -202,6 +211,8 @@ _BlockDumper.add_representer(str, _str)
 
 def sync_serve_config(overlays: tuple[str, ...] = OVERLAYS) -> list[Path]:
     """Write k8s/overlays/<o>/serve-config.patch.yaml from serve/config/ (run after changing it)."""
+    if not K8S_DIR.is_dir():
+        raise RenderError(f"no {K8S_DIR}{_WHERE}")
     written = []
     for o in overlays:
         text, source = serve_config_text(o)
@@ -223,13 +234,17 @@ def sync_serve_config(overlays: tuple[str, ...] = OVERLAYS) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["render"] and len(argv) == 2:
-        sys.stdout.write(yaml.safe_dump_all(render(argv[1]), sort_keys=False))
-        return 0
-    if argv[:1] == ["sync"]:
-        for p in sync_serve_config():
-            print(p)
-        return 0
+    try:
+        if argv[:1] == ["render"] and len(argv) == 2:
+            sys.stdout.write(yaml.safe_dump_all(render(argv[1]), sort_keys=False))
+            return 0
+        if argv[:1] == ["sync"]:
+            for p in sync_serve_config():
+                print(p)
+            return 0
+    except RenderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print("usage: python -m cluster.kube render OVERLAY | sync", file=sys.stderr)
     return 2
 

@@ -238,8 +238,11 @@ def build_submission(
     num_cpus: float | None = None,
     num_gpus: float | None = None,
     environ: Mapping[str, str] | None = None,
+    pip: Sequence[str] = (),
 ) -> Submission:
-    """Everything a submission sends, built and checked locally (no cluster needed)."""
+    """Everything a submission sends, built and checked locally (no cluster needed). ``pip``:
+    requirement specs the job's runtime_env installs on the cluster (e.g. crossdiff itself, from a
+    wheel on shared storage or a package index, where the cluster image lacks it)."""
     if stage not in STAGES:
         raise SubmitError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     data: dict[str, Any] | None = None
@@ -286,6 +289,13 @@ def build_submission(
         )
     except SecretInRuntimeEnvError as e:
         raise SubmitError(str(e)) from None
+    if pip:
+        if bad := [p for p in pip if not p.strip() or p.lstrip().startswith("-")]:
+            raise SubmitError(
+                f"--pip {bad[0]!r}: give a requirement (crossdiff==0.1.0, a wheel's path or URL), "
+                "one per --pip; pip options do not go here"
+            )
+        runtime_env["pip"] = [p.strip() for p in pip]
     metadata = {
         "crossdiff_stage": stage,
         "crossdiff_run": key,

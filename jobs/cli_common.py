@@ -167,6 +167,8 @@ def _report(e: BaseException) -> None:
 def _missing_package(e: ImportError) -> None:
     """An optional package a URL needs (fsspec: "Please install gcsfs ...")."""
     fix = (
-        "`pip install gcsfs` for gs://" if "gcsfs" in str(e) else "`make setup` installs what crossdiff needs"
+        "`pip install 'crossdiff[gcs]'` (gcsfs) for gs://"
+        if "gcsfs" in str(e)
+        else "`make setup` in a checkout, or `pip install 'crossdiff[cpu]'` (or [gpu]), installs what crossdiff needs"
     )
     _fail(f"{e} (into this environment and every Ray node's: {fix})")

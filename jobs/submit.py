@@ -78,6 +78,14 @@ def submit(
     num_cpus: Annotated[float | None, typer.Option("--num-cpus", help="CPUs for the driver.")] = None,
     num_gpus: Annotated[float | None, typer.Option("--num-gpus", help="GPUs for the driver.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds --wait waits.")] = 24 * 3600,
+    pip: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pip",
+            help="A requirement the job's runtime env installs (repeatable), e.g. a crossdiff wheel where "
+            "the cluster image lacks crossdiff.",
+        ),
+    ] = None,
 ) -> None:
     """Submit a stage as a Ray job. Options the submit command does not know (e.g. --out, --set,
     --overwrite) are passed to the stage: `crossdiff submit fit --config f.yaml --store S --out R`."""
@@ -91,7 +99,14 @@ def submit(
             k, v = kv.split("=", 1)
             pairs[k] = v
         sub = sm.build_submission(
-            stage, config, list(ctx.args), name=name, env=pairs, num_cpus=num_cpus, num_gpus=num_gpus
+            stage,
+            config,
+            list(ctx.args),
+            name=name,
+            env=pairs,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            pip=pip or (),
         )
         if rel := sub.extra.get("relative_paths"):
             typer.echo(

@@ -180,6 +180,17 @@ def test_entrypoints_parse_with_the_cli(tmp_path, tiny_pair):
         sm.build_submission("analyze", None, ["--run", "r", "--stoer", "s"], environ={})
 
 
+def test_pip_requirements_travel_in_the_runtime_env():
+    # an installed crossdiff uploads no code: --pip has the job's runtime env install it
+    sub = sm.build_submission(
+        "report", None, ["--run", "s3://b/run"], working_dir=None, environ={}, pip=[" crossdiff==0.1.0 "]
+    )
+    assert sub.runtime_env["pip"] == ["crossdiff==0.1.0"] and "working_dir" not in sub.runtime_env
+    assert "pip" not in sm.build_submission("report", None, ["--run", "s3://b/run"], environ={}).runtime_env
+    with pytest.raises(sm.SubmitError, match="--pip '-e .': give a requirement"):
+        sm.build_submission("report", None, ["--run", "s3://b/run"], environ={}, pip=["-e ."])
+
+
 def test_working_dir_upload_stays_small(tmp_path):
     """What Ray would upload for working_dir (its own packager, our excludes, .gitignore)."""
     from ray._private.runtime_env.packaging import create_package
