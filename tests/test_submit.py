@@ -239,6 +239,55 @@ def _cli(*args, env=None, timeout=900):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_installed_crossdiff_reaches_a_cluster_without_it_through_pip(head, tmp_path):
+    """An installed crossdiff uploads no code (working_dir None); `--pip WHEEL` has Ray build the
+    job a virtualenv holding it, and the job's `crossdiff` is that one."""
+    import shutil
+
+    src = tmp_path / "src"  # the wheel is built from a copy: setuptools writes build/ where it builds
+    for name in ("diffing", "jobs", "serve", "cluster"):
+        shutil.copytree(PROJECT_ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(PROJECT_ROOT / name, src / name)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            tmp_path,
+            src,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("crossdiff-*.whl")
+    sub = sm.build_submission(
+        "report", None, ["--run", str(tmp_path / "none")], working_dir=None, pip=[str(wheel)]
+    )
+    assert "working_dir" not in sub.runtime_env
+    jc = sm.client(head["dashboard"])
+    sid = jc.submit_job(
+        entrypoint='which crossdiff && (cd / && python -c "import jobs; print(jobs.__file__)") && '
+        + sub.entrypoint,
+        runtime_env=sub.runtime_env,
+    )
+    st = sm.wait(sid, timeout_s=500, jc=jc)
+    logs = jc.get_job_logs(sid)
+    assert st["status"] == "FAILED", logs  # the stage's own error: the run does not exist
+    exe, mod = [line for line in logs.splitlines() if line.endswith(("/crossdiff", "/jobs/__init__.py"))][:2]
+    assert "/runtime_resources/pip/" in exe and "/runtime_resources/pip/" in mod, logs
+    assert "latents.parquet is missing" in logs
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_harvest_job_runs_on_a_real_cluster(head, tmp_path, tiny_pair):
     addr = head["dashboard"]
