@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import platform
 import subprocess
 import time
@@ -58,15 +59,41 @@ def _git() -> dict[str, Any] | None:
         return None
 
 
+def _installed_from() -> dict[str, Any] | None:
+    """Where pip installed crossdiff from, outside a checkout (PEP 610 direct_url.json): the URL, and
+    a VCS install's commit or an archive's hash. None for an install from an index, whose version
+    is all there is."""
+    try:
+        text = importlib.metadata.distribution("crossdiff").read_text("direct_url.json")
+        d = json.loads(text) if text else None
+    except (importlib.metadata.PackageNotFoundError, OSError, ValueError):
+        return None
+    if not isinstance(d, dict):
+        return None
+    out: dict[str, Any] = {"url": d.get("url")}
+    vcs, archive = d.get("vcs_info") or {}, d.get("archive_info") or {}
+    if vcs.get("commit_id"):
+        out["commit"] = vcs["commit_id"]
+    if sha := (archive.get("hashes") or {}).get("sha256") or archive.get("hash"):
+        out["archive_hash"] = sha
+    if (d.get("dir_info") or {}).get("editable"):
+        out["editable"] = True
+    return out
+
+
 @cache
 def _static() -> dict[str, Any]:
-    return {
+    git = _git()
+    out = {
         "python": platform.python_version(),
         "packages": {d: v for d in PACKAGES if (v := _version(d)) is not None},
-        "git": _git(),
+        "git": git,
         "platform": platform.platform(),
         "machine": platform.machine(),
     }
+    if git is None and (where := _installed_from()):
+        out["installed_from"] = where
+    return out
 
 
 def environment() -> dict[str, Any]:

@@ -197,6 +197,33 @@ def test_provenance_names_models_layer_judge_and_commit(run, tmp_path):  # noqa:
     assert "Provenance" in html and "judge" not in html.split("Provenance")[1].split("</section>")[0]
 
 
+def test_an_installed_crossdiff_says_where_it_came_from(monkeypatch):
+    import importlib.metadata
+
+    from jobs import provenance
+    from jobs.report.provenance import _software, _sw
+
+    class Dist:  # pip's PEP 610 record of `pip install git+https://...@<commit>`
+        def read_text(self, name):
+            assert name == "direct_url.json"
+            return json.dumps(
+                {"url": "https://git.example/crossdiff", "vcs_info": {"vcs": "git", "commit_id": "c0ffee"}}
+            )
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
+    assert provenance._installed_from() == {"url": "https://git.example/crossdiff", "commit": "c0ffee"}
+    env = {"git": None, "installed_from": provenance._installed_from(), "packages": {"crossdiff": "0.1.0"}}
+    assert _sw(_software(env)) == "commit c0ffee, crossdiff 0.1.0"
+    wheel = {"url": "file:///w/crossdiff-0.1.0-py3-none-any.whl", "archive_hash": "sha256=ab"}
+    assert (
+        _sw(_software({"installed_from": wheel}))
+        == "installed from file:///w/crossdiff-0.1.0-py3-none-any.whl"
+    )
+    assert _sw(_software({"git": {"commit": "abc", "dirty": True}, "installed_from": wheel})).startswith(
+        "commit abc (uncommitted changes)"
+    )
+
+
 def test_planted_direction_gives_the_interval_and_says_when_it_holds_zero(tmp_path):
     from diffing.evidence import LatentEvidence
     from jobs.validation import planted_section

@@ -112,6 +112,9 @@ def _software(env: dict[str, Any] | None) -> dict[str, Any]:
     env = env or {}
     git, pkgs = env.get("git") or {}, env.get("packages") or {}
     out = {"commit": git.get("commit"), "dirty": git.get("dirty")}
+    if not git and (where := env.get("installed_from")):  # an installed crossdiff (no checkout)
+        out["commit"] = where.get("commit")
+        out["installed_from"] = where.get("url") if not where.get("commit") else None
     out |= {p: pkgs.get(p) for p in ("crossdiff", "torch")}
     return {k: v for k, v in out.items() if v is not None}
 
@@ -185,5 +188,7 @@ def _sw(sw: dict[str, Any]) -> str:
     parts = []
     if c := sw.get("commit"):
         parts.append(f"commit {c}" + (" (uncommitted changes)" if sw.get("dirty") else ""))
+    if u := sw.get("installed_from"):
+        parts.append(f"installed from {u}")
     parts += [f"{p} {sw[p]}" for p in ("crossdiff", "torch") if sw.get(p)]
     return ", ".join(parts)
