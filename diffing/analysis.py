@@ -259,9 +259,24 @@ _OPERATIONAL = {"batch_size", "evidence_workers", "latents_per_pass", "device", 
 
 
 def fit_digest(run) -> str | None:
-    """Which fit a run's crosscoder came from: the sha256 of its metrics.json, written once at the
-    end of every fit (its timings make it differ between two fits of one config). None: no
-    metrics.json (a crosscoder copied in alone)."""
+    """Which weights a run's analysis read: the sha256 of crosscoder/model.safetensors (a refit
+    to the same weights gives the same digest, and the same latents.parquet). None: no weights."""
+    import hashlib
+    from pathlib import Path
+
+    p = Path(run) / "crosscoder" / "model.safetensors"
+    if not p.exists():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return "w" + h.hexdigest()[:15]
+
+
+def _legacy_fit_digest(run) -> str | None:
+    """fit_digest until 2026-12-07: the sha256 of metrics.json (timings included, so it changed
+    with every refit); still accepted for analyses made then."""
     import hashlib
     from pathlib import Path
 
@@ -270,7 +285,7 @@ def fit_digest(run) -> str | None:
 
 
 def check_same_analysis(
-    path, cfg: AnalysisConfig, pair: tuple[str, str] | None, fit: str | None = None
+    path, cfg: AnalysisConfig, pair: tuple[str, str] | None, fit: str | None = None, run=None
 ) -> None:
     """A rerun may skip a finished latents.parquet only if it asks for the same pair and analysis
     of the same fit (`fit`: fit_digest of the run now); else it would report the old results as
@@ -279,10 +294,12 @@ def check_same_analysis(
 
     meta = pq.read_schema(path).metadata or {}
     old_fit = meta.get(b"fit", b"").decode()
+    if fit and old_fit and not old_fit.startswith("w") and run is not None:
+        fit = _legacy_fit_digest(run)  # an analysis written before the weights were its digest
     if fit and old_fit and old_fit != fit:
         raise ValueError(
-            f"{path} was made from another fit of this run (its crosscoder was refitted since: metrics.json "
-            "changed); pass --overwrite to analyse the new crosscoder"
+            f"{path} was made from another fit of this run (its crosscoder was refitted since, to other "
+            "weights); pass --overwrite to analyse the new crosscoder"
         )
     old_pair = meta.get(b"pair", b"").decode().split(",")
     if pair is not None and old_pair != [""] and list(pair) != old_pair:
@@ -326,7 +343,7 @@ def analyze_run(
     out = run / "latents.parquet"
     log = get_logger("analyze", run=str(run))
     if out.exists() and not overwrite:
-        check_same_analysis(out, cfg, pair, fit_digest(run))
+        check_same_analysis(out, cfg, pair, fit_digest(run), run)
         log.info("analyze.skip", reason="latents.parquet exists; pass --overwrite to redo")
         return pq.read_table(out)
     if not (run / "crosscoder" / "cfg.json").exists():

@@ -296,7 +296,12 @@ class AnalysisConfig(Frozen):
 
 
 class DistributedConfig(Frozen):
-    workers: int = Field(0, ge=0, description="Ray Train DDP workers; 0 trains in-process without Ray.")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Ray Train DDP workers; 0 trains in-process without Ray. Another count is another fit "
+        "(each rank sees other rows): a finished fit stands only for its own.",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); else CPU workers (gloo).")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per training worker.")
     max_failures: int = Field(

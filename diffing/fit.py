@@ -142,25 +142,46 @@ class RunDir:
             old.unlink(missing_ok=True)
 
 
-def fit_changes(old: dict, cfg: FitConfig, store_rows: int) -> list[str]:
+def effective_distributed(cfg: FitConfig) -> dict | None:
+    """The Ray Train settings that decide the weights (which rows each rank sees, in what order):
+    None for an in-process fit (workers 0), whose weights none of them touch."""
+    d = cfg.distributed
+    return d.model_dump(mode="json", exclude=NO_EFFECT_DISTRIBUTED) if d.workers > 0 else None
+
+
+def fit_changes(old: dict, cfg: FitConfig, store_rows: int | None) -> list[str]:
     """What differs between a run's run_config.json (``old``) and the resolved ``cfg`` on a store
-    of ``store_rows`` rows; settings without effect on the result (distributed, logging,
-    checkpointing, device) do not count. A stamp this crossdiff cannot read gives no changes."""
+    of ``store_rows`` rows (None: not compared); settings without effect on the result (logging,
+    checkpointing, device, Ray Train's restarts and read-ahead; every Ray Train setting of an
+    in-process fit, and the in-process shuffle buffer of a Ray Train one) do not count. The DDP
+    workers do: they decide which rows each rank sees. A stamp this crossdiff cannot read gives no
+    changes."""
     try:
         was_cfg = FitConfig.model_validate(old["fit"])
     except (KeyError, TypeError, ValueError):
         return []
-    skip = {"distributed": True, "train": NO_EFFECT_TRAIN}  # no effect on the result
+    train_skip = set(NO_EFFECT_TRAIN)
+    if was_cfg.distributed.workers > 0 and cfg.distributed.workers > 0:
+        train_skip.add("shuffle_buffer_rows")  # the in-process reader's: Ray Train uses its own
+    skip = {"distributed": True, "train": train_skip}
+    was_d, now_d = effective_distributed(was_cfg), effective_distributed(cfg)
+    if was_d is None or now_d is None:
+        dist = [] if was_d == now_d else ["distributed.workers"]
+    else:
+        dist = [f"distributed.{k}" for k in now_d if was_d.get(k) != now_d[k]]
     was = was_cfg.model_dump(exclude=skip)
     now = cfg.model_dump(exclude=skip)
-    changed = sorted(
-        f"{sec}.{k}"
-        for sec in now
-        if isinstance(now[sec], dict)
-        for k in now[sec]
-        if was[sec].get(k) != now[sec][k]
+    changed = (
+        sorted(
+            f"{sec}.{k}"
+            for sec in now
+            if isinstance(now[sec], dict)
+            for k in now[sec]
+            if was[sec].get(k) != now[sec][k]
+        )
+        + dist
     )
-    if old.get("store_rows") not in (None, store_rows):
+    if store_rows is not None and old.get("store_rows") not in (None, store_rows):
         changed.append(f"store rows {old['store_rows']} -> {store_rows}")
     return changed
 

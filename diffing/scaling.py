@@ -95,6 +95,8 @@ def latent_stats(
             rate = n / max(last - t0, 1e-9)
             eta = round((max_tokens - n) / max(rate, 1e-9)) if max_tokens else None
             get_logger("analyze").info("analyze.stats_progress", tokens=n, of=max_tokens, eta_s=eta)
+        if max_tokens and n + xb.shape[0] > max_tokens:
+            xb = xb[: max_tokens - n]  # exactly max_tokens, whatever the batch size
         x = model.normalise(xb.to(device))
         f = model.encode(x)  # [B, L]
         B = x.shape[0]

@@ -71,18 +71,47 @@ class Pipeline(StageRunners):
 
     # -- stage configs and markers -------------------------------------------------------
     def stage_config(
-        self, stage: str, legacy: bool = False, raw_paths: bool = False, raw_store: bool = False
+        self,
+        stage: str,
+        legacy: bool = False,
+        raw_paths: bool = False,
+        raw_store: bool = False,
+        fit_workers: bool = True,
     ) -> Any:
-        own = stage_own(self.cfg, stage, legacy, raw_paths, raw_store)
+        own = stage_own(self.cfg, stage, legacy, raw_paths, raw_store, fit_workers)
         i = STAGES.index(stage)
-        upstream = self.stage_config(STAGES[i - 1], legacy, raw_paths, raw_store)["hash"] if i else ""
-        return {"own": own, "hash": _hash([own, upstream])}
+        up = self.stage_config(STAGES[i - 1], legacy, raw_paths, raw_store, fit_workers)["hash"] if i else ""
+        return {"own": own, "hash": _hash([own, up])}
 
     def _hashes(self, stage: str) -> tuple[str, ...]:
         """The identity written, then the older ones still accepted (see jobs/stage_identity.py)."""
-        return tuple(
-            self.stage_config(stage, **kw)["hash"]
-            for kw in ({}, {"raw_store": True}, {"raw_paths": True}, {"legacy": True})
+        kws: list[dict] = [{}, {"raw_store": True}, {"raw_paths": True}, {"legacy": True}]
+        if (
+            STAGES.index(stage) >= STAGES.index("fit")
+            and self.cfg.fit.distributed.workers > 0
+            and self._fit_ddp_changed() is False
+        ):  # a Ray Train fit marked before its DDP settings counted, made with today's ones
+            kws += [kw | {"fit_workers": False} for kw in kws[:3]]
+        return tuple(self.stage_config(stage, **kw)["hash"] for kw in kws)
+
+    def _fit_ddp_changed(self) -> bool | None:
+        """Whether the finished fit's run_config.json shows other DDP settings than this config's
+        (None: nothing to read; its outputs are then missing, and the fit is redone anyway)."""
+        from diffing.fit import fit_changes
+
+        try:
+            old = json.loads((self.run / "run_config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return any(c.startswith("distributed.") for c in fit_changes(old, self.cfg.fit, None))
+
+    def _config_changed(self, stage: str, saved: dict) -> bool:
+        """The marker was written for another config (or corpus, or a fit with other DDP settings
+        under an identity that did not name them)."""
+        return (
+            saved.get("hash") not in self._hashes(stage)
+            or self._corpus_changed(stage, saved)
+            or (stage == "fit" and self._fit_ddp_changed() is True)
         )
 
     def marker(self, stage: str) -> Path:
@@ -111,7 +140,7 @@ class Pipeline(StageRunners):
         saved = self._saved(stage)
         if saved is None or saved.get("stale") or saved.get("running"):
             return False
-        if saved.get("hash") not in self._hashes(stage) or self._corpus_changed(stage, saved):
+        if self._config_changed(stage, saved):
             if redo_changed:
                 self.log.info("pipeline.changed", stage=stage, action="redo this stage and the later ones")
                 return False
@@ -151,7 +180,7 @@ class Pipeline(StageRunners):
             return True
         if saved is None:
             return False
-        if saved.get("hash") not in self._hashes(stage) or self._corpus_changed(stage, saved):
+        if self._config_changed(stage, saved):
             if not redo_changed:
                 raise self._changed(stage)
             return True

@@ -13,13 +13,20 @@ from serve.taxonomy import load_taxonomy
 
 
 def stage_own(
-    cfg: PipelineConfig, stage: str, legacy: bool = False, raw_paths: bool = False, raw_store: bool = False
+    cfg: PipelineConfig,
+    stage: str,
+    legacy: bool = False,
+    raw_paths: bool = False,
+    raw_store: bool = False,
+    fit_workers: bool = True,
 ) -> Any:
-    """What decides a stage's outputs: its config minus how it runs (workers, logging, request
-    limits) and the run's own location. `legacy`: the identity before 2026-12-06, still accepted
-    so runs finished then are not redone; `raw_paths`: a corpus inside the run named as typed (the
-    identity until the seventh session of 2026-12-06), likewise accepted; `raw_store`: a remote
-    run's default store named as typed (its identity until the eighth session), likewise."""
+    """What decides a stage's outputs: its config minus how it runs (harvest actors, logging,
+    request limits) and the run's own location. `legacy`: the identity before 2026-12-06, still
+    accepted so runs finished then are not redone; `raw_paths`: a corpus inside the run named as
+    typed (the identity until the seventh session of 2026-12-06), likewise accepted; `raw_store`: a
+    remote run's default store named as typed (its identity until the eighth session), likewise;
+    `fit_workers` False: a Ray Train fit's DDP settings left out (the identity until 2026-12-07's
+    eleventh session), accepted only where the run's run_config.json shows the same ones."""
     c = cfg
     if legacy:
         legacy_harvest = c.harvest.model_dump(mode="json", exclude={"ray", "device"})
@@ -51,10 +58,16 @@ def stage_own(
             )
         return h
     if stage == "fit":
-        return c.fit.model_dump(
+        from diffing.fit import effective_distributed
+
+        own = c.fit.model_dump(
             mode="json",
             exclude={"distributed": True, "train": {"log_every", "checkpoint_every", "device"}},
         )
+        if fit_workers and (d := effective_distributed(c.fit)) is not None:
+            own["distributed"] = d  # DDP workers decide which rows each rank sees (in-process: as before)
+            del own["train"]["shuffle_buffer_rows"]  # the in-process reader's; Ray Train has its own
+        return own
     if stage == "analyze":
         from diffing.analysis import _OPERATIONAL
 

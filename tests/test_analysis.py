@@ -145,6 +145,17 @@ def test_firing_stats():
     assert stats.n_tokens == len(x)
 
 
+def test_max_tokens_reads_exactly_that_many_whatever_the_batch_size():
+    # the batch size is operational (not in the analysis identity): it must not decide the sample
+    cc, x = _constructed(0.5, False)
+    runs = [latent_stats(cc, x.split(b), max_tokens=2500) for b in (1000, 4096, 2500)]
+    assert [r.n_tokens for r in runs] == [2500, 2500, 2500]
+    f0 = x[:2500, 1, 0].numpy()
+    for r in runs:
+        assert abs(r.freq[0] - (f0 > 0).mean()) < 1e-6
+        np.testing.assert_allclose(r.beta_eps, runs[0].beta_eps, rtol=1e-4, atol=1e-9)
+
+
 def test_tail_selection_ranks_live_latents(tmp_path):
     cc, x = _constructed(0.5, True)
     cfg = AnalysisConfig(tail_frac=0.34)

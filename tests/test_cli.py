@@ -582,6 +582,28 @@ def test_an_analysis_of_another_fit_is_not_reused_and_artifacts_carry_provenance
     with pytest.raises(ValueError, match="another fit of this run.*--overwrite"):
         analyze_run(run, st, acfg)
     analyze_run(run, st, acfg, overwrite=True)
+    # a refit to the same weights (its timings differ) is the same fit: the analysis stands, and a
+    # fresh one of those weights is byte-identical
+    before = (run / "latents.parquet").read_bytes()
+    fit(st, cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})}), run, overwrite=True)
+    analyze_run(run, st, acfg)
+    analyze_run(run, st, acfg, overwrite=True)
+    assert (run / "latents.parquet").read_bytes() == before
+    # an analysis written when metrics.json named the fit still stands for it
+    import pyarrow.parquet as pq
+
+    from diffing.analysis import _legacy_fit_digest
+
+    t = pq.read_table(run / "latents.parquet")
+    pq.write_table(
+        t.replace_schema_metadata({**t.schema.metadata, b"fit": _legacy_fit_digest(run).encode()}),
+        run / "latents.parquet",
+    )
+    analyze_run(run, st, acfg)
+    (run / "metrics.json").write_text((run / "metrics.json").read_text().replace("{", '{"x": 1, ', 1))
+    with pytest.raises(ValueError, match="another fit of this run"):
+        analyze_run(run, st, acfg)
+    analyze_run(run, st, acfg, overwrite=True)
     write_report(run)
     rep = json.loads((run / "report.json").read_text())
     prov = rep["provenance"]

@@ -54,8 +54,15 @@ def test_finished_fit_is_returned_only_for_its_own_settings(tmp_path, store, mon
     _no_ray(monkeypatch)
     out = tmp_path / "run"
     _finished(store, _cfg(steps=20), out)
-    # same settings (other worker count and logging): the finished run, Ray never started
-    assert jf.run_fit_ray(store, _cfg(steps=20, workers=4), str(out))["fve"] == 0.9
+    # same settings (other restarts, CPUs per worker, logging): the finished run, Ray never started
+    d = _cfg(steps=20).model_dump()
+    d["distributed"] |= {"max_failures": 7, "cpus_per_worker": 1.5}
+    d["train"] |= {"log_every": 3}
+    same = FitConfig.model_validate(d)
+    assert jf.run_fit_ray(store, same, str(out))["fve"] == 0.9
+    # other DDP workers decide which rows each rank sees: another fit
+    with pytest.raises(ValueError, match=r"other settings or data \(distributed.workers\).*--overwrite"):
+        jf.run_fit_ray(store, _cfg(steps=20, workers=4), str(out))
     with pytest.raises(ValueError, match=r"other settings or data \(train.steps\).*--overwrite"):
         jf.run_fit_ray(store, _cfg(steps=40), str(out))
     assert (out / "metrics.json").exists()  # nothing removed by the refusal

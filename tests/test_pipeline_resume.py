@@ -106,14 +106,20 @@ def test_a_changed_unfinished_stage_is_refused_before_anything_is_written(tmp_pa
     "change",
     [
         {"fit": {"train": {"log_every": 7, "checkpoint_every": 99, "device": "cpu"}}},
-        {"fit": {"distributed": {"workers": 2}, "train": {"batch_size": 1024}}},
+        {
+            "fit": {
+                "distributed": {"workers": 2, "max_failures": 5, "cpus_per_worker": 2, "prefetch_batches": 4},
+                "train": {"batch_size": 1024, "shuffle_buffer_rows": 7},  # the in-process reader's
+            }
+        },
         {"analyze": {"evidence_workers": 3, "latents_per_pass": 64, "batch_size": 2048}},
         {"label": {"request_timeout_s": 999, "max_attempts": 9, "concurrency": 1, "batch_size": 3}},
     ],
 )
 def test_settings_that_change_no_result_redo_nothing(tmp_path, change):
     out = tmp_path / "run"
-    fit = {"fit": {"train": {"batch_size": 1024}}} if "distributed" in change.get("fit", {}) else {}
+    ddp = {"distributed": {"workers": 2}, "train": {"batch_size": 1024}}
+    fit = {"fit": ddp} if "distributed" in change.get("fit", {}) else {}
     _run(out, **fit)
     assert _run(out, **change) == []
 
@@ -138,6 +144,70 @@ def test_runs_finished_before_the_identity_change_are_not_redone(tmp_path):
     from jobs.stage_identity import stage_own
 
     assert {"tokenizer", "source_mass"}.isdisjoint(stage_own(p.cfg, "analyze", legacy=True)["analyze"])
+
+
+def test_a_fit_with_other_ddp_workers_is_a_changed_fit(tmp_path):
+    # which rows each rank sees, hence the weights, depend on the DDP workers (and their shuffle)
+    out = tmp_path / "run"
+    ddp = {"distributed": {"workers": 2}, "train": {"batch_size": 1024}}
+    _run(out, fit={"train": {"batch_size": 1024}})
+    with pytest.raises(ValueError, match="ran stage 'fit' with a different config"):
+        _run(out, fit=ddp)
+    redo = _run(out, flags={"redo_changed": True}, fit=ddp)
+    assert redo == [(s, True) for s in STAGES[1:]]
+    buffer = {"distributed": {"workers": 2, "shuffle_buffer_rows": 5}, "train": {"batch_size": 1024}}
+    with pytest.raises(ValueError, match="ran stage 'fit' with a different config"):
+        _run(out, fit=buffer)
+
+
+def _fit_record(p, **distributed):
+    """run_config.json as a finished fit writes it, with these DDP settings."""
+    fit = p.cfg.fit.model_dump(mode="json")
+    fit["distributed"].update(distributed)
+    (p.run / "run_config.json").write_text(json.dumps({"fit": fit}))
+
+
+def test_ray_fits_marked_before_ddp_settings_counted_stand_only_for_their_own(tmp_path):
+    out = tmp_path / "run"
+    ddp = {"distributed": {"workers": 2}, "train": {"batch_size": 1024}}
+    _run(out, fit=ddp)
+    p = _pipeline(out, [], fit=ddp)
+    for s in STAGES:  # markers as the previous crossdiff wrote them: no DDP settings in the fit's
+        m = json.loads(p.marker(s).read_text())
+        m["hash"] = p.stage_config(s, fit_workers=False)["hash"]
+        p.marker(s).write_text(json.dumps(m))
+    _fit_record(p, workers=2)  # ...made with the workers asked for: done
+    assert _run(out, fit=ddp) == []
+    _fit_record(p, workers=4)  # ...with others: a changed fit, however the marker reads
+    with pytest.raises(ValueError, match="ran stage 'fit' with a different config"):
+        _run(out, fit=ddp)
+    # an in-process config on a run whose fit ran on 2 DDP workers (its identity never named them)
+    out2 = tmp_path / "run2"
+    _run(out2, fit={"train": {"batch_size": 1024}})
+    _fit_record(_pipeline(out2, [], fit={"train": {"batch_size": 1024}}), workers=2)
+    with pytest.raises(ValueError, match="ran stage 'fit' with a different config"):
+        _run(out2, fit={"train": {"batch_size": 1024}})
+
+
+def test_fit_changes_count_the_ddp_settings_that_decide_the_weights():
+    from diffing.config import FitConfig
+    from diffing.fit import fit_changes
+
+    def cfg(**d):
+        return FitConfig.model_validate({"distributed": d})
+
+    def old(**d):
+        return {"fit": cfg(**d).model_dump(mode="json")}
+
+    assert fit_changes(old(), cfg(workers=2), 10) == ["distributed.workers"]
+    assert fit_changes(old(workers=2), cfg(), 10) == ["distributed.workers"]
+    assert fit_changes(old(workers=2), cfg(workers=4), 10) == ["distributed.workers"]
+    assert fit_changes(old(workers=2), cfg(workers=2, shuffle_buffer_rows=9), 10) == [
+        "distributed.shuffle_buffer_rows"
+    ]
+    same = cfg(workers=2, max_failures=9, cpus_per_worker=3, num_to_keep=5, prefetch_batches=0)
+    assert fit_changes(old(workers=2), same, 10) == []
+    assert fit_changes(old(shuffle_buffer_rows=1), cfg(shuffle_buffer_rows=2), 10) == []  # in-process: unused
 
 
 def test_an_overwrite_of_some_stages_leaves_the_earlier_ones_done(tmp_path):
