@@ -26,12 +26,19 @@ from diffing.models import (
     check_tokenizers_agree,
     check_vocab,
     load_tokenizer,
+    model_stamp,
     render,
     share_chat_template,
 )
 from diffing.store import Manifest, StoreError, StoreWriter, check_writable
 from diffing.store.format import atomic_write
-from jobs.harvest_shards import outlier_totals, resolved_dtypes, resolved_revisions
+from jobs.harvest_shards import (
+    models_changed,
+    outlier_totals,
+    resolved_dtypes,
+    resolved_model_stamps,
+    resolved_revisions,
+)
 
 
 def _writer(cfg: HarvestConfig, d_model: int) -> StoreWriter:
@@ -86,6 +93,9 @@ class HarvestActor:
         }
         if revisions:
             self.producer["revisions"] = revisions
+        stamps = {m.name: st for m in self.cfg.models if (st := model_stamp(m.path)) is not None}
+        if stamps:  # the version of each local model directory (diffing.models.model_stamp)
+            self.producer["model_stamps"] = stamps
         get_logger("harvest").info("harvest.actor.ready", **self.producer)
         self.writer = _writer(self.cfg, d_model)
 
@@ -264,10 +274,17 @@ def _run_harvest(
                 f"store {cfg.store} was harvested with a different config; pass --overwrite to redo it or pick a new store"
             )
         if writer.has_manifest():
-            log.info("harvest.skip", reason="store complete; pass --overwrite to redo")
             from diffing.store import open_store
 
-            return open_store(cfg.store).manifest
+            manifest = open_store(cfg.store).manifest
+            if changed := models_changed(manifest.metadata, cfg.models):
+                raise StoreError(
+                    f"store {cfg.store} was harvested from other contents of {', '.join(changed)}: the "
+                    "directory was rewritten since (a retrained checkpoint at the same path?); pass "
+                    "--overwrite to harvest the models as they are now, or pick a new store"
+                )
+            log.info("harvest.skip", reason="store complete; pass --overwrite to redo")
+            return manifest
     elif writer.has_manifest() or writer.fs.glob(f"{writer.root}/shards/*.json"):
         raise StoreError(  # not this harvest's: resuming would adopt rows of unknown origin
             f"store {cfg.store} already holds a store that no harvest stamped (no harvest_config.json); "
@@ -350,9 +367,11 @@ def _run_harvest(
         raise StoreError(f"{len(missing)} shards did not finish (first: {missing[0]}); rerun to resume")
     infos = list(found.values())
     dtypes, revisions = resolved_dtypes(infos), resolved_revisions(infos)
+    stamps = resolved_model_stamps(infos)
     meta = {
         **({"resolved_dtypes": dtypes} if dtypes else {}),
         **({"revisions": revisions} if revisions else {}),
+        **({"model_stamps": stamps} if stamps else {}),
         **outlier_totals(infos, log),
     }
     manifest = writer.finalize(infos, metadata=meta or None)

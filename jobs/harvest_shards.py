@@ -44,22 +44,58 @@ def outlier_totals(shards: list[ShardInfo], log=None) -> dict[str, int]:
     return {"tokens_seen": tokens, "outliers_dropped": dropped}
 
 
+def _one_per_model(shards: list[ShardInfo], key: str) -> tuple[dict[str, str], str | None]:
+    """{model: value} of ``producer[key]`` over the shards, and a description of the models whose
+    shards disagree (None when none do)."""
+    seen: dict[str, dict[str, list[str]]] = {}
+    for info in shards:
+        for name, rev in (info.producer.get(key) or {}).items():
+            seen.setdefault(name, {}).setdefault(rev, []).append(info.shard_id)
+    mixed = {n: revs for n, revs in seen.items() if len(revs) > 1}
+    what = "; ".join(
+        f"{n}: " + ", ".join(f"{r[:12]} in {len(ids)} shards (e.g. {ids[0]})" for r, ids in revs.items())
+        for n, revs in mixed.items()
+    )
+    return {n: next(iter(revs)) for n, revs in seen.items()}, what or None
+
+
 def resolved_revisions(shards: list[ShardInfo]) -> dict[str, str]:
     """The hub revision each model's shards were computed from; fails if a model's differ (pods
     that downloaded the current snapshot beside others with an older one in their cache)."""
-    seen: dict[str, dict[str, list[str]]] = {}
-    for info in shards:
-        for name, rev in (info.producer.get("revisions") or {}).items():
-            seen.setdefault(name, {}).setdefault(rev, []).append(info.shard_id)
-    mixed = {n: revs for n, revs in seen.items() if len(revs) > 1}
+    revisions, mixed = _one_per_model(shards, "revisions")
     if mixed:
-        what = "; ".join(
-            f"{n}: " + ", ".join(f"{r[:12]} in {len(ids)} shards (e.g. {ids[0]})" for r, ids in revs.items())
-            for n, revs in mixed.items()
-        )
         raise StoreError(
-            f"the store's shards were computed from different revisions of a model ({what}); point "
+            f"the store's shards were computed from different revisions of a model ({mixed}); point "
             "harvest.models[].path at one snapshot (a local directory, or a hub id every node resolves "
             "alike) and rerun with --overwrite"
         )
-    return {n: next(iter(revs)) for n, revs in seen.items()}
+    return revisions
+
+
+def resolved_model_stamps(shards: list[ShardInfo]) -> dict[str, str]:
+    """The version of each local model directory the shards were computed from
+    (diffing.models.model_stamp); fails if a model's differ (the directory was rewritten between
+    the shards of one store: a resumed harvest over a retrained checkpoint at the same path)."""
+    stamps, mixed = _one_per_model(shards, "model_stamps")
+    if mixed:
+        raise StoreError(
+            f"the store's shards were computed from different contents of a model directory ({mixed}): "
+            "it was rewritten while this store was harvested; rerun with --overwrite (or point "
+            "harvest.models[].path at a directory that stays as it is)"
+        )
+    return stamps
+
+
+def models_changed(metadata: dict | None, models) -> list[str]:
+    """The models whose local directory differs now from the one a finished store's shards were
+    computed from (its manifest's model_stamps; stores from before them, hub models and
+    directories this machine cannot read say nothing)."""
+    from diffing.models import model_stamp
+
+    recorded = (metadata or {}).get("model_stamps") or {}
+    out = []
+    for m in models:
+        was = recorded.get(m.name)
+        if was and (now := model_stamp(m.path)) is not None and now != was:
+            out.append(f"{m.name} ({m.path})")
+    return out

@@ -112,7 +112,22 @@ class Pipeline(StageRunners):
             saved.get("hash") not in self._hashes(stage)
             or self._corpus_changed(stage, saved)
             or (stage == "fit" and self._fit_ddp_changed() is True)
+            or (stage == "harvest" and bool(self._models_changed()))
         )
+
+    def _models_changed(self) -> list[str]:
+        """The local model directories rewritten since the store's shards were computed from them
+        (read once per pipeline call; a store without the record, or none yet, says nothing)."""
+        if not hasattr(self, "_models_now"):
+            from diffing.store import open_store
+            from jobs.harvest_shards import models_changed
+
+            try:
+                meta = open_store(self.cfg.harvest.store).manifest.metadata
+            except Exception:  # no finished store (yet): the harvest's own outputs decide
+                meta = None
+            self._models_now = models_changed(meta, self.cfg.harvest.models)
+        return self._models_now
 
     def marker(self, stage: str) -> Path:
         return self.run / "stages" / f"{stage}.json"
@@ -128,6 +143,8 @@ class Pipeline(StageRunners):
         what = "a different config"
         if stage == "harvest" and (saved := self._saved(stage)) and self._corpus_changed(stage, saved):
             what = f"another version of its corpus {self.cfg.harvest.corpus.uri} (changed since)"
+        elif stage == "harvest" and (models := self._models_changed()):
+            what = f"other contents of {', '.join(models)} (the model directory was rewritten since)"
         return ValueError(
             f"{self.run} ran stage {stage!r} with {what}; rerun with --redo-changed to redo "
             "that stage and the ones after it (keeping the ones before), --overwrite to redo every stage, "
@@ -225,6 +242,7 @@ class Pipeline(StageRunners):
 
     def _mark(self, stage: str, summary: dict, seconds: float) -> None:
         """`done`: written after the stage's outputs were pushed, so it vouches for them."""
+        self.__dict__.pop("_models_now", None)  # a harvest just read the models as they are
         body = {
             "hash": self.stage_config(stage)["hash"],
             "seconds": seconds,

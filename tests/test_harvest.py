@@ -235,6 +235,38 @@ def test_shards_computed_in_different_dtypes_are_refused():
         resolved_dtypes([shard(0, bf16), shard(1, fp32)])
 
 
+def test_shards_computed_from_different_contents_of_a_model_directory_are_refused():
+    from diffing.store import ShardInfo
+    from jobs.harvest import resolved_model_stamps
+
+    def shard(i, stamps):
+        return ShardInfo(
+            shard_id=f"{i:02d}",
+            path="p",
+            n_rows=1,
+            sha256="x",
+            norm_sums=[1.0],
+            producer={"model_stamps": stamps},
+        )
+
+    assert resolved_model_stamps([shard(0, {"ft": "a"}), shard(1, {"ft": "a"})]) == {"ft": "a"}
+    with pytest.raises(StoreError, match=r"different contents of a model directory \(ft: a in 1 shards"):
+        resolved_model_stamps([shard(0, {"ft": "a"}), shard(1, {"ft": "b"})])
+
+
+def test_a_model_stamp_reads_every_byte_of_a_small_file_and_names_no_hub_id(tmp_path):
+    from diffing.models import model_stamp
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(bytes(3 << 19))  # 1.5 MiB
+    before = model_stamp(d)
+    (d / "model.safetensors").write_bytes(bytes((3 << 19) - 1) + b"\x01")  # its last byte
+    assert model_stamp(d) != before
+    assert model_stamp("HuggingFaceTB/SmolLM2-135M-Instruct") is None
+
+
 def test_shards_computed_from_different_hub_revisions_are_refused():
     """Pods that downloaded today's snapshot of a hub model beside pods with last month's in their
     cache would mix two models' rows in one store."""
@@ -260,6 +292,8 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, mon
     from jobs.harvest import run_harvest
 
     _corpus(tmp_path / "c.jsonl")
+    shutil.copytree(tiny_pair[1], tmp_path / "ft")  # a checkpoint directory of the user's own
+    tiny_pair = (tiny_pair[0], tmp_path / "ft")
     cfg = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "s")
     m = run_harvest(cfg)
     assert len(m.shards) == 5 and m.model_names == ["base", "ft"] and m.layer == 2
@@ -290,6 +324,29 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, mon
     with pytest.raises(StoreError, match="different config"):
         run_harvest(_cfg(tiny_pair, "copy.jsonl", "s"))
     assert (tmp_path / "s" / "manifest.json").read_text() == before
+    # the fine-tune retrained into the same directory: the finished store is not its activations
+    from safetensors.torch import load_file, save_file
+
+    from diffing.models import model_stamp
+    from jobs.pipeline import Pipeline, PipelineConfig, with_defaults
+
+    assert m.metadata["model_stamps"] == {
+        "base": model_stamp(tiny_pair[0]),
+        "ft": model_stamp(tmp_path / "ft"),
+    }
+    assert model_stamp(tiny_pair[0]) == model_stamp(
+        shutil.copytree(tiny_pair[0], tmp_path / "b2")
+    )  # by content
+    weights = load_file(tmp_path / "ft" / "model.safetensors")
+    save_file({k: v + 1e-3 for k, v in weights.items()}, tmp_path / "ft" / "model.safetensors")
+    with pytest.raises(StoreError, match=r"harvested from other contents of ft \(.*ft\).*--overwrite"):
+        run_harvest(cfg)
+    assert (tmp_path / "s" / "manifest.json").read_text() == before
+    # ...and a pipeline run on that store takes its harvest for a changed stage
+    hc = cfg.model_dump(mode="json")
+    p = Pipeline(PipelineConfig.model_validate(with_defaults({"out": str(tmp_path / "run"), "harvest": hc})))
+    assert p._models_changed() == [f"ft ({tmp_path / 'ft'})"]
+    assert "other contents of ft" in str(p._changed("harvest"))
 
 
 @pytest.mark.ray
