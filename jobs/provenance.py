@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import time
@@ -96,12 +97,35 @@ def _static() -> dict[str, Any]:
     return out
 
 
+@cache
+def _cpu() -> dict[str, Any]:
+    """The CPU model and whether it computes bfloat16 natively (`dtype: auto` resolves by it, so it
+    decides a CPU run's numbers)."""
+    out: dict[str, Any] = {"count": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                out["model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        from diffing.models import native_bf16
+
+        out["native_bf16"] = native_bf16()
+    except Exception:  # torch missing or a CPU it cannot ask: the rest stands
+        pass
+    return out
+
+
 def environment() -> dict[str, Any]:
     """The software and machine of this process, and the time (UTC) it was asked."""
     env = dict(_static())
     env["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         import torch
+
+        env["cpu"] = {**_cpu(), "torch_threads": torch.get_num_threads()}
 
         # only where this process already uses CUDA: asking would create a context on GPU 0
         if torch.cuda.is_available() and torch.cuda.is_initialized():

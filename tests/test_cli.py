@@ -614,6 +614,7 @@ def test_an_analysis_of_another_fit_is_not_reused_and_artifacts_carry_provenance
     )
     env = prov["environment"]
     assert env["packages"]["torch"].startswith("2.") and env["python"] and env["at"].endswith("Z")
+    assert env["cpu"]["count"] >= 1 and isinstance(env["cpu"]["native_bf16"], bool)  # what `auto` resolved by
 
 
 def test_expected_errors_raised_in_ray_workers_stay_one_line(monkeypatch):
