@@ -27,6 +27,8 @@ The β fits run in one streaming pass, for every latent at once (diffing.scaling
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 from torch import Tensor
@@ -260,15 +262,25 @@ _OPERATIONAL = {"batch_size", "evidence_workers", "latents_per_pass", "device", 
 
 def fit_digest(run) -> str | None:
     """Which weights a run's analysis read: the sha256 of crosscoder/model.safetensors (a refit
-    to the same weights gives the same digest, and the same latents.parquet). None: no weights."""
-    import hashlib
+    to the same weights gives the same digest, and the same latents.parquet). None: no weights.
+    Hashed once per file version in a process (GBs at the Gemma shape; comparison directories
+    link the same file)."""
     from pathlib import Path
 
     p = Path(run) / "crosscoder" / "model.safetensors"
-    if not p.exists():
+    try:
+        st = p.stat()
+    except OSError:
         return None
+    return _weights_digest(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_digest(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
     h = hashlib.sha256()
-    with open(p, "rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return "w" + h.hexdigest()[:15]
@@ -288,14 +300,15 @@ def check_same_analysis(
     path, cfg: AnalysisConfig, pair: tuple[str, str] | None, fit: str | None = None, run=None
 ) -> None:
     """A rerun may skip a finished latents.parquet only if it asks for the same pair and analysis
-    of the same fit (`fit`: fit_digest of the run now); else it would report the old results as
-    the new ones. Files without the metadata pass."""
+    of the same fit (`fit`: fit_digest of the run now, or given `run`, the digest of the kind the
+    file holds); else it would report the old results as the new ones. Files without the metadata
+    pass."""
     import pyarrow.parquet as pq
 
     meta = pq.read_schema(path).metadata or {}
     old_fit = meta.get(b"fit", b"").decode()
-    if fit and old_fit and not old_fit.startswith("w") and run is not None:
-        fit = _legacy_fit_digest(run)  # an analysis written before the weights were its digest
+    if fit is None and old_fit and run is not None:  # written before the weights were its digest: legacy
+        fit = fit_digest(run) if old_fit.startswith("w") else _legacy_fit_digest(run)
     if fit and old_fit and old_fit != fit:
         raise ValueError(
             f"{path} was made from another fit of this run (its crosscoder was refitted since, to other "
@@ -343,12 +356,13 @@ def analyze_run(
     out = run / "latents.parquet"
     log = get_logger("analyze", run=str(run))
     if out.exists() and not overwrite:
-        check_same_analysis(out, cfg, pair, fit_digest(run), run)
+        check_same_analysis(out, cfg, pair, run=run)
         log.info("analyze.skip", reason="latents.parquet exists; pass --overwrite to redo")
         return pq.read_table(out)
     if not (run / "crosscoder" / "cfg.json").exists():
         raise FileNotFoundError(f"{run} has no fitted crosscoder (run `crossdiff fit --out {run}` first)")
     model = Crosscoder.load(run / "crosscoder", device=resolve_device(cfg.device, "analyze.device"))
+    fit = fit_digest(run)  # the weights just loaded (hashed once per file version in a process)
     if list(model.cfg.model_names) != list(store.model_names) or model.cfg.d_model != store.d_model:
         raise ValueError(
             f"store {store.uri} holds models {store.model_names} (d_model={store.d_model}) but the crosscoder was "
@@ -359,13 +373,13 @@ def analyze_run(
     idx = (names.index(a_name), names.index(b_name)) if {a_name, b_name} <= set(names) else (0, 1)
     stats = latent_stats(model, _stat_batches(store, cfg), max_tokens=cfg.max_tokens, pair=idx)
     table = latent_table(model.cpu(), stats, cfg, pair)
-    if fit := fit_digest(run):
+    if fit:
         table = table.replace_schema_metadata({**table.schema.metadata, b"fit": fit.encode()})
     tmp = out.with_suffix(".tmp")
     pq.write_table(table, tmp)
     tmp.replace(out)
     (run / "analysis_config.json").write_text(
-        json.dumps({"analysis": cfg.model_dump(mode="json"), "store": store.uri, "fit": fit_digest(run)})
+        json.dumps({"analysis": cfg.model_dump(mode="json"), "store": store.uri, "fit": fit})
     )
     counts = {
         str(k): int(v)

@@ -143,10 +143,13 @@ class RunDir:
 
 
 def effective_distributed(cfg: FitConfig) -> dict | None:
-    """The Ray Train settings that decide the weights (which rows each rank sees, in what order):
-    None for an in-process fit (workers 0), whose weights none of them touch."""
+    """The Ray Train settings that decide which rows each rank sees, in what order (the workers
+    and their shuffle buffer): None for an in-process fit (workers 0), whose weights none of them
+    touch. GPUs or CPUs count as the in-process device does: not at all (a finished fit stands on
+    either; they change float detail, as metrics.json records), though a checkpoint resumes only
+    on its own kind (config_hash)."""
     d = cfg.distributed
-    return d.model_dump(mode="json", exclude=NO_EFFECT_DISTRIBUTED) if d.workers > 0 else None
+    return d.model_dump(mode="json", exclude=NO_EFFECT_DISTRIBUTED | {"use_gpu"}) if d.workers > 0 else None
 
 
 def fit_changes(old: dict, cfg: FitConfig, store_rows: int | None) -> list[str]:

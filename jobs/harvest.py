@@ -311,7 +311,16 @@ def _run_harvest(
     if removed := writer.remove_temp_files():  # shard writes a killed run left unfinished
         log.info("harvest.temp_removed", files=removed)
 
-    todo = [(sid, a, b) for sid, a, b in shards if writer.done_shard(sid) is None]
+    done = {sid: info for sid, _, _ in shards if (info := writer.done_shard(sid)) is not None}
+    todo = [(sid, a, b) for sid, a, b in shards if sid not in done]
+    if todo and done:  # a resume: shards over a rewritten model directory would be refused at the end
+        stamps = {"model_stamps": resolved_model_stamps(list(done.values()))}
+        if changed := models_changed(stamps, cfg.models):
+            raise StoreError(
+                f"store {cfg.store}'s finished shards were computed from other contents of "
+                f"{', '.join(changed)}: the directory was rewritten since; pass --overwrite to harvest "
+                "the models as they are now, or pick a new store"
+            )
     log.info(
         "harvest.start",
         records=len(records),

@@ -96,7 +96,7 @@ class Pipeline(StageRunners):
 
     def _fit_ddp_changed(self) -> bool | None:
         """Whether the finished fit's run_config.json shows other DDP settings than this config's
-        (None: nothing to read; its outputs are then missing, and the fit is redone anyway)."""
+        (None: nothing to read, so nothing to compare: a stamp-less fit's marker hash decides)."""
         from diffing.fit import fit_changes
 
         try:

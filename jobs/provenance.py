@@ -65,9 +65,13 @@ def _installed_from() -> dict[str, Any] | None:
     a VCS install's commit or an archive's hash. None for an install from an index, whose version
     is all there is."""
     try:
-        text = importlib.metadata.distribution("crossdiff").read_text("direct_url.json")
+        dist = importlib.metadata.distribution("crossdiff")
+        text = dist.read_text("direct_url.json")
         d = json.loads(text) if text else None
-    except (importlib.metadata.PackageNotFoundError, OSError, ValueError):
+        here = Path(__file__).resolve()
+        if not here.is_relative_to(Path(str(dist.locate_file(""))).resolve()):
+            return None  # this code is not the installed copy (a job's uploaded working_dir)
+    except (importlib.metadata.PackageNotFoundError, OSError, ValueError, TypeError, AttributeError):
         return None
     if not isinstance(d, dict):
         return None

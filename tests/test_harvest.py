@@ -347,6 +347,13 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, mon
     p = Pipeline(PipelineConfig.model_validate(with_defaults({"out": str(tmp_path / "run"), "harvest": hc})))
     assert p._models_changed() == [f"ft ({tmp_path / 'ft'})"]
     assert "other contents of ft" in str(p._changed("harvest"))
+    # a harvest cut short, resumed over the rewritten directory: refused before any shard is computed
+    (tmp_path / "s" / "manifest.json").unlink()
+    last = sorted((tmp_path / "s" / "shards").glob("*.json"))[-1]
+    last.unlink()
+    with pytest.raises(StoreError, match=r"finished shards were computed from other contents of ft"):
+        run_harvest(cfg)
+    assert not last.exists()
 
 
 @pytest.mark.ray

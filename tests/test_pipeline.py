@@ -68,8 +68,16 @@ def test_stage_hashes_chain(tmp_path):
             )
         )
     )
-    # how a stage is distributed is not part of its identity
-    assert a.stage_config("report")["hash"] == c.stage_config("report")["hash"]
+    # a fit's DDP workers are part of its identity (which rows each rank sees)...
+    assert [s for s in STAGES if a.stage_config(s)["hash"] == c.stage_config(s)["hash"]] == ["harvest"]
+    # ...how else it is distributed is not (restarts, CPUs per worker, GPUs or CPUs, read-ahead)
+    ddp = {"workers": 2, "max_failures": 9, "cpus_per_worker": 0.5, "use_gpu": True, "prefetch_batches": 0}
+    c2 = Pipeline(
+        PipelineConfig.model_validate(
+            with_defaults(_cfg_dict(tmp_path, fit={"distributed": ddp, "train": {"batch_size": 1024}}))
+        )
+    )
+    assert c.stage_config("report")["hash"] == c2.stage_config("report")["hash"]
     # the report's settings: the defaults keep the identity reports had before they existed; a
     # changed interval redoes the report alone
     assert a.stage_config("report")["own"] == {"planted": None, "anchored": None}

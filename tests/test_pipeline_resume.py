@@ -176,6 +176,12 @@ def test_ray_fits_marked_before_ddp_settings_counted_stand_only_for_their_own(tm
         m = json.loads(p.marker(s).read_text())
         m["hash"] = p.stage_config(s, fit_workers=False)["hash"]
         p.marker(s).write_text(json.dumps(m))
+    from jobs.stage_identity import stage_own
+
+    was = p.cfg.fit.model_dump(
+        mode="json", exclude={"distributed": True, "train": {"log_every", "checkpoint_every", "device"}}
+    )
+    assert stage_own(p.cfg, "fit", fit_workers=False) == was  # what that crossdiff hashed
     _fit_record(p, workers=2)  # ...made with the workers asked for: done
     assert _run(out, fit=ddp) == []
     _fit_record(p, workers=4)  # ...with others: a changed fit, however the marker reads
@@ -205,8 +211,8 @@ def test_fit_changes_count_the_ddp_settings_that_decide_the_weights():
     assert fit_changes(old(workers=2), cfg(workers=2, shuffle_buffer_rows=9), 10) == [
         "distributed.shuffle_buffer_rows"
     ]
-    same = cfg(workers=2, max_failures=9, cpus_per_worker=3, num_to_keep=5, prefetch_batches=0)
-    assert fit_changes(old(workers=2), same, 10) == []
+    same = cfg(workers=2, max_failures=9, cpus_per_worker=3, num_to_keep=5, prefetch_batches=0, use_gpu=True)
+    assert fit_changes(old(workers=2), same, 10) == []  # GPUs or CPUs: as the in-process device
     assert fit_changes(old(shuffle_buffer_rows=1), cfg(shuffle_buffer_rows=2), 10) == []  # in-process: unused
 
 

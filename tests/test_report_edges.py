@@ -199,9 +199,12 @@ def test_provenance_names_models_layer_judge_and_commit(run, tmp_path):  # noqa:
 
 def test_an_installed_crossdiff_says_where_it_came_from(monkeypatch):
     import importlib.metadata
+    from pathlib import Path
 
     from jobs import provenance
     from jobs.report.provenance import _software, _sw
+
+    site = Path(provenance.__file__).resolve().parents[1]  # as if this code were the installed copy
 
     class Dist:  # pip's PEP 610 record of `pip install git+https://...@<commit>`
         def read_text(self, name):
@@ -210,9 +213,14 @@ def test_an_installed_crossdiff_says_where_it_came_from(monkeypatch):
                 {"url": "https://git.example/crossdiff", "vcs_info": {"vcs": "git", "commit_id": "c0ffee"}}
             )
 
+        def locate_file(self, name):
+            return site / name
+
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist())
     assert provenance._installed_from() == {"url": "https://git.example/crossdiff", "commit": "c0ffee"}
     env = {"git": None, "installed_from": provenance._installed_from(), "packages": {"crossdiff": "0.1.0"}}
+    site = Path("/elsewhere/site-packages")  # this code is a job's uploaded checkout, not that install
+    assert provenance._installed_from() is None
     assert _sw(_software(env)) == "commit c0ffee, crossdiff 0.1.0"
     wheel = {"url": "file:///w/crossdiff-0.1.0-py3-none-any.whl", "archive_hash": "sha256=ab"}
     assert (
