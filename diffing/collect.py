@@ -78,6 +78,17 @@ def _window_pieces(tok, ids: list[int]) -> list[str]:
     return out
 
 
+def _harvested_fingerprint(store) -> str | None:
+    """The vocabulary fingerprint of the first harvested model's tokenizer, whose token ids the
+    store holds (stores harvested before fingerprints: None)."""
+    try:
+        meta = store.manifest.metadata
+        first = meta["harvest"]["models"][0]["name"]
+        return (meta.get("tokenizers") or {}).get(first)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+
+
 def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int]], list[str]]:
     """A context window's token ids -> one string per token, joining to the window's text, through
     `tokenizer` (analyze.tokenizer) or the first harvested model's; "<id>" strings when the store
@@ -94,16 +105,24 @@ def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int
             path = None
     tok = None
     if path is not None:
+        from diffing.fingerprints import tokenizer_fingerprint
         from diffing.models import HarvestInputError, load_tokenizer
 
+        field = "analyze.tokenizer" if tokenizer else "the harvested model's path"
         try:
             tok = load_tokenizer(path, revision)
         except HarvestInputError as e:
-            field = "analyze.tokenizer" if tokenizer else "the harvested model's path"
             raise HarvestInputError(
                 f"{e} ({field}); the evidence's text needs it: set analyze.tokenizer to a copy of that "
                 "tokenizer this machine can read (a local directory or a cached hub id)"
             ) from None
+        want = _harvested_fingerprint(store)
+        if want and (have := tokenizer_fingerprint(tok)) and have != want:
+            raise HarvestInputError(
+                f"{field} {path} is not the tokenizer the store {getattr(store, 'uri', '')} was harvested "
+                f"with (vocabulary {have}, harvested {want}): the evidence would show other text than "
+                "the tokens the latents fired on; set analyze.tokenizer to the harvested model's tokenizer"
+            )
     else:
         get_logger("crossdiff.evidence").warning(
             "evidence.no_tokenizer", store=str(getattr(store, "uri", "")), shown="token ids"

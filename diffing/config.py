@@ -261,7 +261,8 @@ class AnalysisConfig(Frozen):
         None,
         description="Tokenizer (local directory or cached hub id) that turns the evidence's token ids "
         "into text. Default: the first harvested model's path, as the harvest saw it; set this when "
-        "the analysis runs where that path does not exist.",
+        "the analysis runs where that path does not exist. Its vocabulary must be the harvested one "
+        "(checked against the store's fingerprint, where the store has one).",
     )
     evidence_seed: int = Field(0, description="Seed of the held-out hash and all evidence sampling.")
     latents_per_file: int = Field(

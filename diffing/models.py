@@ -109,36 +109,6 @@ def keep_first_layers(model: nn.Module, n: int) -> nn.Module:
     return model
 
 
-_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-def model_stamp(path: str) -> str | None:
-    """A local model directory's version: its config.json and, per weight file, the name, size
-    and the sha256 of its first and last MiB (a retrained checkpoint differs in every byte; reading
-    18 GB of weights would take minutes). None for a hub id or a path this machine cannot read."""
-    import hashlib
-    import os
-
-    root = Path(path)
-    try:
-        if not root.is_dir():
-            return None
-        h = hashlib.sha256((root / "config.json").read_bytes())
-        for f in sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(_WEIGHTS)):
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                if size <= 2 << 20:
-                    h.update(fh.read())
-                else:
-                    h.update(fh.read(1 << 20))
-                    fh.seek(-(1 << 20), os.SEEK_END)
-                    h.update(fh.read(1 << 20))
-        return h.hexdigest()[:16]
-    except OSError:
-        return None
-
-
 def load_tokenizer(path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 

@@ -19,6 +19,7 @@ from typing import Any
 import fsspec
 
 from diffing.corpus import read_corpus
+from diffing.fingerprints import model_stamp, tokenizer_fingerprint
 from diffing.harvest import HarvestConfig, Harvester, harvest_shards, shard_ranges, unpinned_as_before
 from diffing.logs import get_logger
 from diffing.models import (
@@ -26,7 +27,6 @@ from diffing.models import (
     check_tokenizers_agree,
     check_vocab,
     load_tokenizer,
-    model_stamp,
     render,
     share_chat_template,
 )
@@ -38,6 +38,7 @@ from jobs.harvest_shards import (
     resolved_dtypes,
     resolved_model_stamps,
     resolved_revisions,
+    resolved_tokenizers,
 )
 
 
@@ -93,6 +94,9 @@ class HarvestActor:
         }
         if revisions:
             self.producer["revisions"] = revisions
+        toks = zip(names, self.harvester.tokenizers, strict=True)
+        if fps := {n: fp for n, tok in toks if (fp := tokenizer_fingerprint(tok)) is not None}:
+            self.producer["tokenizers"] = fps  # what the stored token ids mean (the evidence's text)
         stamps = {m.name: st for m in self.cfg.models if (st := model_stamp(m.path)) is not None}
         if stamps:  # the version of each local model directory (diffing.models.model_stamp)
             self.producer["model_stamps"] = stamps
@@ -376,11 +380,12 @@ def _run_harvest(
         raise StoreError(f"{len(missing)} shards did not finish (first: {missing[0]}); rerun to resume")
     infos = list(found.values())
     dtypes, revisions = resolved_dtypes(infos), resolved_revisions(infos)
-    stamps = resolved_model_stamps(infos)
+    stamps, tokenizers = resolved_model_stamps(infos), resolved_tokenizers(infos)
     meta = {
         **({"resolved_dtypes": dtypes} if dtypes else {}),
         **({"revisions": revisions} if revisions else {}),
         **({"model_stamps": stamps} if stamps else {}),
+        **({"tokenizers": tokenizers} if tokenizers else {}),
         **outlier_totals(infos, log),
     }
     manifest = writer.finalize(infos, metadata=meta or None)

@@ -86,11 +86,24 @@ def resolved_model_stamps(shards: list[ShardInfo]) -> dict[str, str]:
     return stamps
 
 
+def resolved_tokenizers(shards: list[ShardInfo]) -> dict[str, str]:
+    """The vocabulary fingerprint of each model's tokenizer over the shards
+    (diffing.models.tokenizer_fingerprint); fails if a model's differ (its token ids would mean
+    other text in some shards)."""
+    fps, mixed = _one_per_model(shards, "tokenizers")
+    if mixed:
+        raise StoreError(
+            f"the store's shards were tokenized by different vocabularies of a model ({mixed}); rerun "
+            "with --overwrite (or point harvest.models[].path at one tokenizer)"
+        )
+    return fps
+
+
 def models_changed(metadata: dict | None, models) -> list[str]:
     """The models whose local directory differs now from the one a finished store's shards were
     computed from (its manifest's model_stamps; stores from before them, hub models and
     directories this machine cannot read say nothing)."""
-    from diffing.models import model_stamp
+    from diffing.fingerprints import model_stamp
 
     recorded = (metadata or {}).get("model_stamps") or {}
     out = []

@@ -250,12 +250,30 @@ def test_shards_computed_from_different_contents_of_a_model_directory_are_refuse
         )
 
     assert resolved_model_stamps([shard(0, {"ft": "a"}), shard(1, {"ft": "a"})]) == {"ft": "a"}
+    from diffing.store import ShardInfo as S
+    from jobs.harvest_shards import resolved_tokenizers
+
+    tok = [
+        S(
+            shard_id=f"{i}",
+            path="p",
+            n_rows=1,
+            sha256="x",
+            norm_sums=[1.0],
+            producer={"tokenizers": {"ft": v}},
+        )
+        for i, v in enumerate("ab")
+    ]
+    with pytest.raises(
+        StoreError, match=r"tokenized by different vocabularies of a model \(ft: a in 1 shards"
+    ):
+        resolved_tokenizers(tok)
     with pytest.raises(StoreError, match=r"different contents of a model directory \(ft: a in 1 shards"):
         resolved_model_stamps([shard(0, {"ft": "a"}), shard(1, {"ft": "b"})])
 
 
 def test_a_model_stamp_reads_every_byte_of_a_small_file_and_names_no_hub_id(tmp_path):
-    from diffing.models import model_stamp
+    from diffing.fingerprints import model_stamp
 
     d = tmp_path / "m"
     d.mkdir()
@@ -327,12 +345,16 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, mon
     # the fine-tune retrained into the same directory: the finished store is not its activations
     from safetensors.torch import load_file, save_file
 
-    from diffing.models import model_stamp
+    from diffing.fingerprints import model_stamp
     from jobs.pipeline import Pipeline, PipelineConfig, with_defaults
 
     assert m.metadata["model_stamps"] == {
         "base": model_stamp(tiny_pair[0]),
         "ft": model_stamp(tmp_path / "ft"),
+    }
+    assert len(set(m.metadata["tokenizers"].values())) == 1 and set(m.metadata["tokenizers"]) == {
+        "base",
+        "ft",
     }
     assert model_stamp(tiny_pair[0]) == model_stamp(
         shutil.copytree(tiny_pair[0], tmp_path / "b2")

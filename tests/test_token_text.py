@@ -117,3 +117,19 @@ def test_legacy_space_clean_up_is_not_applied_token_by_token(tmp_path):
     assert fast.decode([1, 2, 3, 4]) == "I'm here."  # what the clean-up does
     pieces = token_decoder(_store(), tokenizer=str(tmp_path))([1, 2, 3, 4])
     assert pieces == ["I", " 'm", " here", " ."]
+
+
+def test_a_tokenizer_other_than_the_harvested_one_is_refused(byte_tok_dir, metaspace_tok_dir):
+    """analyze.tokenizer (or the model path, rewritten since) must read the store's ids as the
+    harvest did: its vocabulary fingerprint is checked against the store's."""
+    from transformers import AutoTokenizer
+
+    from diffing.fingerprints import tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(byte_tok_dir))
+    meta = {"harvest": {"models": [{"name": "a", "path": str(byte_tok_dir)}]}, "tokenizers": {"a": fp}}
+    store = SimpleNamespace(manifest=SimpleNamespace(metadata=meta), uri="mem://store")
+    assert token_decoder(store)([72, 105]) and token_decoder(store, tokenizer=str(byte_tok_dir))
+    with pytest.raises(HarvestInputError, match=r"analyze.tokenizer .* is not the tokenizer the store"):
+        token_decoder(store, tokenizer=str(metaspace_tok_dir))
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(metaspace_tok_dir)) != fp
