@@ -97,7 +97,7 @@ class Pipeline(StageRunners):
     def _fit_ddp_changed(self) -> bool | None:
         """Whether the finished fit's run_config.json shows other DDP settings than this config's
         (None: nothing to read, so nothing to compare: a stamp-less fit's marker hash decides)."""
-        from diffing.fit import fit_changes
+        from diffing.fit_identity import fit_changes
 
         try:
             old = json.loads((self.run / "run_config.json").read_text())
@@ -216,7 +216,7 @@ class Pipeline(StageRunners):
         config, before 2026-12-06). The first is written."""
         if stage != "fit":
             return ("",)
-        from diffing.fit import accepted_hashes
+        from diffing.fit_identity import accepted_hashes
 
         fit = self.cfg.fit
         return (

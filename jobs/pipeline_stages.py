@@ -17,7 +17,7 @@ class StageRunners:
         m = run_harvest(
             self.cfg.harvest, overwrite=overwrite, address=self.address, on_cleared=self._on_cleared
         )
-        from diffing.fit import manifest_fingerprint
+        from diffing.fit_identity import manifest_fingerprint
 
         # the content's fingerprint: a store shared with another run and redone there since is
         # refused before this run fits or analyses it (jobs.stage_outputs.store_gone)

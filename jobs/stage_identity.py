@@ -58,7 +58,7 @@ def stage_own(
             )
         return h
     if stage == "fit":
-        from diffing.fit import effective_distributed
+        from diffing.fit_identity import effective_distributed
 
         own = c.fit.model_dump(
             mode="json",

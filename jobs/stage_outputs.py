@@ -121,7 +121,7 @@ def _store_replaced(p: Pipeline, to_run: list[str]) -> str | None:
     """The store is there but holds other data than this run's harvest wrote (a run sharing it
     redid it since): fit or analyze would use that data under this run's name. Harvest markers
     from before 2026-12-07 carry no fingerprint: not checked."""
-    from diffing.fit import manifest_fingerprint
+    from diffing.fit_identity import manifest_fingerprint
     from diffing.store import open_store
 
     want = ((p._saved("harvest") or {}).get("summary") or {}).get("fingerprint")

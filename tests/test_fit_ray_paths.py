@@ -16,6 +16,17 @@ class _ReachedRay(Exception):
     pass
 
 
+@pytest.fixture(autouse=True)
+def _no_ray_left_behind():
+    """With ensure_ray faked, the Ray Data calls of the fit's driver start a local Ray of their own
+    (ray.data initialises one on first use): shut it down, or later tests find Ray already up."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     return planted_fit_store(tmp_path_factory.mktemp("fitpaths") / "store")
