@@ -98,7 +98,7 @@ class HarvestActor:
         if fps := {n: fp for n, tok in toks if (fp := tokenizer_fingerprint(tok)) is not None}:
             self.producer["tokenizers"] = fps  # what the stored token ids mean (the evidence's text)
         stamps = {m.name: st for m in self.cfg.models if (st := model_stamp(m.path)) is not None}
-        if stamps:  # the version of each local model directory (diffing.models.model_stamp)
+        if stamps:  # the version of each local model directory (diffing.fingerprints.model_stamp)
             self.producer["model_stamps"] = stamps
         get_logger("harvest").info("harvest.actor.ready", **self.producer)
         self.writer = _writer(self.cfg, d_model)

@@ -74,7 +74,7 @@ def resolved_revisions(shards: list[ShardInfo]) -> dict[str, str]:
 
 def resolved_model_stamps(shards: list[ShardInfo]) -> dict[str, str]:
     """The version of each local model directory the shards were computed from
-    (diffing.models.model_stamp); fails if a model's differ (the directory was rewritten between
+    (diffing.fingerprints.model_stamp); fails if a model's differ (the directory was rewritten between
     the shards of one store: a resumed harvest over a retrained checkpoint at the same path)."""
     stamps, mixed = _one_per_model(shards, "model_stamps")
     if mixed:
@@ -88,7 +88,7 @@ def resolved_model_stamps(shards: list[ShardInfo]) -> dict[str, str]:
 
 def resolved_tokenizers(shards: list[ShardInfo]) -> dict[str, str]:
     """The vocabulary fingerprint of each model's tokenizer over the shards
-    (diffing.models.tokenizer_fingerprint); fails if a model's differ (its token ids would mean
+    (diffing.fingerprints.tokenizer_fingerprint); fails if a model's differ (its token ids would mean
     other text in some shards)."""
     fps, mixed = _one_per_model(shards, "tokenizers")
     if mixed:
