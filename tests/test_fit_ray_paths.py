@@ -19,11 +19,13 @@ class _ReachedRay(Exception):
 @pytest.fixture(autouse=True)
 def _no_ray_left_behind():
     """With ensure_ray faked, the Ray Data calls of the fit's driver start a local Ray of their own
-    (ray.data initialises one on first use): shut it down, or later tests find Ray already up."""
-    yield
+    (ray.data initialises one on first use) where none is up: shut that one down, or later tests find
+    Ray already up. The session's Ray (conftest's ray_cluster), up before the test, is left alone."""
     import ray
 
-    if ray.is_initialized():
+    was_up = ray.is_initialized()
+    yield
+    if not was_up and ray.is_initialized():
         ray.shutdown()
 
 
