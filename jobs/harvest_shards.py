@@ -44,59 +44,57 @@ def outlier_totals(shards: list[ShardInfo], log=None) -> dict[str, int]:
     return {"tokens_seen": tokens, "outliers_dropped": dropped}
 
 
-def _one_per_model(shards: list[ShardInfo], key: str) -> tuple[dict[str, str], str | None]:
-    """{model: value} of ``producer[key]`` over the shards, and a description of the models whose
-    shards disagree (None when none do)."""
+def _one_per_model(shards: list[ShardInfo], key: str, refusal: str) -> dict[str, str]:
+    """{model: value} of ``producer[key]`` over the shards; a StoreError, ``refusal`` with the
+    disagreeing models in its ``{mixed}``, where a model's shards disagree."""
     seen: dict[str, dict[str, list[str]]] = {}
     for info in shards:
         for name, rev in (info.producer.get(key) or {}).items():
             seen.setdefault(name, {}).setdefault(rev, []).append(info.shard_id)
-    mixed = {n: revs for n, revs in seen.items() if len(revs) > 1}
-    what = "; ".join(
-        f"{n}: " + ", ".join(f"{r[:12]} in {len(ids)} shards (e.g. {ids[0]})" for r, ids in revs.items())
-        for n, revs in mixed.items()
-    )
-    return {n: next(iter(revs)) for n, revs in seen.items()}, what or None
+    if mixed := {n: revs for n, revs in seen.items() if len(revs) > 1}:
+        what = "; ".join(
+            f"{n}: " + ", ".join(f"{r[:12]} in {len(ids)} shards (e.g. {ids[0]})" for r, ids in revs.items())
+            for n, revs in mixed.items()
+        )
+        raise StoreError(refusal.format(mixed=what))
+    return {n: next(iter(revs)) for n, revs in seen.items()}
 
 
 def resolved_revisions(shards: list[ShardInfo]) -> dict[str, str]:
     """The hub revision each model's shards were computed from; fails if a model's differ (pods
     that downloaded the current snapshot beside others with an older one in their cache)."""
-    revisions, mixed = _one_per_model(shards, "revisions")
-    if mixed:
-        raise StoreError(
-            f"the store's shards were computed from different revisions of a model ({mixed}); point "
-            "harvest.models[].path at one snapshot (a local directory, or a hub id every node resolves "
-            "alike) and rerun with --overwrite"
-        )
-    return revisions
+    return _one_per_model(
+        shards,
+        "revisions",
+        "the store's shards were computed from different revisions of a model ({mixed}); point "
+        "harvest.models[].path at one snapshot (a local directory, or a hub id every node resolves "
+        "alike) and rerun with --overwrite",
+    )
 
 
 def resolved_model_stamps(shards: list[ShardInfo]) -> dict[str, str]:
     """The version of each local model directory the shards were computed from
-    (diffing.fingerprints.model_stamp); fails if a model's differ (the directory was rewritten between
-    the shards of one store: a resumed harvest over a retrained checkpoint at the same path)."""
-    stamps, mixed = _one_per_model(shards, "model_stamps")
-    if mixed:
-        raise StoreError(
-            f"the store's shards were computed from different contents of a model directory ({mixed}): "
-            "it was rewritten while this store was harvested; rerun with --overwrite (or point "
-            "harvest.models[].path at a directory that stays as it is)"
-        )
-    return stamps
+    (diffing.fingerprints.model_stamp); fails if a model's differ (the directory was rewritten
+    between the shards of one store: a resumed harvest over a retrained checkpoint at the same path)."""
+    return _one_per_model(
+        shards,
+        "model_stamps",
+        "the store's shards were computed from different contents of a model directory ({mixed}): "
+        "it was rewritten while this store was harvested; rerun with --overwrite (or point "
+        "harvest.models[].path at a directory that stays as it is)",
+    )
 
 
 def resolved_tokenizers(shards: list[ShardInfo]) -> dict[str, str]:
     """The vocabulary fingerprint of each model's tokenizer over the shards
-    (diffing.fingerprints.tokenizer_fingerprint); fails if a model's differ (its token ids would mean
-    other text in some shards)."""
-    fps, mixed = _one_per_model(shards, "tokenizers")
-    if mixed:
-        raise StoreError(
-            f"the store's shards were tokenized by different vocabularies of a model ({mixed}); rerun "
-            "with --overwrite (or point harvest.models[].path at one tokenizer)"
-        )
-    return fps
+    (diffing.fingerprints.tokenizer_fingerprint); fails if a model's differ (its token ids would
+    mean other text in some shards)."""
+    return _one_per_model(
+        shards,
+        "tokenizers",
+        "the store's shards were tokenized by different vocabularies of a model ({mixed}); rerun "
+        "with --overwrite (or point harvest.models[].path at one tokenizer)",
+    )
 
 
 def models_changed(metadata: dict | None, models) -> list[str]:
