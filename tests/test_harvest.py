@@ -397,7 +397,9 @@ def test_ray_harvest_to_s3(tmp_path, tiny_pair, ray_cluster, s3_endpoint):
 def test_killed_driver_resumes_to_identical_rows(tmp_path, tiny_pair, ray_cluster):
     from jobs.harvest import run_harvest
 
-    _corpus(tmp_path / "c.jsonl", 40)
+    # 40 shards: on a warm cluster the harvest can write the last of 20 within one poll of the 4th
+    n_shards = 40
+    _corpus(tmp_path / "c.jsonl", 2 * n_shards)
     clean = _cfg(tiny_pair, tmp_path / "c.jsonl", tmp_path / "clean", prompts_per_shard=2)
     run_harvest(clean)
     cut = clean.model_copy(update={"store": str(tmp_path / "cut")})
@@ -417,7 +419,7 @@ def test_killed_driver_resumes_to_identical_rows(tmp_path, tiny_pair, ray_cluste
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     n_done = len(list((tmp_path / "cut" / "shards").glob("*.json")))
-    assert 4 <= n_done < 20, n_done
+    assert 4 <= n_done < n_shards, n_done
     assert not (tmp_path / "cut" / "manifest.json").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cut" / "shards").glob("*.parquet")}
     finished = {
@@ -427,9 +429,9 @@ def test_killed_driver_resumes_to_identical_rows(tmp_path, tiny_pair, ray_cluste
     from jobs.status import run_status
 
     st = run_status(str(tmp_path / "cut"))  # `crossdiff status` of the killed store
-    assert st["stages"] == [{"stage": "harvest", "state": "started"}] and st["progress"]["shards"] == 20
+    assert st["stages"] == [{"stage": "harvest", "state": "started"}] and st["progress"]["shards"] == n_shards
     # the actors outlive their killed driver a moment: a shard in flight may still land
-    assert n_done <= st["progress"]["shards_done"] <= 20, (n_done, st["progress"])
+    assert n_done <= st["progress"]["shards_done"] <= n_shards, (n_done, st["progress"])
     run_harvest(cut)
     # a resume: the shards finished before the kill were kept, not written again
     assert {n: (tmp_path / "cut" / "shards" / n).stat().st_mtime_ns for n in finished} == finished
