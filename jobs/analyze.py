@@ -115,7 +115,7 @@ def run_analyze(
     import numpy as np
 
     from diffing.analysis import analyze_run
-    from diffing.collect import collect_evidence, collect_source_mass
+    from diffing.collect import collect_evidence, collect_source_mass, token_decoder
     from diffing.store import open_store
 
     run = Path(run)
@@ -123,6 +123,9 @@ def run_analyze(
     log = get_logger("analyze", run=str(run))
     if overwrite:  # every output of an earlier analysis goes, also those this one does not write
         clear_outputs(run)
+    # the evidence's tokenizer is loaded and checked against the store before the statistics pass,
+    # so a wrong analyze.tokenizer fails in seconds, not after a pass over the whole store
+    decode = token_decoder(st, cfg.tokenizer) if cfg.evidence else None
     table = analyze_run(run, st, cfg, pair=pair, overwrite=overwrite)
     classes = table.column("class").to_pylist()
     groups = table.column("group").to_pylist() if "group" in table.column_names else []
@@ -139,7 +142,7 @@ def run_analyze(
         )
     if cfg.evidence:
         map_fn = ray_data_map(cfg.evidence_workers, address=address) if cfg.evidence_workers > 0 else None
-        files = collect_evidence(run, st, cfg, map_fn=map_fn, overwrite=overwrite)
+        files = collect_evidence(run, st, cfg, map_fn=map_fn, overwrite=overwrite, decode=decode)
         summary["examples"] = [str(p) for p in files]
         if cfg.source_mass == "always" or (cfg.source_mass == "auto" and planted):
             mass = collect_source_mass(run, st, cfg, map_fn=map_fn, overwrite=overwrite)

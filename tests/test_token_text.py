@@ -133,3 +133,27 @@ def test_a_tokenizer_other_than_the_harvested_one_is_refused(byte_tok_dir, metas
     with pytest.raises(HarvestInputError, match=r"analyze.tokenizer .* is not the tokenizer the store"):
         token_decoder(store, tokenizer=str(metaspace_tok_dir))
     assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(metaspace_tok_dir)) != fp
+
+
+def test_a_wrong_tokenizer_fails_before_the_statistics_pass(
+    byte_tok_dir, metaspace_tok_dir, tmp_path, monkeypatch
+):
+    """The check runs when the analysis starts: a pass over a large store is not spent first."""
+    from transformers import AutoTokenizer
+
+    import diffing.analysis
+    from diffing.fingerprints import tokenizer_fingerprint
+    from jobs.analyze import run_analyze
+
+    fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(byte_tok_dir))
+    meta = {"harvest": {"models": [{"name": "a", "path": str(byte_tok_dir)}]}, "tokenizers": {"a": fp}}
+    store = SimpleNamespace(manifest=SimpleNamespace(metadata=meta), uri="mem://store")
+
+    def no_pass(*a, **k):
+        raise AssertionError("the statistics pass ran before the tokenizer check")
+
+    monkeypatch.setattr(diffing.analysis, "analyze_run", no_pass)
+    with pytest.raises(HarvestInputError, match="is not the tokenizer the store"):
+        run_analyze(tmp_path / "run", store, AnalysisConfig(tokenizer=str(metaspace_tok_dir)))
+    with pytest.raises(AssertionError, match="statistics pass"):  # the right one passes the check
+        run_analyze(tmp_path / "run", store, AnalysisConfig(tokenizer=str(byte_tok_dir)))
