@@ -2,7 +2,8 @@
 
 One run directory holds everything:
 
-    RUN/pipeline.json          the resolved pipeline config (saved before any work)
+    RUN/pipeline.json          the resolved pipeline config (saved before any work; a rerun
+                               with nothing to do keeps the one that made the outputs)
     RUN/store/                 the activation store (unless harvest.store points elsewhere)
     RUN/crosscoder/, metrics.json, latents.parquet, examples/, labels.jsonl, report.html, ...
     RUN/stages/<stage>.json    written when a stage finishes: its config hash and summary
@@ -319,9 +320,12 @@ class Pipeline(StageRunners):
                     self.mirror.pull()
             else:  # label and report read the analysis: a Gemma-sized crosscoder stays in the bucket
                 self.log.info("pipeline.weights_left_remote", stages=to_run, skipped=list(WEIGHTS))
-        (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))
-        if self.mirror is not None:  # at once: `crossdiff status` of the bucket reads this config
-            self.mirror.put("pipeline.json")
+        # the config of the call that makes outputs; a rerun with nothing to do keeps the one that
+        # made them (its operational settings, say sync_every_s, may differ and made nothing)
+        if to_run or not (self.run / "pipeline.json").exists():
+            (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))
+            if self.mirror is not None:  # at once: `crossdiff status` of the bucket reads this config
+                self.mirror.put("pipeline.json")
         if overwrite and to_run:  # kept on disk (and remote): a killed --overwrite run still redoes
             for s in STAGES[STAGES.index(to_run[0]) :]:  # the stages it redoes and those after them
                 self._write_marker(s, {"stale": True})
@@ -368,7 +372,7 @@ class Pipeline(StageRunners):
                 self.mirror.push()
             results[stage] = summary
         if self.mirror is not None:
-            self.mirror.push()  # pipeline.json of a rerun that had nothing to do
+            self.mirror.push()
         report = self.run / "report.html"
         self.log.info(
             "pipeline.done",

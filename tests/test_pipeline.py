@@ -257,10 +257,10 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster):
             for p in run.rglob("*")
             if p.is_file() and "stages" not in p.parts and p.name != ".crossdiff.lock"
         }
-        again = run_pipeline(preset="tiny", out=out)
+        again = run_pipeline(preset="tiny", out=out, overrides=["sync_every_s=7"])  # operational only
         assert again.keys() == res.keys()
         changed = [p for p, t in mtimes.items() if p.exists() and p.stat().st_mtime_ns != t]
-        assert changed == [run / "pipeline.json"]
+        assert changed == []  # pipeline.json too: it stays the config that made the outputs
 
         # a killed run resumes at the stage it reached: drop the report, only it is redone
         (run / "stages" / "report.json").unlink()
