@@ -18,6 +18,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from diffing.batching import length_batches, length_regimes
 from diffing.config import Frozen
 from diffing.corpus import CorpusSpec
 from diffing.models import (
@@ -107,7 +108,13 @@ class HarvestConfig(Frozen):
     store_dtype: Literal["float16", "float32"] = Field("float16", description="Stored activation dtype.")
     context_length: int = Field(256, ge=8, description="Tokens per document (longer ones are truncated).")
     prompts_per_shard: int = Field(64, ge=1, description="Records per store shard (the unit of resume).")
-    batch_prompts: int = Field(8, ge=1, description="Records per forward pass.")
+    batch_prompts: int = Field(
+        8,
+        ge=1,
+        description="Records per forward pass, of similar lengths. Where a model's rotary positions "
+        "scale with the batch's length (LongRoPE, dynamic NTK), no batch mixes documents from both "
+        "sides of that length, so the rows do not depend on this setting.",
+    )
     drop_first_raw_tokens: int = Field(
         1, ge=0, description="Drop this many first tokens of raw-text documents (attention sinks)."
     )
@@ -169,6 +176,7 @@ class Harvester:
                 f"models have different widths {sorted(widths)}; a crosscoder needs one d_model"
             )
         self.d_model = widths.pop()
+        self.regimes = sorted({r for m in self.models for r in length_regimes(m)})
         for spec, model in zip(cfg.models, self.models, strict=True):
             if cfg.layer >= n_layers(model):
                 raise HarvestInputError(
@@ -240,12 +248,9 @@ class Harvester:
         self._check_ids(docs)
         parts: dict[str, list] = {"acts": [], "doc_id": [], "pos": [], "token_id": [], "source": []}
         n_tokens = n_outliers = 0
-        # Batches of similar length (less padding); rows are put back in document order below.
-        by_len = sorted((d for d in docs if d.ids), key=lambda d: len(d.ids))
-        for b in range(0, len(by_len), cfg.batch_prompts):
-            batch = by_len[b : b + cfg.batch_prompts]
-            if not batch:
-                continue
+        # Batches of similar length (less padding), none across a length where a model's positions
+        # change with the batch (diffing/batching.py); rows are put back in document order below.
+        for batch in length_batches(docs, cfg.batch_prompts, self.regimes):
             ids, mask = pad_batch(batch, self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
             acts = torch.stack(

@@ -1,7 +1,7 @@
 """Models and tokens for harvesting: load once, tokenise identically, stop after layer L.
 
 Site: the residual stream after decoder layer L (HF `hidden_states[L+1]` for L below the last
-layer). A forward hook on layer L captures its output and aborts the forward pass, so the layers
+layer; Mamba's list starts after layer 0, so there it is `hidden_states[L]`). A forward hook on layer L captures its output and aborts the forward pass, so the layers
 above L never run.
 """
 
@@ -102,9 +102,9 @@ def load_model(
 
 def keep_first_layers(model: nn.Module, n: int) -> nn.Module:
     """Drops the decoder layers past the first ``n``, in place (a harvest at layer L needs L + 1).
-    Models whose layer list has none of the known names keep all of them."""
-    layers = _named_layers(model)
-    if layers is not None and n < len(layers):
+    The list is found as ``decoder_layers`` finds it (known names, then the fallback)."""
+    layers = decoder_layers(model)
+    if n < len(layers):
         del layers[n:]
     return model
 
@@ -124,7 +124,15 @@ def load_tokenizer(path: str, revision: str | None = None):
 
 
 def _named_layers(model: nn.Module) -> nn.ModuleList | None:
-    for name in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers"):
+    for name in (
+        "model.layers",  # Llama, Gemma, Qwen, Mistral, Phi, OLMo, ...
+        "model.language_model.layers",  # Gemma 3 and other multimodal wrappers
+        "transformer.h",  # GPT-2, GPT-J, BLOOM, Falcon
+        "gpt_neox.layers",  # Pythia
+        "model.decoder.layers",  # OPT
+        "transformer.blocks",  # MPT
+        "backbone.layers",  # Mamba
+    ):
         mod: Any = model
         for part in name.split("."):
             mod = getattr(mod, part, None)
@@ -178,7 +186,16 @@ def residual_after_layer(model: nn.Module, input_ids: Tensor, attention_mask: Te
         handle.remove()
     if not captured:
         raise RuntimeError("the layer hook did not fire")
-    return captured[0]
+    out = captured[0]
+    if out.dim() != 3 or tuple(out.shape[:2]) != tuple(input_ids.shape):
+        # Gemma 3n's layers return their stacked AltUp streams [4, B, T, D]: no one residual stream
+        raise HarvestInputError(
+            f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}): decoder "
+            f"layer {layer} returns a tensor of shape {tuple(out.shape)}, not one residual stream "
+            f"[batch, tokens, d_model] = [{input_ids.shape[0]}, {input_ids.shape[1]}, d_model]; crossdiff "
+            "harvests architectures whose layers carry a single residual stream (Gemma 3n is not one)"
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,8 +369,10 @@ def check_tokenizers_agree(
             if ids == ref:
                 continue
             i = _first_difference(ref, ids)
-            shown = [
-                f"{n!r} has {t.convert_ids_to_tokens(x[i : i + 3])}" if i < len(x) else f"{n!r} ends"
+            shown = [  # the ids too: two vocabularies may spell different ids alike
+                f"{n!r} has ids {x[i : i + 3]} = {t.convert_ids_to_tokens(x[i : i + 3])}"
+                if i < len(x)
+                else f"{n!r} ends"
                 for n, t, x in ((names[0], ref_tok, ref), (name, tok, ids))
             ]
             why = ""

@@ -150,6 +150,11 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
         except OSError as e:
             raise HarvestInputError(f"models: cannot load {spec.path!r} ({spec.name}): {e}") from None
         mc = getattr(mc, "text_config", mc)
+        if str(getattr(mc, "model_type", "")).startswith("gemma3n"):  # see residual_after_layer
+            raise HarvestInputError(
+                f"models: {spec.name!r} is a Gemma 3n ({spec.path}), whose layers carry 4 stacked AltUp "
+                "streams, not one residual stream; crossdiff cannot harvest it"
+            )
         n = mc.num_hidden_layers
         if cfg.layer >= n:
             raise HarvestInputError(
