@@ -94,13 +94,14 @@ def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int
     `tokenizer` (analyze.tokenizer) or the first harvested model's; "<id>" strings when the store
     names no model (a synthetic store). A named tokenizer that cannot be loaded here is an error:
     evidence of bare ids would be labelled without a word of text."""
-    path, revision = tokenizer, None
+    path, revision, remote = tokenizer, None, False
     if path is None:
         try:
             first = store.manifest.metadata["harvest"]["models"][0]
             path = first["path"]
             recorded = (store.manifest.metadata.get("revisions") or {}).get(first.get("name"))
             revision = recorded or first.get("revision")  # the commit the shards were made from first
+            remote = bool(first.get("trust_remote_code"))  # its tokenizer may be custom code too
         except (AttributeError, KeyError, IndexError, TypeError):
             path = None
     tok = None
@@ -110,7 +111,7 @@ def token_decoder(store, tokenizer: str | None = None) -> Callable[[Sequence[int
 
         field = "analyze.tokenizer" if tokenizer else "the harvested model's path"
         try:
-            tok = load_tokenizer(path, revision)
+            tok = load_tokenizer(path, revision, remote)
         except HarvestInputError as e:
             raise HarvestInputError(
                 f"{e} ({field}); the evidence's text needs it: set analyze.tokenizer to a copy of that "

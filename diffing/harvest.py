@@ -54,6 +54,12 @@ class ModelSpec(Frozen):
         "reads the same weights; None: the default branch (or a local directory). The commit used is "
         "recorded per shard either way.",
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the model's own Python code from its directory or hub repo (transformers' "
+        "trust_remote_code), for an architecture transformers does not ship. It executes that code "
+        "wherever the model loads (the driver's checks, every harvest worker, the splice).",
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32",
         description="Weights dtype for the forward. auto: bfloat16 where the worker computes it natively "
@@ -70,9 +76,10 @@ class ModelSpec(Frozen):
 
 
 def unpinned_as_before(model: dict[str, Any]) -> dict[str, Any]:
-    """A dumped ModelSpec as identities saw it before `revision` existed, where it is unset: the
-    harvests and runs made then keep their identity."""
-    return {k: v for k, v in model.items() if not (k == "revision" and v is None)}
+    """A dumped ModelSpec as identities saw it before `revision` and `trust_remote_code` existed,
+    where they are unset: the harvests and runs made then keep their identity."""
+    unset = {"revision": None, "trust_remote_code": False}
+    return {k: v for k, v in model.items() if not (k in unset and v is unset[k])}
 
 
 class RayHarvestConfig(Frozen):
@@ -154,11 +161,16 @@ class Harvester:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         if models is None:
-            self.tokenizers = [load_tokenizer(m.path, m.revision) for m in cfg.models]
+            self.tokenizers = [load_tokenizer(m.path, m.revision, m.trust_remote_code) for m in cfg.models]
             self.dtypes = [resolve_dtype(m.dtype, self.device) for m in cfg.models]
             self.models = [
                 load_model(
-                    m.path, dtype=dt, device=self.device, keep_layers=cfg.layer + 1, revision=m.revision
+                    m.path,
+                    dtype=dt,
+                    device=self.device,
+                    keep_layers=cfg.layer + 1,
+                    revision=m.revision,
+                    trust_remote_code=m.trust_remote_code,
                 )
                 for m, dt in zip(cfg.models, self.dtypes, strict=True)
             ]

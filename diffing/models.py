@@ -71,27 +71,31 @@ def load_model(
     device: str | torch.device = "cpu",
     keep_layers: int | None = None,
     revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """``dtype``: float32, bfloat16, float16, or auto (see ``resolve_dtype``). ``keep_layers``: drop
     the decoder layers past the first ones before the model moves to ``device`` (the harvest stops
     after its layer: Gemma-2-9b at layer 20 keeps 21 of 42 layers, half its GPU memory).
-    ``revision``: a hub model's commit, tag or branch (None: the default branch, or a local dir)."""
+    ``revision``: a hub model's commit, tag or branch (None: the default branch, or a local dir).
+    ``trust_remote_code``: run the model's own code (models[].trust_remote_code)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    rev = {"revision": revision} if revision else {}
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code} | (
+        {"revision": revision} if revision else {}
+    )
     try:
-        kernel = attention_kernel(AutoConfig.from_pretrained(path, **rev))
+        kernel = attention_kernel(AutoConfig.from_pretrained(path, **kw))
         extra = {"attn_implementation": kernel} if kernel else {}
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_DTYPES[resolve_dtype(dtype, device)], **extra, **rev
+            path, dtype=_DTYPES[resolve_dtype(dtype, device)], **extra, **kw
         )
     except OSError as e:
-        raise HarvestInputError(f"cannot load model {path!r}: {e}") from None
+        raise HarvestInputError(f"cannot load model {path!r}: {e}{remote_code_hint(e)}") from None
     except ValueError as e:  # "Unrecognized model ..." (a LoRA adapter directory, say)
         hint = (
             " (a LoRA/PEFT adapter directory? merge it into its base model first)"
             if (Path(path) / "adapter_config.json").exists()
-            else ""
+            else remote_code_hint(e)
         )
         raise HarvestInputError(f"cannot load model {path!r}: {e}{hint}") from None
     model.eval().requires_grad_(False)
@@ -109,13 +113,26 @@ def keep_first_layers(model: nn.Module, n: int) -> nn.Module:
     return model
 
 
-def load_tokenizer(path: str, revision: str | None = None):
+def remote_code_hint(e: Exception) -> str:
+    """transformers asks for trust_remote_code=True, a flag crossdiff sets from the config."""
+    if "trust_remote_code" not in str(e):
+        return ""
+    return (
+        " (crossdiff passes that flag from the config: set models[].trust_remote_code: true for "
+        "this model, which runs its own Python code wherever it loads)"
+    )
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code} | (
+        {"revision": revision} if revision else {}
+    )
     try:
-        tok = AutoTokenizer.from_pretrained(path, **({"revision": revision} if revision else {}))
+        tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:  # ValueError: no tokenizer files to build one from
-        raise HarvestInputError(f"cannot load the tokenizer of {path!r}: {e}") from None
+        raise HarvestInputError(f"cannot load the tokenizer of {path!r}: {e}{remote_code_hint(e)}") from None
     # a document longer than context_length keeps its beginning whatever the model's own default
     # (some chat fine-tunes ship truncation_side="left"): its first tokens are the ones dropped as
     # attention sinks, and every model must cut it at the same place

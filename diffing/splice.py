@@ -295,22 +295,28 @@ def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> d
     def rev(n: str) -> str | None:
         return pinned.get(n) or specs[n].get("revision")  # the commit recorded beats a branch name
 
+    def remote(n: str) -> bool:
+        return bool(specs[n].get("trust_remote_code"))  # set on the harvest's models[] entry
+
     models = [
         load_model(
             specs[n]["path"],
             dtype=ran_in.get(n, specs[n].get("dtype", "float32")),
             device=dev,
             revision=rev(n),
+            trust_remote_code=remote(n),
         )
         for n in store.model_names
     ]
-    tok = load_tokenizer(specs[store.model_names[0]]["path"], rev(store.model_names[0]))
+    tok = load_tokenizer(
+        specs[store.model_names[0]]["path"], rev(store.model_names[0]), remote(store.model_names[0])
+    )
     drop = None
     if (run / "latents.parquet").exists():
         t = pq.read_table(run / "latents.parquet", columns=["latent", "group"])
         g = np.asarray(t.column("group").to_pylist(), dtype=object)
         drop = t.column("latent").to_numpy()[np.char.endswith(g.astype(str), "-specific")].tolist()
-    tokenizers = [tok, *(load_tokenizer(specs[n]["path"], rev(n)) for n in store.model_names[1:])]
+    tokenizers = [tok, *(load_tokenizer(specs[n]["path"], rev(n), remote(n)) for n in store.model_names[1:])]
     prompts, keep, source = heldout_prompts(store, cfg, bos_id=tok.bos_token_id, tokenizers=tokenizers)
     if not prompts:
         raise ValueError(

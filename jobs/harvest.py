@@ -27,6 +27,7 @@ from diffing.models import (
     check_tokenizers_agree,
     check_vocab,
     load_tokenizer,
+    remote_code_hint,
     render,
     share_chat_template,
 )
@@ -145,10 +146,14 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
     for spec in cfg.models:
         try:
             mc = AutoConfig.from_pretrained(
-                spec.path, **({"revision": spec.revision} if spec.revision else {})
+                spec.path,
+                trust_remote_code=spec.trust_remote_code,
+                **({"revision": spec.revision} if spec.revision else {}),
             )
-        except OSError as e:
-            raise HarvestInputError(f"models: cannot load {spec.path!r} ({spec.name}): {e}") from None
+        except (OSError, ValueError) as e:
+            raise HarvestInputError(
+                f"models: cannot load {spec.path!r} ({spec.name}): {e}{remote_code_hint(e)}"
+            ) from None
         mc = getattr(mc, "text_config", mc)
         if str(getattr(mc, "model_type", "")).startswith("gemma3n"):  # see residual_after_layer
             raise HarvestInputError(
@@ -172,7 +177,7 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
         raise HarvestInputError(
             f"models have different hidden sizes {sorted(widths)}; a crosscoder needs one d_model"
         )
-    tokenizers = [load_tokenizer(m.path, m.revision) for m in cfg.models]
+    tokenizers = [load_tokenizer(m.path, m.revision, m.trust_remote_code) for m in cfg.models]
     share_chat_template(tokenizers, names)  # chats are rendered once, by the first model's template
     for record in records:  # every chat through that template, before any shard runs
         render(record, tokenizers[0])

@@ -223,3 +223,63 @@ def test_preflight_refuses_gemma_3n_before_any_weights_load(tmp_path):
     )  # fmt: skip
     with pytest.raises(HarvestInputError, match="'a' is a Gemma 3n.*cannot harvest it"):
         preflight(cfg, [{"id": "r", "text": "hi"}])
+
+
+def _custom_code_model(tmp_path):
+    """A local model whose architecture is its own code (auto_map), as hub repos without native
+    transformers support ship."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path / "custom"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**_base())).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    (d / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'crossdiff_custom'\n"
+    )
+    (d / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    cfg = json.loads((d / "config.json").read_text())
+    cfg |= {
+        "model_type": "crossdiff_custom",
+        "architectures": ["CustomForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+        },
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def test_a_model_with_its_own_code_loads_only_when_the_config_trusts_it(tmp_path):
+    from diffing.harvest import ModelSpec, unpinned_as_before
+    from jobs.harvest import preflight
+
+    path = _custom_code_model(tmp_path)
+    hint = r"set models\[\]\.trust_remote_code: true"
+    with pytest.raises(HarvestInputError, match=hint):
+        load_model(path)
+    model = load_model(path, trust_remote_code=True, keep_layers=2)
+    assert type(model).__name__ == "CustomForCausalLM" and len(decoder_layers(model)) == 2
+
+    def cfg(trust: bool) -> HarvestConfig:
+        (tmp_path / "c.jsonl").write_text(json.dumps({"id": "r", "text": "Hello there."}) + "\n")
+        return HarvestConfig.model_validate(
+            dict(models=[{"name": n, "path": path, "trust_remote_code": trust} for n in "ab"], layer=1,
+                 corpus={"uri": str(tmp_path / "c.jsonl")}, store=str(tmp_path / "s"), device="cpu",
+                 context_length=32, outlier_norm_mult=None)
+        )  # fmt: skip
+
+    with pytest.raises(HarvestInputError, match=hint):  # before any worker starts
+        preflight(cfg(False), [{"id": "r", "text": "Hello there."}])
+    assert preflight(cfg(True), [{"id": "r", "text": "Hello there."}]) == 64
+    out = Harvester(cfg(True)).run([{"id": "r", "text": "Hello there."}], 0)
+    assert len(out["acts"]) > 0
+    # unset, the field is not in any identity (harvests and runs made before it keep theirs)
+    assert "trust_remote_code" not in unpinned_as_before(ModelSpec(name="a", path="p").model_dump())
+    assert unpinned_as_before(ModelSpec(name="a", path="p", trust_remote_code=True).model_dump())[
+        "trust_remote_code"
+    ]

@@ -301,7 +301,7 @@ def test_a_pinned_revision_counts_and_an_unset_one_keeps_earlier_identities(tmp_
         mode="json", exclude={"ray": True, "device": True, "store": True, "corpus": {"uri"}}
     )
     for m in dumped["models"]:
-        del m["revision"]  # the dump before the field existed
+        del m["revision"], m["trust_remote_code"]  # the dump before the fields existed
     dumped["records"] = "r"
     import hashlib
 
@@ -309,5 +309,6 @@ def test_a_pinned_revision_counts_and_an_unset_one_keeps_earlier_identities(tmp_
         _config_hash(cfg, "r") == hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
     )
     p = PipelineConfig.model_validate(with_defaults(pipeline_dict(str(tmp_path / "run"))))
-    assert all("revision" not in m for m in stage_own(p, "harvest")["models"])
-    assert all("revision" not in m for m in stage_own(p, "harvest", legacy=True)["models"])
+    for legacy in (False, True):
+        assert all("revision" not in m for m in stage_own(p, "harvest", legacy=legacy)["models"])
+        assert all("trust_remote_code" not in m for m in stage_own(p, "harvest", legacy=legacy)["models"])
