@@ -23,19 +23,16 @@ from diffing.config import Frozen
 from diffing.corpus import CorpusSpec
 from diffing.models import (
     HarvestInputError,
-    check_tokenizers_agree,
     load_model,
     load_tokenizer,
     n_layers,
-    pad_batch,
     residual_after_layer,
     resolve_device,
     resolve_dtype,
-    share_chat_template,
-    tokenize_records,
     torch_dtype,
 )
 from diffing.store import StoreWriter
+from diffing.tokens import check_tokenizers_agree, pad_batch, share_chat_template, tokenize_records
 
 
 class ModelSpec(Frozen):

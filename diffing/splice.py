@@ -196,7 +196,7 @@ def _harvest_tokens(store, doc_ids, tokenizers) -> dict[int, list[int]]:
     harvest tokenised them: the first model's tokenizer, chat template shared)."""
     from diffing.corpus import read_corpus
     from diffing.harvest import HarvestConfig
-    from diffing.models import share_chat_template, tokenize_records
+    from diffing.tokens import share_chat_template, tokenize_records
 
     hcfg = HarvestConfig.model_validate(store.manifest.metadata["harvest"])
     records = read_corpus(hcfg.corpus)

@@ -22,17 +22,10 @@ from diffing.corpus import read_corpus
 from diffing.fingerprints import model_stamp, tokenizer_fingerprint
 from diffing.harvest import HarvestConfig, Harvester, harvest_shards, shard_ranges, unpinned_as_before
 from diffing.logs import get_logger
-from diffing.models import (
-    HarvestInputError,
-    check_tokenizers_agree,
-    check_vocab,
-    load_tokenizer,
-    remote_code_hint,
-    render,
-    share_chat_template,
-)
+from diffing.models import HarvestInputError, load_tokenizer, remote_code_hint
 from diffing.store import Manifest, StoreError, StoreWriter, check_writable
 from diffing.store.format import atomic_write
+from diffing.tokens import check_tokenizers_agree, check_vocab, render, share_chat_template
 from jobs.harvest_shards import (
     models_changed,
     outlier_totals,

@@ -191,7 +191,7 @@ def test_a_model_whose_layers_return_several_streams_is_refused_by_name():
 def test_tokenizers_that_spell_different_ids_alike_are_shown_with_their_ids(tmp_path):
     """Two vocabularies that swap the ids of "a" and "b": each side decodes to the same text, so the
     message shows the ids."""
-    from diffing.models import check_tokenizers_agree
+    from diffing.tokens import check_tokenizers_agree
 
     a = byte_tokenizer()
     vocab = a.backend_tokenizer.to_str()

@@ -13,8 +13,9 @@ from diffing.config import AnalysisConfig
 from diffing.corpus import CorpusSpec, read_corpus
 from diffing.embedded.tiny import byte_tokenizer
 from diffing.examples import _doc_sorted
-from diffing.models import CHAT_DATE, load_tokenizer, render, tokenize_records
+from diffing.models import load_tokenizer
 from diffing.store import StoreWriter, open_store
+from diffing.tokens import CHAT_DATE, render, tokenize_records
 from jobs.harvest import agreement_sample
 
 CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
@@ -137,7 +138,8 @@ def test_tokens_a_model_has_no_embedding_for_are_found_before_the_harvest():
     import pytest
 
     from diffing.embedded.tiny import byte_tokenizer
-    from diffing.models import HarvestInputError, check_vocab
+    from diffing.models import HarvestInputError
+    from diffing.tokens import check_vocab
 
     tok = byte_tokenizer()
     recs = [{"id": "r1", "text": "plain text", "messages": None}]

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from diffing.harvest import HarvestConfig, Harvester
-from diffing.models import HarvestInputError, check_tokenizers_agree, load_model, residual_after_layer
+from diffing.models import HarvestInputError, load_model, residual_after_layer
 from diffing.store import StoreError, open_store, write_arrays
+from diffing.tokens import check_tokenizers_agree
 
 pytestmark = pytest.mark.timeout(120)
 CHAT = {

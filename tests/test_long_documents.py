@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from diffing.models import encode_truncated, tokenize_records
+from diffing.tokens import encode_truncated, tokenize_records
 
 WORDS = "the quick brown fox jumps over lazy dog crosscoder latent décodeur français 数据 🙂".split()
 
