@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Frozen(BaseModel):
@@ -60,7 +60,10 @@ class CrosscoderConfig(Frozen):
         0.1, ge=0.0, le=1.0, description="Fraction of training over which k is annealed."
     )
     auxk_alpha: float = Field(
-        1 / 32, ge=0.0, description="Weight of the AuxK loss on dead latents (0 disables)."
+        1 / 32,
+        allow_inf_nan=False,
+        ge=0.0,
+        description="Weight of the AuxK loss on dead latents (0 disables).",
     )
     aux_k: int | None = Field(
         None,
@@ -73,12 +76,15 @@ class CrosscoderConfig(Frozen):
     threshold_momentum: float = Field(
         0.99, ge=0.0, lt=1.0, description="EMA momentum of the BatchTopK inference threshold."
     )
-    l1_coeff: float = Field(2.0, ge=0.0, description="L1: weight of sum_l f_l * sum_m ||d_m,l||.")
+    l1_coeff: float = Field(
+        2.0, allow_inf_nan=False, ge=0.0, description="L1: weight of sum_l f_l * sum_m ||d_m,l||."
+    )
     l1_warmup_frac: float = Field(
         0.05, ge=0.0, le=1.0, description="L1: fraction of training to ramp l1_coeff up from 0."
     )
     dec_init_norm: float = Field(
         0.1,
+        allow_inf_nan=False,
         gt=0.0,
         description="Initial norm of each per-model decoder row (the encoder starts as its transpose).",
     )
@@ -111,15 +117,24 @@ class CrosscoderConfig(Frozen):
                 f"crosscoder.model_names={list(self.model_names)} but the store holds {list(model_names)}"
             )
         n_latents = self.n_latents or self.expansion_factor * d_model
-        return self.model_copy(
-            update=dict(
-                n_models=n_models,
-                d_model=d_model,
-                model_names=tuple(model_names),
-                n_latents=n_latents,
-                aux_k=self.aux_k or max(1, min(n_latents // 2, n_models * d_model // 2)),
+        try:
+            return self.model_copy(
+                update=dict(
+                    n_models=n_models,
+                    d_model=d_model,
+                    model_names=tuple(model_names),
+                    n_latents=n_latents,
+                    aux_k=self.aux_k or max(1, min(n_latents // 2, n_models * d_model // 2)),
+                )
+            ).validated()
+        except ValidationError as e:  # one line naming the fields, not pydantic's dump of the config
+            why = "; ".join(str(err["msg"]).removeprefix("Value error, ") for err in e.errors())
+            src = (
+                f"crosscoder.n_latents = expansion_factor {self.expansion_factor} x d_model {d_model} = {n_latents}"
+                if self.n_latents is None
+                else f"d_model {d_model}"
             )
-        ).validated()
+            raise ValueError(f"{why} ({src})") from None
 
     @property
     def is_resolved(self) -> bool:
@@ -131,11 +146,13 @@ class CrosscoderConfig(Frozen):
 
 class TrainConfig(Frozen):
     batch_size: int = Field(1024, ge=1, description="Tokens per optimizer step (global, across all workers).")
-    lr: float = Field(5e-4, gt=0.0, description="Peak Adam learning rate.")
+    lr: float = Field(5e-4, allow_inf_nan=False, gt=0.0, description="Peak Adam learning rate.")
     steps: int | None = Field(
         None, ge=1, description="Optimizer steps. Default: epochs passes over the store."
     )
-    epochs: float = Field(1.0, gt=0.0, description="Passes over the store when steps is unset.")
+    epochs: float = Field(
+        1.0, allow_inf_nan=False, gt=0.0, description="Passes over the store when steps is unset."
+    )
     warmup_frac: float = Field(0.05, ge=0.0, le=1.0, description="Linear LR warm-up, as a fraction of steps.")
     decay_frac: float = Field(
         0.2, ge=0.0, le=1.0, description="Linear LR decay to 0 over this final fraction."
@@ -304,7 +321,9 @@ class DistributedConfig(Frozen):
         "(each rank sees other rows): a finished fit stands only for its own.",
     )
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); else CPU workers (gloo).")
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per training worker.")
+    cpus_per_worker: float = Field(
+        1.0, allow_inf_nan=False, gt=0.0, description="CPUs reserved per training worker."
+    )
     max_failures: int = Field(
         2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited)."
     )

@@ -320,6 +320,13 @@ def final_metrics(
         )
     if ev["dead_fraction"] >= 1.0:
         log.warning("fit.all_dead", note="no latent fired on the evaluation tokens; check the activations")
+    if poor := {m: round(v, 4) for m, v in ev["fve"].items() if v < 0}:  # worse than the mean vector
+        log.warning(
+            "fit.negative_fve",
+            fve=poor,
+            note="the reconstruction is worse than predicting each model's mean activation: the fit "
+            "failed (train.lr too high? too few steps?); its latents mean nothing",
+        )
     return {
         "fve": ev["fve"],
         "l0": ev["l0"],

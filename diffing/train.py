@@ -123,6 +123,10 @@ class TrainerState:
         random.setstate(sd["rng"]["python"])
 
 
+class FitDiverged(ValueError):
+    """Non-finite loss or metrics: a setting to change (train.lr), not a resumable failure."""
+
+
 def train_step(state: TrainerState, x_raw: Tensor, *, reduce: Reducer = local_reduce) -> dict[str, float]:
     """One optimiser step on a batch of raw activations x_raw [B, M, D]. Returns named metrics."""
     model, cfg, tcfg = state.model, state.model.cfg, state.cfg
@@ -206,7 +210,12 @@ def train_step(state: TrainerState, x_raw: Tensor, *, reduce: Reducer = local_re
     if cfg.kind == "l1":
         metrics["l1_coeff"] = l1_coeff
     if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
-        raise FloatingPointError(f"non-finite metrics at step {state.step}: {metrics}")
+        bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+        raise FitDiverged(
+            f"the fit diverged at step {state.step}: {', '.join(bad)} not finite (train.lr={tcfg.lr}, "
+            f"grad_clip={tcfg.grad_clip}); lower train.lr (the default is 5e-4) and refit with --overwrite "
+            "(crossdiff pipeline: --redo-changed)"
+        )
     return metrics
 
 

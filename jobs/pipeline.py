@@ -36,7 +36,7 @@ from jobs.pipeline_config import (  # noqa: F401  (re-exported: the config's pub
     reference,
     with_defaults,
 )
-from jobs.pipeline_stages import StageRunners
+from jobs.pipeline_stages import StageRunners, check_crosscoder_fits
 from jobs.provenance import environment
 from jobs.rundir import WEIGHTS, RunMirror
 from jobs.stage_identity import stage_own
@@ -305,6 +305,8 @@ class Pipeline(StageRunners):
         to_run = self.stages_to_run(overwrite, redo_changed)  # refuses before anything is written
         if why := store_gone(self, to_run):  # fit or analyze would run without their data
             raise ValueError(why)
+        if "harvest" in to_run and "fit" in to_run:
+            check_crosscoder_fits(self.cfg)
         if "label" in to_run and self.cfg.label.service.taxonomy:  # before hours of harvest and fit
             from serve.taxonomy import load_taxonomy
 

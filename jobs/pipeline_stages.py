@@ -8,6 +8,32 @@ from contextlib import nullcontext
 from pathlib import Path
 
 
+def check_crosscoder_fits(cfg) -> None:
+    """Before a harvest the fit will follow: the crosscoder resolved with the models' width, so a
+    setting it refuses (k above n_latents, say) fails now, not after hours of harvest. Models whose
+    config cannot be read here are left to the harvest's own checks."""
+    from transformers import AutoConfig
+
+    widths = set()
+    for m in cfg.harvest.models:
+        try:
+            mc = AutoConfig.from_pretrained(
+                m.path,
+                trust_remote_code=m.trust_remote_code,
+                **({"revision": m.revision} if m.revision else {}),
+            )
+        except Exception:  # noqa: BLE001 - not built yet (a preset), not reachable: the harvest says
+            return
+        widths.add(getattr(mc, "text_config", mc).hidden_size)
+    if len(widths) != 1:
+        return  # the harvest's preflight names it
+    names = tuple(m.name for m in cfg.harvest.models)
+    try:
+        cfg.fit.crosscoder.resolve(n_models=len(names), d_model=widths.pop(), model_names=names)
+    except ValueError as e:
+        raise ValueError(f"fit: {e}; found before the harvest, nothing was run") from None
+
+
 class StageRunners:
     """Mixed into Pipeline: each `_<stage>(overwrite)` runs one stage and returns its summary."""
 

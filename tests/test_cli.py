@@ -106,12 +106,42 @@ def test_l1_kind_via_set(tmp_path, store):
         (["--set", "train.batch_size=100000"], "train.batch_size"),
         (["--set", "trainlr"], "key=value"),
         (["--set", "train.adam_betas=[0.9,1.5]"], "train.adam_betas"),  # torch would refuse it at the start
+        (  # n_latents from the store's width: one line naming where it came from
+            ["--set", "crosscoder.expansion_factor=1", "--set", "crosscoder.k=100"],
+            "crosscoder.k=100 exceeds crosscoder.n_latents=16; lower k (crosscoder.n_latents = "
+            "expansion_factor 1 x d_model 16 = 16)",
+        ),
+        (["--set", "train.epochs=.inf"], "finite number"),  # an OverflowError traceback before
+        (["--set", "train.lr=1e400"], "finite number"),
     ],
 )
 def test_bad_config_fails_before_work(tmp_path, store, args, needle):
     r = runner.invoke(app, ["fit", "--store", store, "--out", str(tmp_path / "r"), *args])
     assert r.exit_code == 2
     assert needle in r.output, r.output
+    assert not (tmp_path / "r" / "crosscoder").exists()
+
+
+def test_a_diverging_fit_names_the_setting_to_change(tmp_path, store):
+    """A learning rate far too high: one line naming train.lr, exit 2, no traceback (it was a
+    FloatingPointError traceback, and a rerun "to resume" diverged again)."""
+    r = runner.invoke(
+        app,
+        [
+            "fit",
+            "--store",
+            store,
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            "train.lr=1e8",
+            "--set",
+            "train.steps=8",
+        ],
+    )
+    assert r.exit_code == 2, r.output
+    assert "the fit diverged at step" in r.output and "train.lr=100000000.0" in r.output
+    assert "lower train.lr" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "r" / "crosscoder").exists()
 
 
@@ -704,3 +734,18 @@ def test_expected_errors_raised_in_ray_workers_stay_one_line(monkeypatch):
         assert raising(exc).exit_code == 2, exc
     r = raising(wrapped(KeyError("a bug")))
     assert r.exit_code == 1 and isinstance(r.exception, UserCodeException)  # not dressed up as a user error
+
+
+@pytest.mark.timeout(120)
+def test_a_crosscoder_the_models_cannot_have_is_refused_before_the_harvest(tmp_path):
+    """k above the n_latents the models' width gives: refused at once, not after the harvest."""
+    out = tmp_path / "run"
+    r = runner.invoke(
+        app,
+        ["pipeline", "--preset", "tiny", "--out", str(out), "--set", "fit.crosscoder.expansion_factor=1",
+         "--set", "fit.crosscoder.k=100"],
+    )  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert "fit: crosscoder.k=100 exceeds crosscoder.n_latents=64" in r.output
+    assert "found before the harvest" in r.output
+    assert not (out / "store").exists() and not (out / "stages").exists()
