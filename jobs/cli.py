@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli_common import ConfigOpt, OverwriteOpt, SetOpt, _fail, _run, _user_errors  # noqa: F401
+from jobs.cli_common import ConfigOpt, OverwriteOpt, SetOpt, _fail, _run, _user_errors, endpoint_url  # noqa: F401
 
 app = typer.Typer(
     add_completion=False,
@@ -227,7 +227,10 @@ def pipeline(
         str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")
     ] = None,
     endpoint: Annotated[
-        str | None, typer.Option("--endpoint", help="Labelling endpoint URL (default: start a local one).")
+        str | None,
+        typer.Option(
+            "--endpoint", help="Labelling endpoint URL (default: start a local one).", callback=endpoint_url
+        ),
     ] = None,
     overwrite: OverwriteOpt = False,
     redo_changed: Annotated[
@@ -327,7 +330,11 @@ def label(
     ],
     endpoint: Annotated[
         str | None,
-        typer.Option("--endpoint", help="Labelling service URL (default: start a local one for this run)."),
+        typer.Option(
+            "--endpoint",
+            help="Labelling service URL (default: start a local one for this run).",
+            callback=endpoint_url,
+        ),
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

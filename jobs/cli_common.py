@@ -172,3 +172,13 @@ def _missing_package(e: ImportError) -> None:
         else "`make setup` in a checkout, or `pip install 'crossdiff[cpu]'` (or [gpu]), installs what crossdiff needs"
     )
     _fail(f"{e} (into this environment and every Ray node's: {fix})")
+
+
+def endpoint_url(value: str | None) -> str | None:
+    """--endpoint: checked before any work (a URL without its scheme failed only at the label stage)."""
+    from jobs.label import check_endpoint
+
+    try:
+        return check_endpoint(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None

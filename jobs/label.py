@@ -285,6 +285,34 @@ def replica_settings(service: ServiceSettings) -> ServiceSettings:
     return service
 
 
+def check_endpoint(url: str | None) -> str | None:
+    """An endpoint URL without http:// or https:// fails every request the same way; retrying for
+    minutes and then suggesting a rerun helped no one."""
+    if url is not None and not url.startswith(("http://", "https://")):
+        from diffing.config import ConfigError
+
+        raise ConfigError(f"endpoint {url!r} needs its scheme: http://{url} (or https://)")
+    return url
+
+
+def _check_groups(run_dir: Path, groups: tuple[str, ...] | None) -> None:
+    """A group named after no model of the run (a typo) would label nothing and exit 0."""
+    path = run_dir / "latents.parquet"
+    if groups is None or not path.exists():
+        return
+    import pyarrow.parquet as pq
+
+    from diffing.config import ConfigError
+
+    models = [c.removeprefix("norm/") for c in pq.read_schema(path).names if c.startswith("norm/")]
+    known = {f"{m}-specific" for m in models} | {"baseline"}
+    if models and (unknown := sorted(set(groups) - known)):
+        raise ConfigError(
+            f"groups: {unknown} name no group of {run_dir}; its groups are {sorted(known)} "
+            "(<model>-specific for each model, and baseline); e.g. --set 'groups=[ft-specific]'"
+        )
+
+
 def label_run(
     run_dir: str | Path,
     cfg: LabelConfig | dict | None = None,
@@ -305,6 +333,8 @@ def label_run(
         except ValueError as e:
             raise ConfigError(format_validation_error(e)) from None
     run_dir = Path(run_dir)
+    check_endpoint(endpoint)
+    _check_groups(run_dir, cfg.groups)
     if not (run_dir / "examples").is_dir():
         if _selected(run_dir / "latents.parquet"):  # not analysed, or analysed without evidence
             raise FileNotFoundError(

@@ -414,3 +414,35 @@ def test_an_analysis_that_selected_nothing_is_labelled_as_nothing(tmp_path):
     pq.write_table(pa.table({"latent": [0, 1], "group": ["", ""]}), run / "latents.parquet")  # none selected
     out = label_run(run, {})
     assert out["total"] == 0 and (run / "labels.jsonl").read_text() == ""
+
+
+def test_a_label_group_named_after_no_model_and_an_endpoint_without_scheme_are_refused(tmp_path):
+    """A typo'd group labelled nothing and exited 0; `--endpoint localhost:8000` retried for
+    minutes, then suggested a rerun."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from diffing.config import ConfigError
+    from jobs.cli import app
+    from jobs.label import label_run
+
+    pq.write_table(
+        pa.table(
+            {"latent": [0, 1], "group": ["ft-specific", ""], "norm/base": [0.1, 1.0], "norm/ft": [1.0, 1.0]}
+        ),
+        tmp_path / "latents.parquet",
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"groups: \['ft-specfic'\] name no group.*'base-specific', 'baseline', 'ft-specific'",
+    ):
+        label_run(tmp_path, {"groups": ["ft-specfic"]})
+    with pytest.raises(ConfigError, match="needs its scheme: http://localhost:8000"):
+        label_run(tmp_path, {}, endpoint="localhost:8000")
+    r = CliRunner().invoke(app, ["label", "--run", str(tmp_path), "--endpoint", "localhost:8000"])
+    assert r.exit_code == 2 and "needs its scheme" in r.output
+    r = CliRunner().invoke(
+        app, ["pipeline", "--preset", "tiny", "--out", str(tmp_path / "p"), "--endpoint", "h:1"]
+    )
+    assert r.exit_code == 2 and "needs its scheme" in r.output and not (tmp_path / "p").exists()
