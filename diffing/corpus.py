@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
@@ -101,7 +102,10 @@ def _read_bytes(uri: str) -> bytes:
         with fsspec.open(uri, "rb", compression=compression) as f:
             return f.read()
     except FileNotFoundError:
-        raise HarvestInputError(f"corpus.uri: {uri} does not exist") from None
+        where = (
+            "" if "://" in uri or Path(uri).is_absolute() else f" (a relative path is read from {Path.cwd()})"
+        )
+        raise HarvestInputError(f"corpus.uri: {uri} does not exist{where}") from None
     except Exception as e:  # unreachable bucket, bad credentials, a corrupt archive
         raise HarvestInputError(f"corpus.uri: cannot read {uri}: {type(e).__name__}: {e}") from None
 

@@ -87,12 +87,12 @@ def load_model(
             path, dtype=_DTYPES[resolve_dtype(dtype, device)], **extra, **kw
         )
     except OSError as e:
-        raise HarvestInputError(f"cannot load model {path!r}: {e}{remote_code_hint(e)}") from None
+        raise HarvestInputError(f"cannot load model {path!r}: {e}{load_hint(path, e)}") from None
     except ValueError as e:  # "Unrecognized model ..." (a LoRA adapter directory, say)
         hint = (
             " (a LoRA/PEFT adapter directory? merge it into its base model first)"
             if (Path(path) / "adapter_config.json").exists()
-            else remote_code_hint(e)
+            else load_hint(path, e)
         )
         raise HarvestInputError(f"cannot load model {path!r}: {e}{hint}") from None
     model.eval().requires_grad_(False)
@@ -110,8 +110,14 @@ def keep_first_layers(model: nn.Module, n: int) -> nn.Module:
     return model
 
 
-def remote_code_hint(e: Exception) -> str:
-    """transformers asks for trust_remote_code=True, a flag crossdiff sets from the config."""
+def load_hint(path: str, e: Exception) -> str:
+    """What to do about a model that does not load: a local path that is not there (transformers
+    then talks of repo ids), or a request for trust_remote_code (a flag crossdiff sets from the
+    config)."""
+    p = Path(path).expanduser()
+    if not p.exists() and (p.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
+        where = "" if p.is_absolute() else f"; a relative path is read from {Path.cwd()}"
+        return f" (no directory {p.resolve()} on this machine{where})"
     if "trust_remote_code" not in str(e):
         return ""
     return (
@@ -129,7 +135,7 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:  # ValueError: no tokenizer files to build one from
-        raise HarvestInputError(f"cannot load the tokenizer of {path!r}: {e}{remote_code_hint(e)}") from None
+        raise HarvestInputError(f"cannot load the tokenizer of {path!r}: {e}{load_hint(path, e)}") from None
     # a document longer than context_length keeps its beginning whatever the model's own default
     # (some chat fine-tunes ship truncation_side="left"): its first tokens are the ones dropped as
     # attention sinks, and every model must cut it at the same place

@@ -22,7 +22,7 @@ from diffing.corpus import read_corpus
 from diffing.fingerprints import model_stamp, tokenizer_fingerprint
 from diffing.harvest import HarvestConfig, Harvester, harvest_shards, shard_ranges, unpinned_as_before
 from diffing.logs import get_logger
-from diffing.models import HarvestInputError, load_tokenizer, remote_code_hint
+from diffing.models import HarvestInputError, load_hint, load_tokenizer
 from diffing.store import Manifest, StoreError, StoreWriter, check_writable
 from diffing.store.format import atomic_write
 from diffing.tokens import check_tokenizers_agree, check_vocab, render, share_chat_template
@@ -145,7 +145,7 @@ def preflight(cfg: HarvestConfig, records: list[dict[str, Any]]) -> int:
             )
         except (OSError, ValueError) as e:
             raise HarvestInputError(
-                f"models: cannot load {spec.path!r} ({spec.name}): {e}{remote_code_hint(e)}"
+                f"models: cannot load {spec.path!r} ({spec.name}): {e}{load_hint(spec.path, e)}"
             ) from None
         mc = getattr(mc, "text_config", mc)
         if str(getattr(mc, "model_type", "")).startswith("gemma3n"):  # see residual_after_layer

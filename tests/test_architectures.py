@@ -283,3 +283,21 @@ def test_a_model_with_its_own_code_loads_only_when_the_config_trusts_it(tmp_path
     assert unpinned_as_before(ModelSpec(name="a", path="p", trust_remote_code=True).model_dump())[
         "trust_remote_code"
     ]
+
+
+def test_a_missing_local_model_or_corpus_names_the_directory_it_was_looked_for_in(tmp_path, monkeypatch):
+    """transformers calls a missing relative directory an invalid repo id: the message says what it is."""
+    from diffing.corpus import CorpusSpec, read_corpus
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        HarvestInputError,
+        match=rf"no directory {tmp_path}/models/base on this machine; a relative path is read from {tmp_path}",
+    ):
+        load_model("./models/base")
+    with pytest.raises(HarvestInputError, match=r"no directory /nope/base on this machine\)"):
+        load_model("/nope/base")
+    with pytest.raises(
+        HarvestInputError, match=rf"corpus.jsonl does not exist \(a relative path is read from {tmp_path}\)"
+    ):
+        read_corpus(CorpusSpec(uri="corpus.jsonl"))
