@@ -80,16 +80,24 @@ def anchored(
 
 def status(
     run: Annotated[
-        str, typer.Argument(help="A pipeline's --out, a store or a fit run (local, s3://, gs://).")
-    ],
+        str | None,
+        typer.Argument(help="A pipeline's --out, a store or a fit run (local, s3://, gs://)."),
+    ] = None,
+    run_opt: Annotated[
+        str | None, typer.Option("--run", help="The same, as the other commands name it.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
     """Where a run stands: each stage done, running, to redo or pending, and the running stage's
     progress (shards, fit step and ETA, labels) from the files it writes."""
     from jobs.status import format_status, run_status
 
+    if (run is None) == (run_opt is None):
+        raise typer.BadParameter("name the run once: `crossdiff status RUN` or `crossdiff status --run RUN`")
+    where = run if run is not None else run_opt
+
     def go():
-        st = run_status(run)
+        st = run_status(where)
         typer.echo(json.dumps(st, indent=2) if as_json else format_status(st))
 
     _run(go)

@@ -163,6 +163,24 @@ def _pairs(cfg: dict) -> list[tuple[str, str]]:
     return [(models[0], models[1])] if len(models) >= 2 else []
 
 
+def _gone(fs, root: str, cfg: dict, stage: str) -> list[str]:
+    """Outputs a `done` stage's marker vouches for that are not there (deleted since): the
+    pipeline redoes such a stage (jobs.stage_outputs.missing checks the same files)."""
+    pairs = _pairs(cfg)
+    dirs = [root] if len(pairs) <= 1 else [f"{root}/compare/{a}-vs-{b}" for a, b in pairs]
+    want = {
+        "fit": [f"{root}/metrics.json", f"{root}/crosscoder/model.safetensors"],
+        "analyze": [f"{d}/latents.parquet" for d in dirs],
+        "label": [f"{d}/labels.jsonl" for d in dirs if fs.glob(f"{d}/examples/*.jsonl")],
+        "report": [
+            f"{d}/{name}"
+            for d in (dirs if len(dirs) == 1 else [*dirs, root])
+            for name in ("report.json", "report.html")
+        ],
+    }.get(stage, [])
+    return [w for w in want if not fs.exists(w)]
+
+
 def run_status(run: str) -> dict[str, Any]:
     """Each configured stage's state (done, running, to redo, pending), seconds and summary, and
     the running (or first unfinished) stage's progress."""
@@ -181,6 +199,8 @@ def run_status(run: str) -> dict[str, Any]:
         if marker is not None:
             key = "stale" if marker.get("stale") else "running" if marker.get("running") else "done"
         row: dict[str, Any] = {"stage": stage, "state": STATES[key]}
+        if key == "done" and (gone := _gone(fs, root, cfg, stage)):
+            key, row["state"], row["missing"] = "stale", STATES["stale"], gone  # a rerun redoes it
         if key == "done":
             row["seconds"] = marker.get("seconds")
             row["summary"] = marker.get("summary")
@@ -289,6 +309,8 @@ def _standalone(fs, root: str, run: str) -> dict[str, Any]:
             rows.append({"stage": stage, "state": state})
         if not done["fit"] and has("run_config.json"):
             current, progress = "fit", _fit(fs, root)
+    elif not fs.exists(root):
+        raise FileNotFoundError(f"{run} does not exist")
     else:
         raise FileNotFoundError(
             f"{run} holds no crossdiff run: no pipeline.json (a `crossdiff pipeline` --out), no store "
@@ -347,6 +369,8 @@ def format_status(st: dict[str, Any]) -> str:
         detail = _done_detail(stage, row.get("summary")) if state == "done" else ""
         if stage == st["current"]:
             detail = _progress_detail(stage, st["progress"])
+        if row.get("missing"):
+            detail = f"outputs gone: {', '.join(row['missing'])} (a rerun of the pipeline redoes it)"
         lines.append(f"  {stage:<8} {state:<8} {_fmt_s(row.get('seconds')):>9}  {detail}".rstrip())
     if h := st.get("held_by"):
         beat = f", heartbeat {_fmt_s(h['heartbeat_age_s'])} ago" if "heartbeat_age_s" in h else ""

@@ -66,6 +66,8 @@ def _walk_a_run(fs, root, run, store_root, want_labels):
     # label: 3 of the labelled groups' latents (all 105, or the 70 of `label.groups`)
     fit_summary = {"fve": {"a": 0.9, "b": 0.91}, "steps": 100, "dead_fraction": 0.25}
     _write(fs, f"{root}/stages/fit.json", {"hash": "f", "seconds": 300, "summary": fit_summary})
+    for rel in ("metrics.json", "crosscoder/model.safetensors", "latents.parquet"):  # what they vouch for
+        _write(fs, f"{root}/{rel}", "{}")
     groups = {"a-specific": 35, "b-specific": 35, "baseline": 35}
     _write(fs, f"{root}/stages/analyze.json", {"hash": "a", "seconds": 30, "summary": {"groups": groups}})
     _write(fs, f"{root}/stages/label.json", {"running": True, "hash": "l"})
@@ -125,8 +127,17 @@ def test_status_reads_a_bucket_run_and_reports_a_finished_one():
     for stage in ("label", "report"):
         _write(fs, f"{root}/stages/{stage}.json", {"hash": "x", "seconds": 1, "summary": {}})
     _write(fs, f"{root}/report.html", "<html></html>")
+    _write(fs, f"{root}/report.json", "{}")
     st = run_status(f"memory://{root}")
     assert st["current"] is None and {r["state"] for r in st["stages"]} == {"done"}
+    # a marker vouches for files someone may have deleted since: the pipeline redoes that stage
+    fs.rm(f"{root}/crosscoder/model.safetensors")
+    gone = run_status(f"memory://{root}")
+    assert [r["state"] for r in gone["stages"]][:3] == ["done", "to redo", "done"] and gone[
+        "current"
+    ] == "fit"
+    assert f"outputs gone: {root}/crosscoder/model.safetensors" in format_status(gone)
+    _write(fs, f"{root}/crosscoder/model.safetensors", "{}")
     # a remote run that syncs only at each stage's end never looks killed for being quiet
     _write(fs, f"{root}/stages/report.json", {"running": True})
     assert run_status(f"memory://{root}")["quiet_after_s"] == 900  # sync_every_s 300: 3x is less
@@ -149,6 +160,13 @@ def test_status_cli(tmp_path):
     assert [r["stage"] for r in st["stages"]] == ["harvest", "fit"] and st["current"] == "harvest"
     res = CliRunner().invoke(app, ["status", root])
     assert res.exit_code == 0 and "harvest  pending" in res.output
+    res = CliRunner().invoke(app, ["status", "--run", root])  # as every other command names a run
+    assert res.exit_code == 0 and "harvest  pending" in res.output
+    res = CliRunner().invoke(app, ["status", "--run", root, root])
+    assert res.exit_code == 2 and "name the run once" in res.output
+    res = CliRunner().invoke(app, ["status", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and f"{tmp_path / 'nope'} does not exist" in res.output
+    (tmp_path / "nothing").mkdir()
     res = CliRunner().invoke(app, ["status", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "holds no crossdiff run" in res.output
 
@@ -194,6 +212,7 @@ def test_status_of_single_stage_commands_reads_their_outputs(tmp_path):
     # analyze and label write as they go: their outputs say `present`, not done
     assert [r["state"] for r in st["stages"]] == ["done", "present", "absent", "absent"]
     assert st["current"] is None
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no crossdiff run"):
         run_status(str(tmp_path / "empty"))
 
