@@ -13,7 +13,16 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli_common import ConfigOpt, OverwriteOpt, SetOpt, _fail, _run, _user_errors, endpoint_url  # noqa: F401
+from jobs.cli_common import (  # noqa: F401
+    ConfigOpt,
+    OverwriteOpt,
+    SetOpt,
+    _fail,
+    _run,
+    _user_errors,
+    endpoint_url,
+    refuse_pipeline_stage,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -42,6 +51,7 @@ def fit(
     from jobs.fit import in_process_or_ray
 
     def go():
+        refuse_pipeline_stage(out, "fit")
         sets = list(set_ or [])
         if workers is not None:
             sets.append(f"distributed.workers={workers}")
@@ -125,6 +135,7 @@ def analyze(
     from jobs.rundir import local_copy
 
     def go():
+        refuse_pipeline_stage(run, "analyze")
         sets = list(set_ or [])
         if evidence is not None:
             sets.append(f"evidence={str(evidence).lower()}")
@@ -346,6 +357,7 @@ def label(
     from jobs.rundir import WEIGHTS, local_copy
 
     def go():
+        refuse_pipeline_stage(run, "label")
         cfg = load_config(LabelConfig, config, set_ or [])
         with local_copy(run, skip=WEIGHTS) as local:
             res = label_run(local, cfg, endpoint=endpoint, overwrite=overwrite)

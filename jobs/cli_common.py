@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -182,3 +183,31 @@ def endpoint_url(value: str | None) -> str | None:
         return check_endpoint(value)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+
+
+def refuse_pipeline_stage(run: str, stage: str) -> None:
+    """A stage command run on a pipeline's run (or one of its comparisons) whose stages include
+    that stage would rewrite outputs the pipeline's marker vouches for with other settings: the
+    pipeline would then skip the stage as done while its files say otherwise (or, for analyze
+    --overwrite, its labels would be gone under a `done` label marker). Refused, naming the
+    pipeline command that redoes the stage and the ones after it."""
+    import fsspec
+
+    base = run.rstrip("/")
+    parts = base.rsplit("/", 2)
+    roots = [base] + ([parts[0]] if len(parts) == 3 and parts[1] == "compare" else [])
+    for root in roots:
+        fs, path = fsspec.core.url_to_fs(f"{root}/pipeline.json")
+        try:
+            pipe = json.loads(fs.cat_file(path))
+        except (FileNotFoundError, ValueError):
+            continue
+        if not isinstance(pipe, dict) or stage not in (pipe.get("stages") or [stage]):
+            return
+        _fail(
+            f"{run} belongs to the pipeline run {root}, whose {stage} stage this command would redo with "
+            f"other settings behind its back (the pipeline would skip it as done, or find later stages' "
+            f"outputs gone); redo it through the pipeline: `crossdiff pipeline --config {root}/pipeline.json "
+            f"--set {stage}.FIELD=VALUE --redo-changed` (that stage and the ones after it rerun), or give "
+            "this command another --out/--run"
+        )

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from jobs.cli_common import ConfigOpt, SetOpt, _fail, _run
+from jobs.cli_common import ConfigOpt, SetOpt, _run, refuse_pipeline_stage
 
 
 def report(
@@ -21,23 +20,15 @@ def report(
 ) -> None:
     """Write RUN/report.html (self-contained), RUN/report.json and RUN/report.md."""
     from diffing.config import load_config
-    from jobs.report import owning_pipeline, write_report
+    from jobs.report import write_report
     from jobs.report.config import ReportConfig
     from jobs.rundir import WEIGHTS, local_copy, reader_dir
 
     def go():
+        refuse_pipeline_stage(run, "report")  # its marker vouches for the report; the pipeline redoes it
         cfg = load_config(ReportConfig, config, set_ or [])
         # a private copy, not held: a report may be made of a run a pipeline is still labelling
         with local_copy(run, reader_dir(run), skip=WEIGHTS, hold=False) as local:
-            if (saved := owning_pipeline(Path(local))) is not None:
-                from jobs.rundir import is_remote
-
-                where = f"{run}/pipeline.json (a local copy of it)" if is_remote(run) else saved
-                _fail(
-                    f"{run} belongs to a pipeline run whose report has sections this command does not make "
-                    "(planted-truth validation, the anchored shift); redo its report with `crossdiff pipeline "
-                    f"--config {where} --set report.FIELD=VALUE --redo-changed` (only the report stage reruns)"
-                )
             typer.echo(json.dumps(write_report(local, opts=cfg), indent=2))
 
     _run(go)

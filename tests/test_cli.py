@@ -366,7 +366,10 @@ def test_s3_without_credentials_is_one_line_with_the_fix(capsys):
     assert "Unable to locate credentials" in err and "AWS_ACCESS_KEY_ID" in err and "Traceback" not in err
 
 
-def test_report_of_a_pipeline_run_with_planted_sections_points_to_the_pipeline(tmp_path, monkeypatch):
+def test_stage_commands_on_a_pipeline_run_point_to_the_pipeline(tmp_path, monkeypatch):
+    """`crossdiff report --run RUN` (or analyze, label, fit) on a pipeline's run would rewrite what
+    the pipeline's marker vouches for with other settings (the pipeline then skipped the report as
+    done while report.json held other intervals): refused, naming the pipeline command."""
     import jobs.report
 
     (tmp_path / "compare" / "pt-vs-it").mkdir(parents=True)
@@ -378,8 +381,19 @@ def test_report_of_a_pipeline_run_with_planted_sections_points_to_the_pipeline(t
         assert (
             r.exit_code == 2 and "--redo-changed" in r.output and str(tmp_path / "pipeline.json") in r.output
         )
-    assert not called
+        assert "--set report.FIELD=VALUE" in r.output
     (tmp_path / "pipeline.json").write_text(json.dumps({"out": str(tmp_path), "anchored": None}))
+    for args, stage in (
+        (["report", "--run", str(tmp_path)], "report"),
+        (["analyze", "--run", str(tmp_path), "--store", "s", "--overwrite"], "analyze"),
+        (["label", "--run", str(tmp_path)], "label"),
+        (["fit", "--store", "s", "--out", str(tmp_path), "--overwrite"], "fit"),
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and f"--set {stage}.FIELD=VALUE --redo-changed" in r.output, r.output
+    assert not called
+    # a pipeline run without a report stage: the command makes the run's only report
+    (tmp_path / "pipeline.json").write_text(json.dumps({"out": str(tmp_path), "stages": ["harvest", "fit"]}))
     assert runner.invoke(app, ["report", "--run", str(tmp_path)]).exit_code == 0 and called
 
 

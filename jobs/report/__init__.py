@@ -217,22 +217,6 @@ def _stats_source(ev_stats: dict, acfg: dict, n_tokens: str | None) -> str:
     return f"latents.parquet{tokens}"
 
 
-def owning_pipeline(run: Path) -> Path | None:
-    """The pipeline.json of the pipeline run RUN (or RUN/compare/<A-vs-B>) belongs to, when its report
-    has sections only the pipeline makes (planted truth, the anchored shift); else None."""
-    from jobs.compare import run_roots
-
-    for root in run_roots(run):
-        saved = root / "pipeline.json"
-        if saved.exists():
-            try:
-                pipe = json.loads(saved.read_text())
-            except ValueError:
-                return None
-            return saved if isinstance(pipe, dict) and (pipe.get("planted") or pipe.get("anchored")) else None
-    return None
-
-
 def write_report(
     run_dir: str | Path,
     *,
