@@ -47,8 +47,9 @@ def run_planted_demo(out: Path, *, tokens: int = 300_000, seed: int = 0) -> dict
             "train": {"lr": 1e-2, "epochs": 4, "seed": seed},
         }
     )
-    metrics = fit(store, cfg, out / "run")
-    table = analyze_run(out / "run", store, AnalysisConfig())
+    # seconds long: a rerun checks again (the fit's "finished, pass --overwrite" is no flag of demo's)
+    metrics = fit(store, cfg, out / "run", overwrite=True)
+    table = analyze_run(out / "run", store, AnalysisConfig(), overwrite=True)
     model = Crosscoder.load(out / "run" / "crosscoder")
     report = recovery_report(
         planted,
