@@ -68,9 +68,26 @@ def _harvest(run: Path) -> dict | None:
     return None
 
 
+def _corpus_sha256(run: Path) -> str | None:
+    """The content hash of the corpus the run's store was harvested from (its harvest_config.json),
+    whatever file it was read from; None where the store cannot be read."""
+    import fsspec
+
+    store = (_json(run / "analysis_config.json") or {}).get("store")
+    try:
+        with fsspec.open(f"{str(store).rstrip('/')}/harvest_config.json", "r") as f:
+            return json.load(f).get("records_sha256")
+    except (OSError, ValueError, TypeError, ImportError, AttributeError):
+        return None
+
+
 def check_comparable(s_run: Path, i_run: Path) -> list[str]:
     """Refuse two runs that do not share the base, the site or the labelling; returns warnings for
     what could not be checked or differs without making the comparison wrong."""
+    if Path(s_run).resolve() == Path(i_run).resolve():
+        raise AnchoredError(
+            f"--s and --i name the same run ({s_run}): the anchored shift compares two fine-tunes' runs"
+        )
     (sa, sb), (ia, ib) = run_pair(s_run), run_pair(i_run)
     warnings: list[str] = []
     hs, hi = _harvest(s_run), _harvest(i_run)
@@ -92,7 +109,18 @@ def check_comparable(s_run: Path, i_run: Path) -> list[str]:
                 f"the two runs have different bases: {sa}={base_s} in {s_run}, {ia}={base_i} in {i_run}; the "
                 "anchored shift compares two fine-tunes of one base (harvest both against the same base path)"
             )
-        if (hs.get("corpus") or {}).get("uri") != (hi.get("corpus") or {}).get("uri"):
+        if paths[0].get(sb) is not None and paths[0].get(sb) == paths[1].get(ib):
+            raise AnchoredError(
+                f"both runs diff the same fine-tune ({paths[0][sb]}) against the base: the anchored shift "
+                "compares two different fine-tunes of one base"
+            )
+        stamps = _corpus_sha256(s_run), _corpus_sha256(i_run)
+        same_corpus = (
+            stamps[0] == stamps[1]  # the content, whatever file it was read from
+            if None not in stamps
+            else (hs.get("corpus") or {}).get("uri") == (hi.get("corpus") or {}).get("uri")
+        )
+        if not same_corpus:
             warnings.append(
                 "the runs were harvested from different corpora: category shares also move with the prompts"
             )

@@ -20,11 +20,15 @@ SETTINGS = {
 }
 
 
-def _run(root, name, pair, cats, *, base="/m/pt", layer=20, settings=None, corpus="c.jsonl"):
+def _run(
+    root, name, pair, cats, *, base="/m/pt", layer=20, settings=None, corpus="c.jsonl", ft=None, records=None
+):
     """A labelled pairwise run: latents 0.. are <B>-specific with the given categories, two more A-specific."""
     store = root / f"{name}-store"
     store.mkdir(parents=True)
-    models = [{"name": pair[0], "path": base}, {"name": pair[1], "path": f"/m/{name}"}]
+    if records is not None:  # the corpus content's hash, as the harvest stamps it
+        (store / "harvest_config.json").write_text(json.dumps({"records_sha256": records}))
+    models = [{"name": pair[0], "path": base}, {"name": pair[1], "path": ft or f"/m/{name}"}]
     harvest = {"models": models, "layer": layer, "site": "resid_post", "corpus": {"uri": corpus}}
     (store / "manifest.json").write_text(json.dumps({"layer": layer, "metadata": {"harvest": harvest}}))
     run = root / name
@@ -168,3 +172,21 @@ def test_a_deleted_store_falls_back_to_the_runs_saved_harvest(tmp_path):
     shutil.rmtree(tmp_path / "it-store")
     with pytest.raises(AnchoredError, match="different layers"):
         write_anchored(str(s), str(i), str(tmp_path / "o"))
+
+
+def test_the_same_run_or_fine_tune_twice_is_refused_and_corpora_compare_by_content(tmp_path):
+    s = _run(tmp_path, "simpo", ("pt", "simpo"), ["safety"], corpus="a.jsonl", records="same")
+    with pytest.raises(AnchoredError, match="name the same run"):
+        write_anchored(str(s), str(tmp_path / "." / "simpo"), str(tmp_path / "out"))
+    twin = _run(tmp_path, "twin", ("pt", "simpo2"), ["math"], ft="/m/simpo")
+    with pytest.raises(AnchoredError, match="same fine-tune \\(/m/simpo\\)"):
+        write_anchored(str(s), str(twin), str(tmp_path / "out"))
+    # two copies of one corpus under other names: the same prompts, no warning
+    i = _run(tmp_path, "it", ("pt", "it"), ["math"], corpus="copy/b.jsonl", records="same")
+    assert not any(
+        "different corpora" in w for w in write_anchored(str(s), str(i), str(tmp_path / "o"))["warnings"]
+    )
+    j = _run(tmp_path, "it2", ("pt", "it2"), ["math"], corpus="a.jsonl", records="other")
+    assert any(
+        "different corpora" in w for w in write_anchored(str(s), str(j), str(tmp_path / "o2"))["warnings"]
+    )
