@@ -157,12 +157,36 @@ def _report(e: BaseException) -> None:
             "\n(s3:// needs credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
             "AWS_ENDPOINT_URL for MinIO or another S3-compatible store)"
         )
-    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
+    if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTDIR) and (file := _file_in_the_way(e)):
+        hint = (
+            f"\n({file} is a file where a directory is needed: --out, --run and store paths name "
+            "directories; give another path, or move the file)"
+        )
+    if isinstance(e, OSError) and e.errno in (
+        errno.EROFS,
+        errno.ENOSPC,
+        errno.EACCES,
+        errno.EDQUOT,
+        errno.EPERM,
+    ):
         hint = (
             "\n(models and runs need a writable disk with space; CROSSDIFF_CACHE moves the model cache, "
             "TMPDIR the temporary files)"
         )
     _fail(f"{e}{hint}\n(set CROSSDIFF_DEBUG=1 for a traceback)", EXIT_RETRY if _retryable(e) else EXIT_FIX)
+
+
+def _file_in_the_way(e: OSError) -> str | None:
+    """The file that stands where a directory was to be made or read (the path itself, or one of
+    the directories above it)."""
+    from pathlib import Path
+
+    if not isinstance(e.filename, str) or "://" in e.filename:
+        return None
+    for p in (Path(e.filename), *Path(e.filename).parents):
+        if p.is_file():
+            return str(p)
+    return None
 
 
 def _missing_package(e: ImportError) -> None:

@@ -117,6 +117,7 @@ def _pid_alive(pid: Any) -> bool:
 def _flock(run: Path, command: str, target: str) -> Iterator[None]:
     import fcntl
 
+    made = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK_FILE
     key = str(path.resolve())
@@ -124,6 +125,7 @@ def _flock(run: Path, command: str, target: str) -> Iterator[None]:
         yield
         return
     f = open(path, "a+")  # noqa: SIM115 - held open for the whole context: the lock lives with it
+    locked = False
     try:
         for attempt in range(5):  # `crossdiff status` probes with a shared lock for an instant
             try:
@@ -143,6 +145,7 @@ def _flock(run: Path, command: str, target: str) -> Iterator[None]:
                 f"{target}` follows it), or stop it first. Two processes on one run would undo each "
                 "other's work."
             ) from None
+        locked = True
         f.seek(0)
         f.truncate()
         f.write(json.dumps(_me(command)))
@@ -153,6 +156,11 @@ def _flock(run: Path, command: str, target: str) -> Iterator[None]:
         finally:
             _HELD.discard(key)
     finally:
+        if made and locked and [p.name for p in run.iterdir()] == [LOCK_FILE]:
+            # a command that failed before writing anything leaves no directory of only its lock
+            # (removed while still held, so no other process can have taken it meanwhile)
+            path.unlink(missing_ok=True)
+            run.rmdir()
         f.close()  # releases the flock
 
 

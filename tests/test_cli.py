@@ -763,3 +763,17 @@ def test_a_crosscoder_the_models_cannot_have_is_refused_before_the_harvest(tmp_p
     assert "fit: crosscoder.k=100 exceeds crosscoder.n_latents=64" in r.output
     assert "found before the harvest" in r.output
     assert not (out / "store").exists() and not (out / "stages").exists()
+
+
+def test_an_out_that_is_a_file_is_named_as_one(tmp_path, store):
+    """[Errno 17] File exists / [Errno 20] Not a directory, raw: the message names the file in the way."""
+    f = tmp_path / "harvest.yaml"
+    f.write_text("x: 1\n")
+    for args in (
+        ["fit", "--store", store, "--out", str(f)],
+        ["fit", "--store", store, "--out", str(f / "sub")],
+        ["status", str(f)],
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert f"{f} is a file where a directory is needed" in r.output and "Traceback" not in r.output

@@ -306,3 +306,29 @@ def test_a_rerun_after_a_given_back_lease_takes_it_quietly(remote, monkeypatch):
         again.acquire()
         again.release()
     assert not [e for e in logs if e["event"] == "pipeline.lease_taken_over"]
+
+
+def test_a_command_that_fails_before_writing_leaves_no_directory_of_only_its_lock(tmp_path):
+    from jobs.runlock import hold_run
+
+    fresh = tmp_path / "fresh" / "run"
+    with pytest.raises(RuntimeError), hold_run(fresh):
+        raise RuntimeError("a bad store")
+    assert not fresh.exists() and (tmp_path / "fresh").exists()  # only the run's own directory goes
+    with hold_run(fresh):
+        (fresh / "metrics.json").write_text("{}")
+    assert (fresh / "metrics.json").exists()  # something written: kept, lock and all
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with hold_run(existing):
+        pass
+    assert existing.exists()  # not made by this command: left as it was (with its lock)
+
+
+def test_a_stage_command_with_a_missing_store_leaves_no_out_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    r = CliRunner().invoke(app, ["fit", "--store", str(tmp_path / "nostore"), "--out", str(tmp_path / "f3")])
+    assert r.exit_code == 2 and not (tmp_path / "f3").exists()
