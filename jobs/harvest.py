@@ -192,6 +192,22 @@ def agreement_sample(records: list[dict[str, Any]], n: int = 4096) -> list[dict[
     return [records[int(i * step)] for i in range(n)]
 
 
+def _stamp_changes(old: Any, cfg: HarvestConfig, corpus_changed: bool) -> str:
+    """ " (field: old -> new, ...)" for the settings that decide the rows, from the stamp's config."""
+    if not isinstance(old, dict):
+        return ""
+    skip = {"ray", "device", "store"}
+    now = cfg.model_dump(mode="json")
+    changed = [
+        f"{k}: {json.dumps(old.get(k))} -> {json.dumps(now[k])}"
+        for k in sorted(now)
+        if k not in skip and k != "corpus" and old.get(k) != now[k]
+    ]
+    if corpus_changed:
+        changed.append("corpus: other records")
+    return f" ({'; '.join(changed)})"[:600] if changed else ""
+
+
 def _records_hash(records: list[dict[str, Any]]) -> str:
     """The corpus records' content (sha256), whatever file they were read from."""
     return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
@@ -276,9 +292,16 @@ def _run_harvest(
         legacy = hashlib.sha256(  # stamps written before the hash left paths out (2026-11-26)
             json.dumps(old_cfg, sort_keys=True).encode()
         ).hexdigest()[:16]
-        if old.get("hash") not in (h, legacy):
+        begun = writer.has_manifest() or writer.fs.glob(f"{writer.root}/shards/*.json")
+        if old.get("hash") not in (h, legacy) and not begun:
+            # stamped, then stopped before its first shard (no Ray at --address, say): nothing of
+            # the old config to keep apart, so this harvest starts the store under its own
+            log.info("harvest.restamp", reason="no shard was written under the stamped config")
+        elif old.get("hash") not in (h, legacy):
+            what = _stamp_changes(old.get("config"), cfg, records_hash != old.get("records_sha256"))
             raise StoreError(
-                f"store {cfg.store} was harvested with a different config; pass --overwrite to redo it or pick a new store"
+                f"store {cfg.store} was harvested with a different config{what}; pass --overwrite to redo it "
+                "or pick a new store"
             )
         if writer.has_manifest():
             from diffing.store import open_store

@@ -339,9 +339,16 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, mon
     assert run_harvest(_cfg(tiny_pair, "copy.jsonl", "s")) == m
     # different records under the same name: refused, store untouched
     _corpus(tmp_path / "copy.jsonl", 23)
-    with pytest.raises(StoreError, match="different config"):
+    with pytest.raises(StoreError, match=r"different config \(corpus: other records\)"):
         run_harvest(_cfg(tiny_pair, "copy.jsonl", "s"))
+    with pytest.raises(StoreError, match=r"different config \(layer: 2 -> 1; corpus: other records\)"):
+        run_harvest(_cfg(tiny_pair, "copy.jsonl", "s", layer=1))  # the refusal names what changed
     assert (tmp_path / "s" / "manifest.json").read_text() == before
+    # a store stamped by a harvest stopped before its first shard (no Ray at --address): no rows of
+    # the old config exist, so another config starts it without --overwrite
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "harvest_config.json").write_text(json.dumps({"hash": "x", "config": {"layer": 0}}))
+    assert run_harvest(_cfg(tiny_pair, "c.jsonl", "s2")).n_rows == m.n_rows
     # the fine-tune retrained into the same directory: the finished store is not its activations
     from safetensors.torch import load_file, save_file
 
