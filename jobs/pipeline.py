@@ -39,7 +39,7 @@ from jobs.pipeline_config import (  # noqa: F401  (re-exported: the config's pub
 from jobs.pipeline_stages import StageRunners, check_crosscoder_fits
 from jobs.provenance import environment
 from jobs.rundir import WEIGHTS, RunMirror
-from jobs.stage_identity import stage_own
+from jobs.stage_identity import changed_fields, stage_own
 from jobs.stage_outputs import clear as clear_stage
 from jobs.stage_outputs import missing, store_gone
 
@@ -146,6 +146,8 @@ class Pipeline(StageRunners):
             what = f"another version of its corpus {self.cfg.harvest.corpus.uri} (changed since)"
         elif stage == "harvest" and (models := self._models_changed()):
             what = f"other contents of {', '.join(models)} (the model directory was rewritten since)"
+        else:
+            what += changed_fields(self.run / "pipeline.json", self.cfg, stage)
         return ValueError(
             f"{self.run} ran stage {stage!r} with {what}; rerun with --redo-changed to redo "
             "that stage and the ones after it (keeping the ones before), --overwrite to redo every stage, "

@@ -102,3 +102,40 @@ def report_identity(cfg: PipelineConfig) -> dict:
     if c.report != ReportConfig():
         own["report"] = c.report.model_dump(mode="json")
     return own
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict) or not d:
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def changed_fields(saved: Path, cfg: PipelineConfig, stage: str) -> str:
+    """ " (fit.train.lr: 0.0005 -> 0.01)": what differs in the stage's identity (or, where its own
+    settings are the same, in the first earlier stage's) between the run's pipeline.json, the
+    config of the call that made its outputs, and ``cfg``; "" where that file cannot be read."""
+    import json
+
+    from jobs.pipeline_config import STAGES
+
+    try:
+        old = PipelineConfig.model_validate(json.loads(saved.read_text()))
+    except (OSError, ValueError):
+        return ""
+    for s in [stage, *STAGES[: STAGES.index(stage)]]:
+        try:
+            was, now = _flat(stage_own(old, s)), _flat(stage_own(cfg, s))
+        except Exception:  # noqa: BLE001 - a taxonomy no longer readable, say: name nothing
+            return ""
+        keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+        if keys:
+            name = {k: k if k.startswith(f"{s}.") else f"{s}.{k}" for k in keys}  # analyze's own nests
+            shown = "; ".join(
+                f"{name[k]}: {json.dumps(was.get(k))} -> {json.dumps(now.get(k))}" for k in keys[:5]
+            )
+            more = f"; and {len(keys) - 5} more" if len(keys) > 5 else ""
+            return f" ({'an earlier stage: ' if s != stage else ''}{shown}{more})"[:800]
+    return ""

@@ -270,8 +270,13 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster):
         assert (run / "labels.jsonl").stat().st_mtime_ns == mtimes[run / "labels.jsonl"]
 
         # a changed stage config is refused, not silently mixed with old results
-        with pytest.raises(ValueError, match="different config"):
+        # ... naming what changed, from the pipeline.json of the call that made the outputs
+        with pytest.raises(ValueError, match=r"different config \(fit\.train\.lr: [0-9.e-]+ -> 0\.01\)"):
             run_pipeline(preset="tiny", out=out, overrides=["fit.train.lr=0.01"])
+        cfg = json.loads((run / "pipeline.json").read_text())
+        cfg["analyze"]["n_top"] = 3
+        why = str(Pipeline(PipelineConfig.model_validate(cfg))._changed("report"))
+        assert "(an earlier stage: analyze.n_top: 20 -> 3)" in why, why
     finally:  # the session's Ray stays up for the other tests; Serve goes
         if ray.is_initialized():
             from ray import serve
