@@ -152,7 +152,12 @@ def _report(e: BaseException) -> None:
     import errno
 
     hint = ""
-    if type(e).__module__.startswith("botocore"):
+    if type(e).__module__.startswith("botocore") and _retryable(e):  # the endpoint did not answer
+        hint = (
+            "\n(the S3 endpoint did not answer: check AWS_ENDPOINT_URL (MinIO or another S3-compatible "
+            "store) and the network; rerun once it is reachable)"
+        )
+    elif type(e).__module__.startswith("botocore"):
         hint = (
             "\n(s3:// needs credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; "
             "AWS_ENDPOINT_URL for MinIO or another S3-compatible store)"

@@ -739,6 +739,11 @@ def test_expected_errors_raised_in_ray_workers_stay_one_line(monkeypatch):
     ):
         r = raising(exc)
         assert r.exit_code == 3 and "error: " in r.output and "Traceback" not in r.output, (exc, r.output)
+        assert "needs credentials" not in r.output  # an endpoint that does not answer is not a key problem
+    assert (
+        "the S3 endpoint did not answer"
+        in raising(EndpointConnectionError(endpoint_url="http://h:1/b")).output
+    )
     for exc in (
         LabelJobError("the endpoint rejected latents [3]: 401"),
         ServiceNotHealthy("labelling service at http://127.0.0.1:1 not healthy after 600 s"),
