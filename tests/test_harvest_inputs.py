@@ -313,3 +313,23 @@ def test_a_pinned_revision_counts_and_an_unset_one_keeps_earlier_identities(tmp_
     for legacy in (False, True):
         assert all("revision" not in m for m in stage_own(p, "harvest", legacy=legacy)["models"])
         assert all("trust_remote_code" not in m for m in stage_own(p, "harvest", legacy=legacy)["models"])
+
+
+def test_the_records_hash_is_fed_one_record_at_a_time_and_unchanged():
+    """Stores stamped with the whole-string formula keep their records_sha256."""
+    import datetime
+    import hashlib
+
+    from jobs.harvest import _records_hash
+
+    records = [
+        {"id": "0", "source": "t", "text": 'héllo \u2028 "q"'},
+        {
+            "id": "1",
+            "source": "c",
+            "messages": [{"role": "user", "content": "x", "t": datetime.date(2024, 1, 1)}],
+        },
+    ]
+    for recs in (records, records[:1]):
+        old = hashlib.sha256(json.dumps(recs, sort_keys=True, default=str).encode()).hexdigest()
+        assert _records_hash(recs) == old

@@ -253,3 +253,23 @@ def test_write_arrays_and_iter_batches_refuse_plausible_mistakes(tmp_path):
         next(st.iter_batches(0))
     with pytest.raises(ValueError, match=r"shard_indices \[9\] out of range: the store has 3 shards"):
         next(st.iter_batches(8, shard_indices=[0, 9]))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_done_shards_reads_many_sidecars_in_one_listing(tmp_path, where, request):
+    """One listing and one batched read: the same answers as one done_shard call per shard."""
+    uri = (
+        str(tmp_path / "s")
+        if where == "local"
+        else (request.getfixturevalue("s3_endpoint") and "s3://crossdiff-test/stores/done")
+    )
+    w = StoreWriter(uri, model_names=["a", "b"], d_model=8)
+    w.write_shard("00000", _acts(40))
+    w.write_shard("00002", _acts(30))
+    ids = ["00000", "00001", "00002", "00003"]
+    got = w.done_shards(ids)
+    assert list(got) == ids and got == {s: w.done_shard(s) for s in ids}
+    assert got["00001"] is None and got["00002"].n_rows == 30
+    assert StoreWriter(str(tmp_path / "empty"), model_names=["a", "b"], d_model=8).done_shards(
+        ids
+    ) == dict.fromkeys(ids)

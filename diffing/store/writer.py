@@ -97,6 +97,21 @@ class StoreWriter:
             return None
         return ShardInfo.model_validate_json(data)
 
+    def done_shards(self, shard_ids: Sequence[str]) -> dict[str, ShardInfo | None]:
+        """``done_shard`` for many shards: one listing and one batched read (s3fs reads them
+        concurrently) instead of a round trip per shard (78k sequential GETs at 5M records)."""
+        self.fs.invalidate_cache(self._path("shards"))
+        try:
+            listed = {
+                p.rsplit("/", 1)[-1][: -len(".json")] for p in self.fs.glob(self._path("shards/*.json"))
+            }
+        except FileNotFoundError:
+            listed = set()
+        want = [s for s in shard_ids if s in listed]
+        data = self.fs.cat([self._path(f"shards/{s}.json") for s in want], on_error="omit") if want else {}
+        by_name = {p.rsplit("/", 1)[-1][: -len(".json")]: v for p, v in data.items()}
+        return {s: ShardInfo.model_validate_json(by_name[s]) if s in by_name else None for s in shard_ids}
+
     def write_shard(
         self,
         shard_id: str,
