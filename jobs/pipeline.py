@@ -361,6 +361,8 @@ class Pipeline(StageRunners):
                 clear_stage(stage, self)
                 fresh_start()
             self.log.info("pipeline.stage", stage=stage, step=f"{i + 1}/{len(self.cfg.stages)}", overwrite=ow)
+            if stage == "harvest":  # the corpus's version as the harvest reads it, not as it ends up
+                self._corpus_stamp()
             t0 = time.perf_counter()
             # a placed analysis uploads its own work; this copy has nothing to add meanwhile
             placed = stage == "analyze" and self.cfg.analyze_task is not None

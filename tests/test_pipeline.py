@@ -441,3 +441,27 @@ def test_a_bucket_run_copied_elsewhere_keeps_its_harvest_identity():
     assert (before["store"], before["corpus"]["uri"]) == ("s3://b/runs/r1/store", "OUT/corpus.jsonl")
     p = Pipeline(preset_like)
     assert p.stage_config("harvest", raw_store=True)["hash"] in p._hashes("harvest")
+
+
+def test_the_harvest_marker_records_the_corpus_as_the_harvest_read_it(tmp_path):
+    """A corpus edited while a long harvest runs: the marker holds the version the harvest read
+    (the stamp was taken after the harvest), so the next call sees the edit and refuses."""
+    from jobs.pipeline import PipelineConfig, with_defaults
+    from jobs.rundir import corpus_stamp
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "one"}\n')
+    read = corpus_stamp(str(corpus))
+    d = _cfg_dict(tmp_path, stages=["harvest"])
+    d["harvest"]["corpus"] = {"uri": str(corpus)}
+    p = _recording(Pipeline(PipelineConfig.model_validate(with_defaults(d))), [])
+
+    def harvest(overwrite):  # the file is appended to while the harvest runs
+        corpus.write_text('{"text": "one"}\n{"text": "two"}\n')
+        return {}
+
+    p.stage_fns["harvest"] = harvest
+    p()
+    assert json.loads((tmp_path / "run" / "stages" / "harvest.json").read_text())["corpus"] == read
+    with pytest.raises(ValueError, match="another version of its corpus"):
+        Pipeline(PipelineConfig.model_validate(with_defaults(d)))()
