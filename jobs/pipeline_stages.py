@@ -20,6 +20,7 @@ def check_crosscoder_fits(cfg) -> None:
             mc = AutoConfig.from_pretrained(
                 m.path,
                 trust_remote_code=m.trust_remote_code,
+                local_files_only=True,  # a directory or the hub cache: no network wait before the harvest
                 **({"revision": m.revision} if m.revision else {}),
             )
         except Exception:  # noqa: BLE001 - not built yet (a preset), not reachable: the harvest says
