@@ -113,10 +113,43 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
-@contextmanager
-def _flock(run: Path, command: str, target: str) -> Iterator[None]:
+def _acquire(run: Path, path: Path, target: str):
+    """The run's lock file, open and flocked by this process. A lock taken on a file its holder
+    removed on the way out (a failed command cleaning up the directory it made) is not the run's
+    lock: the file at ``path`` is opened again."""
     import fcntl
 
+    owner: dict = {}
+    for attempt in range(5):  # `crossdiff status` probes with a shared lock for an instant
+        run.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")  # noqa: SIM115 - held open while the lock is: the lock lives with it
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                owner = json.loads(f.read() or "{}")
+            except ValueError:
+                owner = {}
+            f.close()
+            if attempt < 4:
+                time.sleep(0.1)
+            continue
+        try:
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()  # locked a removed file: try the one at `path` now
+    raise RunBusy(
+        f"{target} is in use by {_describe(owner)}: wait for it to finish (`crossdiff status "
+        f"{target}` follows it), or stop it first. Two processes on one run would undo each "
+        "other's work."
+    )
+
+
+@contextmanager
+def _flock(run: Path, command: str, target: str) -> Iterator[None]:
     made = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK_FILE
@@ -124,28 +157,8 @@ def _flock(run: Path, command: str, target: str) -> Iterator[None]:
     if key in _HELD:  # this process holds it already (a store that is its run's own directory)
         yield
         return
-    f = open(path, "a+")  # noqa: SIM115 - held open for the whole context: the lock lives with it
-    locked = False
+    f = _acquire(run, path, target)
     try:
-        for attempt in range(5):  # `crossdiff status` probes with a shared lock for an instant
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt < 4:
-                    time.sleep(0.1)
-        else:
-            f.seek(0)
-            try:
-                owner = json.loads(f.read() or "{}")
-            except ValueError:
-                owner = {}
-            raise RunBusy(
-                f"{target} is in use by {_describe(owner)}: wait for it to finish (`crossdiff status "
-                f"{target}` follows it), or stop it first. Two processes on one run would undo each "
-                "other's work."
-            ) from None
-        locked = True
         f.seek(0)
         f.truncate()
         f.write(json.dumps(_me(command)))
@@ -156,12 +169,16 @@ def _flock(run: Path, command: str, target: str) -> Iterator[None]:
         finally:
             _HELD.discard(key)
     finally:
-        if made and locked and [p.name for p in run.iterdir()] == [LOCK_FILE]:
-            # a command that failed before writing anything leaves no directory of only its lock
-            # (removed while still held, so no other process can have taken it meanwhile)
-            path.unlink(missing_ok=True)
-            run.rmdir()
-        f.close()  # releases the flock
+        try:
+            if made and [p.name for p in run.iterdir()] == [LOCK_FILE]:
+                # a command that failed before writing anything leaves no directory of only its
+                # lock; a process waiting on the removed file sees it gone (_acquire) and retries
+                path.unlink(missing_ok=True)
+                run.rmdir()
+        except OSError:  # another process made the file again meanwhile: it keeps the directory
+            pass
+        finally:
+            f.close()  # releases the flock
 
 
 def holder(run: Path) -> dict[str, Any] | None:

@@ -332,3 +332,34 @@ def test_a_stage_command_with_a_missing_store_leaves_no_out_directory(tmp_path):
 
     r = CliRunner().invoke(app, ["fit", "--store", str(tmp_path / "nostore"), "--out", str(tmp_path / "f3")])
     assert r.exit_code == 2 and not (tmp_path / "f3").exists()
+
+
+def test_a_lock_whose_holder_removed_its_directory_is_taken_on_the_file_that_is_there(tmp_path, monkeypatch):
+    """A failed command removes the directory it made (and its lock) while another waits on the
+    lock: the waiter must end up holding the lock file at the run's path, or a third process could
+    take a new one beside it. Forced here: the waiter's flock succeeds just after the removal."""
+    import fcntl
+    import os
+
+    from jobs import runlock
+
+    run = tmp_path / "fresh"
+    run.mkdir()
+    (run / LOCK_FILE).write_text("{}")
+    real = fcntl.flock
+    calls = []
+
+    def flock_after_removal(f, op):
+        if not calls:  # the holder cleans up between the waiter's open and its flock
+            (run / LOCK_FILE).unlink()
+            run.rmdir()
+        calls.append(op)
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_removal)
+    f = runlock._acquire(run, run / LOCK_FILE, str(run))
+    try:
+        assert len(calls) == 2  # the first lock was on the removed file: taken again on the new one
+        assert os.fstat(f.fileno()).st_ino == os.stat(run / LOCK_FILE).st_ino
+    finally:
+        f.close()
