@@ -51,7 +51,8 @@ def fit(
     from jobs.fit import in_process_or_ray
 
     def go():
-        refuse_pipeline_stage(out, "fit")
+        if overwrite:  # without it, the fit itself refuses other settings (the same ones: skipped)
+            refuse_pipeline_stage(out, "fit")
         sets = list(set_ or [])
         if workers is not None:
             sets.append(f"distributed.workers={workers}")
@@ -135,7 +136,8 @@ def analyze(
     from jobs.rundir import local_copy
 
     def go():
-        refuse_pipeline_stage(run, "analyze")
+        if overwrite:  # without it, analyze refuses other settings; the same ones add what is missing
+            refuse_pipeline_stage(run, "analyze")
         sets = list(set_ or [])
         if evidence is not None:
             sets.append(f"evidence={str(evidence).lower()}")
@@ -357,7 +359,8 @@ def label(
     from jobs.rundir import WEIGHTS, local_copy
 
     def go():
-        refuse_pipeline_stage(run, "label")
+        if overwrite:  # without it, label refuses other settings and resumes under the same ones
+            refuse_pipeline_stage(run, "label")
         cfg = load_config(LabelConfig, config, set_ or [])
         with local_copy(run, skip=WEIGHTS) as local:
             res = label_run(local, cfg, endpoint=endpoint, overwrite=overwrite)

@@ -214,29 +214,42 @@ def endpoint_url(value: str | None) -> str | None:
         raise typer.BadParameter(str(e)) from None
 
 
-def refuse_pipeline_stage(run: str, stage: str) -> None:
-    """A stage command run on a pipeline's run (or one of its comparisons) whose stages include
-    that stage would rewrite outputs the pipeline's marker vouches for with other settings: the
-    pipeline would then skip the stage as done while its files say otherwise (or, for analyze
-    --overwrite, its labels would be gone under a `done` label marker). Refused, naming the
-    pipeline command that redoes the stage and the ones after it."""
+def pipeline_owner(run: str, stage: str) -> tuple[str, dict] | None:
+    """(root, pipeline.json) of the pipeline run that `run` (or `run`/.. for RUN/compare/<A>-vs-<B>)
+    belongs to, where that pipeline's stages include `stage`; else None."""
     import fsspec
 
-    base = run.rstrip("/")
+    from jobs.rundir import is_remote
+
+    base = run.rstrip("/") if is_remote(run) else str(Path(run).resolve())
     parts = base.rsplit("/", 2)
     roots = [base] + ([parts[0]] if len(parts) == 3 and parts[1] == "compare" else [])
     for root in roots:
         fs, path = fsspec.core.url_to_fs(f"{root}/pipeline.json")
         try:
             pipe = json.loads(fs.cat_file(path))
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):
             continue
         if not isinstance(pipe, dict) or stage not in (pipe.get("stages") or [stage]):
-            return
-        _fail(
-            f"{run} belongs to the pipeline run {root}, whose {stage} stage this command would redo with "
-            f"other settings behind its back (the pipeline would skip it as done, or find later stages' "
-            f"outputs gone); redo it through the pipeline: `crossdiff pipeline --config {root}/pipeline.json "
-            f"--set {stage}.FIELD=VALUE --redo-changed` (that stage and the ones after it rerun), or give "
-            "this command another --out/--run"
-        )
+            return None
+        return root, pipe
+    return None
+
+
+def refuse_pipeline_stage(run: str, stage: str, why: str = "with --overwrite") -> None:
+    """A stage command that would rewrite, on a pipeline's run (or one of its comparisons), what
+    the pipeline's marker for that stage vouches for: the pipeline would then skip the stage as done
+    while its files say otherwise (or, for analyze --overwrite, find its labels gone under a `done`
+    label marker). Refused, naming the pipeline command that redoes the stage and the ones after it.
+    The callers call it only where the command would rewrite (fit/analyze/label: --overwrite;
+    without it their own checks refuse other settings, and the same settings resume or add)."""
+    if (owner := pipeline_owner(run, stage)) is None:
+        return
+    root = owner[0]
+    _fail(
+        f"{run} belongs to the pipeline run {root}; this command ({why}) would redo its {stage} stage "
+        "behind the pipeline's back (the pipeline would skip the stage as done, or find later stages' "
+        f"outputs gone); redo it through the pipeline: `crossdiff pipeline --config {root}/pipeline.json "
+        f"--out {root} --set {stage}.FIELD=VALUE --redo-changed` (that stage and the ones after it "
+        "rerun), or give this command another --out/--run"
+    )

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli_common import ConfigOpt, SetOpt, _run, refuse_pipeline_stage
+from jobs.cli_common import ConfigOpt, SetOpt, _run, pipeline_owner, refuse_pipeline_stage
 
 
 def report(
@@ -25,8 +25,15 @@ def report(
     from jobs.rundir import WEIGHTS, local_copy, reader_dir
 
     def go():
-        refuse_pipeline_stage(run, "report")  # its marker vouches for the report; the pipeline redoes it
         cfg = load_config(ReportConfig, config, set_ or [])
+        if owner := pipeline_owner(run, "report"):  # its marker vouches for the report it made
+            pipe = owner[1]
+            if pipe.get("planted") or pipe.get("anchored"):
+                refuse_pipeline_stage(
+                    run, "report", "its report lacks the planted-truth and anchored sections"
+                )
+            if pipe.get("report") is not None and pipe["report"] != cfg.model_dump(mode="json"):
+                refuse_pipeline_stage(run, "report", "other report settings than the pipeline's")
         # a private copy, not held: a report may be made of a run a pipeline is still labelling
         with local_copy(run, reader_dir(run), skip=WEIGHTS, hold=False) as local:
             typer.echo(json.dumps(write_report(local, opts=cfg), indent=2))

@@ -367,34 +367,46 @@ def test_s3_without_credentials_is_one_line_with_the_fix(capsys):
 
 
 def test_stage_commands_on_a_pipeline_run_point_to_the_pipeline(tmp_path, monkeypatch):
-    """`crossdiff report --run RUN` (or analyze, label, fit) on a pipeline's run would rewrite what
-    the pipeline's marker vouches for with other settings (the pipeline then skipped the report as
-    done while report.json held other intervals): refused, naming the pipeline command."""
+    """A stage command that would rewrite what a pipeline's marker vouches for (report with other
+    settings, or without the planted/anchored sections; fit/analyze/label --overwrite) is refused,
+    naming the pipeline command; the same settings, and commands that only resume or add, go on."""
     import jobs.report
+    from jobs.report.config import ReportConfig
 
     (tmp_path / "compare" / "pt-vs-it").mkdir(parents=True)
     (tmp_path / "pipeline.json").write_text(json.dumps({"out": str(tmp_path), "anchored": ["it", "simpo"]}))
     called = []
     monkeypatch.setattr(jobs.report, "write_report", lambda *a, **k: called.append(a) or {})
     for run in (tmp_path, tmp_path / "compare" / "pt-vs-it"):
-        r = runner.invoke(app, ["report", "--run", str(run), "--set", "ci_method=score"])
+        r = runner.invoke(app, ["report", "--run", str(run)])
         assert (
             r.exit_code == 2 and "--redo-changed" in r.output and str(tmp_path / "pipeline.json") in r.output
         )
-        assert "--set report.FIELD=VALUE" in r.output
-    (tmp_path / "pipeline.json").write_text(json.dumps({"out": str(tmp_path), "anchored": None}))
+        assert "--set report.FIELD=VALUE" in r.output and "planted-truth and anchored sections" in r.output
+    assert not called
+    pipe = {"out": str(tmp_path), "anchored": None, "report": ReportConfig().model_dump(mode="json")}
+    (tmp_path / "pipeline.json").write_text(json.dumps(pipe))
+    assert runner.invoke(app, ["report", "--run", str(tmp_path)]).exit_code == 0 and called  # the same report
+    called.clear()
+    monkeypatch.chdir(tmp_path)  # a relative comparison path is its run's too
     for args, stage in (
-        (["report", "--run", str(tmp_path)], "report"),
+        (["report", "--run", str(tmp_path), "--set", "ci_method=score"], "report"),
         (["analyze", "--run", str(tmp_path), "--store", "s", "--overwrite"], "analyze"),
-        (["label", "--run", str(tmp_path)], "label"),
-        (["fit", "--store", "s", "--out", str(tmp_path), "--overwrite"], "fit"),
+        (["label", "--run", "compare/pt-vs-it", "--overwrite"], "label"),
+        (["fit", "--store", "s", "--out", ".", "--overwrite"], "fit"),
     ):
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and f"--set {stage}.FIELD=VALUE --redo-changed" in r.output, r.output
+        assert f"--out {tmp_path}" in r.output
     assert not called
+    # without --overwrite they resume or add under their own checks (here: no store, no examples)
+    for args in (["analyze", "--run", str(tmp_path), "--store", "s"], ["label", "--run", "compare/pt-vs-it"]):
+        r = runner.invoke(app, args)
+        assert "belongs to the pipeline run" not in r.output, r.output
     # a pipeline run without a report stage: the command makes the run's only report
     (tmp_path / "pipeline.json").write_text(json.dumps({"out": str(tmp_path), "stages": ["harvest", "fit"]}))
-    assert runner.invoke(app, ["report", "--run", str(tmp_path)]).exit_code == 0 and called
+    assert runner.invoke(app, ["report", "--run", str(tmp_path), "--set", "ci_method=score"]).exit_code == 0
+    assert called
 
 
 def test_a_corrupt_checkpoint_falls_back_and_the_log_is_not_repeated(tmp_path, store):
