@@ -91,8 +91,9 @@ def _user_errors():
 
 
 def _causes(e: BaseException):
-    """`e`, then what it explicitly wraps: Ray's task errors (`.cause`), Ray Data's
-    UserCodeException and others raised `from` an error (`__cause__`). Not `__context__`: an error
+    """`e`, then what it explicitly wraps: Ray's task errors (`.cause`), Ray Train's worker
+    failures (the lowest rank's), Ray Data's UserCodeException and others raised `from` an error
+    (`__cause__`). Not `__context__`: an error
     handled on the way to a bug is not the bug."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen and len(seen) < 20:
@@ -102,6 +103,10 @@ def _causes(e: BaseException):
             e = cause  # class (with the remote traceback as its message): report the cause itself
             continue
         yield e
+        failures = getattr(e, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> error
+        if isinstance(failures, dict) and failures:
+            e = failures[min(failures)]
+            continue
         e = e.__cause__
 
 

@@ -145,6 +145,25 @@ def test_a_diverging_fit_names_the_setting_to_change(tmp_path, store):
     assert not (tmp_path / "r" / "crosscoder").exists()
 
 
+def test_a_diverging_ray_train_fit_is_the_same_one_line(capsys):
+    """Under Ray Train the divergence reaches the driver inside a WorkerGroupError (rank -> error):
+    the same exit 2 and message, not a traceback."""
+    import typer
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from diffing.train import FitDiverged
+    from jobs.cli_common import _run
+
+    def fails():
+        raise WorkerGroupError(
+            "rank 0 failed", {1: RuntimeError("other"), 0: FitDiverged("the fit diverged at step 3")}
+        )
+
+    with pytest.raises(typer.Exit) as e:
+        _run(fails)
+    assert e.value.exit_code == 2 and "the fit diverged at step 3" in capsys.readouterr().err
+
+
 def test_missing_store_and_config_file(tmp_path):
     r = runner.invoke(app, ["fit", "--store", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "no manifest.json" in r.output
