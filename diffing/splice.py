@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffing.batching import length_batches, length_regimes
 from diffing.crosscoder import Crosscoder
 from diffing.models import decoder_layers, residual_after_layer
 
@@ -127,9 +129,13 @@ def splice_eval(
     keys = ("ce_clean", "ce_zero", *(f"{v}/{k}" for v in variants for k in ("ce", "kl")))
     sums = {n: dict.fromkeys(keys, 0.0) for n in names}
     n_tok = 0
-    for s in range(0, len(prompts), batch_size):
-        ids, mask = _pad(prompts[s : s + batch_size], pad_id)
-        allowed, _ = _pad([[int(x) for x in k] for k in masks[s : s + batch_size]], 0)
+    batches = [list(range(s, min(s + batch_size, len(prompts)))) for s in range(0, len(prompts), batch_size)]
+    if regimes := sorted({r for m in models for r in length_regimes(m)}):  # as the harvest batched them
+        docs = [SimpleNamespace(ids=p, i=i) for i, p in enumerate(prompts)]
+        batches = [[d.i for d in b] for b in length_batches(docs, batch_size, regimes)]
+    for batch in batches:
+        ids, mask = _pad([prompts[i] for i in batch], pad_id)
+        allowed, _ = _pad([[int(x) for x in masks[i]] for i in batch], 0)
         device = next(models[0].parameters()).device
         ids, mask = ids.to(device), mask.to(device)
         where = mask.bool() & allowed.bool().to(device)

@@ -198,6 +198,9 @@ def _stamp_changes(old: Any, cfg: HarvestConfig, corpus_changed: bool) -> str:
         return ""
     skip = {"ray", "device", "store"}
     now = cfg.model_dump(mode="json")
+    now["models"] = [unpinned_as_before(m) for m in now["models"]]  # stamps made before those fields
+    if isinstance(old.get("models"), list):
+        old = {**old, "models": [unpinned_as_before(m) if isinstance(m, dict) else m for m in old["models"]]}
     changed = [
         f"{k}: {json.dumps(old.get(k))} -> {json.dumps(now[k])}"
         for k in sorted(now)

@@ -301,3 +301,24 @@ def test_a_missing_local_model_or_corpus_names_the_directory_it_was_looked_for_i
         HarvestInputError, match=rf"corpus.jsonl does not exist \(a relative path is read from {tmp_path}\)"
     ):
         read_corpus(CorpusSpec(uri="corpus.jsonl"))
+
+
+def test_the_splice_evaluation_batches_as_the_harvest_does(tmp_path):
+    """ΔCE/KL of a LongRoPE pair do not depend on splice batch_size (a short prompt batched with a
+    long one was read with the long one's positions)."""
+    from diffing.config import CrosscoderConfig
+    from diffing.crosscoder import Crosscoder
+    from diffing.splice import splice_eval
+
+    path = _build(tmp_path, "phi3_longrope")
+    models = [load_model(path), load_model(path)]
+    cfg = CrosscoderConfig(kind="l1", n_models=2, d_model=64, n_latents=128, model_names=("a", "b"), aux_k=4)
+    cc = Crosscoder(cfg, seed=0)
+    prompts = [byte_tokenizer()(t)["input_ids"] for t in TEXTS]
+    one = splice_eval(models, cc, 1, prompts, batch_size=1)
+    three = splice_eval(models, cc, 1, prompts, batch_size=3)
+    for name in ("a", "b"):
+        for k in ("delta_ce", "kl"):
+            assert one["models"][name]["full"][k] == pytest.approx(
+                three["models"][name]["full"][k], rel=1e-4
+            ), k

@@ -333,3 +333,18 @@ def test_the_records_hash_is_fed_one_record_at_a_time_and_unchanged():
     for recs in (records, records[:1]):
         old = hashlib.sha256(json.dumps(recs, sort_keys=True, default=str).encode()).hexdigest()
         assert _records_hash(recs) == old
+
+
+def test_a_refused_harvest_change_names_only_what_changed_in_an_older_stamp(tmp_path):
+    """Stamps written before models[].revision / trust_remote_code existed do not list the models."""
+    from jobs.harvest import _stamp_changes
+
+    cfg = HarvestConfig.model_validate(
+        dict(models=[{"name": "a", "path": "/m/a"}, {"name": "b", "path": "/m/b"}], layer=4,
+             corpus={"uri": str(tmp_path / "c.jsonl")}, store=str(tmp_path / "s"))
+    )  # fmt: skip
+    old = cfg.model_dump(mode="json") | {"layer": 3}
+    old["models"] = [
+        {k: v for k, v in m.items() if k not in ("revision", "trust_remote_code")} for m in old["models"]
+    ]
+    assert _stamp_changes(old, cfg, corpus_changed=False) == " (layer: 3 -> 4)"

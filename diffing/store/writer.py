@@ -108,8 +108,14 @@ class StoreWriter:
         except FileNotFoundError:
             listed = set()
         want = [s for s in shard_ids if s in listed]
-        data = self.fs.cat([self._path(f"shards/{s}.json") for s in want], on_error="omit") if want else {}
-        by_name = {p.rsplit("/", 1)[-1][: -len(".json")]: v for p, v in data.items()}
+        data = self.fs.cat([self._path(f"shards/{s}.json") for s in want], on_error="return") if want else {}
+        by_name = {}
+        for p, v in data.items():
+            if isinstance(v, FileNotFoundError):  # removed since the listing: not done
+                continue
+            if isinstance(v, BaseException):  # a read that failed (a timeout) is not "not done": raise it
+                raise v
+            by_name[p.rsplit("/", 1)[-1][: -len(".json")]] = v
         return {s: ShardInfo.model_validate_json(by_name[s]) if s in by_name else None for s in shard_ids}
 
     def write_shard(
