@@ -109,7 +109,11 @@ def check_comparable(s_run: Path, i_run: Path) -> list[str]:
                 f"the two runs have different bases: {sa}={base_s} in {s_run}, {ia}={base_i} in {i_run}; the "
                 "anchored shift compares two fine-tunes of one base (harvest both against the same base path)"
             )
-        if paths[0].get(sb) is not None and paths[0].get(sb) == paths[1].get(ib):
+        revs = [{m.get("name"): m.get("revision") for m in h.get("models") or []} for h in (hs, hi)]
+        if paths[0].get(sb) is not None and (paths[0].get(sb), revs[0].get(sb)) == (
+            paths[1].get(ib),
+            revs[1].get(ib),
+        ):
             raise AnchoredError(
                 f"both runs diff the same fine-tune ({paths[0][sb]}) against the base: the anchored shift "
                 "compares two different fine-tunes of one base"
