@@ -10,8 +10,10 @@ names the record (file line or row), the field and the fix.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,11 +127,22 @@ def _decode(data: bytes, uri: str) -> str:
         ) from None
 
 
-def _lines(text: str) -> list[tuple[int, str]]:
-    """(1-based line number, line) of the non-blank lines. Splits on newlines only: JSON strings may
-    hold U+2028 or U+0085 and prose may hold form feeds, which str.splitlines() would split on."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends
-    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of the non-blank lines, one at a time (a list of every line was
+    another copy of the corpus; a `max_prompts` read stops early). Splits on newlines only: JSON
+    strings may hold U+2028 or U+0085 and prose may hold form feeds, which str.splitlines() would
+    split on."""
+    if "\r" in text:  # Windows and old Mac line ends
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    start, n = 0, 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        n += 1
+        line = text[start:end]
+        if line.strip():
+            yield n, line
+        start = end + 1
 
 
 def _json_rows(text: str, uri: str, limit: int | None) -> list[tuple[str, Any]]:
@@ -140,7 +153,7 @@ def _json_rows(text: str, uri: str, limit: int | None) -> list[tuple[str, Any]]:
             raise HarvestInputError(f"corpus {uri} line {e.lineno}: {e.msg} (column {e.colno})") from None
         return [(f"item {i}", r) for i, r in enumerate(rows)]
     out = []
-    for n, line in _lines(text)[:limit]:
+    for n, line in itertools.islice(_lines(text), limit):
         try:
             out.append((f"line {n}", json.loads(line)))
         except json.JSONDecodeError as e:

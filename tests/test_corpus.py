@@ -388,3 +388,25 @@ def test_a_sharded_s3_corpus_is_stamped_from_one_listing(s3_endpoint, monkeypatc
     stamp = rundir.corpus_stamp("s3://crossdiff-test/stamped")
     fs.pipe_file("crossdiff-test/stamped/part-2.jsonl", b'{"text": "changed"}\n')
     assert rundir.corpus_stamp("s3://crossdiff-test/stamped") != stamp
+
+
+def test_lines_come_one_at_a_time_as_the_split_gave_them():
+    """The line reader yields what `text.split("\\n")` (after CR normalising) kept, numbering included."""
+    from diffing.corpus import _lines
+
+    def split(text):
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+    for text in [
+        "",
+        "\n",
+        "a",
+        "a\n",
+        "a\nb",
+        "a\r\nb\r\n\r\nc",
+        "x\ry\n\n  \nz\u2028w\n",
+        "\n\n\na\n\n",
+        "\f\na",
+    ]:
+        assert list(_lines(text)) == split(text), text
