@@ -34,6 +34,7 @@ from jobs.harvest_shards import (
     resolved_revisions,
     resolved_tokenizers,
 )
+from jobs.harvest_stamp import _config_hash, _finished_as_stamped, _records_hash, _stamp_changes  # noqa: F401
 
 
 def _writer(cfg: HarvestConfig, d_model: int) -> StoreWriter:
@@ -192,48 +193,6 @@ def agreement_sample(records: list[dict[str, Any]], n: int = 4096) -> list[dict[
     return [records[int(i * step)] for i in range(n)]
 
 
-def _stamp_changes(old: Any, cfg: HarvestConfig, corpus_changed: bool) -> str:
-    """ " (field: old -> new, ...)" for the settings that decide the rows, from the stamp's config."""
-    if not isinstance(old, dict):
-        return ""
-    skip = {"ray", "device", "store"}
-    now = cfg.model_dump(mode="json")
-    now["models"] = [unpinned_as_before(m) for m in now["models"]]  # stamps made before those fields
-    if isinstance(old.get("models"), list):
-        old = {**old, "models": [unpinned_as_before(m) if isinstance(m, dict) else m for m in old["models"]]}
-    changed = [
-        f"{k}: {json.dumps(old.get(k))} -> {json.dumps(now[k])}"
-        for k in sorted(now)
-        if k not in skip and k != "corpus" and old.get(k) != now[k]
-    ]
-    if corpus_changed:
-        changed.append("corpus: other records")
-    return f" ({'; '.join(changed)})"[:600] if changed else ""
-
-
-def _records_hash(records: list[dict[str, Any]]) -> str:
-    """The corpus records' content (sha256), whatever file they were read from: the digest of
-    ``json.dumps(records, sort_keys=True, default=str)``, fed one record at a time (the whole
-    string held twice the corpus in memory: 12 GiB at 2M records)."""
-    h = hashlib.sha256(b"[")
-    for i, r in enumerate(records):
-        if i:
-            h.update(b", ")
-        h.update(json.dumps(r, sort_keys=True, default=str).encode())
-    h.update(b"]")
-    return h.hexdigest()
-
-
-def _config_hash(cfg: HarvestConfig, records_hash: str) -> str:
-    """What determines the rows: the settings and the corpus records themselves. Not the actor pool
-    or the device, nor where the store and the corpus file are named from (a relative and an
-    absolute path to the same store, or a copied corpus, are the same harvest)."""
-    rel = cfg.model_dump(mode="json", exclude={"ray": True, "device": True, "store": True, "corpus": {"uri"}})
-    rel["models"] = [unpinned_as_before(m) for m in rel["models"]]
-    rel["records"] = records_hash
-    return hashlib.sha256(json.dumps(rel, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _absolute(cfg: HarvestConfig) -> HarvestConfig:
     """Local store and model paths made absolute: Ray workers need not share the driver's cwd."""
     models = [
@@ -274,9 +233,16 @@ def _run_harvest(
     import ray
 
     from cluster.connect import ensure_ray
+    from jobs.rundir import corpus_stamp
 
     cfg = _absolute(cfg)
     log = get_logger("harvest", store=cfg.store)
+    version = corpus_stamp(cfg.corpus.uri, cfg.corpus.format)  # before the read: the version it reads
+    if not overwrite and version and (finished := _finished_as_stamped(cfg, version)) is not None:
+        log.info(
+            "harvest.skip", reason="store complete from this corpus and config; pass --overwrite to redo"
+        )
+        return finished
     records = read_corpus(cfg.corpus)
     d_model = preflight(cfg, records)
     writer = _writer(cfg, d_model)
@@ -343,6 +309,7 @@ def _run_harvest(
                 "hash": h,
                 "config": cfg.model_dump(mode="json"),
                 "records_sha256": records_hash,
+                "corpus_stamp": version,  # the file's version: a rerun of a finished store skips the read
                 "records": len(records),
                 "shards": len(shards),
             },

@@ -333,6 +333,18 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, mon
     before = (tmp_path / "s" / "manifest.json").read_text()
     assert run_harvest(cfg) == m
     assert (tmp_path / "s" / "manifest.json").read_text() == before
+    # ... without reading the corpus: the stamp names the file's version (minutes at millions of records)
+    import jobs.harvest
+
+    def no_read(spec):
+        raise AssertionError("a finished store's rerun read the corpus")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(jobs.harvest, "read_corpus", no_read)
+        assert run_harvest(cfg) == m
+        _corpus(tmp_path / "edited.jsonl", 23)  # another corpus file: the full path, which reads it
+        with pytest.raises(AssertionError, match="read the corpus"):
+            run_harvest(_cfg(tiny_pair, tmp_path / "edited.jsonl", tmp_path / "s"))
     # the same harvest named differently (relative store path, copied corpus): still nothing to do
     shutil.copy(tmp_path / "c.jsonl", tmp_path / "copy.jsonl")
     monkeypatch.chdir(tmp_path)
