@@ -1,4 +1,4 @@
-"""A store's stamp (RUN/store/harvest_config.json): what the harvest that made it read and how,
+"""A store's stamp (STORE/harvest_config.json): what the harvest that made it read and how,
 so a rerun knows whether the store is its own, what changed if not, and whether a finished store
 can be taken as it is without reading the corpus again."""
 
