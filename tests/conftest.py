@@ -103,7 +103,10 @@ def s3_endpoint():
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
     """A local Ray for the session (4 logical CPUs: 1-CPU actors on 2 cores would starve reads).
-    Starts after the S3 endpoint so workers inherit its AWS_* settings."""
+    Starts after the S3 endpoint so workers inherit its AWS_* settings. Its native threads run for
+    the rest of the session: measure memory with tracemalloc in a child process, never in this
+    one (tracemalloc.stop() racing a native thread's allocation segfaults Python 3.11,
+    cpython gh-128679)."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
