@@ -9,7 +9,6 @@ names the record (file line or row), the field and the fix.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import re
@@ -354,7 +353,7 @@ def _file_rows(spec: CorpusSpec, uri: str, limit: int | None) -> list[tuple[str,
         import pyarrow.parquet as pq
 
         try:
-            return [(f"row {i}", r) for i, r in enumerate(pq.read_table(io.BytesIO(data)).to_pylist())]
+            return [(f"row {i}", r) for i, r in enumerate(pq.read_table(pa.BufferReader(data)).to_pylist())]
         except pa.ArrowException as e:
             raise HarvestInputError(f"corpus.uri: {uri} is not a readable Parquet file: {e}") from None
     if fmt == "text":

@@ -181,15 +181,17 @@ def test_unshuffled_batches_stream_shard_by_shard(tmp_path):
         end = n if kw.get("drop_last") is False else n // 96 * 96
         np.testing.assert_array_equal(got, want[start:end])
     shard_bytes = rows * 2 * 64 * 2  # float16
-    # measured in a child process: tracemalloc.stop() races native threads that allocate (Ray's,
-    # once a test in this session started it) and segfaults on Python 3.11 (cpython gh-128679)
+    # measured in a child process that exits without stopping tracemalloc: tracemalloc.stop()
+    # racing a native thread that enters Python (Ray's, for the rest of this session once a test
+    # started it) segfaults Python 3.11 (cpython gh-128679)
     child = (
         "import sys, tracemalloc; from diffing.store import open_store\n"
         "st = open_store(sys.argv[1])\n"
         "for i in range(2):\n"
         "    i and tracemalloc.start()\n"
         "    for _ in st.iter_batches(96, shuffle=False): pass\n"
-        "print(tracemalloc.get_traced_memory()[1])"
+        "print(tracemalloc.get_traced_memory()[1], flush=True)\n"
+        "import os; os._exit(0)"
     )
     out = subprocess.run([sys.executable, "-c", child, st.uri], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterator, Sequence
 
@@ -61,7 +60,8 @@ class ActivationStore:
                 f"shard {info.shard_id} at {self.uri}/{info.path} is corrupt (sha256 mismatch); "
                 "rerun the harvest with --overwrite"
             )
-        table = pq.read_table(io.BytesIO(data), columns=list(columns) if columns else None)
+        # a pyarrow buffer, not a Python file: its I/O threads then never take the GIL
+        table = pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
         if table.num_rows != info.n_rows:
             raise StoreError(f"shard {info.shard_id} has {table.num_rows} rows, manifest says {info.n_rows}")
         return table
