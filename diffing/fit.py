@@ -258,31 +258,33 @@ def fit(
                 skip_batches=skip,
             )
             read_ahead = prefetch(batches, cfg.distributed.prefetch_batches, pin=device.type == "cuda")
-            for xb in read_ahead:
-                metrics = train_step(state, xb)
-                state.data_position = {"epoch": epoch, "batch": state.step - epoch * per_epoch}
-                if state.step % tcfg.log_every == 0 or state.step == steps:
-                    elapsed = time.perf_counter() - t0
-                    tps = (state.step - start_step) * tcfg.batch_size / max(elapsed, 1e-9)
-                    eta = (steps - state.step) * tcfg.batch_size / max(tps, 1e-9)
-                    metrics["elapsed_s"] = round(elapsed, 3)  # since this (re)start's training began
-                    mlog.write(json.dumps(metrics) + "\n")
-                    mlog.flush()
-                    log.info(
-                        "fit.progress",
-                        step=f"{state.step}/{steps}",
-                        loss=round(metrics["loss"], 4),
-                        fve={k[4:]: round(v, 3) for k, v in metrics.items() if k.startswith("fve/")},
-                        l0=round(metrics["l0"], 1),
-                        dead=round(metrics["dead_fraction"], 3),
-                        tokens_per_s=round(tps),
-                        eta_s=round(eta),
-                    )
-                if state.step % tcfg.checkpoint_every == 0 and state.step < steps:
-                    run.save_checkpoint(state, h, keep=cfg.distributed.num_to_keep, store=fp)
-                if state.step >= steps:
-                    break
-            read_ahead.close()  # stops the reader thread now, not when garbage-collected
+            try:
+                for xb in read_ahead:
+                    metrics = train_step(state, xb)
+                    state.data_position = {"epoch": epoch, "batch": state.step - epoch * per_epoch}
+                    if state.step % tcfg.log_every == 0 or state.step == steps:
+                        elapsed = time.perf_counter() - t0
+                        tps = (state.step - start_step) * tcfg.batch_size / max(elapsed, 1e-9)
+                        eta = (steps - state.step) * tcfg.batch_size / max(tps, 1e-9)
+                        metrics["elapsed_s"] = round(elapsed, 3)  # since this (re)start's training began
+                        mlog.write(json.dumps(metrics) + "\n")
+                        mlog.flush()
+                        log.info(
+                            "fit.progress",
+                            step=f"{state.step}/{steps}",
+                            loss=round(metrics["loss"], 4),
+                            fve={k[4:]: round(v, 3) for k, v in metrics.items() if k.startswith("fve/")},
+                            l0=round(metrics["l0"], 1),
+                            dead=round(metrics["dead_fraction"], 3),
+                            tokens_per_s=round(tps),
+                            eta_s=round(eta),
+                        )
+                    if state.step % tcfg.checkpoint_every == 0 and state.step < steps:
+                        run.save_checkpoint(state, h, keep=cfg.distributed.num_to_keep, store=fp)
+                    if state.step >= steps:
+                        break
+            finally:  # the reader thread stops now (also on an error), not when collected
+                read_ahead.close()
     train_s = time.perf_counter() - t0
     trained_tokens = (state.step - start_step) * tcfg.batch_size
 

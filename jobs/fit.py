@@ -37,7 +37,7 @@ from diffing.fit import (
 )
 from diffing.logs import configure, get_logger
 from diffing.store import ActivationStore, atomic_write, check_writable, open_store
-from diffing.train import TrainerState, train_step
+from diffing.train import FitDiverged, TrainerState, train_step
 from jobs.fit_dist import dist_reduce
 
 # rank 0 rewrites RUN/metrics.jsonl at a logged step once this long has passed since it last did
@@ -84,6 +84,9 @@ def _store_dataset(store: ActivationStore, datasource_v2: bool = False, seed: in
     finally:
         if v2 is not None:
             ctx.use_datasource_v2 = v2
+
+
+DIVERGED = "diverged.txt"  # rank 0's message when the fit diverged; the driver raises it
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -186,7 +189,14 @@ def _train_loop(config: dict[str, Any]) -> None:
             # Arrow batch -> [B, M, D] with the store's own zero-copy reader (Ray's numpy/torch batch
             # formats turn fixed-size lists into object arrays row by row: as slow as the step itself)
             x = torch.from_numpy(store.acts_of(batch)).to(device)
-            metrics = train_step(state, x, reduce=dist_reduce)
+            try:
+                metrics = train_step(state, x, reduce=dist_reduce)
+            except FitDiverged as e:  # at this step on every rank (its metrics are all-reduced)
+                # deterministic: a group restart would diverge again (max_failures times; -1: forever).
+                # Ray Train's result keeps only checkpointed reports: the driver reads it from here
+                if rank == 0:
+                    fs.pipe_file(f"{root}/{DIVERGED}", str(e).encode())
+                return
             b += 1
             state.data_position = {"epoch": epoch, "batch": b}
             if state.step % tcfg.log_every == 0 or state.step == steps:
@@ -360,8 +370,14 @@ def run_fit_ray(
             fix="use an s3:// (or gs://) --out, or a path every node mounts",
         )
     log.info("fit.ray.submit", workers=d.workers, use_gpu=d.use_gpu, steps=steps, per_epoch=per_epoch)
+    if fs.exists(f"{root}/{DIVERGED}"):
+        fs.rm(f"{root}/{DIVERGED}")  # an earlier attempt's; this one writes its own
     trainer.fit()
     fs.invalidate_cache(root)  # the workers wrote there: a listing cached before must not answer
+    if fs.exists(f"{root}/{DIVERGED}"):
+        message = fs.cat_file(f"{root}/{DIVERGED}").decode()
+        fs.rm(f"{root}/{DIVERGED}")
+        raise FitDiverged(message)
     for rel in ("metrics.json", "crosscoder/model.safetensors"):
         if not fs.exists(f"{root}/{rel}"):
             raise FileNotFoundError(

@@ -202,6 +202,40 @@ def test_killed_driver_reruns_and_resumes(tmp_path, store, ray_cluster):
     assert res["resumed_from_step"] > 0  # and the rerun resumed from the checkpoint, not from step 0
 
 
+@ray_test
+def test_a_diverging_fit_stops_instead_of_restarting(tmp_path, store, ray_cluster):
+    """A divergence is the same on every rank and every retry: the driver raises it after the
+    first, even where the worker group may restart without limit (it restarted until
+    max_failures ran out; at -1, forever). The driver is a child process: killed, it takes its
+    worker groups with it, and the session's cluster stays free for the other tests."""
+    cfg = _cfg(2, lr=1e8)
+    cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update={"max_failures": -1})})
+    script = (
+        "import sys; from diffing.config import FitConfig; from diffing.train import FitDiverged; "
+        "from jobs.fit import run_fit_ray\n"
+        "try: run_fit_ray(sys.argv[1], FitConfig.model_validate_json(sys.argv[2]), sys.argv[3], "
+        "address=sys.argv[4])\n"
+        "except FitDiverged as e: print(e); sys.exit(3)"
+    )
+    out = tmp_path / "r"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, store, cfg.model_dump_json(), str(out), ray_cluster],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        printed, logged = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail("the diverged fit was still restarting its workers after 300 s")
+    assert proc.returncode == 3, logged[-3000:]
+    assert "the fit diverged at step" in printed and "train.lr=100000000.0" in printed, printed
+    assert not (out / "crosscoder").exists() and not (out / "metrics.json").exists()
+
+
 def test_bad_inputs_fail_before_training(tmp_path, store):
     from jobs.fit import run_fit_ray
 

@@ -31,7 +31,13 @@ def test_reader_error_surfaces_at_its_position():
     assert seen == list(range(7))
 
 
+def _new_readers(before: set) -> list:
+    """Reader threads started since `before` (another test's may still await collection)."""
+    return [t for t in threading.enumerate() if t.name == "crossdiff-prefetch" and t not in before]
+
+
 def test_closing_early_stops_the_reader():
+    before = set(threading.enumerate())
     produced = []
 
     def endless():
@@ -49,7 +55,7 @@ def test_closing_early_stops_the_reader():
     n = len(produced)
     time.sleep(0.3)
     assert len(produced) == n <= 3 + 2 + 2  # consumed + queue + one in hand
-    assert not any(t.name == "crossdiff-prefetch" for t in threading.enumerate())
+    assert not _new_readers(before)
 
 
 @pytest.mark.timeout(300)
@@ -72,3 +78,25 @@ def test_fit_weights_do_not_depend_on_read_ahead(tmp_path):
         fit(store, cfg, tmp_path / f"run{depth}")
         weights[depth] = Crosscoder.load(tmp_path / f"run{depth}" / "crosscoder").state_dict()
     assert all(torch.equal(weights[0][k], weights[4][k]) for k in weights[0])
+
+
+def test_a_fit_that_fails_mid_epoch_stops_its_reader(tmp_path):
+    """A divergence raised between batches: the reader thread stops with the fit, not when the
+    traceback that holds its generator is collected (a CLI keeps it, so did pytest)."""
+    from conftest import planted_fit_store
+
+    from diffing.config import CrosscoderConfig, DistributedConfig, FitConfig, TrainConfig
+    from diffing.fit import fit
+    from diffing.store import open_store
+    from diffing.train import FitDiverged
+
+    store = open_store(planted_fit_store(tmp_path / "store"))
+    cfg = FitConfig(
+        crosscoder=CrosscoderConfig(n_latents=128, k=8),
+        train=TrainConfig(batch_size=512, steps=40, lr=1e8, shuffle_buffer_rows=8192),
+        distributed=DistributedConfig(prefetch_batches=4),
+    )
+    before = set(threading.enumerate())
+    with pytest.raises(FitDiverged) as e:
+        fit(store, cfg, tmp_path / "run")
+    assert e.value.__traceback__ is not None and not _new_readers(before)
