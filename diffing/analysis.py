@@ -264,7 +264,9 @@ def fit_digest(run) -> str | None:
     """Which weights a run's analysis read: the sha256 of crosscoder/model.safetensors (a refit
     to the same weights gives the same digest, and the same latents.parquet). None: no weights.
     Hashed once per file version in a process (GBs at the Gemma shape; comparison directories
-    link the same file)."""
+    link the same file); a file written in the last 2 s is hashed again (where timestamps are
+    coarse, a refit's file of the same size could carry the old one's)."""
+    import time
     from pathlib import Path
 
     p = Path(run) / "crosscoder" / "model.safetensors"
@@ -272,7 +274,10 @@ def fit_digest(run) -> str | None:
         st = p.stat()
     except OSError:
         return None
-    return _weights_digest(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if time.time_ns() - st.st_mtime_ns < 2_000_000_000:
+        return _weights_digest.__wrapped__(*key)
+    return _weights_digest(*key)
 
 
 @functools.lru_cache(maxsize=16)

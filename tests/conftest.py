@@ -4,6 +4,7 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("CROSSDIFF_LOG_JSON", "0")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # tests use no network, vLLM's report included
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,5 +1,7 @@
 """Δnorm, classes and Latent Scaling against constructed ground truth."""
 
+import time
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -449,3 +451,23 @@ def test_latent_stats_takes_the_pair_by_name_too():
         latent_stats(cc, x.split(4096), pair=(0, 3))
     with pytest.raises(ValueError, match=r"norms must be \[n_models=2"):
         classify(np.ones((3, 4)), ["a", "b"], AnalysisConfig())
+
+
+def test_a_refit_is_told_apart_where_timestamps_are_coarse(tmp_path):
+    """Weights rewritten with the same size and the same mtime (a filesystem with 1 s timestamps,
+    a sub-second refit): the digest is of the new file, not the one cached for the old."""
+    import os
+
+    from diffing.analysis import fit_digest
+
+    w = tmp_path / "run" / "crosscoder" / "model.safetensors"
+    w.parent.mkdir(parents=True)
+    w.write_bytes(b"a" * 64)
+    first = fit_digest(tmp_path / "run")
+    mtime = w.stat().st_mtime_ns
+    w.write_bytes(b"b" * 64)
+    os.utime(w, ns=(mtime, mtime))
+    assert fit_digest(tmp_path / "run") != first
+    old = time.time_ns() - 10**10  # settled files are hashed once per version
+    os.utime(w, ns=(old, old))
+    assert fit_digest(tmp_path / "run") == fit_digest(tmp_path / "run") != first
