@@ -230,12 +230,27 @@ def _messages(value: Any, where: str, spec: CorpusSpec) -> list[dict[str, Any]]:
     return value
 
 
+# columns of common chat and instruction datasets -> the setting that reads them
+_KNOWN_FIELDS = (
+    ("conversations", "a ShareGPT corpus: corpus.messages_field: conversations"),
+    ("chosen", "a preference-pair corpus (UltraFeedback, SimPO's data): corpus.messages_field: chosen"),
+    ("prompt", "prompts only: corpus.text_field: prompt"),
+    ("instruction", "an instruction corpus: corpus.text_field: instruction"),
+    ("question", "questions only: corpus.text_field: question"),
+    ("content", "corpus.text_field: content"),
+)
+
+
+def _field_hint(r: dict) -> str:
+    return next((f" ({hint})" for key, hint in _KNOWN_FIELDS if key in r), "")
+
+
 def _record(r: Any, i: int, where: str, spec: CorpusSpec) -> dict[str, Any]:
     if not isinstance(r, dict):
         raise HarvestInputError(f"corpus {where}: a record must be a JSON object, got {type(r).__name__}")
     tf, mf = spec.text_field, spec.messages_field
     if tf not in r and mf not in r:
-        hint = " (a ShareGPT corpus: corpus.messages_field: conversations)" if "conversations" in r else ""
+        hint = _field_hint(r)
         raise HarvestInputError(
             f"corpus {where} has neither a {tf!r} nor a {mf!r} field (it has {sorted(r)[:8]}); "
             f"set corpus.text_field / corpus.messages_field{hint}"

@@ -111,7 +111,12 @@ def test_a_json_array_file_is_accepted(tmp_path):
         (['{"text": "ok"}', '"just a string"'], "line 2: a record must be a JSON object, got str"),
         (['{"text": "ok"}', '{"text": 42}'], "line 2: 'text' must be a string, got int"),
         (['{"text": null}'], "line 1: 'text' is null"),
-        (['{"prompt": "hi"}'], "line 1 has neither a 'text' nor a 'messages' field.*'prompt'"),
+        (
+            ['{"prompt": "hi"}'],
+            "line 1 has neither a 'text' nor a 'messages' field.*'prompt'.*text_field: prompt",
+        ),
+        (['{"prompt": "hi", "chosen": [], "rejected": []}'], "preference-pair.*messages_field: chosen"),
+        (['{"instruction": "a", "input": "", "output": "b"}'], "corpus.text_field: instruction"),
         (['{"messages": []}'], "line 1: 'messages' is empty"),
         (['{"messages": "not json"}'], "'messages' is a string that is not JSON"),
         (
