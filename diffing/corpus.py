@@ -76,7 +76,7 @@ def _format(spec: CorpusSpec, uri: str | None = None) -> str:
     uri = spec.uri if uri is None else uri
     if spec.format != "auto":
         return spec.format
-    low = uri.lower().split("?", 1)[0]
+    low = _name(uri).lower()
     for suffix in (*_COMPRESSION, *_NEEDS_PACKAGE):
         low = low.removesuffix(suffix)
     if low.endswith(_UNREAD):
@@ -89,7 +89,7 @@ def _format(spec: CorpusSpec, uri: str | None = None) -> str:
 
 
 def _read_bytes(uri: str) -> bytes:
-    name = uri.split("?", 1)[0]  # s3://b/c.jsonl.gz?versionId=...: the suffix is before the query
+    name = _name(uri)
     compression = fsspec.utils.infer_compression(name)
     for suffix, (codec, module, package) in _NEEDS_PACKAGE.items():
         if compression is None and name.lower().endswith(suffix):
@@ -207,6 +207,12 @@ def _is_versioned(uri: str) -> bool:
     return "://" in uri and "=" in uri.split("?", 1)[-1] and "?" in uri
 
 
+def _name(uri: str) -> str:
+    """The file's name, whose suffixes tell its format: before a URL's query string
+    (s3://b/c.jsonl.gz?versionId=...); a local path's `?` is part of it."""
+    return uri.split("?", 1)[0] if _is_versioned(uri) else uri
+
+
 def corpus_files(uri: str, fmt: str = "auto") -> list[str]:
     """The files a corpus URI names, in the order their records are read: the file itself; every
     corpus file under a directory (recursively, by path); or a glob's matches (a matched folder:
@@ -218,12 +224,12 @@ def corpus_files(uri: str, fmt: str = "auto") -> list[str]:
         fs, path = fsspec.core.url_to_fs(uri)
         if fs.isfile(path):  # also a name with [ or ? in it
             return [uri]
-        if any(c in path for c in "*?["):
+        if fs.isdir(path):  # also a folder named so ("corpus [v2]")
+            root, found = path, fs.find(path)
+        elif any(c in path for c in "*?["):
             root, found = _glob_root(path), []
             for p in fs.glob(path):
                 found += fs.find(p) if fs.isdir(p) else [p]
-        elif fs.isdir(path):
-            root, found = path, fs.find(path)
         else:
             return [uri]  # not there: the read says so
     except Exception:  # noqa: BLE001 - unreachable: the read names the cause

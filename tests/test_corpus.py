@@ -415,3 +415,17 @@ def test_lines_come_one_at_a_time_as_the_split_gave_them():
         "\f\na",
     ]:
         assert list(_lines(text)) == split(text), text
+
+
+def test_local_paths_with_query_and_pattern_characters_are_read_as_named(tmp_path):
+    """A local `?` is part of the name (the .txt suffix after it still says text), and a folder
+    named like a pattern ("corpus [1]") is a folder, not a glob that matches nothing."""
+    odd = tmp_path / "corpus 中文 #%?x"
+    odd.mkdir()
+    (odd / "c.txt").write_text("first line\nsecond line\n")
+    assert [r["text"] for r in _read(odd / "c.txt")] == ["first line", "second line"]
+    folder = tmp_path / "corp [1]"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "one"}\n')
+    (folder / "b.jsonl").write_text('{"text": "two"}\n')
+    assert [r["text"] for r in _read(folder)] == ["one", "two"]
