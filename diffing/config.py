@@ -8,9 +8,20 @@ and the fix. Configs are saved next to every artifact they produce.
 from __future__ import annotations
 
 import math
-from typing import Literal
+import os
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+def expand_home(value: str | None) -> str | None:
+    """`~/x` is the home directory's x, as a shell would read it (which it does not after
+    `--out=` or in a config file); URLs and other paths unchanged."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+# a local path or a URL, `~` expanded: code that resolves paths and fsspec (which expands it) then agree
+PathOrURL = Annotated[str, AfterValidator(expand_home)]
 
 
 class Frozen(BaseModel):

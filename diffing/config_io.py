@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -192,6 +193,7 @@ def config_reference(models: dict[str, type[BaseModel]] | None = None) -> str:
             default = (
                 "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             )
+            ann = _unannotated(ann)
             typ = ann.__name__ if isinstance(ann, type) else re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(ann))
             cells = [f"`{prefix}{name}`", f"`{typ}`", f"`{default}`", field.description or ""]
             rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -205,3 +207,15 @@ def config_reference(models: dict[str, type[BaseModel]] | None = None) -> str:
         out.extend([f"## `{title}` ({cls.__name__})", ""])
         walk(cls, "")
     return "\n".join(out)
+
+
+def _unannotated(ann):
+    """`PathOrURL | None` as the reader knows it (`str | None`), not its validator's repr."""
+    import functools
+    import operator
+
+    if typing.get_origin(ann) is typing.Annotated:
+        return _unannotated(typing.get_args(ann)[0])
+    if "Annotated" in str(ann) and typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, [_unannotated(a) for a in typing.get_args(ann)])
+    return ann

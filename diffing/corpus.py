@@ -20,7 +20,7 @@ from typing import Any, Literal
 import fsspec
 from pydantic import Field
 
-from diffing.config import Frozen
+from diffing.config import Frozen, PathOrURL
 from diffing.corpus_records import _record
 from diffing.logs import get_logger
 from diffing.models import HarvestInputError
@@ -37,7 +37,7 @@ _MAGIC = {
 
 
 class CorpusSpec(Frozen):
-    uri: str = Field(
+    uri: PathOrURL = Field(
         description="Corpus file: .jsonl/.json (JSON Lines, or one JSON array of records), .parquet, or .txt "
         "(one document per line); local or s3://; .gz/.bz2/.xz/.zip/.zst compression by suffix. Or a "
         "directory (every such file under it, by path; hidden and _-prefixed files skipped) or a glob "

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from diffing.batching import length_batches, length_regimes
-from diffing.config import Frozen
+from diffing.config import Frozen, PathOrURL
 from diffing.corpus import CorpusSpec
 from diffing.models import (
     HarvestInputError,
@@ -44,7 +44,9 @@ class ModelSpec(Frozen):
         description="Short name used in the store, directory names and reports (e.g. 'base', 'simpo', "
         "'gemma-2-9b-it'); no / \\ , < > \" &, not '.' or '..'.",
     )
-    path: str = Field(description="HF model id or local directory (must be loadable offline on the workers).")
+    path: PathOrURL = Field(
+        description="HF model id or local directory (must be loadable offline on the workers)."
+    )
     revision: str | None = Field(
         None,
         description="A hub model's commit hash (or tag/branch) to load, so a resumed or repeated harvest "
@@ -106,7 +108,7 @@ class HarvestConfig(Frozen):
     )
     site: Literal["resid_post"] = Field("resid_post", description="Activation site.")
     corpus: CorpusSpec = Field(description="Prompt corpus.")
-    store: str = Field(
+    store: PathOrURL = Field(
         description="Output store URI (local path or s3://...); in a pipeline config it defaults to OUT/store."
     )
     store_dtype: Literal["float16", "float32"] = Field("float16", description="Stored activation dtype.")

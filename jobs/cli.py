@@ -21,6 +21,7 @@ from jobs.cli_common import (  # noqa: F401
     _run,
     _user_errors,
     endpoint_url,
+    home_expanded,
     refuse_pipeline_stage,
 )
 
@@ -33,8 +34,16 @@ app = typer.Typer(
 
 @app.command()
 def fit(
-    store: Annotated[str, typer.Option("--store", help="Activation store URI (local path or s3://...).")],
-    out: Annotated[str, typer.Option("--out", help="Run directory (local; s3:// with --workers).")],
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store", callback=home_expanded, help="Activation store URI (local path or s3://...)."
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option("--out", callback=home_expanded, help="Run directory (local; s3:// with --workers)."),
+    ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     workers: Annotated[
@@ -75,7 +84,12 @@ def fit(
 @app.command()
 def harvest(
     config: Annotated[
-        Path, typer.Option("--config", help="Harvest config (YAML/JSON): models, layer, corpus, store.")
+        Path,
+        typer.Option(
+            "--config",
+            callback=home_expanded,
+            help="Harvest config (YAML/JSON): models, layer, corpus, store.",
+        ),
     ],
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
@@ -107,8 +121,15 @@ def harvest(
 
 @app.command()
 def analyze(
-    run: Annotated[str, typer.Option("--run", help="A finished fit run directory (local, s3://, gs://).")],
-    store: Annotated[str, typer.Option("--store", help="Activation store URI to analyse over.")],
+    run: Annotated[
+        str,
+        typer.Option(
+            "--run", callback=home_expanded, help="A finished fit run directory (local, s3://, gs://)."
+        ),
+    ],
+    store: Annotated[
+        str, typer.Option("--store", callback=home_expanded, help="Activation store URI to analyse over.")
+    ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     pair: Annotated[
@@ -159,7 +180,7 @@ def analyze(
 
 @app.command("planted-store")
 def planted_store(
-    out: Annotated[str, typer.Option("--out", help="Store URI to write.")],
+    out: Annotated[str, typer.Option("--out", callback=home_expanded, help="Store URI to write.")],
     tokens: Annotated[int, typer.Option(help="Tokens to sample.")] = 200_000,
     d_model: Annotated[int, typer.Option(help="Activation width.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -190,7 +211,9 @@ def demo(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", help="Where the demo run goes (runs/demo; runs/planted-dictionary for that check)."
+            "--out",
+            callback=home_expanded,
+            help="Where the demo run goes (runs/demo; runs/planted-dictionary for that check).",
         ),
     ] = None,
     planted_dictionary: Annotated[
@@ -233,7 +256,8 @@ def pipeline(
         typer.Option("--preset", help="A built-in config: 'tiny' (tests) or 'embedded' (the demo)."),
     ] = None,
     out: Annotated[
-        str | None, typer.Option("--out", help="Run directory (overrides the config's `out`).")
+        str | None,
+        typer.Option("--out", callback=home_expanded, help="Run directory (overrides the config's `out`)."),
     ] = None,
     set_: SetOpt = None,
     address: Annotated[
@@ -339,7 +363,12 @@ def serve_cmd(
 @app.command()
 def label(
     run: Annotated[
-        str, typer.Option("--run", help="Run directory with examples/ (after analyze; local, s3://, gs://).")
+        str,
+        typer.Option(
+            "--run",
+            callback=home_expanded,
+            help="Run directory with examples/ (after analyze; local, s3://, gs://).",
+        ),
     ],
     endpoint: Annotated[
         str | None,

@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML/JSON config file.")]
+
+def home_expanded(value):
+    """A path option's `~`, expanded as the shell does (it does not after `--out=`)."""
+    from diffing.config import expand_home
+
+    return value.expanduser() if isinstance(value, Path) else expand_home(value)
+
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", callback=home_expanded, help="YAML/JSON config file.")
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(

@@ -7,13 +7,17 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli_common import ConfigOpt, SetOpt, _run, pipeline_owner, refuse_pipeline_stage
+from jobs.cli_common import ConfigOpt, SetOpt, _run, home_expanded, pipeline_owner, refuse_pipeline_stage
 
 
 def report(
     run: Annotated[
         str,
-        typer.Option("--run", help="Run directory (after analyze; labels optional; local, s3://, gs://)."),
+        typer.Option(
+            "--run",
+            callback=home_expanded,
+            help="Run directory (after analyze; labels optional; local, s3://, gs://).",
+        ),
     ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -46,17 +50,25 @@ def anchored(
         str,
         typer.Option(
             "--s",
+            callback=home_expanded,
             help="Labelled pairwise run (A, S) whose S-specific latents are compared, e.g. pt vs SimPO.",
         ),
     ],
     i_run: Annotated[
         str,
         typer.Option(
-            "--i", help="Labelled pairwise run (A, I) of the same base A whose I-specific latents anchor it."
+            "--i",
+            callback=home_expanded,
+            help="Labelled pairwise run (A, I) of the same base A whose I-specific latents anchor it.",
         ),
     ],
     out: Annotated[
-        str, typer.Option("--out", help="Directory for anchored.{json,md,html} (local, s3://, gs://).")
+        str,
+        typer.Option(
+            "--out",
+            callback=home_expanded,
+            help="Directory for anchored.{json,md,html} (local, s3://, gs://).",
+        ),
     ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -79,10 +91,13 @@ def anchored(
 def status(
     run: Annotated[
         str | None,
-        typer.Argument(help="A pipeline's --out, a store or a fit run (local, s3://, gs://)."),
+        typer.Argument(
+            callback=home_expanded, help="A pipeline's --out, a store or a fit run (local, s3://, gs://)."
+        ),
     ] = None,
     run_opt: Annotated[
-        str | None, typer.Option("--run", help="The same, as the other commands name it.")
+        str | None,
+        typer.Option("--run", callback=home_expanded, help="The same, as the other commands name it."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from diffing.config import AnalysisConfig, FitConfig, Frozen
+from diffing.config import AnalysisConfig, FitConfig, Frozen, PathOrURL
 from diffing.harvest import HarvestConfig
 from jobs.label import LabelConfig
 from jobs.report.config import ReportConfig
@@ -49,11 +49,11 @@ class TaskPlacement(Frozen):
 
 
 class PipelineConfig(Frozen):
-    out: str = Field(
+    out: PathOrURL = Field(
         description="Run directory: a local path, or an object-storage URL (s3://, gs://) whose stages "
         "work in a local copy (`work_dir`) uploaded stage by stage; a remote run resumes on any machine."
     )
-    work_dir: str | None = Field(
+    work_dir: PathOrURL | None = Field(
         None,
         description="Local working copy of a remote `out`; default $CROSSDIFF_CACHE/runs/<hash of out>. "
         "Only for a remote out.",
@@ -201,10 +201,17 @@ def load_pipeline_config(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> PipelineConfig:
     """A preset or a YAML/JSON file, then `--out` and `--set` overrides, then validation."""
-    from diffing.config import ConfigError, format_validation_error, read_config_file, validate_with_overrides
+    from diffing.config import (
+        ConfigError,
+        expand_home,
+        format_validation_error,
+        read_config_file,
+        validate_with_overrides,
+    )
 
     if (config is None) == (preset is None):
         raise ConfigError("give exactly one of --config FILE or --preset NAME")
+    out = expand_home(out)  # a preset writes its inputs under it before the config is validated
     if preset is not None:
         if out is None:
             raise ConfigError(f"--preset {preset} needs --out RUN (where the run goes)")

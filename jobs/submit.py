@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli_common import _fail
+from jobs.cli_common import _fail, home_expanded
 
 AddressOpt = Annotated[
     str | None,
@@ -62,7 +62,10 @@ def submit(
     ctx: typer.Context,
     stage: Annotated[str, typer.Argument(help="harvest | fit | analyze | label | report | pipeline")],
     config: Annotated[
-        Path | None, typer.Option("--config", help="The stage's config file (read and checked here).")
+        Path | None,
+        typer.Option(
+            "--config", callback=home_expanded, help="The stage's config file (read and checked here)."
+        ),
     ] = None,
     address: AddressOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the logs until the job ends.")] = False,

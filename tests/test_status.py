@@ -171,6 +171,26 @@ def test_status_cli(tmp_path):
     assert res.exit_code == 2 and "holds no crossdiff run" in res.output
 
 
+def test_a_home_relative_path_means_the_same_place_everywhere(tmp_path, monkeypatch):
+    """`--out=~/x` (no shell expands that `~`) or `out: ~/x` in a config: the run's paths are the
+    home directory's, in every config field and option (the harvest wrote ./~/x/store while the
+    corpus and the fit went to $HOME/x)."""
+    from diffing.corpus import CorpusSpec
+    from diffing.harvest import ModelSpec
+    from jobs.cli import app
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = PipelineConfig.model_validate(with_defaults(pipeline_dict("~/run", stages=["harvest", "fit"])))
+    assert cfg.out == str(tmp_path / "run") and cfg.harvest.store == str(tmp_path / "run" / "store")
+    assert CorpusSpec(uri="~/c.jsonl").uri == str(tmp_path / "c.jsonl")
+    assert ModelSpec(name="a", path="~/models/a").path == str(tmp_path / "models" / "a")
+    assert CorpusSpec(uri="s3://b/~x.jsonl").uri == "s3://b/~x.jsonl"  # URLs as given
+    _run_at(fsspec.filesystem("file"), str(tmp_path / "run"), "~/run", stages=["harvest", "fit"])
+    for args in (["status", "--run=~/run"], ["status", "~/run"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0 and "harvest  pending" in res.output, res.output
+
+
 @pytest.mark.parametrize("stages", [["fit", "analyze"], ["analyze", "fit"]])
 def test_status_of_a_run_that_starts_later(tmp_path, stages):
     """A pipeline configured without the harvest (a store made elsewhere) starts at its first stage."""
