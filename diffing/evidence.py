@@ -166,3 +166,28 @@ def fit_to_limits(ev: LatentEvidence, max_examples: int, max_window: int) -> Lat
     if all(len(v) <= max_examples and all(len(x.tokens) <= max_window for x in v) for v in lists.values()):
         return ev
     return ev.model_copy(update={k: [cut(x) for x in v[:max_examples]] for k, v in lists.items()})
+
+
+def visible_pieces(tokens: list[str], acts: list[float], peak: int = 0) -> tuple[list[str], list[float], int]:
+    """A window's pieces as a reader sees them, and where its peak went. A token inside a character
+    (byte-level BPE splits CJK, emoji and accents over tokens; its piece is empty) hands its
+    activation on to the piece that completes the character, and U+FFFD of a character cut off at
+    the window's start or end is dropped; so no mark or colour falls on nothing."""
+    out: list[tuple[str, float, bool]] = []  # (piece, activation, holds the peak)
+    carry, carry_peak = 0.0, False
+    for i, (t, a) in enumerate(zip(tokens, acts, strict=True)):
+        if i == 0 or not out:
+            t = t.lstrip("\ufffd")  # bytes of a character whose start is before the window
+        if i == len(tokens) - 1:
+            t = t.rstrip("\ufffd")  # ...or whose end is after it
+        if not t:
+            carry, carry_peak = max(carry, a), carry_peak or i == peak
+            continue
+        out.append((t, max(a, carry), carry_peak or i == peak))
+        carry, carry_peak = 0.0, False
+    if not out:
+        return [], [], 0
+    if carry_peak or carry:  # nothing visible after: the last piece takes it
+        t, a, p = out[-1]
+        out[-1] = (t, max(a, carry), p or carry_peak)
+    return [t for t, _, _ in out], [a for _, a, _ in out], next(j for j, o in enumerate(out) if o[2])

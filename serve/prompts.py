@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from diffing.evidence import Example, LatentEvidence
+from diffing.evidence import Example, LatentEvidence, visible_pieces
 from serve.control import defang, has_control
 from serve.judge import JudgeError
 from serve.taxonomy import Taxonomy
@@ -65,7 +65,7 @@ def window(ex: Example, n: int) -> tuple[list[str], list[float]]:
 
 def render(ex: Example, *, n: int, threshold: float | None) -> str:
     """The example as text; tokens with activation >= threshold wrapped in << >> (None: no marks)."""
-    toks, acts = window(ex, n)
+    toks, acts, _ = visible_pieces(*window(ex, n))
     out = []
     for t, a in zip(toks, acts, strict=True):
         t = _clean(t)  # printable only: the mark sentinels below cannot occur in it

@@ -157,3 +157,31 @@ def test_a_wrong_tokenizer_fails_before_the_statistics_pass(
         run_analyze(tmp_path / "run", store, AnalysisConfig(tokenizer=str(metaspace_tok_dir)))
     with pytest.raises(AssertionError, match="statistics pass"):  # the right one passes the check
         run_analyze(tmp_path / "run", store, AnalysisConfig(tokenizer=str(byte_tok_dir)))
+
+
+def test_split_characters_are_marked_and_coloured_whole(byte_tok_dir):
+    """A latent peaking on an inner byte of 本 (byte-level BPE: three tokens, two empty pieces): the
+    judge's prompt marks 本 itself, never an empty << >>, and the report's peak span holds 本; a
+    window cut inside 🙂 or 本 shows no U+FFFD for the bytes it lacks."""
+    from transformers import AutoTokenizer
+
+    from diffing.evidence import Example
+    from jobs.report.render import context_html
+    from serve.prompts import render
+
+    tok = AutoTokenizer.from_pretrained(byte_tok_dir)
+    decode = token_decoder(_store(byte_tok_dir))
+    ids = tok.encode("🙂 日本 ok", add_special_tokens=False)[1:]  # the window starts inside 🙂
+    pieces = decode(ids)
+    peak = len(tok.encode("🙂 日", add_special_tokens=False))  # 本's second byte (of `ids`, less 🙂's first)
+    acts = [0.0] * len(ids)
+    acts[peak] = 5.0
+    assert pieces[peak] == "" and "\ufffd" in pieces[0] + pieces[1] + pieces[2] + pieces[3]
+    shown = render(Example(tokens=pieces, acts=acts, peak=peak), n=len(pieces), threshold=1.0)
+    assert shown == "日<<本>> ok", shown
+    html = context_html(pieces, acts, peak, 5.0, "0,0,0")
+    assert '<span class="pk" style="background:rgba(0,0,0,0.85)" title="5">本</span>' in html, html
+    assert '"></span>' not in html and "\ufffd" not in html, html
+    cut = ids[: peak + 1]  # ends inside 本
+    tail = render(Example(tokens=decode(cut), acts=[0.0] * len(cut), peak=0), n=len(cut), threshold=None)
+    assert tail == "日", tail

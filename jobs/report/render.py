@@ -6,6 +6,8 @@ import html
 import math
 from typing import Any
 
+from diffing.evidence import visible_pieces
+
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;background:#f8f9fa;color:#212529}
 main{max-width:1150px;margin:0 auto;padding:20px 28px}
@@ -43,6 +45,7 @@ def fmt(x: Any, nd: int = 3) -> str:
 
 def context_html(tokens: list[str], acts: list[float], peak: int, scale: float, rgb: str) -> str:
     """One context, each token's background scaled by its activation (title: the value)."""
+    tokens, acts, peak = visible_pieces(tokens, acts, peak)
     out = []
     for i, (t, a) in enumerate(zip(tokens, acts, strict=True)):
         alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, a / scale)) * 0.85
