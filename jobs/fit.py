@@ -39,6 +39,7 @@ from diffing.logs import configure, get_logger
 from diffing.store import ActivationStore, atomic_write, check_writable, open_store
 from diffing.train import FitDiverged, TrainerState, train_step
 from jobs.fit_dist import dist_reduce
+from jobs.pipeline_config import ray_train_storage_problem
 
 # rank 0 rewrites RUN/metrics.jsonl at a logged step once this long has passed since it last did
 # (and at every checkpoint), so a fit of hours can be followed (`crossdiff status`, a notebook)
@@ -273,6 +274,8 @@ def run_fit_ray(
 
     # Ray Train runs each worker in its own session directory: relative paths would resolve there
     store_uri, out = _absolute(store_uri), _absolute(out)
+    if problem := ray_train_storage_problem(out):
+        raise ValueError(f"--out {out}: {problem}")
     log = get_logger("fit.ray", run=out)
     fs, root = fsspec.core.url_to_fs(out)
     store = open_store(store_uri)

@@ -48,6 +48,18 @@ class TaskPlacement(Frozen):
     )
 
 
+def ray_train_storage_problem(out: str) -> str | None:
+    """Why Ray Train cannot checkpoint to this object-storage run, or None. It parses the URL:
+    "run #1" is cut at "#" (two runs sharing checkpoints), "%20" decoded, a space or "é" refused
+    once the workers have started."""
+    if "://" in out and (not out.isascii() or any(c in out for c in " #?%")):
+        return (
+            "a Ray Train fit's object-storage run name must be plain ASCII without spaces, #, ? or %; "
+            "rename the run (e.g. run-1)"
+        )
+    return None
+
+
 class PipelineConfig(Frozen):
     out: PathOrURL = Field(
         description="Run directory: a local path, or an object-storage URL (s3://, gs://) whose stages "
@@ -107,6 +119,12 @@ class PipelineConfig(Frozen):
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ValueError(f"stages: unknown {bad}; choose from {list(STAGES)}")
+        if (
+            "fit" in self.stages
+            and self.fit.distributed.workers
+            and (problem := ray_train_storage_problem(self.out))
+        ):
+            raise ValueError(f"out: {problem} (fit.distributed.workers={self.fit.distributed.workers})")
         names = [m.name for m in self.harvest.models]
         if self.pair is not None and (any(p not in names for p in self.pair) or self.pair[0] == self.pair[1]):
             raise ValueError(f"pair={list(self.pair)} must name two different harvested models {names}")

@@ -255,6 +255,9 @@ def test_bad_inputs_fail_before_training(tmp_path, store):
         )
     with pytest.raises(StoreError, match="no manifest"):
         run_fit_ray(str(tmp_path / "empty"), _cfg(1), str(tmp_path / "c"))
+    for name in ("run #1", "run%201", "é", "a?b"):  # Ray Train would cut, decode or refuse them
+        with pytest.raises(ValueError, match="plain ASCII without spaces, #, \\? or %"):
+            run_fit_ray(store, _cfg(1), f"s3://bucket/runs/{name}")
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)

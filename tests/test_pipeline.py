@@ -416,6 +416,22 @@ def test_model_names_are_safe_as_directory_names():
             ModelSpec(name=bad, path="/m")
 
 
+def test_a_bucket_run_name_ray_train_would_cut_is_refused_before_any_stage():
+    """out: s3://b/run #1 with a Ray Train fit: Ray would checkpoint to s3://b/run (cut at "#"),
+    shared with every other "run #..."; refused with the config, not after the harvest."""
+    from conftest import pipeline_dict
+
+    def cfg(out, workers):
+        d = pipeline_dict(out)
+        d["fit"] = {**d.get("fit", {}), "distributed": {"workers": workers, "cpus_per_worker": 0.5}}
+        return PipelineConfig.model_validate(with_defaults(d))
+
+    with pytest.raises(ValueError, match="out: a Ray Train fit's object-storage run name must be plain"):
+        cfg("s3://b/run #1", 1)
+    assert cfg("s3://b/run #1", 0).out == "s3://b/run #1"  # fitted in process: fsspec keeps the name
+    assert cfg("s3://b/run-1", 1).out == "s3://b/run-1"
+
+
 def test_a_bucket_run_copied_elsewhere_keeps_its_harvest_identity():
     """The default store of a remote run is OUT/store wherever the run lives (as for a local run
     moved); the identity written before this (the store's URI as is) is still accepted."""
