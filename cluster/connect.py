@@ -46,6 +46,26 @@ def local_env(environ=None) -> dict[str, str]:
     }
 
 
+def writable_cache_home(environ=None) -> str | None:
+    """Where HOME is unset, read-only or no directory, the libraries below crossdiff (torch, vLLM,
+    Ray's LLM model loader, HF) cache under the crossdiff cache instead of ~/.cache: sets and
+    returns XDG_CACHE_HOME (inherited by the workers of a Ray started here); None: left as it was."""
+    import tempfile
+    from pathlib import Path
+
+    environ = os.environ if environ is None else environ
+    if environ.get("XDG_CACHE_HOME") or not environ.get("CROSSDIFF_CACHE"):
+        return None  # set already; or no other place the user named
+    try:
+        home_cache = Path(environ.get("HOME") or "/nonexistent") / ".cache"
+        home_cache.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=home_cache).close()
+        return None
+    except OSError:
+        environ["XDG_CACHE_HOME"] = str(Path(environ["CROSSDIFF_CACHE"]).expanduser() / "xdg")
+        return environ["XDG_CACHE_HOME"]
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect once. With no address and no RAY_ADDRESS, start a local Ray with at least 4 logical
     CPUs (on 2-core machines 1-CPU actors would otherwise starve Ray Data's read tasks)."""
@@ -66,6 +86,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         return
     global STARTED_LOCAL
     STARTED_LOCAL = True
+    writable_cache_home()  # the judge's replica would fail to deploy on a read-only HOME
     ray.init(
         address="local",  # a new Ray of our own: never another program's `ray start` on this host
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),

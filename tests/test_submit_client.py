@@ -132,6 +132,24 @@ def test_ctrl_c_while_following_leaves_the_job_running(capsys):
     assert "goes on" in err and "crossdiff jobs stop crossdiff-fit-r1-abc" in err
 
 
+def test_a_home_that_cannot_hold_caches_sends_them_to_the_crossdiff_cache(tmp_path):
+    """HOME=/dev/null (or a read-only one) with CROSSDIFF_CACHE set: torch, vLLM and Ray's model
+    loader cache under CROSSDIFF_CACHE/xdg (the judge's replica failed to deploy with
+    NotADirectoryError '/dev/null/.cache'); a usable HOME, or XDG_CACHE_HOME set, is left alone."""
+    from cluster.connect import writable_cache_home
+
+    (tmp_path / "file").write_text("x")
+    env = {"HOME": str(tmp_path / "file"), "CROSSDIFF_CACHE": str(tmp_path / "c")}
+    assert writable_cache_home(env) == str(tmp_path / "c" / "xdg") == env["XDG_CACHE_HOME"]
+    for ok in (
+        {"HOME": str(tmp_path / "home"), "CROSSDIFF_CACHE": "/c"},  # made if missing
+        {"HOME": str(tmp_path / "file"), "CROSSDIFF_CACHE": "/c", "XDG_CACHE_HOME": "/x"},
+        {"HOME": str(tmp_path / "file")},  # no other place named: as before
+    ):
+        before = dict(ok)
+        assert writable_cache_home(ok) is None and ok == before
+
+
 def test_a_ray_started_here_passes_settings_not_credentials():
     """Ray's runtime-env agent logs the env_vars it is given; the workers of a Ray started by this
     process inherit its credentials without them."""
