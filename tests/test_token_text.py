@@ -185,3 +185,13 @@ def test_split_characters_are_marked_and_coloured_whole(byte_tok_dir):
     cut = ids[: peak + 1]  # ends inside 本
     tail = render(Example(tokens=decode(cut), acts=[0.0] * len(cut), peak=0), n=len(cut), threshold=None)
     assert tail == "日", tail
+
+
+def test_control_characters_in_evidence_are_visible_in_the_report():
+    """A NUL or an escape from the corpus: raw, NUL is an HTML parse error and the others vanish;
+    shown as their symbols (CR of CRLF text dropped, tab and newline kept)."""
+    from jobs.report.render import context_html
+
+    html = context_html(["a\x00b", "\x1b[31m", "c\r\n", "\td"], [1.0, 0.0, 0.0, 0.0], 0, 1.0, "0,0,0")
+    assert "\x00" not in html and "\x1b" not in html and "\r" not in html
+    assert "a␀b" in html and "␛[31m" in html and "\td" in html
