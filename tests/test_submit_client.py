@@ -150,6 +150,18 @@ def test_a_home_that_cannot_hold_caches_sends_them_to_the_crossdiff_cache(tmp_pa
         assert writable_cache_home(ok) is None and ok == before
 
 
+def test_a_temporary_directory_ray_cannot_use_is_replaced_for_it(tmp_path):
+    """TMPDIR with a space (the judge's compiler split it) or an "é" (Ray's core worker failed):
+    the Ray started here gets /tmp; a plain one is left alone."""
+    from cluster.connect import plain_tmpdir
+
+    for odd in ("/data/tmp dir", "/data/tmp é"):
+        env = {"TMPDIR": odd}
+        assert plain_tmpdir(env, tmp=odd) == "/tmp" == env["TMPDIR"] == env["RAY_TMPDIR"]
+    env = {"TMPDIR": "/data/tmp"}
+    assert plain_tmpdir(env, tmp="/data/tmp") is None and env == {"TMPDIR": "/data/tmp"}
+
+
 def test_a_ray_started_here_passes_settings_not_credentials():
     """Ray's runtime-env agent logs the env_vars it is given; the workers of a Ray started by this
     process inherit its credentials without them."""
