@@ -201,7 +201,7 @@ class Pipeline(StageRunners):
         if saved is None:
             return False
         if self._config_changed(stage, saved):
-            if not redo_changed:
+            if not redo_changed and not (saved.get("running") and self._made_nothing(stage)):
                 raise self._changed(stage)
             return True
         exact = self._exacts(stage)
@@ -211,6 +211,17 @@ class Pipeline(StageRunners):
                 raise self._changed(stage)
             return True
         return bool(saved.get("running") and saved.get("overwrite"))
+
+    def _made_nothing(self, stage: str) -> bool:
+        """A harvest that stopped before its first shard (a corpus or model refused in its checks):
+        a corrected config starts it, no --redo-changed needed, since nothing of the old one stands."""
+        if stage != "harvest":
+            return False
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.cfg.harvest.store)
+        fs.invalidate_cache(root)
+        return not fs.exists(f"{root}/manifest.json") and not fs.glob(f"{root}/shards/*")
 
     def _exacts(self, stage: str) -> tuple[str, ...]:
         """What the fit's checkpoints resume under: the fit's own checkpoint hash (workers included

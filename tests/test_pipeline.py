@@ -142,6 +142,42 @@ def test_rerun_skips_changed_config_is_refused_or_redone_from_that_stage(tmp_pat
     assert calls == []
 
 
+def test_a_harvest_refused_before_its_first_shard_takes_the_corrected_config(tmp_path):
+    """A harvest stopped by its own checks (a corpus field misnamed): the corrected rerun starts it
+    without --redo-changed, nothing of the old config being there; once a shard is written, a
+    changed config is refused as before."""
+
+    def cfg(text_field):
+        d = _cfg_dict(tmp_path)
+        d["harvest"]["corpus"]["text_field"] = text_field
+        return PipelineConfig.model_validate(with_defaults(d))
+
+    calls: list = []
+    p = _recording(Pipeline(cfg("body")), calls)
+
+    def refused(overwrite):
+        raise ValueError("corpus line 1 has neither a 'body' nor a 'messages' field")
+
+    p.stage_fns["harvest"] = refused
+    with pytest.raises(ValueError, match="neither"):
+        p()
+    _recording(Pipeline(cfg("text")), calls)()
+    assert calls[0] == ("harvest", True)  # started under the new config (its store holds nothing)
+    p = _recording(Pipeline(cfg("text")), calls)
+
+    def killed_after_a_shard(overwrite):
+        shard = tmp_path / "run" / "store" / "shards" / "00000.parquet"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        shard.write_bytes(b"x")
+        raise RuntimeError("killed")
+
+    p.stage_fns["harvest"] = killed_after_a_shard
+    with pytest.raises(RuntimeError):
+        p(overwrite=True)
+    with pytest.raises(ValueError, match=r"different config \(harvest\.corpus\.text_field"):
+        _recording(Pipeline(cfg("body")), calls)()
+
+
 def test_killed_fit_resumes_under_other_logging_and_refuses_other_math(tmp_path):
     """A fit killed mid-stage resumes (no overwrite) when only what its checkpoints ignore changed
     (log and checkpoint intervals, device), also from a marker written before 2026-12-06; a change
