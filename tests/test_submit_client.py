@@ -151,8 +151,8 @@ def test_a_home_that_cannot_hold_caches_sends_them_to_the_crossdiff_cache(tmp_pa
 
 
 def test_a_temporary_directory_ray_cannot_use_is_replaced_for_it(tmp_path):
-    """TMPDIR with a space (the judge's compiler split it) or an "é" (Ray's core worker failed):
-    the Ray started here gets /tmp; a plain one is left alone."""
+    """TMPDIR with a space or an "é" (Ray's core worker failed on it): the Ray started here gets
+    /tmp; a plain one is left alone."""
     from cluster.connect import plain_tmpdir
 
     for odd in ("/data/tmp dir", "/data/tmp é"):
