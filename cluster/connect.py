@@ -62,6 +62,9 @@ def writable_cache_home(environ=None) -> str | None:
         tempfile.TemporaryFile(dir=home_cache).close()
         return None
     except OSError:
+        hub = home_cache / "huggingface"
+        if not environ.get("HF_HOME") and hub.is_dir():  # models already there (a read-only image's)
+            environ["HF_HOME"] = str(hub)  # stay where they are: HF would follow XDG_CACHE_HOME
         environ["XDG_CACHE_HOME"] = str(Path(environ["CROSSDIFF_CACHE"]).expanduser() / "xdg")
         return environ["XDG_CACHE_HOME"]
 
@@ -85,6 +88,18 @@ def plain_tmpdir(environ=None, tmp: str | None = None) -> str | None:
     return None
 
 
+def prepare_local_ray() -> None:
+    """Before a Ray of our own starts (its workers inherit this process's environment): caches off
+    a HOME that cannot hold them, and a temporary directory Ray can use."""
+    writable_cache_home()  # the judge's replica would fail to deploy on a read-only HOME
+    if (tmp := plain_tmpdir()) is not None:
+        from diffing.logs import get_logger
+
+        get_logger("cluster").warning(
+            "ray.tmpdir", using=tmp, why="TMPDIR has a space or a non-ASCII character, which Ray breaks on"
+        )
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect once. With no address and no RAY_ADDRESS, start a local Ray with at least 4 logical
     CPUs (on 2-core machines 1-CPU actors would otherwise starve Ray Data's read tasks)."""
@@ -105,15 +120,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         return
     global STARTED_LOCAL
     STARTED_LOCAL = True
-    writable_cache_home()  # the judge's replica would fail to deploy on a read-only HOME
-    if (tmp := plain_tmpdir()) is not None:
-        from diffing.logs import get_logger
-
-        get_logger("cluster").warning(
-            "ray.tmpdir",
-            using=tmp,
-            why="TMPDIR has a space or a non-ASCII character, which Ray breaks on",
-        )
+    prepare_local_ray()
     ray.init(
         address="local",  # a new Ray of our own: never another program's `ray start` on this host
         num_cpus=num_cpus or max(4, os.cpu_count() or 1),

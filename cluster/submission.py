@@ -105,7 +105,7 @@ def run_key(stage: str, config: Mapping[str, Any] | None, args: Sequence[str], n
 
 
 def _is_relative_local(path: str) -> bool:
-    # "~" too: nothing expands it on the cluster, where it is a folder named "~" in the job's directory
+    # "~" too: the job's crossdiff expands it to the home of the node that runs it, not the submitter's
     return bool(path) and "://" not in path and not path.startswith("/")
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import fsspec
 from pydantic import Field
 
-from diffing.config import Frozen, PathOrURL
+from diffing.config import Frozen
 from diffing.corpus_records import _record
 from diffing.logs import get_logger
 from diffing.models import HarvestInputError
@@ -37,7 +37,7 @@ _MAGIC = {
 
 
 class CorpusSpec(Frozen):
-    uri: PathOrURL = Field(
+    uri: str = Field(
         description="Corpus file: .jsonl/.json (JSON Lines, or one JSON array of records), .parquet, or .txt "
         "(one document per line); local or s3://; .gz/.bz2/.xz/.zip/.zst compression by suffix. Or a "
         "directory (every such file under it, by path; hidden and _-prefixed files skipped) or a glob "
@@ -209,8 +209,8 @@ def _is_versioned(uri: str) -> bool:
 
 def _name(uri: str) -> str:
     """The file's name, whose suffixes tell its format: before a URL's query string
-    (s3://b/c.jsonl.gz?versionId=...); a local path's `?` is part of it."""
-    return uri.split("?", 1)[0] if _is_versioned(uri) else uri
+    (s3://b/c.jsonl.gz?versionId=..., https://h/c.jsonl?raw); a local path's `?` is part of it."""
+    return uri.split("?", 1)[0] if "://" in uri else uri
 
 
 def corpus_files(uri: str, fmt: str = "auto") -> list[str]:

@@ -171,23 +171,29 @@ def fit_to_limits(ev: LatentEvidence, max_examples: int, max_window: int) -> Lat
 def visible_pieces(tokens: list[str], acts: list[float], peak: int = 0) -> tuple[list[str], list[float], int]:
     """A window's pieces as a reader sees them, and where its peak went. A token inside a character
     (byte-level BPE splits CJK, emoji and accents over tokens; its piece is empty) hands its
-    activation on to the piece that completes the character, and U+FFFD of a character cut off at
-    the window's start or end is dropped; so no mark or colour falls on nothing."""
-    out: list[tuple[str, float, bool]] = []  # (piece, activation, holds the peak)
-    carry, carry_peak = 0.0, False
+    activation on to the piece that completes the character; the bytes of a character cut off at
+    the window's start or end (U+FFFD, or empty pieces left at the end) are dropped, their
+    activation with them (it was not the neighbour's), only the peak moving to the nearest piece
+    shown. So no mark or colour falls on nothing. A window with nothing visible is returned as is."""
+    out: list[list] = []  # [piece, activation, holds the peak]
+    carry: float | None = None
+    carry_peak = False
+    last = len(tokens) - 1
     for i, (t, a) in enumerate(zip(tokens, acts, strict=True)):
-        if i == 0 or not out:
-            t = t.lstrip("\ufffd")  # bytes of a character whose start is before the window
-        if i == len(tokens) - 1:
-            t = t.rstrip("\ufffd")  # ...or whose end is after it
+        cut = False
+        if not out and t.startswith("\ufffd"):  # bytes of a character begun before the window
+            t, cut = t.lstrip("\ufffd"), True
+        if i == last and t.endswith("\ufffd"):  # ...or finished after it
+            t, cut = t.rstrip("\ufffd"), True
         if not t:
-            carry, carry_peak = max(carry, a), carry_peak or i == peak
+            if not cut:
+                carry = a if carry is None else max(carry, a)
+            carry_peak = carry_peak or i == peak
             continue
-        out.append((t, max(a, carry), carry_peak or i == peak))
-        carry, carry_peak = 0.0, False
+        out.append([t, a if carry is None else max(a, carry), carry_peak or i == peak])
+        carry, carry_peak = None, False
     if not out:
-        return [], [], 0
-    if carry_peak or carry:  # nothing visible after: the last piece takes it
-        t, a, p = out[-1]
-        out[-1] = (t, max(a, carry), p or carry_peak)
-    return [t for t, _, _ in out], [a for _, a, _ in out], next(j for j, o in enumerate(out) if o[2])
+        return list(tokens), list(acts), peak
+    if carry_peak:  # an unfinished character at the end held it
+        out[-1][2] = True
+    return [o[0] for o in out], [o[1] for o in out], next(j for j, o in enumerate(out) if o[2])

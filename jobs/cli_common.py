@@ -13,7 +13,7 @@ def home_expanded(value):
     """A path option's `~`, expanded as the shell does (it does not after `--out=`)."""
     from diffing.config import expand_home
 
-    return value.expanduser() if isinstance(value, Path) else expand_home(value)
+    return Path(expand_home(str(value))) if isinstance(value, Path) else expand_home(value)
 
 
 ConfigOpt = Annotated[

@@ -39,7 +39,7 @@ from diffing.logs import configure, get_logger
 from diffing.store import ActivationStore, atomic_write, check_writable, open_store
 from diffing.train import FitDiverged, TrainerState, train_step
 from jobs.fit_dist import dist_reduce
-from jobs.pipeline_config import ray_train_storage_problem
+from jobs.rundir import ray_train_storage_problem
 
 # rank 0 rewrites RUN/metrics.jsonl at a logged step once this long has passed since it last did
 # (and at every checkpoint), so a fit of hours can be followed (`crossdiff status`, a notebook)
@@ -88,6 +88,18 @@ def _store_dataset(store: ActivationStore, datasource_v2: bool = False, seed: in
 
 
 DIVERGED = "diverged.txt"  # rank 0's message when the fit diverged; the driver raises it
+
+
+def _write_diverged(fs, path: str, message: str, log) -> None:
+    """Rank 0's message for the driver; a failed write must not become a worker error (a restart)."""
+    for attempt in range(3):
+        try:
+            fs.pipe_file(path, message.encode())
+            return
+        except Exception as e:  # noqa: BLE001 - a transient store error: try again, then only log
+            time.sleep(2**attempt)
+            err = e
+    log.error("fit.diverged_unsaved", error=f"{type(err).__name__}: {err}"[:300], message=message)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -196,7 +208,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 # deterministic: a group restart would diverge again (max_failures times; -1: forever).
                 # Ray Train's result keeps only checkpointed reports: the driver reads it from here
                 if rank == 0:
-                    fs.pipe_file(f"{root}/{DIVERGED}", str(e).encode())
+                    _write_diverged(fs, f"{root}/{DIVERGED}", str(e), log)
                 return
             b += 1
             state.data_position = {"epoch": epoch, "batch": b}

@@ -219,9 +219,12 @@ class Pipeline(StageRunners):
             return False
         import fsspec
 
-        fs, root = fsspec.core.url_to_fs(self.cfg.harvest.store)
-        fs.invalidate_cache(root)
-        return not fs.exists(f"{root}/manifest.json") and not fs.glob(f"{root}/shards/*")
+        try:
+            fs, root = fsspec.core.url_to_fs(self.cfg.harvest.store)
+            fs.invalidate_cache(root)
+            return not fs.exists(f"{root}/manifest.json") and not fs.glob(f"{root}/shards/*")
+        except Exception:  # noqa: BLE001 - unreadable now: the refusal's own message, as before
+            return False
 
     def _exacts(self, stage: str) -> tuple[str, ...]:
         """What the fit's checkpoints resume under: the fit's own checkpoint hash (workers included

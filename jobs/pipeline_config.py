@@ -14,7 +14,7 @@ from diffing.config import AnalysisConfig, FitConfig, Frozen, PathOrURL
 from diffing.harvest import HarvestConfig
 from jobs.label import LabelConfig
 from jobs.report.config import ReportConfig
-from jobs.rundir import default_work_dir, is_remote, join
+from jobs.rundir import default_work_dir, is_remote, join, ray_train_storage_problem
 
 STAGES = ("harvest", "fit", "analyze", "label", "report")
 
@@ -46,18 +46,6 @@ class TaskPlacement(Frozen):
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type the node must have (e.g. H100, A100-80G); None: any."
     )
-
-
-def ray_train_storage_problem(out: str) -> str | None:
-    """Why Ray Train cannot checkpoint to this object-storage run, or None. It parses the URL:
-    "run #1" is cut at "#" (two runs sharing checkpoints), "%20" decoded, a space or "é" refused
-    once the workers have started."""
-    if "://" in out and (not out.isascii() or any(c in out for c in " #?%")):
-        return (
-            "a Ray Train fit's object-storage run name must be plain ASCII without spaces, #, ? or %; "
-            "rename the run (e.g. run-1)"
-        )
-    return None
 
 
 class PipelineConfig(Frozen):

@@ -388,3 +388,15 @@ def local_copy(
                 mirror.log.warning("pipeline.push_failed", error=f"{type(e).__name__}: {e}")
             raise
         mirror.push()
+
+
+def ray_train_storage_problem(out: str) -> str | None:
+    """Why Ray Train cannot checkpoint to this object-storage run, or None. It parses the URL:
+    "run #1" is cut at "#" (two runs sharing checkpoints), "%20" decoded, a space or "é" refused
+    once the workers have started."""
+    if "://" in out and (not out.isascii() or any(c in out for c in " #?%")):
+        return (
+            "a Ray Train fit's object-storage run name must be plain ASCII without spaces, #, ? or %; "
+            "rename the run (e.g. run-1)"
+        )
+    return None

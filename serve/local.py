@@ -163,6 +163,9 @@ class LocalService:
                 ray.init(address=cluster, log_to_driver=False)
                 self._joined_ray = True
             else:  # a Ray of our own (never another program's `ray start` on this host)
+                from cluster.connect import prepare_local_ray
+
+                prepare_local_ray()
                 ray.init(
                     address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False
                 )

@@ -29,6 +29,8 @@ from serve.control import defang, has_control
 from serve.judge import JudgeError
 from serve.taxonomy import Taxonomy
 
+# not bumped for visible_pieces (2026-12-07): it changes only windows with a character split over
+# tokens, and a bump is a changed label config for every finished run (a full relabel to rerun)
 PROMPT_VERSION = "delphi-v5"
 SYSTEM = (
     "You are an interpretability researcher. You study one feature of a language model at a time "

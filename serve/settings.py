@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from diffing.config import Frozen
+from diffing.config import Frozen, PathOrURL
 
 JUDGE_MODEL_ENV = "CROSSDIFF_JUDGE_MODEL"
 DEFAULT_JUDGE_ID = "smollm2-135m-instruct"
@@ -217,7 +217,7 @@ class AuthSettings(Frozen):
     token_env: str = Field(
         "CROSSDIFF_API_TOKEN", description="Environment variable holding the bearer token."
     )
-    token_file: str | None = Field(
+    token_file: PathOrURL | None = Field(
         None, description="File holding the bearer token (a mounted Kubernetes secret); wins over token_env."
     )
     bind_host: str = Field(
@@ -242,11 +242,11 @@ class ServiceSettings(Frozen):
     method: MethodSettings = Field(default_factory=MethodSettings, description="The labelling method.")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Request limits and deadlines.")
     auth: AuthSettings = Field(default_factory=AuthSettings, description="Bearer-token auth.")
-    taxonomy: str | None = Field(
+    taxonomy: PathOrURL | None = Field(
         None, description="Taxonomy YAML; default: serve/taxonomy.yaml (the paper's)."
     )
     cache_size: int = Field(100_000, ge=0, description="Labels kept in the in-memory cache (0 disables).")
-    cache_dir: str | None = Field(
+    cache_dir: PathOrURL | None = Field(
         None, description="Also keep cached labels as JSON files here (survives restarts)."
     )
     ingress_options: dict[str, Any] = Field(

@@ -175,14 +175,15 @@ def test_a_home_relative_path_means_the_same_place_everywhere(tmp_path, monkeypa
     """`--out=~/x` (no shell expands that `~`) or `out: ~/x` in a config: the run's paths are the
     home directory's, in every config field and option (the harvest wrote ./~/x/store while the
     corpus and the fit went to $HOME/x)."""
-    from diffing.corpus import CorpusSpec
+    from diffing.corpus import CorpusSpec, read_corpus
     from diffing.harvest import ModelSpec
     from jobs.cli import app
 
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = PipelineConfig.model_validate(with_defaults(pipeline_dict("~/run", stages=["harvest", "fit"])))
     assert cfg.out == str(tmp_path / "run") and cfg.harvest.store == str(tmp_path / "run" / "store")
-    assert CorpusSpec(uri="~/c.jsonl").uri == str(tmp_path / "c.jsonl")
+    (tmp_path / "c.jsonl").write_text('{"text": "hi"}\n')  # read through fsspec, which expands it:
+    assert read_corpus(CorpusSpec(uri="~/c.jsonl"))[0]["text"] == "hi"  # kept as typed (its identity)
     assert ModelSpec(name="a", path="~/models/a").path == str(tmp_path / "models" / "a")
     assert CorpusSpec(uri="s3://b/~x.jsonl").uri == "s3://b/~x.jsonl"  # URLs as given
     _run_at(fsspec.filesystem("file"), str(tmp_path / "run"), "~/run", stages=["harvest", "fit"])

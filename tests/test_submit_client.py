@@ -132,15 +132,24 @@ def test_ctrl_c_while_following_leaves_the_job_running(capsys):
     assert "goes on" in err and "crossdiff jobs stop crossdiff-fit-r1-abc" in err
 
 
-def test_a_home_that_cannot_hold_caches_sends_them_to_the_crossdiff_cache(tmp_path):
+def test_a_home_that_cannot_hold_caches_sends_them_to_the_crossdiff_cache(tmp_path, monkeypatch):
     """HOME=/dev/null (or a read-only one) with CROSSDIFF_CACHE set: torch, vLLM and Ray's model
     loader cache under CROSSDIFF_CACHE/xdg (the judge's replica failed to deploy with
     NotADirectoryError '/dev/null/.cache'); a usable HOME, or XDG_CACHE_HOME set, is left alone."""
+    import tempfile
+
     from cluster.connect import writable_cache_home
 
     (tmp_path / "file").write_text("x")
     env = {"HOME": str(tmp_path / "file"), "CROSSDIFF_CACHE": str(tmp_path / "c")}
     assert writable_cache_home(env) == str(tmp_path / "c" / "xdg") == env["XDG_CACHE_HOME"]
+    # a read-only HOME whose image holds HF models: those stay found (HF would follow XDG)
+    (tmp_path / "ro" / ".cache" / "huggingface").mkdir(parents=True)
+    env = {"HOME": str(tmp_path / "ro"), "CROSSDIFF_CACHE": str(tmp_path / "c")}
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "TemporaryFile", lambda **kw: (_ for _ in ()).throw(PermissionError(13, "ro")))
+        assert writable_cache_home(env) == str(tmp_path / "c" / "xdg")
+    assert env["HF_HOME"] == str(tmp_path / "ro" / ".cache" / "huggingface")
     for ok in (
         {"HOME": str(tmp_path / "home"), "CROSSDIFF_CACHE": "/c"},  # made if missing
         {"HOME": str(tmp_path / "file"), "CROSSDIFF_CACHE": "/c", "XDG_CACHE_HOME": "/x"},

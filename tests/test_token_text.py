@@ -189,9 +189,22 @@ def test_split_characters_are_marked_and_coloured_whole(byte_tok_dir):
 
 def test_control_characters_in_evidence_are_visible_in_the_report():
     """A NUL or an escape from the corpus: raw, NUL is an HTML parse error and the others vanish;
-    shown as their symbols (CR of CRLF text dropped, tab and newline kept)."""
+    shown as their symbols (a CR is a line end, as in CRLF text; tab and newline kept)."""
     from jobs.report.render import context_html
 
-    html = context_html(["a\x00b", "\x1b[31m", "c\r\n", "\td"], [1.0, 0.0, 0.0, 0.0], 0, 1.0, "0,0,0")
+    html = context_html(["a\x00b", "\x1b[31m", "c\r\n", "\td\re"], [1.0, 0.0, 0.0, 0.0], 0, 1.0, "0,0,0")
     assert "\x00" not in html and "\x1b" not in html and "\r" not in html
     assert "a␀b" in html and "␛[31m" in html and "\td" in html
+    assert html.count("↵") == 2  # CRLF one line end, a lone CR another
+
+
+def test_visible_pieces_moves_only_what_belongs_to_a_character():
+    """Unit cases: a cut-off character's bytes lend nothing to a neighbour (only the peak moves);
+    inner bytes lend theirs to the character they complete; nothing visible is returned as is."""
+    from diffing.evidence import visible_pieces
+
+    assert visible_pieces(["\ufffd", "a", "b"], [9.0, 0.0, 0.0], 0) == (["a", "b"], [0.0, 0.0], 0)
+    assert visible_pieces(["", "", "文", "x"], [0.1, 0.9, 0.2, 0.0], 1) == (["文", "x"], [0.9, 0.0], 0)
+    assert visible_pieces(["a", "", ""], [0.0, 0.5, 0.3], 2) == (["a"], [0.0], 0)
+    assert visible_pieces(["\ufffd"], [3.0], 0) == (["\ufffd"], [3.0], 0)
+    assert visible_pieces(["a", "b"], [-1.0, -2.0], 1) == (["a", "b"], [-1.0, -2.0], 1)

@@ -29,13 +29,14 @@ line-height:1.7;border-left:3px solid #e9ecef;padding:2px 8px;margin:4px 0;word-
 """
 
 
-# C0 controls but tab, newline and CR (dropped: CRLF text), and DEL -> their visible symbols
+# C0 controls but tab and newline (CR is one by then), and DEL -> their visible symbols
 # (U+2400...): raw, NUL is a parse error in HTML and the others are invisible
 _CONTROLS = {c: chr(0x2400 + c) for c in range(32) if chr(c) not in "\t\n\r"} | {0x7F: "\u2421", 0x0D: None}
 
 
 def esc(x: Any) -> str:
-    return html.escape(str(x), quote=True).translate(_CONTROLS)
+    text = str(x).replace("\r\n", "\n").replace("\r", "\n")  # CRLF, and old Mac line ends
+    return html.escape(text, quote=True).translate(_CONTROLS)
 
 
 def fmt(x: Any, nd: int = 3) -> str:
