@@ -269,7 +269,7 @@ def _run_harvest(
         legacy = hashlib.sha256(  # stamps written before the hash left paths out (2026-11-26)
             json.dumps(old_cfg, sort_keys=True).encode()
         ).hexdigest()[:16]
-        begun = writer.has_manifest() or writer.fs.glob(f"{writer.root}/shards/*.json")
+        begun = writer.begun()
         if old.get("hash") not in (h, legacy) and not begun:
             # stamped, then stopped before its first shard (no Ray at --address, say): nothing of
             # the old config to keep apart, so this harvest starts the store under its own
@@ -292,7 +292,7 @@ def _run_harvest(
                 )
             log.info("harvest.skip", reason="store complete; pass --overwrite to redo")
             return manifest
-    elif writer.has_manifest() or writer.fs.glob(f"{writer.root}/shards/*.json"):
+    elif writer.begun():
         raise StoreError(  # not this harvest's: resuming would adopt rows of unknown origin
             f"store {cfg.store} already holds a store that no harvest stamped (no harvest_config.json); "
             "pass --overwrite to replace it or pick a new store"

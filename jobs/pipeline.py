@@ -219,10 +219,12 @@ class Pipeline(StageRunners):
             return False
         import fsspec
 
+        from diffing.store.writer import store_begun
+
         try:
             fs, root = fsspec.core.url_to_fs(self.cfg.harvest.store)
             fs.invalidate_cache(root)
-            return not fs.exists(f"{root}/manifest.json") and not fs.glob(f"{root}/shards/*")
+            return not store_begun(fs, root)
         except Exception:  # noqa: BLE001 - unreadable now: the refusal's own message, as before
             return False
 

@@ -169,6 +169,7 @@ def test_a_harvest_refused_before_its_first_shard_takes_the_corrected_config(tmp
         shard = tmp_path / "run" / "store" / "shards" / "00000.parquet"
         shard.parent.mkdir(parents=True, exist_ok=True)
         shard.write_bytes(b"x")
+        shard.with_suffix(".json").write_text("{}")  # its sidecar: a finished shard
         raise RuntimeError("killed")
 
     p.stage_fns["harvest"] = killed_after_a_shard

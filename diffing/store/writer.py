@@ -30,6 +30,12 @@ from diffing.store.format import (
 from diffing.store.reader import ActivationStore, open_store
 
 
+def store_begun(fs, root: str) -> bool:
+    """A store at `root` (of fsspec `fs`) that is finished or holds a finished shard: a harvest
+    that wrote none (stopped by its checks) left nothing a changed config must keep apart."""
+    return fs.exists(f"{root}/manifest.json") or bool(fs.glob(f"{root}/shards/*.json"))
+
+
 class StoreWriter:
     """Writes shards one at a time (any process, any order) and finalises the manifest."""
 
@@ -68,6 +74,10 @@ class StoreWriter:
 
     def has_manifest(self) -> bool:
         return self.fs.exists(self._path("manifest.json"))
+
+    def begun(self) -> bool:
+        """Finished, or holding a finished shard (its sidecar written): a harvest's work stands here."""
+        return store_begun(self.fs, self.root)
 
     def clear(self) -> None:
         """Remove an existing store's manifest and shards (for --overwrite)."""
