@@ -36,12 +36,12 @@ from jobs.pipeline_config import (  # noqa: F401  (re-exported: the config's pub
     reference,
     with_defaults,
 )
-from jobs.pipeline_stages import StageRunners, check_crosscoder_fits
+from jobs.pipeline_stages import StageRunners, preflight
 from jobs.provenance import environment
 from jobs.rundir import WEIGHTS, RunMirror
 from jobs.stage_identity import changed_fields, stage_own
 from jobs.stage_outputs import clear as clear_stage
-from jobs.stage_outputs import missing, store_gone
+from jobs.stage_outputs import missing
 
 
 def _hash(obj: Any) -> str:
@@ -321,25 +321,7 @@ class Pipeline(StageRunners):
         if self.mirror is not None:
             self.mirror.pull()
         to_run = self.stages_to_run(overwrite, redo_changed)  # refuses before anything is written
-        if why := store_gone(self, to_run):  # fit or analyze would run without their data
-            raise ValueError(why)
-        if "harvest" in to_run and "fit" in to_run:
-            check_crosscoder_fits(self.cfg)
-        if "label" in to_run and self.cfg.label.service.taxonomy:  # before hours of harvest and fit
-            from serve.taxonomy import load_taxonomy
-
-            load_taxonomy(self.cfg.label.service.taxonomy)
-        if self.mirror is not None:
-            # an in-process fit writes the weights here, analyze in this process reads them: sync
-            # those too (a Ray Train fit writes the bucket; a placed analysis copies them to its node)
-            if ("fit" in to_run and self.cfg.fit.distributed.workers == 0) or (
-                "analyze" in to_run and self.cfg.analyze_task is None
-            ):
-                self.mirror = RunMirror(self.cfg.out, self.run, guard=self.mirror.guard)
-                if not (overwrite and "fit" in to_run):  # a refit from scratch never reads the old ones
-                    self.mirror.pull()
-            else:  # label and report read the analysis: a Gemma-sized crosscoder stays in the bucket
-                self.log.info("pipeline.weights_left_remote", stages=to_run, skipped=list(WEIGHTS))
+        preflight(self, to_run, overwrite)
         # the config of the call that makes outputs; a rerun with nothing to do keeps the one that
         # made them (its operational settings, say sync_every_s, may differ and made nothing)
         if to_run or not (self.run / "pipeline.json").exists():

@@ -35,6 +35,34 @@ def check_crosscoder_fits(cfg) -> None:
         raise ValueError(f"fit: {e}; found before the harvest, nothing was run") from None
 
 
+def preflight(p, to_run: list[str], overwrite: bool) -> None:
+    """Pipeline `p`'s refusals before anything is written (a fit or analysis without its data, a
+    crosscoder the models cannot take, an unreadable taxonomy), and which weights a remote run's
+    mirror brings down for the stages `to_run`."""
+    from jobs.rundir import WEIGHTS, RunMirror
+    from jobs.stage_outputs import store_gone
+
+    if why := store_gone(p, to_run):  # fit or analyze would run without their data
+        raise ValueError(why)
+    if "harvest" in to_run and "fit" in to_run:
+        check_crosscoder_fits(p.cfg)
+    if "label" in to_run and p.cfg.label.service.taxonomy:  # before hours of harvest and fit
+        from serve.taxonomy import load_taxonomy
+
+        load_taxonomy(p.cfg.label.service.taxonomy)
+    if p.mirror is not None:
+        # an in-process fit writes the weights here, analyze in this process reads them: sync
+        # those too (a Ray Train fit writes the bucket; a placed analysis copies them to its node)
+        if ("fit" in to_run and p.cfg.fit.distributed.workers == 0) or (
+            "analyze" in to_run and p.cfg.analyze_task is None
+        ):
+            p.mirror = RunMirror(p.cfg.out, p.run, guard=p.mirror.guard)
+            if not (overwrite and "fit" in to_run):  # a refit from scratch never reads the old ones
+                p.mirror.pull()
+        else:  # label and report read the analysis: a Gemma-sized crosscoder stays in the bucket
+            p.log.info("pipeline.weights_left_remote", stages=to_run, skipped=list(WEIGHTS))
+
+
 class StageRunners:
     """Mixed into Pipeline: each `_<stage>(overwrite)` runs one stage and returns its summary."""
 

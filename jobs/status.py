@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -233,8 +234,16 @@ def run_status(run: str) -> dict[str, Any]:
     if started:  # who holds the run says more than how old its files are
         _apply_holder(out, fs, root, run, now, progress)
     if current is None and fs.exists(f"{root}/report.html"):
-        out["report"] = f"{run.rstrip('/')}/report.html"
+        out["report"] = _report_path(run)
     return out
+
+
+def _report_path(run: str) -> str:
+    """Where to open the report: absolute for a local run (status may run from another directory
+    than the one that will open it), the URL as given for a remote one."""
+    if "://" in run:
+        return f"{run.rstrip('/')}/report.html"
+    return str(Path(run).expanduser().resolve() / "report.html")
 
 
 def _apply_holder(out: dict, fs, root: str, run: str, now: float, progress: dict) -> None:
@@ -320,7 +329,7 @@ def _standalone(fs, root: str, run: str) -> dict[str, Any]:
     if t := progress.get("last_write"):
         out["last_write_age_s"] = round(time.time() - t, 1)
     if has("report.html"):
-        out["report"] = f"{run.rstrip('/')}/report.html"
+        out["report"] = _report_path(run)
     return out
 
 

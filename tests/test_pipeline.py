@@ -286,7 +286,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster):
 
         st = run_status(out)  # what `crossdiff status` says of a finished run
         assert [r["state"] for r in st["stages"]] == ["done"] * len(STAGES) and st["current"] is None
-        assert st["report"] == f"{out}/report.html"
+        assert st["report"] == str((run / "report.html").resolve())  # absolute: opened from anywhere
 
         # a finished pipeline does nothing on rerun
         mtimes = {

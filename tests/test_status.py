@@ -305,3 +305,12 @@ def test_who_holds_the_run_decides_running_or_stopped(tmp_path, monkeypatch):
         st = run_status(f"memory://{mroot}")
         assert ("held_by" in st) == held and bool(st.get("holder_gone")) == gone, body
     mem.rm(mroot, recursive=True)
+
+
+def test_report_path_is_absolute_for_a_local_run(tmp_path, monkeypatch):
+    """`status` names the report so it opens from any directory; a bucket's stays a URL."""
+    from jobs.status import _report_path
+
+    monkeypatch.chdir(tmp_path)
+    assert _report_path("runs/r/") == str(tmp_path / "runs" / "r" / "report.html")
+    assert _report_path("s3://b/runs/r/") == "s3://b/runs/r/report.html"
