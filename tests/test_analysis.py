@@ -96,11 +96,16 @@ def test_latent_stats_over_kept_entries_equal_the_dense_products(kind, monkeypat
         )
         cc = Crosscoder(cfg, seed=3)
         x = torch.randn(3000, 3, 16)
+        with torch.no_grad():  # a bias and scales as after a fit: β^r must leave b_dec out, and
+            cc.b_dec.normal_(0.0, 0.5)  # every statistic must read the normalised activations
+            cc.norm_scale.copy_(torch.tensor([0.5, 2.0, 1.3]))
         with torch.no_grad():  # an inference threshold, as after a fit: about 4% of entries kept
             score = torch.relu(cc.encode_pre(cc.normalise(x))) * cc.decoder_norms().sum(0)
             cc.threshold.fill_(torch.quantile(score.flatten()[::7], 0.96).item())
     else:
         cc, x = _constructed(0.6, decoupled=True)
+        with torch.no_grad():
+            cc.b_dec[0, 0], cc.b_dec[1, 3] = 0.3, -0.2  # along latent 0's and 2's direction, and off it
     runs = {}
     for path, density in (("dense", -1.0), ("sparse", 1.0)):
         monkeypatch.setattr(sc, "SPARSE_MAX_DENSITY", density)
@@ -136,6 +141,48 @@ def test_truly_specific_latent_is_robust():
     cc, x = _constructed(0.0, decoupled=False)
     t = latent_table(cc, latent_stats(cc, x.split(4096)), AnalysisConfig()).to_pydict()
     assert t["robust"][0] and abs(t["nu_eps"][0]) < 0.01
+
+
+def test_latent_stats_read_raw_activations_through_norm_scale():
+    """A store holds raw activations; the statistics are those of the normalised ones the
+    crosscoder was fitted on: raw x / c with scales c give exactly the numbers of x with c = 1."""
+    cc, x = _constructed(0.6, decoupled=False)
+    ref = latent_stats(cc, x.split(4096))
+    scale = torch.tensor([0.5, 2.0])
+    with torch.no_grad():
+        cc.norm_scale.copy_(scale)
+    scaled = latent_stats(cc, (x / scale[None, :, None]).split(4096))
+    for field in ("freq", "mean_act", "max_act", "beta_eps", "beta_r"):
+        np.testing.assert_allclose(getattr(scaled, field), getattr(ref, field), rtol=1e-5, atol=1e-6)
+    assert abs(scaled.beta_eps[0, 0] - 0.6) < 0.01  # ν^ε of the B-only latent, as constructed
+
+
+def test_dead_latents_are_classed_dead_and_stay_out_of_the_tails():
+    """A latent that never fired has a decoder but no evidence: class `dead`, in neither Δnorm
+    tail, and the tails' size counts live latents only."""
+    from dataclasses import replace
+
+    cc, x = _constructed(0.5, decoupled=True)
+    stats = latent_stats(cc, x.split(4096))
+    dead = replace(stats, freq=np.array([stats.freq[0], stats.freq[1], 0.0]))  # latent 2 (A-only) silent
+    t = latent_table(cc, dead, AnalysisConfig(tail_frac=0.5)).to_pydict()
+    assert t["class"] == ["B-only", "shared", "dead"]
+    assert t["tail"] == ["low", "high", ""]  # one a side of the two live latents, not the dead one
+    assert not t["robust"][2]
+
+
+def test_robust_is_only_said_of_model_only_latents():
+    """ν ≈ 0 makes a latent robust only where its decoders already say model-only: a latent in
+    the band between `other` and `shared` is not, whatever its ν."""
+    from dataclasses import replace
+
+    cc, x = _constructed(0.0, decoupled=False)
+    stats = latent_stats(cc, x.split(4096))
+    with torch.no_grad():
+        cc.W_dec[0, 0] = torch.eye(8)[0] * 0.4  # latent 0: Δnorm 0.2, between only_low and shared_low
+    t = latent_table(cc, replace(stats, target=None), AnalysisConfig()).to_pydict()
+    assert t["class"][0] == "other" and abs(t["nu_eps"][0]) < 0.01  # ν still says "B only"
+    assert not t["robust"][0]
 
 
 def test_firing_stats():
@@ -400,6 +447,10 @@ def test_a_third_models_latent_is_not_the_pairs():
     ]
     assert pair_writes(norms, 0, 1, cfg).tolist() == [False, False, True, True]
     assert pair_writes(norms[:2], 0, 1, cfg).all()  # two models: every latent is the pair's
+    # the pair's stronger decoder against the strongest model's: below 2 * only_low (0.2) it is not the pair's
+    edge = np.array([[0.15, 0.25], [0.1, 0.1], [1.0, 1.0]])
+    assert pair_writes(edge, 0, 1, cfg).tolist() == [False, True]
+    assert classify(edge, ["pt", "it", "simpo"], cfg, pair=(0, 1)).tolist() == ["other", "other"]
 
 
 def test_latent_scaling_of_a_pair_in_three_models_matches_the_formula():

@@ -40,6 +40,19 @@ def test_batchtopk_matches_dense_reference_outputs_and_grads(monkeypatch, aux_pa
     assert torch.allclose(out.loss, loss_ref, rtol=1e-5)
     # exactly k*B entries kept (all positive here), the top ones by score
     assert out.acts.vals.numel() == 4 * 32
+    # the AuxK term's own gradients (a 1/32 share of the loss's would hide under the tolerance below):
+    # it trains the dead latents toward the residual error, which it must not move itself
+    alpha = cc.cfg.auxk_alpha
+    aux_ref = (loss_ref - (x - x_hat_ref).pow(2).sum((1, 2)).mean()) / alpha
+    params = dict(ref.named_parameters())
+    g_cc = torch.autograd.grad(
+        out.aux, [getattr(cc, n) for n in params], retain_graph=True, allow_unused=True
+    )
+    g_ref = torch.autograd.grad(aux_ref, list(params.values()), retain_graph=True, allow_unused=True)
+    for name, a, b in zip(params, g_cc, g_ref, strict=True):
+        a = torch.zeros_like(params[name]) if a is None else a
+        b = torch.zeros_like(params[name]) if b is None else b
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), name
     out.loss.backward()
     loss_ref.backward()
     for name, p in ref.named_parameters():

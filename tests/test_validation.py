@@ -60,6 +60,34 @@ def test_planted_truth_counts(tmp_path):
     assert r["direction"]["selfref"]["ok"] and r["direction"]["selfref"]["delta"] < 0
 
 
+def test_a_latent_without_source_mass_is_unknown_not_a_miss(tmp_path):
+    """A selected latent with no source mass (it never fired on the held-out split) says nothing
+    about where the fine-tune's latents fire: the rate is over the latents with mass."""
+    ev = [
+        _ev(0, "ft-specific", {"refusal": 0.9, "general_text": 0.1}),
+        _ev(1, "ft-specific", {"french": 0.8, "general_text": 0.2}),
+        _ev(2, "ft-specific", {"general_text": 1.0}),
+        _ev(3, "ft-specific", {}),
+    ]
+    write_jsonl(tmp_path / "examples" / "0-4.jsonl", ev)
+    r = planted_truth(tmp_path, PLANTED, ("base", "ft"))
+    assert r["n_ft_specific"] == 4 and math.isclose(r["mass_rate_ft_specific"], 2 / 3)
+
+
+def test_a_clear_loss_has_an_interval_below_zero(tmp_path):
+    """A category in 20 of 40 base-specific latents and none of 40 fine-tune ones: the loss is
+    right in sign and its interval excludes no shift (from below)."""
+    ev = [_ev(i, "ft-specific", {"refusal": 1.0}) for i in range(40)]
+    ev += [_ev(40 + i, "base-specific", {"self_reference": 1.0}) for i in range(40)]
+    write_jsonl(tmp_path / "examples" / "0-80.jsonl", ev)
+    labels = [_lab(i, "safety") for i in range(40)]
+    labels += [_lab(40 + i, "self-reference" if i < 20 else "other") for i in range(40)]
+    write_jsonl(tmp_path / LABELS_FILE, labels)
+    d = planted_truth(tmp_path, PLANTED, ("base", "ft"))["direction"]["selfref"]
+    assert d["ok"] and d["delta"] == -1.0
+    assert d["ci_high"] < 0 and d["ci_excludes_zero"]
+
+
 def test_planted_truth_without_labels(tmp_path):
     write_jsonl(tmp_path / "examples" / "0-1.jsonl", [_ev(0, "ft-specific", {"refusal": 1.0})])
     r = planted_truth(tmp_path, PLANTED, ("base", "ft"))
