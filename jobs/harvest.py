@@ -275,7 +275,9 @@ def _run_harvest(
             # the old config to keep apart, so this harvest starts the store under its own
             log.info("harvest.restamp", reason="no shard was written under the stamped config")
         elif old.get("hash") not in (h, legacy):
-            what = _stamp_changes(old.get("config"), cfg, records_hash != old.get("records_sha256"))
+            what = _stamp_changes(
+                old.get("config"), cfg, old.get("records_sha256") not in (None, records_hash)
+            )  # stamps before 2026-12-06 hold no records hash: nothing to say of the records
             raise StoreError(
                 f"store {cfg.store} was harvested with a different config{what}; pass --overwrite to redo it "
                 "or pick a new store"

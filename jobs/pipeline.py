@@ -41,7 +41,7 @@ from jobs.provenance import environment
 from jobs.rundir import WEIGHTS, RunMirror
 from jobs.stage_identity import changed_fields, stage_own
 from jobs.stage_outputs import clear as clear_stage
-from jobs.stage_outputs import missing
+from jobs.stage_outputs import marker_snapshot, missing, restore_markers, store_stamp
 
 
 def _hash(obj: Any) -> str:
@@ -343,6 +343,11 @@ class Pipeline(StageRunners):
             # whatever later stages made (each writes its marker before its first output) came from
             # this stage's old outputs: stale, on disk, so a killed run redoes them too; then this
             # stage is marked running (resumable only if it started with nothing to replace)
+            # a harvest refused by its own checks (the store holds another config, a model is not
+            # there) writes nothing: the markers it found are put back below, so the refused
+            # config does not stand in the run as a changed one (nor the later stages as stale)
+            found = marker_snapshot(self, STAGES[STAGES.index(stage) :]) if stage == "harvest" else None
+            stamp = store_stamp(self) if stage == "harvest" else None
             for later in STAGES[STAGES.index(stage) + 1 :]:
                 if self._saved(later) not in (None, {"stale": True}):
                     self._write_marker(later, {"stale": True})
@@ -350,6 +355,7 @@ class Pipeline(StageRunners):
             self._write_marker(stage, {**running, "overwrite": ow})
 
             def fresh_start(stage=stage, running=running) -> None:  # old outputs gone: resumable from here
+                self._cleared = True
                 if self.mirror is not None:  # the deletions reach the bucket before the marker does
                     self.mirror.push()
                 self._write_marker(stage, {**running, "overwrite": False})
@@ -365,8 +371,14 @@ class Pipeline(StageRunners):
             # a placed analysis uploads its own work; this copy has nothing to add meanwhile
             placed = stage == "analyze" and self.cfg.analyze_task is not None
             sync = self.mirror.syncing(self.cfg.sync_every_s) if self.mirror and not placed else nullcontext()
+            self._cleared = False
             with sync, structlog.contextvars.bound_contextvars(stage=stage):  # `stage` on every line
-                summary = self.stage_fns[stage](overwrite=ow)
+                try:
+                    summary = self.stage_fns[stage](overwrite=ow)
+                except BaseException:
+                    if found is not None and not self._cleared and store_stamp(self) == stamp:
+                        restore_markers(self, found)
+                    raise
             if self.mirror is not None:  # outputs first, then the marker that vouches for them
                 self.mirror.push()
             seconds[stage] = round(time.perf_counter() - t0, 1)

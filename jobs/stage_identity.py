@@ -116,7 +116,8 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def changed_fields(saved: Path, cfg: PipelineConfig, stage: str) -> str:
     """ " (fit.train.lr: 0.0005 -> 0.01)": what differs in the stage's identity (or, where its own
     settings are the same, in the first earlier stage's) between the run's pipeline.json, the
-    config of the call that made its outputs, and ``cfg``; "" where that file cannot be read."""
+    config of the call that made its outputs, and ``cfg``; "" where that file cannot be read, and
+    a note that nothing in the config differs where its settings are the same."""
     import json
 
     from jobs.pipeline_config import STAGES
@@ -138,4 +139,8 @@ def changed_fields(saved: Path, cfg: PipelineConfig, stage: str) -> str:
             )
             more = f"; and {len(keys) - 5} more" if len(keys) > 5 else ""
             return f" ({'an earlier stage: ' if s != stage else ''}{shown}{more})"[:800]
-    return ""
+    return (
+        " (no setting differs from the run's pipeline.json: what changed is outside the config, such as "
+        "the contents of a file it names (a taxonomy), or how this version of crossdiff reads a setting "
+        "(`~` in a path, say))"
+    )

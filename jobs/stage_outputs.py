@@ -136,3 +136,36 @@ def _store_replaced(p: Pipeline, to_run: list[str]) -> str | None:
         f"{[s for s in to_run if s in ('fit', 'analyze')]} would read that data under this run's name; "
         "give this run a store of its own (harvest.store) and rerun with --redo-changed, or --overwrite"
     )
+
+
+def store_stamp(p: Pipeline) -> bytes | None:
+    """The harvest store's stamp as it is now (None: none, or unreadable): a harvest writes it
+    only once its checks passed, and removes it when it clears the store."""
+    try:
+        fs, root = fsspec.core.url_to_fs(p.cfg.harvest.store)
+        fs.invalidate_cache(root)
+        return fs.cat_file(f"{root.rstrip('/')}/harvest_config.json")
+    except Exception:  # noqa: BLE001 - missing or unreachable: nothing to compare, as none
+        return None
+
+
+def marker_snapshot(p: Pipeline, stages) -> dict[str, str | None]:
+    """The markers of `stages` as they are, raw (None: no marker)."""
+    return {s: (p.marker(s).read_text() if p.marker(s).exists() else None) for s in stages}
+
+
+def restore_markers(p: Pipeline, snapshot: dict[str, str | None]) -> None:
+    """Put back the markers of a snapshot (locally and on a remote run's bucket): what a harvest
+    that stopped before writing anything found, so its refused config does not stand in the run."""
+    for stage, text in snapshot.items():
+        m = p.marker(stage)
+        if text is None:
+            m.unlink(missing_ok=True)
+            if p.mirror is not None:
+                p.mirror.delete(f"stages/{stage}.json")
+            continue
+        tmp = m.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(m)
+        if p.mirror is not None:
+            p.mirror.put(f"stages/{stage}.json")

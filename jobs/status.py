@@ -226,7 +226,15 @@ def run_status(run: str) -> dict[str, Any]:
         out["last_write_age_s"] = round(now - max(writes), 1)
         # a remote run's local copy reaches the bucket every sync_every_s (0: at the stage's end)
         sync = float(cfg.get("sync_every_s") or 0) if "://" in run else 0.0
-        if started and ("://" not in run or sync > 0):  # only a `running` stage can look killed
+        # only a `running` stage can look killed; or one with outputs but no marker at all (a
+        # crossdiff from before the markers, killed mid-stage: nothing else says it stopped)
+        unmarked = (
+            started is None
+            and current is not None
+            and progress
+            and not fs.exists(f"{root}/stages/{current}.json")
+        )
+        if (started or unmarked) and ("://" not in run or sync > 0):
             out["quiet_after_s"] = max(QUIET_S, 3 * sync)
             out["probably_killed"] = out["last_write_age_s"] > out["quiet_after_s"]
             if out["probably_killed"]:

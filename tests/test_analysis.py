@@ -231,6 +231,33 @@ def test_analyze_run_writes_parquet_and_checks_store(tmp_path):
         analyze_run(tmp_path / "run", other, AnalysisConfig(), overwrite=True)
 
 
+def test_an_old_analysis_without_the_fits_digest_is_refused_after_a_refit(tmp_path):
+    """latents.parquet from a crossdiff that did not record the weights it read (before 2026-12-06):
+    skipped while the weights are older than it, refused once they were rewritten after it."""
+    import os
+
+    from diffing.store import write_arrays
+
+    cc, x = _constructed(0.5, False, n=3000)
+    run = tmp_path / "run"
+    cc.save(run / "crosscoder")
+    st = write_arrays(str(tmp_path / "s"), x, model_names=["A", "B"], doc_ids=np.arange(3000) // 100)
+    analyze_run(run, st, AnalysisConfig())
+    out = run / "latents.parquet"
+    t = pq.read_table(out)
+    meta = {k: v for k, v in t.schema.metadata.items() if k != b"fit"}
+    pq.write_table(t.replace_schema_metadata(meta), out)  # as an older crossdiff wrote it
+    weights = run / "crosscoder" / "model.safetensors"
+    now = out.stat().st_mtime_ns
+    os.utime(weights, ns=(now - 60 * 10**9, now - 60 * 10**9))  # fitted before the analysis
+    assert analyze_run(run, st, AnalysisConfig()).num_rows == 3  # skipped, as before
+    os.utime(weights, ns=(now + 60 * 10**9, now + 60 * 10**9))  # refitted after it
+    with pytest.raises(ValueError, match="older than the crosscoder's weights.*--overwrite"):
+        analyze_run(run, st, AnalysisConfig())
+    analyze_run(run, st, AnalysisConfig(), overwrite=True)
+    assert b"fit" in pq.read_schema(out).metadata
+
+
 def _selection_inputs():
     """12 latents: 0 robust A-only, 1 non-robust A-only, 2 robust B-only, 3..10 shared, 11 dead."""
     from diffing.analysis import select_latents  # noqa: F401

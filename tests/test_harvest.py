@@ -356,6 +356,13 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, mon
     with pytest.raises(StoreError, match=r"different config \(layer: 2 -> 1; corpus: other records\)"):
         run_harvest(_cfg(tiny_pair, "copy.jsonl", "s", layer=1))  # the refusal names what changed
     assert (tmp_path / "s" / "manifest.json").read_text() == before
+    # a stamp from before records were hashed (2026-12-06) says nothing of them: not "other records"
+    stamp = tmp_path / "s" / "harvest_config.json"
+    saved = stamp.read_text()
+    stamp.write_text(json.dumps({k: v for k, v in json.loads(saved).items() if k != "records_sha256"}))
+    with pytest.raises(StoreError, match=r"different config \(layer: 2 -> 1\); pass --overwrite"):
+        run_harvest(_cfg(tiny_pair, tmp_path / "c.jsonl", "s", layer=1))
+    stamp.write_text(saved)
     # a store stamped by a harvest stopped before its first shard (no Ray at --address): no rows of
     # the old config exist, so another config starts it without --overwrite
     (tmp_path / "s2").mkdir()

@@ -111,6 +111,26 @@ def test_edited_taxonomy_file_relabels(tmp_path):
     assert after[0] == before[0] and after[1] != before[1]
 
 
+def test_a_change_outside_the_config_is_said_to_be_one(tmp_path):
+    """Refused for a changed identity with every setting as it was (an edited taxonomy file, or a
+    newer crossdiff reading a setting another way): the message says so instead of naming nothing."""
+    import shutil
+    from pathlib import Path
+
+    tax = tmp_path / "tax.yaml"
+    shutil.copy(Path(__file__).resolve().parents[1] / "serve" / "taxonomies" / "demo.yaml", tax)
+    cfg = PipelineConfig.model_validate(
+        with_defaults(_cfg_dict(tmp_path, label={"service": {"taxonomy": str(tax)}}))
+    )
+    calls: list = []
+    _recording(Pipeline(cfg), calls)()
+    tax.write_text(tax.read_text().replace("Anything else", "Everything else"))
+    with pytest.raises(
+        ValueError, match=r"stage 'label' with a different config \(no setting differs.*a taxonomy"
+    ):
+        _recording(Pipeline(cfg), calls)()
+
+
 def _recording(p: Pipeline, calls: list) -> Pipeline:
     p.missing_outputs = lambda stage: []  # stubbed stages write no outputs
     p.stage_fns = {s: (lambda overwrite, s=s: calls.append((s, overwrite)) or {"stage": s}) for s in STAGES}
@@ -161,8 +181,9 @@ def test_a_harvest_refused_before_its_first_shard_takes_the_corrected_config(tmp
     p.stage_fns["harvest"] = refused
     with pytest.raises(ValueError, match="neither"):
         p()
+    assert not (tmp_path / "run" / "stages" / "harvest.json").exists()  # the refused config left no marker
     _recording(Pipeline(cfg("text")), calls)()
-    assert calls[0] == ("harvest", True)  # started under the new config (its store holds nothing)
+    assert calls[0] == ("harvest", False)  # started under the new config (its store holds nothing)
     p = _recording(Pipeline(cfg("text")), calls)
 
     def killed_after_a_shard(overwrite):
@@ -170,6 +191,7 @@ def test_a_harvest_refused_before_its_first_shard_takes_the_corrected_config(tmp
         shard.parent.mkdir(parents=True, exist_ok=True)
         shard.write_bytes(b"x")
         shard.with_suffix(".json").write_text("{}")  # its sidecar: a finished shard
+        (shard.parents[1] / "harvest_config.json").write_text('{"hash": "text"}')  # stamped before it
         raise RuntimeError("killed")
 
     p.stage_fns["harvest"] = killed_after_a_shard
@@ -177,6 +199,40 @@ def test_a_harvest_refused_before_its_first_shard_takes_the_corrected_config(tmp
         p(overwrite=True)
     with pytest.raises(ValueError, match=r"different config \(harvest\.corpus\.text_field"):
         _recording(Pipeline(cfg("body")), calls)()
+
+
+def test_a_harvest_refused_by_a_shared_store_leaves_the_run_as_it_was(tmp_path):
+    """A new run on another run's finished store, with a setting that store was not made with: the
+    harvest's checks refuse it and write nothing, and the run keeps no marker of the refused config.
+    The corrected rerun just runs (the real harvest then skips the complete store); it used to be
+    refused as a changed config, and the advised --redo-changed re-harvested the other run's store."""
+    from jobs.stage_outputs import store_stamp
+
+    shared = tmp_path / "shared"
+    (shared / "shards").mkdir(parents=True)
+    (shared / "shards" / "00000.parquet").write_bytes(b"x")
+    (shared / "shards" / "00000.json").write_text("{}")
+    (shared / "harvest_config.json").write_text('{"hash": "the other run"}')
+
+    def cfg(layer):
+        d = _cfg_dict(tmp_path)
+        d["harvest"]["store"], d["harvest"]["layer"] = str(shared), layer
+        return PipelineConfig.model_validate(with_defaults(d))
+
+    calls: list = []
+    p = _recording(Pipeline(cfg(2)), calls)
+    assert store_stamp(p) == b'{"hash": "the other run"}'
+
+    def refused(overwrite):
+        raise ValueError(f"store {shared} was harvested with a different config (layer: 1 -> 2)")
+
+    p.stage_fns["harvest"] = refused
+    with pytest.raises(ValueError, match="layer: 1 -> 2"):
+        p()
+    assert not (tmp_path / "run" / "stages" / "harvest.json").exists()
+    _recording(Pipeline(cfg(1)), calls)()
+    assert calls[0] == ("harvest", False)
+    assert (shared / "harvest_config.json").read_text() == '{"hash": "the other run"}'
 
 
 def test_killed_fit_resumes_under_other_logging_and_refuses_other_math(tmp_path):

@@ -117,6 +117,11 @@ def test_status_follows_a_local_run_given_from_another_directory(tmp_path, monke
     st = run_status(root)
     assert st["current"] == "fit" and st["probably_killed"] and "eta_s" not in st["progress"]
     assert "ETA" not in format_status(st) and "step 40/100" in format_status(st)
+    # a fit killed by a crossdiff from before the `running` markers left none: its quiet files say it
+    os.remove(f"{root}/stages/fit.json")
+    st = run_status(root)
+    assert st["stages"][1]["state"] == "pending" and st["current"] == "fit"
+    assert st["probably_killed"] and "eta_s" not in st["progress"] and "ETA" not in format_status(st)
 
 
 def test_status_reads_a_bucket_run_and_reports_a_finished_one():
