@@ -148,10 +148,16 @@ class Pipeline(StageRunners):
             what = f"other contents of {', '.join(models)} (the model directory was rewritten since)"
         else:
             what += changed_fields(self.run / "pipeline.json", self.cfg, stage)
+        shared = ""
+        if stage == "harvest" and not self.cfg.harvest.store.startswith(self.cfg.out.rstrip("/") + "/"):
+            shared = (  # another run may read it: redoing it in place changes that run's data too
+                f" (harvest.store {self.cfg.harvest.store} is outside this run: a redo rewrites it in "
+                "place, for every run that uses it; give a new harvest.store to keep it)"
+            )
         return ValueError(
             f"{self.run} ran stage {stage!r} with {what}; rerun with --redo-changed to redo "
-            "that stage and the ones after it (keeping the ones before), --overwrite to redo every stage, "
-            "or choose a new --out"
+            f"that stage and the ones after it (keeping the ones before){shared}, --overwrite to redo every "
+            "stage, or choose a new --out"
         )
 
     def is_done(self, stage: str, redo_changed: bool = False) -> bool:

@@ -233,6 +233,12 @@ def test_a_harvest_refused_by_a_shared_store_leaves_the_run_as_it_was(tmp_path):
     _recording(Pipeline(cfg(1)), calls)()
     assert calls[0] == ("harvest", False)
     assert (shared / "harvest_config.json").read_text() == '{"hash": "the other run"}'
+    # changed after this run made it: the refusal warns that a redo rewrites a store outside the run
+    with pytest.raises(ValueError, match=f"harvest.store {shared} is outside this run: a redo rewrites it"):
+        _recording(Pipeline(cfg(2)), calls)()
+    with pytest.raises(ValueError, match="different config") as inside:
+        _recording(Pipeline(PipelineConfig.model_validate(with_defaults(_cfg_dict(tmp_path)))), calls)()
+    assert "outside this run" not in str(inside.value)  # store (default) inside the run: no warning
 
 
 def test_killed_fit_resumes_under_other_logging_and_refuses_other_math(tmp_path):
