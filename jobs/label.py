@@ -21,11 +21,10 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from pydantic import Field, model_validator
 
-from diffing.config import Frozen
 from diffing.evidence import LABELS_FILE, LatentEvidence, LatentLabel, fit_to_limits, iter_evidence
 from diffing.logs import get_logger
+from jobs.label_config import LabelConfig
 from jobs.label_state import (  # noqa: F401  (re-exported: the labels file's state lives there)
     CONFIG_FILE,
     ENDPOINT_FILE,
@@ -43,56 +42,6 @@ from serve.judge import redact_url
 from serve.settings import ServiceSettings
 
 log = get_logger("crossdiff.label")
-
-
-class LabelConfig(Frozen):
-    groups: tuple[str, ...] | None = Field(
-        None,
-        min_length=1,
-        description="Evidence groups to label (e.g. 'ft-specific', 'baseline'); unset: every group.",
-    )
-    batch_size: int = Field(8, ge=1, description="Latents per request.")
-    concurrency: int = Field(4, ge=1, description="Requests in flight.")
-    detection: bool = Field(False, description="Ask for detection scores (more judge calls per latent).")
-    calibration_group: str | None = Field(
-        "baseline",
-        description="Channel classification (service.method.classify_mode: channel; with --endpoint, set it "
-        "to the endpoint's mode): evidence group sent with every request as the calibration set, ordinary "
-        "latents of the run (analyze's random shared baseline). None, or a group the run lacks: the "
-        "service's fixed neutral text. Labelling that group itself calibrates it against itself.",
-    )
-    calibration_size: int = Field(
-        64, ge=1, description="Most latents of calibration_group sent (in the run's order)."
-    )
-    max_attempts: int = Field(6, ge=1, description="Tries per batch before the run fails (rerun resumes).")
-    backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles per attempt (with jitter).")
-    max_backoff_s: float = Field(60.0, gt=0, description="Longest retry delay.")
-    request_timeout_s: float = Field(900.0, gt=0, description="Client deadline per request.")
-    token_env: str = Field(
-        "CROSSDIFF_API_TOKEN", description="Environment variable with the endpoint's bearer token."
-    )
-    start_timeout_s: float = Field(
-        900.0, gt=0, description="How long a local service may take to come up (vLLM start-up on CPU)."
-    )
-    service: ServiceSettings = Field(
-        default_factory=ServiceSettings,
-        description="Settings of the local service started without --endpoint.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> LabelConfig:
-        if self.max_backoff_s < self.backoff_s:
-            raise ValueError("max_backoff_s must be >= backoff_s")
-        if self.calibration_group and self.calibration_size > self.service.limits.max_calibration:
-            raise ValueError(
-                f"calibration_size={self.calibration_size} exceeds service.limits.max_calibration="
-                f"{self.service.limits.max_calibration}"
-            )
-        if self.batch_size > self.service.limits.max_batch:
-            raise ValueError(
-                f"batch_size={self.batch_size} exceeds service.limits.max_batch={self.service.limits.max_batch}"
-            )
-        return self
 
 
 class LabelJobError(RuntimeError):
@@ -159,6 +108,39 @@ async def _post_batch(
     )
 
 
+async def _within_endpoint_limits(
+    client: httpx.AsyncClient, todo: list[LatentEvidence], calibration: list[dict], cfg: LabelConfig
+) -> tuple[list[LatentEvidence], list[dict], int]:
+    """The evidence cut to what the endpoint takes (GET /v1/limits; a service without it keeps
+    the config's `service.limits`), and the batch size it allows: a remote service with smaller
+    limits labels what fits instead of refusing every request."""
+    try:
+        resp = await client.get("/v1/limits")
+        lim = resp.json() if resp.status_code == 200 else None
+        n_ex, width, most, n_cal = (
+            int(lim[k]) for k in ("max_examples", "max_window", "max_batch", "max_calibration")
+        )
+    except (httpx.HTTPError, ValueError, TypeError, KeyError):
+        return todo, calibration, cfg.batch_size
+    if len(calibration) > n_cal:
+        raise LabelJobError(
+            f"the endpoint takes at most {n_cal} calibration latents (its limits.max_calibration) and this "
+            f"run sends {len(calibration)}: set calibration_size <= {n_cal}"
+        )
+    todo = [fit_to_limits(e, n_ex, width) for e in todo]
+    calibration = [
+        json.loads(fit_to_limits(LatentEvidence.model_validate(c), n_ex, width).model_dump_json())
+        for c in calibration
+    ]
+    if most < cfg.batch_size:
+        log.info(
+            "label.endpoint_limits",
+            batch_size=most,
+            note=f"the endpoint's max_batch ({cfg.batch_size} asked)",
+        )
+    return todo, calibration, min(cfg.batch_size, most)
+
+
 async def _label_all(
     url: str,
     token: str | None,
@@ -177,12 +159,13 @@ async def _label_all(
     `record_fp`: record the first fingerprint seen (False for a file begun without one: the current
     endpoint's would not describe its labels)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     sem = asyncio.Semaphore(cfg.concurrency)
     done = 0
     t0 = time.monotonic()
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=10.0)
     async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout) as client:
+        todo, calibration, size = await _within_endpoint_limits(client, todo, calibration, cfg)
+        batches = [todo[i : i + size] for i in range(0, len(todo), size)]
 
         async def run(batch):
             nonlocal done

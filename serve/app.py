@@ -3,6 +3,7 @@ which calls the judge (a `ray.serve.llm` deployment) through a DeploymentHandle.
 
     POST /v1/labels     label a batch of latents        (bearer token)
     GET  /v1/taxonomy   the categories                  (bearer token)
+    GET  /v1/limits     what one request may hold       (bearer token)
     GET  /healthz       200 when the judge answers, else 503 (readiness)
     GET  /livez         200 while the ingress runs (liveness)
     GET  /docs, /openapi.json
@@ -29,7 +30,15 @@ from serve import prompts
 from serve.cache import settings_fingerprint
 from serve.judge import JudgeClient, JudgeError, JudgeUnavailable, OpenAIJudge, ServeLLMJudge
 from serve.labeller import LabelCache, Labeller
-from serve.protocol import API_VERSION, ErrorBody, Health, LabelRequest, LabelResponse, TaxonomyResponse
+from serve.protocol import (
+    API_VERSION,
+    ErrorBody,
+    Health,
+    LabelRequest,
+    LabelResponse,
+    LimitsResponse,
+    TaxonomyResponse,
+)
 from serve.settings import DEFAULT_JUDGE_ID, JUDGE_MODEL_ENV, JudgeSettings, ServiceSettings, check_bind
 from serve.taxonomy import load_taxonomy
 
@@ -254,6 +263,12 @@ def create_app(service: Service) -> FastAPI:
     @app.get(f"/{API_VERSION}/taxonomy", response_model=TaxonomyResponse, dependencies=bearer)
     async def taxonomy(sv: Service = Depends(svc)):
         return TaxonomyResponse(version=sv.taxonomy.version, categories=sv.taxonomy.categories)
+
+    @app.get(f"/{API_VERSION}/limits", response_model=LimitsResponse, dependencies=bearer)
+    async def limits():
+        return LimitsResponse(
+            **s.limits.model_dump(include=set(LimitsResponse.model_fields) - {"api_version"})
+        )
 
     @app.post(
         f"/{API_VERSION}/labels",

@@ -68,6 +68,17 @@ class TaxonomyResponse(BaseModel):
     categories: list[Category]
 
 
+class LimitsResponse(BaseModel):
+    """What one request may hold (the service's `limits`): a client cuts its evidence to these."""
+
+    api_version: str = API_VERSION
+    max_batch: int = Field(description="Most latents per request.")
+    max_calibration: int = Field(description="Most calibration latents per request.")
+    max_examples: int = Field(description="Most examples per list (top, quantiles, negatives).")
+    max_window: int = Field(description="Most tokens per example window.")
+    max_body_bytes: int = Field(description="Largest request body.")
+
+
 class Health(BaseModel):
     status: str = Field(description="ok, or unavailable when the judge does not answer.")
     judge_model: str

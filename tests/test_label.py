@@ -356,6 +356,46 @@ def test_a_remote_endpoint_that_changed_its_taxonomy_is_not_resumed_into_the_sam
     assert not (run_dir / ENDPOINT_FILE).exists()
 
 
+def test_a_corrupt_line_inside_the_labels_is_rewritten_on_resume(run_dir, monkeypatch):
+    """A line torn in the middle of the file (a crash of an older writer, a bad copy): the resume
+    relabels that latent and rewrites the file, so the report's strict reader parses it and every
+    latent is there once."""
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+    cfg = LabelConfig(batch_size=5, concurrency=2)
+    with Server(ScriptedJudge(by_text)) as srv:
+        label_run(run_dir, cfg, endpoint=srv.url)
+        p = run_dir / LABELS_FILE
+        lines = p.read_text().splitlines()
+        lines[3] = lines[3][:25]  # garbage in the middle, on a line of its own
+        p.write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError):
+            read_labels(run_dir)
+        res = label_run(run_dir, cfg, endpoint=srv.url)
+        assert (res["labelled_now"], res["missing"]) == (1, 0)
+    labels = read_labels(run_dir)  # strict: no bad line left
+    assert sorted(labels) == [*range(20), *range(100, 106)]
+    assert len(p.read_text().splitlines()) == 26
+
+
+def test_evidence_over_the_services_limits_is_labelled_from_what_fits(tmp_path, monkeypatch):
+    """An analysis with a large n_top and a wide window: the job cuts each latent's evidence to the
+    endpoint's limits (around each peak) instead of failing every request with 422."""
+    from diffing.evidence import Example
+
+    monkeypatch.setenv("CROSSDIFF_API_TOKEN", "tok")
+
+    def wide(i):
+        toks = ["Bonjour"] + [f" mot{j}" for j in range(39)]
+        top = [Example(tokens=toks, acts=[0.0] * 30 + [2.0 + k] + [0.0] * 9, peak=30) for k in range(12)]
+        return evidence(i, FRENCH[:1]).model_copy(update={"top": top})
+
+    write_jsonl(tmp_path / "examples" / "0-3.jsonl", [wide(i) for i in range(3)])
+    with Server(ScriptedJudge(by_text), max_examples=5, max_window=16) as srv:
+        res = label_run(tmp_path, LabelConfig(batch_size=3), endpoint=srv.url)
+    assert (res["labelled_now"], res["missing"]) == (3, 0)
+    assert sorted(read_labels(tmp_path)) == [0, 1, 2]
+
+
 def test_the_settings_fingerprint_ignores_where_the_judge_is_and_counts_how_it_is_asked():
     from serve.app import Service
 
@@ -367,6 +407,16 @@ def test_the_settings_fingerprint_ignores_where_the_judge_is_and_counts_how_it_i
 
     assert fp() == fp(endpoint="http://b:9000/v1") == fp(timeout_s=5)
     assert fp() != fp(system_role="fold") and fp() != fp(temperature=0.7)
+
+    def fp_method(**method):
+        return Service(
+            ServiceSettings(method=method), ScriptedJudge(by_text, model="m"), "t"
+        ).settings_fingerprint
+
+    # a resuming client must see an endpoint whose method changed (its labels would mix with the old)
+    base = fp_method()
+    for change in ({"highlight_frac": 0.9}, {"explain_top": 3}, {"classify_mode": "choice"}):
+        assert fp_method(**change) != base, change
 
 
 def test_a_proxy_request_timeout_is_retried_not_fatal():

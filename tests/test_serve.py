@@ -404,6 +404,14 @@ def test_cache_key_and_hits(tmp_path):
     assert (
         Labeller(j, tax, MethodSettings(), system_role="message").key(evidence(5, FRENCH), None, False) == k0
     )
+    # ... and with how it is asked: a cache shared by services with other methods answers none of them
+    for method in (
+        MethodSettings(highlight_frac=0.9),
+        MethodSettings(explain_top=3),
+        MethodSettings(classify_mode="choice"),
+        MethodSettings(window_tokens=12),
+    ):
+        assert Labeller(j, tax, method).key(evidence(5, FRENCH), None, False) != k0, method
     # the on-disk cache survives a new labeller
     j2 = ScriptedJudge(scripted())
     c, hit = run(
@@ -525,6 +533,42 @@ def test_http_limits_name_the_field():
             bad["latents"][0]["top"][0] |= {"tokens": [], "acts": [], "peak": 0}
             r = await c.post("/v1/labels", json=bad)
             assert r.status_code == 422 and r.json()["field"] == "latents.0.top.0.tokens"
+
+    run(go())
+
+
+def test_http_limits_take_a_request_exactly_at_each_limit():
+    """A client fills requests to the limits (the label job's batches, fit_to_limits' windows): at
+    max_batch latents, max_examples examples and max_window tokens a request is labelled; one more
+    of any of them names its field."""
+    from diffing.evidence import Example
+
+    def wide(i, n_examples=3, width=16):
+        toks = ["w"] + [f" t{j}" for j in range(width - 1)]
+        ex = Example(tokens=toks, acts=[0.0] * (width - 1) + [2.0], peak=width - 1)
+        return evidence(i, NEUTRAL[:1]).model_copy(update={"top": [ex] * n_examples})
+
+    async def go():
+        async with client(ScriptedJudge(scripted()), max_batch=2, max_examples=3, max_window=16) as c:
+            r = await c.get("/v1/limits")  # what a client reads to fill its requests
+            assert r.status_code == 200 and r.json() == {
+                "api_version": "v1",
+                "max_batch": 2,
+                "max_calibration": LimitSettings().max_calibration,
+                "max_examples": 3,
+                "max_window": 16,
+                "max_body_bytes": LimitSettings().max_body_bytes,
+            }
+            assert (await c.get("/v1/limits", headers={"Authorization": ""})).status_code == 401
+            r = await c.post("/v1/labels", json=body(wide(0), wide(1)))
+            assert r.status_code == 200 and len(r.json()["labels"]) == 2
+            for evs, field in (
+                ((wide(0), wide(1), wide(2)), "latents"),
+                ((wide(0, n_examples=4),), "latents.0.top"),
+                ((wide(0, width=17),), "latents.0.top.0.tokens"),
+            ):
+                r = await c.post("/v1/labels", json=body(*evs))
+                assert r.status_code == 422 and r.json()["field"] == field, (field, r.json())
 
     run(go())
 

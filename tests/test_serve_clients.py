@@ -158,6 +158,19 @@ def test_evidence_wider_than_the_service_limits_is_cut_to_fit(n_top, width):
         )
     small = LatentEvidence(latent=2, group="g", top=[ex(0)] if width <= 512 else [])
     assert fit_to_limits(small, 100, 512) is small  # within the limits: untouched
+    # the cut is centred on the peak (as the judge's prompt window), clamped at the window's end
+    toks = [f" t{j}" for j in range(700)]
+    for peak, want in ((300, 256), (690, 502), (5, 5)):
+        acts = [0.0] * 700
+        acts[peak] = 2.0
+        one = LatentEvidence(latent=3, group="g", top=[Example(tokens=toks, acts=acts, peak=peak)])
+        b = fit_to_limits(one, 100, 512).top[0]
+        assert (
+            len(b.tokens) == 512
+            and b.peak == want
+            and b.tokens[b.peak] == f" t{peak}"
+            and b.acts[b.peak] == 2.0
+        )
 
 
 def test_an_engine_that_is_busy_or_down_is_unavailable_not_a_judge_error():
