@@ -54,8 +54,21 @@ def _data(seed=0):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ev")
+    return _world(tmp_path_factory.mktemp("ev"))
+
+
+@pytest.fixture(scope="module")
+def shuffled_world(tmp_path_factory):
+    """The same tokens with the store's rows in random order: a store written by other code
+    (write_arrays takes rows in any order) must give the same evidence."""
+    return _world(tmp_path_factory.mktemp("ev-shuffled"), shuffle=True)
+
+
+def _world(tmp, shuffle=False):
     x, doc, pos, tok, src = _data()
+    if shuffle:
+        perm = np.random.default_rng(5).permutation(len(doc))
+        x, doc, pos, tok, src = x[perm], doc[perm], pos[perm], tok[perm], src[perm]
     # 333-row shards cut documents in two: windows and per-doc maxima must join across shards
     store = write_arrays(
         str(tmp / "store"),
@@ -136,7 +149,9 @@ def test_subset_encoder_matches_full_encode_with_threshold():
     )
 
 
-def test_evidence_matches_naive_reference(world):
+@pytest.mark.parametrize("which", ["world", "shuffled_world"])
+def test_evidence_matches_naive_reference(which, request):
+    world = request.getfixturevalue(which)
     collect_evidence(world["run"], world["store"], CFG)
     ev = {e.latent: e for e in iter_evidence(world["run"])}
     assert sorted(ev) == [0, 1, 2, 3, 5]  # every latent with a group, none other
@@ -156,7 +171,8 @@ def test_evidence_matches_naive_reference(world):
         assert len(e.top) == CFG.n_top
         assert [(x.doc_id, x.pos) for x in e.top] == [(d, p) for _, d, p in ref[: CFG.n_top]]
         for x in e.top + e.quantiles + e.negatives:
-            m = (doc == x.doc_id) & (np.abs(pos - x.pos) <= CFG.window)
+            m = np.flatnonzero((doc == x.doc_id) & (np.abs(pos - x.pos) <= CFG.window))
+            m = m[np.argsort(pos[m])]  # the window in document order, whatever the store's row order
             assert x.acts == pytest.approx(f[m, lat].tolist(), abs=1e-5)  # per-token activations
             assert x.tokens == [f"<{t}>" for t in tok[m]]  # no tokenizer: "<id>" strings
             assert x.tokens[x.peak] == f"<{tok[m][pos[m] == x.pos][0]}>"
@@ -245,6 +261,25 @@ def test_heldout_hash_uses_only_heldout_docs(world):
         assert docs <= set(world["doc"][keep].tolist())
         assert e.stats["heldout_tokens"] == keep.sum()
         assert e.stats["freq"] == pytest.approx((world["f"][keep, e.latent] > 0).mean())
+
+
+def test_heldout_last_shards_reads_only_the_last_shards(world):
+    """heldout=last_shards: the evidence comes from the last ceil(frac * n) shards alone (the rows a
+    fit that stopped short never saw), with statistics over exactly those rows."""
+    import math
+
+    cfg = CFG.model_copy(update={"heldout": "last_shards", "heldout_frac": 0.3})
+    rows = {lat: {"latent": lat, "group": "x", "delta_norm": 0.5} for lat in range(L)}
+    ev = evidence_for_latents(world["store"], world["run"] / "crosscoder", [0, 4], cfg, rows)
+    shards = world["store"].manifest.shards
+    first = len(shards) - math.ceil(0.3 * len(shards))
+    start = sum(sh.n_rows for sh in shards[:first])  # rows are stored in order: the tail of the arrays
+    assert 0 < start < len(world["doc"])
+    for e in ev:
+        assert {x.doc_id for x in e.top + e.quantiles + e.negatives} <= set(world["doc"][start:].tolist())
+        assert e.stats["heldout_tokens"] == len(world["doc"]) - start
+        assert e.stats["freq"] == pytest.approx((world["f"][start:, e.latent] > 0).mean())
+        assert e.top[0].acts[e.top[0].peak] == pytest.approx(world["f"][start:, e.latent].max(), rel=1e-6)
 
 
 def test_uniform_hash_is_uniform_and_deterministic():

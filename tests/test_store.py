@@ -283,3 +283,37 @@ def test_done_shards_reads_many_sidecars_in_one_listing(tmp_path, where, request
     assert StoreWriter(str(tmp_path / "empty"), model_names=["a", "b"], d_model=8).done_shards(
         ids
     ) == dict.fromkeys(ids)
+
+
+def test_write_arrays_groups_rows_given_in_any_order_by_document(tmp_path):
+    """A shuffled activation buffer (rows in any order) is stored as a harvest stores it: each
+    document's rows together and in position order, documents in order of first appearance, every
+    row still carrying its own activations, token and extra values."""
+    rng = np.random.default_rng(0)
+    doc = np.repeat([30, 10, 20], 40)
+    pos = np.tile(np.arange(40), 3)
+    acts = rng.standard_normal((120, 2, 4)).astype(np.float32)
+    tok = rng.integers(0, 99, 120)
+    src = [f"s{d}" for d in doc]
+    perm = rng.permutation(120)
+    st = write_arrays(
+        str(tmp_path / "s"),
+        acts[perm],
+        model_names=["A", "B"],
+        doc_ids=doc[perm],
+        positions=pos[perm],
+        token_ids=tok[perm],
+        extra={"source": [src[i] for i in perm]},
+        shard_rows=25,
+        dtype="float32",
+    )
+    x, meta = st.load()
+    first = list(dict.fromkeys(doc[perm].tolist()))  # documents as they first appear in the input
+    assert meta["doc_id"].tolist() == [d for d in first for _ in range(40)]
+    for d in first:
+        assert meta["pos"][meta["doc_id"] == d].tolist() == list(range(40))
+    key = {(int(d), int(p)): i for i, (d, p) in enumerate(zip(doc, pos, strict=True))}
+    idx = [key[(int(d), int(p))] for d, p in zip(meta["doc_id"], meta["pos"], strict=True)]
+    np.testing.assert_array_equal(x.numpy(), acts[idx])
+    assert meta["token_id"].tolist() == tok[idx].tolist()
+    assert list(meta["source"]) == [src[i] for i in idx]

@@ -140,7 +140,9 @@ class StoreWriter:
         producer: dict[str, Any] | None = None,
     ) -> ShardInfo:
         """Write one shard atomically. acts: [n_rows, n_models, d_model]; ``producer`` goes to
-        its sidecar (provenance: e.g. the dtypes the harvest's models ran in)."""
+        its sidecar (provenance: e.g. the dtypes the harvest's models ran in). Layout contract: a
+        document's rows are contiguous in shard order (one shard, or a run of neighbouring ones):
+        evidence windows look a document up there only. write_arrays groups rows so itself."""
         h = self.header
         if isinstance(acts, torch.Tensor):
             acts = acts.detach().cpu()
@@ -238,6 +240,21 @@ class StoreWriter:
         return manifest
 
 
+def _grouped(acts, doc_ids, positions, token_ids, extra):
+    """Rows reordered so each document's tokens are together, in position order, documents in the
+    order they first appear: the store's layout (a harvest writes it so), which evidence windows
+    rely on (a document is looked up in its shard and the neighbouring ones only). Rows given
+    in another order (a shuffled activation buffer) would give windows of scattered fragments."""
+    d, p = np.asarray(doc_ids), np.asarray(positions)
+    _, first, inverse = np.unique(d, return_index=True, return_inverse=True)
+    order = np.lexsort((p, np.argsort(np.argsort(first))[inverse]))
+    if np.array_equal(order, np.arange(len(order))):
+        return acts, doc_ids, positions, token_ids, extra
+    extra = {k: [list(v)[i] for i in order] for k, v in (extra or {}).items()} if extra else extra
+    tok = None if token_ids is None else np.asarray(token_ids)[order]
+    return acts[order], d[order], p[order], tok, extra
+
+
 def write_arrays(
     uri: str,
     acts: np.ndarray | torch.Tensor,
@@ -254,7 +271,9 @@ def write_arrays(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> ActivationStore:
-    """Write a store from in-memory activations [n_tokens, n_models, d_model] (bring your own)."""
+    """Write a store from in-memory activations [n_tokens, n_models, d_model] (bring your own).
+    Rows may come in any order: with `doc_ids` they are stored grouped by document, in position
+    order (the store's layout); `positions` default to one count over the input."""
     if isinstance(acts, torch.Tensor):
         acts = acts.detach().float().cpu().numpy()
     acts = np.asarray(acts)
@@ -295,6 +314,8 @@ def write_arrays(
     n = acts.shape[0]
     if positions is None:  # one count over the whole input: (doc_id, pos) stays unique across shards
         positions = np.arange(n, dtype=np.int64)
+    if doc_ids is not None:  # each document's rows together, in position order (see _grouped)
+        acts, doc_ids, positions, token_ids, extra = _grouped(acts, doc_ids, positions, token_ids, extra)
     if doc_ids is None and n > 1:
         warnings.warn(
             "write_arrays: no doc_ids, so all rows are one document (doc_id 0): evidence contexts run "
