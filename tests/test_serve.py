@@ -62,6 +62,21 @@ def test_highlight_marks_exactly_the_firing_tokens():
     assert prompts.render(ex, n=3, threshold=1.0).count("<<") == 1  # window centred on the peak
 
 
+def test_the_prompt_window_is_centred_on_the_peak():
+    """An example longer than window_tokens is shown around its peak (clamped at the ends), so the
+    marked token is always in the prompt."""
+    from diffing.evidence import Example
+
+    toks = ["t0"] + [f" t{j}" for j in range(1, 65)]
+    for peak, lo in ((60, 41), (30, 18), (2, 0)):
+        acts = [0.0] * 65
+        acts[peak] = 1.0
+        text = prompts.render(Example(tokens=toks, acts=acts, peak=peak), n=24, threshold=0.5)
+        assert f"<<t{peak}>>" in text
+        words = text.replace("<<", "").replace(">>", "").split()
+        assert words == [f"t{j}" for j in range(lo, lo + 24)], peak
+
+
 def test_control_tokens_in_evidence_cannot_open_turns_in_the_judges_prompt():
     """Chat-corpus examples hold the subject's template tokens ("<|im_start|>assistant"); a chat
     tokenizer would read them as control tokens and start turns inside the judge's prompt. Every
@@ -375,6 +390,37 @@ def test_detection_is_balanced_accuracy():
         Labeller(ScriptedJudge(always), tax, MethodSettings()).label(evidence(2, FRENCH), detection=True)
     )
     assert lab.detection_score is None  # no negatives: no score rather than a fake one
+
+
+def test_detection_examples_are_held_out_of_the_explanation():
+    """The detection score tests the explanation on examples the judge did not explain from: the
+    held-out positives (the last quantile examples) appear in no explain or classify prompt, and
+    each detection prompt shows exactly one of them or one negative."""
+    from test_serve_helpers import example
+
+    k = MethodSettings().detection_examples
+    quants = [example(f"Bonjour qmark{i} merci", quantile=i % 4) for i in range(k + 4)]
+    ev = evidence(3, FRENCH[:4], negatives=[f"nmark{i} {t}" for i, t in enumerate(NEUTRAL)])
+    ev = ev.model_copy(update={"quantiles": quants})
+    held = {f"qmark{i}" for i in range(4, k + 4)}
+    negs = {f"nmark{i}" for i in range(len(NEUTRAL))}
+    seen: list[tuple[list | None, str]] = []
+    base = scripted()
+
+    def recording(messages, choice, schema):
+        seen.append((choice, " ".join(m["content"] for m in messages)))
+        return base(messages, choice, schema)
+
+    lab, _ = run(
+        Labeller(ScriptedJudge(recording), load_taxonomy(), MethodSettings()).label(ev, detection=True)
+    )
+    assert lab.detection_score is not None
+    detect = [text for choice, text in seen if choice == ["yes", "no"]]
+    other = [text for choice, text in seen if choice != ["yes", "no"]]
+    assert other and all(not any(m in text for m in held) for text in other)
+    assert any("qmark0" in text for text in other)  # the other quantile examples are explained from
+    shown = [{m for m in held | negs if m in text} for text in detect]
+    assert all(len(x) == 1 for x in shown) and set().union(*shown) == held | negs
 
 
 def test_cache_key_and_hits(tmp_path):
