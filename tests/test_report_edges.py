@@ -187,6 +187,11 @@ def test_provenance_names_models_layer_judge_and_commit(run, tmp_path):  # noqa:
         assert "k 4, n_latents 96, d_model 16, seed 7" in text.replace("\\_", "_")  # the fixture's
     prov = json.loads((r / "report.json").read_text())["provenance"]["run"]
     assert prov["judge"]["model_id"] == "judge-llm-9b" and prov["software"]["fit"]["commit"] == commit
+    # labelled through an --endpoint: the labels name the judge that made them, not the job's own settings
+    from jobs.report.provenance import _judge
+
+    said = _judge(r, {0: {"judge_model": "endpoint-judge-70b", "prompt_version": "delphi-v9"}})
+    assert said["model_id"] == "endpoint-judge-70b" and said["prompt_version"] == "delphi-v9"
 
     # a run without a label stage (and without stage markers or a harvest stamp) still renders
     bare = tmp_path / "bare"

@@ -317,3 +317,45 @@ def test_write_arrays_groups_rows_given_in_any_order_by_document(tmp_path):
     np.testing.assert_array_equal(x.numpy(), acts[idx])
     assert meta["token_id"].tolist() == tok[idx].tolist()
     assert list(meta["source"]) == [src[i] for i in idx]
+
+
+def test_bring_your_own_mistakes_are_refused_before_anything_is_written(tmp_path):
+    """Bad values in a later shard, ids that are not integers, a shard whose documents interleave:
+    each refused with the fix, and nothing left behind that blocks the corrected write."""
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((2000, 2, 4)).astype(np.float32)
+    doc = np.repeat(np.arange(20), 100)
+    acts[1500, 1, 2] = np.inf
+    with pytest.raises(StoreError, match="NaN or inf \\(first at row 1500\\); nothing was written"):
+        write_arrays(str(tmp_path / "s"), acts, model_names=["A", "B"], doc_ids=doc, shard_rows=1000)
+    assert not (tmp_path / "s" / "shards").exists()
+    acts[1500, 1, 2] = 0.0
+    write_arrays(
+        str(tmp_path / "s"), acts, model_names=["A", "B"], doc_ids=doc, shard_rows=1000
+    )  # no overwrite
+    with pytest.raises(StoreError, match="beyond float16's range.*float32"):
+        write_arrays(str(tmp_path / "h"), acts * 1e5, model_names=["A", "B"], doc_ids=doc)
+    with pytest.raises(StoreError, match="doc_ids must be one integer per token.*np.unique"):
+        write_arrays(str(tmp_path / "t"), acts, model_names=["A", "B"], doc_ids=[f"d{d}" for d in doc])
+    with pytest.raises(StoreError, match="doc_ids must be one integer per token"):
+        write_arrays(str(tmp_path / "t"), acts, model_names=["A", "B"], doc_ids=doc[:, None])
+    w = StoreWriter(str(tmp_path / "w"), model_names=["A", "B"], d_model=4)
+    perm = rng.permutation(1000)
+    with pytest.raises(
+        StoreError, match="a document's rows are not together.*sort the rows by \\(doc_id, pos\\)"
+    ):
+        w.write_shard("00000", acts[perm], doc_ids=doc[perm])
+    assert not (tmp_path / "w" / "shards" / "00000.parquet").exists()
+
+
+def test_a_shuffled_buffer_without_positions_numbers_each_document_in_order_given(tmp_path):
+    rng = np.random.default_rng(1)
+    doc = np.repeat([7, 3], 50)
+    acts = rng.standard_normal((100, 2, 4)).astype(np.float32)
+    perm = rng.permutation(100)
+    with pytest.warns(UserWarning, match="numbered in the order given; pass positions"):
+        st = write_arrays(str(tmp_path / "s"), acts[perm], model_names=["A", "B"], doc_ids=doc[perm])
+    _, meta = st.load()
+    first = int(doc[perm][0])
+    assert meta["doc_id"].tolist() == [first] * 50 + [10 - first] * 50
+    assert meta["pos"].tolist() == list(range(50)) * 2  # windows of consecutive tokens, not gaps

@@ -194,8 +194,8 @@ def open_store(uri: str) -> ActivationStore:
         raw = fs.cat_file(path)
     except FileNotFoundError:
         raise StoreError(
-            f"no manifest.json at {uri}: not a crossdiff store, or its harvest has not finished "
-            "(rerun the harvest to complete it)"
+            f"no manifest.json at {uri}: not a crossdiff store, or an unfinished one (a harvest: rerun it "
+            "to complete it; write_arrays: write it again with overwrite=True)"
         ) from None
     try:  # the version first: a newer format may hold fields this one does not know
         version = json.loads(raw).get("format_version", FORMAT_VERSION)

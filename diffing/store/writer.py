@@ -27,6 +27,7 @@ from diffing.store.format import (
     atomic_write,
     row_group_rows,
 )
+from diffing.store.layout import _check_values, _count_within, _grouped, _scattered
 from diffing.store.reader import ActivationStore, open_store
 
 
@@ -153,6 +154,15 @@ class StoreWriter:
                 f"acts must have shape [n_tokens, {h.n_models}, {h.d_model}] (n_models, d_model), got {list(acts.shape)}"
             )
         n = acts.shape[0]
+        if doc_ids is not None and n > 1:
+            d = np.asarray(doc_ids)
+            if (runs := 1 + int(np.count_nonzero(d[1:] != d[:-1]))) != len(np.unique(d)):
+                raise StoreError(
+                    f"shard {shard_id}: a document's rows are not together ({runs} runs of {len(np.unique(d))} "
+                    "doc_ids; a shuffled buffer?): a store keeps each document's rows contiguous, which its "
+                    "evidence windows read; sort the rows by (doc_id, pos), or write with write_arrays, "
+                    "which does; nothing was written"
+                )
         with np.errstate(over="ignore"):  # overflow is reported below, with the fix
             stored = acts.astype(_NP_DTYPES[h.dtype], copy=False)  # no copy if already the store's dtype
         step = max(1, (64 << 20) // max(1, stored[:1].nbytes))  # rows per 64 MiB: bounded temporaries
@@ -240,21 +250,6 @@ class StoreWriter:
         return manifest
 
 
-def _grouped(acts, doc_ids, positions, token_ids, extra):
-    """Rows reordered so each document's tokens are together, in position order, documents in the
-    order they first appear: the store's layout (a harvest writes it so), which evidence windows
-    rely on (a document is looked up in its shard and the neighbouring ones only). Rows given
-    in another order (a shuffled activation buffer) would give windows of scattered fragments."""
-    d, p = np.asarray(doc_ids), np.asarray(positions)
-    _, first, inverse = np.unique(d, return_index=True, return_inverse=True)
-    order = np.lexsort((p, np.argsort(np.argsort(first))[inverse]))
-    if np.array_equal(order, np.arange(len(order))):
-        return acts, doc_ids, positions, token_ids, extra
-    extra = {k: [list(v)[i] for i in order] for k, v in (extra or {}).items()} if extra else extra
-    tok = None if token_ids is None else np.asarray(token_ids)[order]
-    return acts[order], d[order], p[order], tok, extra
-
-
 def write_arrays(
     uri: str,
     acts: np.ndarray | torch.Tensor,
@@ -292,6 +287,15 @@ def write_arrays(
     for name, col in (("doc_ids", doc_ids), ("positions", positions), ("token_ids", token_ids)):
         if col is not None and len(col) != acts.shape[0]:  # before any shard is written
             raise StoreError(f"{name} has {len(col)} values for {acts.shape[0]} tokens; give one per token")
+    for name, col in (("doc_ids", doc_ids), ("positions", positions), ("token_ids", token_ids)):
+        arr = None if col is None else np.asarray(col)
+        if arr is not None and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
+            hint = "; for string ids: np.unique(ids, return_inverse=True)[1]" if name == "doc_ids" else ""
+            raise StoreError(
+                f"{name} must be one integer per token (a 1-D int array), got {arr.dtype} of shape "
+                f"{list(arr.shape)}{hint}"
+            )
+    _check_values(acts, dtype)
     for name, col in (extra or {}).items():
         if name in META_COLUMNS or name.startswith("act_"):
             raise StoreError(f"extra column {name!r} would replace a store column; rename it")
@@ -312,6 +316,13 @@ def write_arrays(
             raise StoreError(f"a store already exists at {uri}; pass overwrite=True to replace it")
         writer.clear()
     n = acts.shape[0]
+    if positions is None and doc_ids is not None and _scattered(np.asarray(doc_ids)):
+        warnings.warn(
+            "write_arrays: no positions, and a document's rows are not together (a shuffled buffer?): "
+            "each document's tokens are numbered in the order given; pass positions for the true order",
+            stacklevel=2,
+        )
+        positions = _count_within(np.asarray(doc_ids))
     if positions is None:  # one count over the whole input: (doc_id, pos) stays unique across shards
         positions = np.arange(n, dtype=np.int64)
     if doc_ids is not None:  # each document's rows together, in position order (see _grouped)

@@ -102,7 +102,7 @@ def _judge(run: Path, labels: dict[int, dict]) -> dict[str, Any]:
     }
     for key, field in (("model_id", "judge_model"), ("prompt_version", "prompt_version")):
         seen = sorted({lab.get(field) for lab in labels.values() if lab.get(field)})
-        if not out[key] and seen:  # a label stage without saved settings: what the labels say
+        if seen:  # what made the labels: with --endpoint the saved settings are the job's own service's
             out[key] = ", ".join(seen)
     return {k: v for k, v in out.items() if v}
 

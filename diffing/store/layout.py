@@ -1,0 +1,57 @@
+"""What write_arrays does to activations it is handed before any shard is written: the values
+checked, and the rows laid out as a harvest lays them (each document's rows together, in position
+order), whatever order they came in."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from diffing.store.format import _NP_DTYPES, StoreError
+
+
+def _scattered(d: np.ndarray) -> bool:
+    """Whether some document's rows are not contiguous."""
+    return len(d) > 1 and 1 + int(np.count_nonzero(d[1:] != d[:-1])) != len(np.unique(d))
+
+
+def _count_within(d: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... within each document, in the order its rows come."""
+    _, inverse = np.unique(d, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse)
+    out = np.empty(len(d), np.int64)
+    out[order] = np.arange(len(d)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return out
+
+
+def _check_values(acts: np.ndarray, dtype: str) -> None:
+    """NaN/inf, or values the store's dtype cannot hold, refused before any shard is written."""
+    limit = float(np.finfo(_NP_DTYPES[dtype]).max) if dtype in _NP_DTYPES else math.inf
+    step = max(1, (64 << 20) // max(1, acts[:1].nbytes))
+    for a in range(0, acts.shape[0], step):
+        chunk = acts[a : a + step]
+        if not np.isfinite(chunk).all():
+            row = a + int(np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(1))[0])
+            raise StoreError(f"acts contain NaN or inf (first at row {row}); nothing was written")
+        if np.abs(chunk).max(initial=0.0) > limit:
+            raise StoreError(
+                f"acts hold values beyond {dtype}'s range (|x| > {limit:g}); nothing was written; store in "
+                'float32 (dtype="float32")'
+            )
+
+
+def _grouped(acts, doc_ids, positions, token_ids, extra):
+    """Rows reordered so each document's tokens are together, in position order, documents in the
+    order they first appear: the store's layout (a harvest writes it so), which evidence windows
+    rely on (a document is looked up in its shard and the neighbouring ones only). Rows given
+    in another order (a shuffled activation buffer) would give windows of scattered fragments."""
+    d, p = np.asarray(doc_ids), np.asarray(positions)
+    _, first, inverse = np.unique(d, return_index=True, return_inverse=True)
+    order = np.lexsort((p, np.argsort(np.argsort(first))[inverse]))
+    if np.array_equal(order, np.arange(len(order))):
+        return acts, doc_ids, positions, token_ids, extra
+    extra = {k: [list(v)[i] for i in order] for k, v in (extra or {}).items()} if extra else extra
+    tok = None if token_ids is None else np.asarray(token_ids)[order]
+    return acts[order], d[order], p[order], tok, extra
