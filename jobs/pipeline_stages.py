@@ -35,6 +35,24 @@ def check_crosscoder_fits(cfg) -> None:
         raise ValueError(f"fit: {e}; found before the harvest, nothing was run") from None
 
 
+def _check_store_models(cfg) -> None:
+    """A store the run did not harvest (your own activations, another run's) must hold the models
+    `harvest.models` names, in its order: the fit takes the store's names and the analysis the
+    config's, so a mismatch failed only after the fit."""
+    from diffing.store import StoreError, open_store
+
+    try:
+        have = open_store(cfg.harvest.store).model_names
+    except StoreError:
+        return  # no finished store: store_gone or the harvest says
+    want = [m.name for m in cfg.harvest.models]
+    if list(have) != want:
+        raise ValueError(
+            f"harvest.store {cfg.harvest.store} holds the models {list(have)} but harvest.models names {want}; "
+            "name the models as the store does, in its order (nothing was run)"
+        )
+
+
 def preflight(p, to_run: list[str], overwrite: bool) -> None:
     """Pipeline `p`'s refusals before anything is written (a fit or analysis without its data, a
     crosscoder the models cannot take, an unreadable taxonomy), and which weights a remote run's
@@ -44,6 +62,8 @@ def preflight(p, to_run: list[str], overwrite: bool) -> None:
 
     if why := store_gone(p, to_run):  # fit or analyze would run without their data
         raise ValueError(why)
+    if "harvest" not in to_run and {"fit", "analyze"} & set(to_run):
+        _check_store_models(p.cfg)
     if "harvest" in to_run and "fit" in to_run:
         check_crosscoder_fits(p.cfg)
     if "label" in to_run and p.cfg.label.service.taxonomy:  # before hours of harvest and fit

@@ -241,6 +241,32 @@ def test_a_harvest_refused_by_a_shared_store_leaves_the_run_as_it_was(tmp_path):
     assert "outside this run" not in str(inside.value)  # store (default) inside the run: no warning
 
 
+def test_your_own_store_must_name_the_models_as_the_config_does(tmp_path):
+    """A pipeline over activations you brought (stages without harvest, harvest.store yours): models
+    named otherwise than in the store are refused before the fit, not after it at the analysis."""
+    import numpy as np
+
+    from diffing.store import write_arrays
+
+    acts = np.random.default_rng(0).standard_normal((200, 2, 4)).astype(np.float32)
+    write_arrays(str(tmp_path / "mine"), acts, model_names=["base", "chat"], doc_ids=np.arange(200) // 20)
+
+    def cfg(names):
+        d = _cfg_dict(tmp_path, stages=["fit", "analyze", "report"])
+        d["harvest"]["store"] = str(tmp_path / "mine")
+        d["harvest"]["models"] = [{"name": n, "path": f"/m/{n}"} for n in names]
+        return PipelineConfig.model_validate(with_defaults(d))
+
+    calls: list = []
+    with pytest.raises(
+        ValueError, match=r"holds the models \['base', 'chat'\] but harvest.models names \['chat', 'base'\]"
+    ):
+        _recording(Pipeline(cfg(["chat", "base"])), calls)()
+    assert calls == []
+    _recording(Pipeline(cfg(["base", "chat"])), calls)()
+    assert [c for c, _ in calls] == ["fit", "analyze", "report"]
+
+
 def test_killed_fit_resumes_under_other_logging_and_refuses_other_math(tmp_path):
     """A fit killed mid-stage resumes (no overwrite) when only what its checkpoints ignore changed
     (log and checkpoint intervals, device), also from a marker written before 2026-12-06; a change
