@@ -363,6 +363,18 @@ def test_ray_harvest_local_store_and_rerun(tmp_path, tiny_pair, ray_cluster, mon
     with pytest.raises(StoreError, match=r"different config \(layer: 2 -> 1\); pass --overwrite"):
         run_harvest(_cfg(tiny_pair, tmp_path / "c.jsonl", "s", layer=1))
     stamp.write_text(saved)
+    # the same corpus file with another setting: the stamp's fast path must not hand back the store
+    with pytest.raises(StoreError, match=r"different config \(layer: 2 -> 1\); pass --overwrite"):
+        run_harvest(_cfg(tiny_pair, tmp_path / "c.jsonl", "s", layer=1))
+    # --overwrite on a finished store redoes it (clears it first), not hands it back
+    s3 = shutil.copytree(tmp_path / "s", tmp_path / "s3")
+
+    def cleared():
+        raise RuntimeError("cleared")
+
+    with pytest.raises(RuntimeError, match="cleared"):
+        run_harvest(_cfg(tiny_pair, tmp_path / "c.jsonl", s3), overwrite=True, on_cleared=cleared)
+    assert not (s3 / "manifest.json").exists()
     # a store stamped by a harvest stopped before its first shard (no Ray at --address): no rows of
     # the old config exist, so another config starts it without --overwrite
     (tmp_path / "s2").mkdir()

@@ -267,6 +267,34 @@ def test_your_own_store_must_name_the_models_as_the_config_does(tmp_path):
     assert [c for c, _ in calls] == ["fit", "analyze", "report"]
 
 
+def test_markers_that_vouch_for_nothing_are_redone_and_identities_hold_groups_and_pairs(tmp_path):
+    """From the bookkeeping's mutation review: a torn marker, or an interrupted redo (running with
+    overwrite), makes its stage start over, not resume; a stage subset refuses to build on a stale
+    stage; label.groups and the analysis pair are part of their stages' identities."""
+    import json
+
+    def cfg(**kw):
+        return PipelineConfig.model_validate(with_defaults(_cfg_dict(tmp_path, **kw)))
+
+    calls: list = []
+    _recording(Pipeline(cfg()), calls)()
+    marker = tmp_path / "run" / "stages" / "fit.json"
+    p = Pipeline(cfg())
+    for body in ('{"hash": "ab', json.dumps({"running": True, "hash": p.stage_config("fit")["hash"],
+                                            "exact": p._exact("fit"), "overwrite": True})):  # fmt: skip
+        marker.write_text(body)
+        calls.clear()
+        _recording(Pipeline(cfg()), calls)()
+        assert calls[0] == ("fit", True), body
+    (tmp_path / "run" / "stages" / "analyze.json").write_text(json.dumps({"stale": True}))
+    with pytest.raises(ValueError, match="stage 'analyze' is stale"):
+        _recording(Pipeline(cfg(stages=["label", "report"])), calls)()
+    _recording(Pipeline(cfg()), calls)()
+    for changed in ({"label": {"groups": ["a-specific"]}}, {"pair": ["b", "a"]}):
+        with pytest.raises(ValueError, match="different config"):
+            _recording(Pipeline(cfg(**changed)), calls)()
+
+
 def test_killed_fit_resumes_under_other_logging_and_refuses_other_math(tmp_path):
     """A fit killed mid-stage resumes (no overwrite) when only what its checkpoints ignore changed
     (log and checkpoint intervals, device), also from a marker written before 2026-12-06; a change
