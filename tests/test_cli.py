@@ -185,6 +185,8 @@ def test_config_file_and_override_precedence(tmp_path, store):
 
 def test_interrupted_fit_resumes_from_checkpoint(tmp_path, store):
     """A fit killed after a checkpoint resumes there and ends exactly like an uninterrupted run."""
+    import shutil
+
     import torch
 
     from diffing.config import FitConfig
@@ -219,6 +221,7 @@ def test_interrupted_fit_resumes_from_checkpoint(tmp_path, store):
         fit_mod.train_step = real
     assert not (tmp_path / "cut" / "metrics.json").exists()
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_000000008.pt"]
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut-again")  # for --overwrite, below
     other_lr = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": cfg.train.lr / 2})})
     with pytest.raises(ValueError, match="checkpoints of a different config"):
         fit(st, other_lr, tmp_path / "cut")
@@ -250,6 +253,9 @@ def test_interrupted_fit_resumes_from_checkpoint(tmp_path, store):
     a, b = Crosscoder.load(tmp_path / "full" / "crosscoder"), Crosscoder.load(tmp_path / "cut" / "crosscoder")
     for k, v in a.state_dict().items():
         assert torch.allclose(v, b.state_dict()[k], atol=1e-6), k
+    # --overwrite of an interrupted fit starts over: its checkpoint is not resumed
+    fit(st, cfg, tmp_path / "cut-again", overwrite=True)
+    assert json.loads((tmp_path / "cut-again" / "metrics.json").read_text())["resumed_from_step"] == 0
 
 
 def test_configuration_reference_is_current():
