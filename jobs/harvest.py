@@ -250,9 +250,9 @@ def _run_harvest(
     records_hash = _records_hash(records)
     h = _config_hash(cfg, records_hash)
     if overwrite:
-        writer.clear()
-        if writer.fs.exists(stamp):
+        if writer.fs.exists(stamp):  # first: a clear cut short must not look like an untouched store
             writer.fs.rm(stamp)
+        writer.clear()
         if on_cleared is not None:
             on_cleared()
     elif writer.fs.exists(stamp):

@@ -114,13 +114,17 @@ async def _within_endpoint_limits(
     """The evidence cut to what the endpoint takes (GET /v1/limits; a service without it keeps
     the config's `service.limits`), and the batch size it allows: a remote service with smaller
     limits labels what fits instead of refusing every request."""
+    resp = None
     try:
         resp = await client.get("/v1/limits")
         lim = resp.json() if resp.status_code == 200 else None
         n_ex, width, most, n_cal = (
             int(lim[k]) for k in ("max_examples", "max_window", "max_batch", "max_calibration")
         )
-    except (httpx.HTTPError, ValueError, TypeError, KeyError):
+    except (httpx.HTTPError, ValueError, TypeError, KeyError) as e:
+        if resp is None or resp.status_code not in (404, 405):  # not an older service: say so
+            why = f"HTTP {resp.status_code}" if resp is not None else f"{type(e).__name__}: {e}"
+            log.warning("label.limits_unknown", error=why[:200], using="the config's service.limits")
         return todo, calibration, cfg.batch_size
     if len(calibration) > n_cal:
         raise LabelJobError(

@@ -44,6 +44,13 @@ from jobs.stage_outputs import clear as clear_stage
 from jobs.stage_outputs import marker_snapshot, missing, restore_markers, store_stamp
 
 
+def _inside(path: str, run: str) -> bool:
+    """Whether `path` lies under the run directory `run` (local paths compared resolved)."""
+    if "://" not in path and "://" not in run:
+        path, run = str(Path(path).expanduser().resolve()), str(Path(run).expanduser().resolve())
+    return path.startswith(run.rstrip("/") + "/")
+
+
 class Pipeline(StageRunners, StageIdentity):
     """Runs the stages of one run directory, skipping those whose marker matches."""
 
@@ -86,7 +93,7 @@ class Pipeline(StageRunners, StageIdentity):
         else:
             what += changed_fields(self.run / "pipeline.json", self.cfg, stage)
         shared = ""
-        if stage == "harvest" and not self.cfg.harvest.store.startswith(self.cfg.out.rstrip("/") + "/"):
+        if stage == "harvest" and not _inside(self.cfg.harvest.store, self.cfg.out):
             shared = (  # another run may read it: redoing it in place changes that run's data too
                 f" (harvest.store {self.cfg.harvest.store} is outside this run: a redo rewrites it in "
                 "place, for every run that uses it; give a new harvest.store to keep it)"
@@ -233,8 +240,12 @@ class Pipeline(StageRunners, StageIdentity):
         preflight(self, to_run, overwrite)
         # the config of the call that makes outputs; a rerun with nothing to do keeps the one that
         # made them (its operational settings, say sync_every_s, may differ and made nothing)
-        if to_run or not (self.run / "pipeline.json").exists():
-            (self.run / "pipeline.json").write_text(self.cfg.model_dump_json(indent=2))
+        pj = self.run / "pipeline.json"
+        self._config_found = (
+            pj.read_text() if pj.exists() else None
+        )  # put back with a refused harvest's markers
+        if to_run or not pj.exists():
+            pj.write_text(self.cfg.model_dump_json(indent=2))
             if self.mirror is not None:  # at once: `crossdiff status` of the bucket reads this config
                 self.mirror.put("pipeline.json")
         if overwrite and to_run:  # kept on disk (and remote): a killed --overwrite run still redoes
@@ -286,7 +297,12 @@ class Pipeline(StageRunners, StageIdentity):
                     summary = self.stage_fns[stage](overwrite=ow)
                 except BaseException:
                     if found is not None and not self._cleared and store_stamp(self) == stamp:
-                        restore_markers(self, found)
+                        try:
+                            restore_markers(self, found, self._config_found)
+                        except Exception as e:  # noqa: BLE001 - the refusal is the error to show
+                            self.log.warning(
+                                "pipeline.markers_not_restored", error=f"{type(e).__name__}: {e}"
+                            )
                     raise
             if self.mirror is not None:  # outputs first, then the marker that vouches for them
                 self.mirror.push()

@@ -154,9 +154,16 @@ def marker_snapshot(p: Pipeline, stages) -> dict[str, str | None]:
     return {s: (p.marker(s).read_text() if p.marker(s).exists() else None) for s in stages}
 
 
-def restore_markers(p: Pipeline, snapshot: dict[str, str | None]) -> None:
-    """Put back the markers of a snapshot (locally and on a remote run's bucket): what a harvest
-    that stopped before writing anything found, so its refused config does not stand in the run."""
+def restore_markers(p: Pipeline, snapshot: dict[str, str | None], config: str | None = None) -> None:
+    """Put back the markers of a snapshot, and the run's pipeline.json as it was (`config`; None:
+    there was none), locally and on a remote run's bucket: what a harvest that stopped before
+    writing anything found, so its refused config does not stand in the run."""
+    if config is not None:
+        tmp = p.run / "pipeline.json.tmp"
+        tmp.write_text(config)
+        tmp.replace(p.run / "pipeline.json")
+        if p.mirror is not None:
+            p.mirror.put("pipeline.json")
     for stage, text in snapshot.items():
         m = p.marker(stage)
         if text is None:

@@ -239,7 +239,7 @@ def run_status(run: str) -> dict[str, Any]:
             out["probably_killed"] = out["last_write_age_s"] > out["quiet_after_s"]
             if out["probably_killed"]:
                 progress.pop("eta_s", None)  # the dead attempt's: a rerun resumes and logs its own
-    if started:  # who holds the run says more than how old its files are
+    if started or "probably_killed" in out:  # who holds the run says more than how old its files are
         _apply_holder(out, fs, root, run, now, progress)
     if current is None and fs.exists(f"{root}/report.html"):
         out["report"] = _report_path(run)

@@ -233,6 +233,14 @@ def test_a_harvest_refused_by_a_shared_store_leaves_the_run_as_it_was(tmp_path):
     _recording(Pipeline(cfg(1)), calls)()
     assert calls[0] == ("harvest", False)
     assert (shared / "harvest_config.json").read_text() == '{"hash": "the other run"}'
+    # a --redo-changed refused the same way keeps the run's config too: the next refusal names the change
+    p = _recording(Pipeline(cfg(2)), calls)
+    p.stage_fns["harvest"] = refused
+    with pytest.raises(ValueError, match="layer: 1 -> 2"):
+        p(redo_changed=True)
+    assert '"layer": 1' in (tmp_path / "run" / "pipeline.json").read_text()
+    with pytest.raises(ValueError, match=r"harvest\.layer: 1 -> 2"):
+        _recording(Pipeline(cfg(2)), calls)()
     # changed after this run made it: the refusal warns that a redo rewrites a store outside the run
     with pytest.raises(ValueError, match=f"harvest.store {shared} is outside this run: a redo rewrites it"):
         _recording(Pipeline(cfg(2)), calls)()

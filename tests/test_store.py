@@ -342,7 +342,7 @@ def test_bring_your_own_mistakes_are_refused_before_anything_is_written(tmp_path
     w = StoreWriter(str(tmp_path / "w"), model_names=["A", "B"], d_model=4)
     perm = rng.permutation(1000)
     with pytest.raises(
-        StoreError, match="a document's rows are not together.*sort the rows by \\(doc_id, pos\\)"
+        StoreError, match="a document's rows are not together.*sort the whole buffer by \\(doc_id, pos\\)"
     ):
         w.write_shard("00000", acts[perm], doc_ids=doc[perm])
     assert not (tmp_path / "w" / "shards" / "00000.parquet").exists()

@@ -42,16 +42,13 @@ def _check_values(acts: np.ndarray, dtype: str) -> None:
             )
 
 
-def _grouped(acts, doc_ids, positions, token_ids, extra):
-    """Rows reordered so each document's tokens are together, in position order, documents in the
-    order they first appear: the store's layout (a harvest writes it so), which evidence windows
-    rely on (a document is looked up in its shard and the neighbouring ones only). Rows given
-    in another order (a shuffled activation buffer) would give windows of scattered fragments."""
+def _row_order(doc_ids, positions) -> np.ndarray | None:
+    """The order that puts each document's rows together, in position order, documents in the order
+    they first appear (None: the rows are in it already): the store's layout (a harvest writes it
+    so), which evidence windows rely on (a document is looked up in its shard and the neighbouring
+    ones only). Rows given otherwise (a shuffled buffer) would give windows of scattered fragments.
+    Applied shard by shard, so a memory-mapped buffer is not copied whole."""
     d, p = np.asarray(doc_ids), np.asarray(positions)
     _, first, inverse = np.unique(d, return_index=True, return_inverse=True)
     order = np.lexsort((p, np.argsort(np.argsort(first))[inverse]))
-    if np.array_equal(order, np.arange(len(order))):
-        return acts, doc_ids, positions, token_ids, extra
-    extra = {k: [list(v)[i] for i in order] for k, v in (extra or {}).items()} if extra else extra
-    tok = None if token_ids is None else np.asarray(token_ids)[order]
-    return acts[order], d[order], p[order], tok, extra
+    return None if np.array_equal(order, np.arange(len(order))) else order

@@ -27,7 +27,7 @@ from diffing.store.format import (
     atomic_write,
     row_group_rows,
 )
-from diffing.store.layout import _check_values, _count_within, _grouped, _scattered
+from diffing.store.layout import _check_values, _count_within, _row_order, _scattered
 from diffing.store.reader import ActivationStore, open_store
 
 
@@ -160,8 +160,8 @@ class StoreWriter:
                 raise StoreError(
                     f"shard {shard_id}: a document's rows are not together ({runs} runs of {len(np.unique(d))} "
                     "doc_ids; a shuffled buffer?): a store keeps each document's rows contiguous, which its "
-                    "evidence windows read; sort the rows by (doc_id, pos), or write with write_arrays, "
-                    "which does; nothing was written"
+                    "evidence windows read; sort the whole buffer by (doc_id, pos) before cutting it into "
+                    "shards, or write it with write_arrays, which does; nothing was written"
                 )
         with np.errstate(over="ignore"):  # overflow is reported below, with the fix
             stored = acts.astype(_NP_DTYPES[h.dtype], copy=False)  # no copy if already the store's dtype
@@ -268,7 +268,8 @@ def write_arrays(
 ) -> ActivationStore:
     """Write a store from in-memory activations [n_tokens, n_models, d_model] (bring your own).
     Rows may come in any order: with `doc_ids` they are stored grouped by document, in position
-    order (the store's layout); `positions` default to one count over the input."""
+    order (the store's layout). `positions` default to one count over the input, or, where a
+    document's rows are not together, to a count within each document in the order given."""
     if isinstance(acts, torch.Tensor):
         acts = acts.detach().float().cpu().numpy()
     acts = np.asarray(acts)
@@ -325,8 +326,9 @@ def write_arrays(
         positions = _count_within(np.asarray(doc_ids))
     if positions is None:  # one count over the whole input: (doc_id, pos) stays unique across shards
         positions = np.arange(n, dtype=np.int64)
-    if doc_ids is not None:  # each document's rows together, in position order (see _grouped)
-        acts, doc_ids, positions, token_ids, extra = _grouped(acts, doc_ids, positions, token_ids, extra)
+    # each document's rows together, in position order (see _row_order), taken shard by shard
+    order = None if doc_ids is None else _row_order(doc_ids, positions)
+    extra = {k: list(v) for k, v in (extra or {}).items()}
     if doc_ids is None and n > 1:
         warnings.warn(
             "write_arrays: no doc_ids, so all rows are one document (doc_id 0): evidence contexts run "
@@ -339,18 +341,18 @@ def write_arrays(
     infos = []
 
     def cut(a, sl: slice):
-        return None if a is None else np.asarray(a)[sl]
+        return None if a is None else np.asarray(a)[sl if order is None else order[sl]]
 
     for s in range(n_shards):
         sl = slice(s * shard_rows, min(n, (s + 1) * shard_rows))
         infos.append(
             writer.write_shard(
                 f"{s:0{width}d}",
-                acts[sl],
+                acts[sl if order is None else order[sl]],
                 doc_ids=cut(doc_ids, sl),
                 positions=cut(positions, sl),
                 token_ids=cut(token_ids, sl),
-                extra={k: list(v)[sl] for k, v in (extra or {}).items()},
+                extra={k: v[sl] if order is None else [v[i] for i in order[sl]] for k, v in extra.items()},
             )
         )
     writer.finalize(infos)
