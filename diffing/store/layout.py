@@ -37,8 +37,8 @@ def _check_values(acts: np.ndarray, dtype: str) -> None:
             raise StoreError(f"acts contain NaN or inf (first at row {row}); nothing was written")
         if np.abs(chunk).max(initial=0.0) > limit:
             raise StoreError(
-                f"acts hold values beyond {dtype}'s range (|x| > {limit:g}); nothing was written; store in "
-                'float32 (dtype="float32")'
+                f"acts contain values beyond {dtype}'s range; nothing was written; store in float32 "
+                f'(dtype="float32"; |x| up to {limit:g} fits {dtype})'
             )
 
 
