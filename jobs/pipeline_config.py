@@ -64,7 +64,10 @@ class PipelineConfig(Frozen):
         description="Remote out: also upload the working copy every this many seconds during a stage, "
         "so a replaced machine resumes analyze/label work done so far (0: only after each stage).",
     )
-    harvest: HarvestConfig = Field(description="Harvest stage; `store` defaults to OUT/store.")
+    harvest: HarvestConfig = Field(
+        description="Harvest stage; `store` defaults to OUT/store. Where `stages` leave the harvest out, "
+        "`{store: S}` alone will do: models, layer and corpus are read from the store S."
+    )
     fit: FitConfig = Field(default_factory=FitConfig, description="Crosscoder fit stage.")
     analyze: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Analysis stage.")
     analyze_task: TaskPlacement | None = Field(
@@ -196,7 +199,47 @@ def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
     h = data.get("harvest")
     if out and isinstance(h, dict) and not h.get("store"):
         h["store"] = join(out, "store") if is_remote(out) else str(Path(out) / "store")
+    _fill_from_store(data)
     return data
+
+
+def _fill_from_store(data: dict[str, Any]) -> None:
+    """A pipeline over a store it does not harvest (`stages` without harvest; your own activations,
+    another run's store) needs only `harvest.store`: the harvest fields the config requires but no
+    later stage reads (models, layer, corpus) come from the store, given ones win. A crossdiff
+    harvest's store holds its config; a `write_arrays` store gives its model names, each model's path
+    and the corpus being the store itself, and its layer where it was recorded."""
+    h, stages = data.get("harvest"), data.get("stages")
+    if not isinstance(h, dict) or not h.get("store") or not isinstance(stages, (list, tuple)):
+        return
+    need = [k for k in ("models", "layer", "corpus") if k not in h]
+    if "harvest" in stages or not need:
+        return
+    from diffing.store import StoreError, open_store
+
+    store = str(h["store"])
+    try:
+        manifest = open_store(store).manifest
+    except StoreError as e:
+        raise ValueError(
+            f"harvest.{need[0]}: not given, and a pipeline without its harvest stage reads it from "
+            f"harvest.store, which failed: {e}"
+        ) from None
+    made = manifest.metadata.get("harvest")
+    if isinstance(made, dict) and all(k in made for k in need):
+        h.update({k: made[k] for k in need})
+        return
+    fills = {
+        "models": [{"name": n, "path": store} for n in manifest.model_names],
+        "layer": manifest.layer,
+        "corpus": {"uri": store},
+    }
+    if "layer" in need and manifest.layer is None:
+        raise ValueError(
+            f"harvest.layer: not given, and the store {store} does not record its layer; set harvest.layer "
+            "(the run's provenance shows it), or write the store with write_arrays(..., layer=L)"
+        )
+    h.update({k: fills[k] for k in need})
 
 
 def load_pipeline_config(
@@ -270,7 +313,9 @@ def reference() -> str:
         "`crossdiff serve` reads `label.service`. Relative "
         "paths (`out`, `harvest.store`, `harvest.corpus.uri`, model paths, `label.service.taxonomy`) "
         "are resolved against the directory crossdiff runs in, not the config file's; on a cluster "
-        "job that is the job's working directory, so give absolute or object-storage paths there."
+        "job that is the job's working directory, so give absolute or object-storage paths there. "
+        "A pipeline whose `stages` leave the harvest out needs only `harvest.store`: the harvest's "
+        "required `models`, `layer` and `corpus` are then read from that store."
     )
     text = config_reference({"pipeline": PipelineConfig})
     head, _, rest = text.partition("## `pipeline`")

@@ -275,6 +275,60 @@ def test_your_own_store_must_name_the_models_as_the_config_does(tmp_path):
     assert [c for c, _ in calls] == ["fit", "analyze", "report"]
 
 
+def test_a_pipeline_over_your_own_store_needs_only_its_path(tmp_path):
+    """Stages without the harvest and `harvest: {store: S}`: the fields the harvest section requires
+    but no later stage reads come from the store (its harvest config, else its names and layer);
+    given fields win, and what the store cannot tell is asked for by name."""
+    import numpy as np
+
+    from diffing.store import write_arrays
+
+    acts = np.random.default_rng(0).standard_normal((200, 2, 4)).astype(np.float32)
+    docs = np.arange(200) // 20
+    write_arrays(str(tmp_path / "mine"), acts, model_names=["base", "chat"], doc_ids=docs, layer=7)
+    write_arrays(str(tmp_path / "nolayer"), acts, model_names=["base", "chat"], doc_ids=docs)
+    made = {"models": [{"name": "base", "path": "/m/b"}, {"name": "chat", "path": "/m/c"}], "layer": 3,
+            "corpus": {"uri": "/c.jsonl"}}  # fmt: skip
+    write_arrays(str(tmp_path / "harvested"), acts, model_names=["base", "chat"], doc_ids=docs,
+                 metadata={"harvest": made})  # fmt: skip
+
+    def cfg(store, stages=("fit", "analyze", "report"), **given):
+        d = _cfg_dict(tmp_path, stages=list(stages))
+        d["harvest"] = {"store": str(tmp_path / store), **given}
+        import yaml
+
+        f = tmp_path / "p.yaml"
+        f.write_text(yaml.safe_dump(d))
+        return load_pipeline_config(f)
+
+    c = cfg("mine")
+    mine = str(tmp_path / "mine")
+    assert [(m.name, m.path) for m in c.harvest.models] == [("base", mine), ("chat", mine)]
+    assert (
+        c.harvest.layer == 7
+        and c.harvest.corpus.uri == str(tmp_path / "mine")
+        and c.pair_names == ("base", "chat")
+    )
+    h = cfg("harvested").harvest
+    assert [m.path for m in h.models] == ["/m/b", "/m/c"] and h.layer == 3 and h.corpus.uri == "/c.jsonl"
+    assert cfg("nolayer", layer=5).harvest.layer == 5  # given fields win
+    assert cfg("mine", layer=9).harvest.models[0].name == "base"
+    with pytest.raises(
+        ConfigError, match=r"harvest\.layer: not given, and the store .* does not record its layer"
+    ):
+        cfg("nolayer")
+    with pytest.raises(ConfigError, match=r"harvest\.models: not given.*no manifest\.json"):
+        cfg("absent")
+    with pytest.raises(ConfigError, match=r"harvest\.models: Field required"):  # a harvest needs its models
+        cfg("mine", stages=STAGES)
+    calls: list = []
+    _recording(Pipeline(c), calls)()
+    assert [s for s, _ in calls] == ["fit", "analyze", "report"]
+    calls.clear()
+    _recording(Pipeline(cfg("mine")), calls)()  # the filled config is the same one: nothing to redo
+    assert calls == []
+
+
 def test_markers_that_vouch_for_nothing_are_redone_and_identities_hold_groups_and_pairs(tmp_path):
     """From the bookkeeping's mutation review: a torn marker, or an interrupted redo (running with
     overwrite), makes its stage start over, not resume; a stage subset refuses to build on a stale
