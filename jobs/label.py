@@ -68,8 +68,9 @@ def _retry_delay(cfg: LabelConfig, attempt: int, resp: httpx.Response | None) ->
 
 async def _post_batch(
     client: httpx.AsyncClient, batch: list[LatentEvidence], cfg: LabelConfig, calibration: list[dict]
-) -> list[tuple[LatentLabel, str]]:
-    """The batch's labels, each with the endpoint's settings fingerprint ("" from an older service)."""
+) -> list[tuple[LatentLabel, str, str]]:
+    """The batch's labels, each with the endpoint's settings fingerprint ("" from an older service)
+    and its taxonomy version."""
     body = {"latents": [json.loads(e.model_dump_json()) for e in batch], "detection": cfg.detection}
     if calibration:
         body["calibration"] = calibration
@@ -83,8 +84,8 @@ async def _post_batch(
         else:
             if resp.status_code == 200:
                 body = resp.json()
-                fp = str(body.get("settings_fingerprint") or "")
-                return [(LatentLabel.model_validate(x), fp) for x in body["labels"]]
+                fp, tax = str(body.get("settings_fingerprint") or ""), str(body.get("taxonomy_version") or "")
+                return [(LatentLabel.model_validate(x), fp, tax) for x in body["labels"]]
             if resp.status_code == 413 and len(batch) > 1:  # too big: split
                 half = len(batch) // 2
                 return [
@@ -155,13 +156,15 @@ async def _label_all(
     expect: set[tuple[str, str]] = frozenset(),
     endpoint_fp: str | None = None,
     record_fp: bool = True,
+    remote: bool = True,
 ) -> int:
     """`expect`: (judge_model, prompt_version) of the labels already in `out` (resume); a response
     from another judge or prompt version stops the run before it appends anything. `endpoint_fp`:
     the settings fingerprint the endpoint answered with when `out` was begun (None: not known); a
     response with another one (another taxonomy or method behind the same URL) stops it too.
     `record_fp`: record the first fingerprint seen (False for a file begun without one: the current
-    endpoint's would not describe its labels)."""
+    endpoint's would not describe its labels). `remote`: `url` is the user's endpoint, not a service
+    this job started from its own config (the report then takes the taxonomy from the endpoint)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     sem = asyncio.Semaphore(cfg.concurrency)
     done = 0
@@ -176,7 +179,7 @@ async def _label_all(
             nonlocal endpoint_fp
             async with sem:
                 pairs = await _post_batch(client, batch, cfg, calibration)
-            labels = [lab for lab, _ in pairs]
+            labels = [lab for lab, _, _ in pairs]
             got = {(lab.judge_model, lab.prompt_version) for lab in labels}
             if expect and not got <= expect:  # checked before anything is appended
                 raise LabelSettingsChanged(
@@ -184,7 +187,7 @@ async def _label_all(
                     f"answers as {sorted(got - expect)}; resuming would mix them. Rerun with --overwrite "
                     f"to relabel every latent with this judge, or point at the judge that made them."
                 )
-            fps = {fp for _, fp in pairs if fp}
+            fps = {fp for _, fp, _ in pairs if fp}
             if len(fps) > 1:
                 raise LabelSettingsChanged(
                     f"the endpoint's replicas answer with different settings fingerprints {sorted(fps)} "
@@ -206,6 +209,8 @@ async def _label_all(
                     url=redact_url(url),
                     judge_model=labels[0].judge_model if labels else None,
                     prompt_version=labels[0].prompt_version if labels else None,
+                    taxonomy_version=pairs[0][2] if pairs else None,
+                    remote=remote,
                 )
             _append(out, labels)  # single-threaded event loop: appends never interleave
             done += len(labels)
@@ -375,7 +380,7 @@ def label_run(
             with LocalService(replica_settings(cfg.service), start_timeout_s=cfg.start_timeout_s) as svc:
                 new = asyncio.run(
                     _label_all(
-                        svc.url, svc.token, todo, cfg, out, calibration, expect, endpoint_fp, record_fp
+                        svc.url, svc.token, todo, cfg, out, calibration, expect, endpoint_fp, record_fp, False
                     )
                 )
     labels = read_labels_tolerant(out)

@@ -85,6 +85,11 @@ def test_labels_every_latent_once_then_resumes(run_dir, monkeypatch):
             for i in range(20)
         )
         assert (run_dir / LABELS_FILE).read_text().count("\n") == 26  # each latent exactly once
+        said = json.loads((run_dir / "label_endpoint.json").read_text())  # for the report's provenance
+        from serve.taxonomy import load_taxonomy
+
+        assert said["remote"] is True and said["taxonomy_version"] == load_taxonomy().version
+        assert said["url"] == srv.url and said["settings_fingerprint"]
         calls = judge.calls
         res = label_run(run_dir, cfg, endpoint=srv.url)  # resume: nothing left
         assert (res["labelled_now"], res["skipped"], judge.calls) == (0, 26, calls)
@@ -443,8 +448,8 @@ def test_a_proxy_request_timeout_is_retried_not_fatal():
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as c:
             return await _post_batch(c, [ev], LabelConfig(backoff_s=0.01, max_backoff_s=0.02), [])
 
-    ((lab, fp),) = asyncio.run(go())
-    assert lab.latent == 5 and fp == "f" and not answers
+    ((lab, fp, tax),) = asyncio.run(go())
+    assert lab.latent == 5 and fp == "f" and tax == "t" and not answers
 
 
 def test_an_analysis_that_selected_nothing_is_labelled_as_nothing(tmp_path):

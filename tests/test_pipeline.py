@@ -459,7 +459,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_cluster):
         html = (run / "report.html").read_text()
         assert "Category shift" in html or "category shift" in html.lower()
         rep = json.loads((run / "report.json").read_text())
-        assert rep
+        judge = rep["provenance"]["run"]["judge"]  # the job's own service: its settings are the judge's
+        assert json.loads((run / "label_endpoint.json").read_text())["remote"] is False
+        assert judge["classify_mode"] and "endpoint" not in judge
         from jobs.status import run_status
 
         st = run_status(out)  # what `crossdiff status` says of a finished run

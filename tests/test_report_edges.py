@@ -192,6 +192,20 @@ def test_provenance_names_models_layer_judge_and_commit(run, tmp_path):  # noqa:
 
     said = _judge(r, {0: {"judge_model": "endpoint-judge-70b", "prompt_version": "delphi-v9"}})
     assert said["model_id"] == "endpoint-judge-70b" and said["prompt_version"] == "delphi-v9"
+    # ... and the endpoint's taxonomy, not the job's own file and method (unknown: not shown)
+    about = {"settings_fingerprint": "fp9", "url": "https://judge.example", "taxonomy_version": "team-v3"}
+    (r / "label_endpoint.json").write_text(json.dumps({**about, "remote": True}))
+    said = _judge(r, {0: {"judge_model": "endpoint-judge-70b", "prompt_version": "delphi-v9"}})
+    assert said["taxonomy"] == "team-v3" and said["endpoint"] == "https://judge.example"
+    assert "classify_mode" not in said and "taxonomy_fingerprint" not in said
+    write_report(r)
+    md = (r / "report.md").read_text()
+    assert (
+        "team-v3" in md and "https://judge.example (settings fingerprint fp9)" in md and "channel" not in md
+    )
+    (r / "label_endpoint.json").write_text(json.dumps({**about, "remote": False}))  # the job's own service
+    assert _judge(r, {})["classify_mode"] == "channel"
+    (r / "label_endpoint.json").unlink()
 
     # a run without a label stage (and without stage markers or a harvest stamp) still renders
     bare = tmp_path / "bare"

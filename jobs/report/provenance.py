@@ -104,6 +104,15 @@ def _judge(run: Path, labels: dict[int, dict]) -> dict[str, Any]:
         seen = sorted({lab.get(field) for lab in labels.values() if lab.get(field)})
         if seen:  # what made the labels: with --endpoint the saved settings are the job's own service's
             out[key] = ", ".join(seen)
+    endpoint = _read(run / "label_endpoint.json")
+    if endpoint.get("remote"):  # the job's own service settings describe no judge that ran: its
+        out |= {  # taxonomy as the endpoint named it, its method unknown here
+            "endpoint": endpoint.get("url"),
+            "taxonomy": endpoint.get("taxonomy_version"),
+            "classify_mode": None,
+            "taxonomy_fingerprint": None,
+            "settings_fingerprint": endpoint.get("settings_fingerprint"),
+        }
     return {k: v for k, v in out.items() if v}
 
 
@@ -175,6 +184,9 @@ def rows(p: dict[str, Any]) -> list[tuple[str, str]]:
         if tax := j.get("taxonomy"):
             fp = j.get("taxonomy_fingerprint")
             out.append(("taxonomy", f"{tax}" + (f" (fingerprint {fp})" if fp else "")))
+        if url := j.get("endpoint"):
+            fp = j.get("settings_fingerprint")
+            out.append(("labelled through", f"{url}" + (f" (settings fingerprint {fp})" if fp else "")))
     for stage, sw in (p.get("software") or {}).items():
         out.append((f"software ({stage})", _sw(sw)))
     return out
