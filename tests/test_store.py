@@ -339,6 +339,14 @@ def test_bring_your_own_mistakes_are_refused_before_anything_is_written(tmp_path
         write_arrays(str(tmp_path / "t"), acts, model_names=["A", "B"], doc_ids=[f"d{d}" for d in doc])
     with pytest.raises(StoreError, match="doc_ids must be one integer per token"):
         write_arrays(str(tmp_path / "t"), acts, model_names=["A", "B"], doc_ids=doc[:, None])
+    big = np.full(len(doc), 2**31, np.int64)  # an int32 column would wrap it silently
+    with pytest.raises(StoreError, match=r"token_ids holds 2147483648; they must lie in \[-1, 2\*\*31 - 1\]"):
+        write_arrays(str(tmp_path / "t"), acts, model_names=["A", "B"], doc_ids=doc, token_ids=big)
+    with pytest.raises(StoreError, match=r"positions holds -1; they must lie in \[0,"):
+        write_arrays(
+            str(tmp_path / "t"), acts, model_names=["A", "B"], doc_ids=doc, positions=-np.ones_like(doc)
+        )
+    assert not (tmp_path / "t").exists()
     w = StoreWriter(str(tmp_path / "w"), model_names=["A", "B"], d_model=4)
     perm = rng.permutation(1000)
     with pytest.raises(

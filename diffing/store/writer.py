@@ -296,6 +296,10 @@ def write_arrays(
                 f"{name} must be one integer per token (a 1-D int array), got {arr.dtype} of shape "
                 f"{list(arr.shape)}{hint}"
             )
+        low = {"positions": 0, "token_ids": -1}.get(name)  # stored as int32; -1: no token id
+        if arr is not None and low is not None and arr.size and (arr.min() < low or arr.max() > 2**31 - 1):
+            bad = arr[(arr < low) | (arr > 2**31 - 1)][0]
+            raise StoreError(f"{name} holds {bad}; they must lie in [{low}, 2**31 - 1] (stored as int32)")
     _check_values(acts, dtype)
     for name, col in (extra or {}).items():
         if name in META_COLUMNS or name.startswith("act_"):
