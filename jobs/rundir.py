@@ -42,6 +42,24 @@ def _version(info: dict) -> str:
     return f"size={info.get('size')}"
 
 
+def info_time(info: dict) -> float | None:
+    """Seconds since the epoch of an fsspec info record's last change (None: it holds none)."""
+    t = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
+    t = t or info.get("created")  # fsspec's memory filesystem (written once per version)
+    if t is None:
+        return None
+    if hasattr(t, "timestamp"):
+        return float(t.timestamp())
+    if isinstance(t, str):
+        from datetime import datetime
+
+        try:
+            return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return float(t)
+
+
 def file_stamp(uri: str) -> str | None:
     """One version of a file, to tell later whether it changed: size and ETag/md5 of a remote
     object, size and sha256 of a local file; None where it cannot be read."""
@@ -237,6 +255,8 @@ class RunMirror:
             tmp = dst.with_name(dst.name + ".tmp")
             self.fs.get_file(f"{self.root}/{rel}", str(tmp))
             os.replace(tmp, dst)
+            if (t := info_time(info)) is not None:  # the remote's order of writes, not the download's
+                os.utime(dst, (t, t))
             self._synced[rel] = {"local": self._stamp(rel), "remote": _version(info)}
             fetched += 1
         stages = self.local / "stages"

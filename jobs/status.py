@@ -24,6 +24,7 @@ from typing import Any
 import fsspec
 
 from jobs.pipeline_config import STAGES
+from jobs.rundir import info_time as _info_time
 from jobs.status_format import format_status  # noqa: F401  (re-exported: its home was here)
 
 QUIET_S = 900.0  # a running stage with no output this much newer was probably killed
@@ -48,23 +49,6 @@ def _mtime(fs, path: str) -> float | None:
         return _info_time(fs.info(path))
     except FileNotFoundError:
         return None
-
-
-def _info_time(info: dict) -> float | None:
-    t = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
-    t = t or info.get("created")  # fsspec's memory filesystem (written once per version)
-    if t is None:
-        return None
-    if hasattr(t, "timestamp"):
-        return float(t.timestamp())
-    if isinstance(t, str):
-        from datetime import datetime
-
-        try:
-            return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return float(t)
 
 
 def _lines(fs, path: str) -> list[str]:

@@ -1,10 +1,12 @@
 """The crosscoder against a naive dense reference, plus persistence and resume."""
 
+import typing
+
 import pytest
 import torch
 from conftest import make_cfg
 
-from diffing.config import TrainConfig
+from diffing.config import CrosscoderConfig, TrainConfig
 from diffing.crosscoder import Crosscoder, geometric_median
 from diffing.reference import DenseCrosscoder
 from diffing.train import TrainerState, train_step
@@ -135,9 +137,14 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10) - before)
     assert int(out.stdout.split()[-1]) < 1.4 * 512, out.stdout  # MiB of peak growth: 1024 before
 
 
-def test_export_raw_acts_on_raw_activations():
-    cc, _ = _pair(seed=6)
-    if cc.cfg.kind == "batchtopk":  # untrained: no threshold to export (0 would keep everything)
+KINDS = typing.get_args(CrosscoderConfig.model_fields["kind"].annotation)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_raw_acts_on_raw_activations(kind):
+    """Every kind: the exported raw-unit weights give encode's activations and reconstruction."""
+    cc, _ = _pair(seed=6, kind=kind)
+    if kind == "batchtopk":  # untrained: no threshold to export (0 would keep everything)
         with pytest.raises(ValueError, match="no inference threshold"):
             cc.export_raw()
     cc.norm_scale.copy_(torch.tensor([0.5, 4.0]))
@@ -145,8 +152,10 @@ def test_export_raw_acts_on_raw_activations():
     x_raw = torch.randn(7, 2, 16) * 3
     f = cc.encode(x_raw, normalised=False)
     w = cc.export_raw()
+    assert ("act_threshold" in w) == (kind == "batchtopk")
     pre = torch.einsum("bmd,mdl->bl", x_raw, w["W_enc"]) + w["b_enc"]
-    f_raw = torch.relu(pre) * (torch.relu(pre) > w["act_threshold"])
+    f_raw = torch.relu(pre) * (torch.relu(pre) > w.get("act_threshold", 0.0))
+    assert (f > 0).any() and ((f > 0).float().mean() < 1 if kind == "batchtopk" else True)
     assert torch.allclose(f, f_raw, atol=1e-5)
     x_hat_raw = torch.einsum("bl,mld->bmd", f_raw, w["W_dec"]) + w["b_dec"]
     assert torch.allclose(cc.reconstruct(x_raw, normalised=False), x_hat_raw, atol=1e-4)

@@ -1,6 +1,7 @@
 """Latent evidence against naive references on a constructed store where latents fire on known docs."""
 
 import json
+import typing
 
 import numpy as np
 import pyarrow as pa
@@ -134,11 +135,16 @@ def _reference_doc_max(w, lat):
     return out
 
 
-def test_subset_encoder_matches_full_encode_with_threshold():
-    cfg = CrosscoderConfig(n_models=2, d_model=16, n_latents=64, k=4, model_names=("A", "B"), aux_k=8)
+@pytest.mark.parametrize("kind", typing.get_args(CrosscoderConfig.model_fields["kind"].annotation))
+def test_subset_encoder_matches_full_encode_with_threshold(kind):
+    """Every kind: the evidence passes' encoder of a few latents equals the model's own encode."""
+    cfg = CrosscoderConfig(
+        n_models=2, d_model=16, n_latents=64, k=4, model_names=("A", "B"), aux_k=8, kind=kind
+    )
     cc = Crosscoder(cfg, seed=1)
-    with pytest.raises(ValueError, match="no BatchTopK inference threshold"):
-        SubsetEncoder(cc, [3])  # batch top-k: a latent's value would depend on the rows beside it
+    if kind == "batchtopk":
+        with pytest.raises(ValueError, match="no BatchTopK inference threshold"):
+            SubsetEncoder(cc, [3])  # batch top-k: a latent's value would depend on the rows beside it
     with torch.no_grad():
         cc.threshold.fill_(0.05)
         cc.norm_scale.copy_(torch.tensor([0.7, 1.3]))
