@@ -249,8 +249,30 @@ class ServeLLMJudge(JudgeClient):
             raise JudgeUnavailable(f"judge deployment unhealthy: {type(e).__name__}: {e}") from None
 
 
+# what OpenAIJudge sends beyond the OpenAI API: vLLM's structured outputs, assistant prefill and
+# prompt log-probabilities (channel classification)
+VLLM_FIELDS = ("structured_outputs", "continue_final_message", "add_generation_prompt", "prompt_logprobs")
+
+
+def _dialect_hint(r) -> str:
+    """A refusal of the vLLM request fields (OpenAI's API, servers that forbid unknown fields): say
+    what the judge needs instead of leaving a bare 400."""
+    text = r.text.lower()
+    if r.status_code in (400, 422) and (
+        any(f in text for f in VLLM_FIELDS) or "unrecognized request argument" in text or "extra" in text
+    ):
+        return (
+            " (judge.kind: openai sends vLLM's extra request fields: structured outputs, assistant prefill "
+            "and, for channel classification, prompt log-probabilities; point judge.endpoint at a vLLM "
+            "OpenAI-compatible server, e.g. `vllm serve MODEL`)"
+        )
+    return ""
+
+
 class OpenAIJudge(JudgeClient):
-    """An OpenAI-compatible chat-completions server (vLLM's accepts `structured_outputs`)."""
+    """A vLLM OpenAI-compatible chat-completions server: besides the OpenAI API it is sent vLLM's
+    `structured_outputs`, `continue_final_message` (the prompts' assistant prefill) and
+    `prompt_logprobs` (channel classification); a server without them refuses or ignores them."""
 
     def __init__(self, endpoint: str, model: str, *, api_key: str | None = None, timeout_s: float = 60.0):
         import httpx
@@ -280,7 +302,9 @@ class OpenAIJudge(JudgeClient):
         if r.status_code in _RETRYABLE:
             raise JudgeUnavailable(f"judge at {self.shown} answered {r.status_code}")
         if r.status_code != 200:
-            raise JudgeError(f"judge at {self.shown} answered {r.status_code}: {r.text[:300]}")
+            raise JudgeError(
+                f"judge at {self.shown} answered {r.status_code}: {r.text[:300]}{_dialect_hint(r)}"
+            )
         try:
             data = r.json()
         except ValueError:

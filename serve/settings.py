@@ -37,7 +37,9 @@ class JudgeSettings(Frozen):
     kind: Literal["serve_llm", "openai"] = Field(
         "serve_llm",
         description="serve_llm: a Ray Serve LLM (vLLM) deployment in the same app; "
-        "openai: an external OpenAI-compatible server (e.g. `vllm serve` elsewhere) at `endpoint`.",
+        "openai: an external vLLM OpenAI-compatible server (`vllm serve` elsewhere) at `endpoint` (it is "
+        "sent vLLM's structured outputs, assistant prefill and prompt log-probabilities, which other "
+        "OpenAI-compatible servers refuse or ignore).",
     )
     model_id: str = Field(
         DEFAULT_JUDGE_ID, description="Served model name; part of every cache key and label."

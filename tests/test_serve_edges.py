@@ -4,6 +4,7 @@ evidence, padded category names, tiny activations, malformed requests and judge 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -189,6 +190,38 @@ def test_openai_judge_turns_odd_answers_into_judge_errors(answer):
         await j.aclose()
 
     run(go())
+
+
+def test_a_server_refusing_vllms_request_fields_is_named_as_such():
+    """judge.kind: openai against OpenAI's API (or a server forbidding unknown fields): the 400 says
+    that a vLLM server is needed; other 400s are passed on as they are. The body sent is vLLM's."""
+    sent = []
+
+    def refuse(req):
+        sent.append(json.loads(req.content))
+        return httpx.Response(
+            400, json={"error": {"message": "Unrecognized request argument supplied: structured_outputs"}}
+        )
+
+    async def go():
+        j = OpenAIJudge("http://judge/v1", "m")
+        j._client = httpx.AsyncClient(transport=httpx.MockTransport(refuse))
+        with pytest.raises(JudgeError, match="point judge.endpoint at a vLLM OpenAI-compatible server"):
+            await j.complete(
+                [{"role": "user", "content": "hi"}], max_tokens=4, choice=["a", "b"], prefill="x"
+            )
+        j._client = httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda req: httpx.Response(400, text="bad max_tokens"))
+        )
+        with pytest.raises(JudgeError) as e:
+            await j.complete([{"role": "user", "content": "hi"}], max_tokens=4)
+        assert "vLLM" not in str(e.value) and "bad max_tokens" in str(e.value)
+        await j.aclose()
+
+    run(go())
+    (body,) = sent
+    assert body["structured_outputs"] == {"choice": ["a", "b"]} and body["continue_final_message"] is True
+    assert body["messages"][-1] == {"role": "assistant", "content": "x"}
 
 
 def test_judge_errors_and_health_never_show_the_endpoints_credentials():
