@@ -1,6 +1,7 @@
 """Per-latent analysis of a fitted crosscoder: which latents exist in only one model?
 
-Δnorm (Lindsey et al. 2024) for a pair (A, B) of models:
+Δnorm (Minder et al. 2025's max-normalised form of Lindsey et al. 2024's relative decoder norm)
+for a pair (A, B) of models:
 
     Δnorm_l = ½ ((‖d_A,l‖ − ‖d_B,l‖) / max(‖d_A,l‖, ‖d_B,l‖) + 1)      1 → A-only, 0 → B-only
 
@@ -199,11 +200,15 @@ def latent_table(
     return pa.table(cols).replace_schema_metadata(meta)
 
 
-def robustness(nu_eps: np.ndarray, nu_r: np.ndarray) -> np.ndarray:
-    """Ranking score for model-specific candidates: max(|ν^ε|, |ν^r|), smaller = more specific;
-    NaN -> inf."""
+def robustness(nu_eps: np.ndarray, nu_r: np.ndarray, eps_max: float = 1.0, r_max: float = 1.0) -> np.ndarray:
+    """Ranking score for model-specific candidates: max(|ν^ε| / eps_max, |ν^r| / r_max), smaller =
+    more specific; NaN -> inf. With the analysis's cuts (`nu_eps_max`, `nu_r_max`) a score below 1
+    is exactly a robust latent, so robust latents rank first whichever ν is the larger."""
+    eps_max, r_max = max(eps_max, 1e-12), max(r_max, 1e-12)  # a cut of 0: nothing is robust by it
     with np.errstate(invalid="ignore"):  # np.maximum keeps a NaN of either (np.fmax dropped it)
-        score = np.maximum(np.abs(np.asarray(nu_eps, np.float64)), np.abs(np.asarray(nu_r, np.float64)))
+        score = np.maximum(
+            np.abs(np.asarray(nu_eps, np.float64)) / eps_max, np.abs(np.asarray(nu_r, np.float64)) / r_max
+        )
     return np.where(np.isnan(score), np.inf, score)
 
 
@@ -222,7 +227,8 @@ def select_latents(
 
     Candidates for A (the pair's first model) are the robust "A-only" latents (selection "class"),
     the high Δnorm tail (selection "tail"), or both; B likewise with "B-only" and the low tail.
-    Candidates are re-ranked by Latent Scaling (smallest max(|ν^ε|, |ν^r|) first) and cut to
+    Candidates are re-ranked by Latent Scaling (smallest max(|ν^ε| / nu_eps_max, |ν^r| / nu_r_max)
+    first: the robust ones, then the nearest to the cuts) and cut to
     `max_per_group`. The baseline is a seeded random sample of live latents with mid Δnorm
     (in [shared_low, 1 - shared_low]) that are no candidate of either side (also not one cut by
     `max_per_group` or left out by `selection`), as large as the larger group.
@@ -232,7 +238,7 @@ def select_latents(
     classes = np.asarray(classes, dtype=object)
     tail = np.asarray(tail, dtype=object)
     live = np.asarray(live, bool)
-    score = robustness(nu_eps, nu_r)
+    score = robustness(nu_eps, nu_r, cfg.nu_eps_max, cfg.nu_r_max)
     group = np.full(L, "", dtype=object)
     sizes = []
     candidates = np.zeros(L, bool)  # of either side, kept or cut: never "random shared" latents

@@ -214,10 +214,16 @@ class AnalysisConfig(Frozen):
         0.4, ge=0.0, le=0.5, description="Δnorm in [shared_low, 1 - shared_low]: shared."
     )
     nu_eps_max: float = Field(
-        0.2, ge=0.0, description="Latent Scaling: robust model-only needs ν^ε below this."
+        0.2,
+        ge=0.0,
+        description="Latent Scaling: robust model-only needs |ν^ε| below this (crossdiff's "
+        "default cut, not a value from the papers; see docs/analysis.md).",
     )
     nu_r_max: float = Field(
-        0.5, ge=0.0, description="Latent Scaling: robust model-only needs ν^r below this."
+        0.5,
+        ge=0.0,
+        description="Latent Scaling: robust model-only needs |ν^r| below this (crossdiff's "
+        "default cut, not a value from the papers; see docs/analysis.md).",
     )
     max_tokens: int = Field(
         262_144, ge=1, description="Tokens of the store read for frequencies and Latent Scaling."
@@ -242,7 +248,7 @@ class AnalysisConfig(Frozen):
         None,
         ge=1,
         description="Keep at most this many latents per model-specific group, most robust "
-        "(smallest max(|ν^ε|, |ν^r|)) first. None keeps all.",
+        "(smallest max(|ν^ε| / nu_eps_max, |ν^r| / nu_r_max)) first. None keeps all.",
     )
     baseline_seed: int = Field(
         0, ge=0, description="Seed of the random shared baseline (same size as the largest group)."

@@ -321,6 +321,31 @@ def test_baseline_never_holds_a_candidate_and_a_nan_ranks_last():
         AnalysisConfig(only_low=0.3, shared_low=0.2)
 
 
+def test_the_ranking_weighs_each_nu_by_its_own_cut():
+    """ν^ε and ν^r have their own cuts (0.2, 0.5): a robust latent (0.1, 0.45) ranks before one that
+    fails the ν^ε cut (0.3, 0.1), though its larger |ν| is the larger of the two (the literature
+    review's example); the score is below 1 exactly for the robust."""
+    from diffing.analysis import robustness, select_latents
+
+    cfg = AnalysisConfig(selection="tail", max_per_group=1)
+    nu_eps, nu_r = np.array([0.3, 0.1, 0.0, 0.0]), np.array([0.1, 0.45, 0.0, 0.0])
+    score = robustness(nu_eps, nu_r, cfg.nu_eps_max, cfg.nu_r_max)
+    assert score.tolist() == pytest.approx([1.5, 0.9, 0.0, 0.0]) and (score < 1).tolist() == [
+        False,
+        True,
+        True,
+        True,
+    ]
+    dn = np.array([0.99, 0.98, 0.5, 0.5])
+    tail = np.array(["high", "high", "", ""], dtype=object)
+    cls = np.array(["A-only", "A-only", "shared", "shared"], dtype=object)
+    g = select_latents(
+        dn, cls, np.array([False, True, False, False]), tail, nu_eps, nu_r, np.ones(4, bool), cfg, ("A", "B")
+    )
+    assert g[:2].tolist() == ["", "A-specific"]
+    assert (robustness(nu_eps, nu_r, 0.0, 0.5)[:2] > 1e9).all()  # a cut of 0: no division by zero
+
+
 def test_select_latents_reranks_by_latent_scaling():
     from diffing.analysis import robustness, select_latents
 

@@ -94,6 +94,7 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
     import pyarrow.parquet as pq
 
     from diffing.analysis import robustness
+    from diffing.config import AnalysisConfig
     from diffing.evidence import iter_evidence, read_labels
     from diffing.stats import category_shift
 
@@ -118,7 +119,13 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
     a, b = pair
     s_name, i_name = f"{b}-specific", f"{a}-specific"
     nu_eps, nu_r = np.asarray(cols["nu_eps"], float), np.asarray(cols["nu_r"], float)
-    score = robustness(nu_eps, nu_r)
+    cuts = AnalysisConfig.model_fields  # an analysis file from before the cuts were saved: the defaults
+    score = robustness(
+        nu_eps,
+        nu_r,
+        acfg.get("nu_eps_max", cuts["nu_eps_max"].default),
+        acfg.get("nu_r_max", cuts["nu_r_max"].default),
+    )
     shown: dict[str, list[int]] = {}  # the latents that get a card: only their evidence is kept
     for g, cap in ((i_name, opts.max_cards), (s_name, opts.max_cards), ("baseline", opts.baseline_cards)):
         idx = np.flatnonzero(groups == g)
