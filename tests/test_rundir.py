@@ -228,6 +228,28 @@ def test_a_placement_no_node_of_our_own_ray_can_hold_is_refused(tmp_path, monkey
 
 
 @pytest.mark.timeout(120)
+def test_a_pull_keeps_the_remotes_order_of_writes(tmp_path, s3_endpoint):
+    """Pulled files carry the remote's modification times, not the download's: what decides by
+    mtime (a legacy analysis older than its weights) sees the order the run was written in."""
+    import time
+
+    url = _url()
+    a = tmp_path / "a"
+    (a / "crosscoder").mkdir(parents=True)
+    (a / "latents.parquet").write_bytes(b"analysis")
+    m = RunMirror(url, a)
+    assert m.push() == 1
+    time.sleep(1.2)  # S3 keeps whole seconds
+    (a / "crosscoder" / "model.safetensors").write_bytes(b"weights")  # written after: a refit
+    assert m.push() == 1
+    b = tmp_path / "b"
+    mb = RunMirror(url, b)
+    assert mb.pull() == 2  # in path order: the weights first
+    older = (b / "latents.parquet").stat().st_mtime
+    assert (b / "crosscoder" / "model.safetensors").stat().st_mtime >= older + 1
+    assert mb.pull() == 0  # the sync record holds the times set: nothing fetched again
+
+
 def test_pruning_pull_drops_what_the_remote_lacks(tmp_path, s3_endpoint):
     """A placed analysis's own copy: files a killed attempt left unsynced go on pull(prune=True);
     symlinks (compare/ links to the shared crosscoder) and what the mirror skips stay."""
