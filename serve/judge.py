@@ -78,6 +78,21 @@ def _prefill_fields(messages: Messages, prefill: str | None) -> dict[str, Any]:
 
 
 class JudgeClient(ABC):
+    """What the labeller needs of a judge (serve/labeller.py). A new backend implements `complete`
+    and `health` (and `prompt_logprob` for channel classification) and keeps these rules:
+
+    - with `prefill`, the returned text is the continuation only, without the prefill;
+    - with `choice`, the text is exactly one of the choices (structured output);
+    - with `json_schema`, the text is JSON matching it (the labeller falls back to a choice);
+    - transient trouble (unreachable, 429, 5xx, time-outs) raises `JudgeUnavailable` (the service
+      answers 503 with Retry-After); anything else the judge refused raises `JudgeError`, whose
+      message names the cause: a prompt over the context window must match
+      `serve.prompts._TOO_LONG` (the labeller then retries with less evidence), and a chat template
+      without a system role `_NO_SYSTEM_ROLE` (it then folds the system message into the user turn);
+    - `model` is the served model's name: it is part of every cache key and label.
+
+    Settings pick the backend by `judge.kind` (serve/settings.py, serve/app.py)."""
+
     model: str
 
     @abstractmethod
