@@ -399,6 +399,8 @@ def _writing(out, calls, **kw):
         ("labels.jsonl", ["label", "report"]),
         ("latents.parquet", ["analyze", "label", "report"]),
         ("crosscoder/model.safetensors", ["fit", "analyze", "label", "report"]),
+        ("metrics.json", ["fit", "analyze", "label", "report"]),
+        ("report.json", ["report"]),
         # a store deleted to save space after fit and analyze: label and report do not read it
         ("store/manifest.json", []),
     ],
@@ -419,6 +421,62 @@ def test_a_deleted_output_is_redone_not_vouched_for_by_its_marker(tmp_path, gone
         assert all(ow for _, ow in calls[1:])  # the later ones redone from scratch
     calls.clear()
     _writing(out, calls)()
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "gone, redone",
+    [
+        ("compare/a-vs-c/labels.jsonl", ["label", "report"]),
+        ("compare/a-vs-b/latents.parquet", ["analyze", "label", "report"]),
+        ("compare/a-vs-c/report.html", ["report"]),
+        ("report.html", ["report"]),  # the run's own page over the comparisons
+    ],
+)
+def test_a_deleted_output_of_one_comparison_is_redone(tmp_path, gone, redone):
+    """Several comparisons over one crosscoder: each comparison's outputs are vouched for on their
+    own, and so is the run's page over them."""
+    from conftest import pipeline_dict
+
+    models = [*pipeline_dict("x")["harvest"]["models"], {"name": "c", "path": "/m/c"}]
+    kw = {
+        "harvest": {**pipeline_dict("x")["harvest"], "models": models},
+        "comparisons": [["a", "b"], ["a", "c"]],
+    }
+    out = tmp_path / "run"
+    calls: list = []
+    per = {
+        "analyze": ["latents.parquet", "examples/0.jsonl"],
+        "label": ["labels.jsonl"],
+        "report": ["report.json", "report.html"],
+    }
+
+    def pipeline():
+        """_writing's stubs, each also writing its outputs into both comparisons' directories."""
+        p = _writing(out, calls, **kw)
+        base = dict(p.stage_fns)
+
+        def both(stage):
+            def run(overwrite):
+                base[stage](overwrite)
+                for d in ("compare/a-vs-b", "compare/a-vs-c"):
+                    for rel in per.get(stage, []):
+                        (out / d / rel).parent.mkdir(parents=True, exist_ok=True)
+                        (out / d / rel).write_text("x")
+                return {"stage": stage}
+
+            return run
+
+        p.stage_fns = {s: both(s) for s in STAGES}
+        return p
+
+    pipeline()()
+    (out / gone).unlink()
+    calls.clear()
+    pipeline()()
+    assert [s for s, _ in calls] == redone
+    calls.clear()
+    pipeline()()
     assert calls == []
 
 
