@@ -78,6 +78,9 @@ def test_report_before_labelling(run):
     out = write_report(run)
     html = (run / "report.html").read_text()
     _check_offline(html)
+    alts = re.findall(r'<img alt="([^"]*)"', html)
+    want = ["Δnorm histogram", "decoder cosine histogram", "Latent Scaling ν scatter", "class counts"]
+    assert alts[:4] == want, alts
     g = _groups(run)
     assert len(g["base-specific"]) > 0 and len(g["chat-specific"]) > 0
     n_cards = (

@@ -204,6 +204,7 @@ def gather(run_dir: str | Path, opts: ReportConfig | None = None) -> dict:
         else:
             out["shift_note"] = f"a group has no labelled latents ({s_name}: {N_s}, {i_name}: {N_i})"
     out["_arrays"] = {
+        "cosine": cols.get("cosine"),  # None in a table without it: no figure
         "delta_norm": cols["delta_norm"],
         "freq": cols["freq"],
         "nu_eps": nu_eps,
@@ -258,13 +259,16 @@ def write_report(
     if d["splice"]:
         sec.append(("Splice evaluation", sections.splice(d["splice"])))
     imgs = [
-        plots.delta_norm_hist(dn, live, arr["groups"], d["analysis_config"], pair),
-        plots.nu_scatter(arr["nu_eps"], arr["nu_r"], arr["groups"], d["analysis_config"], pair),
-        plots.count_bars(d["classes"], "classes (absolute Δnorm thresholds)", "latents"),
-    ]
-    sec.append(
-        ("Latents", '<div class="grid">' + "".join(f'<img alt="figure" src="{u}">' for u in imgs) + "</div>")
-    )
+        ("Δnorm histogram", plots.delta_norm_hist(dn, live, arr["groups"], d["analysis_config"], pair)),
+        ("Latent Scaling ν scatter", plots.nu_scatter(arr["nu_eps"], arr["nu_r"], arr["groups"], d["analysis_config"], pair)),
+        ("class counts", plots.count_bars(d["classes"], "classes (absolute Δnorm thresholds)", "latents")),
+    ]  # fmt: skip
+    if arr["cosine"] is not None:  # an analysis table without the column: no figure
+        cos = np.asarray([np.nan if v is None else v for v in arr["cosine"]], float)
+        fig = plots.cosine_hist(cos, dn, live, arr["groups"], d["analysis_config"], pair)
+        imgs.insert(1, ("decoder cosine histogram", fig))
+    grid = "".join(f'<img alt="{alt}" src="{u}">' for alt, u in imgs)
+    sec.append(("Latents", f'<div class="grid">{grid}</div>'))
     sec.append(("Category shift", sections.category_shift(d, s_name, i_name, opts)))
     # the other stages' sections are results (planted truth, the anchored shift): beside the
     # shift, before the cards that make up most of the page

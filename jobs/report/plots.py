@@ -111,6 +111,36 @@ def nu_scatter(
     return to_data_uri(fig)
 
 
+def cosine_hist(
+    cos: np.ndarray, dn: np.ndarray, live: np.ndarray, groups: np.ndarray, cfg: dict, pair: tuple[str, str]
+) -> str:
+    """Cosine similarity of each latent's two decoder vectors (A's and B's), for the live latents
+    of the shared Δnorm band and for the selected groups: shared latents that write the same
+    direction in both models sit near 1 (Lindsey et al. 2024's check of a crosscoder's sharing)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.0))
+    bins = np.linspace(-1, 1, 81)
+    lo = cfg.get("shared_low", 0.4)
+    fin = live & np.isfinite(cos)
+    shared = fin & (dn >= lo) & (dn <= 1 - lo)
+    if shared.any():
+        ax.hist(cos[shared], bins=bins, color="#adb5bd", label=_no_math(f"shared band ({int(shared.sum())})"))
+    a, b = pair
+    for g, c in ((f"{a}-specific", COLORS["A"]), (f"{b}-specific", COLORS["B"])):
+        sel = fin & (groups == g)
+        if sel.any():
+            ax.hist(cos[sel], bins=bins, color=c, alpha=0.85, label=_no_math(f"{g} ({int(sel.sum())})"))
+    if not fin.any():
+        ax.text(0.0, 0.5, "no latents with two non-zero decoders", ha="center", transform=ax.transData)
+    ax.set_yscale("log")
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel(_no_math(f"decoder cosine similarity ({a} vs {b})"))
+    ax.set_ylabel("latents")
+    if shared.any() or fin[np.isin(groups, [f"{a}-specific", f"{b}-specific"])].any():
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return to_data_uri(fig)
+
+
 def count_bars(counts: dict[str, int], title: str, xlabel: str = "latents") -> str:
     plt = _plt()
     items = sorted(counts.items(), key=lambda kv: -kv[1])
