@@ -250,7 +250,8 @@ class Pipeline(StageRunners, StageIdentity):
         if self.mirror is not None:
             self.mirror.pull()
         to_run = self.stages_to_run(overwrite, redo_changed, redo)  # refuses before anything is written
-        preflight(self, to_run, overwrite or redo is not None)
+        # from scratch from its first stage on (not a pending stage before a --redo one: it resumes)
+        preflight(self, to_run, overwrite or (bool(to_run) and to_run[0] == redo))
         # the config of the call that makes outputs; a rerun with nothing to do keeps the one that
         # made them (its operational settings, say sync_every_s, may differ and made nothing)
         pj = self.run / "pipeline.json"
