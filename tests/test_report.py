@@ -153,6 +153,75 @@ def test_report_after_labelling_shows_shift_and_labels(run, tmp_path):
     assert "<th>90% CI (score, Bonferroni)</th>" in (lab_run / "report.html").read_text()
 
 
+def test_what_the_page_and_the_markdown_show_match_the_data(run, tmp_path):
+    """From the report's mutation review: the Markdown shift table's counts and interval ends, the
+    HTML table's "only in" side and small-count flag, the groups and live-latent KPIs, the cards'
+    order (most robust by ν over its cut first), their context count and source-mass order, each
+    against what latents.parquet and category_shift give."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffing.analysis import robustness
+    from jobs.report.md import _pct
+
+    lab_run = tmp_path / "run"
+    shutil.copytree(run, lab_run)
+    g = _groups(lab_run)
+    labels = [  # "multilingual" only in chat-specific (S), a count under min_count elsewhere
+        LatentLabel(latent=lat, explanation="x.", category=cat, confidence=0.5)
+        for grp, cat_of in (
+            ("chat-specific", lambda j: CATS[j % 3]),
+            ("base-specific", lambda j: CATS[j % 2]),
+        )
+        for j, lat in enumerate(g[grp])
+        for cat in [cat_of(j)]
+    ]
+    write_jsonl(lab_run / LABELS_FILE, labels)
+    t = pq.read_table(lab_run / "latents.parquet")
+    freq = t["freq"].to_numpy().copy()
+    freq[np.flatnonzero(np.asarray(t["group"]) == "")[:3]] = 0.0  # three dead latents
+    t = t.set_column(t.schema.get_field_index("freq"), "freq", pa.array(freq))
+    pq.write_table(t, lab_run / "latents.parquet")
+    write_report(lab_run, opts=ReportOptions(max_cards=2, contexts_per_card=2))
+    rep = json.loads((lab_run / "report.json").read_text())
+    md, html = (lab_run / "report.md").read_text(), (lab_run / "report.html").read_text()
+    for r in rep["shift"]:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {r['category']} |"))
+        assert f"| {r['n_s']}/{r['N_s']} | {r['n_i']}/{r['N_i']} |" in row, row
+        hi = "+∞" if r["ci_high_unbounded"] else _pct(r["ci_high"])  # JSON has no infinity
+        assert f"[{_pct(r['ci_low'])}, {hi}]" in row, row
+    multi = next(r for r in rep["shift"] if r["category"] == "multilingual")
+    assert multi["n_i"] == 0 and multi["n_s"] > 0
+    assert re.search(r"<td>multilingual</td>(?:<td>[^<]*</td>){4}<td>only in chat-specific</td>", html)
+    if any(r["small_count"] for r in rep["shift"]):
+        assert "<td>small count</td>" in html
+    t = pq.read_table(lab_run / "latents.parquet").to_pydict()
+    assert set(rep["groups"]) == {"base-specific", "chat-specific", "baseline"}
+    live = int((np.asarray(t["freq"]) > 0).sum())
+    assert f'<b>{live}</b><span class="muted">live</span>' in html
+    acfg = AnalysisConfig()
+    score = robustness(
+        np.asarray(t["nu_eps"], float), np.asarray(t["nu_r"], float), acfg.nu_eps_max, acfg.nu_r_max
+    )
+    for grp in ("chat-specific", "base-specific"):
+        idx = np.asarray(g[grp])
+        want = idx[np.lexsort((idx, score[idx]))][:2].tolist()
+        cards = rep["cards"][grp]
+        assert [c["latent"] for c in cards] == want, grp
+        assert all(len(c["top"]) <= 2 for c in cards)
+    first = rep["cards"]["chat-specific"][0]
+    card = html[html.index(f"latent {first['latent']}") :]
+    card = card[: card.index('<div class="card">')] if '<div class="card">' in card else card
+    assert card.count('<div class="ctx">') == min(2, len(first["top"])) > 0
+    shown = [
+        int(p)
+        for p in re.findall(r" (\d+)%", card[card.index("activation mass by source") :].split("</div>")[0])
+    ]
+    assert len(shown) == len(first["source_mass"]) > 1 and shown == sorted(
+        shown, reverse=True
+    )  # largest first
+
+
 def test_extra_sections_hook(run, tmp_path):
     r2 = tmp_path / "run"
     shutil.copytree(run, r2)
