@@ -60,6 +60,31 @@ def test_planted_truth_counts(tmp_path):
     assert r["direction"]["selfref"]["ok"] and r["direction"]["selfref"]["delta"] < 0
 
 
+def test_the_planted_section_checks_at_the_targets_and_names_a_loss_as_a_loss(tmp_path):
+    """From the report-side mutation review: the section's checks against the issue's targets
+    (0.75 misses 0.80, an enrichment of exactly 3.0 meets 3.0), a 50/50 latent is not "most" of
+    its mass, a capability only the base has reads −100% (not "only in" the fine-tune), and a
+    planted name or category is inert markup."""
+    from diffing.validation import _rate
+    from jobs.validation import planted_section
+
+    assert _rate([{"refusal": 0.5, "general_text": 0.5}], {"refusal"}, 0.5) == 0.0
+    test_planted_truth_counts(tmp_path)  # the run of the counts above: rate 0.75, enrichment 3.0
+    odd = [*PLANTED, {"name": "x<b>", "source": "code", "category": "a<b", "direction": "gain"}]
+    sec = planted_section(tmp_path, odd, ("base", "ft"))
+    assert sec["data"]["checks"] == {
+        "mass_rate_ft_specific": False,
+        "enrichment": True,
+        "judge_agreement": True,
+    }
+    assert "a&lt;b" in sec["html"] and "x&lt;b&gt;" in sec["html"] and "<b>" not in sec["html"]
+    selfref = next(line for line in sec["html"].split("<tr>") if line.startswith("<td>selfref</td>"))
+    assert "only in" not in selfref  # self-reference is only in base-specific: a fall, not a gain
+    sec = planted_section(tmp_path, PLANTED, ("base", "ft"))
+    row = next(line for line in sec["markdown"].splitlines() if line.startswith("| selfref |"))
+    assert "−100" in row or "-100" in row, row
+
+
 def test_a_latent_without_source_mass_is_unknown_not_a_miss(tmp_path):
     """A selected latent with no source mass (it never fired on the held-out split) says nothing
     about where the fine-tune's latents fire: the rate is over the latents with mass."""
