@@ -7,7 +7,7 @@ import pytest
 import typer
 
 from cluster import submit as sm
-from cluster.runtime_env import build_runtime_env, find_secrets, passthrough_env
+from cluster.runtime_env import build_runtime_env, find_secrets, is_secret_name, passthrough_env
 
 
 class _FakeClient:
@@ -194,3 +194,151 @@ def test_a_ray_started_here_passes_settings_not_credentials():
         "HF_HUB_OFFLINE": "1",
         "CROSSDIFF_CACHE": "/c",
     }
+
+
+class _Recorder:
+    """A job client that records what is sent: one existing job of the given status (None: none)."""
+
+    def __init__(self, status=None, logs="", jobs=()):
+        self.status, self.calls, self._logs, self._jobs = status, [], logs, list(jobs)
+
+    def get_job_info(self, job_id):
+        if self.status is None:
+            raise RuntimeError("no such job")
+        return type(
+            "Info",
+            (),
+            {"submission_id": job_id, "status": self.status, "message": "m", "error_type": None,
+             "metadata": {}, "entrypoint": "", "start_time": 0, "end_time": 0},
+        )()  # fmt: skip
+
+    def delete_job(self, job_id):
+        self.calls.append(("delete", job_id))
+
+    def submit_job(self, **kw):
+        self.calls.append(("submit", kw))
+        return kw["submission_id"]
+
+    def get_job_logs(self, job_id):
+        return self._logs
+
+    def list_jobs(self):
+        return self._jobs
+
+
+def test_submit_sends_the_resources_asked_for_and_resubmits_only_what_may_be(tmp_path):
+    """From the cluster-side mutation review: --num-cpus and --num-gpus reach the driver's request
+    as given; an active job is never resubmitted, a finished one only with --replace, a failed or
+    stopped one is deleted first (the stage resumes); the failure report shows the last log lines."""
+    sub = sm.build_submission("report", None, ["--run", "s3://b/run"], environ={}, num_cpus=2, num_gpus=1)
+    assert (sub.entrypoint_num_cpus, sub.entrypoint_num_gpus) == (2, 1)
+    jc = _Recorder()
+    sm.submit(sub, jc=jc)
+    (kind, kw), = jc.calls  # fmt: skip
+    assert kind == "submit" and (kw["entrypoint_num_cpus"], kw["entrypoint_num_gpus"]) == (2, 1)
+    for status in ("PENDING", "RUNNING"):
+        jc = _Recorder(status)
+        for replace in (False, True):
+            with pytest.raises(sm.SubmitError, match=f"already {status}"):
+                sm.submit(sub, replace=replace, jc=jc)
+        assert jc.calls == []
+    jc = _Recorder("SUCCEEDED")
+    with pytest.raises(sm.SubmitError, match="--replace"):
+        sm.submit(sub, jc=jc)
+    assert jc.calls == []
+    for status, replace in (("SUCCEEDED", True), ("FAILED", False), ("STOPPED", False)):
+        jc = _Recorder(status)
+        sm.submit(sub, replace=replace, jc=jc)
+        assert [c[0] for c in jc.calls] == ["delete", "submit"], status
+    logs = "\n".join(f"line {i}" for i in range(100)) + "\nerror: the fix\n"
+    report = sm.failure_report("j", tail_lines=3, jc=_Recorder("FAILED", logs=logs))
+    assert report.endswith("line 98\nline 99\nerror: the fix") and "line 0\n" not in report
+
+
+def test_jobs_list_shows_crossdiffs_jobs_unless_asked_for_all():
+    def job(sid, meta, t):
+        return type("J", (), {"submission_id": sid, "status": "RUNNING", "metadata": meta, "start_time": t})()
+
+    jc = _Recorder(jobs=[job("b", {"crossdiff_stage": "fit", "crossdiff_run": "r"}, 2), job("x", {}, 1),
+                         job("a", {"crossdiff_stage": "harvest", "crossdiff_run": "r"}, 1)])  # fmt: skip
+    assert [r["submission_id"] for r in sm.list_jobs(jc=jc)] == ["a", "b"]
+    assert [r["submission_id"] for r in sm.list_jobs(jc=jc, all_jobs=True)] == ["x", "a", "b"]
+
+
+def test_credentials_a_config_names_or_key_names_never_travel(tmp_path):
+    """A label config's token_env names a credential whatever its name: its value in a config text
+    is refused; a *_KEY variable is never passed through with the CROSSDIFF_ prefix; RAY_AUTH_MODE is."""
+    assert is_secret_name("CROSSDIFF_SIGNING_KEY") and not is_secret_name("RAY_AUTH_MODE")
+    env = {"CROSSDIFF_SIGNING_KEY": "k" * 12, "RAY_AUTH_MODE": "token", "CROSSDIFF_LOG_JSON": "1"}
+    assert passthrough_env(env) == {"CROSSDIFF_LOG_JSON": "1", "RAY_AUTH_MODE": "token"}
+    cfg = tmp_path / "label.yaml"
+    phrase = "correct-horse-battery-staple"
+    cfg.write_text(f"token_env: CROSSDIFF_LABELLER_PHRASE\n# {phrase}\n")
+    with pytest.raises(sm.SubmitError, match="credential"):
+        sm.build_submission(
+            "label",
+            cfg,
+            ["--run", "s3://b/run"],
+            environ={"CROSSDIFF_LABELLER_PHRASE": phrase},
+            working_dir=None,
+        )
+
+
+def test_a_local_ray_on_two_cores_gets_four_cpus(monkeypatch):
+    """1-CPU actors starve Ray Data's read tasks on 2 cores (a hang without an error): a local
+    cluster started here always declares at least 4 CPUs."""
+    import ray
+
+    from cluster import connect
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(connect, "prepare_local_ray", lambda: None)
+    monkeypatch.setattr(connect, "STARTED_LOCAL", connect.STARTED_LOCAL)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    connect.ensure_ray(None)
+    assert seen["num_cpus"] == 4 and seen["address"] == "local"
+    for job_api in ("http://head:8265", "https://head:8265"):  # the job API, not the cluster
+        with pytest.raises(ValueError, match="is the job API"):
+            connect.ensure_ray(job_api)
+
+
+def test_the_submit_command_sends_what_it_is_given_and_a_stopped_job_fails(monkeypatch, tmp_path):
+    """`crossdiff submit` end to end against a recording client: --env values keep their "=",
+    --pip and --num-gpus reach the job, and --wait exits 1 with the log tail for a job that ends
+    STOPPED or FAILED, 0 for SUCCEEDED."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    jc = _Recorder()
+    monkeypatch.setattr(sm, "client", lambda address=None: jc)
+    args = [
+        "submit",
+        "report",
+        "--run",
+        "s3://b/run",
+        "--env",
+        "CROSSDIFF_X=a=b",
+        "--pip",
+        "crossdiff==0.1.0",
+    ]
+    r = CliRunner().invoke(app, [*args, "--num-gpus", "1"])
+    assert r.exit_code == 0, r.output
+    (_, kw), = jc.calls  # fmt: skip
+    assert kw["runtime_env"]["env_vars"]["CROSSDIFF_X"] == "a=b" and kw["runtime_env"]["pip"] == [
+        "crossdiff==0.1.0"
+    ]
+    assert kw["entrypoint_num_gpus"] == 1 and json.loads(r.output.splitlines()[-1])["stage"] == "report"
+    for end, code in (("STOPPED", 1), ("FAILED", 1), ("SUCCEEDED", 0)):
+        jc = _Recorder(logs="error: what went wrong\n")
+        monkeypatch.setattr(sm, "wait", lambda sid, end=end, **kw: {"status": end})
+        monkeypatch.setattr(sm, "status", lambda sid, end=end, **kw: {"status": end, "message": "m"})
+        r = CliRunner().invoke(app, [*args, "--wait", "--replace"])
+        assert r.exit_code == code, (end, r.output)
+        assert ("error: what went wrong" in r.output) == (code == 1)
