@@ -718,3 +718,22 @@ def test_render_outside_a_checkout_names_where_the_manifests_are(tmp_path, monke
         kube.render("gpu")
     assert kube.main(["sync"]) == 1
     assert "source checkout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpu_requests_equal_limits_and_head_ports_are_rays(overlay):
+    """Kubernetes rejects a pod whose extended-resource request and limit differ; KubeRay's head
+    service and the docs' port-forwards expect Ray's ports under these names (from the cluster-side
+    mutation review)."""
+    for _, spec in _pod_specs(list(everything(overlay))):
+        for c in spec["containers"]:
+            res = c.get("resources") or {}
+            req, lim = res.get("requests") or {}, res.get("limits") or {}
+            if "nvidia.com/gpu" in req or "nvidia.com/gpu" in lim:
+                assert req.get("nvidia.com/gpu") == lim.get("nvidia.com/gpu"), (c["name"], res)
+    for label, spec in cluster_specs(overlay):
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in head.get("ports", [])}
+        assert {"gcs-server": 6379, "dashboard": 8265, "client": 10001}.items() <= ports.items(), label
+        if "RayService" in label:
+            assert ports.get("serve") == 8000, label
