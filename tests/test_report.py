@@ -153,7 +153,7 @@ def test_report_after_labelling_shows_shift_and_labels(run, tmp_path):
     assert "<th>90% CI (score, Bonferroni)</th>" in (lab_run / "report.html").read_text()
 
 
-def test_what_the_page_and_the_markdown_show_match_the_data(run, tmp_path):
+def test_what_the_page_and_the_markdown_show_match_the_data(run, tmp_path, monkeypatch):
     """From the report's mutation review: the Markdown shift table's counts and interval ends, the
     HTML table's "only in" side and small-count flag, the groups and live-latent KPIs, the cards'
     order (most robust by ν over its cut first), their context count and source-mass order, each
@@ -182,7 +182,15 @@ def test_what_the_page_and_the_markdown_show_match_the_data(run, tmp_path):
     freq[np.flatnonzero(np.asarray(t["group"]) == "")[:3]] = 0.0  # three dead latents
     t = t.set_column(t.schema.get_field_index("freq"), "freq", pa.array(freq))
     pq.write_table(t, lab_run / "latents.parquet")
+    from jobs.report import plots
+
+    xlabels = []
+    real = plots.to_data_uri
+    monkeypatch.setattr(
+        plots, "to_data_uri", lambda fig: xlabels.append(fig.axes[0].get_xlabel()) or real(fig)
+    )
     write_report(lab_run, opts=ReportOptions(max_cards=2, contexts_per_card=2))
+    assert any(x.startswith("Δ_c (%) of chat-specific vs base-specific") for x in xlabels), xlabels
     rep = json.loads((lab_run / "report.json").read_text())
     md, html = (lab_run / "report.md").read_text(), (lab_run / "report.html").read_text()
     for r in rep["shift"]:

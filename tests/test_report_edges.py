@@ -351,6 +351,45 @@ def test_card_statistics_say_where_they_come_from(run, tmp_path):  # noqa: F811
     assert "(latents.parquet, 4,000 tokens)" in (r / "report.html").read_text()
 
 
+def test_group_selection_says_which_tail_and_skips_an_unmeasured_nu():
+    """The high-Δnorm side is called "highest", a NaN ν leaves the median of the rest."""
+    from jobs.report.selection import group_selection, how_selected
+
+    cols = {"latent": [0, 1, 2, 3], "group": ["a-specific", "a-specific", "b-specific", ""],
+            "delta_norm": [0.99, 0.97, 0.02, 0.5], "nu_eps": [0.1, float("nan"), 0.3, 1.0],
+            "nu_r": [0.2, 0.4, float("nan"), 1.0], "robust": [True, False, False, False],
+            "tail": ["high", "high", "low", ""]}  # fmt: skip
+    sel = group_selection(cols, ("a", "b"))
+    assert (
+        sel["a-specific"]["nu_eps_median"] == pytest.approx(0.1) and sel["b-specific"]["nu_r_median"] is None
+    )
+    assert sel["a-specific"]["nu_r_median"] == pytest.approx(0.3)
+    assert "highest Δnorm" in how_selected(sel["a-specific"], {"selection": "tail", "tail_frac": 0.06})
+    assert "lowest Δnorm" in how_selected(sel["b-specific"], {"selection": "tail", "tail_frac": 0.06})
+
+
+def test_shift_bars_take_the_side_they_favour_and_the_axis_names_it(monkeypatch):
+    """A category more common in S is drawn in S's colour (blue, as the legend says), one more
+    common in I in I's; the x axis names S first (from the report-side mutation review)."""
+    from matplotlib.colors import to_hex
+
+    from diffing.stats import category_shift
+    from jobs.report import plots
+
+    figs = []
+    real = plots.to_data_uri
+    monkeypatch.setattr(plots, "to_data_uri", lambda fig: figs.append(fig) or real(fig))
+    rows = [
+        r.as_dict() for r in category_shift({"up": 20, "down": 5, "x": 10}, {"up": 5, "down": 20, "x": 10})
+    ]
+    plots.shift_figure(rows, "ft-specific", "base-specific", "95% CI (Katz)", 5)
+    (ax,) = figs[0].axes
+    assert ax.get_xlabel().startswith("Δ_c (%) of ft-specific vs base-specific latents")
+    ticks = [t.get_text().split("  ")[0] for t in ax.get_yticklabels()]
+    colour = {ticks[round(p.get_y() + p.get_height() / 2)]: to_hex(p.get_facecolor()) for p in ax.patches}
+    assert colour["up"] == plots.COLORS["B"] and colour["down"] == plots.COLORS["A"]
+
+
 def test_shift_cells_headings_and_axes_are_labelled(run, tmp_path, monkeypatch):  # noqa: F811
     from jobs.report import _pct, plots, render
     from jobs.report.config import ReportConfig
@@ -376,3 +415,29 @@ def test_shift_cells_headings_and_axes_are_labelled(run, tmp_path, monkeypatch):
     assert "latents" in xlabels  # the class bar chart's x axis
     n = len(_groups(r)["chat-specific"])
     assert f"first 2 of {n} shown, most robust first)" in (r / "report.html").read_text()
+
+
+def test_provenance_takes_resolved_revisions_and_the_steps_the_fit_ran(tmp_path):
+    """A store whose manifest alone holds the harvest config and the commits its unpinned models
+    resolved to: the models show at those commits; the fit's steps are metrics.json's (the steps
+    it ran), not run_config's plan (report-side mutation review)."""
+    from jobs.report.provenance import _crosscoder, _harvest
+
+    rd, store = tmp_path / "run", tmp_path / "store"
+    rd.mkdir()
+    store.mkdir()
+    harvest = {
+        "models": [{"name": "base", "path": "/m/base"}, {"name": "chat", "path": "/m/chat"}],
+        "layer": 3,
+    }
+    meta = {"harvest": harvest, "revisions": {"chat": "abc123"}}
+    (store / "manifest.json").write_text(json.dumps({"model_names": ["base", "chat"], "metadata": meta}))
+    (rd / "analysis_config.json").write_text(json.dumps({"store": str(store)}))
+    (rd / "run_config.json").write_text(json.dumps({"total_steps": 100, "fit": {"train": {"seed": 3}}}))
+    h = _harvest(rd)
+    assert h["models"] == [
+        {"name": "base", "path": "/m/base"},
+        {"name": "chat", "path": "/m/chat", "revision": "abc123"},
+    ]
+    assert h["layer"] == 3
+    assert _crosscoder(rd, {"steps": 80})["steps"] == 80 and _crosscoder(rd, None)["steps"] == 100

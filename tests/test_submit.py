@@ -202,6 +202,15 @@ def test_working_dir_upload_stays_small(tmp_path):
     assert "jobs/cli.py" in names and "diffing/store/writer.py" in names and "cluster/submit.py" in names
     assert not any(n.startswith((".venv/", ".git/", "runs/")) or "__pycache__" in n for n in names)
     assert target.stat().st_size < 5 * 2**20, target.stat().st_size
+    # data a user keeps inside the checkout (a store, weights) stays home, .gitignore or not
+    proj = tmp_path / "proj"
+    (proj / "runs2" / "store").mkdir(parents=True)
+    (proj / "job.py").write_text("print(1)\n")
+    for name in ("runs2/store/shard.parquet", "w.safetensors", "m.gguf", "c.pt"):
+        (proj / name).write_bytes(b"0" * 64)
+    env = build_runtime_env(working_dir=proj, environ={})
+    create_package(str(proj), tmp_path / "p.zip", include_gitignore=True, excludes=env["excludes"])
+    assert zipfile.ZipFile(tmp_path / "p.zip").namelist() == ["job.py"]
 
 
 # ---------------------------------------------------------------- a real `ray start --head` cluster
