@@ -152,7 +152,8 @@ def _validate_config(stage: str, data: dict[str, Any], sets: Sequence[str]) -> N
     if stage == "pipeline":  # harvest.store defaults to OUT/store, as `crossdiff pipeline` fills it
         from jobs.pipeline_config import with_defaults
 
-        check = lambda d: cls.model_validate(with_defaults(d))  # noqa: E731
+        # a store only the cluster reaches: stand-ins here, the job reads the store there
+        check = lambda d: cls.model_validate(with_defaults(d, stand_in=True))  # noqa: E731
     try:
         validate_with_overrides(check, dict(data), list(sets))
     except Exception as e:  # pydantic ValidationError or ValueError from overrides

@@ -282,7 +282,7 @@ def pipeline(
         typer.Option(
             "--redo",
             metavar="STAGE",
-            help="Redo STAGE and the stages after it under the same config (e.g. `--redo report` after "
+            help="Redo STAGE and the stages after it, changed or not (e.g. `--redo report` after "
             "upgrading crossdiff); finished earlier stages are kept.",
         ),
     ] = None,

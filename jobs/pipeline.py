@@ -13,7 +13,7 @@ nothing; a killed one resumes at the stage it reached (and, inside it, at the sh
 latent range it reached, since every stage is resumable on its own). Changing a stage's config
 invalidates that stage and every later one: rerun with --redo-changed (redo from the first changed
 stage), --overwrite (redo everything) or a new --out. --redo STAGE redoes a stage and the later
-ones under the same config (a report after upgrading crossdiff, a fit to check a seed's luck).
+ones, changed or not (a report after upgrading crossdiff, a refit).
 """
 
 from __future__ import annotations
@@ -226,10 +226,16 @@ class Pipeline(StageRunners, StageIdentity):
         redo: str | None = None,
     ) -> dict[str, Any]:
         """Run the stages that are not done (and, with `redo`, that stage and the later ones again,
-        under the same config: after an upgrade, say); the run is held (jobs/runlock.py) for the
+        changed or not: after an upgrade, say); the run is held (jobs/runlock.py) for the
         duration, so a second pipeline on it is refused rather than undoing this one's work."""
         from jobs.runlock import hold_run
 
+        if redo is not None and overwrite:
+            raise ValueError(f"--redo {redo} and --overwrite: give one (--overwrite redoes every stage)")
+        if redo is not None and redo not in self.cfg.stages:  # before the lock and a remote run's pull
+            raise ValueError(
+                f"--redo {redo}: not one of this run's stages {list(self.cfg.stages)}; give one of them"
+            )
         self.run.mkdir(parents=True, exist_ok=True)
         if self.mirror is not None:  # before its lease: an unwritable bucket's own clear message
             self.mirror.check_writable()

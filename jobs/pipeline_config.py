@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import fsspec
 from pydantic import Field, model_validator
 
 from diffing.config import AnalysisConfig, FitConfig, Frozen, PathOrURL
@@ -192,54 +193,122 @@ class PipelineConfig(Frozen):
         return tuple(self.comparisons or (self.pair_names,))
 
 
-def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
-    """Fill derived defaults in a raw config dict before validation (harvest.store = OUT/store)."""
+def with_defaults(data: dict[str, Any], *, stand_in: bool = False) -> dict[str, Any]:
+    """Fill derived defaults in a raw config dict before validation (harvest.store = OUT/store; a
+    pipeline without its harvest stage: the harvest fields read from its store). `stand_in`: where
+    that store cannot be read here (a submitting machine), stand-ins named after the models the
+    config compares, so that the rest of the config is still checked."""
     data = json.loads(json.dumps(data))
     out = data.get("out")
     h = data.get("harvest")
     if out and isinstance(h, dict) and not h.get("store"):
         h["store"] = join(out, "store") if is_remote(out) else str(Path(out) / "store")
-    _fill_from_store(data)
+    try:
+        _fill_from_store(data)
+    except StoreUnreadable:
+        if not stand_in:
+            raise
+        _stand_in(data)
     return data
+
+
+def _stand_in(data: dict[str, Any]) -> None:
+    """Placeholder harvest fields named after the models `pair`, `comparisons`, `anchored` and
+    `label.groups` mention (at least two)."""
+    names: list[str] = []
+    for pair in [data.get("pair") or [], *(data.get("comparisons") or []), data.get("anchored") or []]:
+        names += [n for n in pair if isinstance(n, str)]
+    groups = (data.get("label") or {}).get("groups") or [] if isinstance(data.get("label"), dict) else []
+    names += [g.removesuffix("-specific") for g in groups if isinstance(g, str) and g.endswith("-specific")]
+    names = list(dict.fromkeys(names))
+    names += [n for n in ("A", "B") if n not in names][: max(0, 2 - len(names))]
+    h = data["harvest"]
+    h.setdefault("models", [{"name": n, "path": FROM_STORE} for n in names])
+    h.setdefault("layer", 0)
+    h.setdefault("corpus", {"uri": FROM_STORE})
+
+
+# what stands for the model paths and the corpus of activations crossdiff did not harvest: the same
+# however the store is spelled (the stages' identities hold these fields)
+FROM_STORE = "(activations in harvest.store)"
+
+
+class StoreUnreadable(ValueError):
+    """`harvest: {store: S}` without the harvest stage, and neither S nor the run's pipeline.json
+    says what the store holds."""
 
 
 def _fill_from_store(data: dict[str, Any]) -> None:
     """A pipeline over a store it does not harvest (`stages` without harvest; your own activations,
     another run's store) needs only `harvest.store`: the harvest fields the config requires but no
     later stage reads (models, layer, corpus) come from the store, given ones win. A crossdiff
-    harvest's store holds its config; a `write_arrays` store gives its model names, each model's path
-    and the corpus being the store itself, and its layer where it was recorded."""
+    harvest's store holds its config; a `write_arrays` store gives its model names and the layer it
+    was written with (model paths and corpus: FROM_STORE). A store deleted since (after fit and
+    analyze, to save space) is stood in for by the run's own pipeline.json."""
     h, stages = data.get("harvest"), data.get("stages")
     if not isinstance(h, dict) or not h.get("store") or not isinstance(stages, (list, tuple)):
         return
     need = [k for k in ("models", "layer", "corpus") if k not in h]
     if "harvest" in stages or not need:
         return
-    from diffing.store import StoreError, open_store
-
     store = str(h["store"])
     try:
-        manifest = open_store(store).manifest
-    except StoreError as e:
-        raise ValueError(
-            f"harvest.{need[0]}: not given, and a pipeline without its harvest stage reads it from "
-            f"harvest.store, which failed: {e}"
-        ) from None
-    made = manifest.metadata.get("harvest")
-    if isinstance(made, dict) and all(k in made for k in need):
-        h.update({k: made[k] for k in need})
-        return
-    fills = {
-        "models": [{"name": n, "path": store} for n in manifest.model_names],
-        "layer": manifest.layer,
-        "corpus": {"uri": store},
-    }
-    if "layer" in need and manifest.layer is None:
+        fills = _store_fills(store)
+    except Exception as e:  # noqa: BLE001 - missing, no credentials here, not a store: say which field
+        fills = _saved_fills(data.get("out"), store)
+        if fills is None:
+            raise StoreUnreadable(
+                f"harvest.{need[0]}: not given, and a pipeline without its harvest stage reads it from "
+                f"harvest.store {store}, which failed ({type(e).__name__}: {e}); give harvest.models, "
+                "harvest.layer and harvest.corpus, or point harvest.store at the store"
+            ) from None
+    if "layer" in need and fills.get("layer") is None:
         raise ValueError(
             f"harvest.layer: not given, and the store {store} does not record its layer; set harvest.layer "
             "(the run's provenance shows it), or write the store with write_arrays(..., layer=L)"
         )
     h.update({k: fills[k] for k in need})
+
+
+def _store_fills(store: str) -> dict[str, Any]:
+    """models, layer and corpus from the store: its harvest config where it holds one (each field
+    on its own, only the fields this crossdiff knows), else its model names and layer."""
+    from diffing.corpus import CorpusSpec
+    from diffing.harvest import ModelSpec
+    from diffing.store import open_store
+
+    manifest = open_store(store).manifest
+    made = manifest.metadata.get("harvest")
+    made = made if isinstance(made, dict) else {}
+    fills: dict[str, Any] = {
+        "models": [{"name": n, "path": FROM_STORE} for n in manifest.model_names],
+        "layer": manifest.layer,
+        "corpus": {"uri": FROM_STORE},
+    }
+    models = made.get("models")
+    if isinstance(models, list) and [m.get("name") for m in models if isinstance(m, dict)] == list(
+        manifest.model_names
+    ):
+        fills["models"] = [{k: v for k, v in m.items() if k in ModelSpec.model_fields} for m in models]
+    if isinstance(made.get("layer"), int):
+        fills["layer"] = made["layer"]
+    if isinstance(made.get("corpus"), dict) and made["corpus"].get("uri"):
+        fills["corpus"] = {k: v for k, v in made["corpus"].items() if k in CorpusSpec.model_fields}
+    return fills
+
+
+def _saved_fills(out: Any, store: str) -> dict[str, Any] | None:
+    """The harvest fields of the run's own pipeline.json, if it names the same store."""
+    if not out:
+        return None
+    try:
+        fs, path = fsspec.core.url_to_fs(join(str(out), "pipeline.json"))
+        saved = json.loads(fs.cat_file(path)).get("harvest") or {}
+    except Exception:  # noqa: BLE001 - no run yet, or not readable here
+        return None
+    if saved.get("store") != store or not all(k in saved for k in ("models", "layer", "corpus")):
+        return None
+    return {k: saved[k] for k in ("models", "layer", "corpus")}
 
 
 def load_pipeline_config(

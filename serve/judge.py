@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -269,13 +270,20 @@ class ServeLLMJudge(JudgeClient):
 VLLM_FIELDS = ("structured_outputs", "continue_final_message", "add_generation_prompt", "prompt_logprobs")
 
 
+# how servers refuse a field they do not know (OpenAI, pydantic's extra="forbid", FastAPI, others);
+# vLLM's own 400s about these fields' values ("prompt_logprobs must be ...") say none of this
+_UNKNOWN_FIELD = re.compile(
+    r"unrecognized|unknown (field|param|argument)|unexpected (keyword|field|param|argument)|"
+    r"extra_forbidden|extra (inputs|fields) are not permitted|additional properties|not a valid param",
+    re.I,
+)
+
+
 def _dialect_hint(r) -> str:
     """A refusal of the vLLM request fields (OpenAI's API, servers that forbid unknown fields): say
     what the judge needs instead of leaving a bare 400."""
     text = r.text.lower()
-    if r.status_code in (400, 422) and (
-        any(f in text for f in VLLM_FIELDS) or "unrecognized request argument" in text or "extra" in text
-    ):
+    if r.status_code in (400, 422) and any(f in text for f in VLLM_FIELDS) and _UNKNOWN_FIELD.search(text):
         return (
             " (judge.kind: openai sends vLLM's extra request fields: structured outputs, assistant prefill "
             "and, for channel classification, prompt log-probabilities; point judge.endpoint at a vLLM "

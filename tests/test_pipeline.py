@@ -301,18 +301,15 @@ def test_a_pipeline_over_your_own_store_needs_only_its_path(tmp_path):
         f.write_text(yaml.safe_dump(d))
         return load_pipeline_config(f)
 
+    from jobs.pipeline_config import FROM_STORE
+
     c = cfg("mine")
-    mine = str(tmp_path / "mine")
-    assert [(m.name, m.path) for m in c.harvest.models] == [("base", mine), ("chat", mine)]
-    assert (
-        c.harvest.layer == 7
-        and c.harvest.corpus.uri == str(tmp_path / "mine")
-        and c.pair_names == ("base", "chat")
-    )
+    assert [(m.name, m.path) for m in c.harvest.models] == [("base", FROM_STORE), ("chat", FROM_STORE)]
+    assert c.harvest.layer == 7 and c.harvest.corpus.uri == FROM_STORE and c.pair_names == ("base", "chat")
     h = cfg("harvested").harvest
     assert [m.path for m in h.models] == ["/m/b", "/m/c"] and h.layer == 3 and h.corpus.uri == "/c.jsonl"
     assert cfg("nolayer", layer=5).harvest.layer == 5  # given fields win
-    assert cfg("mine", layer=9).harvest.models[0].name == "base"
+    assert cfg("mine", layer=9).harvest.layer == 9  # over the store's own 7
     with pytest.raises(
         ConfigError, match=r"harvest\.layer: not given, and the store .* does not record its layer"
     ):
@@ -327,6 +324,32 @@ def test_a_pipeline_over_your_own_store_needs_only_its_path(tmp_path):
     calls.clear()
     _recording(Pipeline(cfg("mine")), calls)()  # the filled config is the same one: nothing to redo
     assert calls == []
+    import os
+    import shutil
+
+    # a store inside the run (harvest: {} fills OUT/store), the run named relatively or absolutely:
+    # the same identities (the fills do not hold the store's spelling)
+    write_arrays(str(tmp_path / "in" / "store"), acts, model_names=["base", "chat"], doc_ids=docs, layer=7)
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        hashes = set()
+        for out in ("in", str(tmp_path / "in")):
+            d = {**_cfg_dict(tmp_path, stages=["fit", "analyze", "report"]), "out": out, "harvest": {}}
+            hashes.add(Pipeline(PipelineConfig.model_validate(with_defaults(d))).stage_config("fit")["hash"])
+        assert len(hashes) == 1
+    finally:
+        os.chdir(here)
+    # the store deleted after fit and analyze (to save space): the run's pipeline.json stands in
+    shutil.rmtree(tmp_path / "mine")
+    again = cfg("mine")
+    assert [m.name for m in again.harvest.models] == ["base", "chat"] and again.harvest.layer == 7
+    # an older store's harvest config with a field this crossdiff no longer knows still loads
+    made["models"][0]["retired_field"] = 1
+    write_arrays(str(tmp_path / "old"), acts, model_names=["base", "chat"], doc_ids=docs,
+                 metadata={"harvest": {"models": made["models"]}}, layer=4)  # fmt: skip
+    h = cfg("old").harvest
+    assert [m.path for m in h.models] == ["/m/b", "/m/c"] and h.layer == 4 and h.corpus.uri == FROM_STORE
 
 
 def test_markers_that_vouch_for_nothing_are_redone_and_identities_hold_groups_and_pairs(tmp_path):

@@ -242,6 +242,12 @@ def test_redo_a_stage_redoes_it_and_the_later_ones_under_the_same_config(tmp_pat
     with pytest.raises(ValueError, match=r"--redo label: not one of this run's stages \['fit', 'analyze'\]"):
         _run(out, flags={"redo": "label"}, stages=["fit", "analyze"])
     assert _run(out) == []  # the refusal wrote nothing
+    with pytest.raises(ValueError, match="--redo fit and --overwrite: give one"):
+        _run(out, flags={"redo": "fit", "overwrite": True})
+    lr = {"fit": {"train": {"lr": 5e-3}}}  # a changed stage needs no --redo-changed to be redone
+    assert [s for s, _ in _run(out, flags={"redo": "fit"}, **lr)] == ["fit", "analyze", "label", "report"]
+    with pytest.raises(ValueError, match="--redo-changed"):  # ... but a changed earlier one does
+        _run(out, flags={"redo": "analyze"})
 
 
 def test_a_fit_killed_midway_resumes_under_its_checkpoint_hash(tmp_path):

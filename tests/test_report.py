@@ -181,6 +181,9 @@ def test_what_the_page_and_the_markdown_show_match_the_data(run, tmp_path, monke
     freq = t["freq"].to_numpy().copy()
     freq[np.flatnonzero(np.asarray(t["group"]) == "")[:3]] = 0.0  # three dead latents
     t = t.set_column(t.schema.get_field_index("freq"), "freq", pa.array(freq))
+    meta = dict(t.schema.metadata)  # the analysis's own cuts rank the cards, not the defaults
+    cuts = {**json.loads(meta[b"config"]), "nu_eps_max": 0.05, "nu_r_max": 2.0}
+    t = t.replace_schema_metadata({**meta, b"config": json.dumps(cuts).encode()})
     pq.write_table(t, lab_run / "latents.parquet")
     from jobs.report import plots
 
@@ -207,10 +210,7 @@ def test_what_the_page_and_the_markdown_show_match_the_data(run, tmp_path, monke
     assert set(rep["groups"]) == {"base-specific", "chat-specific", "baseline"}
     live = int((np.asarray(t["freq"]) > 0).sum())
     assert f'<b>{live}</b><span class="muted">live</span>' in html
-    acfg = AnalysisConfig()
-    score = robustness(
-        np.asarray(t["nu_eps"], float), np.asarray(t["nu_r"], float), acfg.nu_eps_max, acfg.nu_r_max
-    )
+    score = robustness(np.asarray(t["nu_eps"], float), np.asarray(t["nu_r"], float), 0.05, 2.0)
     for grp in ("chat-specific", "base-specific"):
         idx = np.asarray(g[grp])
         want = idx[np.lexsort((idx, score[idx]))][:2].tolist()

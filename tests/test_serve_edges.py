@@ -210,12 +210,27 @@ def test_a_server_refusing_vllms_request_fields_is_named_as_such():
             await j.complete(
                 [{"role": "user", "content": "hi"}], max_tokens=4, choice=["a", "b"], prefill="x"
             )
-        j._client = httpx.AsyncClient(
-            transport=httpx.MockTransport(lambda req: httpx.Response(400, text="bad max_tokens"))
+        for own in (  # vLLM's own 400s about the fields' values, a JSON error: passed on as they are
+            "bad max_tokens",
+            '{"error": {"message": "prompt_logprobs must be a positive value or -1", "param": "prompt_logprobs"}}',
+            "structured_outputs.json cannot be an empty string",
+            "Extra data: line 1 column 5",
+        ):
+            j._client = httpx.AsyncClient(
+                transport=httpx.MockTransport(lambda req, own=own: httpx.Response(400, text=own))
+            )
+            with pytest.raises(JudgeError) as e:
+                await j.complete([{"role": "user", "content": "hi"}], max_tokens=4)
+            assert "vLLM" not in str(e.value) and own[:20] in str(e.value), own
+        j._client = httpx.AsyncClient(  # pydantic's refusal of an unknown field names the fix too
+            transport=httpx.MockTransport(
+                lambda req: httpx.Response(
+                    422, json={"detail": [{"type": "extra_forbidden", "loc": ["body", "structured_outputs"]}]}
+                )
+            )
         )
-        with pytest.raises(JudgeError) as e:
-            await j.complete([{"role": "user", "content": "hi"}], max_tokens=4)
-        assert "vLLM" not in str(e.value) and "bad max_tokens" in str(e.value)
+        with pytest.raises(JudgeError, match="vLLM OpenAI-compatible server"):
+            await j.complete([{"role": "user", "content": "hi"}], max_tokens=4, choice=["a"])
         await j.aclose()
 
     run(go())

@@ -79,6 +79,26 @@ def test_pipeline_and_label_configs_are_checked_before_they_are_sent(tmp_path):
         sm.build_submission("label", cfg, ["--run", "s3://b/r"], working_dir=None, environ={})
 
 
+def test_a_store_only_the_cluster_reaches_is_not_read_here_but_the_rest_is_checked(tmp_path):
+    """A pipeline without its harvest stage names only its store: where the submitting machine
+    cannot read it, the models are stood in for (named after the pair) and the rest is checked."""
+    from diffing.config import ConfigError
+
+    cfg = tmp_path / "p.yaml"
+    body = "stages: [fit, analyze, report]\nharvest: {store: /only/on/the/cluster}\npair: [pt, it]\n"
+    cfg.write_text(body)
+    out = ["--out", str(tmp_path / "r")]
+    sm.build_submission("pipeline", cfg, out, working_dir=None, environ={})
+    cfg.write_text(body + "fit: {crosscoder: {kk: 3}}\n")
+    with pytest.raises(ConfigError, match=r"fit\.crosscoder\.kk"):
+        sm.build_submission("pipeline", cfg, out, working_dir=None, environ={})
+    from jobs.pipeline_config import load_pipeline_config
+
+    cfg.write_text(body)
+    with pytest.raises(ConfigError, match=r"harvest\.models: not given.*harvest\.store /only/on/the/cluster"):
+        load_pipeline_config(cfg, out=str(tmp_path / "r"))  # on the machine that runs it: read, or refused
+
+
 def test_machine_local_settings_stay_home_and_desktop_sessions_are_not_secrets(tmp_path):
     environ = {
         "CROSSDIFF_CACHE": "/Users/me/.cache/crossdiff",
