@@ -195,9 +195,7 @@ class Pipeline(StageRunners, StageIdentity):
         """The configured stages this call will run: from the first unfinished one on (a stage
         that runs makes the later ones stale), or all of them with `overwrite`, or from `redo` on
         at the latest. Raises on a changed config without `redo_changed`."""
-        todo = [s for s in STAGES if s in self.cfg.stages]
-        if redo is not None and redo not in todo:
-            raise ValueError(f"--redo {redo}: not one of this run's stages {todo}; give one of them")
+        todo = [s for s in STAGES if s in self.cfg.stages]  # `redo` is one of them (checked by __call__)
         for before in STAGES[: STAGES.index(todo[0])] if todo else ():
             saved = self._saved(before)
             if saved is not None and (saved.get("running") or saved.get("stale")):

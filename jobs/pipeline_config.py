@@ -218,7 +218,8 @@ def _stand_in(data: dict[str, Any]) -> None:
     names: list[str] = []
     for pair in [data.get("pair") or [], *(data.get("comparisons") or []), data.get("anchored") or []]:
         names += [n for n in pair if isinstance(n, str)]
-    groups = (data.get("label") or {}).get("groups") or [] if isinstance(data.get("label"), dict) else []
+    label = data.get("label") if isinstance(data.get("label"), dict) else {}
+    groups = label.get("groups") or []
     names += [g.removesuffix("-specific") for g in groups if isinstance(g, str) and g.endswith("-specific")]
     names = list(dict.fromkeys(names))
     names += [n for n in ("A", "B") if n not in names][: max(0, 2 - len(names))]
