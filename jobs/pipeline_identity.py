@@ -89,7 +89,7 @@ class StageIdentity:
     def _corpus_stamp(self) -> str | None:
         """The corpus's version, read once per pipeline call (hashing a large local corpus)."""
         if not hasattr(self, "_corpus_version"):
-            from jobs.rundir import corpus_stamp
+            from jobs.stamps import corpus_stamp
 
             self._corpus_version = corpus_stamp(self.cfg.harvest.corpus.uri, self.cfg.harvest.corpus.format)
         return self._corpus_version

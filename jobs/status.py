@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 
 from jobs.pipeline_config import STAGES
-from jobs.rundir import info_time as _info_time
+from jobs.stamps import info_time as _info_time
 from jobs.status_format import format_status  # noqa: F401  (re-exported: its home was here)
 
 QUIET_S = 900.0  # a running stage with no output this much newer was probably killed

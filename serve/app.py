@@ -28,8 +28,9 @@ from diffing.logs import get_logger
 from serve import prompts
 from serve.cache import settings_fingerprint
 from serve.guard import Guard, _check_limits, _error, _parse_error
-from serve.judge import JudgeClient, JudgeError, JudgeUnavailable, OpenAIJudge, ServeLLMJudge
+from serve.judge import JudgeClient, JudgeError, JudgeUnavailable, ServeLLMJudge
 from serve.labeller import LabelCache, Labeller
+from serve.openai_judge import OpenAIJudge
 from serve.protocol import (
     API_VERSION,
     ErrorBody,

@@ -305,7 +305,7 @@ def test_a_corpus_on_s3_can_be_a_prefix_of_shards(s3_endpoint):
 
 
 def test_the_stamp_of_a_sharded_corpus_changes_with_any_shard(tmp_path):
-    from jobs.rundir import corpus_stamp, file_stamp
+    from jobs.stamps import corpus_stamp, file_stamp
 
     one = tmp_path / "c.jsonl"
     one.write_text('{"text": "a"}\n')
@@ -360,7 +360,7 @@ def test_shards_numbered_without_padding_read_in_number_order_and_repeated_ids_a
 def test_a_sharded_corpus_stamp_does_not_depend_on_read_order(tmp_path, monkeypatch):
     """Runs stamped when shards were read in character order (before 2026-12-07) keep their stamp."""
     import diffing.corpus as dc
-    from jobs.rundir import corpus_stamp
+    from jobs.stamps import corpus_stamp
 
     d = tmp_path / "c"
     d.mkdir()
@@ -377,22 +377,22 @@ def test_a_sharded_s3_corpus_is_stamped_from_one_listing(s3_endpoint, monkeypatc
     import fsspec
     import s3fs
 
-    from jobs import rundir
+    from jobs import stamps
 
     fs = fsspec.filesystem("s3")
     for i in range(4):
         fs.pipe_file(f"crossdiff-test/stamped/part-{i}.jsonl", f'{{"text": "s{i}"}}\n'.encode())
     files = [f"s3://crossdiff-test/stamped/part-{i}.jsonl" for i in range(4)]
-    want = [rundir.file_stamp(f) for f in files]
+    want = [stamps.file_stamp(f) for f in files]
     heads = []
     real_info = s3fs.S3FileSystem._info
     monkeypatch.setattr(
         s3fs.S3FileSystem, "_info", lambda self, *a, **k: heads.append(a) or real_info(self, *a, **k)
     )
-    assert rundir._listed_stamps(files) == want and heads == []
-    stamp = rundir.corpus_stamp("s3://crossdiff-test/stamped")
+    assert stamps._listed_stamps(files) == want and heads == []
+    stamp = stamps.corpus_stamp("s3://crossdiff-test/stamped")
     fs.pipe_file("crossdiff-test/stamped/part-2.jsonl", b'{"text": "changed"}\n')
-    assert rundir.corpus_stamp("s3://crossdiff-test/stamped") != stamp
+    assert stamps.corpus_stamp("s3://crossdiff-test/stamped") != stamp
 
 
 def test_lines_come_one_at_a_time_as_the_split_gave_them():

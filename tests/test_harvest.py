@@ -174,7 +174,7 @@ def test_a_failed_background_write_is_raised_and_leaves_whole_shards_only(tmp_pa
 
 
 def test_shards_per_call_overlap_writes_but_feed_every_actor():
-    from jobs.harvest import shards_per_call
+    from jobs.harvest_actor import shards_per_call
 
     assert shards_per_call(1000, 8, 4) == 16  # a long harvest: 4 shards per writer thread
     assert shards_per_call(79, 8, 4) == 10  # a short one still reaches all 8 actors

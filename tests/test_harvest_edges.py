@@ -116,7 +116,7 @@ def test_an_actor_without_a_gpu_of_its_own_is_refused_where_gpus_are_visible(mon
     from diffing.corpus import CorpusSpec
     from diffing.harvest import HarvestConfig, ModelSpec
     from diffing.models import HarvestInputError
-    from jobs.harvest import check_assigned_gpu
+    from jobs.harvest_actor import check_assigned_gpu
 
     def cfg(**kw):
         models = [ModelSpec(name="a", path="x"), ModelSpec(name="b", path="y")]

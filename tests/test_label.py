@@ -429,7 +429,7 @@ def test_a_proxy_request_timeout_is_retried_not_fatal():
 
     import httpx
 
-    from jobs.label import _post_batch
+    from jobs.label_client import _post_batch
 
     ev = evidence(5, FRENCH)
     answers = [httpx.Response(408, json={"detail": "request timed out"})]

@@ -703,7 +703,7 @@ def test_the_harvest_marker_records_the_corpus_as_the_harvest_read_it(tmp_path):
     """A corpus edited while a long harvest runs: the marker holds the version the harvest read
     (the stamp was taken after the harvest), so the next call sees the edit and refuses."""
     from jobs.pipeline import PipelineConfig, with_defaults
-    from jobs.rundir import corpus_stamp
+    from jobs.stamps import corpus_stamp
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "one"}\n')

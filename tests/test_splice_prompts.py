@@ -11,7 +11,7 @@ from diffing.config import AnalysisConfig
 from diffing.harvest import HarvestConfig, Harvester, harvest_shards
 from diffing.splice import heldout_prompts, splice_eval
 from diffing.store import open_store
-from jobs.harvest import _writer
+from jobs.harvest_actor import _writer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, again and again.",
