@@ -319,6 +319,36 @@ def test_write_arrays_groups_rows_given_in_any_order_by_document(tmp_path):
     assert list(meta["source"]) == [src[i] for i in idx]
 
 
+def test_bfloat16_tensors_are_converted_a_shard_at_a_time(tmp_path, monkeypatch):
+    """A bf16 model's activations (a dtype numpy lacks) are stored as their float32 values would
+    be, in any row order, without a float32 copy of the whole input (twice its memory); a NaN in
+    them is still refused, naming its row, before any shard is written."""
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(600, 2, 8, generator=g).bfloat16()
+    perm = torch.randperm(600, generator=g).numpy()
+    kw = dict(
+        model_names=["A", "B"],
+        doc_ids=np.repeat(np.arange(6), 100)[perm],
+        positions=np.tile(np.arange(100), 6)[perm],
+        shard_rows=150,
+    )
+    want = write_arrays(str(tmp_path / "f32"), acts.float(), **kw).load()
+    sizes = []
+    real = torch.Tensor.float
+    monkeypatch.setattr("diffing.store.layout.CHECK_CHUNK_BYTES", 100 * 2 * 8 * 2)  # its check: 100 rows
+    monkeypatch.setattr(torch.Tensor, "float", lambda t: sizes.append(t.numel()) or real(t))
+    got = write_arrays(str(tmp_path / "bf16"), acts, **kw).load()
+    monkeypatch.undo()
+    assert torch.equal(got[0], want[0]) and got[0].dtype == torch.float16
+    assert all(np.array_equal(got[1][k], want[1][k]) for k in ("doc_id", "pos", "token_id"))
+    assert sizes and max(sizes) <= 150 * 2 * 8  # one shard at most, never the whole input
+    bad = acts.clone()
+    bad[417, 1, 3] = float("nan")
+    with pytest.raises(StoreError, match=r"NaN or inf \(first at row 417\); nothing was written"):
+        write_arrays(str(tmp_path / "nan"), bad, **kw)
+    assert not (tmp_path / "nan").exists() or not any((tmp_path / "nan").rglob("*.parquet"))
+
+
 def test_bring_your_own_mistakes_are_refused_before_anything_is_written(tmp_path):
     """Bad values in a later shard, ids that are not integers, a shard whose documents interleave:
     each refused with the fix, and nothing left behind that blocks the corrected write."""

@@ -11,6 +11,9 @@ import numpy as np
 from diffing.store.format import _NP_DTYPES, StoreError
 
 
+CHECK_CHUNK_BYTES = 64 << 20  # the value check reads the input this much at a time
+
+
 def _scattered(d: np.ndarray) -> bool:
     """Whether some document's rows are not contiguous."""
     return len(d) > 1 and 1 + int(np.count_nonzero(d[1:] != d[:-1])) != len(np.unique(d))
@@ -26,12 +29,14 @@ def _count_within(d: np.ndarray) -> np.ndarray:
     return out
 
 
-def _check_values(acts: np.ndarray, dtype: str) -> None:
-    """NaN/inf, or values the store's dtype cannot hold, refused before any shard is written."""
+def _check_values(acts, dtype: str) -> None:
+    """NaN/inf, or values the store's dtype cannot hold, refused before any shard is written.
+    acts: a numpy array, or a CPU tensor of a dtype numpy lacks (bfloat16), read in chunks."""
     limit = float(np.finfo(_NP_DTYPES[dtype]).max) if dtype in _NP_DTYPES else math.inf
-    step = max(1, (64 << 20) // max(1, acts[:1].nbytes))
+    step = max(1, CHECK_CHUNK_BYTES // max(1, acts[:1].nbytes))
     for a in range(0, acts.shape[0], step):
         chunk = acts[a : a + step]
+        chunk = chunk if isinstance(chunk, np.ndarray) else chunk.float().numpy()
         if not np.isfinite(chunk).all():
             row = a + int(np.flatnonzero(~np.isfinite(chunk).reshape(len(chunk), -1).all(1))[0])
             raise StoreError(f"acts contain NaN or inf (first at row {row}); nothing was written")

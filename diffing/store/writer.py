@@ -266,13 +266,18 @@ def write_arrays(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> ActivationStore:
-    """Write a store from in-memory activations [n_tokens, n_models, d_model] (bring your own).
+    """Write a store from in-memory activations [n_tokens, n_models, d_model] (bring your own):
+    numpy, or a torch tensor of any float dtype (bfloat16 is converted one shard at a time).
     Rows may come in any order: with `doc_ids` they are stored grouped by document, in position
     order (the store's layout). `positions` default to one count over the input, or, where a
     document's rows are not together, to a count within each document in the order given."""
     if isinstance(acts, torch.Tensor):
-        acts = acts.detach().float().cpu().numpy()
-    acts = np.asarray(acts)
+        acts = acts.detach().cpu()
+        # float16/32 are read in place; any other dtype (a bf16 model's activations) stays a tensor
+        # and is converted one shard at a time, not as a float32 copy of the whole input
+        acts = acts.numpy() if acts.dtype in (torch.float16, torch.float32) else acts
+    else:
+        acts = np.asarray(acts)
     if acts.ndim != 3:
         raise StoreError(f"acts must be [n_tokens, n_models, d_model], got shape {list(acts.shape)}")
     if acts.shape[0] == 0:
@@ -347,12 +352,17 @@ def write_arrays(
     def cut(a, sl: slice):
         return None if a is None else np.asarray(a)[sl if order is None else order[sl]]
 
+    def rows(sl: slice):
+        if order is None:
+            return acts[sl]
+        return acts[torch.from_numpy(order[sl])] if isinstance(acts, torch.Tensor) else acts[order[sl]]
+
     for s in range(n_shards):
         sl = slice(s * shard_rows, min(n, (s + 1) * shard_rows))
         infos.append(
             writer.write_shard(
                 f"{s:0{width}d}",
-                acts[sl if order is None else order[sl]],
+                rows(sl),
                 doc_ids=cut(doc_ids, sl),
                 positions=cut(positions, sl),
                 token_ids=cut(token_ids, sl),
