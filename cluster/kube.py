@@ -150,10 +150,6 @@ def render(path: str | Path) -> list[dict[str, Any]]:
     return objs
 
 
-def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objs if o["kind"] == kind]
-
-
 # ---------------------------------------------------------------- the RayService's Serve config
 
 

@@ -10,7 +10,6 @@ import numpy as np
 
 from diffing.store.format import _NP_DTYPES, StoreError
 
-
 CHECK_CHUNK_BYTES = 64 << 20  # the value check reads the input this much at a time
 
 

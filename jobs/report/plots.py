@@ -32,12 +32,6 @@ def _group_names(pair: tuple[str, str]) -> tuple[str, str, str]:
     return (f"{pair[0]}-specific", f"{pair[1]}-specific", "baseline")
 
 
-def group_colors(groups: np.ndarray, pair: tuple[str, str]) -> list[str]:
-    a, b = pair
-    m = {f"{a}-specific": COLORS["A"], f"{b}-specific": COLORS["B"], "baseline": COLORS["baseline"]}
-    return [m.get(g, COLORS[""]) for g in groups]
-
-
 def delta_norm_hist(
     dn: np.ndarray, live: np.ndarray, groups: np.ndarray, cfg: dict, pair: tuple[str, str]
 ) -> str:
