@@ -132,10 +132,12 @@ def test_refuses_to_overwrite_without_flag(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(acts=np.zeros((10, 2, 8)), model_names=["a"]), "2 models"),
-        (dict(acts=np.zeros((0, 2, 8)), model_names=["a", "b"]), "empty"),
+        # the messages' own words (the parameter ids end up in tmp_path, which other errors name)
+        (dict(acts=np.zeros((10, 1, 8)), model_names=["a"]), "a store needs >= 2 models"),
+        (dict(acts=np.zeros((10, 2, 8)), model_names=["a"]), "2 models but model_names has 1"),
+        (dict(acts=np.zeros((0, 2, 8)), model_names=["a", "b"]), r"acts is empty \(0 tokens\)"),
         (dict(acts=np.zeros((10, 8)), model_names=["a", "b"]), "n_tokens, n_models, d_model"),
-        (dict(acts=np.full((10, 2, 8), np.nan), model_names=["a", "b"]), "NaN"),
+        (dict(acts=np.full((10, 2, 8), np.nan), model_names=["a", "b"]), "acts contain NaN or inf"),
         (dict(acts=np.full((10, 2, 8), 1e5, np.float32), model_names=["a", "b"]), "beyond float16's range"),
         # metadata of the wrong length: refused before the first shard (else truncated, or a half store)
         (dict(acts=np.zeros((700, 2, 8)), model_names=["a", "b"], doc_ids=np.arange(10_000)), "doc_ids"),

@@ -184,9 +184,10 @@ class StoreWriter:
                 np.full(n, -1, np.int32) if token_ids is None else np.asarray(token_ids, np.int32)
             ),
         }
+        args = {"doc_id": "doc_ids", "pos": "positions", "token_id": "token_ids"}  # as the caller named them
         for name, arr in cols.items():
             if len(arr) != n:
-                raise StoreError(f"{name} has {len(arr)} entries but acts has {n} rows")
+                raise StoreError(f"{args[name]} has {len(arr)} entries but acts has {n} rows")
         for m in range(h.n_models):
             cols[f"act_{m}"] = _fixed_list(stored[:, m])
         extra = extra or {}
