@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import types
 import typing
@@ -126,7 +127,52 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at top level")
+    _warn_paths_beside(data, p)
     return data
+
+
+def paths_beside(data: Any, config: Path, where: str = "") -> list[tuple[str, str, str]]:
+    """[(field, value, path)]: relative paths in a config that do not exist from the current
+    directory (where crossdiff reads them) but do next to the config file: a config written to be
+    run from its own folder. Hub ids (org/name) are not paths unless such a folder is there."""
+    base = config.resolve().parent
+    if base == Path.cwd().resolve():
+        return []
+    out: list[tuple[str, str, str]] = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out += paths_beside(v, config, f"{where}.{k}" if where else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            out += paths_beside(v, config, f"{where}[{i}]")
+    elif (
+        isinstance(data, str)
+        and data.strip()
+        and "://" not in data
+        and not data.startswith(("/", "~"))
+        and "\n" not in data
+        and len(data) < 1024
+    ):
+        try:
+            if not Path(data).exists() and (base / data).exists():
+                out.append((where, data, os.path.relpath(base / data)))
+        except (OSError, ValueError):  # not a path at all (a NUL, a name too long)
+            pass
+    return out
+
+
+def _warn_paths_beside(data: dict[str, Any], config: Path) -> None:
+    for field, value, beside in paths_beside(data, config):
+        from diffing.logs import get_logger
+
+        get_logger("config").warning(
+            "config.relative_path",
+            field=field,
+            value=value,
+            note=f"relative paths are read from the current directory ({Path.cwd()}), where {value!r} "
+            f"does not exist; next to {config} it does: give {beside!r}, an absolute path, or run from "
+            "the config's folder",
+        )
 
 
 def load_config(

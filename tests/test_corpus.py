@@ -429,3 +429,32 @@ def test_local_paths_with_query_and_pattern_characters_are_read_as_named(tmp_pat
     (folder / "a.jsonl").write_text('{"text": "one"}\n')
     (folder / "b.jsonl").write_text('{"text": "two"}\n')
     assert [r["text"] for r in _read(folder)] == ["one", "two"]
+
+
+def test_a_relative_path_that_exists_only_beside_the_config_is_named(tmp_path, monkeypatch):
+    """Relative paths are read from the current directory; a config written to run from its own
+    folder gets a warning naming the field and the path to give instead (nothing is moved)."""
+    from structlog.testing import capture_logs
+
+    from diffing.config_io import read_config_file
+    from diffing.logs import get_logger
+
+    get_logger()  # configured before the capture, which a first configure() would undo
+    (tmp_path / "cfgs" / "data").mkdir(parents=True)
+    (tmp_path / "cfgs" / "data" / "prompts.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "cfgs" / "p.yaml").write_text(
+        "harvest:\n  corpus: {uri: data/prompts.jsonl}\n  models:\n"
+        "    - {name: base, path: google/gemma-2-9b}\n  store: here.txt\n"
+    )
+    (tmp_path / "here.txt").write_text("")  # exists where it is read: no warning
+    monkeypatch.chdir(tmp_path)
+    with capture_logs() as logs:
+        data = read_config_file("cfgs/p.yaml")
+    assert data["harvest"]["corpus"]["uri"] == "data/prompts.jsonl"  # as written
+    said = [x for x in logs if x["event"] == "config.relative_path"]
+    assert [(x["field"], x["value"]) for x in said] == [("harvest.corpus.uri", "data/prompts.jsonl")]
+    assert "give 'cfgs/data/prompts.jsonl'" in said[0]["note"]
+    monkeypatch.chdir(tmp_path / "cfgs")  # run from the config's folder: nothing to say
+    with capture_logs() as logs:
+        read_config_file("p.yaml")
+    assert not [x for x in logs if x["event"] == "config.relative_path"]
