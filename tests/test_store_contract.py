@@ -13,6 +13,9 @@ import pytest
 from diffing.store import StoreError, StoreWriter, open_store, write_arrays
 from diffing.store import writer as writer_mod
 
+# most cases here write rows of no particular document
+pytestmark = pytest.mark.filterwarnings("ignore:write_arrays. no doc_ids:UserWarning")
+
 
 def _acts(n: int, d: int = 4, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 2, d)).astype(np.float32)
