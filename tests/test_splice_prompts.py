@@ -86,6 +86,20 @@ def test_prompts_are_the_harvested_documents_and_only_kept_positions_are_spliced
         assert not any(mask[: bos + cfg.drop_first_raw_tokens])  # BOS and the attention sinks never
 
 
+def test_only_the_corpus_rows_up_to_the_last_prompt_are_read(tmp_path, tiny_pair, monkeypatch):
+    import diffing.corpus as dc
+
+    store, _, _ = _store(tmp_path, tiny_pair)
+    toks = _tokenizers(tiny_pair)
+    asked, real = [], dc.read_corpus
+    monkeypatch.setattr(dc, "read_corpus", lambda spec: asked.append(spec.max_prompts) or real(spec))
+    prompts, _, source = heldout_prompts(
+        store, _analysis(splice_prompts=2), bos_id=toks[0].bos_token_id, tokenizers=toks
+    )
+    assert source == "corpus" and len(prompts) == 2
+    assert asked == [2]  # documents 0 and 1 of the six
+
+
 def test_splice_scores_only_the_kept_positions(tiny_pair):
     from test_splice import _identity_crosscoder
 
