@@ -109,6 +109,13 @@ def test_loss_math_in_row_chunks_equals_the_whole_and_a_reference(pair, monkeypa
     assert kl == pytest.approx(float((pa * (pa.log() - pb.log())).sum()), rel=1e-5)
 
 
+def test_prompts_with_nothing_to_splice_are_refused(pair):
+    models, prompts, pad = pair
+    cc = _identity_crosscoder(models[0].config.hidden_size)
+    with pytest.raises(ValueError, match="needs prompts longer than"):
+        splice_eval(models, cc, LAYER, prompts, pad_id=pad, keep=[[False] * len(p) for p in prompts])
+
+
 def test_splice_rejects_wrong_model_count(pair):
     models, prompts, pad = pair
     with pytest.raises(ValueError, match="2 models|1 models"):

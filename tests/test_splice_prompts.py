@@ -98,6 +98,9 @@ def test_only_the_corpus_rows_up_to_the_last_prompt_are_read(tmp_path, tiny_pair
     )
     assert source == "corpus" and len(prompts) == 2
     assert asked == [2]  # documents 0 and 1 of the six
+    monkeypatch.undo()
+    every, _, _ = heldout_prompts(store, _analysis(), bos_id=toks[0].bos_token_id, tokenizers=toks)
+    assert prompts == every[:2]  # whole documents: the second is not cut where the count was reached
 
 
 def test_splice_scores_only_the_kept_positions(tiny_pair):
