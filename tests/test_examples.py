@@ -286,6 +286,11 @@ def test_heldout_last_shards_reads_only_the_last_shards(world):
         assert e.stats["heldout_tokens"] == len(world["doc"]) - start
         assert e.stats["freq"] == pytest.approx((world["f"][start:, e.latent] > 0).mean())
         assert e.top[0].acts[e.top[0].peak] == pytest.approx(world["f"][start:, e.latent].max(), rel=1e-6)
+        for x in e.top + e.quantiles + e.negatives:  # whole windows, across the shard boundaries too
+            doc, pos = world["doc"], world["pos"]
+            m = np.flatnonzero((doc == x.doc_id) & (np.abs(pos - x.pos) <= cfg.window))
+            m = m[np.argsort(pos[m])]
+            assert x.acts == pytest.approx(world["f"][m, e.latent].tolist(), abs=1e-5)
 
 
 def test_uniform_hash_is_uniform_and_deterministic():
@@ -419,3 +424,30 @@ def test_a_store_without_doc_ids_is_one_document_and_the_hashed_evidence_says_so
     rows = {0: {"group": "B-specific", "latent": 0}}
     with pytest.raises(ValueError, match="no held-out rows.*doc_ids"):
         evidence_for_latents(store, world["run"] / "crosscoder", [0], cfg, rows)
+
+
+def test_a_window_reaches_back_into_the_first_shard(tmp_path):
+    """A document cut between shards 0 and 1, peaking in shard 1 next to the cut: its window holds
+    the rows before the cut too (every other shard boundary was covered; the first was not)."""
+    x = np.zeros((20, 2, D), np.float32)
+    x[:, 1, 0] = -1.0
+    doc = np.repeat([0, 1, 2], [8, 5, 7])  # document 1: rows 8-12, across the cut at row 10
+    pos = np.concatenate([np.arange(8), np.arange(5), np.arange(7)])
+    x[9, 1, 0], x[10, 1, 0] = 0.5, 2.0  # latent 0 fires at rows 9 (shard 0) and 10 (shard 1)
+    store = write_arrays(
+        str(tmp_path / "s"),
+        x,
+        model_names=["A", "B"],
+        doc_ids=doc,
+        positions=pos,
+        shard_rows=10,
+        dtype="float32",
+    )
+    cc = _crosscoder()
+    cc.save(tmp_path / "cc")
+    cfg = CFG.model_copy(update={"n_top": 1, "window": 3, "n_negatives": 1})
+    rows = {0: {"latent": 0, "group": "x", "delta_norm": 0.5}}
+    (e,) = evidence_for_latents(store, tmp_path / "cc", [0], cfg, rows)
+    (top,) = e.top
+    assert (top.doc_id, top.pos) == (1, 2)
+    assert top.acts == pytest.approx([0.0, 0.5, 2.0, 0.0, 0.0])  # positions 0-4: all of document 1
