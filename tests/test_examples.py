@@ -339,6 +339,16 @@ def test_stale_range_is_redone(world, tmp_path):
     files[0].write_text(lines[0] + "\n")  # range 0-2 should hold latents 0 and 1
     collect_evidence(run, world["store"], CFG)
     assert [e.latent for e in read_jsonl(files[0], LatentEvidence)] == [0, 1]
+    # as many latents, other ones: stale too
+    files[0].write_text(lines[1] + "\n" + lines[1] + "\n")
+    collect_evidence(run, world["store"], CFG)
+    assert [e.latent for e in read_jsonl(files[0], LatentEvidence)] == [0, 1]
+    # overwrite redoes a file that looks done
+    tampered = lines[1].replace('"freq"', '"freq_x"', 1)
+    assert tampered != lines[1]
+    files[0].write_text(lines[0] + "\n" + tampered + "\n")  # latents 0 and 1: looks done
+    collect_evidence(run, world["store"], CFG, overwrite=True)
+    assert files[0].read_text().splitlines() == lines
 
 
 def test_source_mass_of_every_latent_matches_naive_reference(world, tmp_path):
@@ -357,6 +367,9 @@ def test_source_mass_of_every_latent_matches_naive_reference(world, tmp_path):
     # done work is skipped; overwrite redoes it
     mtime = path.stat().st_mtime_ns
     assert collect_source_mass(run, world["store"], CFG) == path and path.stat().st_mtime_ns == mtime
+    pq.write_table(pa.table({"latent": [0]}), path)  # tampered with
+    collect_source_mass(run, world["store"], CFG, overwrite=True)
+    assert pq.read_table(path).to_pydict()["latent"] == list(range(L))
 
 
 def test_the_every_latent_source_mass_pass_runs_only_where_it_is_read(world, tmp_path, monkeypatch):
