@@ -208,3 +208,22 @@ def test_visible_pieces_moves_only_what_belongs_to_a_character():
     assert visible_pieces(["a", "", ""], [0.0, 0.5, 0.3], 2) == (["a"], [0.0], 0)
     assert visible_pieces(["\ufffd"], [3.0], 0) == (["\ufffd"], [3.0], 0)
     assert visible_pieces(["a", "b"], [-1.0, -2.0], 1) == (["a", "b"], [-1.0, -2.0], 1)
+
+
+def test_the_evidence_tokenizer_is_loaded_at_the_commit_the_shards_were_made_from(byte_tok_dir, monkeypatch):
+    """A model named by a branch (`revision: main`) may have moved since the harvest: the
+    store's recorded commit wins, and remote code is trusted only where the harvest trusted it."""
+    import diffing.models as dm
+
+    real, asked = dm.load_tokenizer, []
+    monkeypatch.setattr(
+        dm,
+        "load_tokenizer",
+        lambda path, rev=None, remote=False: asked.append((rev, remote)) or real(str(byte_tok_dir)),
+    )
+    model = {"name": "A", "path": "org/model", "revision": "main", "trust_remote_code": True}
+    meta = {"harvest": {"models": [model]}, "revisions": {"A": "abc123"}}
+    token_decoder(SimpleNamespace(manifest=SimpleNamespace(metadata=meta), uri="mem://s"))
+    meta = {"harvest": {"models": [{**model, "trust_remote_code": False}]}}  # no commit recorded
+    token_decoder(SimpleNamespace(manifest=SimpleNamespace(metadata=meta), uri="mem://s"))
+    assert asked == [("abc123", True), ("main", False)]
