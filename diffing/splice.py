@@ -228,6 +228,18 @@ def _harvest_tokens(store, doc_ids, tokenizers) -> dict[int, list[int]]:
     return out
 
 
+def specific_latents(run: Path) -> list[int] | None:
+    """The model-specific latents of a run's selection (groups ending in "-specific"), which the
+    shared-only splice variant drops; None where the run has no latents.parquet yet."""
+    import pyarrow.parquet as pq
+
+    if not (run / "latents.parquet").exists():
+        return None
+    t = pq.read_table(run / "latents.parquet", columns=["latent", "group"])
+    g = np.asarray(t.column("group").to_pylist(), dtype=object)
+    return t.column("latent").to_numpy()[np.char.endswith(g.astype(str), "-specific")].tolist()
+
+
 def heldout_prompts(
     store, cfg, *, bos_id: int | None = None, tokenizers: Sequence | None = None
 ) -> tuple[list[list[int]], list[list[bool]], str]:
@@ -280,8 +292,6 @@ def heldout_prompts(
 
 def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> dict:
     """Splice evaluation of a run with the store's harvest models -> RUN/splice.json."""
-    import pyarrow.parquet as pq
-
     from diffing.logs import get_logger
     from diffing.models import load_model, load_tokenizer, resolve_device
 
@@ -324,11 +334,7 @@ def splice_run(run_dir: str | Path, store, cfg, *, overwrite: bool = False) -> d
     tok = load_tokenizer(
         specs[store.model_names[0]]["path"], rev(store.model_names[0]), remote(store.model_names[0])
     )
-    drop = None
-    if (run / "latents.parquet").exists():
-        t = pq.read_table(run / "latents.parquet", columns=["latent", "group"])
-        g = np.asarray(t.column("group").to_pylist(), dtype=object)
-        drop = t.column("latent").to_numpy()[np.char.endswith(g.astype(str), "-specific")].tolist()
+    drop = specific_latents(run)
     tokenizers = [tok, *(load_tokenizer(specs[n]["path"], rev(n), remote(n)) for n in store.model_names[1:])]
     prompts, keep, source = heldout_prompts(store, cfg, bos_id=tok.bos_token_id, tokenizers=tokenizers)
     if not prompts:

@@ -168,3 +168,15 @@ def test_splice_run_end_to_end(tmp_path, tiny_pair):
             expect += p >= 1 and p + 1 < n
     assert res["prompts_from"] == "corpus" and res["n_tokens"] == expect
     assert json.loads((run / "splice.json").read_text())["n_prompts"] == len(TEXTS)
+
+
+def test_the_shared_only_variant_drops_exactly_the_model_specific_latents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffing.splice import specific_latents
+
+    assert specific_latents(tmp_path) is None
+    groups = ["A-specific", "baseline", "", "B-specific", "A-shared"]
+    pq.write_table(pa.table({"latent": [0, 1, 2, 3, 4], "group": groups}), tmp_path / "latents.parquet")
+    assert specific_latents(tmp_path) == [0, 3]
