@@ -192,6 +192,14 @@ def test_evidence_matches_naive_reference(which, request):
         for x in e.quantiles:
             assert edges[x.quantile] - 1e-6 <= x.acts[x.peak] <= edges[x.quantile + 1] + 1e-6
         assert len({x.doc_id for x in e.quantiles}) == len(e.quantiles)
+        # ...and are a random sample of their bin: its documents with the smallest hash keys
+        bins = np.clip(np.searchsorted(edges, peaks, side="right") - 1, 0, CFG.n_quantiles - 1)
+        docs = np.array([d for _, d, _ in ref])
+        keys = uniform_hash(CFG.evidence_seed, 1, lat, docs)
+        for q in range(CFG.n_quantiles):
+            in_bin = np.flatnonzero(bins == q)
+            want = docs[in_bin[np.argsort(keys[in_bin])][: CFG.per_quantile]]
+            assert sorted(x.doc_id for x in e.quantiles if x.quantile == q) == sorted(want.tolist())
         # negatives: documents where the latent never fires, in no shard (333-row shards split
         # documents: a part where it is silent must not make its document a negative)
         assert len(e.negatives) == CFG.n_negatives
@@ -200,6 +208,8 @@ def test_evidence_matches_naive_reference(which, request):
         total = f[:, lat].sum()
         want = {s: f[world["src"] == s, lat].sum() / total for s in SOURCES}
         assert e.source_mass == pytest.approx({s: v for s, v in want.items() if v > 0}, rel=1e-5)
+    # a negative's window sits at a random row of its document, not always at its start
+    assert any(x.pos > pos[doc == x.doc_id].min() for e in ev.values() for x in e.negatives)
 
 
 def test_resume_skips_written_ranges(world, tmp_path):
