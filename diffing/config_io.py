@@ -131,33 +131,40 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def paths_beside(data: Any, config: Path, where: str = "") -> list[tuple[str, str, str]]:
+def paths_beside(data: Any, config: Path) -> list[tuple[str, str, str]]:
     """[(field, value, path)]: relative paths in a config that do not exist from the current
     directory (where crossdiff reads them) but do next to the config file: a config written to be
     run from its own folder. Hub ids (org/name) are not paths unless such a folder is there."""
-    base = config.resolve().parent
-    if base == Path.cwd().resolve():
+    try:
+        base, here = config.resolve().parent, Path.cwd().resolve()
+    except OSError:  # the current directory was removed: nothing to compare against
+        return []
+    if base == here:
         return []
     out: list[tuple[str, str, str]] = []
-    if isinstance(data, dict):
-        for k, v in data.items():
-            out += paths_beside(v, config, f"{where}.{k}" if where else str(k))
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            out += paths_beside(v, config, f"{where}[{i}]")
-    elif (
-        isinstance(data, str)
-        and data.strip()
-        and "://" not in data
-        and not data.startswith(("/", "~"))
-        and "\n" not in data
-        and len(data) < 1024
-    ):
-        try:
-            if not Path(data).exists() and (base / data).exists():
-                out.append((where, data, os.path.relpath(base / data)))
-        except (OSError, ValueError):  # not a path at all (a NUL, a name too long)
-            pass
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif (
+            isinstance(value, str)
+            and value.strip()
+            and "://" not in value
+            and not value.startswith(("/", "~"))
+            and "\n" not in value
+            and len(value) < 1024
+        ):
+            try:
+                if (base / value).exists() and not Path(value).exists():
+                    out.append((where, value, os.path.relpath(base / value)))
+            except (OSError, ValueError):  # not a path at all (a NUL, a name too long)
+                pass
+
+    walk(data, "")
     return out
 
 

@@ -205,10 +205,10 @@ def _harvest_tokens(store, doc_ids, tokenizers) -> dict[int, list[int]]:
     from diffing.tokens import share_chat_template, tokenize_records
 
     hcfg = HarvestConfig.model_validate(store.manifest.metadata["harvest"])
-    if not doc_ids:
-        return {}
     # doc ids are corpus row numbers: the rows up to the last one needed, not the whole corpus
-    need = max(doc_ids) + 1
+    need = max(doc_ids, default=-1) + 1
+    if need <= 0:
+        return {}
     cap = hcfg.corpus.max_prompts
     records = read_corpus(
         hcfg.corpus.model_copy(update={"max_prompts": need if cap is None else min(cap, need)})

@@ -24,7 +24,7 @@ from diffing.models import HarvestInputError, load_hint, load_tokenizer
 from diffing.store import Manifest, StoreError, check_writable
 from diffing.store.format import atomic_write
 from diffing.tokens import check_tokenizers_agree, check_vocab, render, share_chat_template
-from jobs.harvest_actor import HarvestActor, _writer, shards_per_call
+from jobs.harvest_actor import HarvestActor, _writer, check_assigned_gpu, shards_per_call  # noqa: F401 (re-exported)
 from jobs.harvest_shards import (
     models_changed,
     outlier_totals,

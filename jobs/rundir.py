@@ -28,7 +28,7 @@ import fsspec
 
 from diffing.logs import get_logger
 from diffing.store import check_writable
-from jobs.stamps import _version, info_time, is_remote
+from jobs.stamps import _version, corpus_stamp, file_stamp, info_time, is_remote  # noqa: F401 (re-exported)
 
 REMOTE_ONLY = ("store", "ray")  # top-level entries that live only on the remote
 WEIGHTS = ("crosscoder",)  # what `label` and `report` skip: they read the analysis, not the weights

@@ -62,14 +62,18 @@ def test_a_character_split_over_tokens_keeps_the_largest_activation_of_its_piece
 
 
 def test_prefetch_depth_zero_reads_inline():
-    made = []
+    made, readers = [], set()
 
     def batches():
         for i in range(5):
             made.append(i)
+            readers.add(threading.current_thread())
             yield i
 
     it = prefetch(batches(), 0)
     assert next(it) == 0 and made == [0]  # nothing read ahead
-    assert not [t for t in threading.enumerate() if "prefetch" in t.name]
     assert list(it) == [1, 2, 3, 4]
+    assert readers == {threading.current_thread()}  # read by the caller, no reader thread
+    readers.clear()
+    assert list(prefetch(batches(), 2)) == [0, 1, 2, 3, 4]
+    assert readers and threading.current_thread() not in readers  # depth 2: a reader thread

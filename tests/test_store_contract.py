@@ -205,3 +205,12 @@ def test_the_write_probe_leaves_nothing_behind(tmp_path):
     fs, root = _fs(str(tmp_path / "out"))
     check_writable(fs, root, "store=out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_float64_tensor_beyond_float32_is_named_as_such(tmp_path):
+    import torch
+
+    acts = torch.zeros(4, 2, 4, dtype=torch.float64)
+    acts[1, 0, 0] = 1e39
+    with pytest.raises(StoreError, match="beyond float32's range"):
+        write_arrays(str(tmp_path / "s"), acts, model_names=["a", "b"], dtype="float32")

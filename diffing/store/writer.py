@@ -274,9 +274,12 @@ def write_arrays(
     document's rows are not together, to a count within each document in the order given."""
     if isinstance(acts, torch.Tensor):
         acts = acts.detach().cpu()
-        # float16/32 are read in place; any other dtype (a bf16 model's activations) stays a tensor
+        # dtypes numpy has are read in place; bfloat16 (a bf16 model's activations) stays a tensor
         # and is converted one shard at a time, not as a float32 copy of the whole input
-        acts = acts.numpy() if acts.dtype in (torch.float16, torch.float32) else acts
+        try:
+            acts = acts.numpy()
+        except TypeError:  # "Got unsupported ScalarType BFloat16"
+            pass
     else:
         acts = np.asarray(acts)
     if acts.ndim != 3:
