@@ -169,9 +169,9 @@ def paths_beside(data: Any, config: Path) -> list[tuple[str, str, str]]:
 
 
 def _warn_paths_beside(data: dict[str, Any], config: Path) -> None:
-    for field, value, beside in paths_beside(data, config):
-        from diffing.logs import get_logger
+    from diffing.logs import get_logger
 
+    for field, value, beside in paths_beside(data, config):
         get_logger("config").warning(
             "config.relative_path",
             field=field,
