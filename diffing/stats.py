@@ -165,6 +165,12 @@ def category_shift(
     N_i = int(sum(counts_i.values()) if N_i is None else N_i)
     if N_s <= 0 or N_i <= 0:
         raise ValueError(f"both latent sets need at least one latent (N_s={N_s}, N_i={N_i})")
+    for name, N, counts in (("N_s", N_s, counts_s), ("N_i", N_i, counts_i)):
+        if N < (listed := int(sum(counts.values()))):  # shares would sum past 1: N of another set?
+            raise ValueError(
+                f"{name} = {N} is smaller than the {listed} latents its counts list: N is the size of the "
+                "whole set (the listed categories plus any latents outside them); leave it out to use the sum"
+            )
     if method not in ("katz", "score", "bootstrap"):
         raise ValueError(f"method must be 'katz', 'score' or 'bootstrap', got {method!r}")
     if adjust not in ("none", "bonferroni"):
@@ -178,8 +184,6 @@ def category_shift(
     out = []
     for c in cats:
         n_s, n_i = int(counts_s.get(c, 0)), int(counts_i.get(c, 0))
-        if n_s > N_s or n_i > N_i:
-            raise ValueError(f"category {c!r}: count exceeds its set size")
         share_s, share_i = n_s / N_s, n_i / N_i
         delta = share_s / share_i - 1 if n_i else math.nan
         if method == "katz":

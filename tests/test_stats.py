@@ -105,8 +105,14 @@ def test_absent_categories_and_errors():
     assert one.delta == 0 and one.ci_low < 0 < one.ci_high
     with pytest.raises(ValueError, match="at least one latent"):
         category_shift({}, {"a": 1})
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ValueError, match="N_s = 3 is smaller than the 5 latents"):
         category_shift({"a": 5}, {"a": 1}, N_s=3, N_i=3)
+    # each count fits but together they exceed N (the size of another set?): shares would sum to 2
+    with pytest.raises(ValueError, match="N_s = 1 is smaller than the 2 latents its counts list"):
+        category_shift({"x": 1, "y": 1}, {"x": 1, "y": 1}, N_s=1, N_i=2)
+    with pytest.raises(ValueError, match="N_i = 4 is smaller than the 5 latents"):
+        category_shift({"x": 1}, {"x": 2, "y": 3}, N_s=1, N_i=4)
+    assert category_shift({"x": 1}, {"x": 2, "y": 3}, N_s=1, N_i=5)[0].share_i == pytest.approx(0.4)
 
 
 # Miettinen–Nurminen score bounds of the share ratio (θ = Δ + 1), from statsmodels 0.15's

@@ -258,7 +258,7 @@ def test_write_arrays_and_iter_batches_refuse_plausible_mistakes(tmp_path):
     x = np.random.default_rng(0).standard_normal((100, 2, 4)).astype(np.float32)
     with pytest.raises(StoreError, match="list of names"):
         write_arrays(str(tmp_path / "a"), x, model_names="AB", doc_ids=np.arange(100))
-    with pytest.raises(StoreError, match="shard_rows must be >= 1"):
+    with pytest.raises(StoreError, match="shard_rows must be a whole number >= 1"):
         write_arrays(str(tmp_path / "b"), x, model_names=["A", "B"], doc_ids=np.arange(100), shard_rows=0)
     st = write_arrays(str(tmp_path / "c"), x, model_names=["A", "B"], doc_ids=np.arange(100), shard_rows=40)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):

@@ -76,14 +76,53 @@ def test_contiguous_documents_without_positions_get_no_warning_and_one_count(tmp
         (dict(dtype="bfloat16"), "dtype='bfloat16' is not supported"),
         (dict(model_names=["a", " "]), "are empty or contain ','"),
         (dict(model_names=["a", "b,c"]), "are empty or contain ','"),
+        (dict(doc_ids=[0, 0, 1, 1, 2, 2], positions=[0, 1, 0, 0, 0, 1]), "doc_id 1 has position 0 on more"),
+        (dict(positions=[0, 1, 2, 2, 3, 4]), "doc_id 0 has position 2 on more than one row"),
+        (dict(extra={"src": ["x", 2, "y", "z", "w", "v"]}), "extra column 'src' cannot be stored as one"),
+        (dict(shard_rows=2.5), "shard_rows must be a whole number >= 1, got 2.5"),
+        (dict(shard_rows=True), "shard_rows must be a whole number"),
     ],
-    ids=["act-column", "meta-column", "bf16-store", "blank-name", "comma-name"],
+    ids=[
+        "act-column",
+        "meta-column",
+        "bf16-store",
+        "blank-name",
+        "comma-name",
+        "repeated-pos",
+        "repeated-pos-one-doc",
+        "mixed-extra",
+        "fractional-shard-rows",
+        "bool-shard-rows",
+    ],
 )
 def test_write_arrays_refusals_name_the_problem(tmp_path, kwargs, match):
     kw = {"model_names": ["a", "b"], **kwargs}
     with pytest.raises(StoreError, match=match):
         write_arrays(str(tmp_path / "s"), _acts(6), **kw)
     assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_acts_must_be_numbers_with_a_width(tmp_path):
+    with pytest.raises(StoreError, match="acts must hold numbers"):
+        write_arrays(str(tmp_path / "s"), _acts(2).astype(object), model_names=["a", "b"])
+    with pytest.raises(StoreError, match="d_model = 0"):
+        write_arrays(str(tmp_path / "s"), np.zeros((2, 2, 0), np.float32), model_names=["a", "b"])
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_a_repeated_position_does_not_touch_the_store_it_would_overwrite(tmp_path):
+    uri = str(tmp_path / "s")
+    write_arrays(uri, _acts(4), model_names=["a", "b"])
+    with pytest.raises(StoreError, match="position 0 on more than one row"):
+        write_arrays(
+            uri,
+            _acts(4),
+            model_names=["a", "b"],
+            doc_ids=[3, 3, 4, 4],
+            positions=[0, 0, 0, 1],
+            overwrite=True,
+        )
+    assert open_store(uri).manifest.n_rows == 4 and len(list(tmp_path.rglob("*.parquet"))) == 1
 
 
 def test_leftover_shards_without_a_manifest_are_a_store_to_keep(tmp_path):

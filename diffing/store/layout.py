@@ -56,3 +56,13 @@ def _row_order(doc_ids, positions) -> np.ndarray | None:
     _, first, inverse = np.unique(d, return_index=True, return_inverse=True)
     order = np.lexsort((p, np.argsort(np.argsort(first))[inverse]))
     return None if np.array_equal(order, np.arange(len(order))) else order
+
+
+def _repeated(doc_ids, positions) -> tuple[int, int] | None:
+    """A (doc_id, position) pair given to more than one row, or None: the pair names a token (windows
+    and the evidence's de-duplication look rows up by it)."""
+    p = np.asarray(positions)
+    d = np.zeros(len(p), np.int64) if doc_ids is None else np.asarray(doc_ids)
+    o = np.lexsort((p, d))
+    same = np.flatnonzero((d[o][1:] == d[o][:-1]) & (p[o][1:] == p[o][:-1]))
+    return None if not len(same) else (int(d[o][same[0]]), int(p[o][same[0]]))

@@ -27,7 +27,7 @@ from diffing.store.format import (
     atomic_write,
     row_group_rows,
 )
-from diffing.store.layout import _check_values, _count_within, _row_order, _scattered
+from diffing.store.layout import _check_values, _count_within, _repeated, _row_order, _scattered
 from diffing.store.reader import ActivationStore, open_store
 
 
@@ -290,8 +290,12 @@ def write_arrays(
         raise StoreError(f"model_names must be a list of names, got the string {model_names!r}")
     if acts.shape[1] != len(model_names):
         raise StoreError(f"acts has {acts.shape[1]} models but model_names has {len(model_names)}")
-    if shard_rows < 1:
-        raise StoreError(f"shard_rows must be >= 1, got {shard_rows}")
+    if isinstance(shard_rows, bool) or not isinstance(shard_rows, int | np.integer) or shard_rows < 1:
+        raise StoreError(f"shard_rows must be a whole number >= 1, got {shard_rows!r}")
+    if not isinstance(acts, torch.Tensor) and acts.dtype.kind not in "fiu":
+        raise StoreError(f"acts must hold numbers (a float array), got dtype {acts.dtype}")
+    if acts.shape[2] == 0:
+        raise StoreError("acts has d_model = 0 (shape [n_tokens, n_models, 0]); give each model's vector")
     if len(set(model_names)) != len(model_names):
         raise StoreError(f"model_names {list(model_names)} repeat a name; each model needs its own")
     for name, col in (("doc_ids", doc_ids), ("positions", positions), ("token_ids", token_ids)):
@@ -315,6 +319,19 @@ def write_arrays(
             raise StoreError(f"extra column {name!r} would replace a store column; rename it")
         if len(col) != acts.shape[0]:
             raise StoreError(f"extra column {name!r} has {len(col)} values for {acts.shape[0]} tokens")
+        try:  # one Arrow type per column, known before any shard is written
+            pa.array(list(col))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise StoreError(
+                f"extra column {name!r} cannot be stored as one Arrow column ({e}); give values of one type "
+                "(all strings, or all numbers)"
+            ) from None
+    if positions is not None and (twice := _repeated(doc_ids, positions)) is not None:
+        raise StoreError(
+            f"doc_id {twice[0]} has position {twice[1]} on more than one row; (doc_id, position) must name "
+            "one token (positions counted per chunk of a longer document? number them within the "
+            "document, or give each chunk its own doc_id)"
+        )
     writer = StoreWriter(
         uri,
         model_names=model_names,
