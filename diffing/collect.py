@@ -24,19 +24,9 @@ import pyarrow.parquet as pq
 from diffing.config import AnalysisConfig
 from diffing.crosscoder import Crosscoder
 from diffing.evidence import EXAMPLES_DIR, MAX_TOKEN_CHARS, Example, LatentEvidence, write_jsonl
-from diffing.examples import (
-    Accumulator,
-    Request,
-    SubsetEncoder,
-    heldout_shards,
-    mass_of_shard,
-    merge_windows,
-    plan_requests,
-    route,
-    scan_shard,
-    window_shard,
-)
+from diffing.examples import Accumulator, SubsetEncoder, heldout_shards, mass_of_shard, scan_shard
 from diffing.logs import get_logger
+from diffing.windows import Request, merge_windows, plan_requests, route, window_shard
 
 MapFn = Callable[[Callable, Sequence], Iterable]
 
@@ -285,7 +275,7 @@ def evidence_for_latents(
             "or write the store with doc_ids"
         )
     requests = plan_requests(acc)
-    routes = route(requests, len(store.manifest.shards))
+    routes = route(requests, [sh.n_rows for sh in store.manifest.shards], cfg.window)
     items = [(s, [(i, requests[i]) for i in ids]) for s, ids in sorted(routes.items())]
     windows = merge_windows(map_fn(WindowTask(store.uri, enc, cfg), items))
     return build_evidence(acc, requests, windows, table_rows, decode or token_decoder(store, cfg.tokenizer))

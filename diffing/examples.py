@@ -9,12 +9,14 @@ Two streaming passes over held-out shards, both per shard (so a Ray Data job can
    documents (bottom-k of a seeded hash, so the sample does not depend on shard order or
    on how shards are split over workers), and a uniform sample of documents where it never fires.
    Partial results merge associatively (`Accumulator.merge`).
-2. `window_shard` re-reads only the shards holding a chosen document and rebuilds each context
-   (±`window` tokens around the peak, by doc_id/pos) with the latent's activation per token.
+2. `window_shard` (diffing.windows, with the choice of contexts) re-reads only the shards that
+   may hold a chosen document's window and rebuilds each context (±`window` tokens around the
+   peak, by doc_id/pos) with the latent's activation per token.
 
 Quantile samples: the random sample of activating documents is cut into `n_quantiles` equal-count
 bins of their peak activation (bin 0 = weakest); `per_quantile` random documents come from each.
-With a reservoir at least as large as the number of activating documents the bins are exact.
+With a reservoir at least as large as the number of activating documents the bins are exact
+(the candidate lists hold one entry per document, also for a document split over shards).
 """
 
 from __future__ import annotations
@@ -92,12 +94,48 @@ def _empty(K: int, cap: int, fields: Sequence[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _keep(a: dict[str, np.ndarray], b: dict[str, np.ndarray], by: str, cap: int, largest: bool) -> dict:
-    """Concatenate two candidate lists [K, *] and keep the `cap` best per latent by field `by`."""
+def _keep(
+    a: dict[str, np.ndarray],
+    b: dict[str, np.ndarray],
+    by: str,
+    cap: int,
+    largest: bool,
+    drop: np.ndarray | None = None,
+) -> dict:
+    """Concatenate two candidate lists [K, *] and keep the `cap` best per latent by field `by`, one
+    entry per document. Each list holds a document once, but a document split over shards has an
+    entry per part, which must not crowd out other documents: of a document in both lists the
+    better part stays (higher `by`, then higher `val`, as in the reservoir, where all parts share
+    one key; then the lower shard and position). drop [K, *] (both lists): entries to leave out."""
     cat = {f: np.concatenate([a[f], b[f]], axis=1) for f in a}
-    score = cat[by] if largest else -cat[by]
-    idx = np.argsort(-score, axis=1, kind="stable")[:, :cap]
-    return {f: np.take_along_axis(v, idx, axis=1) for f, v in cat.items()}
+    score = cat[by] if largest else -cat[by]  # higher is better
+    valid = np.isfinite(score) if drop is None else np.isfinite(score) & ~drop
+    K, na = a[by].shape
+    nb = score.shape[1] - na
+    row_key = np.arange(K, dtype=np.int64)[:, None] << 41  # doc ids below 2**40 (see _edge_key)
+    fa, fb = np.flatnonzero(valid[:, :na]), np.flatnonzero(valid[:, na:])
+    ka = (row_key + cat["doc"][:, :na]).ravel()[fa]
+    kb = (row_key + cat["doc"][:, na:]).ravel()[fb]
+    _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
+    if len(ia):  # one document in both lists: keep its better part
+        r, ca, cb = fa[ia] // na, fa[ia] % na, na + fb[ib] % nb
+        better = [
+            (score[r, ca], score[r, cb]),
+            (cat["val"][r, ca], cat["val"][r, cb]),
+            (-cat["shard"][r, ca], -cat["shard"][r, cb]),
+            (-cat["pos"][r, ca], -cat["pos"][r, cb]),
+        ]
+        a_wins, tied = np.zeros(len(r), bool), np.ones(len(r), bool)
+        for x, y in better:
+            a_wins |= tied & (x > y)
+            tied &= x == y
+        a_wins |= tied
+        valid[r[a_wins], cb[a_wins]] = False
+        valid[r[~a_wins], ca[~a_wins]] = False
+    idx = np.argsort(-np.where(valid, score, -np.inf), axis=1, kind="stable")[:, :cap]
+    out = {f: np.take_along_axis(v, idx, axis=1) for f, v in cat.items()}
+    out[by] = np.where(np.take_along_axis(valid, idx, axis=1), out[by], -np.inf if largest else np.inf)
+    return out
 
 
 @dataclass
@@ -181,7 +219,9 @@ class Accumulator:
             "val": np.zeros_like(vals),
             "pos": np.broadcast_to(pos[pick], vals.shape),
         }
-        self.neg = _keep(self.neg, ncand, "key", self.neg["key"].shape[1], largest=False)
+        self.neg = _keep(
+            self.neg, ncand, "key", self.neg["key"].shape[1], False, self._fired(self.neg, ncand)
+        )
 
     def merge(self, other: Accumulator) -> Accumulator:
         if not np.array_equal(self.latents, other.latents):
@@ -194,9 +234,17 @@ class Accumulator:
             self.mass[s] = self.mass.get(s, 0.0) + m
         self.top = _keep(self.top, other.top, "val", self.top["val"].shape[1], largest=True)
         self.res = _keep(self.res, other.res, "key", self.res["key"].shape[1], largest=False)
-        self.neg = _keep(self.neg, other.neg, "key", self.neg["key"].shape[1], largest=False)
         self.fired_edge = np.union1d(self.fired_edge, other.fired_edge)
+        cap = self.neg["key"].shape[1]
+        self.neg = _keep(self.neg, other.neg, "key", cap, False, self._fired(self.neg, other.neg))
         return self
+
+    def _fired(self, a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.ndarray:
+        """[K, *] of the two negative lists concatenated: documents known to fire (at a shard's
+        edge, so in another part of the document), which must not take a negative's place."""
+        doc = np.concatenate([a["doc"], b["doc"]], axis=1)
+        k = np.broadcast_to(np.arange(len(doc))[:, None], doc.shape)
+        return np.isin(_edge_key(k, doc), self.fired_edge)
 
 
 def _doc_sorted(table, cfg: AnalysisConfig, store) -> dict[str, np.ndarray]:
@@ -267,133 +315,14 @@ def scan_shard(store, shard: int, encoder: SubsetEncoder, cfg: AnalysisConfig) -
     return acc
 
 
-# ----------------------------------------------------------------------------------------------
-# Choosing the contexts, then pass 2: windows
-
-
-@dataclass(frozen=True)
-class Request:
-    k: int  # index into the pass's latent list
-    kind: str  # "top" | "quantile" | "neg"
-    doc: int
-    pos: int
-    shard: int
-    edge: int
-    quantile: int | None = None
-
-
 def _edge_key(k, doc) -> np.ndarray:
     """One int64 per (latent index, doc id) pair (doc ids below 2**40)."""
     return np.asarray(k, np.int64) * (1 << 40) + np.asarray(doc, np.int64)
 
 
-def _unique_docs(lst: dict[str, np.ndarray], k: int, valid: np.ndarray) -> np.ndarray:
-    """Column indices of latent k's list, in list order, one per doc (the first, i.e. best)."""
-    idx = np.flatnonzero(valid[k])
-    _, first = np.unique(lst["doc"][k, idx], return_index=True)
-    return idx[np.sort(first)]
+def __getattr__(name: str):  # pass 2 moved to diffing.windows (which imports this module)
+    if name in ("Request", "plan_requests", "route", "window_shard", "merge_windows"):
+        from diffing import windows
 
-
-def plan_requests(acc: Accumulator) -> list[Request]:
-    """Top documents, quantile samples and negatives per latent, from the pass-1 lists."""
-    cfg = acc.cfg
-    out: list[Request] = []
-
-    def req(lst, k, j, kind, q=None):
-        return Request(
-            k,
-            kind,
-            int(lst["doc"][k, j]),
-            int(lst["pos"][k, j]),
-            int(lst["shard"][k, j]),
-            int(lst["edge"][k, j]),
-            q,
-        )
-
-    # duplicates of a doc (split over shards) keep the strongest entry in the reservoir
-    for k in range(len(acc.latents)):
-        for j in _unique_docs(acc.top, k, np.isfinite(acc.top["val"]))[: cfg.n_top]:
-            out.append(req(acc.top, k, j, "top"))
-        res = acc.res
-        valid = np.isfinite(res["key"][k])
-        idx = np.flatnonzero(valid)
-        idx = idx[np.lexsort((-res["val"][k, idx], res["doc"][k, idx]))]  # per doc strongest first
-        _, first = np.unique(res["doc"][k, idx], return_index=True)
-        idx = np.sort(idx[first])  # back to key order (random)
-        if len(idx) and cfg.per_quantile:
-            v = res["val"][k, idx]
-            edges = np.quantile(v, np.linspace(0, 1, cfg.n_quantiles + 1))
-            bins = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, cfg.n_quantiles - 1)
-            for q in range(cfg.n_quantiles):
-                for j in idx[bins == q][: cfg.per_quantile]:
-                    out.append(req(res, k, j, "quantile", q))
-        negs = _unique_docs(acc.neg, k, np.isfinite(acc.neg["key"]))
-        negs = negs[~np.isin(_edge_key(k, acc.neg["doc"][k, negs]), acc.fired_edge)]  # fired elsewhere
-        for j in negs[: 2 * cfg.n_negatives + 2]:
-            out.append(req(acc.neg, k, j, "neg"))
-    return out
-
-
-def route(requests: Sequence[Request], n_shards: int) -> dict[int, list[int]]:
-    """Shard -> indices of requests whose window may lie there (edge docs also ask the neighbour)."""
-    by: dict[int, list[int]] = {}
-    for i, r in enumerate(requests):
-        shards = {r.shard}
-        if r.edge & 1 and r.shard > 0:
-            shards.add(r.shard - 1)
-        if r.edge & 2 and r.shard + 1 < n_shards:
-            shards.add(r.shard + 1)
-        for s in shards:
-            by.setdefault(s, []).append(i)
-    return by
-
-
-def window_shard(
-    store, shard: int, encoder: SubsetEncoder, requests: Sequence[tuple[int, Request]], cfg: AnalysisConfig
-) -> dict[int, dict]:
-    """Pass 2 over one shard: for each (request id, request) the rows of its window found here:
-    {"pos", "token_id", "act"} arrays and the doc's source."""
-    table = store.read_table(shard)
-    rows = _doc_sorted(table, cfg, store)
-    doc, pos = rows["doc"], rows["pos"]
-    spans = []
-    for rid, r in requests:
-        lo, hi = np.searchsorted(doc, r.doc, "left"), np.searchsorted(doc, r.doc, "right")
-        a = lo + np.searchsorted(pos[lo:hi], r.pos - cfg.window, "left")
-        b = lo + np.searchsorted(pos[lo:hi], r.pos + cfg.window, "right")
-        if b > a:
-            spans.append((rid, r, a, b))
-    if not spans:
-        return {}
-    need = np.unique(np.concatenate([np.arange(a, b) for _, _, a, b in spans]))
-    f = encoder(store.acts_of(table)[rows["rows"][need]].astype(np.float32))  # [len(need), K]
-    where = np.full(len(doc), -1)
-    where[need] = np.arange(len(need))
-    out = {}
-    for rid, r, a, b in spans:
-        sl = where[a:b]
-        out[rid] = {
-            "pos": pos[a:b].astype(np.int64),
-            "token_id": rows["token_id"][a:b].astype(np.int64),
-            "act": f[sl, r.k].astype(np.float64),
-            "source": str(rows["source"][a]) if "source" in rows else None,
-        }
-    return out
-
-
-def merge_windows(parts: Sequence[dict[int, dict]]) -> dict[int, dict]:
-    """Join the per-shard fragments of every window (sorted by position, no duplicates)."""
-    out: dict[int, dict] = {}
-    for part in parts:
-        for rid, frag in part.items():
-            if rid not in out:
-                out[rid] = dict(frag)
-                continue
-            cur = out[rid]
-            for key in ("pos", "token_id", "act"):
-                cur[key] = np.concatenate([cur[key], frag[key]])
-    for frag in out.values():
-        _, idx = np.unique(frag["pos"], return_index=True)
-        for key in ("pos", "token_id", "act"):
-            frag[key] = frag[key][idx]
-    return out
+        return getattr(windows, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -396,7 +396,7 @@ def test_odd_labels_and_a_partial_splice_file(run, tmp_path):
 def test_token_strings_longer_than_evidence_allows_are_cut():
     from diffing.collect import _example
     from diffing.evidence import MAX_TOKEN_CHARS
-    from diffing.examples import Request
+    from diffing.windows import Request
 
     frag = {"pos": np.array([0, 1]), "token_id": np.array([1, 2]), "act": np.array([0.5, 1.0])}
     ex = _example(
