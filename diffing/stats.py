@@ -58,7 +58,7 @@ class CategoryShift:
 
 
 def _katz(n_s: int, N_s: int, n_i: int, N_i: int, z: float) -> tuple[float, float]:
-    raw = (n_s, n_i)
+    raw, N_s0, N_i0 = (n_s, n_i), N_s, N_i
     if 0 in (n_s, n_i, N_s - n_s, N_i - n_i):  # Haldane: 0.5 added to every cell of the 2x2 table
         n_s, n_i, N_s, N_i = n_s + 0.5, n_i + 0.5, N_s + 1, N_i + 1
     log_rr = math.log((n_s / N_s) / (n_i / N_i))
@@ -68,6 +68,9 @@ def _katz(n_s: int, N_s: int, n_i: int, N_i: int, z: float) -> tuple[float, floa
         lo = -1.0  # absent from S: Δ = −1 is the estimate, and the interval holds it
     if raw[1] == 0:
         hi = math.inf  # absent from I: Δ is unbounded above (only the lower bound says something)
+    else:  # the corrected table's interval may miss the table's own estimate (a whole set in one
+        delta = (raw[0] / N_s0) / (raw[1] / N_i0) - 1  # category, at a low ci_level): it holds it
+        lo, hi = min(lo, delta), max(hi, delta)
     return lo, hi
 
 
