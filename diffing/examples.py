@@ -113,7 +113,8 @@ def _keep(
     K, na = a[by].shape
     nb = score.shape[1] - na
     row_key = np.arange(K, dtype=np.int64)[:, None] << 41  # doc ids below 2**40 (see _edge_key)
-    fa, fb = np.flatnonzero(valid[:, :na]), np.flatnonzero(valid[:, na:])
+    at_edge = valid & (cat["edge"] != 0)  # only a document at a shard's edge can run on into another
+    fa, fb = np.flatnonzero(at_edge[:, :na]), np.flatnonzero(at_edge[:, na:])
     ka = (row_key + cat["doc"][:, :na]).ravel()[fa]
     kb = (row_key + cat["doc"][:, na:]).ravel()[fb]
     _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
