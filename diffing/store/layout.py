@@ -49,9 +49,9 @@ def _check_values(acts, dtype: str) -> None:
 def _row_order(doc_ids, positions) -> np.ndarray | None:
     """The order that puts each document's rows together, in position order, documents in the order
     they first appear (None: the rows are in it already): the store's layout (a harvest writes it
-    so), which evidence windows rely on (a document is looked up in its shard and the ones a window can
-    reach beyond its edges). Rows given otherwise (a shuffled buffer) would give windows of scattered fragments.
-    Applied shard by shard, so a memory-mapped buffer is not copied whole."""
+    so), which evidence windows rely on (a document is looked up in its shard and the ones a window
+    can reach beyond its edges). Rows given otherwise (a shuffled buffer) would give windows of
+    scattered fragments. Applied shard by shard, so a memory-mapped buffer is not copied whole."""
     d, p = np.asarray(doc_ids), np.asarray(positions)
     _, first, inverse = np.unique(d, return_index=True, return_inverse=True)
     order = np.lexsort((p, np.argsort(np.argsort(first))[inverse]))
