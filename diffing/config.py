@@ -27,7 +27,8 @@ PathOrURL = Annotated[str, AfterValidator(expand_home)]
 class Frozen(BaseModel):
     """Base for all configs: immutable, unknown keys rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # infinity ("no limit") is saved as "Infinity", not as null, so a saved config reloads as itself
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, ser_json_inf_nan="strings")
 
     @model_validator(mode="after")
     def _no_nan(self) -> Frozen:

@@ -19,6 +19,30 @@ from pydantic import BaseModel, ValidationError
 T = TypeVar("T")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML without timestamps: a date (`store: 2024-06-01`) stays the string typed, as in `--set`,
+    instead of a date object no config field takes (nor JSON holds)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
+def plain_data(data: Any, where: str) -> Any:
+    """A deep copy of config data as JSON holds it; a value JSON has no form for (YAML's !!binary,
+    a set) is a ConfigError naming `where`."""
+    try:
+        return json.loads(json.dumps(data))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}; give strings, numbers, booleans, lists and mappings only") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading and overrides, shared by every entrypoint.
 
@@ -30,7 +54,7 @@ def _coerce(value: str) -> Any:
     if value.strip() == "None":
         return None
     try:
-        parsed = yaml.safe_load(value)
+        parsed = _yaml(value)
     except yaml.YAMLError:
         return value
     if isinstance(parsed, str | datetime.date) and value.strip()[:1] not in ("'", '"'):
@@ -42,7 +66,12 @@ def _split(item: str) -> tuple[list[str], str]:
     if "=" not in item:
         raise ValueError(f"--set expects key=value, got {item!r} (e.g. --set train.lr=1e-3)")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), raw
+    parts = key.strip().split(".")
+    if "" in parts:
+        raise ValueError(
+            f"--set {key.strip()!r}: a key part is empty (a stray '.'?); e.g. --set train.lr=1e-3"
+        )
+    return parts, raw
 
 
 def _put(out: dict[str, Any], parts: list[str], value: Any) -> None:
@@ -56,7 +85,7 @@ def _put(out: dict[str, Any], parts: list[str], value: Any) -> None:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply `a.b=value` overrides to a nested dict (returns a new dict)."""
-    out = json.loads(json.dumps(data))
+    out = plain_data(data, "config")
     for item in overrides:
         parts, raw = _split(item)
         _put(out, parts, _coerce(raw))
@@ -109,6 +138,20 @@ def unknown_override_keys(cls: type[BaseModel], overrides: Sequence[str]) -> lis
     return bad
 
 
+def _read_json(p: Path, text: str) -> Any:
+    """A .json config (a saved RUN/pipeline.json) read as JSON, not as YAML's reading of it (which
+    turns 1e+20 into a string and refuses some characters JSON strings may hold); YAML written into
+    a .json file is still read."""
+    try:
+        return json.loads(text) if text.strip() else {}
+    except (json.JSONDecodeError, RecursionError) as e:
+        try:
+            return _yaml(text) or {}
+        except yaml.YAMLError:
+            where = f" at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise ConfigError(f"config file {p}: JSON error{where}: {getattr(e, 'msg', e)}") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML/JSON config file as a mapping; a missing file, a directory or a syntax error is a
     ConfigError naming the file (and the line)."""
@@ -118,7 +161,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise ConfigError(f"config file {p} is a directory; give the YAML/JSON file inside it")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text()
+        data = _read_json(p, text) if p.suffix.lower() == ".json" else (_yaml(text) or {})
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -127,6 +171,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at top level")
+    data = plain_data(data, f"config file {p}")
     _warn_paths_beside(data, p)
     return data
 

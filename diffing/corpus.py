@@ -152,6 +152,8 @@ def _json_rows(text: str, uri: str, limit: int | None) -> list[tuple[str, Any]]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise HarvestInputError(f"corpus {uri} line {e.lineno}: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
+            raise HarvestInputError(f"corpus {uri}: unreadable JSON ({str(e)[:200]})") from None
         return [(f"item {i}", r) for i, r in enumerate(rows)]
     out = []
     for n, line in itertools.islice(_lines(text), limit):
@@ -162,6 +164,8 @@ def _json_rows(text: str, uri: str, limit: int | None) -> list[tuple[str, Any]]:
                 f"corpus {uri} line {n}: {e.msg} (column {e.colno}); a .jsonl corpus holds one JSON "
                 "object per line (or the whole file is one JSON array)"
             ) from None
+        except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
+            raise HarvestInputError(f"corpus {uri} line {n}: unreadable JSON ({str(e)[:200]})") from None
     return out
 
 

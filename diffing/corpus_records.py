@@ -105,8 +105,11 @@ def _record(r: Any, i: int, where: str, spec: CorpusSpec) -> dict[str, Any]:
             f"set corpus.text_field / corpus.messages_field{hint}"
         )
     text, msgs = r.get(tf), r.get(mf)
-    if isinstance(msgs, list | str) and not msgs and isinstance(text, str):
-        msgs = None  # a mixed corpus's text rows with an empty messages column
+    if isinstance(text, str) and (
+        (isinstance(msgs, list | str) and not msgs)
+        or (isinstance(msgs, str) and msgs.strip() in ("[]", "null"))
+    ):
+        msgs = None  # a mixed corpus's text rows with an empty messages column (JSON strings too)
     if msgs is not None:
         messages = _messages(msgs, where, spec)
     elif text is None:

@@ -55,7 +55,7 @@ class Completion:
 
     @property
     def prob(self) -> float | None:
-        return None if self.logprob is None else math.exp(self.logprob)
+        return None if self.logprob is None else math.exp(min(self.logprob, 0.0))  # a judge's >0: 1
 
 
 def structured(choice: list[str] | None, json_schema: dict | None) -> dict[str, Any] | None:
@@ -127,8 +127,13 @@ class JudgeClient(ABC):
 def _sum_logprobs(content: Any) -> float | None:
     if not content:
         return None
-    vals = [c["logprob"] if isinstance(c, dict) else c.logprob for c in content]
-    return float(sum(v for v in vals if v is not None and math.isfinite(v)))
+    try:
+        vals = [c["logprob"] if isinstance(c, dict) else c.logprob for c in content]
+        return float(sum(v for v in vals if v is not None and math.isfinite(v)))
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise JudgeError(
+            f"the judge's token log-probabilities are unreadable: {str(content)[:200]}"
+        ) from None
 
 
 _LOGPROB_FLOOR = -100.0  # a prompt token the judge scores -inf or NaN counts this much
@@ -138,6 +143,13 @@ def _sum_prompt_logprobs(plps: Any, ids: Any) -> float:
     """Sum of vLLM's prompt_logprobs (one dict per prompt token, keyed by token id; the first is None)."""
     if not plps:
         raise JudgeError("the judge returned no prompt log-probabilities")
+    try:
+        return _prompt_total(plps, ids)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise JudgeError(f"the judge's prompt log-probabilities are unreadable: {str(plps)[:200]}") from None
+
+
+def _prompt_total(plps: Any, ids: Any) -> float:
     total = 0.0
     for i, d in enumerate(plps):
         if not d:

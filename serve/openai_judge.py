@@ -133,7 +133,14 @@ class OpenAIJudge(JudgeClient):
             text = c["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
             raise JudgeError(f"judge at {self.shown} answered without choices: {str(data)[:300]}") from None
-        lp = _sum_logprobs((c.get("logprobs") or {}).get("content")) if logprobs else None
+        try:
+            if not isinstance(text, str):  # content parts, say: not what a completion of text is
+                raise TypeError
+            lp = _sum_logprobs((c.get("logprobs") or {}).get("content")) if logprobs else None
+        except (TypeError, AttributeError):
+            raise JudgeError(
+                f"judge at {self.shown} answered an unreadable completion: {str(c)[:300]}"
+            ) from None
         return Completion(text=text, logprob=lp)
 
     async def prompt_logprob(self, messages, prefill=None):
@@ -146,6 +153,8 @@ class OpenAIJudge(JudgeClient):
             "return_token_ids": True,
         }
         data = await self._post(body)
+        if not isinstance(data, dict):
+            raise JudgeError(f"judge at {self.shown} answered an unreadable completion: {str(data)[:300]}")
         return _sum_prompt_logprobs(data.get("prompt_logprobs"), data.get("prompt_token_ids"))
 
     async def health(self) -> None:

@@ -136,6 +136,28 @@ def test_bad_records_name_the_line_and_the_fix(tmp_path, lines, match):
         _read(tmp_path / "c.jsonl")
 
 
+def test_unreadable_json_lines_name_the_line_not_a_traceback(tmp_path):
+    """Found by fuzzing (2026-12-08): Python's int-digit limit and deep nesting raised ValueError /
+    RecursionError, which the JSON reader did not catch."""
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"text": "x", "id": ' + "7" * 5000 + "}\n")
+    with pytest.raises(HarvestInputError, match="c.jsonl line 2: unreadable JSON"):
+        _read(tmp_path / "c.jsonl")
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(HarvestInputError, match="d.jsonl line 2: unreadable JSON"):
+        _read(tmp_path / "d.jsonl")
+
+
+def test_text_rows_whose_messages_column_holds_an_empty_json_string_are_text(tmp_path):
+    rows = [{"text": "plain", "messages": "[]"}, {"text": "also", "messages": " null "}, {"messages": CHAT}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = _read(tmp_path / "c.jsonl")
+    assert [(r["text"], r["messages"]) for r in out[:2]] == [("plain", None), ("also", None)]
+    assert out[2]["messages"] == CHAT
+    (tmp_path / "e.jsonl").write_text('{"messages": "[]"}\n')  # no text: still an empty chat
+    with pytest.raises(HarvestInputError, match="line 1: 'messages' is empty"):
+        _read(tmp_path / "e.jsonl")
+
+
 def test_a_bad_record_anywhere_is_found_before_any_work(tmp_path):
     recs = [{"text": f"doc {i}"} for i in range(400)]
     recs[300] = {"messages": [{"role": "human"}]}
@@ -217,6 +239,21 @@ def test_set_values_keep_what_the_user_typed(tmp_path):
         "c": "quoted",
         "d": "1e-3",  # YAML 1.1 reads this as a string; pydantic then reads the float
     }
+
+
+def test_a_date_in_a_config_file_stays_the_string_typed(tmp_path):
+    """YAML reads 2024-06-01 as a date, which no field takes and JSON cannot hold (a TypeError)."""
+    base = tmp_path / "h.yaml"
+    base.write_text(
+        "models: [{name: a, path: x}, {name: b, path: y}]\nlayer: 1\ncorpus: {uri: c.jsonl}\n"
+        "store: 2024-06-01\n"
+    )
+    assert load_config(HarvestConfig, base).store == "2024-06-01"
+    base.write_text(base.read_text().replace("store: 2024-06-01", "store: !!binary aGk="))
+    with pytest.raises(ConfigError, match="h.yaml: .*bytes"):
+        load_config(HarvestConfig, base)
+    with pytest.raises(ConfigError, match="a key part is empty"):
+        _harvest_cfg(tmp_path, ".layer=2")
 
 
 def test_nan_is_refused_infinity_is_no_limit(tmp_path):

@@ -42,6 +42,30 @@ def test_config_defaults_and_errors(tmp_path):
         load_pipeline_config(None, preset="tiny")
 
 
+def test_a_saved_pipeline_json_reloads_as_the_same_config(tmp_path):
+    """RUN/pipeline.json is what `--config` is told to rerun: infinity ("no limit") was saved as
+    null, and JSON read as YAML turned 1e+20 into a string and refused a DEL character (found by
+    fuzzing, 2026-12-08)."""
+    import yaml
+
+    p = tmp_path / "p.yaml"
+    judge = {"engine_kwargs": {"c": "x\x7fy\x85z"}}
+    p.write_text(yaml.safe_dump(_cfg_dict(tmp_path, label={"service": {"judge": judge}})))
+    sets = [
+        "analyze.nu_eps_max=.inf",
+        "harvest.outlier_norm_mult=.inf",
+        "label.service.judge.engine_kwargs.a=1.0e+20",
+        "label.service.judge.engine_kwargs.b=1.0e-7",
+    ]
+    cfg = load_pipeline_config(p, overrides=sets)
+    assert cfg.analyze.nu_eps_max == float("inf") and cfg.harvest.outlier_norm_mult == float("inf")
+    assert cfg.label.service.judge.engine_kwargs == {"a": 1e20, "b": 1e-7, "c": "x\x7fy\x85z"}
+    saved = tmp_path / "pipeline.json"
+    saved.write_text(cfg.model_dump_json(indent=2))
+    assert load_pipeline_config(saved) == cfg
+    assert json.loads(saved.read_text())["analyze"]["nu_eps_max"] == "Infinity"  # plain JSON
+
+
 def test_a_misspelt_override_of_a_preset_fails_before_its_models_are_built(tmp_path, monkeypatch):
     import jobs.presets
 

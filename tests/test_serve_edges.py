@@ -192,6 +192,58 @@ def test_openai_judge_turns_odd_answers_into_judge_errors(answer):
     run(go())
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"choices": [{"message": {"role": "assistant", "content": ["multilingual"]}}]},  # content parts
+        {"choices": [{"message": {"content": "a"}, "logprobs": {"content": [{"logprob": "-0.1"}]}}]},
+        {"choices": [{"message": {"content": "a"}, "logprobs": {"content": [{"token": "x"}]}}]},
+        {"choices": [{"message": {"content": "a"}, "logprobs": "0"}]},
+    ],
+    ids=["content-parts", "logprob-string", "logprob-missing", "logprobs-string"],
+)
+def test_unreadable_completions_are_judge_errors_not_crashes(answer):
+    """Found by fuzzing (2026-12-08): these raised AttributeError/TypeError/KeyError, a 500."""
+
+    async def go():
+        j = OpenAIJudge("http://judge/v1", "m")
+        j._client = httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda req: httpx.Response(200, json=answer))
+        )
+        with pytest.raises(JudgeError, match="unreadable"):
+            await j.complete([{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True)
+        await j.aclose()
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    "plps", [[None, [-0.5]], [None, {"1": {"logprob": "abc"}}], [None, {"1": {"lp": -1}}]], ids=str
+)
+def test_unreadable_prompt_logprobs_are_a_502_naming_the_judge(plps):
+    answer = {"choices": [{"message": {"content": "x"}}], "prompt_logprobs": plps, "prompt_token_ids": [0, 1]}
+    judge = OpenAIJudge("http://judge/v1", "m")
+    judge._client = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda req: httpx.Response(200, json=answer))
+    )
+    svc = Service(ServiceSettings(method=MethodSettings(classify_mode="channel")), judge, "tok")
+
+    async def go():
+        transport = httpx.ASGITransport(app=create_app(svc))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            body = {"latents": [json.loads(evidence(1, FRENCH).model_dump_json())]}
+            r = await c.post("/v1/labels", json=body, headers={"Authorization": "Bearer tok"})
+            assert r.status_code == 502 and "prompt log-probabilities are unreadable" in r.text, r.text
+
+    run(go())
+
+
+def test_a_positive_logprob_from_a_judge_is_a_probability_of_one():
+    from serve.judge import Completion
+
+    assert Completion(text="a", logprob=800.0).prob == 1.0 and Completion(text="a", logprob=-1.0).prob < 1
+
+
 def test_a_server_refusing_vllms_request_fields_is_named_as_such():
     """judge.kind: openai against OpenAI's API (or a server forbidding unknown fields): the 400 says
     that a vLLM server is needed; other 400s are passed on as they are. The body sent is vLLM's."""
