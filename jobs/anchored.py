@@ -197,7 +197,7 @@ def write_anchored(s_run: str, i_run: str, out: str, opts: Any = None) -> dict:
     I_RUN's B-specific ones. Runs and OUT may be local or remote (s3://, gs://)."""
     from jobs.compare import anchored_between
     from jobs.label_state import write_atomic
-    from jobs.report import render
+    from jobs.report import _clean, render
     from jobs.report.config import ReportConfig
     from jobs.rundir import WEIGHTS, local_copy, reader_dir
 
@@ -242,7 +242,7 @@ def write_anchored(s_run: str, i_run: str, out: str, opts: Any = None) -> dict:
         for name, text in zip(
             OUT_FILES,
             (
-                json.dumps(body, indent=2),
+                json.dumps(_clean(body), indent=2, allow_nan=False),  # standard JSON: NaN/inf as null
                 md,
                 render.page(sec["title"], [(sec["title"], notes + sec["html"])]),
             ),

@@ -61,7 +61,9 @@ def run_planted_demo(out: Path, *, tokens: int = 300_000, seed: int = 0) -> dict
         "planted_truth": report,
         "run": str(out / "run"),
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    from jobs.report import _clean
+
+    (out / "demo_summary.json").write_text(json.dumps(_clean(summary), indent=2, allow_nan=False))
     print(json.dumps(summary, indent=2))
     print(f"\nlatents: {out / 'run' / 'latents.parquet'}\nsummary: {out / 'demo_summary.json'}")
     return summary

@@ -53,7 +53,8 @@ def _mtime(fs, path: str) -> float | None:
 
 def _lines(fs, path: str) -> list[str]:
     try:
-        return [x for x in fs.cat_file(path).decode().splitlines() if x.strip()]
+        # "\n" only: splitlines() also breaks at U+2028/U+2029/U+0085, which JSON strings may hold
+        return [x for x in fs.cat_file(path).decode().split("\n") if x.strip()]
     except FileNotFoundError:
         return []
 

@@ -190,3 +190,19 @@ def test_the_same_run_or_fine_tune_twice_is_refused_and_corpora_compare_by_conte
     assert any(
         "different corpora" in w for w in write_anchored(str(s), str(j), str(tmp_path / "o2"))["warnings"]
     )
+
+
+def test_anchored_json_is_standard_json_where_a_category_is_on_one_side_only(tmp_path):
+    """Δ of a category absent from I is NaN and its upper bound +inf: written as null, with
+    `only_in` / `ci_high_unbounded` saying which (as report.json does), not as bare NaN/Infinity."""
+    s = _run(tmp_path, "simpo", ("pt", "simpo"), ["safety", "poetry"])
+    i = _run(tmp_path, "it", ("pt", "it"), ["safety", "math"])
+    write_anchored(str(s), str(i), str(tmp_path / "out"))
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    body = json.loads((tmp_path / "out" / "anchored.json").read_text(), parse_constant=refuse)
+    poetry = next(r for r in body["shift"] if r["category"] == "poetry")
+    assert poetry["delta"] is None and poetry["ci_high"] is None and poetry["ci_high_unbounded"] is True
+    assert poetry["only_in"] == "S"

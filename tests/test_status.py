@@ -319,3 +319,16 @@ def test_report_path_is_absolute_for_a_local_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert _report_path("runs/r/") == str(tmp_path / "runs" / "r" / "report.html")
     assert _report_path("s3://b/runs/r/") == "s3://b/runs/r/report.html"
+
+
+def test_labels_holding_unicode_line_separators_are_counted(tmp_path):
+    """JSON leaves U+2028/U+2029/U+0085 unescaped; a label quoting such text counts once, not zero."""
+    from diffing.evidence import LatentLabel, write_jsonl
+    from jobs.status import _labelled
+
+    labs = [
+        LatentLabel(latent=i, explanation=f"quotes a{sep}b", category="c", confidence=1)
+        for i, sep in enumerate(["\u2028", "\u2029", "\x85", "\n"])
+    ]
+    write_jsonl(tmp_path / "labels.jsonl", labs)
+    assert _labelled(fsspec.filesystem("file"), str(tmp_path / "labels.jsonl")) == 4
