@@ -273,6 +273,8 @@ def config_reference(models: dict[str, type[BaseModel]] | None = None) -> str:
         "",
         "Generated from the pydantic configs (`crossdiff config-docs`); do not edit by hand.",
         "Set fields in a YAML file (`--config FILE`) or one by one (`--set section.field=value`).",
+        "A `.json` file is read as JSON (a run's saved `pipeline.json` reruns as it was; infinity, "
+        '"no limit", is saved as `"Infinity"`); in YAML a date such as `2024-06-01` stays the text typed.',
         "",
     ]
 
