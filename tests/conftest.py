@@ -123,3 +123,25 @@ def tiny_pair(tmp_path_factory):
     from diffing.embedded.tiny import TinyConfig, build_tiny_pair
 
     return build_tiny_pair(config=TinyConfig(tokenizer="bytes"))
+
+
+def identity_crosscoder(d_model: int, n_latents: int):
+    """L1 crosscoder whose latent l reads coordinate l of model B with weight 1 (f_l = relu(x_B[l]))
+    and decodes it to both models: the activations written to a store are the latents' own."""
+    import torch
+
+    from diffing.config import CrosscoderConfig
+    from diffing.crosscoder import Crosscoder
+
+    cfg = CrosscoderConfig(
+        kind="l1", n_models=2, d_model=d_model, n_latents=n_latents, model_names=("A", "B"), aux_k=1
+    )
+    cc = Crosscoder(cfg, seed=None)
+    with torch.no_grad():
+        for p in cc.parameters():
+            p.zero_()
+        for lat in range(n_latents):
+            cc.W_enc[1, lat, lat] = 1.0
+            cc.W_dec[1, lat, lat] = 1.0
+            cc.W_dec[0, lat, lat] = 0.5
+    return cc

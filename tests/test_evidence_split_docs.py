@@ -8,33 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import identity_crosscoder
 
 from diffing.collect import evidence_for_latents
-from diffing.config import AnalysisConfig, CrosscoderConfig
-from diffing.crosscoder import Crosscoder
+from diffing.config import AnalysisConfig
 from diffing.store import write_arrays
 from diffing.windows import route
 
 D = L = 3
 
 
-def _identity_crosscoder() -> Crosscoder:
-    """Latent l = relu(model B's coordinate l): the activations are the input."""
-    cfg = CrosscoderConfig(kind="l1", n_models=2, d_model=D, n_latents=L, model_names=("A", "B"), aux_k=1)
-    cc = Crosscoder(cfg, seed=None)
-    with torch.no_grad():
-        for p in cc.parameters():
-            p.zero_()
-        for lat in range(L):
-            cc.W_enc[1, lat, lat] = 1.0
-            cc.W_dec[1, lat, lat] = 1.0
-            cc.W_dec[0, lat, lat] = 0.5
-        cc.norm_scale.fill_(1.0)
-    return cc
-
-
-CC = _identity_crosscoder()
+CC = identity_crosscoder(D, L)  # latent l = relu(model B's coordinate l): the activations are the input
 
 
 def _evidence(tmp_path, vals, doc, pos, shard_rows, **cfg):

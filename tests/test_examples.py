@@ -22,16 +22,9 @@ SOURCES = ["alpha", "beta", "gamma"]
 
 def _crosscoder() -> Crosscoder:
     """L1 crosscoder: latent l reads coordinate l of model B (l < D-2) with weight 1, so f_l = relu(x_B[l])."""
-    cfg = CrosscoderConfig(kind="l1", n_models=2, d_model=D, n_latents=L, model_names=("A", "B"), aux_k=1)
-    cc = Crosscoder(cfg, seed=None)
-    with torch.no_grad():
-        for p in cc.parameters():
-            p.zero_()
-        for lat in range(L):
-            cc.W_enc[1, lat, lat] = 1.0
-            cc.W_dec[1, lat, lat] = 1.0
-            cc.W_dec[0, lat, lat] = 0.5
-    return cc
+    from conftest import identity_crosscoder
+
+    return identity_crosscoder(D, L)
 
 
 def _data(seed=0):
