@@ -169,6 +169,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p}: YAML error{where}: {getattr(e, 'problem', None) or e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {p} is not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping at top level")
     data = plain_data(data, f"config file {p}")

@@ -195,9 +195,10 @@ def _one_dictionary(s_run: str, i_run: str) -> bool:
 def write_anchored(s_run: str, i_run: str, out: str, opts: Any = None) -> dict:
     """OUT/anchored.{json,md,html}: the category shift of S_RUN's B-specific latents against
     I_RUN's B-specific ones. Runs and OUT may be local or remote (s3://, gs://)."""
+    from jobs import jsonsafe
     from jobs.compare import anchored_between
     from jobs.label_state import write_atomic
-    from jobs.report import _clean, render
+    from jobs.report import render
     from jobs.report.config import ReportConfig
     from jobs.rundir import WEIGHTS, local_copy, reader_dir
 
@@ -242,7 +243,7 @@ def write_anchored(s_run: str, i_run: str, out: str, opts: Any = None) -> dict:
         for name, text in zip(
             OUT_FILES,
             (
-                json.dumps(_clean(body), indent=2, allow_nan=False),  # standard JSON: NaN/inf as null
+                jsonsafe.dumps(body, indent=2),  # standard JSON: NaN/inf as null
                 md,
                 render.page(sec["title"], [(sec["title"], notes + sec["html"])]),
             ),

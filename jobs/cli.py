@@ -6,13 +6,13 @@ a service or connection that failed where a rerun may succeed exits 3; traceback
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from jobs import jsonsafe
 from jobs.cli_common import (  # noqa: F401
     ConfigOpt,
     OverwriteOpt,
@@ -76,7 +76,7 @@ def fit(
         where = (default_work_dir(out), out) if is_remote(out) else (Path(out), None)
         with hold_run(*where):
             metrics = in_process_or_ray(store, cfg, out, overwrite=overwrite, address=address)
-        typer.echo(json.dumps(metrics, indent=2))
+        typer.echo(jsonsafe.dumps(metrics, indent=2))
 
     _run(go)
 
@@ -111,7 +111,7 @@ def harvest(
         except HarvestInputError as e:
             raise ValueError(str(e)) from None
         typer.echo(
-            json.dumps(
+            jsonsafe.dumps(
                 {"store": cfg.store, "rows": m.n_rows, "shards": len(m.shards), "models": m.model_names}
             )
         )
@@ -173,7 +173,7 @@ def analyze(
         with local_copy(run) as local:
             summary = run_analyze(local, store, cfg, pair=names, overwrite=overwrite, address=address)
         summary["examples"] = len(summary.get("examples", []))
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(jsonsafe.dumps(summary, indent=2))
 
     _run(go)
 
@@ -201,7 +201,7 @@ def planted_store(
             doc_ids=np.arange(tokens),  # i.i.d. tokens: each its own document
             overwrite=overwrite,
         )
-        typer.echo(json.dumps({"store": out, "rows": st.n_rows, "features": planted.n_features}))
+        typer.echo(jsonsafe.dumps({"store": out, "rows": st.n_rows, "features": planted.n_features}))
 
     _run(go)
 
@@ -311,7 +311,7 @@ def pipeline(
             steal_lock=steal_lock,
             redo=redo,
         )
-        typer.echo(json.dumps(res, indent=2, default=str))
+        typer.echo(jsonsafe.dumps(res, indent=2, default=str))
 
     _run(go)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
+from jobs import jsonsafe
 from jobs.cli_common import (
     ConfigOpt,
     OverwriteOpt,
@@ -53,7 +53,7 @@ def serve_cmd(
                 update={"judge": settings.judge.model_copy(update={"model_id": name})}
             )
         svc = LocalService(settings, host=host, port=port, generate_token=False).start()
-        typer.echo(json.dumps({"url": svc.url, "docs": f"{svc.url}/docs", "auth": bool(svc.token)}))
+        typer.echo(jsonsafe.dumps({"url": svc.url, "docs": f"{svc.url}/docs", "auth": bool(svc.token)}))
         try:
             while True:
                 time.sleep(3600)
@@ -95,7 +95,7 @@ def label(
         cfg = load_config(LabelConfig, config, set_ or [])
         with local_copy(run, skip=WEIGHTS) as local:
             res = label_run(local, cfg, endpoint=endpoint, overwrite=overwrite)
-        typer.echo(json.dumps(res, indent=2))
+        typer.echo(jsonsafe.dumps(res, indent=2))
 
     _run(go)
 

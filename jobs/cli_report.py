@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
+from jobs import jsonsafe
 from jobs.cli_common import ConfigOpt, SetOpt, _run, home_expanded, pipeline_owner, refuse_pipeline_stage
 
 
@@ -40,7 +40,7 @@ def report(
                 refuse_pipeline_stage(run, "report", "other report settings than the pipeline's")
         # a private copy, not held: a report may be made of a run a pipeline is still labelling
         with local_copy(run, reader_dir(run), skip=WEIGHTS, hold=False) as local:
-            typer.echo(json.dumps(write_report(local, opts=cfg), indent=2))
+            typer.echo(jsonsafe.dumps(write_report(local, opts=cfg), indent=2))
 
     _run(go)
 
@@ -81,7 +81,7 @@ def anchored(
 
     _run(
         lambda: typer.echo(
-            json.dumps(
+            jsonsafe.dumps(
                 write_anchored(s_run, i_run, out, load_config(ReportConfig, config, set_ or [])), indent=2
             )
         )
@@ -111,7 +111,7 @@ def status(
 
     def go():
         st = run_status(where)
-        typer.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+        typer.echo(jsonsafe.dumps(st, indent=2) if as_json else format_status(st))
 
     _run(go)
 

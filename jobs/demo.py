@@ -61,10 +61,10 @@ def run_planted_demo(out: Path, *, tokens: int = 300_000, seed: int = 0) -> dict
         "planted_truth": report,
         "run": str(out / "run"),
     }
-    from jobs.report import _clean
+    from jobs import jsonsafe
 
-    (out / "demo_summary.json").write_text(json.dumps(_clean(summary), indent=2, allow_nan=False))
-    print(json.dumps(summary, indent=2))
+    (out / "demo_summary.json").write_text(jsonsafe.dumps(summary, indent=2))
+    print(jsonsafe.dumps(summary, indent=2))
     print(f"\nlatents: {out / 'run' / 'latents.parquet'}\nsummary: {out / 'demo_summary.json'}")
     return summary
 
@@ -89,6 +89,8 @@ def run_demo(out: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
         "labels": res.get("label", {}).get("categories"),
         "planted_truth": planted and {k: v for k, v in planted.items() if k not in ("targets",)},
     }
-    print(json.dumps(summary, indent=2, default=str))
+    from jobs import jsonsafe
+
+    print(jsonsafe.dumps(summary, indent=2, default=str))
     print(f"\nreport: {(out / 'report.html').resolve()}")
     return summary

@@ -254,6 +254,10 @@ def test_a_date_in_a_config_file_stays_the_string_typed(tmp_path):
         load_config(HarvestConfig, base)
     with pytest.raises(ConfigError, match="a key part is empty"):
         _harvest_cfg(tmp_path, ".layer=2")
+    for name in ("deep.yaml", "deep.json"):
+        (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000)
+        with pytest.raises(ConfigError, match=f"{name} is nested too deeply"):
+            load_config(HarvestConfig, tmp_path / name)
 
 
 def test_nan_is_refused_infinity_is_no_limit(tmp_path):

@@ -332,3 +332,15 @@ def test_labels_holding_unicode_line_separators_are_counted(tmp_path):
     ]
     write_jsonl(tmp_path / "labels.jsonl", labs)
     assert _labelled(fsspec.filesystem("file"), str(tmp_path / "labels.jsonl")) == 4
+
+
+def test_what_the_cli_prints_and_runs_write_is_standard_json():
+    """NaN/inf (a CE recovered over a zero gap, an unbounded interval) print as null, not as bare
+    NaN/Infinity that strict parsers (jq, JSON.parse) refuse."""
+    import numpy as np
+
+    from jobs import jsonsafe
+
+    text = jsonsafe.dumps({"a": float("nan"), "b": [np.float32(np.inf), np.int64(2), 1.5], 3: "x"})
+    assert json.loads(text) == {"a": None, "b": [None, 2, 1.5], "3": "x"}
+    assert "NaN" not in text and "Infinity" not in text

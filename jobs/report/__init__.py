@@ -15,7 +15,6 @@ returning one of those (e.g. the planted-truth validation of the demo).
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.jsonsafe import json_safe
 from jobs.provenance import environment, report_inputs
 from jobs.report import plots, render, sections
 from jobs.report.config import ReportConfig
@@ -64,17 +64,7 @@ def _labelled_groups(run: Path) -> list[str] | None:
     return list(groups) if isinstance(groups, list) else None
 
 
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+_clean = json_safe  # the name this module and its callers have used
 
 
 def _section(s: SectionLike, run: Path) -> ReportSection:
